@@ -1,0 +1,21 @@
+"""LoRA adapters: plans, injection through peft, named-tensor state, PEFT export."""
+
+from fedtune.adapters.lora import (
+    AdapterError,
+    AdapterPlan,
+    adapter_state,
+    export_adapter,
+    inject_lora,
+    load_adapter_state,
+    load_exported_adapter,
+)
+
+__all__ = [
+    "AdapterError",
+    "AdapterPlan",
+    "adapter_state",
+    "export_adapter",
+    "inject_lora",
+    "load_adapter_state",
+    "load_exported_adapter",
+]

@@ -1,0 +1,124 @@
+"""LoRA adapters on transformers models, through peft.
+
+An ``AdapterPlan`` says where LoRA goes (target modules, which blocks) and how big it is (rank,
+optionally per block). peft does the injection; this module adds what federated training needs
+on top: the adapter as a flat dict of named tensors (what crosses the wire and gets averaged),
+loading such a dict back strictly, and exporting a standard PEFT adapter folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+PEFT_TASK_TYPES = {"seq-cls": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM}
+
+
+class AdapterError(ValueError):
+    """An adapter plan that does not fit the model, or a state that does not fit the adapter."""
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    """Where LoRA goes and how large it is. Empty tuples mean "peft's default"/"every block"."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()
+    layers: tuple[int, ...] = ()
+    modules_to_save: tuple[str, ...] = ()
+    # block index -> rank, overriding `rank` for those blocks
+    rank_per_layer: Mapping[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise AdapterError(f"rank must be at least 1, got {self.rank}")
+        if any(r < 1 for r in self.rank_per_layer.values()):
+            raise AdapterError(f"every per-layer rank must be at least 1, got {dict(self.rank_per_layer)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise AdapterError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["rank_per_layer"] = {str(k): v for k, v in self.rank_per_layer.items()}
+        return data
+
+
+def num_blocks(model: torch.nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    raise AdapterError("cannot tell how many transformer blocks the model has")
+
+
+def lora_config(plan: AdapterPlan, task: str, model: torch.nn.Module) -> LoraConfig:
+    blocks = num_blocks(model)
+    bad = [i for i in (*plan.layers, *plan.rank_per_layer) if not 0 <= i < blocks]
+    if bad:
+        raise AdapterError(f"layer indices {sorted(set(bad))} are outside the model's {blocks} blocks")
+    # peft matches rank_pattern keys as regexes against the end of module names; ".{i}." picks
+    # out block i in every architecture whose block list is a numbered ModuleList.
+    rank_pattern = {rf".*\.{i}\..*": r for i, r in plan.rank_per_layer.items()}
+    return LoraConfig(
+        task_type=PEFT_TASK_TYPES[task],
+        r=plan.rank,
+        lora_alpha=plan.alpha,
+        lora_dropout=plan.dropout,
+        target_modules=list(plan.target_modules) or None,
+        layers_to_transform=sorted(plan.layers) or None,
+        modules_to_save=list(plan.modules_to_save) or None,
+        rank_pattern=rank_pattern,
+    )
+
+
+def inject_lora(model: torch.nn.Module, plan: AdapterPlan, task: str) -> PeftModel:
+    """Wrap ``model`` with LoRA modules as the plan says. Base weights stay frozen."""
+    try:
+        return get_peft_model(model, lora_config(plan, task, model))
+    except AdapterError:
+        raise
+    except (ValueError, KeyError) as exc:
+        raise AdapterError(f"cannot apply LoRA plan {plan}: {exc}") from exc
+
+
+def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The adapter's trainable tensors by name: the LoRA matrices plus fully trained modules
+    (the classification head). Detached CPU copies, safe to send or store."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:
+    """Load a state produced by ``adapter_state`` for the same plan; every tensor must match."""
+    expected = get_peft_model_state_dict(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise AdapterError(f"adapter state does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise AdapterError(f"{name}: shape {list(tensor.shape)} does not fit {list(expected[name].shape)}")
+    set_peft_model_state_dict(model, dict(state))
+
+
+def export_adapter(model: PeftModel, folder: str | Path, metadata: Mapping | None = None) -> Path:
+    """Write a standard PEFT adapter folder (adapter_config.json + adapter_model.safetensors),
+    plus ``fedtune.json`` with what is needed to rebuild the base (task, labels, model)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    if metadata is not None:
+        (folder / "fedtune.json").write_text(json.dumps(dict(metadata), indent=2) + "\n")
+    return folder
+
+
+def load_exported_adapter(base: torch.nn.Module, folder: str | Path) -> PeftModel:
+    """Load an adapter folder written by ``export_adapter`` onto a fresh base model."""
+    return PeftModel.from_pretrained(base, str(folder))

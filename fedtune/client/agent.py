@@ -1,0 +1,266 @@
+"""The device agent: register, then fetch a task, train the adapter on local data, push the
+update, until the coordinator says training is over.
+
+The agent survives an unreachable coordinator (retries with exponential backoff, up to a time
+limit) and a restarted one (it registers again when its id is no longer known). An update the
+coordinator refuses is logged and the agent goes on with the next round.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence, TypeVar
+
+import grpc
+
+from fedtune.adapters import AdapterError, adapter_state, inject_lora, load_adapter_state
+from fedtune.client.trainer import TrainSettings, train_adapter
+from fedtune.data import Example
+from fedtune.devices import Capabilities
+from fedtune.models import ModelSource, ModelStore
+from fedtune.protocol import fedtune_pb2 as pb
+from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
+from fedtune.protocol.messages import capabilities_to_proto, plan_from_proto
+from fedtune.protocol.tensors import DEFAULT_CHUNK_BYTES, TensorReceiver, encode_tensors, tensor_frames
+from fedtune.tasks import get_task
+from fedtune.transport import make_channel
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+class AgentError(RuntimeError):
+    """The agent cannot go on (coordinator gone for too long, model mismatch, ...)."""
+
+
+@dataclass
+class AgentOptions:
+    address: str
+    name: str = "client"
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    tls_ca: str = ""
+    insecure: bool = False
+    enrollment_secret: str = ""
+    poll_seconds: float = 10.0          # long-poll length of one FetchTask call
+    heartbeat_seconds: float = 10.0
+    max_backoff_seconds: float = 30.0
+    give_up_after_seconds: float = 300.0  # unreachable coordinator for this long: exit
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    device: str = "cpu"
+
+
+@dataclass
+class AgentReport:
+    client_id: str = ""
+    rounds: list[int] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+class ClientAgent:
+    def __init__(
+        self,
+        options: AgentOptions,
+        examples: Sequence[Example],
+        source: ModelSource,
+        *,
+        store: ModelStore | None = None,
+        compute_slot: threading.Semaphore | None = None,
+        stop_event: threading.Event | None = None,
+    ) -> None:
+        if not examples:
+            raise AgentError("the client has no training examples")
+        self.options = options
+        self.examples = list(examples)
+        self.source = source
+        self.store = store or ModelStore()
+        self.compute_slot = compute_slot
+        self.stop_event = stop_event or threading.Event()
+        self.report = AgentReport()
+        self._encoded: dict[tuple, list] = {}
+        self._channel = make_channel(options.address, tls_ca=options.tls_ca, insecure=options.insecure)
+        self._stub = pb_grpc.CoordinatorStub(self._channel)
+        self._client_id = ""
+        self._token = ""
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> AgentReport:
+        try:
+            self._register()
+            while not self.stop_event.is_set():
+                try:
+                    finished = self._one_task()
+                except grpc.RpcError as exc:
+                    if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED):
+                        log.warning("%s: coordinator does not know us (%s); registering again", self.options.name, exc.details())
+                        self._register()
+                        continue
+                    raise
+                if finished:
+                    break
+        finally:
+            self._channel.close()
+        return self.report
+
+    def _register(self) -> None:
+        request = pb.RegisterRequest(
+            name=self.options.name,
+            capabilities=capabilities_to_proto(self.options.capabilities),
+            num_examples=len(self.examples),
+            enrollment_secret=self.options.enrollment_secret,
+        )
+        reply = self._call(lambda: self._stub.Register(request, timeout=30))
+        self._client_id, self._token = reply.client_id, reply.token
+        self.report.client_id = reply.client_id
+        log.info("%s registered as %s", self.options.name, reply.client_id)
+
+    def _one_task(self) -> bool:
+        """Fetch and do one task; True when training is over."""
+        request = pb.FetchTaskRequest(client_id=self._client_id, token=self._token, wait_seconds=self.options.poll_seconds)
+        header, tensors, nbytes = self._call(lambda: self._fetch(request))
+        if header.status == pb.TASK_STATUS_DONE:
+            log.info("%s: training is over", self._client_id)
+            return True
+        if header.status != pb.TASK_STATUS_TRAIN:
+            if header.retry_after_seconds > 0:
+                self.stop_event.wait(min(header.retry_after_seconds, 5.0))
+            return False
+        self.report.bytes_down += nbytes
+        update, num_examples, metrics = self._train(header, tensors)
+        self._push(header.round, update, num_examples, metrics)
+        return False
+
+    # ------------------------------------------------------------------ calls
+
+    def _fetch(self, request: pb.FetchTaskRequest) -> tuple[pb.TaskHeader, dict, int]:
+        stream = self._stub.FetchTask(request, timeout=self.options.poll_seconds + 600)
+        frames: Iterator[pb.Frame] = iter(stream)
+        first = next(frames, None)
+        if first is None or first.WhichOneof("kind") != "task":
+            raise AgentError("the coordinator's task stream did not start with a task header")
+        header = first.task
+        receiver = TensorReceiver()  # checked against the local model when loaded
+        for frame in frames:
+            receiver.feed(frame)
+        tensors = receiver.finish()
+        if header.status == pb.TASK_STATUS_TRAIN and len(tensors) != header.num_tensors:
+            raise AgentError(f"task announced {header.num_tensors} tensors, received {len(tensors)}")
+        return header, tensors, first.ByteSize() + receiver.bytes_received
+
+    def _push(self, round_number: int, update: dict, num_examples: int, metrics: dict[str, float]) -> None:
+        encoded = encode_tensors(update)
+        first = pb.Frame(
+            update=pb.UpdateHeader(
+                client_id=self._client_id,
+                token=self._token,
+                round=round_number,
+                num_examples=num_examples,
+                metrics=metrics,
+                num_tensors=len(encoded),
+            )
+        )
+        frames = [first, *tensor_frames(encoded, self.options.chunk_bytes)]
+        try:
+            self._call(lambda: self._stub.PushUpdate(iter(frames), timeout=600))
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
+                log.warning("%s: round %d update refused: %s", self._client_id, round_number, exc.details())
+                self.report.rejected.append(f"round {round_number}: {exc.code().name}: {exc.details()}")
+                return
+            raise
+        self.report.bytes_up += sum(f.ByteSize() for f in frames)
+        self.report.rounds.append(round_number)
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn``, retrying with exponential backoff while the coordinator is unreachable."""
+        delay, started = 0.5, time.monotonic()
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    raise
+                waited = time.monotonic() - started
+                if waited > self.options.give_up_after_seconds or self.stop_event.is_set():
+                    raise AgentError(
+                        f"coordinator at {self.options.address} unreachable for {waited:.0f} s: {exc.details()}"
+                    ) from None
+                log.info("%s: coordinator unreachable (%s); retrying in %.1f s", self.options.name, exc.code().name, delay)
+                self.stop_event.wait(delay)
+                delay = min(delay * 2, self.options.max_backoff_seconds)
+
+    # ------------------------------------------------------------------ training
+
+    def _train(self, header: pb.TaskHeader, global_tensors: dict) -> tuple[dict, int, dict[str, float]]:
+        task_name = header.model.task
+        task = get_task(task_name)
+        labels = list(header.model.labels)
+        settings = header.training
+        try:
+            plan = plan_from_proto(header.plan)
+        except ValueError as exc:
+            raise AgentError(f"the coordinator sent an unusable adapter plan: {exc}") from exc
+        key = (task_name, tuple(labels), settings.max_length)
+        if key not in self._encoded:
+            self._encoded[key] = self.store.encode(self.source, task, self.examples, settings.max_length, labels)
+            if not self._encoded[key]:
+                raise AgentError("no usable training examples after tokenization")
+        items = self._encoded[key]
+        heartbeat = _Heartbeat(self._stub, self._client_id, self._token, header.round, self.options.heartbeat_seconds)
+        heartbeat.start()
+        try:
+            if self.compute_slot is not None:
+                self.compute_slot.acquire()
+            try:
+                model = inject_lora(self.store.instance(self.source, task_name, labels), plan, task_name)
+                try:
+                    load_adapter_state(model, global_tensors)
+                except AdapterError as exc:
+                    raise AgentError(f"the coordinator's adapter does not fit this client's model {self.source.name!r}: {exc}") from exc
+                metrics = train_adapter(
+                    model,
+                    task,
+                    items,
+                    TrainSettings(settings.local_steps, settings.batch_size, settings.learning_rate, settings.weight_decay, settings.seed),
+                    self.store.pad_id(self.source),
+                    self.options.device,
+                )
+                update = adapter_state(model)
+            finally:
+                if self.compute_slot is not None:
+                    self.compute_slot.release()
+        finally:
+            heartbeat.stop()
+        log.info("%s: round %d trained, loss %.4f", self._client_id, header.round, metrics["train_loss"])
+        return update, len(items), metrics
+
+
+class _Heartbeat:
+    """Tells the coordinator the client is alive while it trains (or waits for a compute slot)."""
+
+    def __init__(self, stub, client_id: str, token: str, round_number: int, every_s: float) -> None:
+        self._request = pb.HeartbeatRequest(client_id=client_id, token=token, round=round_number)
+        self._stub, self._every = stub, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name=f"heartbeat-{client_id}")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._every):
+            try:
+                self._stub.Heartbeat(self._request, timeout=10)
+            except grpc.RpcError as exc:  # a missed heartbeat is not fatal; the push will tell
+                log.debug("heartbeat failed: %s", exc.code().name)

@@ -1,0 +1,289 @@
+"""Run configuration: typed dataclasses, loaded from TOML, with defaults that work.
+
+A config file only needs the keys it changes. Unknown keys and wrongly typed values are errors
+that name the key (``training.lr``), because a typo that silently falls back to a default is
+the worst kind of bug in an experiment. The same dataclasses back the CLI flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+@dataclass
+class ModelConfig:
+    # An embedded model name ("minilm", "smollm2"), a transformers model folder, or a .gguf file.
+    source: str = "minilm"
+    # "seq-cls" (sequence classification) or "causal-lm".
+    task: str = "seq-cls"
+    # seq-cls label names (index = class id). Empty: taken from the training data.
+    labels: list[str] = field(default_factory=list)
+    max_length: int = 64
+
+
+@dataclass
+class LoraSection:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # Module name suffixes that get LoRA. Empty: peft's default for the architecture.
+    target_modules: list[str] = field(default_factory=list)
+    # Transformer block indices that carry LoRA. Empty: all blocks.
+    layers: list[int] = field(default_factory=list)
+
+
+@dataclass
+class TrainingSection:
+    local_steps: int = 20
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+
+
+@dataclass
+class FederationSection:
+    rounds: int = 5
+    # Clients trained per round; 0 means every registered client.
+    clients_per_round: int = 0
+    # Registered clients needed before the first round starts.
+    min_clients: int = 1
+    # Fraction of a round's selected clients whose updates close the round early.
+    quorum: float = 1.0
+    # A round closes at this deadline with whatever updates have arrived.
+    round_timeout_s: float = 600.0
+    # A selected client silent for this long (no call, no heartbeat) is counted as dropped.
+    client_timeout_s: float = 120.0
+    # Aggregation strategy by name (see `fedtune.aggregation.STRATEGIES`).
+    strategy: str = "fedavg"
+
+
+@dataclass
+class EvalSection:
+    # Held-out data evaluated centrally after each round (JSONL/CSV/text). Empty: none, unless
+    # the simulation holds out part of its data.
+    data: str = ""
+    batch_size: int = 64
+    # Use at most this many evaluation examples (0: all).
+    max_examples: int = 0
+
+
+@dataclass
+class ServerSection:
+    address: str = "127.0.0.1:7070"
+    # TLS: certificate chain and private key files (PEM). Plaintext is only allowed on loopback
+    # addresses unless `insecure = true`.
+    tls_cert: str = ""
+    tls_key: str = ""
+    insecure: bool = False
+    # When set, a client must present this secret to register.
+    enrollment_secret: str = ""
+    chunk_bytes: int = 3 * 1024 * 1024
+    # Largest update (all tensors together) a client may push, in bytes.
+    max_update_bytes: int = 1024**3
+    max_workers: int = 32
+
+
+@dataclass
+class SimulationSection:
+    clients: int = 5
+    # Training data; empty means the embedded tweet-sentiment corpus.
+    data: str = ""
+    # "iid" or "dirichlet"
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    # Examples held out from the training data for central evaluation when `eval.data` is empty.
+    eval_examples: int = 1000
+    # Clients training at the same time. Training already uses every core, so 1 is fastest on
+    # small machines; raise it when clients are mostly waiting on emulated links.
+    parallel: int = 1
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    federation: FederationSection = field(default_factory=FederationSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    server: ServerSection = field(default_factory=ServerSection)
+    simulation: SimulationSection = field(default_factory=SimulationSection)
+    # Where metrics, checkpoints and the final adapter go. Empty: a new folder under runs/.
+    run_dir: str = ""
+    seed: int = 0
+
+    def validate(self) -> "RunConfig":
+        """Check value ranges and names; raise ConfigError naming the key."""
+        from fedtune.aggregation import STRATEGIES
+        from fedtune.simulation.partition import PARTITIONS
+        from fedtune.tasks import TASKS
+
+        _check(self.model.task in TASKS, "model.task", f"unknown task {self.model.task!r}; choose one of: {', '.join(TASKS.names())}")
+        _check(self.model.max_length >= 8, "model.max_length", "must be at least 8")
+        _check(len(set(self.model.labels)) == len(self.model.labels), "model.labels", "labels must be distinct")
+        _check(self.lora.rank >= 1, "lora.rank", "must be at least 1")
+        _check(self.lora.alpha > 0, "lora.alpha", "must be positive")
+        _check(0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+        _check(all(i >= 0 for i in self.lora.layers), "lora.layers", "layer indices must be >= 0")
+        _check(self.training.local_steps >= 1, "training.local_steps", "must be at least 1")
+        _check(self.training.batch_size >= 1, "training.batch_size", "must be at least 1")
+        _check(self.training.learning_rate > 0, "training.learning_rate", "must be positive")
+        _check(self.training.weight_decay >= 0, "training.weight_decay", "must be >= 0")
+        _check(self.federation.rounds >= 1, "federation.rounds", "must be at least 1")
+        _check(self.federation.clients_per_round >= 0, "federation.clients_per_round", "must be >= 0")
+        _check(self.federation.min_clients >= 1, "federation.min_clients", "must be at least 1")
+        _check(0.0 < self.federation.quorum <= 1.0, "federation.quorum", "must be in (0, 1]")
+        _check(self.federation.round_timeout_s > 0, "federation.round_timeout_s", "must be positive")
+        _check(self.federation.client_timeout_s > 0, "federation.client_timeout_s", "must be positive")
+        _check(
+            self.federation.strategy in STRATEGIES,
+            "federation.strategy",
+            f"unknown strategy {self.federation.strategy!r}; choose one of: {', '.join(STRATEGIES.names())}",
+        )
+        _check(self.eval.batch_size >= 1, "eval.batch_size", "must be at least 1")
+        _check(self.eval.max_examples >= 0, "eval.max_examples", "must be >= 0")
+        _check(":" in self.server.address, "server.address", "must be HOST:PORT")
+        _check(bool(self.server.tls_cert) == bool(self.server.tls_key), "server.tls_key", "tls_cert and tls_key go together")
+        _check(self.server.chunk_bytes >= 1024, "server.chunk_bytes", "must be at least 1024")
+        _check(self.server.chunk_bytes <= 4 * 1024**2 - 4096, "server.chunk_bytes", "must stay under gRPC's 4 MiB message cap")
+        _check(self.server.max_update_bytes >= 1, "server.max_update_bytes", "must be positive")
+        _check(self.server.max_workers >= 4, "server.max_workers", "must be at least 4")
+        _check(self.simulation.clients >= 1, "simulation.clients", "must be at least 1")
+        _check(
+            self.simulation.partition in PARTITIONS,
+            "simulation.partition",
+            f"unknown partition {self.simulation.partition!r}; choose one of: {', '.join(PARTITIONS.names())}",
+        )
+        _check(self.simulation.alpha > 0, "simulation.alpha", "must be positive")
+        _check(self.simulation.eval_examples >= 0, "simulation.eval_examples", "must be >= 0")
+        _check(self.simulation.parallel >= 1, "simulation.parallel", "must be at least 1")
+        _check(self.seed >= 0, "seed", "must be >= 0")
+        return self
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a TOML file into a validated RunConfig."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return config_from_dict(data).validate()
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    return _build(RunConfig, data, prefix="")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in data.items():
+        if key not in fields:
+            valid = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown key {prefix + key!r} (valid keys here: {valid})")
+        values[key] = _coerce(hints[key], value, prefix + key)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
+        return [_coerce(item_hint, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {_describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {_describe(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {_describe(value)}")
+        return value
+    if isinstance(hint, types.UnionType):  # pragma: no cover - no unions in the config today
+        raise ConfigError(f"{key}: union types are not supported")
+    raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def set_key(config: RunConfig, dotted: str, value: Any) -> None:
+    """Set ``section.key`` (e.g. from a CLI flag), with the same type checks as a file."""
+    *path, last = dotted.split(".")
+    target: Any = config
+    for part in path:
+        target = getattr(target, part)
+    hints = typing.get_type_hints(type(target))
+    if last not in hints:
+        raise ConfigError(f"unknown key {dotted!r}")
+    setattr(target, last, _coerce(hints[last], value, dotted))
+
+
+# ---------------------------------------------------------------- writing
+
+
+def config_to_toml(config: RunConfig) -> str:
+    """The effective config as TOML, written into each run directory."""
+    top, sections = [], []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            lines = [f"[{f.name}]"]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in dataclasses.asdict(value).items()]
+            sections.append("\n".join(lines))
+        else:
+            top.append(f"{f.name} = {_toml_value(value)}")
+    return "\n".join(top) + "\n\n" + "\n\n".join(sections) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")

@@ -1,0 +1,132 @@
+"""Putting the coordinator together: model, strategy, round engine, gRPC server, run directory.
+
+``Coordinator`` is what ``fedtune coordinator`` runs, and what ``fedtune simulate`` runs on
+loopback beside its clients: the same object in both.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from fedtune.adapters import AdapterPlan
+from fedtune.aggregation import get_strategy
+from fedtune.config import ConfigError, RunConfig, config_to_toml
+from fedtune.coordinator.engine import RoundEngine
+from fedtune.coordinator.global_model import GlobalModel
+from fedtune.coordinator.service import CoordinatorService
+from fedtune.data import Example, load_examples
+from fedtune.models import ModelStore, resolve_source
+from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
+from fedtune.transport import make_server
+
+log = logging.getLogger(__name__)
+
+
+def plan_from_config(config: RunConfig) -> AdapterPlan:
+    lora = config.lora
+    return AdapterPlan(
+        rank=lora.rank,
+        alpha=lora.alpha,
+        dropout=lora.dropout,
+        target_modules=tuple(lora.target_modules),
+        layers=tuple(lora.layers),
+    )
+
+
+def new_run_dir(root: str | Path = "runs") -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(root) / stamp
+    n = 1
+    while path.exists():
+        n += 1
+        path = Path(root) / f"{stamp}-{n}"
+    return path
+
+
+class Coordinator:
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        store: ModelStore | None = None,
+        eval_examples: Sequence[Example] | None = None,
+        resume: bool = False,
+        on_round_end: Callable[[dict], None] | None = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        task = config.model.task
+        labels = list(config.model.labels)
+        if task == "seq-cls" and len(labels) < 2:
+            raise ConfigError("model.labels: sequence classification needs the label names (at least 2)")
+        if resume and not config.run_dir:
+            raise ConfigError("run_dir: resuming needs the run directory of the run to continue")
+        self.run_dir = Path(config.run_dir) if config.run_dir else new_run_dir()
+        config.run_dir = str(self.run_dir)
+        if eval_examples is None:
+            eval_examples = load_examples(config.eval.data, task=task) if config.eval.data else []
+        if config.eval.max_examples:
+            eval_examples = list(eval_examples)[: config.eval.max_examples]
+        self.store = store or ModelStore(seed=config.seed)
+        source = resolve_source(config.model.source)
+        self.global_model = GlobalModel(
+            self.store,
+            source,
+            task,
+            labels,
+            plan_from_config(config),
+            max_length=config.model.max_length,
+            eval_examples=eval_examples,
+            eval_batch_size=config.eval.batch_size,
+            seed=config.seed,
+        )
+        self.engine = RoundEngine(
+            config,
+            self.global_model,
+            get_strategy(config.federation.strategy),
+            self.run_dir,
+            resume=resume,
+            on_round_end=on_round_end,
+        )
+        self.service = CoordinatorService(self.engine, config, config.model.source, task, labels)
+        self.server = None
+        self.port = 0
+
+    def start(self) -> int:
+        """Write the effective config, start serving; returns the bound port."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.toml").write_text(config_to_toml(self.config))
+        srv = self.config.server
+        self.server, self.port = make_server(
+            srv.address, tls_cert=srv.tls_cert, tls_key=srv.tls_key, insecure=srv.insecure, max_workers=srv.max_workers
+        )
+        pb_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
+        self.server.start()
+        log.info("coordinator listening on port %d, run directory %s", self.port, self.run_dir)
+        return self.port
+
+    def run(self, shutdown_grace_s: float = 30.0) -> list[dict]:
+        """Run all rounds, tell the clients training is over, stop serving."""
+        if self.server is None:
+            self.start()
+        try:
+            history = self.engine.run()
+            self.engine.wait_until_clients_told(shutdown_grace_s)
+            return history
+        finally:
+            self.stop()
+
+    def run_in_thread(self) -> threading.Thread:
+        thread = threading.Thread(target=self.engine.run, name="round-engine", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        self.engine.stop()
+        if self.server is not None:
+            self.server.stop(grace_s).wait()
+            self.server = None

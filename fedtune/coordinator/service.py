@@ -1,0 +1,129 @@
+"""The gRPC face of the coordinator: decodes requests, checks them, calls the round engine, and
+turns every refusal into a status code with a message that names the problem.
+
+A bad request from one client never disturbs the others: errors end only that call.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import grpc
+
+from fedtune.config import RunConfig
+from fedtune.coordinator.engine import Done, RoundEngine, TrainTask
+from fedtune.coordinator.errors import CoordinatorError
+from fedtune.protocol import fedtune_pb2 as pb
+from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
+from fedtune.protocol.messages import capabilities_from_proto, plan_to_proto
+from fedtune.protocol.tensors import ProtocolError, TensorReceiver, tensor_frames
+
+log = logging.getLogger(__name__)
+
+
+def _abort(context: grpc.ServicerContext, code: str, message: str) -> None:
+    context.abort(getattr(grpc.StatusCode, code), message)
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    def __init__(self, engine: RoundEngine, config: RunConfig, model_name: str, task: str, labels: list[str]) -> None:
+        self.engine = engine
+        self.config = config
+        self.model_spec = pb.ModelSpec(name=model_name, task=task, labels=labels)
+
+    # ------------------------------------------------------------------ unary calls
+
+    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
+        try:
+            caps = capabilities_from_proto(request.capabilities)
+            record = self.engine.register(request.name, caps, request.num_examples, request.enrollment_secret)
+        except ValueError as exc:
+            _abort(context, "INVALID_ARGUMENT", str(exc))
+        except CoordinatorError as exc:
+            _abort(context, exc.code, exc.message)
+        return pb.RegisterReply(client_id=record.client_id, token=record.token)
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
+        try:
+            self.engine.authenticate(request.client_id, request.token)
+        except CoordinatorError as exc:
+            _abort(context, exc.code, exc.message)
+        current, over = self.engine.heartbeat(request.client_id)
+        return pb.HeartbeatReply(current_round=current, training_over=over)
+
+    # ------------------------------------------------------------------ streams
+
+    def FetchTask(self, request: pb.FetchTaskRequest, context: grpc.ServicerContext) -> Iterator[pb.Frame]:
+        try:
+            self.engine.authenticate(request.client_id, request.token)
+        except CoordinatorError as exc:
+            _abort(context, exc.code, exc.message)
+        task = self.engine.next_task(request.client_id, request.wait_seconds)
+        if isinstance(task, Done):
+            yield pb.Frame(task=pb.TaskHeader(status=pb.TASK_STATUS_DONE))
+            return
+        if not isinstance(task, TrainTask):
+            yield pb.Frame(task=pb.TaskHeader(status=pb.TASK_STATUS_WAIT, retry_after_seconds=task.retry_after_s))
+            return
+        training = self.config.training
+        header = pb.TaskHeader(
+            status=pb.TASK_STATUS_TRAIN,
+            round=task.round,
+            model=self.model_spec,
+            plan=plan_to_proto(task.plan),
+            training=pb.TrainingSettings(
+                local_steps=training.local_steps,
+                batch_size=training.batch_size,
+                learning_rate=training.learning_rate,
+                weight_decay=training.weight_decay,
+                max_length=self.config.model.max_length,
+                seed=task.seed,
+            ),
+            num_tensors=len(task.tensors),
+            deadline_unix=task.deadline_unix,
+        )
+        first = pb.Frame(task=header)
+        sent = first.ByteSize()
+        yield first
+        for frame in tensor_frames(task.tensors, self.config.server.chunk_bytes):
+            sent += frame.ByteSize()
+            yield frame
+        self.engine.note_sent(task.round, sent)
+
+    def PushUpdate(self, request_iterator: Iterator[pb.Frame], context: grpc.ServicerContext) -> pb.PushReply:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "update":
+            _abort(context, "INVALID_ARGUMENT", "an update stream must start with an UpdateHeader frame")
+        header = first.update
+        received = first.ByteSize()
+        try:
+            self.engine.authenticate(header.client_id, header.token)
+            expected = self.engine.expected_update(header.client_id, header.round)
+        except CoordinatorError as exc:
+            _abort(context, exc.code, exc.message)
+        receiver = TensorReceiver(
+            expected,
+            max_tensor_bytes=self.config.server.max_update_bytes,
+            max_total_bytes=self.config.server.max_update_bytes,
+            require_finite=True,
+        )
+        try:
+            if header.num_tensors != len(expected):
+                raise ProtocolError(f"update announces {header.num_tensors} tensors, the plan has {len(expected)}")
+            for frame in request_iterator:
+                receiver.feed(frame)
+            tensors = receiver.finish()
+            self.engine.submit(
+                header.client_id, header.round, tensors, header.num_examples, dict(header.metrics),
+                received + receiver.bytes_received,
+            )
+        except ProtocolError as exc:
+            self.engine.note_rejected(header.round, received + receiver.bytes_received)
+            log.warning("round %d: rejected update from %s: %s", header.round, header.client_id, exc)
+            _abort(context, "INVALID_ARGUMENT", str(exc))
+        except CoordinatorError as exc:
+            self.engine.note_rejected(header.round, received + receiver.bytes_received)
+            log.warning("round %d: rejected update from %s: %s", header.round, header.client_id, exc.message)
+            _abort(context, exc.code, exc.message)
+        return pb.PushReply(accepted=True, message=f"update for round {header.round} accepted")

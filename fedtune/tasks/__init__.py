@@ -1,0 +1,10 @@
+"""Training tasks: how examples become token batches, and how a model is scored.
+
+Each task is a small class registered by name ("seq-cls", "causal-lm"); the coordinator, the
+client and the simulation only talk to the ``Task`` interface.
+"""
+
+from fedtune.tasks.base import TASKS, EncodedExample, Task, get_task
+from fedtune.tasks import causal_lm, classification  # noqa: F401  (registers the tasks)
+
+__all__ = ["TASKS", "EncodedExample", "Task", "get_task"]

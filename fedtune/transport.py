@@ -1,0 +1,87 @@
+"""gRPC channels and server ports, with the security rule fedtune enforces: plaintext only on
+loopback, unless the operator asks for it explicitly; TLS otherwise."""
+
+from __future__ import annotations
+
+import ipaddress
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+# Chunks stay under 4 MiB, but headers with long tensor lists should not hit the cap either.
+MESSAGE_LIMIT = 16 * 1024 * 1024
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MESSAGE_LIMIT),
+    ("grpc.max_receive_message_length", MESSAGE_LIMIT),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+class TransportError(ValueError):
+    """A misconfigured address or TLS setting."""
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host:
+        raise TransportError(f"address {address!r} must be HOST:PORT")
+    try:
+        number = int(port)
+    except ValueError:
+        raise TransportError(f"address {address!r}: port {port!r} is not a number") from None
+    if not 0 <= number <= 65535:
+        raise TransportError(f"address {address!r}: port {number} is out of range")
+    return host.strip("[]"), number
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise TransportError(f"cannot read {what} {path!r}: {exc.strerror or exc}") from None
+
+
+def make_server(address: str, *, tls_cert: str = "", tls_key: str = "", insecure: bool = False, max_workers: int = 32) -> tuple[grpc.Server, int]:
+    """A gRPC server bound to ``address`` (port 0 picks a free port); returns it and its port."""
+    host, _ = split_address(address)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
+    try:
+        if tls_cert:
+            creds = grpc.ssl_server_credentials([(_read(tls_key, "TLS key"), _read(tls_cert, "TLS certificate"))])
+            port = server.add_secure_port(address, creds)
+        else:
+            if not (is_loopback(host) or insecure):
+                raise TransportError(
+                    f"refusing to serve plaintext on {address}: give tls_cert and tls_key, "
+                    "or set insecure = true if the network is trusted"
+                )
+            port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise TransportError(f"cannot listen on {address}: {exc}") from None
+    if port == 0:
+        raise TransportError(f"cannot listen on {address} (in use or not a local address)")
+    return server, port
+
+
+def make_channel(address: str, *, tls_ca: str = "", insecure: bool = False) -> grpc.Channel:
+    """A channel to the coordinator: TLS when a CA file is given (or the host is remote)."""
+    host, _ = split_address(address)
+    if tls_ca:
+        creds = grpc.ssl_channel_credentials(root_certificates=_read(tls_ca, "TLS CA certificate"))
+        return grpc.secure_channel(address, creds, options=GRPC_OPTIONS)
+    if is_loopback(host) or insecure:
+        return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+    # A remote coordinator without an explicit CA: TLS with the system's roots.
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(), options=GRPC_OPTIONS)
