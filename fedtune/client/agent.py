@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence, TypeVar
 
@@ -71,7 +72,7 @@ class ClientAgent:
         source: ModelSource,
         *,
         store: ModelStore | None = None,
-        compute_slot: threading.Semaphore | None = None,
+        compute: Executor | None = None,
         stop_event: threading.Event | None = None,
     ) -> None:
         if not examples:
@@ -80,7 +81,7 @@ class ClientAgent:
         self.examples = list(examples)
         self.source = source
         self.store = store or ModelStore()
-        self.compute_slot = compute_slot
+        self.compute = compute
         self.stop_event = stop_event or threading.Event()
         self.report = AgentReport()
         self._encoded: dict[tuple, list] = {}
@@ -215,27 +216,21 @@ class ClientAgent:
         items = self._encoded[key]
         heartbeat = _Heartbeat(self._stub, self._client_id, self._token, header.round, self.options.heartbeat_seconds)
         heartbeat.start()
-        try:
-            if self.compute_slot is not None:
-                self.compute_slot.acquire()
+        train_settings = TrainSettings(
+            settings.local_steps, settings.batch_size, settings.learning_rate, settings.weight_decay, settings.seed
+        )
+
+        def work() -> tuple[dict, dict[str, float]]:
+            model = inject_lora(self.store.instance(self.source, task_name, labels), plan, task_name)
             try:
-                model = inject_lora(self.store.instance(self.source, task_name, labels), plan, task_name)
-                try:
-                    load_adapter_state(model, global_tensors)
-                except AdapterError as exc:
-                    raise AgentError(f"the coordinator's adapter does not fit this client's model {self.source.name!r}: {exc}") from exc
-                metrics = train_adapter(
-                    model,
-                    task,
-                    items,
-                    TrainSettings(settings.local_steps, settings.batch_size, settings.learning_rate, settings.weight_decay, settings.seed),
-                    self.store.pad_id(self.source),
-                    self.options.device,
-                )
-                update = adapter_state(model)
-            finally:
-                if self.compute_slot is not None:
-                    self.compute_slot.release()
+                load_adapter_state(model, global_tensors)
+            except AdapterError as exc:
+                raise AgentError(f"the coordinator's adapter does not fit this client's model {self.source.name!r}: {exc}") from exc
+            metrics = train_adapter(model, task, items, train_settings, self.store.pad_id(self.source), self.options.device)
+            return adapter_state(model), metrics
+
+        try:
+            update, metrics = self.compute.submit(work).result() if self.compute is not None else work()
         finally:
             heartbeat.stop()
         log.info("%s: round %d trained, loss %.4f", self._client_id, header.round, metrics["train_loss"])

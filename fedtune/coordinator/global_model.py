@@ -61,3 +61,26 @@ class GlobalModel:
             folder,
             {"model": self.source.name, "task": self.task_name, "labels": self.labels, "plan": self.plan.to_json()},
         )
+
+
+class FixedTensors:
+    """A "model" that is only a dict of tensors: the coordinator serves and aggregates them
+    without evaluating anything. Used to measure and test the transport path with payloads of
+    any size, independent of a transformers model."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], plan: AdapterPlan | None = None) -> None:
+        self.tensors = tensors
+        self.plan = plan or AdapterPlan()
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.tensors.items()}
+
+    def evaluate(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {}
+
+    def export(self, state: dict[str, torch.Tensor], folder: Path) -> Path:
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "tensors.safetensors"))
+        return folder

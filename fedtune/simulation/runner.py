@@ -5,14 +5,17 @@ Threads, not processes: every agent and the coordinator share one copy of the fr
 weights (see ``ModelStore``), start in milliseconds instead of paying a torch import each, and
 the process's memory is the base model once plus small per-client adapters. Training is
 CPU-bound and torch already spreads one client's step over all cores, so by default one client
-trains at a time (``simulation.parallel``); the others wait for a compute slot while their
-gRPC calls, heartbeats and the coordinator keep running.
+trains at a time (``simulation.parallel``): agents hand their training to a shared pool of that
+many worker threads and wait, while their gRPC calls, heartbeats and the coordinator keep
+running. Training always on the same few threads also keeps memory flat: each thread that
+allocates large tensors grows its own malloc arena, and those are not given back.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -82,7 +85,7 @@ def run_simulation(
     coordinator = Coordinator(config, store=store, eval_examples=evals, on_round_end=on_round_end)
     port = coordinator.start()
     source = resolve_source(config.model.source)
-    slot = threading.Semaphore(sim.parallel)
+    compute = ThreadPoolExecutor(max_workers=sim.parallel, thread_name_prefix="train")
     stop = threading.Event()
     agents = [
         ClientAgent(
@@ -96,7 +99,7 @@ def run_simulation(
             [train[j] for j in part],
             source,
             store=store,
-            compute_slot=slot,
+            compute=compute,
             stop_event=stop,
         )
         for i, part in enumerate(parts)
@@ -131,6 +134,7 @@ def run_simulation(
     finally:
         stop.set()
         coordinator.stop()
+        compute.shutdown(wait=False, cancel_futures=True)
     if failure:
         raise failure[0]
     return SimulationResult(coordinator.run_dir, coordinator.engine.history, [a.report for a in agents], errors)

@@ -64,18 +64,37 @@ def pad(sequences: Sequence[Sequence[int]], value: int) -> torch.Tensor:
 
 
 def sample_batches(
-    items: Sequence[EncodedExample], steps: int, batch_size: int, generator: torch.Generator
+    items: Sequence[EncodedExample],
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+    group_by_length: int = 8,
 ) -> Iterator[list[EncodedExample]]:
     """``steps`` batches drawn epoch by epoch in a seeded random order (no example repeats
-    within an epoch). A dataset smaller than a batch gives smaller batches."""
+    within an epoch; a dataset smaller than a batch gives smaller batches).
+
+    With ``group_by_length = k > 1``, each run of k batches is drawn at random, sorted by length
+    and cut into batches served in random order: batches are still random samples of the data,
+    but hold sequences of similar length, so far less compute goes to padding (the same idea as
+    transformers' ``group_by_length``).
+    """
     if not items:
         raise ValueError("no training examples")
-    order: list[int] = []
+    batch_size = min(batch_size, len(items))
+    pool: list[int] = []
+    ready: list[list[int]] = []
     for _ in range(steps):
-        if len(order) < min(batch_size, len(items)):
-            order += torch.randperm(len(items), generator=generator).tolist()
-        take, order = order[:batch_size], order[batch_size:]
-        yield [items[i] for i in take]
+        if not ready:
+            want = batch_size * max(1, group_by_length)
+            while len(pool) < want:
+                pool += torch.randperm(len(items), generator=generator).tolist()
+            group, pool = pool[:want], pool[want:]
+            if group_by_length > 1:
+                group.sort(key=lambda i: len(items[i].input_ids))
+            ready = [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+            order = torch.randperm(len(ready), generator=generator).tolist()
+            ready = [ready[i] for i in order]
+        yield [items[i] for i in ready.pop()]
 
 
 TASKS: Registry[type[Task]] = Registry("task")

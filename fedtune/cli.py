@@ -1,0 +1,283 @@
+"""The ``fedtune`` command: coordinator, client, simulate.
+
+Flags override the config file, which overrides the defaults. Mistakes (a bad flag, an
+unknown config key, a missing file) end with one line that names the problem, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from fedtune import __version__
+from fedtune.config import ConfigError, RunConfig, load_config, set_key
+
+# flag dest -> config key; a flag left at None keeps the file's (or default) value
+COMMON_KEYS = {
+    "model": "model.source",
+    "task": "model.task",
+    "labels": "model.labels",
+    "max_length": "model.max_length",
+    "rank": "lora.rank",
+    "lora_alpha": "lora.alpha",
+    "rounds": "federation.rounds",
+    "clients_per_round": "federation.clients_per_round",
+    "strategy": "federation.strategy",
+    "round_timeout": "federation.round_timeout_s",
+    "local_steps": "training.local_steps",
+    "batch_size": "training.batch_size",
+    "lr": "training.learning_rate",
+    "eval_data": "eval.data",
+    "run_dir": "run_dir",
+    "seed": "seed",
+}
+COORDINATOR_KEYS = {
+    "address": "server.address",
+    "min_clients": "federation.min_clients",
+    "quorum": "federation.quorum",
+    "tls_cert": "server.tls_cert",
+    "tls_key": "server.tls_key",
+    "enrollment_secret": "server.enrollment_secret",
+}
+SIMULATION_KEYS = {
+    "clients": "simulation.clients",
+    "data": "simulation.data",
+    "partition": "simulation.partition",
+    "dirichlet_alpha": "simulation.alpha",
+    "eval_examples": "simulation.eval_examples",
+    "parallel": "simulation.parallel",
+}
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML run configuration (flags override it)")
+    p.add_argument("--model", help="embedded model name (minilm, smollm2), model folder or .gguf file")
+    p.add_argument("--task", help="seq-cls or causal-lm")
+    p.add_argument("--labels", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], help="comma-separated label names (seq-cls)")
+    p.add_argument("--max-length", type=int, help="tokens per example")
+    p.add_argument("--rank", type=int, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (the update is scaled by alpha/rank)")
+    p.add_argument("--rounds", type=int, help="federated rounds")
+    p.add_argument("--clients-per-round", type=int, help="clients trained per round (0: all)")
+    p.add_argument("--strategy", help="aggregation strategy (fedavg)")
+    p.add_argument("--round-timeout", type=float, help="seconds before a round closes with what it has")
+    p.add_argument("--local-steps", type=int, help="optimizer steps per client per round")
+    p.add_argument("--batch-size", type=int, help="local batch size")
+    p.add_argument("--lr", type=float, help="local learning rate")
+    p.add_argument("--eval-data", help="held-out data evaluated centrally after each round")
+    p.add_argument("--run-dir", help="output folder (default: a new folder under runs/)")
+    p.add_argument("--seed", type=int, help="seed of every random choice")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of transformers with LoRA over gRPC.")
+    parser.add_argument("--version", action="version", version=f"fedtune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sim = sub.add_parser("simulate", help="coordinator + N clients on this machine over loopback gRPC")
+    _add_common(sim)
+    sim.add_argument("--clients", type=int, help="number of simulated clients")
+    sim.add_argument("--data", help="training data (JSONL/CSV/text); default: the embedded tweet corpus")
+    sim.add_argument("--partition", help="iid or dirichlet")
+    sim.add_argument("--alpha", dest="dirichlet_alpha", type=float, help="Dirichlet concentration of --partition dirichlet (smaller = more skewed)")
+    sim.add_argument("--eval-examples", type=int, help="examples held out for evaluation when --eval-data is not given")
+    sim.add_argument("--parallel", type=int, help="clients training at the same time")
+
+    coord = sub.add_parser("coordinator", help="serve a federated run to client agents")
+    _add_common(coord)
+    coord.add_argument("--address", help="HOST:PORT to listen on (default 127.0.0.1:7070)")
+    coord.add_argument("--min-clients", type=int, help="clients needed before the first round")
+    coord.add_argument("--quorum", type=float, help="fraction of selected clients that closes a round")
+    coord.add_argument("--tls-cert", help="TLS certificate chain (PEM)")
+    coord.add_argument("--tls-key", help="TLS private key (PEM)")
+    coord.add_argument("--insecure", action="store_true", default=None, help="allow plaintext on a non-loopback address")
+    coord.add_argument("--enrollment-secret", help="secret a client must present to register")
+    coord.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+
+    cli = sub.add_parser("client", help="run a device agent against a coordinator")
+    cli.add_argument("--coordinator", required=True, help="coordinator HOST:PORT")
+    cli.add_argument("--data", required=True, help="this device's training data (JSONL/CSV/text)")
+    cli.add_argument("--model", default="minilm", help="the base model the coordinator serves (embedded name, folder or .gguf)")
+    cli.add_argument("--task", default="seq-cls", choices=["seq-cls", "causal-lm"], help="how to read --data")
+    cli.add_argument("--name", default=None, help="name shown in the coordinator's logs (default: host name)")
+    cli.add_argument("--tier", default="", help="device tier label")
+    cli.add_argument("--memory-gb", type=float, default=0.0, help="memory the device can give to training")
+    cli.add_argument("--tflops", type=float, default=0.0, help="sustained training throughput")
+    cli.add_argument("--uplink-mbps", type=float, default=0.0)
+    cli.add_argument("--downlink-mbps", type=float, default=0.0)
+    cli.add_argument("--tls-ca", default="", help="CA certificate (PEM) to verify the coordinator")
+    cli.add_argument("--insecure", action="store_true", help="allow plaintext to a non-loopback coordinator")
+    cli.add_argument("--enrollment-secret", default="")
+    cli.add_argument("--give-up-after", type=float, default=300.0, help="seconds of unreachable coordinator before exiting")
+    cli.add_argument("-v", "--verbose", action="count", default=0)
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace, keys: dict[str, str]) -> RunConfig:
+    config = load_config(args.config) if args.config else RunConfig()
+    for dest, key in keys.items():
+        value: Any = getattr(args, dest, None)
+        if value is not None:
+            set_key(config, key, value)
+    if getattr(args, "insecure", None):
+        config.server.insecure = True
+    return config.validate()
+
+
+def _setup_logging(verbose: int) -> None:
+    from rich.logging import RichHandler
+
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]", handlers=[RichHandler(show_path=False)])
+    if verbose < 2:
+        logging.getLogger("fedtune").setLevel(max(level, logging.INFO) if verbose else logging.WARNING)
+
+
+def _round_table(task: str):
+    from rich.table import Table
+
+    table = Table(title="fedtune rounds", title_justify="left")
+    for col in ("round", "clients", "train loss", "eval loss", "eval acc" if task == "seq-cls" else "eval ppl", "MB up", "MB down", "seconds"):
+        table.add_column(col, justify="right")
+    return table
+
+
+def _row_cells(row: dict, task: str) -> list[str]:
+    def f(x: Any, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
+    extra = row.get("eval_accuracy") if task == "seq-cls" else row.get("eval_perplexity")
+    return [
+        str(row["round"]),
+        f"{row['clients']}/{row['selected']}",
+        f(row["train_loss"], ".4f"),
+        f(row["eval_loss"], ".4f"),
+        f(extra, ".3f" if task == "seq-cls" else ".2f"),
+        f(row["bytes_up"] / 1e6, ".2f"),
+        f(row["bytes_down"] / 1e6, ".2f"),
+        f(row["seconds"], ".1f"),
+    ]
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from fedtune.simulation.runner import run_simulation
+
+    config = _config_from_args(args, {**COMMON_KEYS, **SIMULATION_KEYS})
+    console = Console(stderr=False)
+    task = config.model.task
+    table = _round_table(task)
+    console.print(
+        f"[bold]fedtune simulate[/]: {config.simulation.clients} clients, {config.federation.rounds} rounds, "
+        f"model {config.model.source}, {task}, partition {config.simulation.partition}"
+        + (f"(alpha={config.simulation.alpha})" if config.simulation.partition == "dirichlet" else "")
+    )
+    started = time.monotonic()
+    with Live(table, console=console, refresh_per_second=2, transient=False) as live:
+        def on_round(row: dict) -> None:
+            table.add_row(*_row_cells(row, task))
+            live.refresh()
+
+        result = run_simulation(config, on_round_end=on_round)
+    console.print()
+    for error in result.client_errors:
+        console.print(f"[red]client error:[/] {error}")
+    console.print(f"done in {time.monotonic() - started:.1f} s; run directory: {result.run_dir}")
+    return 0 if result.history else 1
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from fedtune.coordinator.app import Coordinator
+
+    config = _config_from_args(args, {**COMMON_KEYS, **COORDINATOR_KEYS})
+    task = config.model.task
+    from rich.console import Console
+
+    console = Console()
+    coordinator = Coordinator(config, resume=args.resume, on_round_end=lambda row: console.print(" | ".join(_row_cells(row, task))))
+    port = coordinator.start()
+    host = config.server.address.rpartition(":")[0]
+    console.print(f"coordinator listening on {host}:{port}; run directory {coordinator.run_dir}")
+    console.print("round | clients | train loss | eval loss | " + ("eval acc" if task == "seq-cls" else "eval ppl") + " | MB up | MB down | seconds")
+    try:
+        history = coordinator.run()
+    except KeyboardInterrupt:
+        coordinator.stop()
+        console.print("interrupted; the last checkpoint is in the run directory (resume with --resume)")
+        return 130
+    console.print(f"finished {len(history)} rounds; adapter in {coordinator.run_dir / 'adapter'}")
+    return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    import socket
+
+    from fedtune.client.agent import AgentOptions, ClientAgent
+    from fedtune.data import load_examples
+    from fedtune.devices import Capabilities
+    from fedtune.models import resolve_source
+
+    examples = load_examples(args.data, task=args.task)
+    for flag in ("memory_gb", "tflops", "uplink_mbps", "downlink_mbps", "give_up_after"):
+        if getattr(args, flag) < 0:
+            raise ConfigError(f"--{flag.replace('_', '-')}: must be >= 0")
+    caps = Capabilities(
+        memory_bytes=int(args.memory_gb * 1024**3),
+        flops_per_second=args.tflops * 1e12,
+        uplink_bytes_per_second=args.uplink_mbps * 1e6 / 8,
+        downlink_bytes_per_second=args.downlink_mbps * 1e6 / 8,
+        tier=args.tier,
+    )
+    name = args.name or "".join(c if c.isalnum() or c in "_.-" else "-" for c in socket.gethostname())[:64] or "client"
+    options = AgentOptions(
+        address=args.coordinator,
+        name=name,
+        capabilities=caps,
+        tls_ca=args.tls_ca,
+        insecure=args.insecure,
+        enrollment_secret=args.enrollment_secret,
+        give_up_after_seconds=args.give_up_after,
+    )
+    report = ClientAgent(options, examples, resolve_source(args.model)).run()
+    print(f"{report.client_id}: trained rounds {report.rounds}; refused updates: {len(report.rejected)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fedtune never downloads models
+    # Deprecation chatter from transformers/peft internals is not actionable for fedtune's users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from fedtune.adapters import AdapterError
+    from fedtune.client.agent import AgentError
+    from fedtune.coordinator.errors import CoordinatorError
+    from fedtune.data import DataError
+    from fedtune.models import ModelError
+    from fedtune.transport import TransportError
+
+    handlers = {"simulate": cmd_simulate, "coordinator": cmd_coordinator, "client": cmd_client}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, DataError, ModelError, TransportError, AgentError, AdapterError) as exc:
+        print(f"fedtune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except CoordinatorError as exc:
+        print(f"fedtune {args.command}: error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

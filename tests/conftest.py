@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny models built from configs (no download), synthetic learnable data."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fedtune.data import Example  # noqa: E402
+from fedtune.models import resolve_source  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+logging.getLogger("fedtune").setLevel(logging.INFO)
+
+POSITIVE = ["great", "love", "wonderful", "happy", "excellent", "nice", "good", "amazing"]
+NEGATIVE = ["awful", "hate", "terrible", "sad", "horrible", "bad", "poor", "worst"]
+FILLER = ["the", "car", "drives", "today", "my", "road", "trip", "was", "this", "city", "new", "a"]
+
+
+def sentiment_examples(n: int, seed: int) -> list[Example]:
+    """Short sentences whose label is given by one sentiment word: learnable in a few steps."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        label = rng.choice(["negative", "positive"])
+        word = rng.choice(POSITIVE if label == "positive" else NEGATIVE)
+        words = rng.sample(FILLER, 5)
+        words.insert(rng.randrange(len(words) + 1), word)
+        out.append(Example(text=" ".join(words), label=label))
+    return out
+
+
+def _minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(resolve_source("minilm").path))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """A 2-block BERT with random weights and MiniLM's tokenizer, saved as a model folder."""
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    _minilm_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """A 2-block Llama with random weights, built from a config (no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = _minilm_tokenizer()
+    tokenizer.eos_token = "[SEP]"
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
