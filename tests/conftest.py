@@ -24,14 +24,14 @@ FILLER = ["the", "car", "drives", "today", "my", "road", "trip", "was", "this", 
 
 
 def sentiment_examples(n: int, seed: int) -> list[Example]:
-    """Short sentences whose label is given by one sentiment word: learnable in a few steps."""
+    """Short sentences whose label is given by their last word: learnable in a few steps by a
+    tiny causal model classifying from its last token."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         label = rng.choice(["negative", "positive"])
         word = rng.choice(POSITIVE if label == "positive" else NEGATIVE)
-        words = rng.sample(FILLER, 5)
-        words.insert(rng.randrange(len(words) + 1), word)
+        words = rng.sample(FILLER, 5) + [word]
         out.append(Example(text=" ".join(words), label=label))
     return out
 

@@ -1,0 +1,83 @@
+"""Config files and CLI flags: errors that name the key, values that reach the run."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from fedtune.cli import main
+from fedtune.config import ConfigError, RunConfig, config_from_dict, config_to_toml, load_config
+
+
+def test_defaults_are_valid_and_survive_a_toml_round_trip():
+    config = RunConfig().validate()
+    assert config_from_dict(tomllib.loads(config_to_toml(config))) == config
+
+
+def test_a_file_only_needs_the_keys_it_changes(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('seed = 4\n[training]\nlocal_steps = 3\n[model]\nlabels = ["a", "b"]\n')
+    config = load_config(path)
+    assert (config.seed, config.training.local_steps, config.model.labels) == (4, 3, ["a", "b"])
+    assert config.training.batch_size == RunConfig().training.batch_size
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[training]\nlr = 0.1\n", "unknown key 'training.lr'"),
+        ("[trainig]\nlocal_steps = 1\n", "unknown key 'trainig'"),
+        ("[training]\nlocal_steps = 'ten'\n", "training.local_steps: expected an integer, got str 'ten'"),
+        ("[training]\nlocal_steps = 0\n", "training.local_steps: must be at least 1"),
+        ("[federation]\nstrategy = 'fedavgg'\n", "federation.strategy: unknown strategy 'fedavgg'; choose one of: fedavg"),
+        ("[federation]\nquorum = 1.5\n", "federation.quorum: must be in (0, 1]"),
+        ("[model]\ntask = 'seq2seq'\n", "model.task: unknown task 'seq2seq'"),
+        ("[lora]\nlayers = [1, 'x']\n", "lora.layers[1]: expected an integer"),
+        ("[server]\ninsecure = 'yes'\n", "server.insecure: expected true or false"),
+        ("training = 3\n", "training: expected a table"),
+        ("[training\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_files_name_the_key(tmp_path, text, message):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert message in str(info.value)
+
+
+def _cli_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as info:
+        raise SystemExit(main(argv))
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    return err
+
+
+def test_cli_reports_a_bad_config_key_in_one_line(tmp_path, capsys):
+    path = tmp_path / "run.toml"
+    path.write_text("[training]\nlr = 0.1\n")
+    err = _cli_error(capsys, ["simulate", "--config", str(path)])
+    assert err.count("\n") == 0 and "unknown key 'training.lr'" in err
+
+
+def test_cli_reports_bad_values_and_missing_files(tmp_path, capsys):
+    assert "federation.rounds: must be at least 1" in _cli_error(capsys, ["simulate", "--rounds", "0"])
+    assert "unknown strategy 'nope'" in _cli_error(capsys, ["simulate", "--strategy", "nope"])
+    assert "cannot read config file" in _cli_error(capsys, ["coordinator", "--config", str(tmp_path / "missing.toml")])
+    assert "does not exist" in _cli_error(capsys, ["client", "--coordinator", "127.0.0.1:1", "--data", str(tmp_path / "none.jsonl")])
+    assert "neither an embedded model" in _cli_error(capsys, ["simulate", "--model", str(tmp_path / "nowhere")])
+
+
+def test_cli_rejects_malformed_flags(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["simulate", "--rounds", "many"])
+    assert info.value.code == 2
+    assert "invalid int value: 'many'" in capsys.readouterr().err
+
+
+def test_plaintext_on_a_public_address_is_refused(capsys, tiny_bert, tmp_path):
+    err = _cli_error(capsys, ["coordinator", "--model", tiny_bert, "--labels", "a,b", "--address", "0.0.0.0:0", "--run-dir", str(tmp_path / "run")])
+    assert "refusing to serve plaintext" in err

@@ -1,0 +1,136 @@
+"""Tensor framing: exact round trips for every dtype, and refusal of malformed streams."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedtune.protocol import fedtune_pb2 as pb
+from fedtune.protocol.tensors import (
+    ProtocolError,
+    TensorReceiver,
+    TensorSpec,
+    encode_tensors,
+    make_header,
+    specs_of,
+    tensor_frames,
+)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
+
+
+def _sample(dtype: torch.dtype, shape=(3, 7)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=g) > 0.5
+    if dtype.is_floating_point:
+        return (torch.randn(shape, generator=g) * 100).to(dtype)
+    return torch.randint(-100 if dtype != torch.uint8 else 0, 100, shape, generator=g).to(dtype)
+
+
+def _roundtrip(tensors: dict, chunk: int, expected=None) -> dict:
+    receiver = TensorReceiver(expected)
+    for frame in tensor_frames(encode_tensors(tensors), chunk):
+        receiver.feed(frame)
+    return receiver.finish()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("chunk", [1, 5, 1 << 20])
+def test_roundtrip_is_bit_exact(dtype, chunk):
+    t = _sample(dtype)
+    out = _roundtrip({"x": t}, chunk, specs_of({"x": t}))["x"]
+    assert out.dtype == dtype and out.shape == t.shape
+    assert torch.equal(out.view(torch.uint8) if dtype != torch.bool else out, t.view(torch.uint8) if dtype != torch.bool else t)
+
+
+def test_special_values_and_odd_shapes_survive():
+    tensors = {
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+        "nonfinite": torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0]),
+        "noncontiguous": torch.arange(12.0).reshape(3, 4).t(),
+    }
+    out = _roundtrip(tensors, 3)
+    assert out["scalar"].shape == () and out["scalar"].item() == 3.5
+    assert out["empty"].shape == (0, 4)
+    assert torch.equal(out["noncontiguous"], tensors["noncontiguous"])
+    assert torch.isnan(out["nonfinite"][0]) and out["nonfinite"][1] == float("inf")
+    assert torch.signbit(out["nonfinite"][3])
+
+
+def test_chunks_respect_the_chunk_size():
+    t = torch.zeros(1000)
+    frames = list(tensor_frames(encode_tensors({"t": t}), 1024))
+    assert frames[0].WhichOneof("kind") == "tensor"
+    assert [len(f.chunk) for f in frames[1:]] == [1024, 1024, 1024, 928]
+
+
+def _feed_all(receiver: TensorReceiver, tensors: dict, chunk: int = 64) -> dict:
+    for frame in tensor_frames(encode_tensors(tensors), chunk):
+        receiver.feed(frame)
+    return receiver.finish()
+
+
+@pytest.mark.parametrize(
+    "sent, message",
+    [
+        ({"w": torch.zeros(2, 3), "extra": torch.zeros(1)}, "unexpected tensor 'extra'"),
+        ({"w": torch.zeros(3, 2)}, "shape [3, 2], expected [2, 3]"),
+        ({"w": torch.zeros(2, 3, dtype=torch.float64)}, "dtype torch.float64, expected torch.float32"),
+        ({}, "missing tensors: 'w'"),
+    ],
+)
+def test_receiver_rejects_what_was_not_expected(sent, message):
+    receiver = TensorReceiver({"w": TensorSpec((2, 3), torch.float32)})
+    with pytest.raises(ProtocolError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        _feed_all(receiver, sent)
+
+
+def test_receiver_rejects_nan_when_asked():
+    receiver = TensorReceiver(require_finite=True)
+    with pytest.raises(ProtocolError, match="'w' contains NaN or Inf"):
+        _feed_all(receiver, {"w": torch.tensor([1.0, float("nan")])})
+
+
+def test_receiver_checks_size_before_allocating():
+    receiver = TensorReceiver(max_tensor_bytes=1000)
+    header = make_header("big", torch.zeros(1))
+    header.shape[:] = [10**12]
+    header.payload_bytes = 4 * 10**12
+    with pytest.raises(ProtocolError, match="over the limit of 1000"):
+        receiver.feed(pb.Frame(tensor=header))
+
+
+def test_receiver_rejects_inconsistent_or_truncated_streams():
+    header = make_header("w", torch.zeros(4))
+    lying = pb.TensorHeader()
+    lying.CopyFrom(header)
+    lying.payload_bytes = 15
+    with pytest.raises(ProtocolError, match="needs 16 bytes, header says 15"):
+        TensorReceiver().feed(pb.Frame(tensor=lying))
+
+    receiver = TensorReceiver()
+    receiver.feed(pb.Frame(tensor=header))
+    receiver.feed(pb.Frame(chunk=b"\0" * 8))
+    with pytest.raises(ProtocolError, match="stream ended inside tensor 'w'"):
+        receiver.finish()
+
+    receiver = TensorReceiver()
+    receiver.feed(pb.Frame(tensor=header))
+    with pytest.raises(ProtocolError, match="more payload than"):
+        receiver.feed(pb.Frame(chunk=b"\0" * 20))
+
+    with pytest.raises(ProtocolError, match="chunk without a tensor header"):
+        TensorReceiver().feed(pb.Frame(chunk=b"\0"))
+
+    receiver = TensorReceiver()
+    with pytest.raises(ProtocolError, match="sent twice"):
+        _feed_all(receiver, {"w": torch.zeros(1)})
+        for frame in tensor_frames(encode_tensors({"w": torch.zeros(1)})):
+            receiver.feed(frame)
+
+
+def test_unsupported_dtype_is_named():
+    with pytest.raises(ProtocolError, match="complex64"):
+        encode_tensors({"c": torch.zeros(2, dtype=torch.complex64)})
