@@ -16,7 +16,7 @@ from fedtune.adapters import AdapterPlan
 from fedtune.aggregation import get_strategy
 from fedtune.config import ConfigError, RunConfig, config_to_toml
 from fedtune.coordinator.engine import RoundEngine
-from fedtune.coordinator.global_model import GlobalModel
+from fedtune.coordinator.global_model import FixedTensors, GlobalModel
 from fedtune.coordinator.service import CoordinatorService
 from fedtune.data import Example, load_examples
 from fedtune.models import ModelStore, resolve_source
@@ -54,36 +54,40 @@ class Coordinator:
         *,
         store: ModelStore | None = None,
         eval_examples: Sequence[Example] | None = None,
+        global_model: GlobalModel | FixedTensors | None = None,
         resume: bool = False,
         on_round_end: Callable[[dict], None] | None = None,
     ) -> None:
+        """``global_model`` replaces the model built from ``config.model`` (tests and
+        benchmarks serve plain tensors through the same service this way)."""
         config.validate()
         self.config = config
         task = config.model.task
         labels = list(config.model.labels)
-        if task == "seq-cls" and len(labels) < 2:
-            raise ConfigError("model.labels: sequence classification needs the label names (at least 2)")
         if resume and not config.run_dir:
             raise ConfigError("run_dir: resuming needs the run directory of the run to continue")
         self.run_dir = Path(config.run_dir) if config.run_dir else new_run_dir()
         config.run_dir = str(self.run_dir)
-        if eval_examples is None:
-            eval_examples = load_examples(config.eval.data, task=task) if config.eval.data else []
-        if config.eval.max_examples:
-            eval_examples = list(eval_examples)[: config.eval.max_examples]
         self.store = store or ModelStore(seed=config.seed)
-        source = resolve_source(config.model.source)
-        self.global_model = GlobalModel(
-            self.store,
-            source,
-            task,
-            labels,
-            plan_from_config(config),
-            max_length=config.model.max_length,
-            eval_examples=eval_examples,
-            eval_batch_size=config.eval.batch_size,
-            seed=config.seed,
-        )
+        if global_model is None:
+            if task == "seq-cls" and len(labels) < 2:
+                raise ConfigError("model.labels: sequence classification needs the label names (at least 2)")
+            if eval_examples is None:
+                eval_examples = load_examples(config.eval.data, task=task) if config.eval.data else []
+            if config.eval.max_examples:
+                eval_examples = list(eval_examples)[: config.eval.max_examples]
+            global_model = GlobalModel(
+                self.store,
+                resolve_source(config.model.source),
+                task,
+                labels,
+                plan_from_config(config),
+                max_length=config.model.max_length,
+                eval_examples=eval_examples,
+                eval_batch_size=config.eval.batch_size,
+                seed=config.seed,
+            )
+        self.global_model = global_model
         self.engine = RoundEngine(
             config,
             self.global_model,
