@@ -322,7 +322,9 @@ class RoundEngine:
             self.global_state = self.strategy.aggregate(self.global_state, updates)
         else:
             log.warning("round %d: no updates arrived; the global adapter is unchanged", rnd.number)
+        eval_started = time.monotonic()
         metrics = self.global_model.evaluate(self.global_state)
+        eval_seconds = time.monotonic() - eval_started
         weights = [u.num_examples for u in updates]
         losses = [u.metrics.get("train_loss") for u in updates]
         train_loss = (
@@ -342,6 +344,7 @@ class RoundEngine:
             "bytes_down": rnd.bytes_down,
             "rejected_updates": rnd.rejected,
             "seconds": round(time.monotonic() - rnd.started, 3),
+            "eval_seconds": round(eval_seconds, 3),
         }
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
