@@ -122,3 +122,21 @@ def test_resume_continues_at_the_next_round(tmp_path, tiny_llama):
         assert [r["round"] for r in rows] == [1, 2]
     finally:
         resumed.stop()
+
+
+def test_cli_simulate_prints_rounds_and_writes_the_run_dir(tmp_path, tiny_llama, capsys):
+    from fedtune.cli import main
+
+    data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(120, seed=3))
+    code = main([
+        "simulate", "--model", tiny_llama, "--data", data, "--clients", "2", "--rounds", "2",
+        "--local-steps", "2", "--eval-examples", "20", "--max-length", "16", "--partition", "dirichlet",
+        "--alpha", "1.0", "--run-dir", str(tmp_path / "cli-run"),
+    ])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "fedtune simulate: 2 clients, 2 rounds" in out and "eval acc" in out
+    rows = [json.loads(line) for line in (tmp_path / "cli-run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    config = (tmp_path / "cli-run" / "config.toml").read_text()
+    assert "alpha = 1.0" in config and 'partition = "dirichlet"' in config
