@@ -5,6 +5,6 @@ small class whose ``aggregate`` does tensor math only, so it is tested with plai
 """
 
 from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Strategy, get_strategy, weighted_average
-from fedtune.aggregation import fedavg  # noqa: F401  (registers "fedavg")
+from fedtune.aggregation import fedavg, flexlora, flora, hetlora  # noqa: F401  (registers the strategies)
 
 __all__ = ["STRATEGIES", "ClientUpdate", "Strategy", "get_strategy", "weighted_average"]

@@ -7,6 +7,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from fedtune.aggregation.lora_math import truncate
 from fedtune.registry import Registry
 
 
@@ -22,9 +23,33 @@ class ClientUpdate:
 
 
 class Strategy:
-    """Folds client updates into a new global adapter."""
+    """Folds client updates into a new global adapter, and says what each client starts from.
+
+    The global state is whatever the strategy needs (for most, an adapter at the largest plan).
+    ``client_state`` cuts a client's starting adapter out of it for that client's shapes;
+    ``base_delta`` lists dense updates clients fold into their frozen weights (FLoRA only).
+    """
 
     name: str = ""
+    # True when clients may train adapters of different shapes (ranks) in the same round.
+    heterogeneous: bool = False
+
+    def __init__(self, *, scale: float = 1.0, seed: int = 0) -> None:
+        self.scale = scale  # alpha / rank: the factor of every B @ A
+        self.seed = seed
+
+    def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The global state of round 1, from the freshly initialized largest adapter."""
+        return {k: v.clone() for k, v in adapter.items()}
+
+    def client_state(self, global_state: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], round_number: int) -> dict[str, torch.Tensor]:
+        """The adapter a client whose adapter has ``shapes`` starts the round from: by default
+        the leading block of each global tensor (HetLoRA's truncation; identity when equal)."""
+        return {name: truncate(global_state[name], tuple(shape)) for name, shape in shapes.items()}
+
+    def base_delta(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Dense weight updates (module name -> out x in) to add to the frozen base weights."""
+        return {}
 
     def aggregate(self, global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -53,6 +78,28 @@ def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float]) 
             raise ValueError(f"shape mismatch: {list(t.shape)} vs {list(tensors[0].shape)}")
         acc += t.to(torch.float64) * (w / total)
     return acc.to(tensors[0].dtype)
+
+
+def example_weights(updates: Sequence[ClientUpdate]) -> list[float]:
+    """FedAvg weights: example counts, or equal weights when every count is zero."""
+    weights = [float(u.num_examples) for u in updates]
+    return weights if sum(weights) > 0 else [1.0] * len(updates)
+
+
+def average_by_name(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate], names: Sequence[str], weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    """For each of ``names``: the weighted mean over the clients that sent it (clients that did
+    not train a layer do not pull it toward anything); the global value when nobody sent it."""
+    out = {}
+    for name in names:
+        senders = [u for u in updates if name in u.tensors]
+        if not senders:
+            out[name] = global_state[name].clone()
+            continue
+        w = [weights[u.client_id] for u in senders]
+        if sum(w) == 0:
+            w = [1.0] * len(senders)
+        out[name] = weighted_average([u.tensors[name] for u in senders], w)
+    return out
 
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
