@@ -65,8 +65,26 @@ class FederationSection:
     round_timeout_s: float = 600.0
     # A selected client silent for this long (no call, no heartbeat) is counted as dropped.
     client_timeout_s: float = 120.0
-    # Aggregation strategy by name (see `fedtune.aggregation.STRATEGIES`).
+    # Aggregation strategy by name (see `fedtune.aggregation.STRATEGIES`): fedavg, hetlora,
+    # flexlora, flora.
     strategy: str = "fedavg"
+    # hetlora only: weight clients by "examples" or by the norm of their update ("norm").
+    hetlora_weighting: str = "examples"
+    # FedSA-LoRA: only the A matrices (and trained heads) are shared; each client keeps its B.
+    share_a: bool = False
+
+
+@dataclass
+class PlannerSection:
+    # Give each client its own LoRA depth and ranks from its reported capabilities.
+    enabled: bool = False
+    min_rank: int = 2
+    max_rank: int = 16
+    # A client's modeled round time (compute + transfer) must stay within this budget.
+    round_budget_s: float = 60.0
+    # When some part of the global adapter would be trained by no client this round:
+    # "warn" logs it; "adjust" extends the most capable client's plan to cover it.
+    coverage: str = "warn"
 
 
 @dataclass
@@ -108,6 +126,13 @@ class SimulationSection:
     # Clients training at the same time. Training already uses every core, so 1 is fastest on
     # small machines; raise it when clients are mostly waiting on emulated links.
     parallel: int = 1
+    # Device mix: tier names cycled over the clients (phone, laptop, server), or a TOML file
+    # of [[device]] entries (see fedtune.devices.load_profiles). Empty: identical clients.
+    tiers: list[str] = field(default_factory=list)
+    profiles: str = ""
+    # Emulated deadline: an update whose modeled round time on its device (cost model in
+    # fedtune.coordinator.planner) exceeds this many seconds is dropped as late. 0: no deadline.
+    deadline_s: float = 0.0
 
 
 @dataclass
@@ -116,6 +141,7 @@ class RunConfig:
     lora: LoraSection = field(default_factory=LoraSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     federation: FederationSection = field(default_factory=FederationSection)
+    planner: PlannerSection = field(default_factory=PlannerSection)
     eval: EvalSection = field(default_factory=EvalSection)
     server: ServerSection = field(default_factory=ServerSection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
@@ -151,6 +177,27 @@ class RunConfig:
             "federation.strategy",
             f"unknown strategy {self.federation.strategy!r}; choose one of: {', '.join(STRATEGIES.names())}",
         )
+        from fedtune.aggregation.hetlora import WEIGHTINGS
+
+        _check(
+            self.federation.hetlora_weighting in WEIGHTINGS,
+            "federation.hetlora_weighting",
+            f"unknown weighting {self.federation.hetlora_weighting!r}; choose one of: {', '.join(WEIGHTINGS)}",
+        )
+        if self.planner.enabled:
+            _check(
+                STRATEGIES.get(self.federation.strategy).heterogeneous,
+                "federation.strategy",
+                f"{self.federation.strategy} needs one adapter shape for every client; with planner.enabled use hetlora, flexlora or flora",
+            )
+        _check(1 <= self.planner.min_rank <= self.planner.max_rank, "planner.min_rank", "must be between 1 and planner.max_rank")
+        _check(self.planner.round_budget_s > 0, "planner.round_budget_s", "must be positive")
+        _check(self.planner.coverage in ("warn", "adjust"), "planner.coverage", "must be \"warn\" or \"adjust\"")
+        from fedtune.devices import TIERS
+
+        bad_tiers = [t for t in self.simulation.tiers if t not in TIERS]
+        _check(not bad_tiers, "simulation.tiers", f"unknown tier {bad_tiers[0]!r}; choose from {', '.join(sorted(TIERS))}" if bad_tiers else "")
+        _check(self.simulation.deadline_s >= 0, "simulation.deadline_s", "must be >= 0")
         _check(self.eval.batch_size >= 1, "eval.batch_size", "must be at least 1")
         _check(self.eval.max_examples >= 0, "eval.max_examples", "must be >= 0")
         _check(":" in self.server.address, "server.address", "must be HOST:PORT")

@@ -44,6 +44,19 @@ class AdapterPlan:
         if not 0.0 <= self.dropout < 1.0:
             raise AdapterError(f"dropout must be in [0, 1), got {self.dropout}")
 
+    @property
+    def scale(self) -> float:
+        """The LoRA scale alpha / rank, the same on every layer: a layer of rank r gets alpha
+        ``scale * r``, so products B @ A of different ranks add up directly."""
+        return self.alpha / self.rank
+
+    def key(self) -> tuple:
+        """A hashable identity (plans with equal keys build identical adapters)."""
+        return (
+            self.rank, self.alpha, self.dropout, self.target_modules, self.layers,
+            self.modules_to_save, tuple(sorted(self.rank_per_layer.items())),
+        )
+
     def to_json(self) -> dict:
         data = asdict(self)
         data["rank_per_layer"] = {str(k): v for k, v in self.rank_per_layer.items()}
@@ -67,6 +80,7 @@ def lora_config(plan: AdapterPlan, task: str, model: torch.nn.Module) -> LoraCon
     # peft matches rank_pattern keys as regexes against the end of module names; ".{i}." picks
     # out block i in every architecture whose block list is a numbered ModuleList.
     rank_pattern = {rf".*\.{i}\..*": r for i, r in plan.rank_per_layer.items()}
+    alpha_pattern = {key: plan.scale * r for key, r in rank_pattern.items()}
     return LoraConfig(
         task_type=PEFT_TASK_TYPES[task],
         r=plan.rank,
@@ -76,6 +90,7 @@ def lora_config(plan: AdapterPlan, task: str, model: torch.nn.Module) -> LoraCon
         layers_to_transform=sorted(plan.layers) or None,
         modules_to_save=list(plan.modules_to_save) or None,
         rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
     )
 
 
@@ -106,6 +121,34 @@ def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> N
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise AdapterError(f"{name}: shape {list(tensor.shape)} does not fit {list(expected[name].shape)}")
     set_peft_model_state_dict(model, dict(state))
+
+
+BASE_DELTA = ".base_delta"
+
+
+def apply_base_delta(model: PeftModel, deltas: Mapping[str, torch.Tensor]) -> None:
+    """Add dense updates to frozen base weights (FLoRA folds each round's update in this way).
+
+    ``deltas`` maps a LoRA module's peft name (``base_model.model....query``) to an out x in
+    matrix. The weight is replaced, not modified in place: the base weights may be shared with
+    other models in this process (see ``ModelStore``), and those must not change.
+    """
+    modules = dict(model.named_modules())
+    for name, delta in deltas.items():
+        module = modules.get(name)
+        base = getattr(module, "base_layer", module)
+        if not isinstance(base, torch.nn.Linear):
+            raise AdapterError(f"base delta for {name!r}: no such Linear module in the model")
+        if tuple(delta.shape) != tuple(base.weight.shape):
+            raise AdapterError(f"base delta for {name!r} has shape {list(delta.shape)}, the weight is {list(base.weight.shape)}")
+        base.weight = torch.nn.Parameter(base.weight.detach() + delta.to(base.weight.dtype), requires_grad=False)
+
+
+def split_base_delta(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Separate a task's tensors into the adapter state and the base deltas (by name suffix)."""
+    adapter = {k: v for k, v in tensors.items() if not k.endswith(BASE_DELTA)}
+    deltas = {k[: -len(BASE_DELTA)]: v for k, v in tensors.items() if k.endswith(BASE_DELTA)}
+    return adapter, deltas
 
 
 def export_adapter(model: PeftModel, folder: str | Path, metadata: Mapping | None = None) -> Path:

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 
 import grpc
 
-from fedtune.adapters import AdapterError, adapter_state, inject_lora, load_adapter_state
+from fedtune.adapters import AdapterError, adapter_state, apply_base_delta, inject_lora, load_adapter_state, split_base_delta
 from fedtune.client.trainer import TrainSettings, train_adapter
 from fedtune.data import Example
 from fedtune.devices import Capabilities
@@ -85,6 +85,8 @@ class ClientAgent:
         self.stop_event = stop_event or threading.Event()
         self.report = AgentReport()
         self._encoded: dict[tuple, list] = {}
+        # FedSA-LoRA: the B matrices this client keeps for itself between rounds.
+        self._personal: dict = {}
         self._channel = make_channel(options.address, tls_ca=options.tls_ca, insecure=options.insecure)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
         self._client_id = ""
@@ -220,14 +222,25 @@ class ClientAgent:
             settings.local_steps, settings.batch_size, settings.learning_rate, settings.weight_decay, settings.seed
         )
 
+        adapter, base_delta = split_base_delta(global_tensors)
+        share_a = header.share_a
+
         def work() -> tuple[dict, dict[str, float]]:
             model = inject_lora(self.store.instance(self.source, task_name, labels), plan, task_name)
             try:
-                load_adapter_state(model, global_tensors)
+                apply_base_delta(model, base_delta)
+                start = dict(adapter)
+                if share_a:  # keep our own B where we have one of the right shape
+                    start.update({k: v for k, v in self._personal.items() if k in start and v.shape == start[k].shape})
+                load_adapter_state(model, start)
             except AdapterError as exc:
                 raise AgentError(f"the coordinator's adapter does not fit this client's model {self.source.name!r}: {exc}") from exc
             metrics = train_adapter(model, task, items, train_settings, self.store.pad_id(self.source), self.options.device)
-            return adapter_state(model), metrics
+            state = adapter_state(model)
+            if share_a:
+                self._personal = {k: v for k, v in state.items() if k.endswith(".lora_B.weight")}
+                state = {k: v for k, v in state.items() if k not in self._personal}
+            return state, metrics
 
         try:
             update, metrics = self.compute.submit(work).result() if self.compute is not None else work()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -17,6 +18,7 @@ from fedtune.aggregation import get_strategy
 from fedtune.config import ConfigError, RunConfig, config_to_toml
 from fedtune.coordinator.engine import RoundEngine
 from fedtune.coordinator.global_model import FixedTensors, GlobalModel
+from fedtune.coordinator.planner import CostModel, ModelGeometry, Planner
 from fedtune.coordinator.service import CoordinatorService
 from fedtune.data import Example, load_examples
 from fedtune.models import ModelStore, resolve_source
@@ -35,6 +37,18 @@ def plan_from_config(config: RunConfig) -> AdapterPlan:
         target_modules=tuple(lora.target_modules),
         layers=tuple(lora.layers),
     )
+
+
+def model_geometry(base, plan: AdapterPlan) -> tuple[ModelGeometry, AdapterPlan]:
+    """The cost model's view of ``base``, and ``plan`` with its target modules made explicit
+    (peft's default for the architecture when the config names none)."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
+
+    targets = plan.target_modules or tuple(DEFAULT_TARGETS.get(base.config.model_type, ()))
+    if not targets:
+        raise ConfigError(f"lora.target_modules: no default for model type {base.config.model_type!r}; name the modules")
+    head = sum(p.numel() for n, p in base.named_parameters() if n.split(".")[0] in ("classifier", "score"))
+    return ModelGeometry.from_model(base, targets, head_params=head), replace(plan, target_modules=tuple(targets))
 
 
 def new_run_dir(root: str | Path = "runs") -> Path:
@@ -69,6 +83,9 @@ class Coordinator:
         self.run_dir = Path(config.run_dir) if config.run_dir else new_run_dir()
         config.run_dir = str(self.run_dir)
         self.store = store or ModelStore(seed=config.seed)
+        self.planner: Planner | None = None
+        geometry = None
+        plan = plan_from_config(config)
         if global_model is None:
             if task == "seq-cls" and len(labels) < 2:
                 raise ConfigError("model.labels: sequence classification needs the label names (at least 2)")
@@ -76,23 +93,46 @@ class Coordinator:
                 eval_examples = load_examples(config.eval.data, task=task) if config.eval.data else []
             if config.eval.max_examples:
                 eval_examples = list(eval_examples)[: config.eval.max_examples]
+            source = resolve_source(config.model.source)
+            try:
+                geometry, plan = model_geometry(self.store.base(source, task, labels), plan)
+            except ValueError as exc:  # only the planner and the delay model need the geometry
+                if config.planner.enabled:
+                    raise ConfigError(f"planner.enabled: cannot model this architecture: {exc}") from None
+                log.info("no cost model for this architecture (%s); modeled round times are off", exc)
+            if config.planner.enabled:
+                self.planner = Planner(
+                    geometry,
+                    CostModel(config.training.batch_size, config.model.max_length, config.training.local_steps),
+                    plan,
+                    min_rank=config.planner.min_rank,
+                    max_rank=config.planner.max_rank,
+                    round_budget_s=config.planner.round_budget_s,
+                )
+                plan = self.planner.global_plan
+                log.info("planner ladder: %d plans, global adapter on %d layers up to rank %d", len(self.planner.ladder), len(plan.layers), plan.rank)
             global_model = GlobalModel(
                 self.store,
-                resolve_source(config.model.source),
+                source,
                 task,
                 labels,
-                plan_from_config(config),
+                plan,
                 max_length=config.model.max_length,
                 eval_examples=eval_examples,
                 eval_batch_size=config.eval.batch_size,
                 seed=config.seed,
             )
         self.global_model = global_model
+        options = {"scale": self.global_model.plan.scale, "seed": config.seed}
+        if config.federation.strategy == "hetlora":
+            options["weighting"] = config.federation.hetlora_weighting
         self.engine = RoundEngine(
             config,
             self.global_model,
-            get_strategy(config.federation.strategy),
+            get_strategy(config.federation.strategy, **options),
             self.run_dir,
+            planner=self.planner,
+            geometry=geometry,
             resume=resume,
             on_round_end=on_round_end,
         )

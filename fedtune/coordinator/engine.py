@@ -3,8 +3,9 @@ happens when it does. It knows nothing of gRPC; the service translates calls int
 
 One round:
 1. wait until ``min_clients`` clients are alive (registered and recently heard from);
-2. select the round's clients with a generator seeded from (seed, round);
-3. hand each selected client the global adapter when it asks for work;
+2. select the round's clients with a generator seeded from (seed, round), and give each its
+   adapter plan (the same plan for all, or from the capability planner);
+3. hand each selected client its slice of the global adapter when it asks for work;
 4. accept updates until a quorum of the selected clients has answered, every client still
    missing has gone silent, or the deadline passes;
 5. aggregate, evaluate on held-out data, append a row to metrics.jsonl, checkpoint.
@@ -26,12 +27,14 @@ import numpy as np
 import torch
 
 from fedtune.adapters import AdapterPlan
+from fedtune.adapters.lora import BASE_DELTA
 from fedtune.aggregation import ClientUpdate, Strategy
 from fedtune.config import RunConfig
 from fedtune.coordinator.checkpoint import load_checkpoint, save_checkpoint
 from fedtune.coordinator.clients import ClientRecord, ClientRegistry
 from fedtune.coordinator.errors import CoordinatorError
 from fedtune.coordinator.global_model import GlobalModel
+from fedtune.coordinator.planner import CostModel, ModelGeometry, Planner, coverage
 from fedtune.devices import Capabilities
 from fedtune.protocol.tensors import EncodedTensor, TensorSpec, encode_tensors, specs_of
 
@@ -64,8 +67,10 @@ class _Round:
     deadline: float                     # monotonic
     deadline_unix: float
     started: float
-    encoded: list[EncodedTensor]
-    specs: dict[str, TensorSpec]
+    plans: dict[str, AdapterPlan]       # client id -> its plan this round
+    payloads: dict[tuple, list[EncodedTensor]]   # plan key -> what a client of that plan gets
+    specs: dict[tuple, dict[str, TensorSpec]]    # plan key -> what it must send back
+    coverage: dict
     updates: dict[str, ClientUpdate] = field(default_factory=dict)
     fetched: set[str] = field(default_factory=set)
     bytes_up: int = 0
@@ -82,6 +87,8 @@ class RoundEngine:
         strategy: Strategy,
         run_dir: Path,
         *,
+        planner: Planner | None = None,
+        geometry: ModelGeometry | None = None,
         resume: bool = False,
         on_round_end: Callable[[dict], None] | None = None,
     ) -> None:
@@ -89,7 +96,11 @@ class RoundEngine:
         self.fed = config.federation
         self.global_model = global_model
         self.plan = global_model.plan
+        self.global_spec = global_model.spec(self.plan)
         self.strategy = strategy
+        self.planner = planner
+        self.geometry = geometry
+        self.cost = CostModel(config.training.batch_size, config.model.max_length, config.training.local_steps)
         self.run_dir = Path(run_dir)
         self.registry = ClientRegistry()
         self.on_round_end = on_round_end
@@ -101,10 +112,9 @@ class RoundEngine:
         self._told_done: set[str] = set()
         self.history: list[dict] = []
         self.start_round = 1
-        self.global_state = global_model.initial_state()
+        self.global_state = strategy.initial_state(global_model.initial_state())
         if resume:
             self._resume()
-        self.specs = specs_of(self.global_state)
 
     # ------------------------------------------------------------------ resume
 
@@ -159,7 +169,8 @@ class RoundEngine:
                 if rnd is not None and rnd.open and client_id in rnd.selected and client_id not in rnd.updates:
                     rnd.fetched.add(client_id)
                     seed = _client_seed(self.config.seed, rnd.number, client_id)
-                    return TrainTask(rnd.number, self.plan, seed, rnd.deadline_unix, rnd.encoded)
+                    plan = rnd.plans[client_id]
+                    return TrainTask(rnd.number, plan, seed, rnd.deadline_unix, rnd.payloads[plan.key()])
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self.registry.touch(client_id)
@@ -177,7 +188,7 @@ class RoundEngine:
                 raise CoordinatorError("FAILED_PRECONDITION", f"client {client_id!r} was not selected for round {round_number}")
             if client_id in rnd.updates:
                 raise CoordinatorError("FAILED_PRECONDITION", f"client {client_id!r} already sent its update for round {round_number}")
-            return rnd.specs
+            return rnd.specs[rnd.plans[client_id].key()]
 
     def submit(self, client_id: str, round_number: int, tensors: dict[str, torch.Tensor], num_examples: int, metrics: Mapping[str, float], bytes_up: int) -> None:
         self.expected_update(client_id, round_number)  # the round may have closed while receiving
@@ -240,7 +251,8 @@ class RoundEngine:
                 self._round = None
                 self._cond.notify_all()
         if not self._stopping:
-            self.global_model.export(self.global_state, self.run_dir / "adapter")
+            adapter, delta = self.global_adapter(self.fed.rounds + 1)
+            self.global_model.export(adapter, self.run_dir / "adapter", delta)
             log.info("final adapter written to %s", self.run_dir / "adapter")
         return self.history
 
@@ -278,10 +290,59 @@ class RoundEngine:
         rng = np.random.default_rng([self.config.seed, number])
         return sorted(alive[i] for i in rng.choice(len(alive), size=k, replace=False))
 
+    def global_adapter(self, round_number: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The global adapter at the global plan's shape, and the base deltas (FLoRA)."""
+        shapes = {name: spec.shape for name, spec in self.global_spec.items()}
+        return self.strategy.client_state(self.global_state, shapes, round_number), self.strategy.base_delta(self.global_state)
+
+    def _plans(self, selected: list[str]) -> tuple[dict[str, AdapterPlan], dict]:
+        """Each selected client's plan, and the coverage of the global adapter they give."""
+        records = {r.client_id: r for r in self.registry.all()}
+        if self.planner is None:
+            return {cid: self.plan for cid in selected}, {}
+        plans = {}
+        for cid in selected:
+            caps = records[cid].capabilities
+            assignment = self.planner.assign(caps)
+            plans[cid] = assignment.plan
+            if not assignment.fits:
+                log.warning("%s (%s) cannot afford even the smallest plan within budget; giving it the smallest", cid, caps.tier or "no capabilities reported")
+        num_blocks = self.planner.geometry.num_blocks
+        cov = coverage(plans, self.plan, num_blocks)
+        if cov["uncovered_layers"] and self.config.planner.coverage == "adjust" and plans:
+            strongest = max(selected, key=lambda c: (records[c].capabilities.memory_bytes, records[c].capabilities.flops_per_second, c))
+            plan = plans[strongest]
+            extra = {layer: self.config.planner.min_rank for layer in cov["uncovered_layers"]}
+            layers = tuple(sorted(set(plan.layers or range(num_blocks)) | set(extra)))
+            ranks = {**{l: plan.rank_per_layer.get(l, plan.rank) for l in plan.layers or range(num_blocks)}, **extra}
+            plans[strongest] = AdapterPlan(**{**plan.__dict__, "layers": layers, "rank_per_layer": ranks})
+            log.warning("coverage: layers %s had no client; extended %s's plan to cover them", cov["uncovered_layers"], strongest)
+            cov = coverage(plans, self.plan, num_blocks)
+        elif cov["uncovered_layers"]:
+            log.warning("coverage: no client trains layers %s this round; they keep their global values", cov["uncovered_layers"])
+        return plans, cov
+
     def _open_round(self, number: int) -> None:
-        encoded = encode_tensors(self.global_state)
         with self._cond:
             selected = self._select(number)
+        plans, cov = self._plans(selected)
+        base_delta = {name + BASE_DELTA: t for name, t in self.strategy.base_delta(self.global_state).items()}
+        payloads, specs = {}, {}
+        for plan in plans.values():
+            key = plan.key()
+            if key in payloads:
+                continue
+            spec = self.global_model.spec(plan)
+            if self.fed.share_a:  # FedSA-LoRA: B stays on the client
+                spec = {n: s for n, s in spec.items() if not n.endswith(".lora_B.weight")}
+            shapes = {name: s.shape for name, s in self.global_model.spec(plan).items()}
+            payloads[key] = encode_tensors({**self.strategy.client_state(self.global_state, shapes, number), **base_delta})
+            specs[key] = spec
+        for cid, plan in plans.items():
+            if self.planner is not None:
+                ranks = {l: plan.rank_per_layer.get(l, plan.rank) for l in plan.layers}
+                log.info("round %d: %s gets LoRA on layers %s with ranks %s", number, cid, list(plan.layers), list(ranks.values()))
+        with self._cond:
             now = time.monotonic()
             self._round = _Round(
                 number=number,
@@ -289,8 +350,10 @@ class RoundEngine:
                 deadline=now + self.fed.round_timeout_s,
                 deadline_unix=time.time() + self.fed.round_timeout_s,
                 started=now,
-                encoded=encoded,
-                specs=self.specs,
+                plans=plans,
+                payloads=payloads,
+                specs=specs,
+                coverage=cov,
             )
             self._cond.notify_all()
         log.info("round %d/%d open: %d clients selected", number, self.fed.rounds, len(selected))
@@ -317,13 +380,19 @@ class RoundEngine:
     def _close_round(self) -> None:
         rnd = self._round
         assert rnd is not None
-        updates = [rnd.updates[c] for c in sorted(rnd.updates)]
+        modeled = self._modeled_seconds(rnd)
+        deadline = self.config.simulation.deadline_s
+        late = sorted(c for c, t in modeled.items() if deadline and t > deadline and c in rnd.updates)
+        if late:
+            log.warning("round %d: %s would miss the %.0f s deadline on their devices; their updates are dropped", rnd.number, late, deadline)
+        updates = [rnd.updates[c] for c in sorted(rnd.updates) if c not in late]
         if updates:
             self.global_state = self.strategy.aggregate(self.global_state, updates)
         else:
             log.warning("round %d: no updates arrived; the global adapter is unchanged", rnd.number)
         eval_started = time.monotonic()
-        metrics = self.global_model.evaluate(self.global_state)
+        adapter, delta = self.global_adapter(rnd.number + 1)
+        metrics = self.global_model.evaluate(adapter, delta)
         eval_seconds = time.monotonic() - eval_started
         weights = [u.num_examples for u in updates]
         losses = [u.metrics.get("train_loss") for u in updates]
@@ -346,6 +415,16 @@ class RoundEngine:
             "seconds": round(time.monotonic() - rnd.started, 3),
             "eval_seconds": round(eval_seconds, 3),
         }
+        arrived = [modeled[c] for c in rnd.updates if c in modeled]
+        if arrived:
+            # The emulated round lasts as long as its slowest accepted client, or the deadline.
+            row["sim_seconds"] = round(min(max(arrived), deadline) if deadline else max(arrived), 3)
+            row["late_updates"] = len(late)
+        if rnd.coverage:
+            row["coverage_min"] = rnd.coverage["min_coverage"]
+            row["coverage_per_layer"] = {str(k): v for k, v in rnd.coverage["per_layer"].items()}
+            row["uncovered_layers"] = rnd.coverage["uncovered_layers"]
+            row["plans"] = {c: {"layers": list(p.layers), "ranks": [p.rank_per_layer.get(l, p.rank) for l in p.layers]} for c, p in rnd.plans.items()}
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         save_checkpoint(
@@ -359,6 +438,20 @@ class RoundEngine:
         log.info("round %d closed: %s", rnd.number, {k: row[k] for k in ("clients", "train_loss", "eval_loss", "seconds")})
         if self.on_round_end is not None:
             self.on_round_end(row)
+
+
+    def _modeled_seconds(self, rnd: _Round) -> dict[str, float]:
+        """Each selected client's round time on its own device under the cost model (only for
+        clients that reported their compute speed, and when the model geometry is known)."""
+        if self.geometry is None:
+            return {}
+        records = {r.client_id: r for r in self.registry.all()}
+        out = {}
+        for cid, plan in rnd.plans.items():
+            caps = records[cid].capabilities if cid in records else None
+            if caps is not None and caps.flops_per_second > 0:
+                out[cid] = self.cost.round_seconds(self.geometry, plan, caps)
+        return out
 
 
 def _equal(a: str, b: str) -> bool:

@@ -82,6 +82,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             ),
             num_tensors=len(task.tensors),
             deadline_unix=task.deadline_unix,
+            share_a=self.config.federation.share_a,
         )
         first = pb.Frame(task=header)
         sent = first.ByteSize()

@@ -1,0 +1,229 @@
+"""The capability planner: from what a device reports to the largest adapter it can afford.
+
+Cost model (documented here, used by the planner and by the simulation's delay model)
+-----------------------------------------------------------------------------------
+For a plan with LoRA on the top ``depth`` blocks (counted from the output side, as LEGEND
+recommends: layers near the output matter most and need no backward pass below them) and rank
+``r_l`` on block ``l``, with ``T = batch_size * seq_len`` tokens per step:
+
+- LoRA parameters: ``P = sum over LoRA modules of r_l * (in + out)``.
+- Memory (bytes, fp32):
+    frozen weights ``4 * N_base``
+  + adapter, its gradient and AdamW's two moments ``16 * P``
+  + activations kept for backward, only for the blocks the backward pass crosses:
+    ``depth * 4 * T * (34 * hidden + 5 * heads * seq_len)``, the per-block figure of
+    Korthikanti et al. (2022) for 16-bit training, doubled for fp32.
+- Compute per step (FLOPs): forward ``2 * N_block * T`` for every block, backward
+  ``4 * N_block * T`` for the blocks the backward pass crosses (activation and, for LoRA,
+  weight gradients; frozen weights need no weight gradient: ~2x forward), plus ``6 * P * T``.
+- Bytes per round: the adapter down and up, ``4 * P`` each way (plus the head).
+- Round time: ``local_steps * FLOPs_per_step / flops_per_second + bytes_down / downlink +
+  bytes_up / uplink``.
+
+The ladder
+----------
+Candidate plans form a chain, each dominating the one before (every layer of the smaller plan is
+in the larger one with at least the same rank): it grows one step at a time by adding the next
+block below (depth + 1) or doubling the rank, whichever costs less. A device gets the largest
+plan of the chain within its memory and the round-time budget. Cost only grows along the chain,
+so a device at least as capable as another in every resource never gets a smaller plan.
+Within a plan, the upper half of its blocks get rank r and the lower half r/2: higher ranks
+near the output, as LEGEND found most efficient.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, replace
+from typing import Mapping, Sequence
+
+import torch
+
+from fedtune.adapters import AdapterPlan
+from fedtune.devices import Capabilities
+
+log = logging.getLogger(__name__)
+
+_BLOCK = re.compile(r"\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What the cost model needs to know about a model."""
+
+    num_blocks: int
+    hidden: int
+    heads: int
+    base_params: int                                  # all frozen parameters
+    block_params: int                                 # parameters of one transformer block
+    modules: tuple[tuple[int, str, int, int], ...]    # (block, name, in, out) of each LoRA target
+    head_params: int = 0                              # trained head (modules_to_save)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, target_modules: Sequence[str], head_params: int = 0) -> "ModelGeometry":
+        config = model.config
+        num_blocks = next(getattr(config, a) for a in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(config, a))
+        hidden = next(getattr(config, a) for a in ("hidden_size", "n_embd", "d_model") if hasattr(config, a))
+        heads = next(getattr(config, a) for a in ("num_attention_heads", "n_head") if hasattr(config, a))
+        targets = tuple(target_modules)
+        modules, per_block = [], [0] * num_blocks
+        for name, module in model.named_modules():
+            match = _BLOCK.search(name + ".")
+            if match is None or int(match.group(1)) >= num_blocks:
+                continue
+            block = int(match.group(1))
+            if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in targets:
+                modules.append((block, name, module.in_features, module.out_features))
+        for name, p in model.named_parameters():
+            match = _BLOCK.search(name)
+            if match is not None and int(match.group(1)) < num_blocks:
+                per_block[int(match.group(1))] += p.numel()
+        if not modules:
+            raise ValueError(f"no Linear modules named {list(targets)} inside numbered blocks")
+        return cls(
+            num_blocks=num_blocks,
+            hidden=hidden,
+            heads=heads,
+            base_params=sum(p.numel() for p in model.parameters()),
+            block_params=max(per_block),
+            modules=tuple(modules),
+            head_params=head_params,
+        )
+
+
+@dataclass(frozen=True)
+class CostModel:
+    batch_size: int
+    seq_len: int
+    local_steps: int
+
+    def lora_params(self, g: ModelGeometry, plan: AdapterPlan) -> int:
+        ranks = plan_ranks(plan, g.num_blocks)
+        return sum(ranks[b] * (i + o) for b, _, i, o in g.modules if b in ranks)
+
+    def depth(self, g: ModelGeometry, plan: AdapterPlan) -> int:
+        """Blocks the backward pass crosses: from the lowest LoRA block to the top."""
+        ranks = plan_ranks(plan, g.num_blocks)
+        return g.num_blocks - min(ranks) if ranks else 0
+
+    def memory_bytes(self, g: ModelGeometry, plan: AdapterPlan) -> int:
+        tokens = self.batch_size * self.seq_len
+        activations = self.depth(g, plan) * 4 * tokens * (34 * g.hidden + 5 * g.heads * self.seq_len)
+        return 4 * g.base_params + 16 * (self.lora_params(g, plan) + g.head_params) + activations
+
+    def flops_per_step(self, g: ModelGeometry, plan: AdapterPlan) -> float:
+        tokens = self.batch_size * self.seq_len
+        forward = 2.0 * g.block_params * g.num_blocks * tokens
+        backward = 4.0 * g.block_params * self.depth(g, plan) * tokens
+        return forward + backward + 6.0 * self.lora_params(g, plan) * tokens
+
+    def bytes_per_direction(self, g: ModelGeometry, plan: AdapterPlan) -> int:
+        return 4 * (self.lora_params(g, plan) + g.head_params)
+
+    def round_seconds(self, g: ModelGeometry, plan: AdapterPlan, caps: Capabilities) -> float:
+        """Compute plus transfer time of one round on ``caps`` (inf when a figure is unknown)."""
+        if caps.flops_per_second <= 0:
+            return float("inf")
+        seconds = self.local_steps * self.flops_per_step(g, plan) / caps.flops_per_second
+        nbytes = self.bytes_per_direction(g, plan)
+        for rate in (caps.downlink_bytes_per_second, caps.uplink_bytes_per_second):
+            seconds += nbytes / rate if rate > 0 else 0.0
+        return seconds
+
+
+def plan_ranks(plan: AdapterPlan, num_blocks: int) -> dict[int, int]:
+    """Block index -> rank for every block that carries LoRA under ``plan``."""
+    layers = plan.layers or tuple(range(num_blocks))
+    return {layer: plan.rank_per_layer.get(layer, plan.rank) for layer in layers}
+
+
+def legend_plan(template: AdapterPlan, num_blocks: int, depth: int, rank: int, min_rank: int) -> AdapterPlan:
+    """LoRA on the top ``depth`` blocks: rank ``rank`` on the upper half, ``rank / 2`` below."""
+    layers = tuple(range(num_blocks - depth, num_blocks))
+    upper = (depth + 1) // 2
+    lower_rank = max(min_rank, rank // 2)
+    per_layer = {layer: (rank if i >= depth - upper else lower_rank) for i, layer in enumerate(layers)}
+    # alpha follows the rank so the LoRA scale alpha / rank stays the template's everywhere
+    return replace(template, rank=rank, alpha=template.scale * rank, layers=layers, rank_per_layer=per_layer)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    plan: AdapterPlan
+    rung: int              # position on the ladder (larger = larger adapter)
+    fits: bool             # False: even the smallest plan exceeds this device's budget
+    memory_bytes: int
+    round_seconds: float
+
+
+class Planner:
+    """Assigns each device the largest plan of the ladder it can afford."""
+
+    def __init__(
+        self,
+        geometry: ModelGeometry,
+        cost: CostModel,
+        template: AdapterPlan,
+        *,
+        min_rank: int = 2,
+        max_rank: int = 16,
+        round_budget_s: float = 60.0,
+    ) -> None:
+        if not 1 <= min_rank <= max_rank:
+            raise ValueError(f"need 1 <= min_rank <= max_rank, got {min_rank} and {max_rank}")
+        self.geometry, self.cost, self.template = geometry, cost, template
+        self.min_rank, self.max_rank, self.round_budget_s = min_rank, max_rank, round_budget_s
+        self.ladder = self._build_ladder()
+
+    def _build_ladder(self) -> list[AdapterPlan]:
+        g, L = self.geometry, self.geometry.num_blocks
+        depth, rank = 1, self.min_rank
+        ladder = [legend_plan(self.template, L, depth, rank, self.min_rank)]
+        while depth < L or rank < self.max_rank:
+            options = []
+            if depth < L:
+                options.append((depth + 1, rank))
+            if rank < self.max_rank:
+                options.append((depth, min(self.max_rank, rank * 2)))
+            plans = [(legend_plan(self.template, L, d, r, self.min_rank), d, r) for d, r in options]
+            plan, depth, rank = min(plans, key=lambda x: (self.cost.flops_per_step(g, x[0]), self.cost.memory_bytes(g, x[0])))
+            ladder.append(plan)
+        return ladder
+
+    @property
+    def global_plan(self) -> AdapterPlan:
+        """The largest plan: the shape of the global adapter every client's plan fits inside."""
+        return self.ladder[-1]
+
+    def assign(self, caps: Capabilities) -> Assignment:
+        g, best = self.geometry, 0
+        for i, plan in enumerate(self.ladder):
+            if self.cost.memory_bytes(g, plan) <= caps.memory_bytes and self.cost.round_seconds(g, plan, caps) <= self.round_budget_s:
+                best = i
+            else:
+                break  # cost only grows along the ladder
+        plan = self.ladder[best]
+        fits = self.cost.memory_bytes(g, plan) <= caps.memory_bytes and self.cost.round_seconds(g, plan, caps) <= self.round_budget_s
+        return Assignment(plan, best, fits, self.cost.memory_bytes(g, plan), self.cost.round_seconds(g, plan, caps))
+
+
+def coverage(plans: Mapping[str, AdapterPlan], global_plan: AdapterPlan, num_blocks: int) -> dict:
+    """How many of the round's clients train each part of the global adapter.
+
+    Returns ``per_layer`` (block -> clients training LoRA there), ``min_coverage`` (the minimum,
+    over every layer and rank slot of the global adapter, of the clients training it: the
+    "minimum coverage index" of Every Parameter Matters) and ``uncovered_layers``.
+    """
+    global_ranks = plan_ranks(global_plan, num_blocks)
+    client_ranks = [plan_ranks(p, num_blocks) for p in plans.values()]
+    per_layer = {layer: sum(layer in r for r in client_ranks) for layer in sorted(global_ranks)}
+    min_cov = min(
+        (sum(r.get(layer, 0) > slot for r in client_ranks) for layer, rank in global_ranks.items() for slot in range(rank)),
+        default=0,
+    )
+    return {
+        "per_layer": per_layer,
+        "min_coverage": min_cov,
+        "uncovered_layers": [layer for layer, n in per_layer.items() if n == 0],
+    }
