@@ -30,6 +30,10 @@ COMMON_KEYS = {
     "clients_per_round": "federation.clients_per_round",
     "strategy": "federation.strategy",
     "round_timeout": "federation.round_timeout_s",
+    "hetlora_weighting": "federation.hetlora_weighting",
+    "max_rank": "planner.max_rank",
+    "min_rank": "planner.min_rank",
+    "round_budget": "planner.round_budget_s",
     "local_steps": "training.local_steps",
     "batch_size": "training.batch_size",
     "lr": "training.learning_rate",
@@ -52,6 +56,9 @@ SIMULATION_KEYS = {
     "dirichlet_alpha": "simulation.alpha",
     "eval_examples": "simulation.eval_examples",
     "parallel": "simulation.parallel",
+    "tiers": "simulation.tiers",
+    "profiles": "simulation.profiles",
+    "deadline": "simulation.deadline_s",
 }
 
 
@@ -65,7 +72,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (the update is scaled by alpha/rank)")
     p.add_argument("--rounds", type=int, help="federated rounds")
     p.add_argument("--clients-per-round", type=int, help="clients trained per round (0: all)")
-    p.add_argument("--strategy", help="aggregation strategy (fedavg)")
+    p.add_argument("--strategy", help="aggregation strategy: fedavg, hetlora, flexlora, flora")
+    p.add_argument("--hetlora-weighting", help="hetlora: weight clients by 'examples' or update 'norm'")
+    p.add_argument("--share-a", action="store_true", default=None, help="FedSA-LoRA: share only A; each client keeps its B")
+    p.add_argument("--min-rank", type=int, help="planner: smallest rank it hands out")
+    p.add_argument("--max-rank", type=int, help="planner: largest rank (the global adapter's)")
+    p.add_argument("--round-budget", type=float, help="planner: seconds a client's modeled round may take")
+    p.add_argument("--no-planner", action="store_true", default=None, help="one plan for every client, even with a heterogeneous strategy")
     p.add_argument("--round-timeout", type=float, help="seconds before a round closes with what it has")
     p.add_argument("--local-steps", type=int, help="optimizer steps per client per round")
     p.add_argument("--batch-size", type=int, help="local batch size")
@@ -89,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--alpha", dest="dirichlet_alpha", type=float, help="Dirichlet concentration of --partition dirichlet (smaller = more skewed)")
     sim.add_argument("--eval-examples", type=int, help="examples held out for evaluation when --eval-data is not given")
     sim.add_argument("--parallel", type=int, help="clients training at the same time")
+    sim.add_argument("--tiers", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], help="device tiers cycled over the clients, e.g. phone,laptop,server")
+    sim.add_argument("--profiles", help="TOML file of [[device]] entries (sets the number of clients)")
+    sim.add_argument("--deadline", type=float, help="emulated deadline: drop updates whose modeled round time on their device is longer")
 
     coord = sub.add_parser("coordinator", help="serve a federated run to client agents")
     _add_common(coord)
@@ -128,6 +144,10 @@ def _config_from_args(args: argparse.Namespace, keys: dict[str, str]) -> RunConf
             set_key(config, key, value)
     if getattr(args, "insecure", None):
         config.server.insecure = True
+    if getattr(args, "share_a", None):
+        config.federation.share_a = True
+    if getattr(args, "no_planner", None):
+        config.planner.enabled = False
     return config.validate()
 
 
@@ -144,7 +164,7 @@ def _round_table(task: str):
     from rich.table import Table
 
     table = Table(title="fedtune rounds", title_justify="left")
-    for col in ("round", "clients", "train loss", "eval loss", "eval acc" if task == "seq-cls" else "eval ppl", "MB up", "MB down", "seconds"):
+    for col in ("round", "clients", "train loss", "eval loss", "eval acc" if task == "seq-cls" else "eval ppl", "MB up", "MB down", "seconds", "sim s"):
         table.add_column(col, justify="right")
     return table
 
@@ -163,6 +183,7 @@ def _row_cells(row: dict, task: str) -> list[str]:
         f(row["bytes_up"] / 1e6, ".2f"),
         f(row["bytes_down"] / 1e6, ".2f"),
         f(row["seconds"], ".1f"),
+        f(row.get("sim_seconds"), ".1f"),
     ]
 
 
@@ -207,7 +228,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     port = coordinator.start()
     host = config.server.address.rpartition(":")[0]
     console.print(f"coordinator listening on {host}:{port}; run directory {coordinator.run_dir}")
-    console.print("round | clients | train loss | eval loss | " + ("eval acc" if task == "seq-cls" else "eval ppl") + " | MB up | MB down | seconds")
+    console.print("round | clients | train loss | eval loss | " + ("eval acc" if task == "seq-cls" else "eval ppl") + " | MB up | MB down | seconds | sim s")
     try:
         history = coordinator.run()
     except KeyboardInterrupt:

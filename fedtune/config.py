@@ -76,8 +76,9 @@ class FederationSection:
 
 @dataclass
 class PlannerSection:
-    # Give each client its own LoRA depth and ranks from its reported capabilities.
-    enabled: bool = False
+    # With a heterogeneous strategy (hetlora, flexlora, flora), give each client its own LoRA
+    # depth and ranks from its reported capabilities. fedavg always uses the [lora] plan.
+    enabled: bool = True
     min_rank: int = 2
     max_rank: int = 16
     # A client's modeled round time (compute + transfer) must stay within this budget.
@@ -184,12 +185,6 @@ class RunConfig:
             "federation.hetlora_weighting",
             f"unknown weighting {self.federation.hetlora_weighting!r}; choose one of: {', '.join(WEIGHTINGS)}",
         )
-        if self.planner.enabled:
-            _check(
-                STRATEGIES.get(self.federation.strategy).heterogeneous,
-                "federation.strategy",
-                f"{self.federation.strategy} needs one adapter shape for every client; with planner.enabled use hetlora, flexlora or flora",
-            )
         _check(1 <= self.planner.min_rank <= self.planner.max_rank, "planner.min_rank", "must be between 1 and planner.max_rank")
         _check(self.planner.round_budget_s > 0, "planner.round_budget_s", "must be positive")
         _check(self.planner.coverage in ("warn", "adjust"), "planner.coverage", "must be \"warn\" or \"adjust\"")

@@ -33,10 +33,12 @@ class Capabilities:
         )
 
 
+# Memory is what a training job may take on the device (a phone app running in the
+# background gets a few hundred MiB), not the device's total.
 TIERS: dict[str, Capabilities] = {
-    "phone": Capabilities(int(1.0 * GIB), 20e9, 10 * MBIT, 40 * MBIT, "phone"),
-    "laptop": Capabilities(int(4.0 * GIB), 100e9, 50 * MBIT, 200 * MBIT, "laptop"),
-    "server": Capabilities(int(32.0 * GIB), 2e12, 1000 * MBIT, 1000 * MBIT, "server"),
+    "phone": Capabilities(256 * 1024**2, 20e9, 10 * MBIT, 40 * MBIT, "phone"),
+    "laptop": Capabilities(400 * 1024**2, 100e9, 50 * MBIT, 200 * MBIT, "laptop"),
+    "server": Capabilities(32 * GIB, 2e12, 1000 * MBIT, 1000 * MBIT, "server"),
 }
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from fedtune.adapters import AdapterPlan
-from fedtune.aggregation import get_strategy
+from fedtune.aggregation import STRATEGIES, get_strategy
 from fedtune.config import ConfigError, RunConfig, config_to_toml
 from fedtune.coordinator.engine import RoundEngine
 from fedtune.coordinator.global_model import FixedTensors, GlobalModel
@@ -100,7 +100,7 @@ class Coordinator:
                 if config.planner.enabled:
                     raise ConfigError(f"planner.enabled: cannot model this architecture: {exc}") from None
                 log.info("no cost model for this architecture (%s); modeled round times are off", exc)
-            if config.planner.enabled:
+            if config.planner.enabled and STRATEGIES.get(config.federation.strategy).heterogeneous:
                 self.planner = Planner(
                     geometry,
                     CostModel(config.training.batch_size, config.model.max_length, config.training.local_steps),

@@ -303,6 +303,9 @@ class RoundEngine:
         plans = {}
         for cid in selected:
             caps = records[cid].capabilities
+            if caps.memory_bytes == 0 and caps.flops_per_second == 0:
+                plans[cid] = self.plan  # nothing reported: nothing to plan around
+                continue
             assignment = self.planner.assign(caps)
             plans[cid] = assignment.plan
             if not assignment.fits:

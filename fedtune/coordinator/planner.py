@@ -172,6 +172,12 @@ class Planner:
     ) -> None:
         if not 1 <= min_rank <= max_rank:
             raise ValueError(f"need 1 <= min_rank <= max_rank, got {min_rank} and {max_rank}")
+        # A LoRA rank above min(in, out) of a module adds parameters but no expressiveness.
+        widest = min(min(i, o) for _, _, i, o in geometry.modules)
+        if max_rank > widest:
+            log.info("planner: max_rank %d capped at %d, the narrowest LoRA module's size", max_rank, widest)
+            max_rank = widest
+        min_rank = min(min_rank, max_rank)
         self.geometry, self.cost, self.template = geometry, cost, template
         self.min_rank, self.max_rank, self.round_budget_s = min_rank, max_rank, round_budget_s
         self.ladder = self._build_ladder()

@@ -26,7 +26,7 @@ from fedtune.client.agent import AgentOptions, AgentReport, ClientAgent
 from fedtune.config import RunConfig
 from fedtune.coordinator.app import Coordinator
 from fedtune.data import TWEETS_LABELS, Example, embedded_tweets, label_ids, load_examples, resolve_labels
-from fedtune.devices import Capabilities
+from fedtune.devices import Capabilities, load_profiles, tier
 from fedtune.models import ModelStore, resolve_source
 from fedtune.simulation.partition import partition
 
@@ -63,6 +63,21 @@ def prepare_data(config: RunConfig) -> tuple[list[Example], list[Example], list[
     return train, evals, labels
 
 
+def fleet(config: RunConfig) -> list[Capabilities] | None:
+    """The simulated devices: from ``simulation.profiles`` (which then sets the number of
+    clients), from ``simulation.tiers`` cycled over the clients, or None for identical ones."""
+    sim = config.simulation
+    if sim.profiles:
+        devices = load_profiles(sim.profiles)
+        if sim.clients != len(devices):
+            log.info("%s lists %d devices: simulating %d clients", sim.profiles, len(devices), len(devices))
+            sim.clients = len(devices)
+        return devices
+    if sim.tiers:
+        return [tier(sim.tiers[i % len(sim.tiers)]) for i in range(sim.clients)]
+    return None
+
+
 def run_simulation(
     config: RunConfig,
     *,
@@ -71,6 +86,7 @@ def run_simulation(
 ) -> SimulationResult:
     config.validate()
     sim = config.simulation
+    capabilities = capabilities or fleet(config)
     train, evals, labels = prepare_data(config)
     config.model.labels = labels
     config.server.address = "127.0.0.1:0"
