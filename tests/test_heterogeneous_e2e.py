@@ -1,0 +1,139 @@
+"""Three device tiers over loopback gRPC: each heterogeneous strategy trains, clients get
+different plans, and a client pushing an adapter of another shape than its plan is refused."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import grpc
+import pytest
+import torch
+
+from fedtune.adapters import AdapterPlan
+from fedtune.config import RunConfig
+from fedtune.coordinator.app import Coordinator, model_geometry
+from fedtune.coordinator.planner import CostModel, Planner
+from fedtune.devices import Capabilities
+from fedtune.models import ModelStore, resolve_source
+from fedtune.protocol import fedtune_pb2 as pb
+from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
+from fedtune.protocol.tensors import TensorReceiver, encode_tensors, tensor_frames
+from fedtune.simulation.runner import run_simulation
+
+from conftest import sentiment_examples
+from test_end_to_end import _write_jsonl
+
+LABELS = ["negative", "positive"]
+
+
+def _config(tmp_path, model: str, strategy: str) -> RunConfig:
+    config = RunConfig()
+    config.model.source, config.model.labels, config.model.max_length = model, LABELS, 32
+    config.federation.rounds, config.federation.strategy = 3, strategy
+    config.simulation.clients, config.simulation.partition = 3, "iid"
+    config.simulation.eval_examples = 100
+    config.training.local_steps, config.training.batch_size, config.training.learning_rate = 10, 16, 2e-2
+    config.lora.rank, config.lora.alpha = 4, 8.0
+    config.planner.min_rank, config.planner.max_rank = 2, 8
+    config.run_dir = str(tmp_path / strategy)
+    return config
+
+
+def _three_tiers(model: str, config: RunConfig) -> list[Capabilities]:
+    """Devices whose memory affords the smallest, a middle and the largest plan of the ladder."""
+    store = ModelStore()
+    geometry, plan = model_geometry(store.base(resolve_source(model), "seq-cls", LABELS), AdapterPlan(rank=4, alpha=8.0))
+    cost = CostModel(config.training.batch_size, config.model.max_length, config.training.local_steps)
+    planner = Planner(geometry, cost, plan, min_rank=2, max_rank=8)
+    rungs = [0, len(planner.ladder) // 2, len(planner.ladder) - 1]
+    return [Capabilities(cost.memory_bytes(geometry, planner.ladder[r]), 1e12, 1e8, 1e8, tier=name) for r, name in zip(rungs, ("phone", "laptop", "server"))]
+
+
+@pytest.mark.parametrize("strategy", ["hetlora", "flexlora", "flora"])
+def test_three_tiers_train_with_each_strategy(tmp_path, tiny_llama, strategy):
+    config = _config(tmp_path, tiny_llama, strategy)
+    config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(600, seed=1))
+    result = run_simulation(config, capabilities=_three_tiers(tiny_llama, config))
+    rows = result.history
+    assert [r["round"] for r in rows] == [1, 2, 3] and not result.client_errors
+    assert all(r["clients"] == 3 for r in rows)
+    plans = rows[0]["plans"]
+    depths = sorted(len(p["layers"]) for p in plans.values())
+    sizes = sorted(sum(p["ranks"]) for p in plans.values())
+    assert len(set(sizes)) == 3, plans                     # three different adapters
+    assert depths[0] <= depths[-1]
+    assert rows[0]["coverage_min"] >= 1 and rows[0]["uncovered_layers"] == []
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    assert rows[0]["bytes_up"] > 0 and "sim_seconds" in rows[0]
+    if strategy == "flora":
+        assert (result.run_dir / "adapter" / "base_delta.safetensors").is_file()
+
+
+def test_uncovered_layers_are_reported_and_keep_their_values(tmp_path, tiny_llama):
+    config = _config(tmp_path, tiny_llama, "hetlora")
+    config.federation.rounds = 1
+    config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(300, seed=1))
+    weak = _three_tiers(tiny_llama, config)[0]  # every client affords only the top block
+    coordinator_state = {}
+
+    def keep(row):
+        coordinator_state["row"] = row
+
+    result = run_simulation(config, capabilities=[weak, weak, weak], on_round_end=keep)
+    row = result.history[0]
+    assert row["uncovered_layers"] == [0] and row["coverage_per_layer"]["0"] == 0 and row["coverage_min"] == 0
+    # the untouched layer's global adapter equals the initial one (round-1 checkpoint vs run start)
+    from safetensors.torch import load_file
+
+    final = load_file(str(result.run_dir / "checkpoints" / "round-0001" / "adapter.safetensors"))
+    store = ModelStore(seed=config.seed)
+    fresh = Coordinator(_config(tmp_path / "again", tiny_llama, "hetlora"), store=store, eval_examples=[])
+    try:
+        initial = fresh.engine.global_state
+        layer0 = [k for k in initial if ".layers.0." in k and "lora_" in k]
+        layer1 = [k for k in initial if ".layers.1." in k and "lora_" in k]
+        assert layer0 and all(torch.equal(final[k], initial[k]) for k in layer0)
+        assert any(not torch.equal(final[k], initial[k]) for k in layer1)
+    finally:
+        fresh.stop()
+
+
+def test_push_with_a_shape_other_than_the_plan_is_refused(tmp_path, tiny_llama):
+    config = _config(tmp_path, tiny_llama, "hetlora")
+    config.federation.rounds, config.federation.min_clients = 1, 1
+    config.server.address = "127.0.0.1:0"
+    coordinator = Coordinator(config, eval_examples=[])
+    port = coordinator.start()
+    engine = threading.Thread(target=coordinator.engine.run, daemon=True)
+    engine.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = pb_grpc.CoordinatorStub(channel)
+    try:
+        weak = _three_tiers(tiny_llama, config)[0]
+        caps = pb.Capabilities(memory_bytes=weak.memory_bytes, flops_per_second=weak.flops_per_second)
+        reply = stub.Register(pb.RegisterRequest(name="weak", capabilities=caps, num_examples=5), timeout=10)
+        frames = iter(stub.FetchTask(pb.FetchTaskRequest(client_id=reply.client_id, token=reply.token, wait_seconds=30), timeout=60))
+        header = next(frames).task
+        receiver = TensorReceiver()
+        for frame in frames:
+            receiver.feed(frame)
+        state = receiver.finish()
+        assert header.plan.layers == [1]  # the weak device trains only the top block
+
+        # Send the global (largest) plan's shapes instead of its own: rank 8 instead of 2.
+        big = {k: torch.zeros(8, v.shape[1]) if k.endswith("lora_A.weight") else torch.zeros(v.shape[0], 8) if k.endswith("lora_B.weight") else v for k, v in state.items()}
+        head = pb.Frame(update=pb.UpdateHeader(client_id=reply.client_id, token=reply.token, round=1, num_examples=5, num_tensors=len(big)))
+        with pytest.raises(grpc.RpcError) as info:
+            stub.PushUpdate(iter([head, *tensor_frames(encode_tensors(big))]), timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "has shape" in info.value.details()
+
+        # Its own shapes are accepted, and the round completes.
+        good = pb.Frame(update=pb.UpdateHeader(client_id=reply.client_id, token=reply.token, round=1, num_examples=5, num_tensors=len(state)))
+        assert stub.PushUpdate(iter([good, *tensor_frames(encode_tensors(state))]), timeout=30).accepted
+        engine.join(timeout=60)
+    finally:
+        channel.close()
+        coordinator.stop()
+    rows = [json.loads(line) for line in (coordinator.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["clients"] == 1 and rows[0]["rejected_updates"] == 1
