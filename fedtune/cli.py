@@ -164,8 +164,8 @@ def _round_table(task: str):
     from rich.table import Table
 
     table = Table(title="fedtune rounds", title_justify="left")
-    for col in ("round", "clients", "train loss", "eval loss", "eval acc" if task == "seq-cls" else "eval ppl", "MB up", "MB down", "seconds", "sim s"):
-        table.add_column(col, justify="right")
+    for col in ("round", "clients", "train loss", "eval loss", "eval acc" if task == "seq-cls" else "eval ppl", "MB up", "MB down", "secs", "sim secs"):
+        table.add_column(col, justify="right", no_wrap=True)
     return table
 
 
