@@ -31,6 +31,7 @@ COMMON_KEYS = {
     "strategy": "federation.strategy",
     "round_timeout": "federation.round_timeout_s",
     "hetlora_weighting": "federation.hetlora_weighting",
+    "rank_pruning": "federation.rank_pruning",
     "max_rank": "planner.max_rank",
     "min_rank": "planner.min_rank",
     "round_budget": "planner.round_budget_s",
@@ -74,6 +75,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients-per-round", type=int, help="clients trained per round (0: all)")
     p.add_argument("--strategy", help="aggregation strategy: fedavg, hetlora, flexlora, flora")
     p.add_argument("--hetlora-weighting", help="hetlora: weight clients by 'examples' or update 'norm'")
+    p.add_argument("--rank-pruning", type=float, help="hetlora: tail-rank penalty weight for rank self-pruning (0: off)")
     p.add_argument("--share-a", action="store_true", default=None, help="FedSA-LoRA: share only A; each client keeps its B")
     p.add_argument("--min-rank", type=int, help="planner: smallest rank it hands out")
     p.add_argument("--max-rank", type=int, help="planner: largest rank (the global adapter's)")

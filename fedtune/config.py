@@ -74,6 +74,11 @@ class FederationSection:
     hetlora_weighting: str = "examples"
     # FedSA-LoRA: only the A matrices (and trained heads) are shared; each client keeps its B.
     share_a: bool = False
+    # HetLoRA rank self-pruning: clients penalize the norm of their tail ranks' update with this
+    # weight and, when it shrinks from one round to the next, cut their rank to
+    # `rank_pruning_keep` of itself for the following rounds. 0: off.
+    rank_pruning: float = 0.0
+    rank_pruning_keep: float = 0.5
 
 
 @dataclass
@@ -187,6 +192,8 @@ class RunConfig:
             "federation.hetlora_weighting",
             f"unknown weighting {self.federation.hetlora_weighting!r}; choose one of: {', '.join(WEIGHTINGS)}",
         )
+        _check(self.federation.rank_pruning >= 0, "federation.rank_pruning", "must be >= 0")
+        _check(0 < self.federation.rank_pruning_keep < 1, "federation.rank_pruning_keep", "must be in (0, 1)")
         _check(1 <= self.planner.min_rank <= self.planner.max_rank, "planner.min_rank", "must be between 1 and planner.max_rank")
         _check(self.planner.round_budget_s > 0, "planner.round_budget_s", "must be positive")
         _check(self.planner.coverage in ("warn", "adjust"), "planner.coverage", "must be \"warn\" or \"adjust\"")

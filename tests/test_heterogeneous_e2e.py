@@ -137,3 +137,62 @@ def test_push_with_a_shape_other_than_the_plan_is_refused(tmp_path, tiny_llama):
         coordinator.stop()
     rows = [json.loads(line) for line in (coordinator.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["clients"] == 1 and rows[0]["rejected_updates"] == 1
+
+
+def test_a_client_that_prunes_its_rank_gets_smaller_plans(tmp_path, tiny_llama):
+    config = _config(tmp_path, tiny_llama, "hetlora")
+    config.federation.rounds, config.federation.min_clients = 2, 1
+    config.federation.rank_pruning = 0.1
+    config.server.address = "127.0.0.1:0"
+    coordinator = Coordinator(config, eval_examples=[])
+    port = coordinator.start()
+    engine = threading.Thread(target=coordinator.engine.run, daemon=True)
+    engine.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = pb_grpc.CoordinatorStub(channel)
+    headers = []
+    try:
+        strong = _three_tiers(tiny_llama, config)[2]
+        caps = pb.Capabilities(memory_bytes=strong.memory_bytes, flops_per_second=strong.flops_per_second)
+        reply = stub.Register(pb.RegisterRequest(name="pruner", capabilities=caps, num_examples=5), timeout=10)
+        for _ in range(2):
+            frames = iter(stub.FetchTask(pb.FetchTaskRequest(client_id=reply.client_id, token=reply.token, wait_seconds=30), timeout=60))
+            header = next(frames).task
+            receiver = TensorReceiver()
+            for frame in frames:
+                receiver.feed(frame)
+            state = receiver.finish()
+            headers.append(header)
+            head = pb.Frame(update=pb.UpdateHeader(
+                client_id=reply.client_id, token=reply.token, round=header.round, num_examples=5,
+                metrics={"train_loss": 0.5, "rank_cap": 2.0}, num_tensors=len(state)))
+            assert stub.PushUpdate(iter([head, *tensor_frames(encode_tensors(state))]), timeout=30).accepted
+        engine.join(timeout=60)
+    finally:
+        channel.close()
+        coordinator.stop()
+    assert headers[0].training.tail_penalty == pytest.approx(0.1)
+    assert max(headers[0].plan.rank_per_layer.values()) == 8
+    assert max(headers[1].plan.rank_per_layer.values()) == 2 and headers[1].plan.rank == 2
+    assert coordinator.engine.history[0]["rank_caps"] == {"pruner": 2}
+
+
+def test_share_a_keeps_b_on_the_clients(tmp_path, tiny_llama):
+    config = _config(tmp_path, tiny_llama, "fedavg")
+    config.federation.rounds, config.federation.share_a = 2, True
+    config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(300, seed=1))
+    result = run_simulation(config)
+    assert not result.client_errors and [r["clients"] for r in result.history] == [3, 3]
+    from safetensors.torch import load_file
+
+    final = load_file(str(result.run_dir / "checkpoints" / "round-0002" / "adapter.safetensors"))
+    b_names = [k for k in final if k.endswith("lora_B.weight")]
+    a_names = [k for k in final if k.endswith("lora_A.weight")]
+    assert b_names and all(torch.count_nonzero(final[k]) == 0 for k in b_names)   # B never left the clients
+    fresh = Coordinator(_config(tmp_path / "again", tiny_llama, "fedavg"), eval_examples=[])
+    try:
+        assert any(not torch.equal(final[k], fresh.engine.global_state[k]) for k in a_names)  # A was shared and moved
+    finally:
+        fresh.stop()
+    # an update carrying B would not match the expected tensors: every round had all 3 updates
+    assert all(r["rejected_updates"] == 0 for r in result.history)

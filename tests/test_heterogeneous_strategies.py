@@ -167,3 +167,33 @@ def test_a_layer_nobody_trained_keeps_its_global_value(name):
 def test_unknown_hetlora_weighting_is_rejected():
     with pytest.raises(ValueError, match="unknown HetLoRA weighting 'sparse'"):
         get_strategy("hetlora", weighting="sparse")
+
+
+def test_tail_penalty_has_a_gradient_and_shrinks_the_tail(tiny_llama):
+    from fedtune.adapters import AdapterPlan, inject_lora
+    from fedtune.client.trainer import TrainSettings, lora_pairs, tail_norm, train_adapter
+    from fedtune.models import ModelStore, resolve_source
+    from fedtune.tasks import get_task
+
+    from conftest import sentiment_examples
+
+    store, source, task = ModelStore(), resolve_source(tiny_llama), get_task("seq-cls")
+    items = store.encode(source, task, sentiment_examples(200, seed=1), 32, ["negative", "positive"])
+    tails = {}
+    for penalty in (0.0, 5.0):
+        model = inject_lora(store.instance(source, "seq-cls", ["negative", "positive"]), AdapterPlan(rank=8, alpha=16.0), "seq-cls")
+        pairs = lora_pairs(model)
+        assert pairs
+        metrics = train_adapter(model, task, items, TrainSettings(local_steps=15, batch_size=16, learning_rate=2e-2, seed=0, tail_penalty=penalty), 0)
+        with torch.no_grad():
+            tails[penalty] = float(tail_norm(lora_pairs(model), 0.5))
+        if penalty:
+            assert metrics["tail_norm"] == pytest.approx(tails[penalty])
+    # a penalty computed on detached tensors would leave training unchanged
+    assert tails[5.0] < 0.5 * tails[0.0]
+    model = inject_lora(store.instance(source, "seq-cls", ["negative", "positive"]), AdapterPlan(rank=4, alpha=8.0), "seq-cls")
+    for a, b in lora_pairs(model):
+        b.data.normal_()
+    value = tail_norm(lora_pairs(model), 0.5)
+    value.backward()
+    assert all(b.grad is not None and b.grad[:, 2:].abs().sum() > 0 for _, b in lora_pairs(model))

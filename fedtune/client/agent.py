@@ -9,6 +9,7 @@ coordinator refuses is logged and the agent goes on with the next round.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from concurrent.futures import Executor
@@ -87,6 +88,8 @@ class ClientAgent:
         self._encoded: dict[tuple, list] = {}
         # FedSA-LoRA: the B matrices this client keeps for itself between rounds.
         self._personal: dict = {}
+        # HetLoRA self-pruning: the tail norm of the previous round.
+        self._last_tail: float | None = None
         self._channel = make_channel(options.address, tls_ca=options.tls_ca, insecure=options.insecure)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
         self._client_id = ""
@@ -219,7 +222,8 @@ class ClientAgent:
         heartbeat = _Heartbeat(self._stub, self._client_id, self._token, header.round, self.options.heartbeat_seconds)
         heartbeat.start()
         train_settings = TrainSettings(
-            settings.local_steps, settings.batch_size, settings.learning_rate, settings.weight_decay, settings.seed
+            settings.local_steps, settings.batch_size, settings.learning_rate, settings.weight_decay, settings.seed,
+            tail_penalty=settings.tail_penalty, tail_fraction=settings.tail_fraction or 0.5,
         )
 
         adapter, base_delta = split_base_delta(global_tensors)
@@ -246,6 +250,13 @@ class ClientAgent:
             update, metrics = self.compute.submit(work).result() if self.compute is not None else work()
         finally:
             heartbeat.stop()
+        if "tail_norm" in metrics:
+            # HetLoRA: a tail whose norm shrank under the penalty carries little; drop it.
+            if self._last_tail is not None and metrics["tail_norm"] < self._last_tail:
+                top = max([plan.rank, *plan.rank_per_layer.values()])
+                metrics["rank_cap"] = float(max(1, math.ceil(train_settings.tail_fraction * top)))
+                log.info("%s: tail norm fell (%.4g -> %.4g): pruning rank to %d", self._client_id, self._last_tail, metrics["tail_norm"], metrics["rank_cap"])
+            self._last_tail = metrics["tail_norm"]
         log.info("%s: round %d trained, loss %.4f", self._client_id, header.round, metrics["train_loss"])
         return update, len(items), metrics
 

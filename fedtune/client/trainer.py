@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -18,6 +19,35 @@ class TrainSettings:
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     seed: int = 0
+    # HetLoRA rank self-pruning: add tail_penalty * sum ||B[:, k:] A[k:, :]||_F over LoRA modules,
+    # with k = ceil(tail_fraction * rank), pushing the tail ranks toward zero. 0: off.
+    tail_penalty: float = 0.0
+    tail_fraction: float = 0.5
+
+
+def lora_pairs(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(A, B) weight pairs of every active LoRA module of a peft model."""
+    from peft.tuners.lora import LoraLayer
+
+    pairs = []
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name in module.active_adapters:
+                if name in module.lora_A:
+                    pairs.append((module.lora_A[name].weight, module.lora_B[name].weight))
+    return pairs
+
+
+def tail_norm(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], fraction: float) -> torch.Tensor:
+    """sum over modules of ||B[:, k:] @ A[k:, :]||_F, k = ceil(fraction * rank): the size of the
+    update carried by each module's tail ranks. Differentiable (the penalty must have a
+    gradient: computing it on detached tensors would make it a constant)."""
+    total = torch.zeros(())
+    for a, b in pairs:
+        k = min(a.shape[0], max(1, math.ceil(fraction * a.shape[0])))
+        if k < a.shape[0]:
+            total = total + torch.linalg.matrix_norm(b[:, k:] @ a[k:, :])
+    return total
 
 
 def train_adapter(
@@ -43,6 +73,7 @@ def train_adapter(
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     order = torch.Generator().manual_seed(settings.seed)
     losses = []
+    pairs = lora_pairs(model) if settings.tail_penalty > 0 else []
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(settings.seed)
@@ -51,9 +82,14 @@ def train_adapter(
             loss = model(**inputs).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()}; lower the learning rate")
+            objective = loss + settings.tail_penalty * tail_norm(pairs, settings.tail_fraction) if pairs else loss
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             optimizer.step()
             losses.append(loss.item())
     model.eval()
-    return {"train_loss": sum(losses) / len(losses), "steps": float(len(losses))}
+    metrics = {"train_loss": sum(losses) / len(losses), "steps": float(len(losses))}
+    if pairs:
+        with torch.no_grad():
+            metrics["tail_norm"] = float(tail_norm(pairs, settings.tail_fraction))
+    return metrics

@@ -110,6 +110,7 @@ class RoundEngine:
         self._done = False
         self._stopping = False
         self._told_done: set[str] = set()
+        self._rank_caps: dict[str, int] = {}  # HetLoRA self-pruning: client id -> largest rank
         self.history: list[dict] = []
         self.start_round = 1
         self.global_state = strategy.initial_state(global_model.initial_state())
@@ -194,13 +195,21 @@ class RoundEngine:
         self.expected_update(client_id, round_number)  # the round may have closed while receiving
         if num_examples < 1:
             raise CoordinatorError("INVALID_ARGUMENT", f"num_examples must be at least 1, got {num_examples}")
+        if len(metrics) > 32 or any(len(k) > 64 for k in metrics):
+            raise CoordinatorError("INVALID_ARGUMENT", "at most 32 metrics with names of at most 64 characters")
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad:
             raise CoordinatorError("INVALID_ARGUMENT", f"metrics {bad} are not finite numbers")
+        if "rank_cap" in metrics:
+            cap = metrics["rank_cap"]
+            if cap < 1 or cap != int(cap):
+                raise CoordinatorError("INVALID_ARGUMENT", f"rank_cap must be a positive integer, got {cap}")
         with self._cond:
             rnd = self._round
             assert rnd is not None
             rnd.updates[client_id] = ClientUpdate(client_id, tensors, num_examples, dict(metrics))
+            if "rank_cap" in metrics:
+                self._rank_caps[client_id] = int(metrics["rank_cap"])
             rnd.bytes_up += bytes_up
             self._cond.notify_all()
         log.info("round %d: update from %s (%d examples)", round_number, client_id, num_examples)
@@ -304,10 +313,10 @@ class RoundEngine:
         for cid in selected:
             caps = records[cid].capabilities
             if caps.memory_bytes == 0 and caps.flops_per_second == 0:
-                plans[cid] = self.plan  # nothing reported: nothing to plan around
+                plans[cid] = _capped(self.plan, self._rank_caps.get(cid))  # nothing to plan around
                 continue
             assignment = self.planner.assign(caps)
-            plans[cid] = assignment.plan
+            plans[cid] = _capped(assignment.plan, self._rank_caps.get(cid))
             if not assignment.fits:
                 log.warning("%s (%s) cannot afford even the smallest plan within budget; giving it the smallest", cid, caps.tier or "no capabilities reported")
         num_blocks = self.planner.geometry.num_blocks
@@ -423,6 +432,8 @@ class RoundEngine:
             # The emulated round lasts as long as its slowest accepted client, or the deadline.
             row["sim_seconds"] = round(min(max(arrived), deadline) if deadline else max(arrived), 3)
             row["late_updates"] = len(late)
+        if self._rank_caps:
+            row["rank_caps"] = dict(sorted(self._rank_caps.items()))
         if rnd.coverage:
             row["coverage_min"] = rnd.coverage["min_coverage"]
             row["coverage_per_layer"] = {str(k): v for k, v in rnd.coverage["per_layer"].items()}
@@ -455,6 +466,19 @@ class RoundEngine:
             if caps is not None and caps.flops_per_second > 0:
                 out[cid] = self.cost.round_seconds(self.geometry, plan, caps)
         return out
+
+
+def _capped(plan: AdapterPlan, cap: int | None) -> AdapterPlan:
+    """``plan`` with every rank at most ``cap`` (a client that pruned its rank)."""
+    if cap is None or max([plan.rank, *plan.rank_per_layer.values()]) <= cap:
+        return plan
+    rank = min(plan.rank, cap)
+    return AdapterPlan(**{
+        **plan.__dict__,
+        "rank": rank,
+        "alpha": plan.scale * rank,
+        "rank_per_layer": {layer: min(r, cap) for layer, r in plan.rank_per_layer.items()},
+    })
 
 
 def _equal(a: str, b: str) -> bool:

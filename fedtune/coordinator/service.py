@@ -79,6 +79,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 weight_decay=training.weight_decay,
                 max_length=self.config.model.max_length,
                 seed=task.seed,
+                tail_penalty=self.config.federation.rank_pruning,
+                tail_fraction=self.config.federation.rank_pruning_keep,
             ),
             num_tensors=len(task.tensors),
             deadline_unix=task.deadline_unix,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66\x65\x64tune/protocol/fedtune.proto\x12\nfedtune.v1\"\x90\x01\n\x0c\x43\x61pabilities\x12\x14\n\x0cmemory_bytes\x18\x01 \x01(\x04\x12\x18\n\x10\x66lops_per_second\x18\x02 \x01(\x01\x12\x1f\n\x17uplink_bytes_per_second\x18\x03 \x01(\x01\x12!\n\x19\x64ownlink_bytes_per_second\x18\x04 \x01(\x01\x12\x0c\n\x04tier\x18\x05 \x01(\t\"\x80\x01\n\x0fRegisterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x0c\x63\x61pabilities\x18\x02 \x01(\x0b\x32\x18.fedtune.v1.Capabilities\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x19\n\x11\x65nrollment_secret\x18\x04 \x01(\t\"1\n\rRegisterReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\"J\n\x10\x46\x65tchTaskRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\"\x86\x02\n\x0b\x41\x64\x61pterPlan\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x0e\n\x06layers\x18\x05 \x03(\r\x12\x17\n\x0fmodules_to_save\x18\x06 \x03(\t\x12\x41\n\x0erank_per_layer\x18\x07 \x03(\x0b\x32).fedtune.v1.AdapterPlan.RankPerLayerEntry\x12\x10\n\x08\x66reeze_a\x18\x08 \x01(\x08\x1a\x33\n\x11RankPerLayerEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x8a\x01\n\x10TrainingSettings\x12\x13\n\x0blocal_steps\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x04 \x01(\x01\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\x0c\n\x04seed\x18\x06 \x01(\x04\"7\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\"\x9a\x02\n\nTaskHeader\x12&\n\x06status\x18\x01 \x01(\x0e\x32\x16.fedtune.v1.TaskStatus\x12\r\n\x05round\x18\x02 \x01(\x04\x12$\n\x05model\x18\x03 \x01(\x0b\x32\x15.fedtune.v1.ModelSpec\x12%\n\x04plan\x18\x04 \x01(\x0b\x32\x17.fedtune.v1.AdapterPlan\x12.\n\x08training\x18\x05 \x01(\x0b\x32\x1c.fedtune.v1.TrainingSettings\x12\x13\n\x0bnum_tensors\x18\x06 \x01(\r\x12\x1b\n\x13retry_after_seconds\x18\x07 \x01(\x01\x12\x15\n\rdeadline_unix\x18\x08 \x01(\x01\x12\x0f\n\x07share_a\x18\t \x01(\x08\"\xd2\x01\n\x0cUpdateHeader\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedtune.v1.UpdateHeader.MetricsEntry\x12\x13\n\x0bnum_tensors\x18\x06 \x01(\r\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\".\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"C\n\x10HeartbeatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\">\n\x0eHeartbeatReply\x12\x15\n\rcurrent_round\x18\x01 \x01(\x04\x12\x15\n\rtraining_over\x18\x02 \x01(\x08\"\x81\x02\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.fedtune.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x04\x12&\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x14.fedtune.v1.Encoding\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\x12?\n\x0c\x63odec_params\x18\x06 \x03(\x0b\x32).fedtune.v1.TensorHeader.CodecParamsEntry\x1a\x32\n\x10\x43odecParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa0\x01\n\x05\x46rame\x12&\n\x04task\x18\x01 \x01(\x0b\x32\x16.fedtune.v1.TaskHeaderH\x00\x12*\n\x06update\x18\x02 \x01(\x0b\x32\x18.fedtune.v1.UpdateHeaderH\x00\x12*\n\x06tensor\x18\x03 \x01(\x0b\x32\x18.fedtune.v1.TensorHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x04 \x01(\x0cH\x00\x42\x06\n\x04kind*l\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATUS_TRAIN\x10\x01\x12\x14\n\x10TASK_STATUS_WAIT\x10\x02\x12\x14\n\x10TASK_STATUS_DONE\x10\x03*\xcf\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x0f\n\x0b\x44TYPE_INT32\x10\x06\x12\x0f\n\x0b\x44TYPE_INT16\x10\x07\x12\x0e\n\nDTYPE_INT8\x10\x08\x12\x0f\n\x0b\x44TYPE_UINT8\x10\t\x12\x0e\n\nDTYPE_BOOL\x10\n*6\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_RAW\x10\x01\x32\x92\x02\n\x0b\x43oordinator\x12\x42\n\x08Register\x12\x1b.fedtune.v1.RegisterRequest\x1a\x19.fedtune.v1.RegisterReply\x12>\n\tFetchTask\x12\x1c.fedtune.v1.FetchTaskRequest\x1a\x11.fedtune.v1.Frame0\x01\x12\x38\n\nPushUpdate\x12\x11.fedtune.v1.Frame\x1a\x15.fedtune.v1.PushReply(\x01\x12\x45\n\tHeartbeat\x12\x1c.fedtune.v1.HeartbeatRequest\x1a\x1a.fedtune.v1.HeartbeatReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66\x65\x64tune/protocol/fedtune.proto\x12\nfedtune.v1\"\x90\x01\n\x0c\x43\x61pabilities\x12\x14\n\x0cmemory_bytes\x18\x01 \x01(\x04\x12\x18\n\x10\x66lops_per_second\x18\x02 \x01(\x01\x12\x1f\n\x17uplink_bytes_per_second\x18\x03 \x01(\x01\x12!\n\x19\x64ownlink_bytes_per_second\x18\x04 \x01(\x01\x12\x0c\n\x04tier\x18\x05 \x01(\t\"\x80\x01\n\x0fRegisterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x0c\x63\x61pabilities\x18\x02 \x01(\x0b\x32\x18.fedtune.v1.Capabilities\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x19\n\x11\x65nrollment_secret\x18\x04 \x01(\t\"1\n\rRegisterReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\"J\n\x10\x46\x65tchTaskRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\"\x86\x02\n\x0b\x41\x64\x61pterPlan\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x0e\n\x06layers\x18\x05 \x03(\r\x12\x17\n\x0fmodules_to_save\x18\x06 \x03(\t\x12\x41\n\x0erank_per_layer\x18\x07 \x03(\x0b\x32).fedtune.v1.AdapterPlan.RankPerLayerEntry\x12\x10\n\x08\x66reeze_a\x18\x08 \x01(\x08\x1a\x33\n\x11RankPerLayerEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\xb7\x01\n\x10TrainingSettings\x12\x13\n\x0blocal_steps\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x04 \x01(\x01\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x14\n\x0ctail_penalty\x18\x07 \x01(\x01\x12\x15\n\rtail_fraction\x18\x08 \x01(\x01\"7\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\"\x9a\x02\n\nTaskHeader\x12&\n\x06status\x18\x01 \x01(\x0e\x32\x16.fedtune.v1.TaskStatus\x12\r\n\x05round\x18\x02 \x01(\x04\x12$\n\x05model\x18\x03 \x01(\x0b\x32\x15.fedtune.v1.ModelSpec\x12%\n\x04plan\x18\x04 \x01(\x0b\x32\x17.fedtune.v1.AdapterPlan\x12.\n\x08training\x18\x05 \x01(\x0b\x32\x1c.fedtune.v1.TrainingSettings\x12\x13\n\x0bnum_tensors\x18\x06 \x01(\r\x12\x1b\n\x13retry_after_seconds\x18\x07 \x01(\x01\x12\x15\n\rdeadline_unix\x18\x08 \x01(\x01\x12\x0f\n\x07share_a\x18\t \x01(\x08\"\xd2\x01\n\x0cUpdateHeader\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedtune.v1.UpdateHeader.MetricsEntry\x12\x13\n\x0bnum_tensors\x18\x06 \x01(\r\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\".\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"C\n\x10HeartbeatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\">\n\x0eHeartbeatReply\x12\x15\n\rcurrent_round\x18\x01 \x01(\x04\x12\x15\n\rtraining_over\x18\x02 \x01(\x08\"\x81\x02\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.fedtune.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x04\x12&\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x14.fedtune.v1.Encoding\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\x12?\n\x0c\x63odec_params\x18\x06 \x03(\x0b\x32).fedtune.v1.TensorHeader.CodecParamsEntry\x1a\x32\n\x10\x43odecParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa0\x01\n\x05\x46rame\x12&\n\x04task\x18\x01 \x01(\x0b\x32\x16.fedtune.v1.TaskHeaderH\x00\x12*\n\x06update\x18\x02 \x01(\x0b\x32\x18.fedtune.v1.UpdateHeaderH\x00\x12*\n\x06tensor\x18\x03 \x01(\x0b\x32\x18.fedtune.v1.TensorHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x04 \x01(\x0cH\x00\x42\x06\n\x04kind*l\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATUS_TRAIN\x10\x01\x12\x14\n\x10TASK_STATUS_WAIT\x10\x02\x12\x14\n\x10TASK_STATUS_DONE\x10\x03*\xcf\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x0f\n\x0b\x44TYPE_INT32\x10\x06\x12\x0f\n\x0b\x44TYPE_INT16\x10\x07\x12\x0e\n\nDTYPE_INT8\x10\x08\x12\x0f\n\x0b\x44TYPE_UINT8\x10\t\x12\x0e\n\nDTYPE_BOOL\x10\n*6\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_RAW\x10\x01\x32\x92\x02\n\x0b\x43oordinator\x12\x42\n\x08Register\x12\x1b.fedtune.v1.RegisterRequest\x1a\x19.fedtune.v1.RegisterReply\x12>\n\tFetchTask\x12\x1c.fedtune.v1.FetchTaskRequest\x1a\x11.fedtune.v1.Frame0\x01\x12\x38\n\nPushUpdate\x12\x11.fedtune.v1.Frame\x1a\x15.fedtune.v1.PushReply(\x01\x12\x45\n\tHeartbeat\x12\x1c.fedtune.v1.HeartbeatRequest\x1a\x1a.fedtune.v1.HeartbeatReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,12 +37,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_TENSORHEADER_CODECPARAMSENTRY']._loaded_options = None
   _globals['_TENSORHEADER_CODECPARAMSENTRY']._serialized_options = b'8\001'
-  _globals['_TASKSTATUS']._serialized_start=2016
-  _globals['_TASKSTATUS']._serialized_end=2124
-  _globals['_DTYPE']._serialized_start=2127
-  _globals['_DTYPE']._serialized_end=2334
-  _globals['_ENCODING']._serialized_start=2336
-  _globals['_ENCODING']._serialized_end=2390
+  _globals['_TASKSTATUS']._serialized_start=2061
+  _globals['_TASKSTATUS']._serialized_end=2169
+  _globals['_DTYPE']._serialized_start=2172
+  _globals['_DTYPE']._serialized_end=2379
+  _globals['_ENCODING']._serialized_start=2381
+  _globals['_ENCODING']._serialized_end=2435
   _globals['_CAPABILITIES']._serialized_start=47
   _globals['_CAPABILITIES']._serialized_end=191
   _globals['_REGISTERREQUEST']._serialized_start=194
@@ -56,27 +56,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADAPTERPLAN_RANKPERLAYERENTRY']._serialized_start=663
   _globals['_ADAPTERPLAN_RANKPERLAYERENTRY']._serialized_end=714
   _globals['_TRAININGSETTINGS']._serialized_start=717
-  _globals['_TRAININGSETTINGS']._serialized_end=855
-  _globals['_MODELSPEC']._serialized_start=857
-  _globals['_MODELSPEC']._serialized_end=912
-  _globals['_TASKHEADER']._serialized_start=915
-  _globals['_TASKHEADER']._serialized_end=1197
-  _globals['_UPDATEHEADER']._serialized_start=1200
-  _globals['_UPDATEHEADER']._serialized_end=1410
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1364
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1410
-  _globals['_PUSHREPLY']._serialized_start=1412
-  _globals['_PUSHREPLY']._serialized_end=1458
-  _globals['_HEARTBEATREQUEST']._serialized_start=1460
-  _globals['_HEARTBEATREQUEST']._serialized_end=1527
-  _globals['_HEARTBEATREPLY']._serialized_start=1529
-  _globals['_HEARTBEATREPLY']._serialized_end=1591
-  _globals['_TENSORHEADER']._serialized_start=1594
-  _globals['_TENSORHEADER']._serialized_end=1851
-  _globals['_TENSORHEADER_CODECPARAMSENTRY']._serialized_start=1801
-  _globals['_TENSORHEADER_CODECPARAMSENTRY']._serialized_end=1851
-  _globals['_FRAME']._serialized_start=1854
-  _globals['_FRAME']._serialized_end=2014
-  _globals['_COORDINATOR']._serialized_start=2393
-  _globals['_COORDINATOR']._serialized_end=2667
+  _globals['_TRAININGSETTINGS']._serialized_end=900
+  _globals['_MODELSPEC']._serialized_start=902
+  _globals['_MODELSPEC']._serialized_end=957
+  _globals['_TASKHEADER']._serialized_start=960
+  _globals['_TASKHEADER']._serialized_end=1242
+  _globals['_UPDATEHEADER']._serialized_start=1245
+  _globals['_UPDATEHEADER']._serialized_end=1455
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1409
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1455
+  _globals['_PUSHREPLY']._serialized_start=1457
+  _globals['_PUSHREPLY']._serialized_end=1503
+  _globals['_HEARTBEATREQUEST']._serialized_start=1505
+  _globals['_HEARTBEATREQUEST']._serialized_end=1572
+  _globals['_HEARTBEATREPLY']._serialized_start=1574
+  _globals['_HEARTBEATREPLY']._serialized_end=1636
+  _globals['_TENSORHEADER']._serialized_start=1639
+  _globals['_TENSORHEADER']._serialized_end=1896
+  _globals['_TENSORHEADER_CODECPARAMSENTRY']._serialized_start=1846
+  _globals['_TENSORHEADER_CODECPARAMSENTRY']._serialized_end=1896
+  _globals['_FRAME']._serialized_start=1899
+  _globals['_FRAME']._serialized_end=2059
+  _globals['_COORDINATOR']._serialized_start=2438
+  _globals['_COORDINATOR']._serialized_end=2712
 # @@protoc_insertion_point(module_scope)

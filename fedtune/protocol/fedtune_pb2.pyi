@@ -122,20 +122,24 @@ class AdapterPlan(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., layers: _Optional[_Iterable[int]] = ..., modules_to_save: _Optional[_Iterable[str]] = ..., rank_per_layer: _Optional[_Mapping[int, int]] = ..., freeze_a: _Optional[bool] = ...) -> None: ...
 
 class TrainingSettings(_message.Message):
-    __slots__ = ("local_steps", "batch_size", "learning_rate", "weight_decay", "max_length", "seed")
+    __slots__ = ("local_steps", "batch_size", "learning_rate", "weight_decay", "max_length", "seed", "tail_penalty", "tail_fraction")
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    TAIL_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    TAIL_FRACTION_FIELD_NUMBER: _ClassVar[int]
     local_steps: int
     batch_size: int
     learning_rate: float
     weight_decay: float
     max_length: int
     seed: int
-    def __init__(self, local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    tail_penalty: float
+    tail_fraction: float
+    def __init__(self, local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., tail_penalty: _Optional[float] = ..., tail_fraction: _Optional[float] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
     __slots__ = ("name", "task", "labels")
