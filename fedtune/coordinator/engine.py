@@ -13,6 +13,7 @@ One round:
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import math
@@ -132,6 +133,7 @@ class RoundEngine:
             )
         self.global_state = ckpt.adapter
         self.strategy.load_state_dict(ckpt.strategy)
+        self._rank_caps = {str(k): int(v) for k, v in ckpt.state.get("rank_caps", {}).items()}
         self.start_round = ckpt.round + 1
         # Rows written after the checkpoint (a crash between the two) belong to a round that
         # will run again: drop them so metrics.jsonl has one row per round.
@@ -446,7 +448,7 @@ class RoundEngine:
             rnd.number,
             self.global_state,
             self.strategy.state_dict(),
-            {"seed": self.config.seed, "plan": self.plan.to_json(), "strategy": self.fed.strategy},
+            {"seed": self.config.seed, "plan": self.plan.to_json(), "strategy": self.fed.strategy, "rank_caps": self._rank_caps},
         )
         self.history.append(row)
         log.info("round %d closed: %s", rnd.number, {k: row[k] for k in ("clients", "train_loss", "eval_loss", "seconds")})
@@ -482,8 +484,6 @@ def _capped(plan: AdapterPlan, cap: int | None) -> AdapterPlan:
 
 
 def _equal(a: str, b: str) -> bool:
-    import hmac
-
     return hmac.compare_digest(a.encode(), b.encode())
 
 
