@@ -91,7 +91,8 @@ class PlannerSection:
     # A client's modeled round time (compute + transfer) must stay within this budget.
     round_budget_s: float = 60.0
     # When some part of the global adapter would be trained by no client this round:
-    # "warn" logs it; "adjust" extends the most capable client's plan to cover it.
+    # "warn" logs it; "adjust" adds the uncovered layers, at the global adapter's rank, to the
+    # plan of the round's most capable client (beyond its budget if need be).
     coverage: str = "warn"
 
 

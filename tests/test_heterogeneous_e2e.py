@@ -75,15 +75,10 @@ def test_uncovered_layers_are_reported_and_keep_their_values(tmp_path, tiny_llam
     config.federation.rounds = 1
     config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(300, seed=1))
     weak = _three_tiers(tiny_llama, config)[0]  # every client affords only the top block
-    coordinator_state = {}
-
-    def keep(row):
-        coordinator_state["row"] = row
-
-    result = run_simulation(config, capabilities=[weak, weak, weak], on_round_end=keep)
+    result = run_simulation(config, capabilities=[weak, weak, weak])
     row = result.history[0]
     assert row["uncovered_layers"] == [0] and row["coverage_per_layer"]["0"] == 0 and row["coverage_min"] == 0
-    # the untouched layer's global adapter equals the initial one (round-1 checkpoint vs run start)
+    # the untouched layer keeps its initial global adapter (round-1 checkpoint vs a fresh start)
     from safetensors.torch import load_file
 
     final = load_file(str(result.run_dir / "checkpoints" / "round-0001" / "adapter.safetensors"))
@@ -196,3 +191,18 @@ def test_share_a_keeps_b_on_the_clients(tmp_path, tiny_llama):
         fresh.stop()
     # an update carrying B would not match the expected tensors: every round had all 3 updates
     assert all(r["rejected_updates"] == 0 for r in result.history)
+
+
+def test_coverage_adjust_extends_the_strongest_plan(tmp_path, tiny_llama):
+    config = _config(tmp_path, tiny_llama, "flexlora")
+    config.federation.rounds = 1
+    config.planner.coverage = "adjust"
+    config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(300, seed=1))
+    weak = _three_tiers(tiny_llama, config)[0]
+    stronger = Capabilities(weak.memory_bytes + 1, weak.flops_per_second, weak.uplink_bytes_per_second, weak.downlink_bytes_per_second, "phone+")
+    result = run_simulation(config, capabilities=[weak, stronger, weak])
+    row = result.history[0]
+    assert row["uncovered_layers"] == [] and row["coverage_min"] >= 1 and not result.client_errors
+    extended = row["plans"]["sim-001"]
+    assert extended["layers"] == [0, 1] and extended["ranks"] == [4, 8]  # the global plan's ranks
+    assert row["plans"]["sim-000"]["layers"] == [1]

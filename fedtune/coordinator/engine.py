@@ -323,14 +323,16 @@ class RoundEngine:
                 log.warning("%s (%s) cannot afford even the smallest plan within budget; giving it the smallest", cid, caps.tier or "no capabilities reported")
         num_blocks = self.planner.geometry.num_blocks
         cov = coverage(plans, self.plan, num_blocks)
-        if cov["uncovered_layers"] and self.config.planner.coverage == "adjust" and plans:
+        if cov["min_coverage"] == 0 and self.config.planner.coverage == "adjust" and plans:
+            # Give the round's most capable client every parameter nobody else trains: the
+            # global plan's rank on each layer that falls short.
             strongest = max(selected, key=lambda c: (records[c].capabilities.memory_bytes, records[c].capabilities.flops_per_second, c))
             plan = plans[strongest]
-            extra = {layer: self.config.planner.min_rank for layer in cov["uncovered_layers"]}
-            layers = tuple(sorted(set(plan.layers or range(num_blocks)) | set(extra)))
-            ranks = {**{l: plan.rank_per_layer.get(l, plan.rank) for l in plan.layers or range(num_blocks)}, **extra}
-            plans[strongest] = AdapterPlan(**{**plan.__dict__, "layers": layers, "rank_per_layer": ranks})
-            log.warning("coverage: layers %s had no client; extended %s's plan to cover them", cov["uncovered_layers"], strongest)
+            own = {l: plan.rank_per_layer.get(l, plan.rank) for l in plan.layers or range(num_blocks)}
+            ranks = {**own, **{l: max(own.get(l, 0), r) for l, r in cov["short_layers"].items()}}
+            top = max(ranks.values())
+            plans[strongest] = AdapterPlan(**{**plan.__dict__, "rank": top, "alpha": plan.scale * top, "layers": tuple(sorted(ranks)), "rank_per_layer": ranks})
+            log.warning("coverage: parts of layers %s had no client; extended %s's plan to cover them", sorted(cov["short_layers"]), strongest)
             cov = coverage(plans, self.plan, num_blocks)
         elif cov["uncovered_layers"]:
             log.warning("coverage: no client trains layers %s this round; they keep their global values", cov["uncovered_layers"])

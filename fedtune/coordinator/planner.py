@@ -219,7 +219,8 @@ def coverage(plans: Mapping[str, AdapterPlan], global_plan: AdapterPlan, num_blo
 
     Returns ``per_layer`` (block -> clients training LoRA there), ``min_coverage`` (the minimum,
     over every layer and rank slot of the global adapter, of the clients training it: the
-    "minimum coverage index" of Every Parameter Matters) and ``uncovered_layers``.
+    "minimum coverage index" of Every Parameter Matters), ``uncovered_layers`` and
+    ``short_layers`` (block -> global rank, where some rank slot has no client).
     """
     global_ranks = plan_ranks(global_plan, num_blocks)
     client_ranks = [plan_ranks(p, num_blocks) for p in plans.values()]
@@ -232,4 +233,8 @@ def coverage(plans: Mapping[str, AdapterPlan], global_plan: AdapterPlan, num_blo
         "per_layer": per_layer,
         "min_coverage": min_cov,
         "uncovered_layers": [layer for layer, n in per_layer.items() if n == 0],
+        # layers where some rank slot is trained by nobody, with the rank that would cover them
+        "short_layers": {
+            layer: rank for layer, rank in global_ranks.items() if max((r.get(layer, 0) for r in client_ranks), default=0) < rank
+        },
     }
