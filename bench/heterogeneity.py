@@ -35,9 +35,10 @@ from fedtune.simulation.runner import run_simulation
 TIER_ORDER = ("phone", "laptop", "server")
 
 
-def base_config(rounds: int, clients_per_tier: int, run_dir: str) -> RunConfig:
+def base_config(rounds: int, clients_per_tier: int, lr: float, run_dir: str) -> RunConfig:
     config = RunConfig()
     config.federation.rounds = rounds
+    config.training.learning_rate = lr
     config.simulation.tiers = [t for t in TIER_ORDER for _ in range(clients_per_tier)]
     config.simulation.clients = len(config.simulation.tiers)
     config.simulation.eval_examples = 500
@@ -80,13 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients-per-tier", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3, help="local learning rate (3e-3 destabilizes the deeper adapters)")
     parser.add_argument("--only", nargs="+", help="run only these settings")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         def cfg(name: str) -> RunConfig:
-            return base_config(args.rounds, args.clients_per_tier, str(Path(tmp) / name))
+            return base_config(args.rounds, args.clients_per_tier, args.lr, str(Path(tmp) / name))
 
         weakest = cfg("uniform-weakest")
         plan = phone_plan(weakest)
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['setting']:<16} {r['final_eval_loss']:>9.4f} {r['final_eval_accuracy']:>8.3f} {r['mb_up_per_round']:>9.2f} "
             f"{r['mb_down_per_round']:>10.2f} {r['sim_seconds_per_round']:>9.1f} {r['clients_per_round']:>10.1f} {r['wall_seconds']:>7.0f}"
         )
-    out = {"rounds": args.rounds, "clients_per_tier": args.clients_per_tier, "tiers": {k: vars(v) for k, v in TIERS.items()}, "rows": results}
+    out = {"rounds": args.rounds, "clients_per_tier": args.clients_per_tier, "lr": args.lr, "tiers": {k: vars(v) for k, v in TIERS.items()}, "rows": results}
     if args.out:
         args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out))
