@@ -162,6 +162,15 @@ def _setup_logging(verbose: int) -> None:
         logging.getLogger("fedtune").setLevel(max(level, logging.INFO) if verbose else logging.WARNING)
 
 
+def _console():
+    """Rich console for progress; piped or logged output (CI) gets a wide fixed width, so the
+    round table is not squeezed into 80 columns."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
 def _round_table(task: str):
     from rich.table import Table
 
@@ -189,20 +198,35 @@ def _row_cells(row: dict, task: str) -> list[str]:
     ]
 
 
+def _check_inputs(config: RunConfig) -> None:
+    """Fail on a missing model or data file before any progress output starts."""
+    from fedtune.data import DataError
+    from fedtune.models import resolve_source
+
+    resolve_source(config.model.source)
+    for key, value in (("--data", config.simulation.data), ("--eval-data", config.eval.data), ("--profiles", config.simulation.profiles)):
+        if value and not Path(value).is_file():
+            raise DataError(f"{key}: file {value!r} does not exist")
+    if config.simulation.profiles:
+        from fedtune.devices import load_profiles
+
+        load_profiles(config.simulation.profiles)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.live import Live
 
     from fedtune.simulation.runner import run_simulation
 
     config = _config_from_args(args, {**COMMON_KEYS, **SIMULATION_KEYS})
-    console = Console(stderr=False)
+    _check_inputs(config)
+    console = _console()
     task = config.model.task
     table = _round_table(task)
     console.print(
         f"[bold]fedtune simulate[/]: {config.simulation.clients} clients, {config.federation.rounds} rounds, "
         f"model {config.model.source}, {task}, partition {config.simulation.partition}"
-        + (f"(alpha={config.simulation.alpha})" if config.simulation.partition == "dirichlet" else "")
+        + (f" (alpha={config.simulation.alpha})" if config.simulation.partition == "dirichlet" else "")
     )
     started = time.monotonic()
     with Live(table, console=console, refresh_per_second=2, transient=False) as live:
@@ -222,10 +246,9 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from fedtune.coordinator.app import Coordinator
 
     config = _config_from_args(args, {**COMMON_KEYS, **COORDINATOR_KEYS})
+    _check_inputs(config)
     task = config.model.task
-    from rich.console import Console
-
-    console = Console()
+    console = _console()
     coordinator = Coordinator(config, resume=args.resume, on_round_end=lambda row: console.print(" | ".join(_row_cells(row, task))))
     port = coordinator.start()
     host = config.server.address.rpartition(":")[0]
@@ -285,13 +308,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedtune.client.agent import AgentError
     from fedtune.coordinator.errors import CoordinatorError
     from fedtune.data import DataError
+    from fedtune.devices import ProfileError
     from fedtune.models import ModelError
     from fedtune.transport import TransportError
 
     handlers = {"simulate": cmd_simulate, "coordinator": cmd_coordinator, "client": cmd_client}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, ModelError, TransportError, AgentError, AdapterError) as exc:
+    except (ConfigError, DataError, ModelError, TransportError, AgentError, AdapterError, ProfileError) as exc:
         print(f"fedtune {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except CoordinatorError as exc:

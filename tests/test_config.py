@@ -69,6 +69,10 @@ def test_cli_reports_bad_values_and_missing_files(tmp_path, capsys):
     assert "cannot read config file" in _cli_error(capsys, ["coordinator", "--config", str(tmp_path / "missing.toml")])
     assert "does not exist" in _cli_error(capsys, ["client", "--coordinator", "127.0.0.1:1", "--data", str(tmp_path / "none.jsonl")])
     assert "neither an embedded model" in _cli_error(capsys, ["simulate", "--model", str(tmp_path / "nowhere")])
+    assert "--data: file" in _cli_error(capsys, ["simulate", "--data", str(tmp_path / "none.jsonl")])
+    (tmp_path / "fleet.toml").write_text('[[device]]\ntier = "watch"\n')
+    assert "unknown device tier 'watch'" in _cli_error(capsys, ["simulate", "--profiles", str(tmp_path / "fleet.toml")])
+    assert "unknown tier 'tablet'" in _cli_error(capsys, ["simulate", "--tiers", "phone,tablet"])
 
 
 def test_cli_rejects_malformed_flags(capsys):
