@@ -75,3 +75,33 @@ def tiny_llama(tmp_path_factory) -> str:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+# ---------------------------------------------------------------- raw wire clients for tests
+
+
+def fetch_task(stub, client_id: str, token: str):
+    """One FetchTask call by hand: the task header and the tensors that follow it."""
+    from fedtune.protocol import fedtune_pb2 as pb
+    from fedtune.protocol.tensors import TensorReceiver
+
+    frames = iter(stub.FetchTask(pb.FetchTaskRequest(client_id=client_id, token=token, wait_seconds=30), timeout=60))
+    header = next(frames).task
+    receiver = TensorReceiver()
+    for frame in frames:
+        receiver.feed(frame)
+    return header, receiver.finish()
+
+
+def push_update(stub, client_id: str, token: str, round_number: int, tensors: dict, *, num_examples: int = 10, num_tensors: int | None = None, metrics: dict | None = None):
+    """One PushUpdate call by hand, with any tensors (good or bad)."""
+    from fedtune.protocol import fedtune_pb2 as pb
+    from fedtune.protocol.tensors import encode_tensors, tensor_frames
+
+    encoded = encode_tensors(tensors)
+    head = pb.Frame(update=pb.UpdateHeader(
+        client_id=client_id, token=token, round=round_number, num_examples=num_examples,
+        metrics={"train_loss": 0.5} if metrics is None else metrics,
+        num_tensors=len(encoded) if num_tensors is None else num_tensors,
+    ))
+    return stub.PushUpdate(iter([head, *tensor_frames(encoded, 4096)]), timeout=60)

@@ -19,9 +19,8 @@ from fedtune.coordinator.app import Coordinator
 from fedtune.models import ModelStore, resolve_source
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
-from fedtune.protocol.tensors import TensorReceiver, encode_tensors, tensor_frames
 
-from conftest import sentiment_examples
+from conftest import fetch_task, push_update, sentiment_examples
 
 LABELS = ["negative", "positive"]
 
@@ -36,24 +35,6 @@ def _config(tmp_path, model: str, rounds: int, min_clients: int) -> RunConfig:
     config.server.address = "127.0.0.1:0"
     config.run_dir = str(tmp_path / "run")
     return config
-
-
-def _fetch(stub, client_id, token):
-    frames = iter(stub.FetchTask(pb.FetchTaskRequest(client_id=client_id, token=token, wait_seconds=30), timeout=60))
-    header = next(frames).task
-    receiver = TensorReceiver()
-    for frame in frames:
-        receiver.feed(frame)
-    return header, receiver.finish()
-
-
-def _push(stub, client_id, token, round_number, tensors, *, num_examples=10, num_tensors=None):
-    encoded = encode_tensors(tensors)
-    head = pb.Frame(update=pb.UpdateHeader(
-        client_id=client_id, token=token, round=round_number, num_examples=num_examples,
-        metrics={"train_loss": 0.5}, num_tensors=len(encoded) if num_tensors is None else num_tensors,
-    ))
-    return stub.PushUpdate(iter([head, *tensor_frames(encoded, 4096)]), timeout=60)
 
 
 def _status(call) -> tuple[grpc.StatusCode, str]:
@@ -95,24 +76,24 @@ def test_bad_updates_are_refused_and_the_round_completes(tmp_path, tiny_llama):
 
         reply = stub.Register(pb.RegisterRequest(name="rogue", num_examples=10), timeout=10)
         rid, token = reply.client_id, reply.token
-        header, state = _fetch(stub, rid, token)
+        header, state = fetch_task(stub, rid, token)
         assert header.status == pb.TASK_STATUS_TRAIN and header.round == 1
         good = {k: v.clone() for k, v in state.items()}
         name = sorted(k for k in good if k.endswith("lora_A.weight"))[0]
 
         checks = [
-            (lambda: _push(stub, "nobody", token, 1, good), grpc.StatusCode.NOT_FOUND, "unknown client id 'nobody'"),
-            (lambda: _push(stub, rid, "wrong-token", 1, good), grpc.StatusCode.UNAUTHENTICATED, "bad token"),
-            (lambda: _push(stub, rid, token, 7, good), grpc.StatusCode.FAILED_PRECONDITION, "round 7 is not open"),
-            (lambda: _push(stub, rid, token, 1, {**good, name: good[name].t().contiguous()}), grpc.StatusCode.INVALID_ARGUMENT, f"tensor '{name}' has shape"),
-            (lambda: _push(stub, rid, token, 1, {**good, name: good[name].double()}), grpc.StatusCode.INVALID_ARGUMENT, f"tensor '{name}' has dtype torch.float64"),
-            (lambda: _push(stub, rid, token, 1, {**{k: v for k, v in good.items() if k != name}, "surprise": good[name]}), grpc.StatusCode.INVALID_ARGUMENT, "unexpected tensor 'surprise'"),
-            (lambda: _push(stub, rid, token, 1, {**good, name: torch.full_like(good[name], float("nan"))}), grpc.StatusCode.INVALID_ARGUMENT, f"tensor '{name}' contains NaN or Inf"),
-            (lambda: _push(stub, rid, token, 1, {k: v for k, v in good.items() if k != name}, num_tensors=len(good)), grpc.StatusCode.INVALID_ARGUMENT, "missing tensors"),
-            (lambda: _push(stub, rid, token, 1, good, num_examples=0), grpc.StatusCode.INVALID_ARGUMENT, "num_examples must be at least 1"),
+            (lambda: push_update(stub, "nobody", token, 1, good), grpc.StatusCode.NOT_FOUND, "unknown client id 'nobody'"),
+            (lambda: push_update(stub, rid, "wrong-token", 1, good), grpc.StatusCode.UNAUTHENTICATED, "bad token"),
+            (lambda: push_update(stub, rid, token, 7, good), grpc.StatusCode.FAILED_PRECONDITION, "round 7 is not open"),
+            (lambda: push_update(stub, rid, token, 1, {**good, name: good[name].t().contiguous()}), grpc.StatusCode.INVALID_ARGUMENT, f"tensor '{name}' has shape"),
+            (lambda: push_update(stub, rid, token, 1, {**good, name: good[name].double()}), grpc.StatusCode.INVALID_ARGUMENT, f"tensor '{name}' has dtype torch.float64"),
+            (lambda: push_update(stub, rid, token, 1, {**{k: v for k, v in good.items() if k != name}, "surprise": good[name]}), grpc.StatusCode.INVALID_ARGUMENT, "unexpected tensor 'surprise'"),
+            (lambda: push_update(stub, rid, token, 1, {**good, name: torch.full_like(good[name], float("nan"))}), grpc.StatusCode.INVALID_ARGUMENT, f"tensor '{name}' contains NaN or Inf"),
+            (lambda: push_update(stub, rid, token, 1, {k: v for k, v in good.items() if k != name}, num_tensors=len(good)), grpc.StatusCode.INVALID_ARGUMENT, "missing tensors"),
+            (lambda: push_update(stub, rid, token, 1, good, num_examples=0), grpc.StatusCode.INVALID_ARGUMENT, "num_examples must be at least 1"),
             (lambda: stub.PushUpdate(iter([pb.Frame(chunk=b"x")]), timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "must start with an UpdateHeader"),
             (lambda: stub.Heartbeat(pb.HeartbeatRequest(client_id=rid, token="nope"), timeout=10), grpc.StatusCode.UNAUTHENTICATED, "bad token"),
-            (lambda: _fetch(stub, rid, "nope"), grpc.StatusCode.UNAUTHENTICATED, "bad token"),
+            (lambda: fetch_task(stub, rid, "nope"), grpc.StatusCode.UNAUTHENTICATED, "bad token"),
         ]
         for call, expected_code, expected_text in checks:
             code, message = _status(call)
@@ -125,7 +106,7 @@ def test_bad_updates_are_refused_and_the_round_completes(tmp_path, tiny_llama):
         engine.join(timeout=120)
         assert not engine.is_alive()
         # A late update for a closed round is refused too.
-        code, message = _status(lambda: _push(stub, rid, token, 1, good))
+        code, message = _status(lambda: push_update(stub, rid, token, 1, good))
         assert code == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         gate.set()

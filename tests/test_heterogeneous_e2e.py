@@ -18,10 +18,9 @@ from fedtune.devices import Capabilities
 from fedtune.models import ModelStore, resolve_source
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
-from fedtune.protocol.tensors import TensorReceiver, encode_tensors, tensor_frames
 from fedtune.simulation.runner import run_simulation
 
-from conftest import sentiment_examples
+from conftest import fetch_task, push_update, sentiment_examples
 from test_end_to_end import _write_jsonl
 
 LABELS = ["negative", "positive"]
@@ -108,24 +107,17 @@ def test_push_with_a_shape_other_than_the_plan_is_refused(tmp_path, tiny_llama):
         weak = _three_tiers(tiny_llama, config)[0]
         caps = pb.Capabilities(memory_bytes=weak.memory_bytes, flops_per_second=weak.flops_per_second)
         reply = stub.Register(pb.RegisterRequest(name="weak", capabilities=caps, num_examples=5), timeout=10)
-        frames = iter(stub.FetchTask(pb.FetchTaskRequest(client_id=reply.client_id, token=reply.token, wait_seconds=30), timeout=60))
-        header = next(frames).task
-        receiver = TensorReceiver()
-        for frame in frames:
-            receiver.feed(frame)
-        state = receiver.finish()
+        header, state = fetch_task(stub, reply.client_id, reply.token)
         assert header.plan.layers == [1]  # the weak device trains only the top block
 
         # Send the global (largest) plan's shapes instead of its own: rank 8 instead of 2.
         big = {k: torch.zeros(8, v.shape[1]) if k.endswith("lora_A.weight") else torch.zeros(v.shape[0], 8) if k.endswith("lora_B.weight") else v for k, v in state.items()}
-        head = pb.Frame(update=pb.UpdateHeader(client_id=reply.client_id, token=reply.token, round=1, num_examples=5, num_tensors=len(big)))
         with pytest.raises(grpc.RpcError) as info:
-            stub.PushUpdate(iter([head, *tensor_frames(encode_tensors(big))]), timeout=30)
+            push_update(stub, reply.client_id, reply.token, 1, big)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "has shape" in info.value.details()
 
         # Its own shapes are accepted, and the round completes.
-        good = pb.Frame(update=pb.UpdateHeader(client_id=reply.client_id, token=reply.token, round=1, num_examples=5, num_tensors=len(state)))
-        assert stub.PushUpdate(iter([good, *tensor_frames(encode_tensors(state))]), timeout=30).accepted
+        assert push_update(stub, reply.client_id, reply.token, 1, state).accepted
         engine.join(timeout=60)
     finally:
         channel.close()
@@ -151,17 +143,10 @@ def test_a_client_that_prunes_its_rank_gets_smaller_plans(tmp_path, tiny_llama):
         caps = pb.Capabilities(memory_bytes=strong.memory_bytes, flops_per_second=strong.flops_per_second)
         reply = stub.Register(pb.RegisterRequest(name="pruner", capabilities=caps, num_examples=5), timeout=10)
         for _ in range(2):
-            frames = iter(stub.FetchTask(pb.FetchTaskRequest(client_id=reply.client_id, token=reply.token, wait_seconds=30), timeout=60))
-            header = next(frames).task
-            receiver = TensorReceiver()
-            for frame in frames:
-                receiver.feed(frame)
-            state = receiver.finish()
+            header, state = fetch_task(stub, reply.client_id, reply.token)
             headers.append(header)
-            head = pb.Frame(update=pb.UpdateHeader(
-                client_id=reply.client_id, token=reply.token, round=header.round, num_examples=5,
-                metrics={"train_loss": 0.5, "rank_cap": 2.0}, num_tensors=len(state)))
-            assert stub.PushUpdate(iter([head, *tensor_frames(encode_tensors(state))]), timeout=30).accepted
+            metrics = {"train_loss": 0.5, "rank_cap": 2.0}
+            assert push_update(stub, reply.client_id, reply.token, header.round, state, metrics=metrics).accepted
         engine.join(timeout=60)
     finally:
         channel.close()
