@@ -110,13 +110,27 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"running {name} ...", file=sys.stderr, flush=True)
             results.append(run_row(name, config))
-    print(f"{'setting':<16} {'eval loss':>9} {'eval acc':>8} {'MB up/rd':>9} {'MB down/rd':>10} {'sim s/rd':>9} {'clients/rd':>10} {'wall s':>7}")
+    # Time and traffic to a target: the eval loss the uniform-weakest baseline ends with.
+    baseline = next((r for r in results if r["setting"] == "uniform-weakest"), None)
+    target = baseline["final_eval_loss"] if baseline else None
+    for r in results:
+        hit = next((i + 1 for i, loss in enumerate(r["eval_loss_by_round"]) if target is not None and loss <= target + 1e-9), None)
+        r["rounds_to_target"] = hit
+        r["sim_seconds_to_target"] = hit * r["sim_seconds_per_round"] if hit else None
+        r["mb_to_target"] = hit * (r["mb_up_per_round"] + r["mb_down_per_round"]) if hit else None
+
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    print(f"target eval loss (uniform-weakest after {args.rounds} rounds): {f(target, '.4f')}")
+    print(f"{'setting':<16} {'eval loss':>9} {'eval acc':>8} {'MB up/rd':>9} {'MB down/rd':>10} {'sim s/rd':>9} {'clients/rd':>10} {'wall s':>7} {'rds to tgt':>10} {'sim s to tgt':>12} {'MB to tgt':>9}")
     for r in results:
         print(
             f"{r['setting']:<16} {r['final_eval_loss']:>9.4f} {r['final_eval_accuracy']:>8.3f} {r['mb_up_per_round']:>9.2f} "
-            f"{r['mb_down_per_round']:>10.2f} {r['sim_seconds_per_round']:>9.1f} {r['clients_per_round']:>10.1f} {r['wall_seconds']:>7.0f}"
+            f"{r['mb_down_per_round']:>10.2f} {r['sim_seconds_per_round']:>9.1f} {r['clients_per_round']:>10.1f} {r['wall_seconds']:>7.0f} "
+            f"{f(r['rounds_to_target'], 'd'):>10} {f(r['sim_seconds_to_target'], '.0f'):>12} {f(r['mb_to_target'], '.1f'):>9}"
         )
-    out = {"rounds": args.rounds, "clients_per_tier": args.clients_per_tier, "lr": args.lr, "tiers": {k: vars(v) for k, v in TIERS.items()}, "rows": results}
+    out = {"target_eval_loss": target, "rounds": args.rounds, "clients_per_tier": args.clients_per_tier, "lr": args.lr, "tiers": {k: vars(v) for k, v in TIERS.items()}, "rows": results}
     if args.out:
         args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out))
