@@ -1,0 +1,63 @@
+"""The real service: `fedtune coordinator` and two `fedtune client` processes on loopback,
+started from the command line as an operator and device owners would."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+from conftest import sentiment_examples
+
+
+def _jsonl(path, examples):
+    path.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in examples))
+    return str(path)
+
+
+def test_coordinator_and_clients_as_processes(tmp_path, tiny_llama):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    fedtune = [sys.executable, "-m", "fedtune.cli"]
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'run_dir = "{tmp_path / "run"}"\n'
+        f'[model]\nsource = "{tiny_llama}"\nlabels = ["negative", "positive"]\nmax_length = 32\n'
+        "[federation]\nrounds = 2\nmin_clients = 2\n"
+        "[training]\nlocal_steps = 5\nlearning_rate = 0.02\n"
+        f'[eval]\ndata = "{_jsonl(tmp_path / "eval.jsonl", sentiment_examples(60, seed=5))}"\n'
+        '[server]\naddress = "127.0.0.1:0"\n'
+    )
+    coordinator = subprocess.Popen([*fedtune, "coordinator", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    clients = []
+    try:
+        port = None
+        lines = []
+        for line in coordinator.stdout:  # the operator reads the port it listens on
+            lines.append(line)
+            match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+            if match:
+                port = int(match.group(1))
+                break
+        assert port, "".join(lines)
+        for i in range(2):
+            data = _jsonl(tmp_path / f"client{i}.jsonl", sentiment_examples(80, seed=i))
+            clients.append(subprocess.Popen(
+                [*fedtune, "client", "--coordinator", f"127.0.0.1:{port}", "--data", data, "--model", tiny_llama, "--name", f"device-{i}"],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            ))
+        outputs = [c.communicate(timeout=240)[0] for c in clients]
+        rest, _ = coordinator.communicate(timeout=120)
+    finally:
+        for p in (coordinator, *clients):
+            if p.poll() is None:
+                p.kill()
+    assert coordinator.returncode == 0, "".join(lines) + rest
+    for i, (c, out) in enumerate(zip(clients, outputs)):
+        assert c.returncode == 0, out
+        assert f"device-{i}: trained rounds [1, 2]" in out
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and all(r["clients"] == 2 for r in rows)
+    assert "finished 2 rounds" in rest
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
