@@ -153,13 +153,16 @@ def _config_from_args(args: argparse.Namespace, keys: dict[str, str]) -> RunConf
     return config.validate()
 
 
-def _setup_logging(verbose: int) -> None:
+def _setup_logging(verbose: int, command: str) -> None:
+    """fedtune's own log: warnings only for `simulate` (its table shows progress), INFO for the
+    services (an operator wants to see registrations, plans and rounds); -v one step more,
+    -vv debug output of every library."""
     from rich.logging import RichHandler
 
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]", handlers=[RichHandler(show_path=False)])
-    if verbose < 2:
-        logging.getLogger("fedtune").setLevel(max(level, logging.INFO) if verbose else logging.WARNING)
+    quiet = logging.WARNING if command == "simulate" else logging.INFO
+    ours = [quiet, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=logging.DEBUG if verbose >= 2 else logging.WARNING, format="%(message)s", datefmt="[%X]", handlers=[RichHandler(show_path=False)])
+    logging.getLogger("fedtune").setLevel(ours)
 
 
 def _console():
@@ -303,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Deprecation chatter from transformers/peft internals is not actionable for fedtune's users.
     warnings.filterwarnings("ignore", category=FutureWarning)
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, args.command)
     from fedtune.adapters import AdapterError
     from fedtune.client.agent import AgentError
     from fedtune.coordinator.errors import CoordinatorError
