@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import grpc
+import pytest
 import torch
 
 from fedtune.config import RunConfig
@@ -60,3 +61,20 @@ def test_a_6_mb_adapter_goes_down_and_up_intact(tmp_path):
         assert torch.equal(coordinator.engine.global_state[name], t)
     row = coordinator.engine.history[0]
     assert row["bytes_down"] > 6 * 1024 * 1024 and row["bytes_up"] > 6 * 1024 * 1024
+
+
+def test_split_learning_rpc_is_reserved_and_says_so(tmp_path):
+    config = RunConfig()
+    config.server.address = "127.0.0.1:0"
+    config.run_dir = str(tmp_path / "run")
+    coordinator = Coordinator(config, global_model=FixedTensors({"w": torch.zeros(2)}))
+    port = coordinator.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        stub = pb_grpc.CoordinatorStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.SplitStep(iter([pb.SplitFrame(header=pb.SplitHeader(kind=pb.SPLIT_KIND_ACTIVATIONS))]), timeout=10))
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED and "split learning" in info.value.details()
+    finally:
+        channel.close()
+        coordinator.stop()

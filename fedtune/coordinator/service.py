@@ -130,3 +130,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             log.warning("round %d: rejected update from %s: %s", header.round, header.client_id, exc.message)
             _abort(context, exc.code, exc.message)
         return pb.PushReply(accepted=True, message=f"update for round {header.round} accepted")
+
+    def SplitStep(self, request_iterator: Iterator[pb.SplitFrame], context: grpc.ServicerContext) -> Iterator[pb.SplitFrame]:
+        _abort(context, "UNIMPLEMENTED", "split learning is not available on this coordinator (fedtune 0.1 trains federated adapters only)")
+        yield from ()  # pragma: no cover - makes this a generator, as the streaming rpc expects

@@ -14,6 +14,13 @@ class TaskStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_STATUS_WAIT: _ClassVar[TaskStatus]
     TASK_STATUS_DONE: _ClassVar[TaskStatus]
 
+class SplitKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SPLIT_KIND_UNSPECIFIED: _ClassVar[SplitKind]
+    SPLIT_KIND_ACTIVATIONS: _ClassVar[SplitKind]
+    SPLIT_KIND_GRADIENTS: _ClassVar[SplitKind]
+    SPLIT_KIND_LABELS: _ClassVar[SplitKind]
+
 class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DTYPE_UNSPECIFIED: _ClassVar[DType]
@@ -36,6 +43,10 @@ TASK_STATUS_UNSPECIFIED: TaskStatus
 TASK_STATUS_TRAIN: TaskStatus
 TASK_STATUS_WAIT: TaskStatus
 TASK_STATUS_DONE: TaskStatus
+SPLIT_KIND_UNSPECIFIED: SplitKind
+SPLIT_KIND_ACTIVATIONS: SplitKind
+SPLIT_KIND_GRADIENTS: SplitKind
+SPLIT_KIND_LABELS: SplitKind
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
@@ -221,6 +232,41 @@ class HeartbeatReply(_message.Message):
     current_round: int
     training_over: bool
     def __init__(self, current_round: _Optional[int] = ..., training_over: _Optional[bool] = ...) -> None: ...
+
+class SplitHeader(_message.Message):
+    __slots__ = ("client_id", "token", "round", "step", "kind", "num_tensors", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    token: str
+    round: int
+    step: int
+    kind: SplitKind
+    num_tensors: int
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, client_id: _Optional[str] = ..., token: _Optional[str] = ..., round: _Optional[int] = ..., step: _Optional[int] = ..., kind: _Optional[_Union[SplitKind, str]] = ..., num_tensors: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class SplitFrame(_message.Message):
+    __slots__ = ("header", "tensor", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: SplitHeader
+    tensor: TensorHeader
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[SplitHeader, _Mapping]] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
     __slots__ = ("name", "dtype", "shape", "encoding", "payload_bytes", "codec_params")

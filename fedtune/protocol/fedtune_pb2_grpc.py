@@ -54,6 +54,11 @@ class CoordinatorStub:
                 request_serializer=fedtune_dot_protocol_dot_fedtune__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=fedtune_dot_protocol_dot_fedtune__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
+        self.SplitStep = channel.stream_stream(
+                '/fedtune.v1.Coordinator/SplitStep',
+                request_serializer=fedtune_dot_protocol_dot_fedtune__pb2.SplitFrame.SerializeToString,
+                response_deserializer=fedtune_dot_protocol_dot_fedtune__pb2.SplitFrame.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -90,6 +95,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SplitStep(self, request_iterator, context):
+        """Split learning (reserved; coordinators of this version answer UNIMPLEMENTED): per step the
+        client streams the activations of its bottom blocks and receives their gradients back, both
+        as tensors (encoded, e.g. AMAQ mixed-bit) after a SplitHeader.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +126,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=fedtune_dot_protocol_dot_fedtune__pb2.HeartbeatRequest.FromString,
                     response_serializer=fedtune_dot_protocol_dot_fedtune__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'SplitStep': grpc.stream_stream_rpc_method_handler(
+                    servicer.SplitStep,
+                    request_deserializer=fedtune_dot_protocol_dot_fedtune__pb2.SplitFrame.FromString,
+                    response_serializer=fedtune_dot_protocol_dot_fedtune__pb2.SplitFrame.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +241,33 @@ class Coordinator:
             '/fedtune.v1.Coordinator/Heartbeat',
             fedtune_dot_protocol_dot_fedtune__pb2.HeartbeatRequest.SerializeToString,
             fedtune_dot_protocol_dot_fedtune__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SplitStep(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/fedtune.v1.Coordinator/SplitStep',
+            fedtune_dot_protocol_dot_fedtune__pb2.SplitFrame.SerializeToString,
+            fedtune_dot_protocol_dot_fedtune__pb2.SplitFrame.FromString,
             options,
             channel_credentials,
             insecure,
