@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
+import threading
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -105,3 +107,25 @@ def push_update(stub, client_id: str, token: str, round_number: int, tensors: di
         num_tensors=len(encoded) if num_tensors is None else num_tensors,
     ))
     return stub.PushUpdate(iter([head, *tensor_frames(encoded, 4096)]), timeout=60)
+
+
+@contextlib.contextmanager
+def live_coordinator(config, **options):
+    """A coordinator serving on loopback with its round engine running in a thread; yields
+    (coordinator, stub, engine thread) and shuts everything down afterwards."""
+    import grpc
+
+    from fedtune.coordinator.app import Coordinator
+    from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
+
+    config.server.address = "127.0.0.1:0"
+    coordinator = Coordinator(config, **options)
+    port = coordinator.start()
+    engine = threading.Thread(target=coordinator.engine.run, daemon=True)
+    engine.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield coordinator, pb_grpc.CoordinatorStub(channel), engine
+    finally:
+        channel.close()
+        coordinator.stop()

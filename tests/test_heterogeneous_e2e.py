@@ -4,7 +4,6 @@ different plans, and a client pushing an adapter of another shape than its plan 
 from __future__ import annotations
 
 import json
-import threading
 
 import grpc
 import pytest
@@ -17,10 +16,9 @@ from fedtune.coordinator.planner import CostModel, Planner
 from fedtune.devices import Capabilities
 from fedtune.models import ModelStore, resolve_source
 from fedtune.protocol import fedtune_pb2 as pb
-from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
 from fedtune.simulation.runner import run_simulation
 
-from conftest import fetch_task, push_update, sentiment_examples
+from conftest import fetch_task, live_coordinator, push_update, sentiment_examples
 from test_end_to_end import _write_jsonl
 
 LABELS = ["negative", "positive"]
@@ -96,14 +94,7 @@ def test_uncovered_layers_are_reported_and_keep_their_values(tmp_path, tiny_llam
 def test_push_with_a_shape_other_than_the_plan_is_refused(tmp_path, tiny_llama):
     config = _config(tmp_path, tiny_llama, "hetlora")
     config.federation.rounds, config.federation.min_clients = 1, 1
-    config.server.address = "127.0.0.1:0"
-    coordinator = Coordinator(config, eval_examples=[])
-    port = coordinator.start()
-    engine = threading.Thread(target=coordinator.engine.run, daemon=True)
-    engine.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = pb_grpc.CoordinatorStub(channel)
-    try:
+    with live_coordinator(config, eval_examples=[]) as (coordinator, stub, engine):
         weak = _three_tiers(tiny_llama, config)[0]
         caps = pb.Capabilities(memory_bytes=weak.memory_bytes, flops_per_second=weak.flops_per_second)
         reply = stub.Register(pb.RegisterRequest(name="weak", capabilities=caps, num_examples=5), timeout=10)
@@ -119,9 +110,6 @@ def test_push_with_a_shape_other_than_the_plan_is_refused(tmp_path, tiny_llama):
         # Its own shapes are accepted, and the round completes.
         assert push_update(stub, reply.client_id, reply.token, 1, state).accepted
         engine.join(timeout=60)
-    finally:
-        channel.close()
-        coordinator.stop()
     rows = [json.loads(line) for line in (coordinator.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["clients"] == 1 and rows[0]["rejected_updates"] == 1
 
@@ -130,15 +118,8 @@ def test_a_client_that_prunes_its_rank_gets_smaller_plans(tmp_path, tiny_llama):
     config = _config(tmp_path, tiny_llama, "hetlora")
     config.federation.rounds, config.federation.min_clients = 2, 1
     config.federation.rank_pruning = 0.1
-    config.server.address = "127.0.0.1:0"
-    coordinator = Coordinator(config, eval_examples=[])
-    port = coordinator.start()
-    engine = threading.Thread(target=coordinator.engine.run, daemon=True)
-    engine.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = pb_grpc.CoordinatorStub(channel)
     headers = []
-    try:
+    with live_coordinator(config, eval_examples=[]) as (coordinator, stub, engine):
         strong = _three_tiers(tiny_llama, config)[2]
         caps = pb.Capabilities(memory_bytes=strong.memory_bytes, flops_per_second=strong.flops_per_second)
         reply = stub.Register(pb.RegisterRequest(name="pruner", capabilities=caps, num_examples=5), timeout=10)
@@ -148,9 +129,6 @@ def test_a_client_that_prunes_its_rank_gets_smaller_plans(tmp_path, tiny_llama):
             metrics = {"train_loss": 0.5, "rank_cap": 2.0}
             assert push_update(stub, reply.client_id, reply.token, header.round, state, metrics=metrics).accepted
         engine.join(timeout=60)
-    finally:
-        channel.close()
-        coordinator.stop()
     assert headers[0].training.tail_penalty == pytest.approx(0.1)
     assert max(headers[0].plan.rank_per_layer.values()) == 8
     assert max(headers[1].plan.rank_per_layer.values()) == 2 and headers[1].plan.rank == 2

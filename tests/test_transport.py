@@ -3,7 +3,6 @@ coordinator's own download and upload paths, bit for bit."""
 
 from __future__ import annotations
 
-import threading
 
 import grpc
 import pytest
@@ -15,6 +14,8 @@ from fedtune.coordinator.global_model import FixedTensors
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
 from fedtune.protocol.tensors import TensorReceiver, encode_tensors, tensor_frames
+
+from conftest import live_coordinator
 
 
 def test_a_6_mb_adapter_goes_down_and_up_intact(tmp_path):
@@ -28,13 +29,8 @@ def test_a_6_mb_adapter_goes_down_and_up_intact(tmp_path):
     config.federation.rounds, config.federation.min_clients = 1, 1
     config.server.address = "127.0.0.1:0"
     config.run_dir = str(tmp_path / "run")
-    coordinator = Coordinator(config, global_model=FixedTensors(tensors))
-    port = coordinator.start()
-    engine = threading.Thread(target=coordinator.engine.run, daemon=True)
-    engine.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")  # default 4 MiB message limits
-    stub = pb_grpc.CoordinatorStub(channel)
-    try:
+    # the test's channel keeps gRPC's default 4 MiB message limits
+    with live_coordinator(config, global_model=FixedTensors(tensors)) as (coordinator, stub, engine):
         reply = stub.Register(pb.RegisterRequest(name="big-client", num_examples=1), timeout=10)
         frames = iter(stub.FetchTask(pb.FetchTaskRequest(client_id=reply.client_id, token=reply.token, wait_seconds=30), timeout=60))
         header = next(frames).task
@@ -53,9 +49,6 @@ def test_a_6_mb_adapter_goes_down_and_up_intact(tmp_path):
         push = stub.PushUpdate(iter([head, *tensor_frames(encoded)]), timeout=60)
         assert push.accepted
         engine.join(timeout=60)
-    finally:
-        channel.close()
-        coordinator.stop()
     # One client with all the weight: FedAvg returns its update exactly.
     for name, t in update.items():
         assert torch.equal(coordinator.engine.global_state[name], t)
