@@ -76,6 +76,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", help="aggregation strategy: fedavg, hetlora, flexlora, flora")
     p.add_argument("--hetlora-weighting", help="hetlora: weight clients by 'examples' or update 'norm'")
     p.add_argument("--rank-pruning", type=float, help="hetlora: tail-rank penalty weight for rank self-pruning (0: off)")
+    p.add_argument("--no-freeze-remainder", action="store_true", default=None, help="clients see only their slice of the global adapter (as in the HetLoRA paper)")
     p.add_argument("--share-a", action="store_true", default=None, help="FedSA-LoRA: share only A; each client keeps its B")
     p.add_argument("--min-rank", type=int, help="planner: smallest rank it hands out")
     p.add_argument("--max-rank", type=int, help="planner: largest rank (the global adapter's)")
@@ -148,6 +149,8 @@ def _config_from_args(args: argparse.Namespace, keys: dict[str, str]) -> RunConf
         config.server.insecure = True
     if getattr(args, "share_a", None):
         config.federation.share_a = True
+    if getattr(args, "no_freeze_remainder", None):
+        config.federation.freeze_remainder = False
     if getattr(args, "no_planner", None):
         config.planner.enabled = False
     return config.validate()

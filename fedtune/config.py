@@ -74,6 +74,10 @@ class FederationSection:
     hetlora_weighting: str = "examples"
     # FedSA-LoRA: only the A matrices (and trained heads) are shared; each client keeps its B.
     share_a: bool = False
+    # Heterogeneous strategies: a client whose plan covers only part of the global adapter gets
+    # the rest folded into its frozen weights, so it trains its slice inside the global model's
+    # exact function (false: it sees only its own slice, as in the HetLoRA paper).
+    freeze_remainder: bool = True
     # HetLoRA rank self-pruning: clients penalize the norm of their tail ranks' update with this
     # weight and, when it shrinks from one round to the next, cut their rank to
     # `rank_pruning_keep` of itself for the following rounds. 0: off.

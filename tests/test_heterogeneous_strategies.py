@@ -197,3 +197,23 @@ def test_tail_penalty_has_a_gradient_and_shrinks_the_tail(tiny_llama):
     value = tail_norm(lora_pairs(model), 0.5)
     value.backward()
     assert all(b.grad is not None and b.grad[:, 2:].abs().sum() > 0 for _, b in lora_pairs(model))
+
+
+@pytest.mark.parametrize("name", ["hetlora", "flexlora"])
+def test_client_slice_plus_frozen_remainder_is_the_global_function(name):
+    from fedtune.adapters.lora import split_base_delta
+    from fedtune.aggregation.lora_math import remainder
+
+    g = torch.Generator().manual_seed(9)
+    strategy = get_strategy(name)
+    state = strategy.aggregate(strategy.initial_state(_global(g)), _updates(g, [3, 8], [1, 2]))
+    global_shapes = {M + A: (RMAX, IN), M + B: (OUT, RMAX), M2 + A: (RMAX, IN), M2 + B: (OUT, RMAX)}
+    glob = strategy.client_state(state, global_shapes, round_number=2)
+    client_shapes = {M + A: (3, IN), M + B: (OUT, 3)}          # rank 3 on M, nothing on M2
+    client = strategy.client_state(state, client_shapes, round_number=2)
+    frozen = remainder(glob, client_shapes)
+    adapter, deltas = split_base_delta({**client, **frozen}, scale=2.0)
+    assert set(adapter) == set(client_shapes) and set(deltas) == {M, M2}
+    for module in (M, M2):
+        own = 2.0 * adapter[module + B] @ adapter[module + A] if module + A in adapter else 0.0
+        torch.testing.assert_close(own + deltas[module], 2.0 * glob[module + B] @ glob[module + A], atol=1e-9, rtol=1e-9)

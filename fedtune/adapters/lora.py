@@ -144,10 +144,24 @@ def apply_base_delta(model: PeftModel, deltas: Mapping[str, torch.Tensor]) -> No
         base.weight = torch.nn.Parameter(base.weight.detach() + delta.to(base.weight.dtype), requires_grad=False)
 
 
-def split_base_delta(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Separate a task's tensors into the adapter state and the base deltas (by name suffix)."""
-    adapter = {k: v for k, v in tensors.items() if not k.endswith(BASE_DELTA)}
-    deltas = {k[: -len(BASE_DELTA)]: v for k, v in tensors.items() if k.endswith(BASE_DELTA)}
+FROZEN_A, FROZEN_B = ".frozen_A", ".frozen_B"
+
+
+def split_base_delta(tensors: Mapping[str, torch.Tensor], scale: float = 1.0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Separate a task's tensors into the adapter state and dense updates for the frozen
+    weights: ``<module>.base_delta`` matrices (FLoRA) plus ``scale * frozen_B @ frozen_A`` for
+    the parts of the global adapter outside the client's plan."""
+    extra = (BASE_DELTA, FROZEN_A, FROZEN_B)
+    adapter = {k: v for k, v in tensors.items() if not k.endswith(extra)}
+    deltas = {k[: -len(BASE_DELTA)]: v.clone() for k, v in tensors.items() if k.endswith(BASE_DELTA)}
+    for name, a in tensors.items():
+        if name.endswith(FROZEN_A):
+            module = name[: -len(FROZEN_A)]
+            b = tensors.get(module + FROZEN_B)
+            if b is None or b.shape[1] != a.shape[0]:
+                raise AdapterError(f"frozen factors of {module!r} do not pair up")
+            product = scale * (b.double() @ a.double())
+            deltas[module] = (deltas[module].double() + product).to(a.dtype) if module in deltas else product.to(a.dtype)
     return adapter, deltas
 
 

@@ -78,3 +78,27 @@ def kaiming_rows(rows: int, cols: int, generator: torch.Generator, dtype: torch.
     """A fresh LoRA A matrix, drawn like peft's default: U(-1/sqrt(in), 1/sqrt(in))."""
     bound = 1.0 / cols**0.5
     return ((torch.rand(rows, cols, generator=generator, dtype=torch.float64) * 2 - 1) * bound).to(dtype)
+
+
+FROZEN_A = ".frozen_A"
+FROZEN_B = ".frozen_B"
+
+
+def remainder(global_adapter: Mapping[str, torch.Tensor], client_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The part of the global adapter a client's plan does not train, as low-rank factors.
+
+    A client's starting adapter is the leading slice of the global one (HetLoRA's truncation,
+    FlexLoRA's leading singular directions), so what it misses on a module is the tail
+    ``B[:, r:] @ A[r:, :]`` (the whole product on modules outside its plan). Folded into the
+    client's frozen weights, it makes the client start from the global model's exact function
+    while training only its own slice. Returns ``<module>.frozen_A`` / ``.frozen_B`` tensors.
+    """
+    out = {}
+    for module in lora_modules(global_adapter):
+        a, b = global_adapter[module + A_SUFFIX], global_adapter[module + B_SUFFIX]
+        shape = client_shapes.get(module + A_SUFFIX)
+        r = shape[0] if shape is not None else 0
+        if r < a.shape[0] and torch.count_nonzero(b[:, r:]) > 0:
+            out[module + FROZEN_A] = a[r:].clone()
+            out[module + FROZEN_B] = b[:, r:].clone()
+    return out

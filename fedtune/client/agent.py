@@ -226,7 +226,7 @@ class ClientAgent:
             tail_penalty=settings.tail_penalty, tail_fraction=settings.tail_fraction or 0.5,
         )
 
-        adapter, base_delta = split_base_delta(global_tensors)
+        adapter, base_delta = split_base_delta(global_tensors, plan.scale)
         share_a = header.share_a
 
         def work() -> tuple[dict, dict[str, float]]:

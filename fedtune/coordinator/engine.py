@@ -30,6 +30,7 @@ import torch
 from fedtune.adapters import AdapterPlan
 from fedtune.adapters.lora import BASE_DELTA
 from fedtune.aggregation import ClientUpdate, Strategy
+from fedtune.aggregation.lora_math import remainder
 from fedtune.config import RunConfig
 from fedtune.coordinator.checkpoint import load_checkpoint, save_checkpoint
 from fedtune.coordinator.clients import ClientRecord, ClientRegistry
@@ -343,6 +344,9 @@ class RoundEngine:
             selected = self._select(number)
         plans, cov = self._plans(selected)
         base_delta = {name + BASE_DELTA: t for name, t in self.strategy.base_delta(self.global_state).items()}
+        global_adapter = None
+        if self.strategy.heterogeneous and self.fed.freeze_remainder:
+            global_adapter, _ = self.global_adapter(number)
         payloads, specs = {}, {}
         for plan in plans.values():
             key = plan.key()
@@ -352,7 +356,8 @@ class RoundEngine:
             if self.fed.share_a:  # FedSA-LoRA: B stays on the client
                 spec = {n: s for n, s in spec.items() if not n.endswith(".lora_B.weight")}
             shapes = {name: s.shape for name, s in self.global_model.spec(plan).items()}
-            payloads[key] = encode_tensors({**self.strategy.client_state(self.global_state, shapes, number), **base_delta})
+            frozen = remainder(global_adapter, shapes) if global_adapter is not None else {}
+            payloads[key] = encode_tensors({**self.strategy.client_state(self.global_state, shapes, number), **base_delta, **frozen})
             specs[key] = spec
         for cid, plan in plans.items():
             if self.planner is not None:
