@@ -27,10 +27,6 @@ def is_lora(name: str) -> bool:
     return name.endswith(A_SUFFIX) or name.endswith(B_SUFFIX)
 
 
-def rank_of(state: Mapping[str, torch.Tensor], module: str) -> int:
-    return int(state[module + A_SUFFIX].shape[0])
-
-
 def pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-pad A (r x in) and B (out x r) to ``rank``: the product is unchanged."""
     r = a.shape[0]
@@ -48,19 +44,6 @@ def truncate(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     if len(shape) != tensor.dim() or any(s > t for s, t in zip(shape, tensor.shape)):
         raise ValueError(f"cannot slice {list(shape)} out of {list(tensor.shape)}")
     return tensor[tuple(slice(0, s) for s in shape)].clone()
-
-
-def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best rank-``rank`` factorization of ``delta`` (Eckart-Young) as LoRA factors:
-    B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T, so that B @ A is the truncated SVD."""
-    u, s, vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
-    r = min(rank, s.numel())
-    root = s[:r].sqrt()
-    b = u[:, :r] * root
-    a = root[:, None] * vh[:r]
-    if r < rank:  # a matrix of lower rank than asked: pad with zeros
-        a, b = pad_rank(a, b, rank)
-    return a.to(delta.dtype), b.to(delta.dtype)
 
 
 def stack(pairs: list[tuple[torch.Tensor, torch.Tensor]], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:

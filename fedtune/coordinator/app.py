@@ -7,7 +7,6 @@ loopback beside its clients: the same object in both.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -163,11 +162,6 @@ class Coordinator:
             return history
         finally:
             self.stop()
-
-    def run_in_thread(self) -> threading.Thread:
-        thread = threading.Thread(target=self.engine.run, name="round-engine", daemon=True)
-        thread.start()
-        return thread
 
     def stop(self, grace_s: float = 2.0) -> None:
         self.engine.stop()

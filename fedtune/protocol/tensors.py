@@ -78,11 +78,6 @@ def _raw_array(tensor: torch.Tensor) -> np.ndarray:
     return t.numpy().astype(np_dtype, copy=False).reshape(-1)
 
 
-def encode_raw(tensor: torch.Tensor) -> bytes:
-    """The tensor's elements as little-endian bytes, row-major."""
-    return _raw_array(tensor).tobytes()
-
-
 def decode_raw(header: pb.TensorHeader, payload: bytes | bytearray | memoryview) -> torch.Tensor:
     """Rebuild a tensor from a header and its payload, checking that they agree."""
     check_header(header)
