@@ -353,16 +353,15 @@ class RoundEngine:
             if key in payloads:
                 continue
             spec = self.global_model.spec(plan)
-            if self.fed.share_a:  # FedSA-LoRA: B stays on the client
-                spec = {n: s for n, s in spec.items() if not n.endswith(".lora_B.weight")}
-            shapes = {name: s.shape for name, s in self.global_model.spec(plan).items()}
+            shapes = {name: s.shape for name, s in spec.items()}
             frozen = remainder(global_adapter, shapes) if global_adapter is not None else {}
             payloads[key] = encode_tensors({**self.strategy.client_state(self.global_state, shapes, number), **base_delta, **frozen})
-            specs[key] = spec
-        for cid, plan in plans.items():
-            if self.planner is not None:
-                ranks = {l: plan.rank_per_layer.get(l, plan.rank) for l in plan.layers}
-                log.info("round %d: %s gets LoRA on layers %s with ranks %s", number, cid, list(plan.layers), list(ranks.values()))
+            # what the client sends back; with FedSA-LoRA its B stays on the device
+            specs[key] = {n: s for n, s in spec.items() if not (self.fed.share_a and n.endswith(".lora_B.weight"))}
+        if self.planner is not None:
+            for cid, plan in plans.items():
+                ranks = [plan.rank_per_layer.get(layer, plan.rank) for layer in plan.layers]
+                log.info("round %d: %s gets LoRA on layers %s with ranks %s", number, cid, list(plan.layers), ranks)
         with self._cond:
             now = time.monotonic()
             self._round = _Round(
