@@ -56,8 +56,9 @@ def worker_plain(rounds: int, out: Path) -> None:
     import torch
 
     from fedtune.adapters import AdapterPlan, adapter_state, inject_lora, load_adapter_state
-    from fedtune.aggregation import ClientUpdate, get_strategy
-    from fedtune.client.trainer import TrainSettings, train_adapter
+    from fedtune.aggregation.lora_math import weighted_average
+    from fedtune.client.recipes import Recipe, TrainSettings
+    from fedtune.client.recipes.base import LocalOptions
     from fedtune.data import label_ids
     from fedtune.models import ModelStore, resolve_source
     from fedtune.simulation.partition import partition
@@ -74,15 +75,14 @@ def worker_plain(rounds: int, out: Path) -> None:
     model = inject_lora(store.instance(source, "seq-cls", labels), plan, "seq-cls")
     items = [store.encode(source, task, [train[i] for i in p], 64, labels) for p in parts]
     eval_items = store.encode(source, task, evals, 64, labels)
-    state, fedavg, history = adapter_state(model), get_strategy("fedavg"), []
+    state, history = adapter_state(model), []
     for r in range(1, rounds + 1):
         t0 = time.monotonic()
         updates = []
         for c, client_items in enumerate(items):
-            load_adapter_state(model, state)
-            metrics = train_adapter(model, task, client_items, TrainSettings(20, 16, 1e-3, 0.0, seed=r * 100 + c), pad)
-            updates.append(ClientUpdate(str(c), adapter_state(model), len(client_items), metrics))
-        state = fedavg.aggregate(state, updates)
+            sent, _ = Recipe(LocalOptions(), {}).run(model, state, {}, task, client_items, TrainSettings(20, 16, 1e-3, 0.0, seed=r * 100 + c), pad)
+            updates.append((sent, len(client_items)))
+        state = {n: weighted_average([u[n] for u, _ in updates], [k for _, k in updates]) for n in state}
         t1 = time.monotonic()
         load_adapter_state(model, state)
         metrics = task.evaluate(model, eval_items, pad, 64)

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from fedtune import __version__
 from fedtune.config import ConfigError, RunConfig, load_config, set_key
+from fedtune.options import parse_scalar
 
 # flag dest -> config key; a flag left at None keeps the file's (or default) value
 COMMON_KEYS = {
@@ -30,8 +31,6 @@ COMMON_KEYS = {
     "clients_per_round": "federation.clients_per_round",
     "strategy": "federation.strategy",
     "round_timeout": "federation.round_timeout_s",
-    "hetlora_weighting": "federation.hetlora_weighting",
-    "rank_pruning": "federation.rank_pruning",
     "max_rank": "planner.max_rank",
     "min_rank": "planner.min_rank",
     "round_budget": "planner.round_budget_s",
@@ -73,10 +72,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (the update is scaled by alpha/rank)")
     p.add_argument("--rounds", type=int, help="federated rounds")
     p.add_argument("--clients-per-round", type=int, help="clients trained per round (0: all)")
-    p.add_argument("--strategy", help="aggregation strategy: fedavg, hetlora, flexlora, flora")
-    p.add_argument("--hetlora-weighting", help="hetlora: weight clients by 'examples' or update 'norm'")
-    p.add_argument("--rank-pruning", type=float, help="hetlora: tail-rank penalty weight for rank self-pruning (0: off)")
-    p.add_argument("--no-freeze-remainder", action="store_true", default=None, help="clients see only their slice of the global adapter (as in the HetLoRA paper)")
+    p.add_argument("--strategy", help="strategy: fedavg, fedavgm, fedadam, fedyogi, fedprox, scaffold, fedlc, hetlora, flexlora, flora (`fedtune strategies` lists them with their options)")
+    p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="a strategy option, e.g. -o server_lr=0.01 -o inner=hetlora (repeatable)")
     p.add_argument("--share-a", action="store_true", default=None, help="FedSA-LoRA: share only A; each client keeps its B")
     p.add_argument("--min-rank", type=int, help="planner: smallest rank it hands out")
     p.add_argument("--max-rank", type=int, help="planner: largest rank (the global adapter's)")
@@ -120,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--enrollment-secret", help="secret a client must present to register")
     coord.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
 
+    sub.add_parser("strategies", help="list the strategies and their options")
+
     cli = sub.add_parser("client", help="run a device agent against a coordinator")
     cli.add_argument("--coordinator", required=True, help="coordinator HOST:PORT")
     cli.add_argument("--data", required=True, help="this device's training data (JSONL/CSV/text)")
@@ -149,8 +148,11 @@ def _config_from_args(args: argparse.Namespace, keys: dict[str, str]) -> RunConf
         config.server.insecure = True
     if getattr(args, "share_a", None):
         config.federation.share_a = True
-    if getattr(args, "no_freeze_remainder", None):
-        config.federation.freeze_remainder = False
+    for item in getattr(args, "option", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--option {item!r}: expected KEY=VALUE")
+        config.federation.options[key.strip()] = parse_scalar(value.strip())
     if getattr(args, "no_planner", None):
         config.planner.enabled = False
     return config.validate()
@@ -304,12 +306,26 @@ def cmd_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_strategies(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from fedtune.aggregation import STRATEGIES
+
+    for name in STRATEGIES.names():
+        cls = STRATEGIES.get(name)
+        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{name}: {doc}")
+        for f in dataclasses.fields(cls.Options):
+            print(f"    {f.name} = {f.default!r}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fedtune never downloads models
     # Deprecation chatter from transformers/peft internals is not actionable for fedtune's users.
     warnings.filterwarnings("ignore", category=FutureWarning)
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose, args.command)
+    _setup_logging(getattr(args, "verbose", 0), args.command)
     from fedtune.adapters import AdapterError
     from fedtune.client.agent import AgentError
     from fedtune.coordinator.errors import CoordinatorError
@@ -318,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedtune.models import ModelError
     from fedtune.transport import TransportError
 
-    handlers = {"simulate": cmd_simulate, "coordinator": cmd_coordinator, "client": cmd_client}
+    handlers = {"simulate": cmd_simulate, "coordinator": cmd_coordinator, "client": cmd_client, "strategies": cmd_strategies}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelError, TransportError, AgentError, AdapterError, ProfileError) as exc:

@@ -67,22 +67,19 @@ class FederationSection:
     round_timeout_s: float = 600.0
     # A selected client silent for this long (no call, no heartbeat) is counted as dropped.
     client_timeout_s: float = 120.0
-    # Aggregation strategy by name (see `fedtune.aggregation.STRATEGIES`): fedavg, hetlora,
-    # flexlora, flora.
+    # Strategy by name (see `fedtune.aggregation.STRATEGIES`): fedavg, fedavgm, fedadam, fedyogi,
+    # fedprox, scaffold, fedlc, hetlora, flexlora, flora.
     strategy: str = "fedavg"
-    # hetlora only: weight clients by "examples" or by the norm of their update ("norm").
-    hetlora_weighting: str = "examples"
+    # The strategy's options, checked against its options dataclass (`fedtune strategies` lists
+    # them). Wrappers (fedavgm, fedadam, fedyogi, fedprox, scaffold, fedlc) take `inner`, the
+    # strategy they wrap, and pass the options they do not know to it. Example:
+    #   [federation.options]
+    #   server_lr = 0.01
+    #   inner = "hetlora"
+    options: dict[str, Any] = field(default_factory=dict)
     # FedSA-LoRA: only the A matrices (and trained heads) are shared; each client keeps its B.
+    # Refused at start by strategies that need B (flexlora, flora).
     share_a: bool = False
-    # Heterogeneous strategies: a client whose plan covers only part of the global adapter gets
-    # the rest folded into its frozen weights, so it trains its slice inside the global model's
-    # exact function (false: it sees only its own slice, as in the HetLoRA paper).
-    freeze_remainder: bool = True
-    # HetLoRA rank self-pruning: clients penalize the norm of their tail ranks' update with this
-    # weight and, when it shrinks from one round to the next, cut their rank to
-    # `rank_pruning_keep` of itself for the following rounds. 0: off.
-    rank_pruning: float = 0.0
-    rank_pruning_keep: float = 0.5
 
 
 @dataclass
@@ -149,6 +146,15 @@ class SimulationSection:
 
 
 @dataclass
+class ExportSection:
+    # Rank of the exported adapter when the global model has dense base-weight deltas (flora,
+    # flexlora): 0 keeps the numerical rank, so the export reproduces the run's model exactly.
+    rank: int = 0
+    # Also write the merged model (base weights + adapter) as a transformers folder `merged/`.
+    merged: bool = False
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSection = field(default_factory=LoraSection)
@@ -158,13 +164,25 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     server: ServerSection = field(default_factory=ServerSection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
+    export: ExportSection = field(default_factory=ExportSection)
     # Where metrics, checkpoints and the final adapter go. Empty: a new folder under runs/.
     run_dir: str = ""
     seed: int = 0
 
+    def build_strategy(self, scale: float | None = None):
+        """The configured strategy (wrapped for FedSA-LoRA when ``share_a``); raises
+        OptionsError naming the option that is wrong."""
+        from fedtune.aggregation import build_strategy
+        from fedtune.aggregation.fedsa import FedSA
+
+        scale = self.lora.alpha / self.lora.rank if scale is None else scale
+        strategy = build_strategy(self.federation.strategy, self.federation.options, scale=scale, seed=self.seed)
+        return FedSA(strategy, scale=scale, seed=self.seed) if self.federation.share_a else strategy
+
     def validate(self) -> "RunConfig":
         """Check value ranges and names; raise ConfigError naming the key."""
         from fedtune.aggregation import STRATEGIES
+        from fedtune.options import OptionsError
         from fedtune.simulation.partition import PARTITIONS
         from fedtune.tasks import TASKS
 
@@ -190,15 +208,11 @@ class RunConfig:
             "federation.strategy",
             f"unknown strategy {self.federation.strategy!r}; choose one of: {', '.join(STRATEGIES.names())}",
         )
-        from fedtune.aggregation.hetlora import WEIGHTINGS
-
-        _check(
-            self.federation.hetlora_weighting in WEIGHTINGS,
-            "federation.hetlora_weighting",
-            f"unknown weighting {self.federation.hetlora_weighting!r}; choose one of: {', '.join(WEIGHTINGS)}",
-        )
-        _check(self.federation.rank_pruning >= 0, "federation.rank_pruning", "must be >= 0")
-        _check(0 < self.federation.rank_pruning_keep < 1, "federation.rank_pruning_keep", "must be in (0, 1)")
+        try:
+            self.build_strategy()
+        except OptionsError as exc:
+            raise ConfigError(f"federation.options: {exc}" if not str(exc).startswith("federation.") else str(exc)) from None
+        _check(self.export.rank >= 0, "export.rank", "must be >= 0")
         _check(1 <= self.planner.min_rank <= self.planner.max_rank, "planner.min_rank", "must be between 1 and planner.max_rank")
         _check(self.planner.round_budget_s > 0, "planner.round_budget_s", "must be positive")
         _check(self.planner.coverage in ("warn", "adjust"), "planner.coverage", "must be \"warn\" or \"adjust\"")
@@ -272,6 +286,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key + ".")
     origin = typing.get_origin(hint)
+    if origin is dict:  # a free table (strategy options), checked by its consumer
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {_describe(value)}")
+        return dict(value)
     if origin is list:
         (item_hint,) = typing.get_args(hint)
         if not isinstance(value, list):
@@ -342,4 +360,6 @@ def _toml_value(value: Any) -> str:
         return json.dumps(value)  # a JSON string is a valid TOML basic string
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")

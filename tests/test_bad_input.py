@@ -118,7 +118,7 @@ def test_bad_updates_are_refused_and_the_round_completes(tmp_path, tiny_llama):
     assert [r["round"] for r in rows] == [1, 2]
     assert rows[0]["clients"] == 2 and set(rows[0]["client_ids"]) == {"good-0", "good-1"}
     assert rows[0]["rejected_updates"] >= 6
-    assert all(torch.isfinite(v).all() for v in coordinator.engine.global_state.values())
+    assert all(torch.isfinite(v).all() for v in coordinator.engine.state.values())
     assert (coordinator.run_dir / "checkpoints" / "LATEST").read_text().strip() == "round-0002"
     assert all(a.report.rounds == [1, 2] for a in agents)
 

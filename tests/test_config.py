@@ -30,7 +30,7 @@ def test_a_file_only_needs_the_keys_it_changes(tmp_path):
         ("[trainig]\nlocal_steps = 1\n", "unknown key 'trainig'"),
         ("[training]\nlocal_steps = 'ten'\n", "training.local_steps: expected an integer, got str 'ten'"),
         ("[training]\nlocal_steps = 0\n", "training.local_steps: must be at least 1"),
-        ("[federation]\nstrategy = 'fedavgg'\n", "federation.strategy: unknown strategy 'fedavgg'; choose one of: fedavg"),
+        ("[federation]\nstrategy = 'fedavgg'\n", "federation.strategy: unknown strategy 'fedavgg'; choose one of: fedadam, fedavg"),
         ("[federation]\nquorum = 1.5\n", "federation.quorum: must be in (0, 1]"),
         ("[model]\ntask = 'seq2seq'\n", "model.task: unknown task 'seq2seq'"),
         ("[lora]\nlayers = [1, 'x']\n", "lora.layers[1]: expected an integer"),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedtune.adapters import load_exported_adapter
-from fedtune.config import RunConfig
+from fedtune.config import RunConfig, load_config
 from fedtune.coordinator.app import Coordinator
 from fedtune.data import Example
 from fedtune.models import load_base_model, load_tokenizer, resolve_source
@@ -112,12 +112,14 @@ def test_resume_continues_at_the_next_round(tmp_path, tiny_llama):
     # A crash after the metrics row of round 3 but before its checkpoint leaves a stray row.
     with open(first.run_dir / "metrics.jsonl", "a") as fh:
         fh.write(json.dumps({"round": 3, "stray": True}) + "\n")
+    # the operator restarts from the run's own config.toml, asking for more rounds
+    config = load_config(first.run_dir / "config.toml")
     config.federation.rounds = 4
     resumed = Coordinator(config, resume=True)
     try:
         assert resumed.engine.start_round == 3
-        ckpt = load_file(str(first.run_dir / "checkpoints" / "round-0002" / "adapter.safetensors"))
-        assert all(torch.equal(resumed.engine.global_state[k], v) for k, v in ckpt.items())
+        ckpt = load_file(str(first.run_dir / "checkpoints" / "round-0002" / "state.safetensors"))
+        assert all(torch.equal(resumed.engine.state[k], v) for k, v in ckpt.items())
         rows = [json.loads(line) for line in (first.run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in rows] == [1, 2]
     finally:

@@ -51,7 +51,7 @@ def test_a_6_mb_adapter_goes_down_and_up_intact(tmp_path):
         engine.join(timeout=60)
     # One client with all the weight: FedAvg returns its update exactly.
     for name, t in update.items():
-        assert torch.equal(coordinator.engine.global_state[name], t)
+        assert torch.equal(coordinator.engine.state[name], t)
     row = coordinator.engine.history[0]
     assert row["bytes_down"] > 6 * 1024 * 1024 and row["bytes_up"] > 6 * 1024 * 1024
 

@@ -3,9 +3,10 @@
 from fedtune.adapters.lora import (
     AdapterError,
     AdapterPlan,
+    adapter_parameters,
     adapter_state,
     apply_base_delta,
-    split_base_delta,
+    split_task_tensors,
     export_adapter,
     inject_lora,
     load_adapter_state,
@@ -15,9 +16,10 @@ from fedtune.adapters.lora import (
 __all__ = [
     "AdapterError",
     "AdapterPlan",
+    "adapter_parameters",
     "adapter_state",
     "apply_base_delta",
-    "split_base_delta",
+    "split_task_tensors",
     "export_adapter",
     "inject_lora",
     "load_adapter_state",

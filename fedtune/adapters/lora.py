@@ -16,6 +16,8 @@ from typing import Mapping
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
+from fedtune.names import BASE_DELTA, FROZEN_A, FROZEN_B, is_frozen_update
+
 PEFT_TASK_TYPES = {"seq-cls": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM}
 
 
@@ -123,7 +125,19 @@ def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> N
     set_peft_model_state_dict(model, dict(state))
 
 
-BASE_DELTA = ".base_delta"
+def adapter_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
+    """Adapter-state name (as in ``adapter_state``) -> the live trainable parameter. Recipes
+    that keep per-tensor state (control variates, proximal anchors) index it by these names."""
+    state = get_peft_model_state_dict(model)
+    by_storage = {(t.data_ptr(), tuple(t.shape)): name for name, t in state.items()}
+    out = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            name = by_storage.get((p.data_ptr(), tuple(p.shape)))
+            if name is None:
+                raise AdapterError(f"a trainable parameter of shape {list(p.shape)} is not part of the adapter state")
+            out[name] = p
+    return out
 
 
 def apply_base_delta(model: PeftModel, deltas: Mapping[str, torch.Tensor]) -> None:
@@ -144,15 +158,13 @@ def apply_base_delta(model: PeftModel, deltas: Mapping[str, torch.Tensor]) -> No
         base.weight = torch.nn.Parameter(base.weight.detach() + delta.to(base.weight.dtype), requires_grad=False)
 
 
-FROZEN_A, FROZEN_B = ".frozen_A", ".frozen_B"
-
-
-def split_base_delta(tensors: Mapping[str, torch.Tensor], scale: float = 1.0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Separate a task's tensors into the adapter state and dense updates for the frozen
-    weights: ``<module>.base_delta`` matrices (FLoRA) plus ``scale * frozen_B @ frozen_A`` for
-    the parts of the global adapter outside the client's plan."""
-    extra = (BASE_DELTA, FROZEN_A, FROZEN_B)
-    adapter = {k: v for k, v in tensors.items() if not k.endswith(extra)}
+def split_task_tensors(tensors: Mapping[str, torch.Tensor], scale: float = 1.0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Separate a task's tensors into (adapter state, dense updates of frozen weights by module,
+    recipe tensors). Frozen updates are ``<module>.base_delta`` matrices (FLoRA) plus
+    ``scale * frozen_B @ frozen_A`` for the parts of the global adapter outside the client's
+    plan; recipe tensors have namespaced names (``scaffold.c/...``)."""
+    adapter = {k: v for k, v in tensors.items() if not is_frozen_update(k) and "/" not in k}
+    extras = {k: v for k, v in tensors.items() if "/" in k}
     deltas = {k[: -len(BASE_DELTA)]: v.clone() for k, v in tensors.items() if k.endswith(BASE_DELTA)}
     for name, a in tensors.items():
         if name.endswith(FROZEN_A):
@@ -162,7 +174,7 @@ def split_base_delta(tensors: Mapping[str, torch.Tensor], scale: float = 1.0) ->
                 raise AdapterError(f"frozen factors of {module!r} do not pair up")
             product = scale * (b.double() @ a.double())
             deltas[module] = (deltas[module].double() + product).to(a.dtype) if module in deltas else product.to(a.dtype)
-    return adapter, deltas
+    return adapter, deltas, extras
 
 
 def export_adapter(model: PeftModel, folder: str | Path, metadata: Mapping | None = None) -> Path:

@@ -1,10 +1,26 @@
-"""Aggregation strategies: pure functions of the global adapter and the clients' updates.
+"""Strategies: what each client of a round gets, and how what comes back is folded.
 
-Strategies are chosen by name through ``STRATEGIES`` (unknown names are rejected). Each is a
-small class whose ``aggregate`` does tensor math only, so it is tested with plain tensors.
+The contract is in ``base`` (``Strategy.configure`` / ``Strategy.aggregate``); each strategy is
+one module that registers itself in ``STRATEGIES``. Unknown names are rejected with the list of
+valid ones. Every strategy is pure tensor math over a state dict, tested with plain tensors.
 """
 
-from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Strategy, get_strategy, weighted_average
-from fedtune.aggregation import fedavg, flexlora, flora, hetlora  # noqa: F401  (registers the strategies)
+import importlib
+import pkgutil
 
-__all__ = ["STRATEGIES", "ClientUpdate", "Strategy", "get_strategy", "weighted_average"]
+from fedtune.aggregation.base import (
+    STRATEGIES,
+    ClientInfo,
+    ClientUpdate,
+    Instruction,
+    RoundContext,
+    Strategy,
+    Wrapper,
+    build_strategy,
+)
+
+# Every module of this package registers its strategies on import: a new strategy is a new file.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["STRATEGIES", "ClientInfo", "ClientUpdate", "Instruction", "RoundContext", "Strategy", "Wrapper", "build_strategy"]

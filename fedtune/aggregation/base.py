@@ -1,20 +1,93 @@
-"""The strategy interface, the update record, and the weighted average they build on."""
+"""The round contract between the coordinator and a strategy.
+
+A round is a conversation between a strategy (on the coordinator) and the clients' recipes (on
+the devices); the round engine only keeps time.
+
+- ``Strategy.configure(ctx, state)`` says what each selected client gets: an ``Instruction``
+  with its adapter plan, the tensors it starts from, the tensors it must send back (names,
+  shapes, dtypes) and the options of the recipe it trains with.
+- ``Strategy.aggregate(ctx, state, updates)`` folds what came back into a new state and
+  returns metrics for the round's row.
+- ``Strategy.global_model(state, spec)`` is the state as one adapter at the global plan's shape
+  plus dense base-weight deltas: what the coordinator evaluates and exports.
+
+The state is a flat dict of tensors, so the engine checkpoints it without knowing what it
+holds (server optimizer moments, control variates and rank caps live there too). Strategies
+are pure: everything they need is in the context and the state, which makes each one testable
+with plain tensors. A ``Wrapper`` strategy wraps another (server optimizers, FedProx, FedSA...)
+and changes one side of the conversation.
+
+Strategies are chosen by name through ``STRATEGIES``; each declares a typed ``Options``
+dataclass that ``build_strategy`` fills from the config file or the command line.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 
-from fedtune.aggregation.lora_math import truncate
+from fedtune.adapters.lora import AdapterPlan
+from fedtune.devices import Capabilities
+from fedtune.options import NoOptions, OptionsError, build_options, option_names, options_to_wire
+from fedtune.protocol.tensors import TensorSpec
 from fedtune.registry import Registry
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """A selected client as the strategy sees it."""
+
+    client_id: str
+    plan: AdapterPlan                   # the adapter the planner gave it this round
+    spec: Mapping[str, TensorSpec]      # the adapter tensors that plan builds
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    num_examples: int = 0
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What a strategy knows about the round it configures or aggregates."""
+
+    number: int
+    clients: Mapping[str, ClientInfo]                  # the selected clients, by id
+    seed: int = 0
+    sampling_rate: float = 1.0                         # selected / clients known to the coordinator
+    global_plan: AdapterPlan = field(default_factory=AdapterPlan)
+    global_spec: Mapping[str, TensorSpec] = field(default_factory=dict)
+    # The adapter tensors a plan builds on this model (a strategy that changes a plan, such as
+    # HetLoRA's rank caps, needs the new shapes).
+    spec_of: Callable[[AdapterPlan], Mapping[str, TensorSpec]] | None = None
+
+    def specs(self, plan: AdapterPlan) -> Mapping[str, TensorSpec]:
+        if self.spec_of is None:
+            raise ValueError("this round context cannot build specs for new plans")
+        return self.spec_of(plan)
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """What one client is told to do. Instructions with the same ``tensors`` object share one
+    wire encoding (the service encodes each distinct payload once per round)."""
+
+    plan: AdapterPlan
+    tensors: Mapping[str, torch.Tensor]      # adapter to start from, frozen updates, recipe tensors
+    expect: Mapping[str, TensorSpec]         # exactly what must come back
+    options: Mapping[str, str] = field(default_factory=lambda: {"recipe": "local"})
+
+    @property
+    def recipe(self) -> str:
+        return self.options.get("recipe", "local")
 
 
 @dataclass
 class ClientUpdate:
-    """What one client sent back after local training: its adapter tensors (after training),
-    how many examples its weight counts for, and its training metrics."""
+    """What one client sent back: its tensors (as listed in its instruction's ``expect``), how
+    many examples its weight counts for, and its training metrics."""
 
     client_id: str
     tensors: dict[str, torch.Tensor]
@@ -23,61 +96,112 @@ class ClientUpdate:
 
 
 class Strategy:
-    """Folds client updates into a new global adapter, and says what each client starts from.
+    """Base class of every strategy; see the module docstring for the contract."""
 
-    The global state is whatever the strategy needs (for most, an adapter at the largest plan).
-    ``client_state`` cuts a client's starting adapter out of it for that client's shapes;
-    ``base_delta`` lists dense updates clients fold into their frozen weights (FLoRA only).
-    """
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    # Clients may train adapters of different shapes in one round (the planner sizes them).
+    heterogeneous: ClassVar[bool] = False
+    # A client's adapter tensors are leading blocks of state tensors of the same names (FedAvg,
+    # HetLoRA), so per-tensor client state such as control variates is well defined.
+    sliced: ClassVar[bool] = False
+    # Why FedSA-LoRA (share only A) cannot work with this strategy; empty when it can.
+    share_a_refusal: ClassVar[str] = ""
 
-    name: str = ""
-    # True when clients may train adapters of different shapes (ranks) in the same round.
-    heterogeneous: bool = False
-
-    def __init__(self, *, scale: float = 1.0, seed: int = 0) -> None:
+    def __init__(self, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
+        self.options = options if options is not None else self.Options()
         self.scale = scale  # alpha / rank: the factor of every B @ A
         self.seed = seed
 
-    def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The global state of round 1, from the freshly initialized largest adapter."""
+    # ---------------------------------------------------------------- the contract
+
+    def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> State:
+        """The state of round 1, from the freshly initialized global adapter."""
         return {k: v.clone() for k, v in adapter.items()}
 
-    def client_state(self, global_state: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], round_number: int) -> dict[str, torch.Tensor]:
-        """The adapter a client whose adapter has ``shapes`` starts the round from: by default
-        the leading block of each global tensor (HetLoRA's truncation; identity when equal)."""
-        return {name: truncate(global_state[name], tuple(shape)) for name, shape in shapes.items()}
-
-    def base_delta(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Dense weight updates (module name -> out x in) to add to the frozen base weights."""
-        return {}
-
-    def aggregate(self, global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:
+    def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
         raise NotImplementedError
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Strategy state to checkpoint (server optimizer moments, ...). Stateless by default."""
-        return {}
+    def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
+        raise NotImplementedError
 
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        if state:
-            raise ValueError(f"strategy {self.name!r} has no state, got {sorted(state)}")
+    def global_model(self, state: Mapping[str, torch.Tensor], spec: Mapping[str, TensorSpec]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(adapter at ``spec``'s shapes, module name -> dense delta of its frozen weight)."""
+        return {name: state[name].clone() for name in spec}, {}
+
+    # ---------------------------------------------------------------- optional hooks
+
+    def server_params(self, state: Mapping[str, torch.Tensor]) -> list[str]:
+        """State tensors that are the model (what a server optimizer steps and client-level DP
+        clips); the rest is bookkeeping. Default: every floating-point tensor."""
+        return [n for n, t in state.items() if t.is_floating_point()]
+
+    def check_update(self, ctx: RoundContext, update: ClientUpdate) -> None:
+        """Reject an update whose content makes no sense (ValueError with the reason); shapes
+        and dtypes were already checked against the instruction."""
+
+    def recipe(self) -> str:
+        """The client recipe this strategy's instructions name."""
+        return "local"
+
+    def recipe_options(self) -> dict[str, str]:
+        return {"recipe": self.recipe()}
+
+    def describe(self) -> dict:
+        """Name and options, for the run's records."""
+        return {"name": self.name, "options": dataclasses.asdict(self.options)}
 
 
-def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """sum_i w_i t_i / sum_i w_i, accumulated in float64 and returned in the tensors' dtype."""
-    if not tensors or len(tensors) != len(weights):
-        raise ValueError("need one weight per tensor, and at least one tensor")
-    if any(w < 0 for w in weights):
-        raise ValueError(f"weights must be non-negative, got {list(weights)}")
-    total = float(sum(weights))
-    if total <= 0:
-        raise ValueError("the weights sum to zero")
-    acc = torch.zeros(tensors[0].shape, dtype=torch.float64)
-    for t, w in zip(tensors, weights):
-        if t.shape != tensors[0].shape:
-            raise ValueError(f"shape mismatch: {list(t.shape)} vs {list(tensors[0].shape)}")
-        acc += t.to(torch.float64) * (w / total)
-    return acc.to(tensors[0].dtype)
+class Wrapper(Strategy):
+    """A strategy around another one: by default every call goes to ``inner``."""
+
+    def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
+        super().__init__(options, scale=scale, seed=seed)
+        self.inner = inner
+
+    @property
+    def heterogeneous(self) -> bool:  # type: ignore[override]
+        return self.inner.heterogeneous
+
+    @property
+    def sliced(self) -> bool:  # type: ignore[override]
+        return self.inner.sliced
+
+    @property
+    def share_a_refusal(self) -> str:  # type: ignore[override]
+        return self.inner.share_a_refusal
+
+    def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> State:
+        return self.inner.initial_state(adapter)
+
+    def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
+        return self.inner.configure(ctx, state)
+
+    def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
+        return self.inner.aggregate(ctx, state, updates)
+
+    def global_model(self, state, spec):
+        return self.inner.global_model(state, spec)
+
+    def server_params(self, state: Mapping[str, torch.Tensor]) -> list[str]:
+        return self.inner.server_params(state)
+
+    def check_update(self, ctx: RoundContext, update: ClientUpdate) -> None:
+        self.inner.check_update(ctx, update)
+
+    def recipe(self) -> str:
+        return self.inner.recipe()
+
+    def recipe_options(self) -> dict[str, str]:
+        return self.inner.recipe_options()
+
+    def describe(self) -> dict:
+        return {**super().describe(), "inner": self.inner.describe()}
+
+
+def with_options(instruction: Instruction, **options: str) -> Instruction:
+    """The same instruction with more recipe options."""
+    return dataclasses.replace(instruction, options={**instruction.options, **options})
 
 
 def example_weights(updates: Sequence[ClientUpdate]) -> list[float]:
@@ -86,24 +210,71 @@ def example_weights(updates: Sequence[ClientUpdate]) -> list[float]:
     return weights if sum(weights) > 0 else [1.0] * len(updates)
 
 
-def average_by_name(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate], names: Sequence[str], weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
-    """For each of ``names``: the weighted mean over the clients that sent it (clients that did
-    not train a layer do not pull it toward anything); the global value when nobody sent it."""
-    out = {}
-    for name in names:
-        senders = [u for u in updates if name in u.tensors]
-        if not senders:
-            out[name] = global_state[name].clone()
-            continue
-        w = [weights[u.client_id] for u in senders]
-        if sum(w) == 0:
-            w = [1.0] * len(senders)
-        out[name] = weighted_average([u.tensors[name] for u in senders], w)
-    return out
+def weighted_train_loss(updates: Sequence[ClientUpdate]) -> float | None:
+    losses = [u.metrics.get("train_loss") for u in updates]
+    if not updates or any(l is None for l in losses):
+        return None
+    weights = example_weights(updates)
+    return sum(w * l for w, l in zip(weights, losses)) / sum(weights)
 
+
+# ---------------------------------------------------------------- registry
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 
 
-def get_strategy(name: str, **options) -> Strategy:
-    return STRATEGIES.get(name)(**options)
+def build_strategy(name: str, options: Mapping[str, Any] | None = None, *, scale: float = 1.0, seed: int = 0) -> Strategy:
+    """The strategy registered as ``name`` with its options (unknown names and options raise).
+
+    A wrapper's options include ``inner``, the strategy it wraps; options that are not the
+    wrapper's own go to the inner strategy, so one flat table configures the whole chain.
+    """
+    cls = STRATEGIES.get(name)
+    options = dict(options or {})
+    if issubclass(cls, Wrapper):
+        own_names = set(option_names(cls.Options))
+        own = {k: v for k, v in options.items() if k in own_names}
+        rest = {k: v for k, v in options.items() if k not in own_names}
+        parsed = build_options(cls.Options, own, f"strategy {name}")
+        inner_name = getattr(parsed, "inner", "fedavg")
+        if inner_name == name:
+            raise OptionsError(f"strategy {name}: cannot wrap itself")
+        try:
+            inner = build_strategy(inner_name, rest, scale=scale, seed=seed)
+        except OptionsError as exc:
+            if rest and "unknown option" in str(exc):
+                raise OptionsError(f"strategy {name}: {exc}") from None
+            raise
+        return cls(inner, parsed, scale=scale, seed=seed)
+    return cls(build_options(cls.Options, options, f"strategy {name}"), scale=scale, seed=seed)
+
+
+
+class RecipeWrapper(Wrapper):
+    """A wrapper whose clients train with its own recipe (FedProx, FedLC, SCAFFOLD): the inner
+    strategy's instructions, with the recipe and its options replaced. The inner strategy must
+    use the plain recipe, since one client trains with one recipe."""
+
+    recipe_name: ClassVar[str] = ""
+
+    def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
+        super().__init__(inner, options, scale=scale, seed=seed)
+        if inner.recipe() != "local":
+            raise OptionsError(f"strategy {self.name} trains clients with its own recipe and cannot wrap {inner.name} with recipe {inner.recipe()!r}")
+
+    def recipe(self) -> str:
+        return self.recipe_name
+
+    def recipe_options(self) -> dict[str, str]:
+        own = {k: v for k, v in options_to_wire(self.options).items() if k != "inner"}
+        return {"recipe": self.recipe_name, **own}
+
+    def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
+        instructions = self.inner.configure(ctx, state)
+        replaced: dict[int, Instruction] = {}  # keep instructions that shared a payload sharing it
+        out = {}
+        for cid, ins in instructions.items():
+            if id(ins) not in replaced:
+                replaced[id(ins)] = dataclasses.replace(ins, options=self.recipe_options())
+            out[cid] = replaced[id(ins)]
+        return out

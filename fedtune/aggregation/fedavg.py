@@ -1,22 +1,80 @@
-"""FedAvg (McMahan et al., 2017): the example-weighted mean of the clients' adapters."""
+"""FedAvg (McMahan et al., 2017) for adapters of any mix of ranks and depths.
+
+Every client starts from the leading block of the global adapter its plan has room for, and
+every element of the global adapter becomes the example-weighted mean over the clients whose
+block contains it. With one plan for all clients this is plain FedAvg. With different plans it
+is HetLoRA's aggregation made exact: a rank slot (row of A, column of B) is averaged over the
+clients that trained it, and a slot nobody trained keeps its value, instead of being pulled
+toward the zeros of a padded smaller client.
+
+The frozen remainder (``freeze_remainder``, on by default): a client whose plan covers only part
+of the global adapter gets the rest, ``B[:, r:] @ A[r:]`` and the whole product of modules
+outside its plan, folded into its frozen weights. It then trains its slice inside the global
+model's exact function, and since it cannot change the remainder, the slot-wise mean stays
+exact. Without it a client sees only its slice (the HetLoRA paper's setting).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 
-from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Strategy, average_by_name, example_weights
+from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Instruction, RoundContext, State, Strategy, example_weights, weighted_train_loss
+from fedtune.aggregation.lora_math import blockwise_mean, tail, truncate
+from fedtune.names import FROZEN_A, FROZEN_B
+
+
+@dataclass(frozen=True)
+class FedAvgOptions:
+    # Fold the part of the global adapter outside a client's plan into its frozen weights.
+    freeze_remainder: bool = True
 
 
 @STRATEGIES.register("fedavg")
 class FedAvg(Strategy):
-    """Each tensor becomes the average of the clients that sent it, weighted by their example
-    counts. A tensor nobody sent keeps its global value (a client that trained only some layers
-    does not drag the others toward zero). All clients must share one rank."""
-
     name = "fedavg"
+    Options = FedAvgOptions
+    sliced = True
 
-    def aggregate(self, global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:
-        weights = dict(zip((u.client_id for u in updates), example_weights(updates)))
-        return average_by_name(global_state, updates, list(global_state), weights)
+    def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
+        adapter = {n: state[n] for n in ctx.global_spec}
+        by_plan: dict[tuple, Instruction] = {}
+        out = {}
+        for cid, info in ctx.clients.items():
+            plan = self.plan_for(ctx, state, cid)
+            key = plan.key()
+            if key not in by_plan:
+                spec = info.spec if plan == info.plan else ctx.specs(plan)
+                tensors = self.start_tensors(adapter, spec)
+                by_plan[key] = Instruction(plan, tensors, self.expected(ctx, spec), self.recipe_options())
+            out[cid] = by_plan[key]
+        return out
+
+    def plan_for(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], client_id: str):
+        """The plan a client trains this round (HetLoRA narrows it by the client's rank cap)."""
+        return ctx.clients[client_id].plan
+
+    def start_tensors(self, adapter: Mapping[str, torch.Tensor], spec) -> dict[str, torch.Tensor]:
+        shapes = {name: s.shape for name, s in spec.items()}
+        tensors = {name: truncate(adapter[name], shape) for name, shape in shapes.items()}
+        if self.options.freeze_remainder:
+            for module, (b, a) in tail(adapter, shapes).items():
+                tensors[module + FROZEN_B], tensors[module + FROZEN_A] = b, a
+        return tensors
+
+    def expected(self, ctx: RoundContext, spec) -> dict:
+        return dict(spec)
+
+    def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
+        weights = self.weights(updates)
+        new_state = dict(state)
+        for name in ctx.global_spec:
+            senders = [(u.tensors[name], weights[u.client_id]) for u in updates if name in u.tensors]
+            if senders:
+                new_state[name] = blockwise_mean(state[name], [t for t, _ in senders], [w for _, w in senders])
+        return new_state, {"train_loss": weighted_train_loss(updates)}
+
+    def weights(self, updates: Sequence[ClientUpdate]) -> dict[str, float]:
+        return dict(zip((u.client_id for u in updates), example_weights(updates)))

@@ -1,78 +1,148 @@
 """FlexLoRA (Bai et al., 2024): average the clients' full updates, hand each client the best
 approximation its rank allows.
 
-The global state keeps, for every LoRA module, the dense weighted mean of the clients'
-products B_k A_k (``<module>.lora_delta``), so nothing is lost to rank truncation on the
-server. A client of rank r starts from the truncated SVD of that mean: B = U_r sqrt(S_r),
-A = sqrt(S_r) V_r^T, the best rank-r approximation (Eckart-Young); its error is the sum of the
-discarded squared singular values. Where the mean has fewer than r directions (round 1: it is
-zero), the remaining rows of A come from the run's initial LoRA A and B is zero there, so those
-directions can still learn.
+The state keeps, for every LoRA module, the dense weighted mean of what the clients' adapters
+do, ``<module>.lora_delta`` (B @ A, without the LoRA scale), so nothing is lost to rank
+truncation on the server. A client of rank r starts from the truncated SVD of that mean:
+B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T, the best rank-r approximation (Eckart-Young). Where the
+mean has fewer than r directions (round 1: it is zero), the remaining rows of A come from the
+run's initial LoRA A and B is zero there, so those directions can still learn.
+
+Exactness: with ``freeze_remainder`` (default) the client also gets what its rank leaves out,
+the SVD tail, folded into its frozen weights, and aggregation adds that same remainder back to
+its product: the client's contribution is the full matrix it trained inside,
+``B_k A_k + remainder_k``. A client that returns what it got therefore leaves the mean
+unchanged. Without it, clients see only their truncation and the mean is over ``B_k A_k`` alone
+(the paper's setting).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 
-from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Strategy, average_by_name, example_weights, weighted_average
-from fedtune.aggregation.lora_math import A_SUFFIX, B_SUFFIX, is_lora, lora_modules, truncate
+from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Instruction, RoundContext, State, Strategy, example_weights, weighted_train_loss
+from fedtune.aggregation.lora_math import blockwise_mean, low_rank, truncate, weighted_average
+from fedtune.names import A_SUFFIX, B_SUFFIX, DENSE_DELTA, FROZEN_A, FROZEN_B, INIT_A, is_lora, lora_modules
 
-DELTA = ".lora_delta"
-INIT_A = ".lora_init_A"
+
+@dataclass(frozen=True)
+class FlexLoRAOptions:
+    freeze_remainder: bool = True
 
 
 @STRATEGIES.register("flexlora")
 class FlexLoRA(Strategy):
     name = "flexlora"
+    Options = FlexLoRAOptions
     heterogeneous = True
+    share_a_refusal = "flexlora averages the products B·A of the clients, which needs every client's B"
 
-    def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> State:
         state = {k: v.clone() for k, v in adapter.items() if not is_lora(k)}
         for module in lora_modules(adapter):
             a, b = adapter[module + A_SUFFIX], adapter[module + B_SUFFIX]
-            state[module + DELTA] = (b.double() @ a.double()).to(a.dtype)
+            state[module + DENSE_DELTA] = (b.double() @ a.double()).to(a.dtype)
             state[module + INIT_A] = a.clone()
         return state
 
-    def client_state(self, global_state: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], round_number: int) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, shape in shapes.items():
-            if name.endswith(A_SUFFIX):
-                module = name[: -len(A_SUFFIX)]
-                out[name], out[module + B_SUFFIX] = self._factors(global_state, module, shape[0])
-            elif not name.endswith(B_SUFFIX):
-                out[name] = truncate(global_state[name], tuple(shape))
-        return out
+    def server_params(self, state: Mapping[str, torch.Tensor]) -> list[str]:
+        return [n for n in state if not n.endswith(INIT_A)]
+
+    # ---------------------------------------------------------------- the rank-r view of a module
 
     @staticmethod
-    def _factors(global_state: Mapping[str, torch.Tensor], module: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        delta = global_state[module + DELTA]
-        init_a = global_state[module + INIT_A]
-        u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-        tol = s.max().item() * max(delta.shape) * torch.finfo(delta.dtype).eps if s.numel() else 0.0
-        kept = min(rank, int((s > tol).sum()))
-        root = s[:kept].sqrt()
+    def factors(state: Mapping[str, torch.Tensor], module: str, rank: int) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """(A, B) of rank ``rank`` for ``module`` and the low-rank remainder (frozen B, frozen A)
+        with A_B @ ... such that B @ A + remainder = the dense mean; None when nothing remains."""
+        dense = state[module + DENSE_DELTA]
+        init_a = state[module + INIT_A]
+        b_all, a_all, _ = low_rank(dense)           # numerical rank; float64
+        kept = min(rank, a_all.shape[0])
         a = init_a[:rank].double().clone()
-        b = torch.zeros(delta.shape[0], rank, dtype=torch.float64)
-        a[:kept] = root[:, None] * vh[:kept]
-        b[:, :kept] = u[:, :kept] * root
-        return a.to(delta.dtype), b.to(delta.dtype)
+        b = torch.zeros(dense.shape[0], rank, dtype=torch.float64)
+        a[:kept] = a_all[:kept]
+        b[:, :kept] = b_all[:, :kept]
+        rest = (b_all[:, kept:].to(dense.dtype), a_all[kept:].to(dense.dtype)) if a_all.shape[0] > kept else None
+        return a.to(dense.dtype), b.to(dense.dtype), rest
 
-    def aggregate(self, global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:
-        by_examples = dict(zip((u.client_id for u in updates), example_weights(updates)))
-        plain = [n for n in global_state if not (n.endswith(DELTA) or n.endswith(INIT_A))]
-        new_state = average_by_name(global_state, updates, plain, by_examples)
-        for name in global_state:
-            if name.endswith(INIT_A):
-                new_state[name] = global_state[name].clone()
-            elif name.endswith(DELTA):
-                module = name[: -len(DELTA)]
-                senders = [u for u in updates if module + A_SUFFIX in u.tensors]
-                if not senders:
-                    new_state[name] = global_state[name].clone()
-                    continue
-                products = [u.tensors[module + B_SUFFIX].double() @ u.tensors[module + A_SUFFIX].double() for u in senders]
-                new_state[name] = weighted_average(products, [by_examples[u.client_id] for u in senders]).to(global_state[name].dtype)
-        return new_state
+    def _start(self, state: Mapping[str, torch.Tensor], spec, remainder: bool) -> dict[str, torch.Tensor]:
+        out = {}
+        ranks = {name[: -len(A_SUFFIX)]: s.shape[0] for name, s in spec.items() if name.endswith(A_SUFFIX)}
+        for name, s in spec.items():
+            if not is_lora(name):
+                out[name] = truncate(state[name], s.shape)
+        for name in state:
+            if not name.endswith(DENSE_DELTA):
+                continue
+            module = name[: -len(DENSE_DELTA)]
+            rank = ranks.get(module, 0)
+            if rank:
+                a, b, rest = self.factors(state, module, rank)
+                out[module + A_SUFFIX], out[module + B_SUFFIX] = a, b
+            else:  # the module is outside the client's plan: all of it is remainder
+                b_all, a_all, _ = low_rank(state[name])
+                rest = (b_all.to(state[name].dtype), a_all.to(state[name].dtype)) if a_all.shape[0] else None
+            if rest is not None and remainder:
+                out[module + FROZEN_B], out[module + FROZEN_A] = rest
+        return out
+
+    def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
+        by_plan: dict[tuple, Instruction] = {}
+        out = {}
+        for cid, info in ctx.clients.items():
+            key = info.plan.key()
+            if key not in by_plan:
+                by_plan[key] = Instruction(info.plan, self._start(state, info.spec, self.options.freeze_remainder), dict(info.spec), self.recipe_options())
+            out[cid] = by_plan[key]
+        return out
+
+    # ---------------------------------------------------------------- aggregate
+
+    def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
+        weights = dict(zip((u.client_id for u in updates), example_weights(updates)))
+        new_state = dict(state)
+        for name in state:
+            if is_lora(name) or name.endswith((DENSE_DELTA, INIT_A)):
+                continue
+            senders = [u for u in updates if name in u.tensors]
+            if senders:
+                new_state[name] = blockwise_mean(state[name], [u.tensors[name] for u in senders], [weights[u.client_id] for u in senders])
+        for name in state:
+            if not name.endswith(DENSE_DELTA):
+                continue
+            module = name[: -len(DENSE_DELTA)]
+            senders = [u for u in updates if module + A_SUFFIX in u.tensors]
+            if not senders:
+                continue
+            trained = []
+            for u in senders:
+                full = u.tensors[module + B_SUFFIX].double() @ u.tensors[module + A_SUFFIX].double()
+                if self.options.freeze_remainder:
+                    _, _, rest = self.factors(state, module, u.tensors[module + A_SUFFIX].shape[0])
+                    if rest is not None:
+                        full = full + rest[0].double() @ rest[1].double()
+                trained.append(full)
+            new_state[name] = weighted_average(trained, [weights[u.client_id] for u in senders]).to(state[name].dtype)
+        return new_state, {"train_loss": weighted_train_loss(updates)}
+
+    # ---------------------------------------------------------------- the global model
+
+    def global_model(self, state, spec):
+        """The global plan's truncation as the adapter, and what it leaves out of the dense mean as
+        base deltas (scaled back by the LoRA scale): together exactly the mean."""
+        adapter = self._start(state, spec, remainder=True)
+        deltas = {}
+        for module in [n[: -len(A_SUFFIX)] for n in spec if n.endswith(A_SUFFIX)]:
+            b_name, a_name = module + FROZEN_B, module + FROZEN_A
+            if b_name in adapter:
+                deltas[module] = self.scale * (adapter[b_name].double() @ adapter[a_name].double())
+        for name in state:
+            if name.endswith(DENSE_DELTA):
+                module = name[: -len(DENSE_DELTA)]
+                if module + A_SUFFIX not in spec and torch.count_nonzero(state[name]):
+                    deltas[module] = self.scale * state[name].double()
+        adapter = {n: t for n, t in adapter.items() if n in spec}
+        return adapter, {m: d.to(state[m + DENSE_DELTA].dtype) for m, d in deltas.items()}

@@ -5,7 +5,8 @@ FLoRA stacks instead: A_s = [A_1; ...; A_n], B_s = [p_1 B_1, ..., p_n B_n], whos
 exactly sum_k p_k B_k A_k, for any mix of ranks. At the end of each round the stacked update is
 folded into the base weights (``<module>.base_delta``, sent to every client, who adds it to its
 frozen weights), and every client starts the next round from a fresh adapter: A drawn anew from
-a generator seeded by (seed, round, module), B zero.
+a generator seeded by (seed, round, module), B zero, so a client that returns what it got
+adds nothing.
 """
 
 from __future__ import annotations
@@ -15,55 +16,77 @@ from typing import Mapping, Sequence
 
 import torch
 
-from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Strategy, average_by_name, example_weights
-from fedtune.aggregation.lora_math import A_SUFFIX, B_SUFFIX, is_lora, kaiming_rows, lora_modules, stack, truncate
-
-BASE_DELTA = ".base_delta"
+from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Instruction, RoundContext, State, Strategy, example_weights, weighted_train_loss
+from fedtune.aggregation.lora_math import blockwise_mean, kaiming_rows, stack, truncate
+from fedtune.names import A_SUFFIX, B_SUFFIX, BASE_DELTA, is_lora, lora_modules
 
 
 @STRATEGIES.register("flora")
 class FLoRA(Strategy):
     name = "flora"
     heterogeneous = True
+    share_a_refusal = "flora stacks every client's B next to its A, so B must be sent"
 
-    def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> State:
         state = {k: v.clone() for k, v in adapter.items()}
         for module in lora_modules(adapter):
             a, b = adapter[module + A_SUFFIX], adapter[module + B_SUFFIX]
             state[module + BASE_DELTA] = torch.zeros(b.shape[0], a.shape[1], dtype=a.dtype)
         return state
 
-    def client_state(self, global_state: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], round_number: int) -> dict[str, torch.Tensor]:
+    def server_params(self, state: Mapping[str, torch.Tensor]) -> list[str]:
+        # A and B in the state only give the shapes of the fresh adapters.
+        return [n for n in state if not is_lora(n)]
+
+    def _fresh(self, state: Mapping[str, torch.Tensor], spec, round_number: int) -> dict[str, torch.Tensor]:
         out = {}
-        for name, shape in shapes.items():
+        for name, s in spec.items():
             if name.endswith(A_SUFFIX):
                 # The same fresh A for every client of the round (a leading slice for smaller ranks).
-                full = global_state[name]
+                full = state[name]
                 g = torch.Generator().manual_seed(_seed(self.seed, round_number, name))
-                out[name] = kaiming_rows(full.shape[0], full.shape[1], g, full.dtype)[: shape[0]].clone()
+                out[name] = kaiming_rows(full.shape[0], full.shape[1], g, full.dtype)[: s.shape[0]].clone()
             elif name.endswith(B_SUFFIX):
-                out[name] = torch.zeros(shape, dtype=global_state[name].dtype)
+                out[name] = torch.zeros(s.shape, dtype=state[name].dtype)
             else:
-                out[name] = truncate(global_state[name], tuple(shape))
+                out[name] = truncate(state[name], s.shape)
         return out
 
-    def base_delta(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {name[: -len(BASE_DELTA)]: t for name, t in global_state.items() if name.endswith(BASE_DELTA)}
+    def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
+        deltas = {n: t for n, t in state.items() if n.endswith(BASE_DELTA) and torch.count_nonzero(t)}
+        by_plan: dict[tuple, Instruction] = {}
+        out = {}
+        for cid, info in ctx.clients.items():
+            key = info.plan.key()
+            if key not in by_plan:
+                tensors = {**self._fresh(state, info.spec, ctx.number), **deltas}
+                by_plan[key] = Instruction(info.plan, tensors, dict(info.spec), self.recipe_options())
+            out[cid] = by_plan[key]
+        return out
 
-    def aggregate(self, global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:
-        by_examples = dict(zip((u.client_id for u in updates), example_weights(updates)))
-        plain = [n for n in global_state if not is_lora(n) and not n.endswith(BASE_DELTA)]
-        new_state = average_by_name(global_state, updates, plain, by_examples)
-        for module in lora_modules(global_state):
-            a_name, b_name, d_name = module + A_SUFFIX, module + B_SUFFIX, module + BASE_DELTA
-            new_state[a_name], new_state[b_name] = global_state[a_name].clone(), global_state[b_name].clone()
-            senders = [u for u in updates if a_name in u.tensors]
-            delta = global_state[d_name].clone()
+    def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
+        weights = dict(zip((u.client_id for u in updates), example_weights(updates)))
+        new_state = dict(state)
+        for name in state:
+            if is_lora(name) or name.endswith(BASE_DELTA):
+                continue
+            senders = [u for u in updates if name in u.tensors]
             if senders:
-                a_s, b_s = stack([(u.tensors[a_name], u.tensors[b_name]) for u in senders], [by_examples[u.client_id] for u in senders])
-                delta = (delta.double() + self.scale * (b_s @ a_s)).to(delta.dtype)
-            new_state[d_name] = delta
-        return new_state
+                new_state[name] = blockwise_mean(state[name], [u.tensors[name] for u in senders], [weights[u.client_id] for u in senders])
+        for module in lora_modules(state):
+            a_name, b_name, d_name = module + A_SUFFIX, module + B_SUFFIX, module + BASE_DELTA
+            senders = [u for u in updates if a_name in u.tensors]
+            if senders:
+                a_s, b_s = stack([(u.tensors[a_name], u.tensors[b_name]) for u in senders], [weights[u.client_id] for u in senders])
+                new_state[d_name] = (state[d_name].double() + self.scale * (b_s @ a_s)).to(state[d_name].dtype)
+        return new_state, {"train_loss": weighted_train_loss(updates)}
+
+    def global_model(self, state, spec):
+        """A zero-B adapter (its A does not matter) and the folded deltas: the global model is
+        the base plus the deltas."""
+        adapter = self._fresh(state, spec, 0)
+        deltas = {n[: -len(BASE_DELTA)]: t.clone() for n, t in state.items() if n.endswith(BASE_DELTA) and torch.count_nonzero(t)}
+        return adapter, deltas
 
 
 def _seed(seed: int, round_number: int, name: str) -> int:

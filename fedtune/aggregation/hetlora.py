@@ -1,59 +1,128 @@
 """HetLoRA (Cho et al., 2024): clients of different ranks share one global adapter.
 
-The global adapter holds every LoRA module at the largest rank. A client of rank r trains the
-leading r rows of A and columns of B. Aggregation zero-pads each client's A and B to the global
-rank and averages them, weighted either by example counts or, as the paper's sparsity-weighted
-aggregation does, by the Frobenius norm of each client's update B_k A_k (clients whose update
-carries more energy count more). Layers a client did not train are averaged over the clients
-that did.
+The global adapter holds every LoRA module at the largest rank; a client of rank r trains the
+leading r rows of A and columns of B. Aggregation is FedAvg's exact slot-wise mean (see
+``fedavg``), weighted by example counts or, as the paper's sparsity-weighted aggregation does,
+by the Frobenius norm of each client's update B_k A_k of that module (``weighting = "norm"``).
+
+Rank self-pruning (``rank_pruning > 0``): clients train with a penalty on the update carried by
+their tail ranks and, when the tail shrinks from one round to the next at the same rank, report
+a smaller rank cap; the coordinator keeps each client's cap in the state (checkpointed) and
+narrows its plan from then on.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import torch
 
-from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Strategy, average_by_name, example_weights, weighted_average
-from fedtune.aggregation.lora_math import A_SUFFIX, B_SUFFIX, is_lora, lora_modules, pad_rank
+from fedtune.adapters.lora import AdapterPlan
+from fedtune.aggregation.base import STRATEGIES, ClientUpdate, RoundContext, State
+from fedtune.aggregation.fedavg import FedAvg
+from fedtune.aggregation.lora_math import blockwise_mean, product
+from fedtune.names import A_SUFFIX, B_SUFFIX, lora_modules, namespaced, strip_namespace
+from fedtune.protocol.tensors import TensorSpec
 
 WEIGHTINGS = ("examples", "norm")
+CAP = "hetlora.rank_cap"          # state: namespaced(CAP, client id) -> int64 scalar
+RANK_CAP_TENSOR = "hetlora/rank_cap"  # what a pruning client sends back: its largest rank from now on
 
 
-def norm_weights(updates: Sequence[ClientUpdate], module: str) -> list[float]:
-    """||B_k A_k||_F of each client's update of ``module`` (HetLoRA's sparsity weighting)."""
-    return [float(torch.linalg.matrix_norm(u.tensors[module + B_SUFFIX].double() @ u.tensors[module + A_SUFFIX].double())) for u in updates]
+@dataclass(frozen=True)
+class HetLoRAOptions:
+    freeze_remainder: bool = True
+    # "examples" or "norm" (each client's ||B_k A_k||_F per module)
+    weighting: str = "examples"
+    # Weight of the tail-rank penalty for rank self-pruning; 0 turns pruning off.
+    rank_pruning: float = 0.0
+    # Fraction of the rank a client keeps when it prunes.
+    rank_pruning_keep: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {self.weighting!r}; choose one of: {', '.join(WEIGHTINGS)}")
+        if self.rank_pruning < 0:
+            raise ValueError("rank_pruning must be >= 0")
+        if not 0 < self.rank_pruning_keep < 1:
+            raise ValueError("rank_pruning_keep must be in (0, 1)")
+
+
+def cap_plan(plan: AdapterPlan, cap: int | None) -> AdapterPlan:
+    """``plan`` with every rank at most ``cap`` (a client that pruned its rank)."""
+    if cap is None or max([plan.rank, *plan.rank_per_layer.values()]) <= cap:
+        return plan
+    rank = min(plan.rank, cap)
+    return replace(plan, rank=rank, alpha=plan.scale * rank, rank_per_layer={layer: min(r, cap) for layer, r in plan.rank_per_layer.items()})
+
+
+def max_rank(plan: AdapterPlan) -> int:
+    return max([plan.rank, *plan.rank_per_layer.values()])
 
 
 @STRATEGIES.register("hetlora")
-class HetLoRA(Strategy):
+class HetLoRA(FedAvg):
     name = "hetlora"
+    Options = HetLoRAOptions
     heterogeneous = True
 
-    def __init__(self, *, weighting: str = "examples", **options) -> None:
-        super().__init__(**options)
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown HetLoRA weighting {weighting!r}; choose one of: {', '.join(WEIGHTINGS)}")
-        self.weighting = weighting
+    # ---------------------------------------------------------------- configure
 
-    def aggregate(self, global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:
-        by_examples = dict(zip((u.client_id for u in updates), example_weights(updates)))
-        others = [n for n in global_state if not is_lora(n)]
-        new_state = average_by_name(global_state, updates, others, by_examples)
-        for module in lora_modules(global_state):
-            a_name, b_name = module + A_SUFFIX, module + B_SUFFIX
-            rank = global_state[a_name].shape[0]
-            senders = [u for u in updates if a_name in u.tensors]
-            if not senders:
-                new_state[a_name], new_state[b_name] = global_state[a_name].clone(), global_state[b_name].clone()
-                continue
-            if self.weighting == "norm":
-                weights = norm_weights(senders, module)
+    def plan_for(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], client_id: str) -> AdapterPlan:
+        cap = state.get(namespaced(CAP, client_id))
+        return cap_plan(ctx.clients[client_id].plan, int(cap) if cap is not None else None)
+
+    def recipe(self) -> str:
+        return "hetlora" if self.options.rank_pruning > 0 else "local"
+
+    def recipe_options(self) -> dict[str, str]:
+        options = super().recipe_options()
+        if self.options.rank_pruning > 0:
+            options.update(tail_penalty=str(self.options.rank_pruning), tail_fraction=str(self.options.rank_pruning_keep))
+        return options
+
+    def expected(self, ctx: RoundContext, spec) -> dict:
+        out = dict(spec)
+        if self.options.rank_pruning > 0:
+            out[RANK_CAP_TENSOR] = TensorSpec((), torch.int64)
+        return out
+
+    # ---------------------------------------------------------------- aggregate
+
+    def check_update(self, ctx: RoundContext, update: ClientUpdate) -> None:
+        cap = update.tensors.get(RANK_CAP_TENSOR)
+        if cap is not None:
+            top = max_rank(ctx.clients[update.client_id].plan)
+            if not 1 <= int(cap) <= top:
+                raise ValueError(f"{RANK_CAP_TENSOR} must be between 1 and the plan's largest rank {top}, got {int(cap)}")
+
+    def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
+        new_state, metrics = super().aggregate(ctx, state, updates)
+        if self.options.weighting == "norm":
+            by_examples = self.weights(updates)
+            for module in lora_modules(ctx.global_spec):
+                senders = [u for u in updates if module + A_SUFFIX in u.tensors]
+                if not senders:
+                    continue
+                weights = [float(torch.linalg.matrix_norm(product(u.tensors, module))) for u in senders]
                 if sum(weights) == 0:
                     weights = [by_examples[u.client_id] for u in senders]
-            else:
-                weights = [by_examples[u.client_id] for u in senders]
-            padded = [pad_rank(u.tensors[a_name], u.tensors[b_name], rank) for u in senders]
-            new_state[a_name] = weighted_average([a for a, _ in padded], weights)
-            new_state[b_name] = weighted_average([b for _, b in padded], weights)
-        return new_state
+                for suffix in (A_SUFFIX, B_SUFFIX):
+                    name = module + suffix
+                    new_state[name] = blockwise_mean(state[name], [u.tensors[name] for u in senders], weights)
+        for u in updates:
+            if RANK_CAP_TENSOR in u.tensors:
+                cap = int(u.tensors[RANK_CAP_TENSOR])
+                if cap < max_rank(ctx.clients[u.client_id].plan):
+                    new_state[namespaced(CAP, u.client_id)] = torch.tensor(cap, dtype=torch.int64)
+        caps = {cid: int(t) for n, t in new_state.items() if (cid := strip_namespace(CAP, n)) is not None}
+        if caps:
+            metrics["rank_caps"] = dict(sorted(caps.items()))
+        return new_state, metrics
+
+
+def pruned_rank(rank: int, keep: float) -> int:
+    """The rank a client keeps when it prunes: ``keep`` of it, at least 1."""
+    return max(1, math.ceil(keep * rank))

@@ -1,52 +1,80 @@
-"""Tensor math shared by the heterogeneous-LoRA strategies.
+"""Tensor math shared by the strategies: pure functions on plain tensors.
 
-An adapter state is a flat dict of peft names. Each LoRA module ``M`` contributes two tensors,
-``M.lora_A.weight`` (rank x in) and ``M.lora_B.weight`` (out x rank); its update to the frozen
-weight is ``scale * B @ A``. fedtune keeps ``scale = alpha / rank`` the same for every client
-and layer (alpha follows the rank, see ``AdapterPlan``), so products from clients of different
-ranks add up without per-client rescaling.
+An adapter state is a flat dict of peft names (see ``fedtune.names``). Each LoRA module ``M``
+contributes ``M.lora_A.weight`` (rank x in) and ``M.lora_B.weight`` (out x rank); its update to
+the frozen weight is ``scale * B @ A``. fedtune keeps ``scale = alpha / rank`` the same for every
+client and layer (alpha follows the rank, see ``AdapterPlan``), so products from clients of
+different ranks add up without per-client rescaling.
+
+A client's adapter is always the *leading block* of the global one: the first r rows of A, the
+first r columns of B, the whole of a head. That single rule is what makes ``blockwise_mean``
+exact: each element of the global tensor is averaged over the clients whose block contains it.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Mapping, Sequence
 
 import torch
 
-A_SUFFIX = ".lora_A.weight"
-B_SUFFIX = ".lora_B.weight"
+from fedtune.names import A_SUFFIX, B_SUFFIX, lora_modules
 
 
-def lora_modules(names: Iterable[str]) -> list[str]:
-    """Module prefixes that have both an A and a B tensor among ``names``."""
-    names = set(names)
-    return sorted(n[: -len(A_SUFFIX)] for n in names if n.endswith(A_SUFFIX) and n[: -len(A_SUFFIX)] + B_SUFFIX in names)
-
-
-def is_lora(name: str) -> bool:
-    return name.endswith(A_SUFFIX) or name.endswith(B_SUFFIX)
-
-
-def pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad A (r x in) and B (out x r) to ``rank``: the product is unchanged."""
-    r = a.shape[0]
-    if r > rank:
-        raise ValueError(f"cannot pad rank {r} down to {rank}")
-    a_pad = torch.zeros(rank, a.shape[1], dtype=a.dtype)
-    b_pad = torch.zeros(b.shape[0], rank, dtype=b.dtype)
-    a_pad[:r] = a
-    b_pad[:, :r] = b
-    return a_pad, b_pad
-
-
-def truncate(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def truncate(tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """The leading block of ``tensor`` with ``shape`` (a client's slice of a global tensor)."""
+    shape = tuple(shape)
     if len(shape) != tensor.dim() or any(s > t for s, t in zip(shape, tensor.shape)):
         raise ValueError(f"cannot slice {list(shape)} out of {list(tensor.shape)}")
     return tensor[tuple(slice(0, s) for s in shape)].clone()
 
 
-def stack(pairs: list[tuple[torch.Tensor, torch.Tensor]], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def blockwise_mean(current: torch.Tensor, blocks: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Average leading blocks of a tensor element by element.
+
+    Each element of the result is ``sum_k w_k block_k[i] / sum_k w_k`` over the blocks that
+    contain element ``i``; elements no block contains keep ``current``. With blocks of the
+    full shape this is the plain weighted mean (FedAvg); with LoRA factors of different ranks it
+    averages every rank slot over exactly the clients that trained it (HetLoRA). If every block
+    equals the leading block of ``current``, the result equals ``current``.
+    Accumulates in float64; returns ``current``'s dtype.
+    """
+    if len(blocks) != len(weights):
+        raise ValueError("need one weight per block")
+    if any(w < 0 for w in weights):
+        raise ValueError(f"weights must be non-negative, got {list(weights)}")
+    total = torch.zeros(current.shape, dtype=torch.float64)
+    mass = torch.zeros(current.shape, dtype=torch.float64)
+    scale = float(sum(weights)) or 1.0  # normalized first, so one client's tensor comes back bit-exact
+    for block, w in zip(blocks, weights):
+        w = float(w) / scale
+        if block.dim() != current.dim() or any(b > c for b, c in zip(block.shape, current.shape)):
+            raise ValueError(f"block {list(block.shape)} does not fit inside {list(current.shape)}")
+        index = tuple(slice(0, s) for s in block.shape)
+        total[index] += w * block.to(torch.float64)
+        mass[index] += w
+    covered = mass > 0
+    out = current.to(torch.float64).clone()
+    out[covered] = total[covered] / mass[covered]
+    return out.to(current.dtype)
+
+
+def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """sum_i w_i t_i / sum_i w_i, accumulated in float64, returned in the tensors' dtype."""
+    if not tensors or len(tensors) != len(weights):
+        raise ValueError("need one weight per tensor, and at least one tensor")
+    if any(t.shape != tensors[0].shape for t in tensors):
+        raise ValueError(f"shape mismatch: {[list(t.shape) for t in tensors]}")
+    if float(sum(weights)) <= 0:
+        raise ValueError("the weights sum to zero")
+    return blockwise_mean(torch.zeros_like(tensors[0]), tensors, weights)
+
+
+def product(tensors: Mapping[str, torch.Tensor], module: str, a_suffix: str = A_SUFFIX, b_suffix: str = B_SUFFIX) -> torch.Tensor:
+    """B @ A of ``module`` in float64."""
+    return tensors[module + b_suffix].double() @ tensors[module + a_suffix].double()
+
+
+def stack(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """FLoRA stacking: A_s = [A_1; ...; A_n], B_s = [p_1 B_1, ..., p_n B_n] with p_i = w_i / sum w,
     so that B_s @ A_s = sum_i p_i B_i A_i exactly, whatever the clients' ranks."""
     total = float(sum(weights))
@@ -63,25 +91,32 @@ def kaiming_rows(rows: int, cols: int, generator: torch.Generator, dtype: torch.
     return ((torch.rand(rows, cols, generator=generator, dtype=torch.float64) * 2 - 1) * bound).to(dtype)
 
 
-FROZEN_A = ".frozen_A"
-FROZEN_B = ".frozen_B"
+def low_rank(matrix: torch.Tensor, rank: int | None = None, rtol: float | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Factors (B, A) with B @ A the best approximation of ``matrix`` of at most ``rank``
+    (Eckart-Young, truncated SVD; B = U sqrt(S), A = sqrt(S) V^T), dropping singular values
+    below ``rtol`` times the largest (default: the numerical rank). Returns (B, A, relative
+    Frobenius error of the approximation). Float64 factors."""
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    if rtol is None:
+        rtol = max(matrix.shape) * torch.finfo(matrix.dtype).eps
+    numerical = int((s > rtol * s.max()).sum()) if s.numel() and s.max() > 0 else 0
+    k = numerical if rank is None else min(rank, numerical)
+    root = s[:k].sqrt()
+    b, a = u[:, :k] * root, root[:, None] * vh[:k]
+    norm = float(s.square().sum().sqrt())
+    error = float(s[k:].square().sum().sqrt()) / norm if norm > 0 else 0.0
+    return b, a, error
 
 
-def remainder(global_adapter: Mapping[str, torch.Tensor], client_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """The part of the global adapter a client's plan does not train, as low-rank factors.
-
-    A client's starting adapter is the leading slice of the global one (HetLoRA's truncation,
-    FlexLoRA's leading singular directions), so what it misses on a module is the tail
-    ``B[:, r:] @ A[r:, :]`` (the whole product on modules outside its plan). Folded into the
-    client's frozen weights, it makes the client start from the global model's exact function
-    while training only its own slice. Returns ``<module>.frozen_A`` / ``.frozen_B`` tensors.
-    """
+def tail(global_adapter: Mapping[str, torch.Tensor], client_shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per LoRA module, the factors (B[:, r:], A[r:]) of the global adapter that a client of
+    rank r on that module does not train (the whole product where its plan has no LoRA).
+    Modules whose tail is zero are left out."""
     out = {}
     for module in lora_modules(global_adapter):
         a, b = global_adapter[module + A_SUFFIX], global_adapter[module + B_SUFFIX]
         shape = client_shapes.get(module + A_SUFFIX)
         r = shape[0] if shape is not None else 0
-        if r < a.shape[0] and torch.count_nonzero(b[:, r:]) > 0:
-            out[module + FROZEN_A] = a[r:].clone()
-            out[module + FROZEN_B] = b[:, r:].clone()
+        if r < a.shape[0] and torch.count_nonzero(b[:, r:]) > 0 and torch.count_nonzero(a[r:]) > 0:
+            out[module] = (b[:, r:].clone(), a[r:].clone())
     return out

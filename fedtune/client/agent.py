@@ -9,7 +9,6 @@ coordinator refuses is logged and the agent goes on with the next round.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from concurrent.futures import Executor
@@ -18,8 +17,8 @@ from typing import Callable, Iterator, Sequence, TypeVar
 
 import grpc
 
-from fedtune.adapters import AdapterError, adapter_state, apply_base_delta, inject_lora, load_adapter_state, split_base_delta
-from fedtune.client.trainer import TrainSettings, train_adapter
+from fedtune.adapters import AdapterError, apply_base_delta, inject_lora, split_task_tensors
+from fedtune.client.recipes import TrainSettings, make_recipe
 from fedtune.data import Example
 from fedtune.devices import Capabilities
 from fedtune.models import ModelSource, ModelStore
@@ -86,10 +85,9 @@ class ClientAgent:
         self.stop_event = stop_event or threading.Event()
         self.report = AgentReport()
         self._encoded: dict[tuple, list] = {}
-        # FedSA-LoRA: the B matrices this client keeps for itself between rounds.
-        self._personal: dict = {}
-        # HetLoRA self-pruning: the tail norm of the previous round.
-        self._last_tail: float | None = None
+        # What each recipe keeps on this device between rounds (personal B matrices, control
+        # variates, tail-norm history), by recipe name.
+        self._memory: dict[str, dict] = {}
         self._channel = make_channel(options.address, tls_ca=options.tls_ca, insecure=options.insecure)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
         self._client_id = ""
@@ -204,60 +202,42 @@ class ClientAgent:
 
     # ------------------------------------------------------------------ training
 
-    def _train(self, header: pb.TaskHeader, global_tensors: dict) -> tuple[dict, int, dict[str, float]]:
+    def _train(self, header: pb.TaskHeader, tensors: dict) -> tuple[dict, int, dict[str, float]]:
+        """Train as the task's recipe says; returns (tensors to send, example count, metrics)."""
         task_name = header.model.task
         task = get_task(task_name)
         labels = list(header.model.labels)
         settings = header.training
         try:
             plan = plan_from_proto(header.plan)
-        except ValueError as exc:
-            raise AgentError(f"the coordinator sent an unusable adapter plan: {exc}") from exc
+            options = dict(header.options) or {"recipe": "local"}
+            recipe = make_recipe(options, self._memory.setdefault(options.get("recipe", "local"), {}))
+        except ValueError as exc:  # unknown recipe or option, unusable plan
+            raise AgentError(f"the coordinator sent a task this client cannot run: {exc}") from exc
         key = (task_name, tuple(labels), settings.max_length)
         if key not in self._encoded:
             self._encoded[key] = self.store.encode(self.source, task, self.examples, settings.max_length, labels)
             if not self._encoded[key]:
                 raise AgentError("no usable training examples after tokenization")
         items = self._encoded[key]
-        heartbeat = _Heartbeat(self._stub, self._client_id, self._token, header.round, self.options.heartbeat_seconds)
-        heartbeat.start()
-        train_settings = TrainSettings(
-            settings.local_steps, settings.batch_size, settings.learning_rate, settings.weight_decay, settings.seed,
-            tail_penalty=settings.tail_penalty, tail_fraction=settings.tail_fraction or 0.5,
-        )
-
-        adapter, base_delta = split_base_delta(global_tensors, plan.scale)
-        share_a = header.share_a
+        train_settings = TrainSettings(settings.local_steps, settings.batch_size, settings.learning_rate, settings.weight_decay, settings.seed)
+        adapter, frozen, extras = split_task_tensors(tensors, plan.scale)
 
         def work() -> tuple[dict, dict[str, float]]:
             model = inject_lora(self.store.instance(self.source, task_name, labels), plan, task_name)
             try:
-                apply_base_delta(model, base_delta)
-                start = dict(adapter)
-                if share_a:  # keep our own B where we have one of the right shape
-                    start.update({k: v for k, v in self._personal.items() if k in start and v.shape == start[k].shape})
-                load_adapter_state(model, start)
+                apply_base_delta(model, frozen)
+                return recipe.run(model, adapter, extras, task, items, train_settings, self.store.pad_id(self.source), self.options.device)
             except AdapterError as exc:
                 raise AgentError(f"the coordinator's adapter does not fit this client's model {self.source.name!r}: {exc}") from exc
-            metrics = train_adapter(model, task, items, train_settings, self.store.pad_id(self.source), self.options.device)
-            state = adapter_state(model)
-            if share_a:
-                self._personal = {k: v for k, v in state.items() if k.endswith(".lora_B.weight")}
-                state = {k: v for k, v in state.items() if k not in self._personal}
-            return state, metrics
 
+        heartbeat = _Heartbeat(self._stub, self._client_id, self._token, header.round, self.options.heartbeat_seconds)
+        heartbeat.start()
         try:
             update, metrics = self.compute.submit(work).result() if self.compute is not None else work()
         finally:
             heartbeat.stop()
-        if "tail_norm" in metrics:
-            # HetLoRA: a tail whose norm shrank under the penalty carries little; drop it.
-            if self._last_tail is not None and metrics["tail_norm"] < self._last_tail:
-                top = max([plan.rank, *plan.rank_per_layer.values()])
-                metrics["rank_cap"] = float(max(1, math.ceil(train_settings.tail_fraction * top)))
-                log.info("%s: tail norm fell (%.4g -> %.4g): pruning rank to %d", self._client_id, self._last_tail, metrics["tail_norm"], metrics["rank_cap"])
-            self._last_tail = metrics["tail_norm"]
-        log.info("%s: round %d trained, loss %.4f", self._client_id, header.round, metrics["train_loss"])
+        log.info("%s: round %d trained (%s), loss %.4f", self._client_id, header.round, recipe.name, metrics["train_loss"])
         return update, len(items), metrics
 
 

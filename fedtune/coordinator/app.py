@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from fedtune.adapters import AdapterPlan
-from fedtune.aggregation import STRATEGIES, get_strategy
 from fedtune.config import ConfigError, RunConfig, config_to_toml
 from fedtune.coordinator.engine import RoundEngine
 from fedtune.coordinator.global_model import FixedTensors, GlobalModel
@@ -99,7 +98,7 @@ class Coordinator:
                 if config.planner.enabled:
                     raise ConfigError(f"planner.enabled: cannot model this architecture: {exc}") from None
                 log.info("no cost model for this architecture (%s); modeled round times are off", exc)
-            if config.planner.enabled and STRATEGIES.get(config.federation.strategy).heterogeneous:
+            if config.planner.enabled and config.build_strategy().heterogeneous:
                 self.planner = Planner(
                     geometry,
                     CostModel(config.training.batch_size, config.model.max_length, config.training.local_steps),
@@ -122,13 +121,11 @@ class Coordinator:
                 seed=config.seed,
             )
         self.global_model = global_model
-        options = {"scale": self.global_model.plan.scale, "seed": config.seed}
-        if config.federation.strategy == "hetlora":
-            options["weighting"] = config.federation.hetlora_weighting
+        self.strategy = config.build_strategy(scale=self.global_model.plan.scale)
         self.engine = RoundEngine(
             config,
             self.global_model,
-            get_strategy(config.federation.strategy, **options),
+            self.strategy,
             self.run_dir,
             planner=self.planner,
             geometry=geometry,

@@ -2,9 +2,9 @@
 
 Layout under the run directory::
 
-    checkpoints/round-0003/adapter.safetensors   global adapter after round 3
-    checkpoints/round-0003/strategy.safetensors  strategy state (server optimizer, ...), if any
-    checkpoints/round-0003/state.json            round number, seed, plan, metadata
+    checkpoints/round-0003/state.safetensors     the strategy's state after round 3 (global
+                                                 adapter, server optimizer moments, ...)
+    checkpoints/round-0003/state.json            round number, seed, plan, strategy
     checkpoints/LATEST                           "round-0003"
 
 A checkpoint folder is written under a temporary name and renamed into place, then LATEST is
@@ -29,9 +29,8 @@ KEEP = 2
 @dataclass
 class Checkpoint:
     round: int
-    adapter: dict[str, torch.Tensor]
-    strategy: dict[str, torch.Tensor]
-    state: dict
+    state: dict[str, torch.Tensor]
+    meta: dict
 
 
 def _fsync_dir(path: Path) -> None:
@@ -47,17 +46,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: Path, round_number: int, adapter: dict[str, torch.Tensor], strategy: dict[str, torch.Tensor], state: dict) -> Path:
+def save_checkpoint(run_dir: Path, round_number: int, state: dict[str, torch.Tensor], meta: dict) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"round-{round_number:04d}"
     final, tmp = root / name, root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp / "adapter.safetensors"))
-    if strategy:
-        save_file({k: v.contiguous() for k, v in strategy.items()}, str(tmp / "strategy.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "round": round_number}, indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**meta, "round": round_number}, indent=2) + "\n")
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -79,8 +76,6 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
     if not latest.is_file():
         return None
     folder = root / latest.read_text().strip()
-    state = json.loads((folder / "state.json").read_text())
-    adapter = load_file(str(folder / "adapter.safetensors"))
-    strategy_file = folder / "strategy.safetensors"
-    strategy = load_file(str(strategy_file)) if strategy_file.is_file() else {}
-    return Checkpoint(int(state["round"]), adapter, strategy, state)
+    meta = json.loads((folder / "state.json").read_text())
+    state = load_file(str(folder / "state.safetensors"))
+    return Checkpoint(int(meta["round"]), state, meta)

@@ -1,11 +1,12 @@
-"""The round engine: who trains in which round, what they get, when a round closes, and what
-happens when it does. It knows nothing of gRPC; the service translates calls into these methods.
+"""The round engine: it keeps time. Who trains in which round, when a round closes, and the
+bookkeeping around it; what clients get and how updates are folded is the strategy's business
+(``fedtune.aggregation.base``), and the wire is the service's.
 
 One round:
 1. wait until ``min_clients`` clients are alive (registered and recently heard from);
-2. select the round's clients with a generator seeded from (seed, round), and give each its
-   adapter plan (the same plan for all, or from the capability planner);
-3. hand each selected client its slice of the global adapter when it asks for work;
+2. select the round's clients with a generator seeded from (seed, round), and plan each one's
+   adapter (the planner, or the configured plan for all);
+3. ask the strategy for each client's instruction, and hand it out when the client asks;
 4. accept updates until a quorum of the selected clients has answered, every client still
    missing has gone silent, or the deadline passes;
 5. aggregate, evaluate on held-out data, append a row to metrics.jsonl, checkpoint.
@@ -14,7 +15,6 @@ One round:
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import math
 import threading
@@ -27,18 +27,16 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from fedtune.adapters import AdapterPlan
-from fedtune.adapters.lora import BASE_DELTA
-from fedtune.aggregation import ClientUpdate, Strategy
-from fedtune.aggregation.lora_math import remainder
+from fedtune.aggregation import ClientInfo, ClientUpdate, Instruction, RoundContext, Strategy
 from fedtune.config import RunConfig
 from fedtune.coordinator.checkpoint import load_checkpoint, save_checkpoint
 from fedtune.coordinator.clients import ClientRecord, ClientRegistry
 from fedtune.coordinator.errors import CoordinatorError
 from fedtune.coordinator.global_model import GlobalModel
-from fedtune.coordinator.planner import CostModel, ModelGeometry, Planner, coverage
+from fedtune.coordinator.metrics import MetricsLog, plan_fields, round_row
+from fedtune.coordinator.planner import CostModel, ModelGeometry, Planner, plan_round
 from fedtune.devices import Capabilities
-from fedtune.protocol.tensors import EncodedTensor, TensorSpec, encode_tensors, specs_of
+from fedtune.protocol.tensors import TensorSpec, specs_of
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +44,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TrainTask:
     round: int
-    plan: AdapterPlan
+    instruction: Instruction
     seed: int
     deadline_unix: float
-    tensors: list[EncodedTensor]
 
 
 @dataclass(frozen=True)
@@ -64,21 +61,21 @@ class Done:
 
 @dataclass
 class _Round:
-    number: int
-    selected: list[str]
+    ctx: RoundContext
+    instructions: dict[str, Instruction]
     deadline: float                     # monotonic
     deadline_unix: float
     started: float
-    plans: dict[str, AdapterPlan]       # client id -> its plan this round
-    payloads: dict[tuple, list[EncodedTensor]]   # plan key -> what a client of that plan gets
-    specs: dict[tuple, dict[str, TensorSpec]]    # plan key -> what it must send back
     coverage: dict
     updates: dict[str, ClientUpdate] = field(default_factory=dict)
-    fetched: set[str] = field(default_factory=set)
     bytes_up: int = 0
     bytes_down: int = 0
     rejected: int = 0
     open: bool = True
+
+    @property
+    def number(self) -> int:
+        return self.ctx.number
 
 
 class RoundEngine:
@@ -106,16 +103,15 @@ class RoundEngine:
         self.run_dir = Path(run_dir)
         self.registry = ClientRegistry()
         self.on_round_end = on_round_end
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self._cond = threading.Condition()
         self._round: _Round | None = None
         self._done = False
         self._stopping = False
         self._told_done: set[str] = set()
-        self._rank_caps: dict[str, int] = {}  # HetLoRA self-pruning: client id -> largest rank
         self.history: list[dict] = []
         self.start_round = 1
-        self.global_state = strategy.initial_state(global_model.initial_state())
+        self.state = strategy.initial_state(global_model.initial_state())
         if resume:
             self._resume()
 
@@ -126,30 +122,25 @@ class RoundEngine:
         if ckpt is None:
             log.info("no checkpoint in %s: starting from round 1", self.run_dir)
             return
-        expected = specs_of(self.global_state)
-        if specs_of(ckpt.adapter) != expected:
+        expected, found = specs_of(self.state), specs_of(ckpt.state)
+        if any(found.get(name) != spec for name, spec in expected.items()):
             raise CoordinatorError(
                 "FAILED_PRECONDITION",
-                f"checkpoint in {self.run_dir} does not fit the configured adapter (different model or LoRA plan)",
+                f"checkpoint in {self.run_dir} does not fit the configured run (different model, LoRA plan or strategy)",
             )
-        self.global_state = ckpt.adapter
-        self.strategy.load_state_dict(ckpt.strategy)
-        self._rank_caps = {str(k): int(v) for k, v in ckpt.state.get("rank_caps", {}).items()}
+        saved = ckpt.meta.get("strategy")
+        if saved is not None and saved != self.strategy.describe():
+            raise CoordinatorError("FAILED_PRECONDITION", f"checkpoint in {self.run_dir} was made with strategy {saved}, not {self.strategy.describe()}")
+        self.state = ckpt.state
         self.start_round = ckpt.round + 1
-        # Rows written after the checkpoint (a crash between the two) belong to a round that
-        # will run again: drop them so metrics.jsonl has one row per round.
-        if self.metrics_path.is_file():
-            rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
-            kept = [r for r in rows if r.get("round", 0) <= ckpt.round]
-            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            self.history = kept
+        self.history = self.metrics.keep_until(ckpt.round)
         log.info("resumed from the checkpoint of round %d", ckpt.round)
 
     # ------------------------------------------------------------------ calls from clients
 
     def register(self, name: str, capabilities: Capabilities, num_examples: int, secret: str = "") -> ClientRecord:
         expected = self.config.server.enrollment_secret
-        if expected and not _equal(secret, expected):
+        if expected and not hmac.compare_digest(secret.encode(), expected.encode()):
             raise CoordinatorError("UNAUTHENTICATED", "wrong or missing enrollment secret")
         record = self.registry.register(name, capabilities, num_examples)
         log.info("registered %s (tier=%s, examples=%d)", record.client_id, capabilities.tier or "-", num_examples)
@@ -170,32 +161,36 @@ class RoundEngine:
                     self._cond.notify_all()
                     return Done()
                 rnd = self._round
-                if rnd is not None and rnd.open and client_id in rnd.selected and client_id not in rnd.updates:
-                    rnd.fetched.add(client_id)
+                if rnd is not None and rnd.open and client_id in rnd.instructions and client_id not in rnd.updates:
                     seed = _client_seed(self.config.seed, rnd.number, client_id)
-                    plan = rnd.plans[client_id]
-                    return TrainTask(rnd.number, plan, seed, rnd.deadline_unix, rnd.payloads[plan.key()])
+                    return TrainTask(rnd.number, rnd.instructions[client_id], seed, rnd.deadline_unix)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self.registry.touch(client_id)
                     return Wait(retry_after_s=0.5)
                 self._cond.wait(remaining)
 
-    def expected_update(self, client_id: str, round_number: int) -> dict[str, TensorSpec]:
+    def _open_round_for(self, client_id: str, round_number: int) -> _Round:
+        """The open round ``client_id`` may send an update for; call with the lock held."""
+        rnd = self._round
+        if rnd is None or rnd.number != round_number or not rnd.open:
+            current = f"round {rnd.number} is {'open' if rnd.open else 'closed'}" if rnd else "no round is open"
+            raise CoordinatorError("FAILED_PRECONDITION", f"round {round_number} is not open ({current})")
+        if client_id not in rnd.instructions:
+            raise CoordinatorError("FAILED_PRECONDITION", f"client {client_id!r} was not selected for round {round_number}")
+        if client_id in rnd.updates:
+            raise CoordinatorError("FAILED_PRECONDITION", f"client {client_id!r} already sent its update for round {round_number}")
+        return rnd
+
+    def expected_update(self, client_id: str, round_number: int) -> Mapping[str, TensorSpec]:
         """The tensors ``client_id`` must send for ``round_number``, or why it may not send."""
         with self._cond:
-            rnd = self._round
-            if rnd is None or rnd.number != round_number or not rnd.open:
-                current = f"round {rnd.number} is {'open' if rnd.open else 'closed'}" if rnd else "no round is open"
-                raise CoordinatorError("FAILED_PRECONDITION", f"round {round_number} is not open ({current})")
-            if client_id not in rnd.selected:
-                raise CoordinatorError("FAILED_PRECONDITION", f"client {client_id!r} was not selected for round {round_number}")
-            if client_id in rnd.updates:
-                raise CoordinatorError("FAILED_PRECONDITION", f"client {client_id!r} already sent its update for round {round_number}")
-            return rnd.specs[rnd.plans[client_id].key()]
+            return self._open_round_for(client_id, round_number).instructions[client_id].expect
 
     def submit(self, client_id: str, round_number: int, tensors: dict[str, torch.Tensor], num_examples: int, metrics: Mapping[str, float], bytes_up: int) -> None:
-        self.expected_update(client_id, round_number)  # the round may have closed while receiving
+        """Accept an update. The round is checked and the update stored in one critical section:
+        of two concurrent pushes by one client exactly one is accepted, and an update accepted
+        here is in the round's aggregate (the close takes its snapshot under the same lock)."""
         if num_examples < 1:
             raise CoordinatorError("INVALID_ARGUMENT", f"num_examples must be at least 1, got {num_examples}")
         if len(metrics) > 32 or any(len(k) > 64 for k in metrics):
@@ -203,16 +198,14 @@ class RoundEngine:
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad:
             raise CoordinatorError("INVALID_ARGUMENT", f"metrics {bad} are not finite numbers")
-        if "rank_cap" in metrics:
-            cap = metrics["rank_cap"]
-            if cap < 1 or cap != int(cap):
-                raise CoordinatorError("INVALID_ARGUMENT", f"rank_cap must be a positive integer, got {cap}")
+        update = ClientUpdate(client_id, tensors, num_examples, dict(metrics))
         with self._cond:
-            rnd = self._round
-            assert rnd is not None
-            rnd.updates[client_id] = ClientUpdate(client_id, tensors, num_examples, dict(metrics))
-            if "rank_cap" in metrics:
-                self._rank_caps[client_id] = int(metrics["rank_cap"])
+            rnd = self._open_round_for(client_id, round_number)
+            try:
+                self.strategy.check_update(rnd.ctx, update)
+            except ValueError as exc:
+                raise CoordinatorError("INVALID_ARGUMENT", str(exc)) from None
+            rnd.updates[client_id] = update
             rnd.bytes_up += bytes_up
             self._cond.notify_all()
         log.info("round %d: update from %s (%d examples)", round_number, client_id, num_examples)
@@ -263,10 +256,18 @@ class RoundEngine:
                 self._round = None
                 self._cond.notify_all()
         if not self._stopping:
-            adapter, delta = self.global_adapter(self.fed.rounds + 1)
-            self.global_model.export(adapter, self.run_dir / "adapter", delta)
-            log.info("final adapter written to %s", self.run_dir / "adapter")
+            self.export()
         return self.history
+
+    def global_model_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The global model now: an adapter at the global plan's shape and base-weight deltas."""
+        return self.strategy.global_model(self.state, self.global_spec)
+
+    def export(self) -> Path:
+        adapter, deltas = self.global_model_tensors()
+        folder = self.global_model.export(adapter, self.run_dir / "adapter", deltas, rank=self.config.export.rank, merged_folder=self.run_dir / "merged" if self.config.export.merged else None)
+        log.info("final adapter written to %s", folder)
+        return folder
 
     def wait_until_clients_told(self, timeout_s: float) -> bool:
         """After the run: give alive clients up to ``timeout_s`` to learn training is over."""
@@ -302,95 +303,56 @@ class RoundEngine:
         rng = np.random.default_rng([self.config.seed, number])
         return sorted(alive[i] for i in rng.choice(len(alive), size=k, replace=False))
 
-    def global_adapter(self, round_number: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The global adapter at the global plan's shape, and the base deltas (FLoRA)."""
-        shapes = {name: spec.shape for name, spec in self.global_spec.items()}
-        return self.strategy.client_state(self.global_state, shapes, round_number), self.strategy.base_delta(self.global_state)
-
-    def _plans(self, selected: list[str]) -> tuple[dict[str, AdapterPlan], dict]:
-        """Each selected client's plan, and the coverage of the global adapter they give."""
+    def _context(self, number: int, selected: list[str]) -> tuple[RoundContext, dict]:
         records = {r.client_id: r for r in self.registry.all()}
-        if self.planner is None:
-            return {cid: self.plan for cid in selected}, {}
-        plans = {}
-        for cid in selected:
-            caps = records[cid].capabilities
-            if caps.memory_bytes == 0 and caps.flops_per_second == 0:
-                plans[cid] = _capped(self.plan, self._rank_caps.get(cid))  # nothing to plan around
-                continue
-            assignment = self.planner.assign(caps)
-            plans[cid] = _capped(assignment.plan, self._rank_caps.get(cid))
-            if not assignment.fits:
-                log.warning("%s (%s) cannot afford even the smallest plan within budget; giving it the smallest", cid, caps.tier or "no capabilities reported")
-        num_blocks = self.planner.geometry.num_blocks
-        cov = coverage(plans, self.plan, num_blocks)
-        if cov["min_coverage"] == 0 and self.config.planner.coverage == "adjust" and plans:
-            # Give the round's most capable client every parameter nobody else trains: the
-            # global plan's rank on each layer that falls short.
-            strongest = max(selected, key=lambda c: (records[c].capabilities.memory_bytes, records[c].capabilities.flops_per_second, c))
-            plan = plans[strongest]
-            own = {l: plan.rank_per_layer.get(l, plan.rank) for l in plan.layers or range(num_blocks)}
-            ranks = {**own, **{l: max(own.get(l, 0), r) for l, r in cov["short_layers"].items()}}
-            top = max(ranks.values())
-            plans[strongest] = AdapterPlan(**{**plan.__dict__, "rank": top, "alpha": plan.scale * top, "layers": tuple(sorted(ranks)), "rank_per_layer": ranks})
-            log.warning("coverage: parts of layers %s had no client; extended %s's plan to cover them", sorted(cov["short_layers"]), strongest)
-            cov = coverage(plans, self.plan, num_blocks)
-        elif cov["uncovered_layers"]:
-            log.warning("coverage: no client trains layers %s this round; they keep their global values", cov["uncovered_layers"])
-        return plans, cov
+        caps = {cid: records[cid].capabilities for cid in selected}
+        plans, cov = plan_round(self.planner, self.plan, caps, self.config.planner.coverage == "adjust")
+        clients = {
+            cid: ClientInfo(cid, plans[cid], self.global_model.spec(plans[cid]), caps[cid], records[cid].num_examples)
+            for cid in selected
+        }
+        ctx = RoundContext(
+            number=number,
+            clients=clients,
+            seed=self.config.seed,
+            sampling_rate=len(selected) / max(len(records), 1),
+            global_plan=self.plan,
+            global_spec=self.global_spec,
+            spec_of=self.global_model.spec,
+        )
+        return ctx, cov
 
     def _open_round(self, number: int) -> None:
         with self._cond:
             selected = self._select(number)
-        plans, cov = self._plans(selected)
-        base_delta = {name + BASE_DELTA: t for name, t in self.strategy.base_delta(self.global_state).items()}
-        global_adapter = None
-        if self.strategy.heterogeneous and self.fed.freeze_remainder:
-            global_adapter, _ = self.global_adapter(number)
-        payloads, specs = {}, {}
-        for plan in plans.values():
-            key = plan.key()
-            if key in payloads:
-                continue
-            spec = self.global_model.spec(plan)
-            shapes = {name: s.shape for name, s in spec.items()}
-            frozen = remainder(global_adapter, shapes) if global_adapter is not None else {}
-            payloads[key] = encode_tensors({**self.strategy.client_state(self.global_state, shapes, number), **base_delta, **frozen})
-            # what the client sends back; with FedSA-LoRA its B stays on the device
-            specs[key] = {n: s for n, s in spec.items() if not (self.fed.share_a and n.endswith(".lora_B.weight"))}
+        ctx, cov = self._context(number, selected)
+        instructions = self.strategy.configure(ctx, self.state)
+        if set(instructions) != set(selected):
+            raise RuntimeError(f"strategy {self.strategy.name} configured {sorted(instructions)}, the round selected {selected}")
         if self.planner is not None:
-            for cid, plan in plans.items():
-                ranks = [plan.rank_per_layer.get(layer, plan.rank) for layer in plan.layers]
-                log.info("round %d: %s gets LoRA on layers %s with ranks %s", number, cid, list(plan.layers), ranks)
+            for cid, ins in instructions.items():
+                ranks = [ins.plan.rank_per_layer.get(layer, ins.plan.rank) for layer in ins.plan.layers]
+                log.info("round %d: %s gets LoRA on layers %s with ranks %s", number, cid, list(ins.plan.layers), ranks)
         with self._cond:
             now = time.monotonic()
-            self._round = _Round(
-                number=number,
-                selected=selected,
-                deadline=now + self.fed.round_timeout_s,
-                deadline_unix=time.time() + self.fed.round_timeout_s,
-                started=now,
-                plans=plans,
-                payloads=payloads,
-                specs=specs,
-                coverage=cov,
-            )
+            self._round = _Round(ctx, instructions, now + self.fed.round_timeout_s, time.time() + self.fed.round_timeout_s, now, cov)
             self._cond.notify_all()
         log.info("round %d/%d open: %d clients selected", number, self.fed.rounds, len(selected))
 
     def _wait_for_close(self) -> None:
         rnd = self._round
         assert rnd is not None
-        needed = max(1, math.ceil(self.fed.quorum * len(rnd.selected)))
+        selected = list(rnd.instructions)
+        needed = max(1, math.ceil(self.fed.quorum * len(selected)))
         with self._cond:
             while not self._stopping:
                 if len(rnd.updates) >= needed:
                     break
                 now = time.monotonic()
                 if now >= rnd.deadline:
-                    log.warning("round %d: deadline passed with %d of %d updates", rnd.number, len(rnd.updates), len(rnd.selected))
+                    log.warning("round %d: deadline passed with %d of %d updates", rnd.number, len(rnd.updates), len(selected))
                     break
-                missing = [c for c in rnd.selected if c not in rnd.updates]
+                missing = [c for c in selected if c not in rnd.updates]
                 if missing and not any(self.registry.is_alive(c, self.fed.client_timeout_s) for c in missing):
                     log.warning("round %d: closing early, %s went silent", rnd.number, ", ".join(missing))
                     break
@@ -400,97 +362,49 @@ class RoundEngine:
     def _close_round(self) -> None:
         rnd = self._round
         assert rnd is not None
+        with self._cond:  # the round is closed: this snapshot is every accepted update
+            arrived = dict(rnd.updates)
+            traffic = {"bytes_up": rnd.bytes_up, "bytes_down": rnd.bytes_down, "rejected": rnd.rejected}
         modeled = self._modeled_seconds(rnd)
         deadline = self.config.simulation.deadline_s
-        late = sorted(c for c, t in modeled.items() if deadline and t > deadline and c in rnd.updates)
+        late = sorted(c for c, t in modeled.items() if deadline and t > deadline and c in arrived)
         if late:
             log.warning("round %d: %s would miss the %.0f s deadline on their devices; their updates are dropped", rnd.number, late, deadline)
-        updates = [rnd.updates[c] for c in sorted(rnd.updates) if c not in late]
+        updates = [arrived[c] for c in sorted(arrived) if c not in late]
+        strategy_metrics: dict = {}
         if updates:
-            self.global_state = self.strategy.aggregate(self.global_state, updates)
+            self.state, strategy_metrics = self.strategy.aggregate(rnd.ctx, self.state, updates)
         else:
             log.warning("round %d: no updates arrived; the global adapter is unchanged", rnd.number)
         eval_started = time.monotonic()
-        adapter, delta = self.global_adapter(rnd.number + 1)
-        metrics = self.global_model.evaluate(adapter, delta)
+        adapter, deltas = self.global_model_tensors()
+        eval_metrics = self.global_model.evaluate(adapter, deltas)
         eval_seconds = time.monotonic() - eval_started
-        weights = [u.num_examples for u in updates]
-        losses = [u.metrics.get("train_loss") for u in updates]
-        train_loss = (
-            sum(w * l for w, l in zip(weights, losses)) / sum(weights)
-            if updates and all(l is not None for l in losses)
-            else None
-        )
-        row = {
-            "round": rnd.number,
-            "clients": len(updates),
-            "selected": len(rnd.selected),
-            "client_ids": [u.client_id for u in updates],
-            "train_loss": train_loss,
-            "eval_loss": metrics.get("eval_loss"),
-            **{k: v for k, v in metrics.items() if k != "eval_loss"},
-            "bytes_up": rnd.bytes_up,
-            "bytes_down": rnd.bytes_down,
-            "rejected_updates": rnd.rejected,
-            "seconds": round(time.monotonic() - rnd.started, 3),
-            "eval_seconds": round(eval_seconds, 3),
-        }
-        arrived = [modeled[c] for c in rnd.updates if c in modeled]
-        if arrived:
+        row = round_row(rnd.number, len(rnd.instructions), updates, strategy_metrics, eval_metrics, traffic, time.monotonic() - rnd.started, eval_seconds)
+        times = [modeled[c] for c in arrived if c in modeled]
+        if times:
             # The emulated round lasts as long as its slowest accepted client, or the deadline.
-            row["sim_seconds"] = round(min(max(arrived), deadline) if deadline else max(arrived), 3)
+            row["sim_seconds"] = round(min(max(times), deadline) if deadline else max(times), 3)
             row["late_updates"] = len(late)
-        if self._rank_caps:
-            row["rank_caps"] = dict(sorted(self._rank_caps.items()))
-        if rnd.coverage:
-            row["coverage_min"] = rnd.coverage["min_coverage"]
-            row["coverage_per_layer"] = {str(k): v for k, v in rnd.coverage["per_layer"].items()}
-            row["uncovered_layers"] = rnd.coverage["uncovered_layers"]
-            row["plans"] = {c: {"layers": list(p.layers), "ranks": [p.rank_per_layer.get(l, p.rank) for l in p.layers]} for c, p in rnd.plans.items()}
-        with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        save_checkpoint(
-            self.run_dir,
-            rnd.number,
-            self.global_state,
-            self.strategy.state_dict(),
-            {"seed": self.config.seed, "plan": self.plan.to_json(), "strategy": self.fed.strategy, "rank_caps": self._rank_caps},
-        )
+        row.update(plan_fields({c: ins.plan for c, ins in rnd.instructions.items()}, rnd.coverage))
+        self.metrics.append(row)
+        save_checkpoint(self.run_dir, rnd.number, self.state, {"seed": self.config.seed, "plan": self.plan.to_json(), "strategy": self.strategy.describe()})
         self.history.append(row)
         log.info("round %d closed: %s", rnd.number, {k: row[k] for k in ("clients", "train_loss", "eval_loss", "seconds")})
         if self.on_round_end is not None:
             self.on_round_end(row)
-
 
     def _modeled_seconds(self, rnd: _Round) -> dict[str, float]:
         """Each selected client's round time on its own device under the cost model (only for
         clients that reported their compute speed, and when the model geometry is known)."""
         if self.geometry is None:
             return {}
-        records = {r.client_id: r for r in self.registry.all()}
         out = {}
-        for cid, plan in rnd.plans.items():
-            caps = records[cid].capabilities if cid in records else None
-            if caps is not None and caps.flops_per_second > 0:
-                out[cid] = self.cost.round_seconds(self.geometry, plan, caps)
+        for cid, ins in rnd.instructions.items():
+            caps = rnd.ctx.clients[cid].capabilities
+            if caps.flops_per_second > 0:
+                out[cid] = self.cost.round_seconds(self.geometry, ins.plan, caps)
         return out
-
-
-def _capped(plan: AdapterPlan, cap: int | None) -> AdapterPlan:
-    """``plan`` with every rank at most ``cap`` (a client that pruned its rank)."""
-    if cap is None or max([plan.rank, *plan.rank_per_layer.values()]) <= cap:
-        return plan
-    rank = min(plan.rank, cap)
-    return AdapterPlan(**{
-        **plan.__dict__,
-        "rank": rank,
-        "alpha": plan.scale * rank,
-        "rank_per_layer": {layer: min(r, cap) for layer, r in plan.rank_per_layer.items()},
-    })
-
-
-def _equal(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
 
 
 def _client_seed(seed: int, round_number: int, client_id: str) -> int:

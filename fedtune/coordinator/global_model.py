@@ -1,16 +1,18 @@
 """The coordinator's copy of the model: it produces the initial adapter, scores each round's
-global adapter on held-out data, and exports the final adapter."""
+global model on held-out data, and exports the final adapter."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from fedtune.adapters import AdapterPlan, adapter_state, export_adapter, inject_lora, load_adapter_state
-from fedtune.adapters.lora import BASE_DELTA
+from fedtune.adapters import AdapterError, AdapterPlan, adapter_state, export_adapter, inject_lora, load_adapter_state
+from fedtune.aggregation.lora_math import low_rank, product
+from fedtune.names import A_SUFFIX, B_SUFFIX, lora_modules
 from fedtune.data import Example
 from fedtune.models import ModelSource, ModelStore
 from fedtune.protocol.tensors import TensorSpec, specs_of
@@ -80,26 +82,69 @@ class GlobalModel:
         self._load(state, base_delta or {})
         return self.task.evaluate(self.model, self.eval_items, self.pad_id, self.eval_batch_size)
 
-    def export(self, state: dict[str, torch.Tensor], folder: Path, base_delta: dict[str, torch.Tensor] | None = None) -> Path:
-        """A PEFT adapter folder; with base deltas (FLoRA) also ``base_delta.safetensors``,
-        dense updates to add to the base weights before applying the adapter."""
-        from safetensors.torch import save_file
+    def export(
+        self,
+        state: dict[str, torch.Tensor],
+        folder: Path,
+        base_delta: dict[str, torch.Tensor] | None = None,
+        *,
+        rank: int = 0,
+        merged_folder: Path | None = None,
+    ) -> Path:
+        """A standard PEFT adapter folder that plain peft loads onto the base model, giving the
+        model this coordinator evaluates.
 
-        self._load(state, base_delta or {})
-        folder = export_adapter(
-            self.model,
-            folder,
-            {
-                "model": self.source.name,
-                "task": self.task_name,
-                "labels": self.labels,
-                "plan": self.plan.to_json(),
-                "base_delta": "base_delta.safetensors" if base_delta else None,
-            },
-        )
+        When the global model has dense base-weight deltas (FLoRA's folded updates, FlexLoRA's
+        dense mean), each LoRA module's whole update ``scale * B @ A + delta`` is refactored by
+        truncated SVD into a LoRA adapter of rank ``rank`` (0: the numerical rank, exact to
+        rounding); the relative error is recorded in ``fedtune.json``. With ``merged_folder``,
+        the merged model (base weights + update) is also written as a transformers folder.
+        """
+        metadata = {"model": self.source.name, "task": self.task_name, "labels": self.labels, "plan": self.plan.to_json()}
         if base_delta:
-            save_file({k + BASE_DELTA: v.contiguous() for k, v in base_delta.items()}, str(folder / "base_delta.safetensors"))
+            plan, state, errors = fold_deltas(self.plan, state, base_delta, rank)
+            model = inject_lora(self.store.instance(self.source, self.task_name, self.labels), plan, self.task_name)
+            load_adapter_state(model, state)
+            metadata.update(plan=plan.to_json(), folded_base_delta=True, export_rank=plan.rank, relative_error=max(errors.values(), default=0.0), relative_error_per_module=errors)
+            log.info("folded the base deltas into a rank-%d adapter (largest relative error %.2e)", plan.rank, metadata["relative_error"])
+        else:
+            self._load(state, {})
+            model = self.model
+        folder = export_adapter(model, folder, metadata)
+        if merged_folder is not None:
+            from peft import PeftModel
+
+            merged = PeftModel.from_pretrained(self.store.instance(self.source, self.task_name, self.labels), str(folder)).merge_and_unload()
+            merged.save_pretrained(str(merged_folder))
+            self.store.tokenizer(self.source).save_pretrained(str(merged_folder))
         return folder
+
+
+def fold_deltas(plan: AdapterPlan, adapter: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], rank: int = 0) -> tuple[AdapterPlan, dict[str, torch.Tensor], dict[str, float]]:
+    """Refactor ``scale * B @ A + delta`` of every LoRA module into one LoRA adapter of a common
+    rank with scale 1 (``rank`` 0: the largest numerical rank among the modules). Returns the
+    new plan, its state (other tensors, such as heads, unchanged) and each module's relative
+    Frobenius error."""
+    modules = lora_modules(adapter)
+    unknown = sorted(set(deltas) - set(modules))
+    if unknown:
+        raise AdapterError(f"base deltas for modules without LoRA: {unknown[:3]}")
+    wholes = {}
+    for m in modules:
+        whole = plan.scale * product(adapter, m)
+        if m in deltas:
+            whole = whole + deltas[m].double()
+        wholes[m] = whole
+    factors = {m: low_rank(w, rank or None) for m, w in wholes.items()}
+    k = max([f[1].shape[0] for f in factors.values()] + [1])
+    state = {n: t for n, t in adapter.items() if not (n.endswith(A_SUFFIX) or n.endswith(B_SUFFIX))}
+    for m, (b, a, _) in factors.items():
+        dtype = adapter[m + A_SUFFIX].dtype
+        a_k = torch.zeros(k, a.shape[1], dtype=torch.float64)
+        b_k = torch.zeros(b.shape[0], k, dtype=torch.float64)
+        a_k[: a.shape[0]], b_k[:, : b.shape[1]] = a, b
+        state[m + A_SUFFIX], state[m + B_SUFFIX] = a_k.to(dtype), b_k.to(dtype)
+    return replace(plan, rank=k, alpha=float(k), rank_per_layer={}), state, {m: f[2] for m, f in factors.items()}
 
 
 class FixedTensors:
@@ -120,7 +165,7 @@ class FixedTensors:
     def evaluate(self, state: dict[str, torch.Tensor], base_delta: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         return {}
 
-    def export(self, state: dict[str, torch.Tensor], folder: Path, base_delta: dict[str, torch.Tensor] | None = None) -> Path:
+    def export(self, state: dict[str, torch.Tensor], folder: Path, base_delta: dict[str, torch.Tensor] | None = None, **_: object) -> Path:
         from safetensors.torch import save_file
 
         folder.mkdir(parents=True, exist_ok=True)

@@ -238,3 +238,38 @@ def coverage(plans: Mapping[str, AdapterPlan], global_plan: AdapterPlan, num_blo
             layer: rank for layer, rank in global_ranks.items() if max((r.get(layer, 0) for r in client_ranks), default=0) < rank
         },
     }
+
+
+def plan_round(planner: Planner | None, global_plan: AdapterPlan, clients: Mapping[str, Capabilities], adjust_coverage: bool) -> tuple[dict[str, AdapterPlan], dict]:
+    """Each selected client's plan (``clients``: id -> capabilities), and the coverage of the
+    global adapter they give. Without a planner every client gets ``global_plan``.
+
+    A device that reported no memory and no compute gets the global plan (nothing to plan
+    around). With ``adjust_coverage``, when some part of the global adapter would be trained by
+    nobody, the round's most capable client also gets the global rank on those layers.
+    """
+    if planner is None:
+        return {cid: global_plan for cid in clients}, {}
+    plans = {}
+    for cid, caps in clients.items():
+        if caps.memory_bytes == 0 and caps.flops_per_second == 0:
+            plans[cid] = global_plan
+            continue
+        assignment = planner.assign(caps)
+        plans[cid] = assignment.plan
+        if not assignment.fits:
+            log.warning("%s (%s) cannot afford even the smallest plan within budget; giving it the smallest", cid, caps.tier or "no capabilities reported")
+    num_blocks = planner.geometry.num_blocks
+    cov = coverage(plans, global_plan, num_blocks)
+    if cov["min_coverage"] == 0 and adjust_coverage and plans:
+        strongest = max(clients, key=lambda c: (clients[c].memory_bytes, clients[c].flops_per_second, c))
+        plan = plans[strongest]
+        own = {l: plan.rank_per_layer.get(l, plan.rank) for l in plan.layers or range(num_blocks)}
+        ranks = {**own, **{l: max(own.get(l, 0), r) for l, r in cov["short_layers"].items()}}
+        top = max(ranks.values())
+        plans[strongest] = replace(plan, rank=top, alpha=plan.scale * top, layers=tuple(sorted(ranks)), rank_per_layer=ranks)
+        log.warning("coverage: parts of layers %s had no client; extended %s's plan to cover them", sorted(cov["short_layers"]), strongest)
+        cov = coverage(plans, global_plan, num_blocks)
+    elif cov["uncovered_layers"]:
+        log.warning("coverage: no client trains layers %s this round; they keep their global values", cov["uncovered_layers"])
+    return plans, cov

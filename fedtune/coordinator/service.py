@@ -7,6 +7,7 @@ A bad request from one client never disturbs the others: errors end only that ca
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Iterator
 
 import grpc
@@ -17,7 +18,7 @@ from fedtune.coordinator.errors import CoordinatorError
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
 from fedtune.protocol.messages import capabilities_from_proto, plan_to_proto
-from fedtune.protocol.tensors import ProtocolError, TensorReceiver, tensor_frames
+from fedtune.protocol.tensors import EncodedTensor, ProtocolError, TensorReceiver, encode_tensors, tensor_frames
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,23 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.engine = engine
         self.config = config
         self.model_spec = pb.ModelSpec(name=model_name, task=task, labels=labels)
+        # Wire encodings of the current round's payloads: clients whose instructions share a
+        # tensors mapping share one encoding (a round's instructions stay alive while it is
+        # cached, so their ids are not reused).
+        self._encoded: tuple[int, dict[int, tuple[object, list[EncodedTensor]]]] = (0, {})
+        self._encode_lock = threading.Lock()
+
+    def _encode(self, round_number: int, tensors) -> list[EncodedTensor]:
+        with self._encode_lock:
+            number, cache = self._encoded
+            if number != round_number:
+                cache = {}
+                self._encoded = (round_number, cache)
+            hit = cache.get(id(tensors))
+            if hit is None or hit[0] is not tensors:
+                hit = (tensors, encode_tensors(tensors))
+                cache[id(tensors)] = hit
+            return hit[1]
 
     # ------------------------------------------------------------------ unary calls
 
@@ -67,11 +85,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             yield pb.Frame(task=pb.TaskHeader(status=pb.TASK_STATUS_WAIT, retry_after_seconds=task.retry_after_s))
             return
         training = self.config.training
+        instruction = task.instruction
+        encoded = self._encode(task.round, instruction.tensors)
         header = pb.TaskHeader(
             status=pb.TASK_STATUS_TRAIN,
             round=task.round,
             model=self.model_spec,
-            plan=plan_to_proto(task.plan),
+            plan=plan_to_proto(instruction.plan),
             training=pb.TrainingSettings(
                 local_steps=training.local_steps,
                 batch_size=training.batch_size,
@@ -79,17 +99,15 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 weight_decay=training.weight_decay,
                 max_length=self.config.model.max_length,
                 seed=task.seed,
-                tail_penalty=self.config.federation.rank_pruning,
-                tail_fraction=self.config.federation.rank_pruning_keep,
             ),
-            num_tensors=len(task.tensors),
+            num_tensors=len(encoded),
             deadline_unix=task.deadline_unix,
-            share_a=self.config.federation.share_a,
+            options=dict(instruction.options),
         )
         first = pb.Frame(task=header)
         sent = first.ByteSize()
         yield first
-        for frame in tensor_frames(task.tensors, self.config.server.chunk_bytes):
+        for frame in tensor_frames(encoded, self.config.server.chunk_bytes):
             sent += frame.ByteSize()
             yield frame
         self.engine.note_sent(task.round, sent)

@@ -163,7 +163,14 @@ class ModelSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("status", "round", "model", "plan", "training", "num_tensors", "retry_after_seconds", "deadline_unix", "share_a")
+    __slots__ = ("status", "round", "model", "plan", "training", "num_tensors", "retry_after_seconds", "deadline_unix", "share_a", "options")
+    class OptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +180,7 @@ class TaskHeader(_message.Message):
     RETRY_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     SHARE_A_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
     status: TaskStatus
     round: int
     model: ModelSpec
@@ -182,7 +190,8 @@ class TaskHeader(_message.Message):
     retry_after_seconds: float
     deadline_unix: float
     share_a: bool
-    def __init__(self, status: _Optional[_Union[TaskStatus, str]] = ..., round: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., plan: _Optional[_Union[AdapterPlan, _Mapping]] = ..., training: _Optional[_Union[TrainingSettings, _Mapping]] = ..., num_tensors: _Optional[int] = ..., retry_after_seconds: _Optional[float] = ..., deadline_unix: _Optional[float] = ..., share_a: _Optional[bool] = ...) -> None: ...
+    options: _containers.ScalarMap[str, str]
+    def __init__(self, status: _Optional[_Union[TaskStatus, str]] = ..., round: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., plan: _Optional[_Union[AdapterPlan, _Mapping]] = ..., training: _Optional[_Union[TrainingSettings, _Mapping]] = ..., num_tensors: _Optional[int] = ..., retry_after_seconds: _Optional[float] = ..., deadline_unix: _Optional[float] = ..., share_a: _Optional[bool] = ..., options: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("client_id", "token", "round", "num_examples", "metrics", "num_tensors")

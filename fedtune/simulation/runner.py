@@ -13,6 +13,7 @@ allocates large tensors grows its own malloc arena, and those are not given back
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -84,7 +85,7 @@ def run_simulation(
     on_round_end: Callable[[dict], None] | None = None,
     capabilities: Sequence[Capabilities] | None = None,
 ) -> SimulationResult:
-    config.validate()
+    config = copy.deepcopy(config).validate()  # the caller's config is left as it was
     sim = config.simulation
     capabilities = capabilities or fleet(config)
     train, evals, labels = prepare_data(config)

@@ -1,0 +1,38 @@
+"""FedSA-LoRA (Guo et al., 2024): share A, keep B.
+
+The A matrices learn what is common to all clients and the B matrices what is particular to
+each, so only A (and trained heads) are sent and aggregated; every client keeps its own B on the
+device between rounds (the recipe option ``keep``). Wraps any strategy that can aggregate
+without B (``fedavg``, ``hetlora`` and wrappers around them); the coordinator refuses the
+others at start (``Strategy.share_a_refusal``). Turned on with ``federation.share_a``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import torch
+
+from fedtune.aggregation.base import Instruction, RoundContext, Strategy, Wrapper
+from fedtune.names import B_SUFFIX
+from fedtune.options import OptionsError
+
+
+class FedSA(Wrapper):
+    name = "fedsa"
+
+    def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
+        if inner.share_a_refusal:
+            raise OptionsError(f"federation.share_a: {inner.share_a_refusal}")
+        super().__init__(inner, options, scale=scale, seed=seed)
+
+    def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
+        done: dict[int, Instruction] = {}
+        out = {}
+        for cid, ins in self.inner.configure(ctx, state).items():
+            if id(ins) not in done:
+                expect = {n: s for n, s in ins.expect.items() if not n.endswith(B_SUFFIX)}
+                done[id(ins)] = dataclasses.replace(ins, expect=expect, options={**ins.options, "keep": B_SUFFIX})
+            out[cid] = done[id(ins)]
+        return out

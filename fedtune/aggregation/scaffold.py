@@ -1,0 +1,105 @@
+"""SCAFFOLD (Karimireddy et al., 2020): control variates that correct client drift.
+
+The server keeps a control variate ``c`` per model tensor, each client its own ``c_i`` (on the
+device, in the ``scaffold`` recipe). A client corrects every local gradient by ``c - c_i``, then
+sets ``c_i+`` to the mean of the raw gradients it saw along its local trajectory (an estimate of
+its local gradient at the global model, in the spirit of the paper's option I, taken from the
+steps it already did instead of an extra pass) and sends ``dc_i = c_i+ - c_i`` with its adapter.
+The server aggregates the adapters with the inner aggregation, x <- x + server_lr (x_avg - x),
+and the control variates as in the paper:
+
+    c <- c + (|S| / N) * mean_{i in S} dc_i
+
+with |S| / N the round's sampling rate, an unweighted mean, and, where clients of different
+ranks train different slots, the mean over the clients that hold each slot.
+
+Control variates are per tensor, so the inner aggregation must hand clients leading blocks of
+its own tensors (fedavg, hetlora): in flexlora and flora a client's factors change basis every
+round and a variate of them means nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Instruction, RecipeWrapper, RoundContext, State, Strategy
+from fedtune.aggregation.lora_math import blockwise_mean, truncate
+from fedtune.names import namespaced, strip_namespace
+from fedtune.options import OptionsError
+
+CONTROL = "scaffold.c"       # server state, and what a client receives: c of each tensor
+CONTROL_DELTA = "scaffold.dc"  # what a client sends back: c_i+ - c_i of each tensor
+
+
+@dataclass(frozen=True)
+class ScaffoldOptions:
+    inner: str = "fedavg"
+    server_lr: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.server_lr <= 0:
+            raise ValueError("server_lr must be positive")
+
+
+@STRATEGIES.register("scaffold")
+class Scaffold(RecipeWrapper):
+    name = "scaffold"
+    Options = ScaffoldOptions
+    recipe_name = "scaffold"
+
+    def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
+        super().__init__(inner, options, scale=scale, seed=seed)
+        if not inner.sliced:
+            raise OptionsError(f"strategy scaffold: control variates need an inner strategy whose clients train slices of the global tensors (fedavg, hetlora), not {inner.name}")
+
+    def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> State:
+        state = self.inner.initial_state(adapter)
+        state.update({namespaced(CONTROL, n): torch.zeros_like(state[n]) for n in self.inner.server_params(state)})
+        return state
+
+    @staticmethod
+    def _split(state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+        inner, controls = {}, {}
+        for n, t in state.items():
+            key = strip_namespace(CONTROL, n)
+            (controls if key is not None else inner)[key if key is not None else n] = t
+        return inner, controls
+
+    def server_params(self, state: Mapping[str, torch.Tensor]) -> list[str]:
+        return self.inner.server_params(self._split(state)[0])
+
+    def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
+        inner_state, controls = self._split(state)
+        instructions = super().configure(ctx, inner_state)
+        done: dict[int, Instruction] = {}
+        out = {}
+        for cid, ins in instructions.items():
+            if id(ins) not in done:
+                tensors, expect = dict(ins.tensors), dict(ins.expect)
+                for name, spec in ins.expect.items():
+                    if name in controls:
+                        tensors[namespaced(CONTROL, name)] = truncate(controls[name], spec.shape)
+                        expect[namespaced(CONTROL_DELTA, name)] = spec
+                done[id(ins)] = Instruction(ins.plan, tensors, expect, ins.options)
+            out[cid] = done[id(ins)]
+        return out
+
+    def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
+        inner_state, controls = self._split(state)
+        averaged, metrics = self.inner.aggregate(ctx, inner_state, updates)
+        new_state = dict(averaged)
+        lr = self.options.server_lr
+        for name in self.inner.server_params(inner_state):
+            x = inner_state[name].double()
+            new_state[name] = (x + lr * (averaged[name].double() - x)).to(inner_state[name].dtype)
+        for name, c in controls.items():
+            deltas = [u.tensors[namespaced(CONTROL_DELTA, name)] for u in updates if namespaced(CONTROL_DELTA, name) in u.tensors]
+            if deltas:
+                mean = blockwise_mean(torch.zeros_like(c), deltas, [1.0] * len(deltas))
+                c = (c.double() + ctx.sampling_rate * mean.double()).to(c.dtype)
+            new_state[namespaced(CONTROL, name)] = c
+        metrics["control_norm"] = float(sum(float(c.double().square().sum()) for n, c in new_state.items() if strip_namespace(CONTROL, n) is not None)) ** 0.5
+        return new_state, metrics

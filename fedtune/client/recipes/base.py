@@ -1,0 +1,156 @@
+"""The recipe interface, the plain first-order recipe, and the training loop they share.
+
+``Recipe.run`` loads the starting adapter (with whatever the device kept from earlier rounds),
+trains ``local_steps`` AdamW steps, and returns the tensors to send and the metrics. A recipe
+changes training through five hooks: ``begin`` (see the instruction's extra tensors and the
+data), ``loss`` (the task loss of a batch), ``penalty`` (a term added to it), ``after_backward`` (edit gradients), and
+``finish`` (extra tensors and metrics to send). ``memory`` is the recipe's own dict that the
+agent keeps between rounds: personal B matrices, control variates, a tail-norm history.
+
+Randomness (data order, dropout) comes from the round's seed only: the batch order from a
+dedicated generator, dropout from a forked and seeded RNG, so a client's round is repeatable
+and independent of the device (no global RNG is touched).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+
+from fedtune.adapters import adapter_parameters, adapter_state, load_adapter_state
+from fedtune.options import build_options
+from fedtune.registry import Registry
+from fedtune.tasks import EncodedExample, Task
+from fedtune.tasks.base import sample_batches
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    local_steps: int = 20
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LocalOptions:
+    """Options every recipe understands."""
+
+    recipe: str = "local"
+    # Comma-separated name suffixes of adapter tensors the device keeps for itself between
+    # rounds and does not send (FedSA-LoRA: ".lora_B.weight").
+    keep: str = ""
+
+    @property
+    def kept_suffixes(self) -> tuple[str, ...]:
+        return tuple(s for s in self.keep.split(",") if s)
+
+
+class Recipe:
+    """Plain local training: AdamW on the adapter's trainable tensors, the task's loss."""
+
+    name: ClassVar[str] = "local"
+    Options: ClassVar[type] = LocalOptions
+
+    def __init__(self, options: Any, memory: dict) -> None:
+        self.options = options
+        self.memory = memory
+
+    # ---------------------------------------------------------------- hooks
+
+    def begin(self, model: torch.nn.Module, extras: Mapping[str, torch.Tensor], items: Sequence[EncodedExample], task: Task) -> None:
+        """Called after the starting adapter is loaded. ``extras`` are the instruction's tensors
+        that belong to this recipe (namespaced names); a recipe that expects none refuses them."""
+        if extras:
+            raise ValueError(f"recipe {self.name!r} does not use tensors {sorted(extras)[:3]}")
+
+    def loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], task: Task) -> torch.Tensor:
+        return model(**inputs).loss
+
+    def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
+        """A term added to the objective (proximal term, tail penalty); not part of the
+        reported train_loss, so losses stay comparable across recipes."""
+        return None
+
+    def after_backward(self, model: torch.nn.Module) -> None:
+        pass
+
+    def finish(self, model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Extra tensors to send (namespaced names) and extra metrics."""
+        return {}, {}
+
+    # ---------------------------------------------------------------- the round
+
+    def run(
+        self,
+        model: torch.nn.Module,
+        start: Mapping[str, torch.Tensor],
+        extras: Mapping[str, torch.Tensor],
+        task: Task,
+        items: Sequence[EncodedExample],
+        settings: TrainSettings,
+        pad_id: int,
+        device: torch.device | str = "cpu",
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        kept = self.options.kept_suffixes
+        start = dict(start)
+        if kept:  # the device's own tensors replace the coordinator's where it has them
+            mine = self.memory.get("kept", {})
+            start.update({k: v for k, v in mine.items() if k in start and v.shape == start[k].shape})
+        load_adapter_state(model, start)
+        device = torch.device(device)
+        model.to(device)
+        self.begin(model, {k: v.to(device) for k, v in extras.items()}, items, task)
+        metrics = self.train(model, task, items, settings, pad_id, device)
+        state = adapter_state(model)
+        more, extra_metrics = self.finish(model, state)
+        send = {**state, **more}
+        if kept:
+            self.memory["kept"] = {k: v for k, v in state.items() if k.endswith(kept)}
+            send = {k: v for k, v in send.items() if not k.endswith(kept)}
+        return send, {**metrics, **extra_metrics}
+
+    def train(self, model: torch.nn.Module, task: Task, items: Sequence[EncodedExample], settings: TrainSettings, pad_id: int, device: torch.device) -> dict[str, float]:
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+        order = torch.Generator().manual_seed(settings.seed)
+        losses = []
+        fork_devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(settings.seed)
+            for batch in sample_batches(items, settings.local_steps, settings.batch_size, order):
+                inputs = {k: v.to(device) for k, v in task.collate(batch, pad_id).items()}
+                loss = self.loss(model, inputs, task)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"training loss became {loss.item()}; lower the learning rate")
+                extra = self.penalty(model)
+                objective = loss if extra is None else loss + extra
+                optimizer.zero_grad(set_to_none=True)
+                objective.backward()
+                self.after_backward(model)
+                optimizer.step()
+                losses.append(loss.item())
+        model.eval()
+        return {"train_loss": sum(losses) / len(losses), "steps": float(len(losses))}
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Adapter-state name -> the live parameter, for the trainable tensors of ``model``."""
+    return adapter_parameters(model)
+
+
+RECIPES: Registry[type[Recipe]] = Registry("recipe")
+RECIPES.register("local")(Recipe)
+
+
+def make_recipe(options: Mapping[str, str], memory: dict) -> Recipe:
+    """The recipe an instruction names, with its options checked (ValueError naming the
+    problem for an unknown recipe or option)."""
+    cls = RECIPES.get(options.get("recipe", "local"))
+    return cls(build_options(cls.Options, options, f"recipe {cls.name}"), memory)

@@ -1,0 +1,35 @@
+"""FedProx's client: the task loss plus (mu / 2) ||w - w_global||^2 over the trainable tensors,
+whose gradient mu (w - w_global) pulls local training back toward the round's start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedtune.client.recipes.base import RECIPES, LocalOptions, Recipe, trainable
+
+
+@dataclass(frozen=True)
+class FedProxRecipeOptions(LocalOptions):
+    mu: float = 0.01
+
+
+def proximal_term(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
+    """(mu / 2) * sum ||p - anchor||^2."""
+    total = sum(((p - anchor[n]) ** 2).sum() for n, p in params.items())
+    return 0.5 * mu * total
+
+
+@RECIPES.register("fedprox")
+class FedProxRecipe(Recipe):
+    name = "fedprox"
+    Options = FedProxRecipeOptions
+
+    def begin(self, model, extras, items, task) -> None:
+        super().begin(model, extras, items, task)
+        self.params = trainable(model)
+        self.anchor = {n: p.detach().clone() for n, p in self.params.items()}
+
+    def penalty(self, model) -> torch.Tensor | None:
+        return proximal_term(self.params, self.anchor, self.options.mu) if self.options.mu > 0 else None

@@ -1,0 +1,57 @@
+"""SCAFFOLD's client (see ``fedtune.aggregation.scaffold``): every gradient is corrected by
+``c - c_i`` before the optimizer step; afterwards ``c_i`` becomes the mean raw gradient of the
+local steps and ``dc_i = c_i+ - c_i`` goes back with the adapter. ``c_i`` stays on the device."""
+
+from __future__ import annotations
+
+import torch
+
+from fedtune.aggregation.scaffold import CONTROL, CONTROL_DELTA
+from fedtune.client.recipes.base import RECIPES, LocalOptions, Recipe, trainable
+from fedtune.names import namespaced, strip_namespace
+
+
+def corrected(grad: torch.Tensor, c: torch.Tensor, c_i: torch.Tensor) -> torch.Tensor:
+    """SCAFFOLD's local direction: g - c_i + c."""
+    return grad - c_i + c
+
+
+def new_control(gradient_sum: torch.Tensor, steps: int) -> torch.Tensor:
+    """c_i+: the mean of the raw gradients seen over ``steps`` local steps."""
+    return gradient_sum / max(steps, 1)
+
+
+@RECIPES.register("scaffold")
+class ScaffoldRecipe(Recipe):
+    name = "scaffold"
+    Options = LocalOptions
+
+    def begin(self, model, extras, items, task) -> None:
+        self.params = trainable(model)
+        self.c = {}
+        for name, tensor in extras.items():
+            key = strip_namespace(CONTROL, name)
+            if key is None or key not in self.params:
+                raise ValueError(f"recipe scaffold: unexpected tensor {name!r}")
+            self.c[key] = tensor
+        controls = self.memory.setdefault("c_i", {})
+        self.c_i = {n: controls[n].to(c.device) if n in controls and controls[n].shape == c.shape else torch.zeros_like(c) for n, c in self.c.items()}
+        self.grad_sum = {n: torch.zeros_like(c) for n, c in self.c.items()}
+        self.steps = 0
+
+    def after_backward(self, model) -> None:
+        self.steps += 1
+        for n, c in self.c.items():
+            p = self.params[n]
+            if p.grad is None:
+                continue
+            self.grad_sum[n] += p.grad.detach()
+            p.grad.copy_(corrected(p.grad, c, self.c_i[n]))
+
+    def finish(self, model, state):
+        out = {}
+        for n in self.c:
+            c_new = new_control(self.grad_sum[n], self.steps)
+            out[namespaced(CONTROL_DELTA, n)] = (c_new - self.c_i[n]).detach().cpu()
+            self.memory["c_i"][n] = c_new.detach().cpu()
+        return out, {}

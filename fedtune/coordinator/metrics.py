@@ -1,0 +1,86 @@
+"""The per-round row of ``metrics.jsonl``, and the file itself.
+
+One JSON object per round: ``round``, ``clients`` (accepted updates), ``selected``,
+``client_ids``, ``train_loss`` (example-weighted), ``eval_loss`` and the task's other evaluation
+metrics (``eval_accuracy`` or ``eval_perplexity``), ``bytes_up``, ``bytes_down``,
+``rejected_updates``, ``seconds``, ``eval_seconds``; with modeled devices ``sim_seconds`` and
+``late_updates``; with a planner ``plans`` and coverage figures; and whatever the strategy
+reports (``pseudo_gradient_norm``, ``rank_caps``, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from fedtune.adapters import AdapterPlan
+from fedtune.aggregation import ClientUpdate
+
+
+def round_row(
+    number: int,
+    selected: int,
+    updates: Sequence[ClientUpdate],
+    strategy_metrics: Mapping,
+    eval_metrics: Mapping[str, float],
+    traffic: Mapping[str, int],
+    seconds: float,
+    eval_seconds: float,
+) -> dict:
+    row = {
+        "round": number,
+        "clients": len(updates),
+        "selected": selected,
+        "client_ids": [u.client_id for u in updates],
+        "train_loss": strategy_metrics.get("train_loss"),
+        "eval_loss": eval_metrics.get("eval_loss"),
+        **{k: v for k, v in eval_metrics.items() if k != "eval_loss"},
+        "bytes_up": traffic.get("bytes_up", 0),
+        "bytes_down": traffic.get("bytes_down", 0),
+        "rejected_updates": traffic.get("rejected", 0),
+        "seconds": round(seconds, 3),
+        "eval_seconds": round(eval_seconds, 3),
+    }
+    row.update({k: _json_safe(v) for k, v in strategy_metrics.items() if k != "train_loss"})
+    return row
+
+
+def plan_fields(plans: Mapping[str, AdapterPlan], coverage: Mapping) -> dict:
+    """The planner's part of a row: who trained which layers at which ranks, and coverage."""
+    if not coverage:
+        return {}
+    return {
+        "coverage_min": coverage["min_coverage"],
+        "coverage_per_layer": {str(k): v for k, v in coverage["per_layer"].items()},
+        "uncovered_layers": coverage["uncovered_layers"],
+        "plans": {c: {"layers": list(p.layers), "ranks": [p.rank_per_layer.get(l, p.rank) for l in p.layers]} for c, p in plans.items()},
+    }
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLog:
+    """``metrics.jsonl``: appended once per closed round."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def append(self, row: Mapping) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def keep_until(self, last_round: int) -> list[dict]:
+        """Drop rows after ``last_round`` (written after the checkpoint a resume starts from:
+        their round runs again) and return the rows kept."""
+        if not self.path.is_file():
+            return []
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [r for r in rows if r.get("round", 0) <= last_round]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        return kept
