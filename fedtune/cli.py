@@ -247,7 +247,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     for error in result.client_errors:
         console.print(f"[red]client error:[/] {error}")
     console.print(f"done in {time.monotonic() - started:.1f} s; run directory: {result.run_dir}")
-    return 0 if result.history else 1
+    complete = len(result.history) == config.federation.rounds
+    return 0 if complete or (result.history and not result.client_errors) else 1
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:

@@ -80,6 +80,9 @@ class FederationSection:
     # FedSA-LoRA: only the A matrices (and trained heads) are shared; each client keeps its B.
     # Refused at start by strategies that need B (flexlora, flora).
     share_a: bool = False
+    # With share_a: the fraction of each client's data held out to evaluate its personalized
+    # model (shared A, its own B) at the start of every round (0: off).
+    personal_eval: float = 0.2
 
 
 @dataclass
@@ -173,11 +176,13 @@ class RunConfig:
         """The configured strategy (wrapped for FedSA-LoRA when ``share_a``); raises
         OptionsError naming the option that is wrong."""
         from fedtune.aggregation import build_strategy
-        from fedtune.aggregation.fedsa import FedSA
+        from fedtune.aggregation.fedsa import FedSA, FedSAOptions
 
         scale = self.lora.alpha / self.lora.rank if scale is None else scale
         strategy = build_strategy(self.federation.strategy, self.federation.options, scale=scale, seed=self.seed)
-        return FedSA(strategy, scale=scale, seed=self.seed) if self.federation.share_a else strategy
+        if not self.federation.share_a:
+            return strategy
+        return FedSA(strategy, FedSAOptions(self.federation.personal_eval), scale=scale, seed=self.seed)
 
     def validate(self) -> "RunConfig":
         """Check value ranges and names; raise ConfigError naming the key."""
@@ -212,6 +217,7 @@ class RunConfig:
             self.build_strategy()
         except OptionsError as exc:
             raise ConfigError(f"federation.options: {exc}" if not str(exc).startswith("federation.") else str(exc)) from None
+        _check(0 <= self.federation.personal_eval < 1, "federation.personal_eval", "must be in [0, 1)")
         _check(self.export.rank >= 0, "export.rank", "must be >= 0")
         _check(1 <= self.planner.min_rank <= self.planner.max_rank, "planner.min_rank", "must be between 1 and planner.max_rank")
         _check(self.planner.round_budget_s > 0, "planner.round_budget_s", "must be positive")

@@ -68,6 +68,16 @@ def test_three_tiers_train_with_each_strategy(tmp_path, tiny_llama, strategy):
         assert meta["folded_base_delta"] and meta["relative_error"] < 1e-5
 
 
+@pytest.mark.parametrize("strategy", ["hetlora", "flexlora", "flora"])
+def test_three_identical_clients_learn_with_each_strategy(tmp_path, tiny_llama, strategy):
+    config = _config(tmp_path, tiny_llama, strategy)
+    config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(600, seed=1))
+    result = run_simulation(config)  # no capabilities reported: everyone trains the global plan
+    rows = result.history
+    assert not result.client_errors and [r["clients"] for r in rows] == [3, 3, 3]
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+
+
 def test_uncovered_layers_are_reported_and_keep_their_values(tmp_path, tiny_llama):
     config = _config(tmp_path, tiny_llama, "hetlora")
     config.federation.rounds = 1
@@ -155,6 +165,19 @@ def test_share_a_keeps_b_on_the_clients(tmp_path, tiny_llama):
         fresh.stop()
     # an update carrying B would not match the expected tensors: every round had all 3 updates
     assert all(r["rejected_updates"] == 0 for r in result.history)
+    # each client evaluated its own personalized model (global A, its B) on held-out local data
+    second = result.history[1]
+    assert second["personalized_after_round"] == 1 and second["personal_eval_clients"] == 3
+    assert 0 <= second["personal_eval_accuracy"] <= 1 and second["personal_eval_loss_std"] >= 0
+
+
+def test_share_a_is_refused_at_start_where_b_is_needed(tmp_path, tiny_llama, capsys):
+    from fedtune.cli import main
+
+    code = main(["simulate", "--model", tiny_llama, "--strategy", "flora", "--share-a", "--labels", "negative,positive", "--run-dir", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0
+    assert "federation.share_a: flora stacks every client's B next to its A, so B must be sent" in err
 
 
 def test_coverage_adjust_extends_the_strongest_plan(tmp_path, tiny_llama):

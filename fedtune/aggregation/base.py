@@ -256,6 +256,8 @@ class RecipeWrapper(Wrapper):
     use the plain recipe, since one client trains with one recipe."""
 
     recipe_name: ClassVar[str] = ""
+    # The wrapper's options its clients need (sent in the instruction); the rest stay here.
+    client_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
         super().__init__(inner, options, scale=scale, seed=seed)
@@ -266,7 +268,7 @@ class RecipeWrapper(Wrapper):
         return self.recipe_name
 
     def recipe_options(self) -> dict[str, str]:
-        own = {k: v for k, v in options_to_wire(self.options).items() if k != "inner"}
+        own = {k: v for k, v in options_to_wire(self.options).items() if k in self.client_options}
         return {"recipe": self.recipe_name, **own}
 
     def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:

@@ -30,3 +30,4 @@ class FedLC(RecipeWrapper):
     name = "fedlc"
     Options = FedLCOptions
     recipe_name = "fedlc"
+    client_options = ("tau",)

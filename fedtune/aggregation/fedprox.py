@@ -24,3 +24,4 @@ class FedProx(RecipeWrapper):
     name = "fedprox"
     Options = FedProxOptions
     recipe_name = "fedprox"
+    client_options = ("mu",)

@@ -10,6 +10,7 @@ others at start (``Strategy.share_a_refusal``). Turned on with ``federation.shar
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -19,8 +20,23 @@ from fedtune.names import B_SUFFIX
 from fedtune.options import OptionsError
 
 
+@dataclass(frozen=True)
+class FedSAOptions:
+    # Fraction of each client's data held out to evaluate its personalized model (global A, its
+    # own B) at the start of every round; 0 turns that evaluation off.
+    personal_eval: float = 0.2
+
+
 class FedSA(Wrapper):
+    """FedSA-LoRA: clients keep B and evaluate their personalized models (see the module doc).
+
+    The coordinator's central evaluation sees the shared A and heads with the initial B; what a
+    client really uses is A with its own B, which clients evaluate on held-out local data at
+    the start of each round: row t of metrics.jsonl then reports ``personal_eval_*`` (mean and
+    spread over clients) for the models after round t - 1."""
+
     name = "fedsa"
+    Options = FedSAOptions
 
     def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
         if inner.share_a_refusal:
@@ -33,6 +49,6 @@ class FedSA(Wrapper):
         for cid, ins in self.inner.configure(ctx, state).items():
             if id(ins) not in done:
                 expect = {n: s for n, s in ins.expect.items() if not n.endswith(B_SUFFIX)}
-                done[id(ins)] = dataclasses.replace(ins, expect=expect, options={**ins.options, "keep": B_SUFFIX})
+                done[id(ins)] = dataclasses.replace(ins, expect=expect, options={**ins.options, "keep": B_SUFFIX, "personal_eval": str(self.options.personal_eval)})
             out[cid] = done[id(ins)]
         return out

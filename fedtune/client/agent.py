@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import zlib
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence, TypeVar
 
 import grpc
+import torch
 
 from fedtune.adapters import AdapterError, apply_base_delta, inject_lora, split_task_tensors
 from fedtune.client.recipes import TrainSettings, make_recipe
@@ -219,7 +221,7 @@ class ClientAgent:
             self._encoded[key] = self.store.encode(self.source, task, self.examples, settings.max_length, labels)
             if not self._encoded[key]:
                 raise AgentError("no usable training examples after tokenization")
-        items = self._encoded[key]
+        items, eval_items = self._split(key, recipe.options.personal_eval)
         train_settings = TrainSettings(settings.local_steps, settings.batch_size, settings.learning_rate, settings.weight_decay, settings.seed)
         adapter, frozen, extras = split_task_tensors(tensors, plan.scale)
 
@@ -227,7 +229,7 @@ class ClientAgent:
             model = inject_lora(self.store.instance(self.source, task_name, labels), plan, task_name)
             try:
                 apply_base_delta(model, frozen)
-                return recipe.run(model, adapter, extras, task, items, train_settings, self.store.pad_id(self.source), self.options.device)
+                return recipe.run(model, adapter, extras, task, items, train_settings, self.store.pad_id(self.source), self.options.device, eval_items)
             except AdapterError as exc:
                 raise AgentError(f"the coordinator's adapter does not fit this client's model {self.source.name!r}: {exc}") from exc
 
@@ -239,6 +241,18 @@ class ClientAgent:
             heartbeat.stop()
         log.info("%s: round %d trained (%s), loss %.4f", self._client_id, header.round, recipe.name, metrics["train_loss"])
         return update, len(items), metrics
+
+
+    def _split(self, key: tuple, fraction: float) -> tuple[list, list]:
+        """(training items, held-out items): a fixed share of this device's examples, chosen by
+        a generator seeded from its name, so the split is the same every round."""
+        items = self._encoded[key]
+        held = int(fraction * len(items))
+        if held == 0 or held >= len(items):
+            return items, []
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(zlib.crc32(self.options.name.encode()))).tolist()
+        out = set(order[:held])
+        return [it for i, it in enumerate(items) if i not in out], [items[i] for i in sorted(out)]
 
 
 class _Heartbeat:

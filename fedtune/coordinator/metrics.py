@@ -44,7 +44,24 @@ def round_row(
         "eval_seconds": round(eval_seconds, 3),
     }
     row.update({k: _json_safe(v) for k, v in strategy_metrics.items() if k != "train_loss"})
+    row.update(personalized(number, updates))
     return row
+
+
+def personalized(number: int, updates: Sequence[ClientUpdate]) -> dict:
+    """Clients' evaluations of their personalized models (FedSA-LoRA) at the start of round
+    ``number``, i.e. of the models after round ``number - 1``: mean and spread over clients."""
+    keys = sorted({k for u in updates for k in u.metrics if k.startswith("personal_eval_")})
+    if not keys:
+        return {}
+    out: dict = {"personalized_after_round": number - 1}
+    for key in keys:
+        values = [u.metrics[key] for u in updates if key in u.metrics]
+        mean = sum(values) / len(values)
+        out[key] = mean
+        out[key + "_std"] = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+    out["personal_eval_clients"] = len([u for u in updates if keys[0] in u.metrics])
+    return out
 
 
 def plan_fields(plans: Mapping[str, AdapterPlan], coverage: Mapping) -> dict:

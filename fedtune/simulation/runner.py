@@ -122,6 +122,8 @@ def run_simulation(
         for i, part in enumerate(parts)
     ]
     errors: list[str] = []
+    running = [len(agents)]
+    lock = threading.Lock()
 
     def run_agent(agent: ClientAgent) -> None:
         try:
@@ -129,6 +131,14 @@ def run_simulation(
         except Exception as exc:  # a failing client must not take the simulation down
             log.error("client %s failed: %s", agent.options.name, exc)
             errors.append(f"{agent.options.name}: {exc}")
+        finally:
+            with lock:
+                running[0] -= 1
+                last = running[0] == 0
+            if last and not coordinator.engine.done:
+                # Nobody is left to train: end the run instead of waiting out its deadlines.
+                log.error("every simulated client has stopped; ending the run")
+                coordinator.engine.stop()
 
     threads = [threading.Thread(target=run_agent, args=(a,), name=a.options.name, daemon=True) for a in agents]
     for t in threads:

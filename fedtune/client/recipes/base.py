@@ -43,6 +43,13 @@ class LocalOptions:
     # Comma-separated name suffixes of adapter tensors the device keeps for itself between
     # rounds and does not send (FedSA-LoRA: ".lora_B.weight").
     keep: str = ""
+    # Fraction of the device's examples held out to evaluate its personalized model (the
+    # starting adapter with its kept tensors) before training; 0: no personalized evaluation.
+    personal_eval: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.personal_eval < 1.0:
+            raise ValueError("personal_eval must be in [0, 1)")
 
     @property
     def kept_suffixes(self) -> tuple[str, ...]:
@@ -94,7 +101,10 @@ class Recipe:
         settings: TrainSettings,
         pad_id: int,
         device: torch.device | str = "cpu",
+        eval_items: Sequence[EncodedExample] = (),
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """One round. With ``eval_items``, the starting model (the coordinator's adapter with
+        this device's kept tensors: its personalized model) is evaluated on them first."""
         kept = self.options.kept_suffixes
         start = dict(start)
         if kept:  # the device's own tensors replace the coordinator's where it has them
@@ -103,8 +113,11 @@ class Recipe:
         load_adapter_state(model, start)
         device = torch.device(device)
         model.to(device)
+        personal = {}
+        if eval_items:
+            personal = {f"personal_{k}": v for k, v in task.evaluate(model, eval_items, pad_id).items()}
         self.begin(model, {k: v.to(device) for k, v in extras.items()}, items, task)
-        metrics = self.train(model, task, items, settings, pad_id, device)
+        metrics = {**personal, **self.train(model, task, items, settings, pad_id, device)}
         state = adapter_state(model)
         more, extra_metrics = self.finish(model, state)
         send = {**state, **more}

@@ -1,0 +1,97 @@
+"""The round engine's bookkeeping under concurrency: one update per client, and no update lost
+after it was accepted."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+import torch
+
+from fedtune.config import RunConfig
+from fedtune.coordinator.engine import RoundEngine, TrainTask
+from fedtune.coordinator.errors import CoordinatorError
+from fedtune.coordinator.global_model import FixedTensors
+from fedtune.devices import Capabilities
+from fedtune.protocol import fedtune_pb2 as pb
+
+from conftest import fetch_task, live_coordinator, push_update
+
+
+def _config(tmp_path, rounds=1) -> RunConfig:
+    config = RunConfig()
+    config.run_dir = str(tmp_path / "run")
+    config.federation.rounds = rounds
+    return config
+
+
+def test_concurrent_pushes_of_one_client_are_accepted_exactly_once(tmp_path):
+    config = _config(tmp_path)
+    config.federation.min_clients = 2
+    with live_coordinator(config, global_model=FixedTensors({"w": torch.zeros(64)})) as (coordinator, stub, engine):
+        me = stub.Register(pb.RegisterRequest(name="twice", num_examples=3), timeout=10)
+        other = stub.Register(pb.RegisterRequest(name="other", num_examples=3), timeout=10)
+        header, tensors = fetch_task(stub, me.client_id, me.token)
+        start = threading.Barrier(8)
+        outcomes = []
+
+        def push():
+            start.wait()
+            try:
+                outcomes.append(push_update(stub, me.client_id, me.token, header.round, {"w": torch.ones(64)}).accepted)
+            except grpc.RpcError as exc:
+                outcomes.append(exc.code())
+
+        threads = [threading.Thread(target=push) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert outcomes.count(True) == 1
+        assert all(o == grpc.StatusCode.FAILED_PRECONDITION for o in outcomes if o is not True)
+        h2, _ = fetch_task(stub, other.client_id, other.token)
+        assert push_update(stub, other.client_id, other.token, h2.round, {"w": torch.full((64,), 3.0)}).accepted
+        engine.join(timeout=30)
+    # the mean of one ones-update and one threes-update, equal weights: counted once each
+    torch.testing.assert_close(coordinator.engine.state["w"], torch.full((64,), 2.0))
+    assert coordinator.engine.history[0]["clients"] == 2
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_a_push_racing_the_close_is_aggregated_or_refused_never_lost(tmp_path, trial):
+    config = _config(tmp_path / str(trial))
+    config.federation.quorum = 0.3          # the round closes while most pushes are in flight
+    n = 12
+    engine = RoundEngine(config, FixedTensors({"w": torch.zeros(4)}), config.build_strategy(), tmp_path / str(trial))
+    ids = [engine.register(f"c{i}", Capabilities(), 1).client_id for i in range(n)]
+    config.federation.min_clients = n
+    driver = threading.Thread(target=engine.run)
+    driver.start()
+    tasks = {}
+    for cid in ids:
+        task = engine.next_task(cid, 30)
+        assert isinstance(task, TrainTask)
+        tasks[cid] = task
+    accepted, refused = [], []
+    barrier = threading.Barrier(n)
+
+    def submit(i, cid):
+        barrier.wait()
+        try:
+            engine.submit(cid, tasks[cid].round, {"w": torch.full((4,), float(i))}, 1, {"train_loss": 1.0}, 16)
+            accepted.append(cid)
+        except CoordinatorError as exc:
+            assert exc.code == "FAILED_PRECONDITION"
+            refused.append(cid)
+
+    threads = [threading.Thread(target=submit, args=(i, cid)) for i, cid in enumerate(ids)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    driver.join(timeout=30)
+    row = engine.history[0]
+    assert sorted(row["client_ids"]) == sorted(accepted) and len(accepted) + len(refused) == n
+    expected = sum(float(ids.index(c)) for c in accepted) / len(accepted)
+    torch.testing.assert_close(engine.state["w"], torch.full((4,), expected))
