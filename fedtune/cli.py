@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--tier", default="", help="device tier label")
     cli.add_argument("--memory-gb", type=float, default=0.0, help="memory the device can give to training")
     cli.add_argument("--tflops", type=float, default=0.0, help="sustained training throughput")
+    cli.add_argument("--calibrate", action="store_true", help="measure the training throughput on this device (a few steps of the model) and report it instead of --tflops")
     cli.add_argument("--uplink-mbps", type=float, default=0.0)
     cli.add_argument("--downlink-mbps", type=float, default=0.0)
     cli.add_argument("--tls-ca", default="", help="CA certificate (PEM) to verify the coordinator")
@@ -285,9 +286,20 @@ def cmd_client(args: argparse.Namespace) -> int:
     for flag in ("memory_gb", "tflops", "uplink_mbps", "downlink_mbps", "give_up_after"):
         if getattr(args, flag) < 0:
             raise ConfigError(f"--{flag.replace('_', '-')}: must be >= 0")
+    flops = args.tflops * 1e12
+    source = resolve_source(args.model)
+    if args.calibrate:
+        from fedtune.client.calibrate import calibrate
+        from fedtune.data import resolve_labels
+        from fedtune.models import ModelStore
+
+        labels = resolve_labels(examples) if args.task == "seq-cls" else []
+        measured = calibrate(ModelStore(), source, args.task, labels, examples)
+        flops = measured.flops_per_second
+        print(f"calibrated: {measured.seconds_per_step:.3f} s per training step, {flops / 1e9:.1f} GFLOP/s")
     caps = Capabilities(
         memory_bytes=int(args.memory_gb * 1024**3),
-        flops_per_second=args.tflops * 1e12,
+        flops_per_second=flops,
         uplink_bytes_per_second=args.uplink_mbps * 1e6 / 8,
         downlink_bytes_per_second=args.downlink_mbps * 1e6 / 8,
         tier=args.tier,
@@ -302,7 +314,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         enrollment_secret=args.enrollment_secret,
         give_up_after_seconds=args.give_up_after,
     )
-    report = ClientAgent(options, examples, resolve_source(args.model)).run()
+    report = ClientAgent(options, examples, source).run()
     print(f"{report.client_id}: trained rounds {report.rounds}; refused updates: {len(report.rejected)}")
     return 0
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -16,7 +15,7 @@ from fedtune.adapters import AdapterPlan
 from fedtune.config import ConfigError, RunConfig, config_to_toml
 from fedtune.coordinator.engine import RoundEngine
 from fedtune.coordinator.global_model import FixedTensors, GlobalModel
-from fedtune.coordinator.planner import CostModel, ModelGeometry, Planner
+from fedtune.coordinator.planner import CostModel, Planner, model_geometry  # noqa: F401 (model_geometry is re-exported)
 from fedtune.coordinator.service import CoordinatorService
 from fedtune.data import Example, load_examples
 from fedtune.models import ModelStore, resolve_source
@@ -35,18 +34,6 @@ def plan_from_config(config: RunConfig) -> AdapterPlan:
         target_modules=tuple(lora.target_modules),
         layers=tuple(lora.layers),
     )
-
-
-def model_geometry(base, plan: AdapterPlan) -> tuple[ModelGeometry, AdapterPlan]:
-    """The cost model's view of ``base``, and ``plan`` with its target modules made explicit
-    (peft's default for the architecture when the config names none)."""
-    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
-
-    targets = plan.target_modules or tuple(DEFAULT_TARGETS.get(base.config.model_type, ()))
-    if not targets:
-        raise ConfigError(f"lora.target_modules: no default for model type {base.config.model_type!r}; name the modules")
-    head = sum(p.numel() for n, p in base.named_parameters() if n.split(".")[0] in ("classifier", "score"))
-    return ModelGeometry.from_model(base, targets, head_params=head), replace(plan, target_modules=tuple(targets))
 
 
 def new_run_dir(root: str | Path = "runs") -> Path:

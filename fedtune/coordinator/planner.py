@@ -132,6 +132,18 @@ class CostModel:
         return seconds
 
 
+def model_geometry(base, plan: AdapterPlan) -> tuple[ModelGeometry, AdapterPlan]:
+    """The cost model's view of ``base``, and ``plan`` with its target modules made explicit
+    (peft's default for the architecture when the config names none)."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
+
+    targets = plan.target_modules or tuple(DEFAULT_TARGETS.get(base.config.model_type, ()))
+    if not targets:
+        raise ValueError(f"lora.target_modules: no default for model type {base.config.model_type!r}; name the modules")
+    head = sum(p.numel() for n, p in base.named_parameters() if n.split(".")[0] in ("classifier", "score"))
+    return ModelGeometry.from_model(base, targets, head_params=head), replace(plan, target_modules=tuple(targets))
+
+
 def plan_ranks(plan: AdapterPlan, num_blocks: int) -> dict[int, int]:
     """Block index -> rank for every block that carries LoRA under ``plan``."""
     layers = plan.layers or tuple(range(num_blocks))
