@@ -121,14 +121,18 @@ def test_scaffold_correction_steers_training(setup):
 # ---------------------------------------------------------------- FedLC
 
 
-def test_fedlc_loss_matches_a_hand_computation():
+@pytest.mark.parametrize("kind", ["prior", "fedlc"])
+def test_fedlc_loss_matches_a_hand_computation(kind):
     logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]], dtype=torch.float64)
     labels = torch.tensor([0, 2])
     counts = torch.tensor([81, 16, 0])
-    shift = np.array([81 ** -0.25, 16 ** -0.25, 1.0]) * 0.7     # a class never seen counts as 1
-    z = logits.numpy() - shift
+    if kind == "fedlc":
+        shift = -np.array([81 ** -0.25, 16 ** -0.25, 1.0]) * 0.7     # a class never seen counts as 1
+    else:
+        shift = 0.7 * np.log(np.array([82, 17, 1]) / (97 + 3))       # smoothed local prior
+    z = logits.numpy() + shift
     expected = np.mean([np.log(np.exp(row).sum()) - row[y] for row, y in zip(z, labels.numpy())])
-    assert float(calibrated_loss(logits, labels, counts, 0.7)) == pytest.approx(expected)
+    assert float(calibrated_loss(logits, labels, counts, 0.7, kind)) == pytest.approx(expected)
 
 
 def test_fedlc_trains_on_its_own_label_counts(setup):

@@ -1,11 +1,12 @@
 """FedLC (Zhang et al., 2022): logit calibration against label skew.
 
 A client whose data is mostly one class learns to push the other classes' logits down, and the
-averaged model inherits that bias. FedLC's clients train on calibrated logits
-``z_y - tau * n_y ** (-1/4)``, with ``n_y`` the client's own count of label y (at least 1):
-rare local classes get their logits lowered during training, so the loss stops suppressing them.
-Evaluation and inference use the plain logits. The server side is the inner aggregation; the
-calibration lives in the client recipe ``fedlc`` (sequence classification only).
+averaged model inherits that bias. FedLC's clients train on logits shifted by their own label
+distribution, so the local loss stops rewarding the local majority: by default
+``z_y + tau * log p_y`` with p_y the client's smoothed label prior (``calibration = "prior"``),
+or FedLC's ``z_y - tau * n_y ** (-1/4)`` (``calibration = "fedlc"``). Evaluation and inference
+use the plain logits. The server side is the inner aggregation; the calibration lives in the
+client recipe ``fedlc`` (sequence classification only).
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ from fedtune.aggregation.base import STRATEGIES, RecipeWrapper
 class FedLCOptions:
     inner: str = "fedavg"
     tau: float = 1.0
+    # "prior" (tau * log of the client's label prior) or "fedlc" (-tau * n_y ** -1/4)
+    calibration: str = "prior"
 
     def __post_init__(self) -> None:
         if self.tau < 0:
             raise ValueError("tau must be >= 0")
+        if self.calibration not in ("prior", "fedlc"):
+            raise ValueError(f"unknown calibration {self.calibration!r}; choose one of: prior, fedlc")
 
 
 @STRATEGIES.register("fedlc")
@@ -30,4 +35,4 @@ class FedLC(RecipeWrapper):
     name = "fedlc"
     Options = FedLCOptions
     recipe_name = "fedlc"
-    client_options = ("tau",)
+    client_options = ("tau", "calibration")

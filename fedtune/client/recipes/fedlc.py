@@ -1,5 +1,15 @@
-"""FedLC's client: cross-entropy on logits calibrated by the client's own label counts,
-``z_y - tau * max(n_y, 1) ** (-1/4)`` (Zhang et al., 2022). Sequence classification only."""
+"""FedLC's client: cross-entropy on logits calibrated by the client's own label distribution.
+
+Two calibrations (``calibration`` option):
+
+- ``prior`` (default): ``z_y + tau * log p_y`` with ``p_y = (n_y + 1) / (n + K)``, the client's
+  smoothed label prior (logit adjustment, "balanced softmax"): the loss no longer rewards the
+  model for predicting the client's frequent classes, since the prior already does.
+- ``fedlc``: ``z_y - tau * max(n_y, 1) ** (-1/4)``, the pairwise calibration of Zhang et al.
+  (2022) in its softmax form.
+
+Evaluation and inference use the plain logits. Sequence classification only.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +20,30 @@ import torch.nn.functional as F
 
 from fedtune.client.recipes.base import RECIPES, LocalOptions, Recipe
 
+CALIBRATIONS = ("prior", "fedlc")
+
 
 @dataclass(frozen=True)
 class FedLCRecipeOptions(LocalOptions):
     tau: float = 1.0
+    calibration: str = "prior"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"unknown calibration {self.calibration!r}; choose one of: {', '.join(CALIBRATIONS)}")
 
 
-def calibration(counts: torch.Tensor, tau: float) -> torch.Tensor:
-    """The per-class logit shift: tau * max(n_y, 1) ** (-1/4) (subtracted from the logits)."""
-    return tau * counts.clamp(min=1).to(torch.float64).pow(-0.25)
+def calibration(counts: torch.Tensor, tau: float, kind: str = "prior") -> torch.Tensor:
+    """The per-class shift added to the logits during local training."""
+    counts = counts.to(torch.float64)
+    if kind == "prior":
+        return tau * torch.log((counts + 1) / (counts.sum() + counts.numel()))
+    return -tau * counts.clamp(min=1).pow(-0.25)
 
 
-def calibrated_loss(logits: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor, tau: float) -> torch.Tensor:
-    return F.cross_entropy(logits - calibration(counts, tau).to(logits.dtype), labels)
+def calibrated_loss(logits: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor, tau: float, kind: str = "prior") -> torch.Tensor:
+    return F.cross_entropy(logits + calibration(counts, tau, kind).to(logits.dtype), labels)
 
 
 @RECIPES.register("fedlc")
@@ -40,4 +61,4 @@ class FedLCRecipe(Recipe):
     def loss(self, model, inputs, task) -> torch.Tensor:
         labels = inputs["labels"]
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        return calibrated_loss(logits.float(), labels, self.counts, self.options.tau)
+        return calibrated_loss(logits.float(), labels, self.counts, self.options.tau, self.options.calibration)
