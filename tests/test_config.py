@@ -32,6 +32,10 @@ def test_a_file_only_needs_the_keys_it_changes(tmp_path):
         ("[training]\nlocal_steps = 0\n", "training.local_steps: must be at least 1"),
         ("[federation]\nstrategy = 'fedavgg'\n", "federation.strategy: unknown strategy 'fedavgg'; choose one of: fedadam, fedavg"),
         ("[federation]\nquorum = 1.5\n", "federation.quorum: must be in (0, 1]"),
+        ("[federation]\nstrategy = 'fedadam'\n[federation.options]\nserver_lr = 'big'\n", "federation.options: strategy fedadam: option 'server_lr': expected a number, got 'big'"),
+        ("[federation]\nstrategy = 'hetlora'\n[federation.options]\nweightng = 'norm'\n", "federation.options: strategy hetlora: unknown option 'weightng'"),
+        ("[federation]\nstrategy = 'flexlora'\nshare_a = true\n", "federation.share_a: flexlora averages the products"),
+        ("[federation]\noptions = 3\n", "federation.options: expected a table"),
         ("[model]\ntask = 'seq2seq'\n", "model.task: unknown task 'seq2seq'"),
         ("[lora]\nlayers = [1, 'x']\n", "lora.layers[1]: expected an integer"),
         ("[server]\ninsecure = 'yes'\n", "server.insecure: expected true or false"),
@@ -45,6 +49,28 @@ def test_bad_config_files_name_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert message in str(info.value)
+
+
+def test_strategy_options_from_a_file_and_from_flags(tmp_path):
+    from fedtune.cli import COMMON_KEYS, _config_from_args, build_parser
+
+    path = tmp_path / "run.toml"
+    path.write_text("[federation]\nstrategy = 'fedadam'\n[federation.options]\ninner = 'hetlora'\nserver_lr = 0.05\n")
+    config = load_config(path)
+    strategy = config.build_strategy()
+    assert strategy.options.server_lr == 0.05 and strategy.inner.name == "hetlora" and strategy.heterogeneous
+    assert config_from_dict(tomllib.loads(config_to_toml(config))) == config  # survives config.toml
+    args = build_parser().parse_args(["simulate", "--config", str(path), "-o", "server_lr=0.2", "-o", "weighting=norm", "--strategy", "fedadam"])
+    config = _config_from_args(args, COMMON_KEYS)
+    strategy = config.build_strategy()
+    assert strategy.options.server_lr == 0.2 and strategy.inner.options.weighting == "norm"
+
+
+def test_cli_rejects_a_malformed_option(capsys):
+    err = _cli_error(capsys, ["simulate", "-o", "server_lr"])
+    assert err == "fedtune simulate: error: --option 'server_lr': expected KEY=VALUE"
+    err = _cli_error(capsys, ["simulate", "--strategy", "fedprox", "-o", "nu=1"])
+    assert "federation.options: strategy fedprox: unknown option 'nu' (valid options: inner, mu; and those of its inner strategy fedavg: freeze_remainder)" in err
 
 
 def _cli_error(capsys, argv) -> str:

@@ -239,12 +239,15 @@ def build_strategy(name: str, options: Mapping[str, Any] | None = None, *, scale
         inner_name = getattr(parsed, "inner", "fedavg")
         if inner_name == name:
             raise OptionsError(f"strategy {name}: cannot wrap itself")
-        try:
-            inner = build_strategy(inner_name, rest, scale=scale, seed=seed)
-        except OptionsError as exc:
-            if rest and "unknown option" in str(exc):
-                raise OptionsError(f"strategy {name}: {exc}") from None
-            raise
+        inner_cls = STRATEGIES.get(inner_name)
+        unknown = sorted(k for k in rest if not issubclass(inner_cls, Wrapper) and k not in option_names(inner_cls.Options))
+        if unknown:
+            inner_valid = ", ".join(option_names(inner_cls.Options)) or "none"
+            raise OptionsError(
+                f"strategy {name}: unknown option {unknown[0]!r} (valid options: {', '.join(option_names(cls.Options))}; "
+                f"and those of its inner strategy {inner_name}: {inner_valid})"
+            )
+        inner = build_strategy(inner_name, rest, scale=scale, seed=seed)
         return cls(inner, parsed, scale=scale, seed=seed)
     return cls(build_options(cls.Options, options, f"strategy {name}"), scale=scale, seed=seed)
 

@@ -34,6 +34,8 @@ class FedAvgOptions:
 
 @STRATEGIES.register("fedavg")
 class FedAvg(Strategy):
+    """Example-weighted mean; with per-device plans, each rank slot over the clients that trained it."""
+
     name = "fedavg"
     Options = FedAvgOptions
     sliced = True

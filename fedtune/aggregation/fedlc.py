@@ -32,6 +32,8 @@ class FedLCOptions:
 
 @STRATEGIES.register("fedlc")
 class FedLC(RecipeWrapper):
+    """Clients train on logits calibrated by their own label distribution (Zhang et al., 2022)."""
+
     name = "fedlc"
     Options = FedLCOptions
     recipe_name = "fedlc"

@@ -21,6 +21,8 @@ class FedProxOptions:
 
 @STRATEGIES.register("fedprox")
 class FedProx(RecipeWrapper):
+    """Clients add a proximal term (mu / 2) ||w - w_global||^2 to their loss (Li et al., 2020)."""
+
     name = "fedprox"
     Options = FedProxOptions
     recipe_name = "fedprox"

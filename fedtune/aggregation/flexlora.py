@@ -35,6 +35,8 @@ class FlexLoRAOptions:
 
 @STRATEGIES.register("flexlora")
 class FlexLoRA(Strategy):
+    """Dense mean of the clients' updates, redistributed by truncated SVD (Bai et al., 2024)."""
+
     name = "flexlora"
     Options = FlexLoRAOptions
     heterogeneous = True
@@ -55,8 +57,9 @@ class FlexLoRA(Strategy):
 
     @staticmethod
     def factors(state: Mapping[str, torch.Tensor], module: str, rank: int) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """(A, B) of rank ``rank`` for ``module`` and the low-rank remainder (frozen B, frozen A)
-        with A_B @ ... such that B @ A + remainder = the dense mean; None when nothing remains."""
+        """(A, B) of rank ``rank`` for ``module``, and the rest of the dense mean as low-rank
+        factors (frozen B, frozen A): B @ A + frozen B @ frozen A = the mean. The rest is None
+        when the rank holds the whole mean."""
         dense = state[module + DENSE_DELTA]
         init_a = state[module + INIT_A]
         b_all, a_all, _ = low_rank(dense)           # numerical rank; float64

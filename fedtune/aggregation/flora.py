@@ -23,6 +23,8 @@ from fedtune.names import A_SUFFIX, B_SUFFIX, BASE_DELTA, is_lora, lora_modules
 
 @STRATEGIES.register("flora")
 class FLoRA(Strategy):
+    """Stacked adapters, exact aggregate folded into the base weights (Wang et al., 2024)."""
+
     name = "flora"
     heterogeneous = True
     share_a_refusal = "flora stacks every client's B next to its A, so B must be sent"

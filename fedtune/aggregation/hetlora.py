@@ -64,6 +64,8 @@ def max_rank(plan: AdapterPlan) -> int:
 
 @STRATEGIES.register("hetlora")
 class HetLoRA(FedAvg):
+    """Heterogeneous ranks: slot-wise means, norm weighting, rank self-pruning (Cho et al., 2024)."""
+
     name = "hetlora"
     Options = HetLoRAOptions
     heterogeneous = True

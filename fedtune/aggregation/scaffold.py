@@ -46,6 +46,8 @@ class ScaffoldOptions:
 
 @STRATEGIES.register("scaffold")
 class Scaffold(RecipeWrapper):
+    """Control variates correct every client gradient for drift (Karimireddy et al., 2020)."""
+
     name = "scaffold"
     Options = ScaffoldOptions
     recipe_name = "scaffold"

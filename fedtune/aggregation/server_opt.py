@@ -103,6 +103,8 @@ class ServerOptimizer(Wrapper):
 
 @STRATEGIES.register("fedavgm")
 class FedAvgM(ServerOptimizer):
+    """Server momentum on the inner aggregation's pseudo-gradient (Hsu et al., 2019)."""
+
     name = "fedavgm"
     Options = MomentumOptions
 
@@ -113,6 +115,8 @@ class FedAvgM(ServerOptimizer):
 
 @STRATEGIES.register("fedadam")
 class FedAdam(ServerOptimizer):
+    """Adam on the server, over the inner aggregation's pseudo-gradient (Reddi et al., 2021)."""
+
     name = "fedadam"
     Options = AdaptiveOptions
     second_moment = True
@@ -129,6 +133,8 @@ class FedAdam(ServerOptimizer):
 
 @STRATEGIES.register("fedyogi")
 class FedYogi(FedAdam):
+    """Yogi on the server: Adam with an additive second-moment update (Reddi et al., 2021)."""
+
     name = "fedyogi"
 
     def second(self, d: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
