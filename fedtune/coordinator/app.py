@@ -6,6 +6,7 @@ loopback beside its clients: the same object in both.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -59,7 +60,7 @@ class Coordinator:
     ) -> None:
         """``global_model`` replaces the model built from ``config.model`` (tests and
         benchmarks serve plain tensors through the same service this way)."""
-        config.validate()
+        config = copy.deepcopy(config).validate()  # the caller's config stays as it was
         self.config = config
         task = config.model.task
         labels = list(config.model.labels)
