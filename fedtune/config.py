@@ -22,6 +22,10 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
 
 
+# The strategy a run uses when the config names none, by task (chosen from bench/skew.py).
+DEFAULT_STRATEGY = {"seq-cls": "fedlc", "causal-lm": "fedavg"}
+
+
 @dataclass
 class ModelConfig:
     # An embedded model name ("minilm", "smollm2"), a transformers model folder, or a .gguf file.
@@ -68,8 +72,9 @@ class FederationSection:
     # A selected client silent for this long (no call, no heartbeat) is counted as dropped.
     client_timeout_s: float = 120.0
     # Strategy by name (see `fedtune.aggregation.STRATEGIES`): fedavg, fedavgm, fedadam, fedyogi,
-    # fedprox, scaffold, fedlc, hetlora, flexlora, flora.
-    strategy: str = "fedavg"
+    # fedprox, scaffold, fedlc, hetlora, flexlora, flora. Empty: the task's default, fedlc for
+    # seq-cls (label skew is the rule with real clients; bench/skew.py), fedavg for causal-lm.
+    strategy: str = ""
     # The strategy's options, checked against its options dataclass (`fedtune strategies` lists
     # them). Wrappers (fedavgm, fedadam, fedyogi, fedprox, scaffold, fedlc) take `inner`, the
     # strategy they wrap, and pass the options they do not know to it. Example:
@@ -179,7 +184,8 @@ class RunConfig:
         from fedtune.aggregation.fedsa import FedSA, FedSAOptions
 
         scale = self.lora.alpha / self.lora.rank if scale is None else scale
-        strategy = build_strategy(self.federation.strategy, self.federation.options, scale=scale, seed=self.seed)
+        name = self.federation.strategy or DEFAULT_STRATEGY.get(self.model.task, "fedavg")
+        strategy = build_strategy(name, self.federation.options, scale=scale, seed=self.seed)
         if not self.federation.share_a:
             return strategy
         return FedSA(strategy, FedSAOptions(self.federation.personal_eval), scale=scale, seed=self.seed)
@@ -208,6 +214,8 @@ class RunConfig:
         _check(0.0 < self.federation.quorum <= 1.0, "federation.quorum", "must be in (0, 1]")
         _check(self.federation.round_timeout_s > 0, "federation.round_timeout_s", "must be positive")
         _check(self.federation.client_timeout_s > 0, "federation.client_timeout_s", "must be positive")
+        if not self.federation.strategy:
+            self.federation.strategy = DEFAULT_STRATEGY.get(self.model.task, "fedavg")
         _check(
             self.federation.strategy in STRATEGIES,
             "federation.strategy",
