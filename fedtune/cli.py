@@ -286,7 +286,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     for flag in ("memory_gb", "tflops", "uplink_mbps", "downlink_mbps", "give_up_after"):
         if getattr(args, flag) < 0:
             raise ConfigError(f"--{flag.replace('_', '-')}: must be >= 0")
-    flops = args.tflops * 1e12
+    flops, factor = args.tflops * 1e12, 0.0
     source = resolve_source(args.model)
     if args.calibrate:
         from fedtune.client.calibrate import calibrate
@@ -295,11 +295,12 @@ def cmd_client(args: argparse.Namespace) -> int:
 
         labels = resolve_labels(examples) if args.task == "seq-cls" else []
         measured = calibrate(ModelStore(), source, args.task, labels, examples)
-        flops = measured.flops_per_second
-        print(f"calibrated: {measured.seconds_per_step:.3f} s per training step, {flops / 1e9:.1f} GFLOP/s")
+        flops, factor = measured.flops_per_second, measured.backward_factor
+        print(f"calibrated: {measured.seconds_per_step:.3f} s per training step, {flops / 1e9:.1f} GFLOP/s, backward factor {factor:.2f}")
     caps = Capabilities(
         memory_bytes=int(args.memory_gb * 1024**3),
         flops_per_second=flops,
+        backward_factor=factor,
         uplink_bytes_per_second=args.uplink_mbps * 1e6 / 8,
         downlink_bytes_per_second=args.downlink_mbps * 1e6 / 8,
         tier=args.tier,

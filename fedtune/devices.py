@@ -22,6 +22,9 @@ class Capabilities:
     uplink_bytes_per_second: float = 0.0
     downlink_bytes_per_second: float = 0.0
     tier: str = ""                          # free-form label for logs ("phone", "laptop")
+    # Measured backward cost of a frozen block relative to its forward (fedtune client
+    # --calibrate); 0: the cost model's default.
+    backward_factor: float = 0.0
 
     def at_least(self, other: "Capabilities") -> bool:
         """True when this device is at least as capable as ``other`` in every resource."""

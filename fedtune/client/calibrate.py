@@ -2,9 +2,12 @@
 
 The planner sizes a device's adapter from the FLOP rate it reports. A datasheet figure says
 little about what a CPU or phone sustains on a small transformer, so a client can time a few
-real training steps of its model on its own data instead (``fedtune client --calibrate``) and
-report ``flops_per_second = cost-model FLOPs of those steps / measured seconds``. The planner's
-modeled round times for that device are then anchored to a measurement of the device itself.
+real training steps of its model on its own data instead (``fedtune client --calibrate``):
+once with LoRA on the top block only and once on every block. The difference is what the
+backward pass through the other blocks costs, which gives the device's ``backward_factor``
+(backward cost of a frozen block relative to its forward), and the all-blocks time gives
+``flops_per_second = cost-model FLOPs of that step / measured seconds``. The planner's modeled
+round times for that device are then anchored to a measurement of the device itself.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from fedtune.adapters import AdapterPlan, adapter_state, inject_lora
@@ -27,12 +30,24 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Calibration:
-    seconds_per_step: float
-    flops_per_step: float
+    seconds_per_step: float         # LoRA on every block
+    seconds_per_step_top: float     # LoRA on the top block only
+    backward_factor: float
+    flops_per_step: float           # cost-model FLOPs of the every-block step, at backward_factor
 
     @property
     def flops_per_second(self) -> float:
         return self.flops_per_step / self.seconds_per_step
+
+
+def backward_factor(top_seconds: float, all_seconds: float, num_blocks: int) -> float:
+    """From t(d) = a + b d (d: blocks the backward pass crosses, a: the forward through all
+    ``num_blocks`` blocks), the backward cost of one block relative to its forward: b / (a / L)."""
+    if num_blocks < 2:
+        return 1.0
+    per_block = max(all_seconds - top_seconds, 0.0) / (num_blocks - 1)
+    forward = max(top_seconds - per_block, 1e-12)
+    return per_block * num_blocks / forward
 
 
 def calibrate(
@@ -46,27 +61,32 @@ def calibrate(
     seq_len: int = 64,
     steps: int = 4,
 ) -> Calibration:
-    """Time ``steps`` AdamW steps (after one warm-up step) of LoRA rank 8 on every block, on
-    batches of this device's examples padded to exactly ``seq_len`` tokens."""
+    """Time ``steps`` AdamW steps (after one warm-up step) of LoRA rank 8 on the top block and
+    on every block, on batches of this device's examples padded to exactly ``seq_len`` tokens."""
     task = get_task(task_name)
     base = store.base(source, task_name, labels)
     geometry, plan = model_geometry(base, AdapterPlan(rank=8, alpha=16.0))
+    top_plan = replace(plan, layers=(geometry.num_blocks - 1,))
     pad = store.pad_id(source)
     encoded = store.encode(source, task, list(examples)[: max(batch_size * (steps + 1), 1)], seq_len, labels)
     if not encoded:
         raise ValueError("no usable examples to calibrate with")
     items = [EncodedExample((it.input_ids + [pad] * seq_len)[:seq_len], it.target if isinstance(it.target, int) else (list(it.target) + [-100] * seq_len)[:seq_len]) for it in encoded]
-    model = inject_lora(store.instance(source, task_name, labels), plan, task_name)
-    stamps: list[float] = []
+    def step_seconds(p: AdapterPlan) -> float:
+        model = inject_lora(store.instance(source, task_name, labels), p, task_name)
+        stamps: list[float] = []
 
-    class Timed(Recipe):
-        def after_backward(self, model) -> None:
-            stamps.append(time.perf_counter())
+        class Timed(Recipe):
+            def after_backward(self, model) -> None:
+                stamps.append(time.perf_counter())
 
-    start = time.perf_counter()
-    Timed(LocalOptions(), {}).run(model, adapter_state(model), {}, task, items, TrainSettings(steps + 1, batch_size, 1e-4, 0.0, seed=0), pad)
-    durations = [b - a for a, b in zip([start, *stamps], stamps)][1:]
-    flops = CostModel(batch_size, seq_len, 1).flops_per_step(geometry, plan)
-    result = Calibration(statistics.median(durations), flops)
-    log.info("calibration: %.3f s per step of LoRA on every block: %.1f GFLOP/s under the cost model", result.seconds_per_step, result.flops_per_second / 1e9)
+        start = time.perf_counter()
+        Timed(LocalOptions(), {}).run(model, adapter_state(model), {}, task, items, TrainSettings(steps + 1, batch_size, 1e-4, 0.0, seed=0), pad)
+        return statistics.median([b - a for a, b in zip([start, *stamps], stamps)][1:])
+
+    top, every = step_seconds(top_plan), step_seconds(plan)
+    factor = backward_factor(top, every, geometry.num_blocks)
+    flops = CostModel(batch_size, seq_len, 1).flops_per_step(geometry, plan, factor)
+    result = Calibration(every, top, factor, flops)
+    log.info("calibration: %.3f s per step (top block), %.3f s (every block): backward factor %.2f, %.1f GFLOP/s", top, every, factor, result.flops_per_second / 1e9)
     return result

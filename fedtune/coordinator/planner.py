@@ -10,12 +10,19 @@ recommends: layers near the output matter most and need no backward pass below t
 - Memory (bytes, fp32):
     frozen weights ``4 * N_base``
   + adapter, its gradient and AdamW's two moments ``16 * P``
-  + activations kept for backward, only for the blocks the backward pass crosses:
-    ``depth * 4 * T * (34 * hidden + 5 * heads * seq_len)``, the per-block figure of
-    Korthikanti et al. (2022) for 16-bit training, doubled for fp32.
+  + activations: ``A = 4 * T * (34 * hidden + 5 * heads * seq_len)`` per block, the figure of
+    Korthikanti et al. (2022) for 16-bit training doubled for fp32, kept for each block the
+    backward pass crosses, scaled by ``activation_scale`` (0.9: dropout masks stay 1 byte),
+    plus ``activation_overhead_blocks`` (1.7) blocks' worth for the embeddings, the head, the
+    loss and autograd's bookkeeping:  ``A * (activation_scale * depth + overhead)``.
 - Compute per step (FLOPs): forward ``2 * N_block * T`` for every block, backward
-  ``4 * N_block * T`` for the blocks the backward pass crosses (activation and, for LoRA,
-  weight gradients; frozen weights need no weight gradient: ~2x forward), plus ``6 * P * T``.
+  ``backward_factor * 2 * N_block * T`` for each block the backward pass crosses (frozen weights
+  need input gradients only), plus ``6 * P * T`` for the adapter.
+- The constants are calibrated against measurement (``bench/cost_model.py``: MiniLM, batch
+  16, length 64, on the 2-core CPU the benchmarks run on): the backward pass through a frozen
+  block cost 0.6x its forward there, and each crossed block kept 0.9 A of activations on top of
+  1.7 A. A device can measure its own backward factor and FLOP rate
+  (``fedtune client --calibrate``) and report them with its capabilities.
 - Bytes per round: the adapter down and up, ``4 * P`` each way (plus the head).
 - Round time: ``local_steps * FLOPs_per_step / flops_per_second + bytes_down / downlink +
   bytes_up / uplink``.
@@ -97,6 +104,13 @@ class CostModel:
     batch_size: int
     seq_len: int
     local_steps: int
+    backward_factor: float = 0.6             # backward FLOPs of a crossed frozen block / its forward
+    activation_scale: float = 0.9            # activations kept per crossed block, in units of A
+    activation_overhead_blocks: float = 1.7  # activations independent of depth, in units of A
+
+    def activations_per_block(self, g: ModelGeometry) -> int:
+        """A: Korthikanti et al.'s activation bytes of one block (fp32)."""
+        return 4 * self.batch_size * self.seq_len * (34 * g.hidden + 5 * g.heads * self.seq_len)
 
     def lora_params(self, g: ModelGeometry, plan: AdapterPlan) -> int:
         ranks = plan_ranks(plan, g.num_blocks)
@@ -108,14 +122,14 @@ class CostModel:
         return g.num_blocks - min(ranks) if ranks else 0
 
     def memory_bytes(self, g: ModelGeometry, plan: AdapterPlan) -> int:
-        tokens = self.batch_size * self.seq_len
-        activations = self.depth(g, plan) * 4 * tokens * (34 * g.hidden + 5 * g.heads * self.seq_len)
-        return 4 * g.base_params + 16 * (self.lora_params(g, plan) + g.head_params) + activations
+        activations = self.activations_per_block(g) * (self.activation_scale * self.depth(g, plan) + self.activation_overhead_blocks)
+        return int(4 * g.base_params + 16 * (self.lora_params(g, plan) + g.head_params) + activations)
 
-    def flops_per_step(self, g: ModelGeometry, plan: AdapterPlan) -> float:
+    def flops_per_step(self, g: ModelGeometry, plan: AdapterPlan, backward_factor: float | None = None) -> float:
         tokens = self.batch_size * self.seq_len
+        factor = self.backward_factor if backward_factor is None else backward_factor
         forward = 2.0 * g.block_params * g.num_blocks * tokens
-        backward = 4.0 * g.block_params * self.depth(g, plan) * tokens
+        backward = factor * 2.0 * g.block_params * self.depth(g, plan) * tokens
         return forward + backward + 6.0 * self.lora_params(g, plan) * tokens
 
     def bytes_per_direction(self, g: ModelGeometry, plan: AdapterPlan) -> int:
@@ -125,7 +139,8 @@ class CostModel:
         """Compute plus transfer time of one round on ``caps`` (inf when a figure is unknown)."""
         if caps.flops_per_second <= 0:
             return float("inf")
-        seconds = self.local_steps * self.flops_per_step(g, plan) / caps.flops_per_second
+        factor = caps.backward_factor if caps.backward_factor > 0 else None  # the device's own, if measured
+        seconds = self.local_steps * self.flops_per_step(g, plan, factor) / caps.flops_per_second
         nbytes = self.bytes_per_direction(g, plan)
         for rate in (caps.downlink_bytes_per_second, caps.uplink_bytes_per_second):
             seconds += nbytes / rate if rate > 0 else 0.0

@@ -62,18 +62,20 @@ ENCODING_UNSPECIFIED: Encoding
 ENCODING_RAW: Encoding
 
 class Capabilities(_message.Message):
-    __slots__ = ("memory_bytes", "flops_per_second", "uplink_bytes_per_second", "downlink_bytes_per_second", "tier")
+    __slots__ = ("memory_bytes", "flops_per_second", "uplink_bytes_per_second", "downlink_bytes_per_second", "tier", "backward_factor")
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     FLOPS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     UPLINK_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     DOWNLINK_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_FACTOR_FIELD_NUMBER: _ClassVar[int]
     memory_bytes: int
     flops_per_second: float
     uplink_bytes_per_second: float
     downlink_bytes_per_second: float
     tier: str
-    def __init__(self, memory_bytes: _Optional[int] = ..., flops_per_second: _Optional[float] = ..., uplink_bytes_per_second: _Optional[float] = ..., downlink_bytes_per_second: _Optional[float] = ..., tier: _Optional[str] = ...) -> None: ...
+    backward_factor: float
+    def __init__(self, memory_bytes: _Optional[int] = ..., flops_per_second: _Optional[float] = ..., uplink_bytes_per_second: _Optional[float] = ..., downlink_bytes_per_second: _Optional[float] = ..., tier: _Optional[str] = ..., backward_factor: _Optional[float] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("name", "capabilities", "num_examples", "enrollment_secret")

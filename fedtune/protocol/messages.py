@@ -41,6 +41,7 @@ def capabilities_to_proto(c: Capabilities) -> pb.Capabilities:
         uplink_bytes_per_second=c.uplink_bytes_per_second,
         downlink_bytes_per_second=c.downlink_bytes_per_second,
         tier=c.tier,
+        backward_factor=c.backward_factor,
     )
 
 
@@ -50,6 +51,7 @@ def capabilities_from_proto(msg: pb.Capabilities) -> Capabilities:
         "flops_per_second": msg.flops_per_second,
         "uplink_bytes_per_second": msg.uplink_bytes_per_second,
         "downlink_bytes_per_second": msg.downlink_bytes_per_second,
+        "backward_factor": msg.backward_factor,
     }
     for key, value in numbers.items():
         if not math.isfinite(value) or value < 0:
