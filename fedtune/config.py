@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fedtune.options import coerce_scalar
 
 
 class ConfigError(ValueError):
@@ -309,24 +310,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
         return [_coerce(item_hint, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {_describe(value)}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {_describe(value)}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}: expected a finite number, got {value}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {_describe(value)}")
-        return value
+    if hint in (bool, int, float, str):
+        try:
+            return coerce_scalar(hint, value, from_text=False)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}, got {_describe(value)}") from None
     if isinstance(hint, types.UnionType):  # pragma: no cover - no unions in the config today
         raise ConfigError(f"{key}: union types are not supported")
     raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover

@@ -70,34 +70,40 @@ def parse_scalar(text: str) -> Any:
 
 
 def _coerce(hint: Any, value: Any, what: str) -> Any:
+    try:
+        return coerce_scalar(hint, value, from_text=True)
+    except ValueError as exc:
+        raise OptionsError(f"{what}: {exc}, got {value!r}") from None
+
+
+def coerce_scalar(hint: Any, value: Any, *, from_text: bool) -> Any:
+    """``value`` as a bool, int, float or str (``hint``), or ValueError saying what was expected.
+    With ``from_text``, strings are parsed (command-line and wire values); a config file's
+    values are typed by TOML and must match as they are."""
+    if from_text and isinstance(value, str) and hint is not str:
+        text = value.strip().lower()
+        if hint is bool and text in ("true", "false", "1", "0"):
+            return text in ("true", "1")
+        try:
+            value = int(value) if hint is int else float(value) if hint is float else value
+        except ValueError:
+            pass
     if hint is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-            return value.lower() in ("true", "1")
         if not isinstance(value, bool):
-            raise OptionsError(f"{what}: expected true or false, got {value!r}")
+            raise ValueError("expected true or false")
         return value
     if hint is int:
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                raise OptionsError(f"{what}: expected an integer, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int):
-            raise OptionsError(f"{what}: expected an integer, got {value!r}")
+            raise ValueError("expected an integer")
         return value
     if hint is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise OptionsError(f"{what}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise OptionsError(f"{what}: expected a number, got {value!r}")
+            raise ValueError("expected a number")
         if not math.isfinite(value):
-            raise OptionsError(f"{what}: expected a finite number, got {value}")
+            raise ValueError("expected a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise OptionsError(f"{what}: expected a string, got {value!r}")
+            raise ValueError("expected a string")
         return value
-    raise OptionsError(f"{what}: unsupported option type {hint}")  # pragma: no cover - a developer error
+    raise ValueError(f"unsupported type {hint}")  # pragma: no cover - a developer error

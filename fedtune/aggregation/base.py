@@ -204,10 +204,40 @@ def with_options(instruction: Instruction, **options: str) -> Instruction:
     return dataclasses.replace(instruction, options={**instruction.options, **options})
 
 
+def share_by_plan(ctx: RoundContext, plan_of: Callable[[str], AdapterPlan], build: Callable[[ClientInfo, AdapterPlan], Instruction]) -> dict[str, Instruction]:
+    """One instruction per distinct plan, shared by the clients of that plan (so its payload is
+    built and encoded once per round)."""
+    by_plan: dict[tuple, Instruction] = {}
+    out = {}
+    for cid, info in ctx.clients.items():
+        plan = plan_of(cid)
+        if plan.key() not in by_plan:
+            by_plan[plan.key()] = build(info, plan)
+        out[cid] = by_plan[plan.key()]
+    return out
+
+
+def mean_over_senders(state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate], names: Sequence[str], weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    """For each of ``names``: the blockwise weighted mean over the updates that carry it (see
+    ``lora_math.blockwise_mean``); names nobody sent are left out."""
+    from fedtune.aggregation.lora_math import blockwise_mean
+
+    out = {}
+    for name in names:
+        senders = [u for u in updates if name in u.tensors]
+        if senders:
+            out[name] = blockwise_mean(state[name], [u.tensors[name] for u in senders], [weights[u.client_id] for u in senders])
+    return out
+
+
 def example_weights(updates: Sequence[ClientUpdate]) -> list[float]:
     """FedAvg weights: example counts, or equal weights when every count is zero."""
     weights = [float(u.num_examples) for u in updates]
     return weights if sum(weights) > 0 else [1.0] * len(updates)
+
+
+def weights_by_client(updates: Sequence[ClientUpdate]) -> dict[str, float]:
+    return dict(zip((u.client_id for u in updates), example_weights(updates)))
 
 
 def weighted_train_loss(updates: Sequence[ClientUpdate]) -> float | None:

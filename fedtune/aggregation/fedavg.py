@@ -21,8 +21,19 @@ from typing import Mapping, Sequence
 
 import torch
 
-from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Instruction, RoundContext, State, Strategy, example_weights, weighted_train_loss
-from fedtune.aggregation.lora_math import blockwise_mean, tail, truncate
+from fedtune.aggregation.base import (
+    STRATEGIES,
+    ClientUpdate,
+    Instruction,
+    RoundContext,
+    State,
+    Strategy,
+    mean_over_senders,
+    share_by_plan,
+    weighted_train_loss,
+    weights_by_client,
+)
+from fedtune.aggregation.lora_math import tail, truncate
 from fedtune.names import FROZEN_A, FROZEN_B
 
 
@@ -42,17 +53,12 @@ class FedAvg(Strategy):
 
     def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
         adapter = {n: state[n] for n in ctx.global_spec}
-        by_plan: dict[tuple, Instruction] = {}
-        out = {}
-        for cid, info in ctx.clients.items():
-            plan = self.plan_for(ctx, state, cid)
-            key = plan.key()
-            if key not in by_plan:
-                spec = info.spec if plan == info.plan else ctx.specs(plan)
-                tensors = self.start_tensors(adapter, spec)
-                by_plan[key] = Instruction(plan, tensors, self.expected(ctx, spec), self.recipe_options())
-            out[cid] = by_plan[key]
-        return out
+
+        def build(info, plan) -> Instruction:
+            spec = info.spec if plan == info.plan else ctx.specs(plan)
+            return Instruction(plan, self.start_tensors(adapter, spec), self.expected(ctx, spec), self.recipe_options())
+
+        return share_by_plan(ctx, lambda cid: self.plan_for(ctx, state, cid), build)
 
     def plan_for(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], client_id: str):
         """The plan a client trains this round (HetLoRA narrows it by the client's rank cap)."""
@@ -70,13 +76,5 @@ class FedAvg(Strategy):
         return dict(spec)
 
     def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
-        weights = self.weights(updates)
-        new_state = dict(state)
-        for name in ctx.global_spec:
-            senders = [(u.tensors[name], weights[u.client_id]) for u in updates if name in u.tensors]
-            if senders:
-                new_state[name] = blockwise_mean(state[name], [t for t, _ in senders], [w for _, w in senders])
+        new_state = {**state, **mean_over_senders(state, updates, list(ctx.global_spec), weights_by_client(updates))}
         return new_state, {"train_loss": weighted_train_loss(updates)}
-
-    def weights(self, updates: Sequence[ClientUpdate]) -> dict[str, float]:
-        return dict(zip((u.client_id for u in updates), example_weights(updates)))

@@ -23,8 +23,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Instruction, RoundContext, State, Strategy, example_weights, weighted_train_loss
-from fedtune.aggregation.lora_math import blockwise_mean, low_rank, truncate, weighted_average
+from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Instruction, RoundContext, State, Strategy, mean_over_senders, share_by_plan, weighted_train_loss, weights_by_client
+from fedtune.aggregation.lora_math import low_rank, truncate, weighted_average
 from fedtune.names import A_SUFFIX, B_SUFFIX, DENSE_DELTA, FROZEN_A, FROZEN_B, INIT_A, is_lora, lora_modules
 
 
@@ -93,26 +93,17 @@ class FlexLoRA(Strategy):
         return out
 
     def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
-        by_plan: dict[tuple, Instruction] = {}
-        out = {}
-        for cid, info in ctx.clients.items():
-            key = info.plan.key()
-            if key not in by_plan:
-                by_plan[key] = Instruction(info.plan, self._start(state, info.spec, self.options.freeze_remainder), dict(info.spec), self.recipe_options())
-            out[cid] = by_plan[key]
-        return out
+        def build(info, plan) -> Instruction:
+            return Instruction(plan, self._start(state, info.spec, self.options.freeze_remainder), dict(info.spec), self.recipe_options())
+
+        return share_by_plan(ctx, lambda cid: ctx.clients[cid].plan, build)
 
     # ---------------------------------------------------------------- aggregate
 
     def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
-        weights = dict(zip((u.client_id for u in updates), example_weights(updates)))
-        new_state = dict(state)
-        for name in state:
-            if is_lora(name) or name.endswith((DENSE_DELTA, INIT_A)):
-                continue
-            senders = [u for u in updates if name in u.tensors]
-            if senders:
-                new_state[name] = blockwise_mean(state[name], [u.tensors[name] for u in senders], [weights[u.client_id] for u in senders])
+        weights = weights_by_client(updates)
+        heads = [n for n in state if not (is_lora(n) or n.endswith((DENSE_DELTA, INIT_A)))]
+        new_state = {**state, **mean_over_senders(state, updates, heads, weights)}
         for name in state:
             if not name.endswith(DENSE_DELTA):
                 continue

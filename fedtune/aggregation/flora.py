@@ -16,8 +16,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Instruction, RoundContext, State, Strategy, example_weights, weighted_train_loss
-from fedtune.aggregation.lora_math import blockwise_mean, kaiming_rows, stack, truncate
+from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Instruction, RoundContext, State, Strategy, mean_over_senders, share_by_plan, weighted_train_loss, weights_by_client
+from fedtune.aggregation.lora_math import kaiming_rows, stack, truncate
 from fedtune.names import A_SUFFIX, B_SUFFIX, BASE_DELTA, is_lora, lora_modules
 
 
@@ -56,25 +56,15 @@ class FLoRA(Strategy):
 
     def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
         deltas = {n: t for n, t in state.items() if n.endswith(BASE_DELTA) and torch.count_nonzero(t)}
-        by_plan: dict[tuple, Instruction] = {}
-        out = {}
-        for cid, info in ctx.clients.items():
-            key = info.plan.key()
-            if key not in by_plan:
-                tensors = {**self._fresh(state, info.spec, ctx.number), **deltas}
-                by_plan[key] = Instruction(info.plan, tensors, dict(info.spec), self.recipe_options())
-            out[cid] = by_plan[key]
-        return out
+        def build(info, plan) -> Instruction:
+            return Instruction(plan, {**self._fresh(state, info.spec, ctx.number), **deltas}, dict(info.spec), self.recipe_options())
+
+        return share_by_plan(ctx, lambda cid: ctx.clients[cid].plan, build)
 
     def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
-        weights = dict(zip((u.client_id for u in updates), example_weights(updates)))
-        new_state = dict(state)
-        for name in state:
-            if is_lora(name) or name.endswith(BASE_DELTA):
-                continue
-            senders = [u for u in updates if name in u.tensors]
-            if senders:
-                new_state[name] = blockwise_mean(state[name], [u.tensors[name] for u in senders], [weights[u.client_id] for u in senders])
+        weights = weights_by_client(updates)
+        heads = [n for n in state if not (is_lora(n) or n.endswith(BASE_DELTA))]
+        new_state = {**state, **mean_over_senders(state, updates, heads, weights)}
         for module in lora_modules(state):
             a_name, b_name, d_name = module + A_SUFFIX, module + B_SUFFIX, module + BASE_DELTA
             senders = [u for u in updates if a_name in u.tensors]

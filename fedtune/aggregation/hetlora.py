@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import torch
 
 from fedtune.adapters.lora import AdapterPlan
-from fedtune.aggregation.base import STRATEGIES, ClientUpdate, RoundContext, State
+from fedtune.aggregation.base import STRATEGIES, ClientUpdate, RoundContext, State, weights_by_client
 from fedtune.aggregation.fedavg import FedAvg
 from fedtune.aggregation.lora_math import blockwise_mean, product
 from fedtune.names import A_SUFFIX, B_SUFFIX, lora_modules, namespaced, strip_namespace
@@ -103,7 +103,7 @@ class HetLoRA(FedAvg):
     def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
         new_state, metrics = super().aggregate(ctx, state, updates)
         if self.options.weighting == "norm":
-            by_examples = self.weights(updates)
+            by_examples = weights_by_client(updates)
             for module in lora_modules(ctx.global_spec):
                 senders = [u for u in updates if module + A_SUFFIX in u.tensors]
                 if not senders:
