@@ -72,7 +72,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (the update is scaled by alpha/rank)")
     p.add_argument("--rounds", type=int, help="federated rounds")
     p.add_argument("--clients-per-round", type=int, help="clients trained per round (0: all)")
-    p.add_argument("--strategy", help="strategy: fedavg, fedavgm, fedadam, fedyogi, fedprox, scaffold, fedlc, hetlora, flexlora, flora (`fedtune strategies` lists them with their options)")
+    p.add_argument("--strategy", help="strategy by name (`fedtune strategies` lists them with their options); default: fedlc for seq-cls, fedavg for causal-lm")
     p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="a strategy option, e.g. -o server_lr=0.01 -o inner=hetlora (repeatable)")
     p.add_argument("--share-a", action="store_true", default=None, help="FedSA-LoRA: share only A; each client keeps its B")
     p.add_argument("--min-rank", type=int, help="planner: smallest rank it hands out")

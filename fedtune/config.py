@@ -72,13 +72,12 @@ class FederationSection:
     round_timeout_s: float = 600.0
     # A selected client silent for this long (no call, no heartbeat) is counted as dropped.
     client_timeout_s: float = 120.0
-    # Strategy by name (see `fedtune.aggregation.STRATEGIES`): fedavg, fedavgm, fedadam, fedyogi,
-    # fedprox, scaffold, fedlc, hetlora, flexlora, flora. Empty: the task's default, fedlc for
+    # Strategy by name (`fedtune strategies` lists them). Empty: the task's default, fedlc for
     # seq-cls (label skew is the rule with real clients; bench/skew.py), fedavg for causal-lm.
     strategy: str = ""
     # The strategy's options, checked against its options dataclass (`fedtune strategies` lists
-    # them). Wrappers (fedavgm, fedadam, fedyogi, fedprox, scaffold, fedlc) take `inner`, the
-    # strategy they wrap, and pass the options they do not know to it. Example:
+    # them). Wrapping strategies take `inner`, the strategy they wrap, and pass the options they
+    # do not know to it. Example:
     #   [federation.options]
     #   server_lr = 0.01
     #   inner = "hetlora"
