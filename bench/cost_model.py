@@ -6,7 +6,7 @@ memory for several LoRA plans on this machine, as ratios to the smallest plan.
 Each plan is LEGEND-style (LoRA on the top ``depth`` blocks of MiniLM, rank 8 above and 4
 below, plus the classification head), trained with fedtune's local recipe on batches of 16
 tweets padded to exactly 64 tokens, the shapes the cost model assumes. Every plan runs in a
-fresh child process: step time is the median of ``--steps`` timed AdamW steps after two warm-up
+fresh child process: step time is the median of ``--steps`` (12) timed AdamW steps after two warm-up
 steps; training memory is the child's peak resident set during training minus its resident set
 just before (the frozen weights are loaded by then, so this is the adapter, its optimizer state
 and the activations: the part of the modeled memory that differs between plans).
@@ -81,7 +81,7 @@ def modeled(depth: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per plan (fewer are noisy on a shared CPU)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
