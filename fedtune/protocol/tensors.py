@@ -22,8 +22,8 @@ import torch
 
 from fedtune.protocol import fedtune_pb2 as pb
 
-# Default chunk size: measured on loopback (PITFALLS.md, bench/transport.py), 1-4 MiB chunks
-# move fastest; 3 MiB stays under the 4 MiB default message cap with room for framing.
+# Default chunk size: measured on loopback (bench/transport.py), gRPC moves 1-4 MiB chunks fastest;
+# 3 MiB stays under the 4 MiB default message cap with room for framing.
 DEFAULT_CHUNK_BYTES = 3 * 1024 * 1024
 
 
