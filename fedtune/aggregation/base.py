@@ -30,6 +30,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import torch
 
 from fedtune.adapters.lora import AdapterPlan
+from fedtune.aggregation.lora_math import blockwise_mean
 from fedtune.devices import Capabilities
 from fedtune.options import NoOptions, OptionsError, build_options, option_names, options_to_wire
 from fedtune.protocol.tensors import TensorSpec
@@ -153,11 +154,19 @@ class Strategy:
 
 
 class Wrapper(Strategy):
-    """A strategy around another one: by default every call goes to ``inner``."""
+    """A strategy around another one: by default every call goes to ``inner``, with the state
+    tensors the wrapper owns (``<namespace>/<name>`` for each of its ``namespaces``) left out."""
+
+    namespaces: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
         super().__init__(options, scale=scale, seed=seed)
         self.inner = inner
+
+    def inner_state(self, state: Mapping[str, torch.Tensor]) -> State:
+        """The part of ``state`` that belongs to the inner strategy."""
+        own = tuple(ns + "/" for ns in self.namespaces)
+        return {n: t for n, t in state.items() if not (own and n.startswith(own))}
 
     @property
     def heterogeneous(self) -> bool:  # type: ignore[override]
@@ -175,16 +184,17 @@ class Wrapper(Strategy):
         return self.inner.initial_state(adapter)
 
     def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
-        return self.inner.configure(ctx, state)
+        return self.inner.configure(ctx, self.inner_state(state))
 
     def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
-        return self.inner.aggregate(ctx, state, updates)
+        new_state, metrics = self.inner.aggregate(ctx, self.inner_state(state), updates)
+        return {**state, **new_state}, metrics
 
     def global_model(self, state, spec):
-        return self.inner.global_model(state, spec)
+        return self.inner.global_model(self.inner_state(state), spec)
 
     def server_params(self, state: Mapping[str, torch.Tensor]) -> list[str]:
-        return self.inner.server_params(state)
+        return self.inner.server_params(self.inner_state(state))
 
     def check_update(self, ctx: RoundContext, update: ClientUpdate) -> None:
         self.inner.check_update(ctx, update)
@@ -199,9 +209,16 @@ class Wrapper(Strategy):
         return {**super().describe(), "inner": self.inner.describe()}
 
 
-def with_options(instruction: Instruction, **options: str) -> Instruction:
-    """The same instruction with more recipe options."""
-    return dataclasses.replace(instruction, options={**instruction.options, **options})
+def map_instructions(instructions: Mapping[str, Instruction], change: Callable[[Instruction], Instruction]) -> dict[str, Instruction]:
+    """``change`` applied to each distinct instruction once: clients that shared an instruction
+    (and so one wire encoding) still share the changed one."""
+    changed: dict[int, Instruction] = {}
+    out = {}
+    for cid, ins in instructions.items():
+        if id(ins) not in changed:
+            changed[id(ins)] = change(ins)
+        out[cid] = changed[id(ins)]
+    return out
 
 
 def share_by_plan(ctx: RoundContext, plan_of: Callable[[str], AdapterPlan], build: Callable[[ClientInfo, AdapterPlan], Instruction]) -> dict[str, Instruction]:
@@ -220,8 +237,6 @@ def share_by_plan(ctx: RoundContext, plan_of: Callable[[str], AdapterPlan], buil
 def mean_over_senders(state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate], names: Sequence[str], weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
     """For each of ``names``: the blockwise weighted mean over the updates that carry it (see
     ``lora_math.blockwise_mean``); names nobody sent are left out."""
-    from fedtune.aggregation.lora_math import blockwise_mean
-
     out = {}
     for name in names:
         senders = [u for u in updates if name in u.tensors]
@@ -282,7 +297,6 @@ def build_strategy(name: str, options: Mapping[str, Any] | None = None, *, scale
     return cls(build_options(cls.Options, options, f"strategy {name}"), scale=scale, seed=seed)
 
 
-
 class RecipeWrapper(Wrapper):
     """A wrapper whose clients train with its own recipe (FedProx, FedLC, SCAFFOLD): the inner
     strategy's instructions, with the recipe and its options replaced. The inner strategy must
@@ -305,11 +319,5 @@ class RecipeWrapper(Wrapper):
         return {"recipe": self.recipe_name, **own}
 
     def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
-        instructions = self.inner.configure(ctx, state)
-        replaced: dict[int, Instruction] = {}  # keep instructions that shared a payload sharing it
-        out = {}
-        for cid, ins in instructions.items():
-            if id(ins) not in replaced:
-                replaced[id(ins)] = dataclasses.replace(ins, options=self.recipe_options())
-            out[cid] = replaced[id(ins)]
-        return out
+        options = self.recipe_options()
+        return map_instructions(super().configure(ctx, state), lambda ins: dataclasses.replace(ins, options=options))

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-from fedtune.aggregation.base import Instruction, RoundContext, Strategy, Wrapper
+from fedtune.aggregation.base import Instruction, RoundContext, Strategy, Wrapper, map_instructions
 from fedtune.names import B_SUFFIX
 from fedtune.options import OptionsError
 
@@ -44,11 +44,8 @@ class FedSA(Wrapper):
         super().__init__(inner, options, scale=scale, seed=seed)
 
     def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
-        done: dict[int, Instruction] = {}
-        out = {}
-        for cid, ins in self.inner.configure(ctx, state).items():
-            if id(ins) not in done:
-                expect = {n: s for n, s in ins.expect.items() if not n.endswith(B_SUFFIX)}
-                done[id(ins)] = dataclasses.replace(ins, expect=expect, options={**ins.options, "keep": B_SUFFIX, "personal_eval": str(self.options.personal_eval)})
-            out[cid] = done[id(ins)]
-        return out
+        def keep_b(ins: Instruction) -> Instruction:
+            expect = {n: s for n, s in ins.expect.items() if not n.endswith(B_SUFFIX)}
+            return dataclasses.replace(ins, expect=expect, options={**ins.options, "keep": B_SUFFIX, "personal_eval": str(self.options.personal_eval)})
+
+        return map_instructions(self.inner.configure(ctx, state), keep_b)

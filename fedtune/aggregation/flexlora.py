@@ -56,12 +56,10 @@ class FlexLoRA(Strategy):
     # ---------------------------------------------------------------- the rank-r view of a module
 
     @staticmethod
-    def factors(state: Mapping[str, torch.Tensor], module: str, rank: int) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """(A, B) of rank ``rank`` for ``module``, and the rest of the dense mean as low-rank
-        factors (frozen B, frozen A): B @ A + frozen B @ frozen A = the mean. The rest is None
-        when the rank holds the whole mean."""
-        dense = state[module + DENSE_DELTA]
-        init_a = state[module + INIT_A]
+    def factors(dense: torch.Tensor, init_a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """(A, B) of rank ``rank`` from a module's dense mean, and the rest of the mean as
+        low-rank factors (frozen B, frozen A): B @ A + frozen B @ frozen A = the mean. The rest
+        is None when the rank holds the whole mean; rank 0 leaves all of it to the rest."""
         b_all, a_all, _ = low_rank(dense)           # numerical rank; float64
         kept = min(rank, a_all.shape[0])
         a = init_a[:rank].double().clone()
@@ -72,25 +70,20 @@ class FlexLoRA(Strategy):
         return a.to(dense.dtype), b.to(dense.dtype), rest
 
     def _start(self, state: Mapping[str, torch.Tensor], spec, remainder: bool) -> dict[str, torch.Tensor]:
-        out = {}
+        out = {name: truncate(state[name], s.shape) for name, s in spec.items() if not is_lora(name)}
         ranks = {name[: -len(A_SUFFIX)]: s.shape[0] for name, s in spec.items() if name.endswith(A_SUFFIX)}
-        for name, s in spec.items():
-            if not is_lora(name):
-                out[name] = truncate(state[name], s.shape)
-        for name in state:
-            if not name.endswith(DENSE_DELTA):
-                continue
-            module = name[: -len(DENSE_DELTA)]
-            rank = ranks.get(module, 0)
+        for module in self._modules(state):
+            rank = ranks.get(module, 0)  # 0: the module is outside the client's plan, all of it is remainder
+            a, b, rest = self.factors(state[module + DENSE_DELTA], state[module + INIT_A], rank)
             if rank:
-                a, b, rest = self.factors(state, module, rank)
                 out[module + A_SUFFIX], out[module + B_SUFFIX] = a, b
-            else:  # the module is outside the client's plan: all of it is remainder
-                b_all, a_all, _ = low_rank(state[name])
-                rest = (b_all.to(state[name].dtype), a_all.to(state[name].dtype)) if a_all.shape[0] else None
             if rest is not None and remainder:
                 out[module + FROZEN_B], out[module + FROZEN_A] = rest
         return out
+
+    @staticmethod
+    def _modules(state: Mapping[str, torch.Tensor]) -> list[str]:
+        return [n[: -len(DENSE_DELTA)] for n in state if n.endswith(DENSE_DELTA)]
 
     def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
         def build(info, plan) -> Instruction:
@@ -104,22 +97,20 @@ class FlexLoRA(Strategy):
         weights = weights_by_client(updates)
         heads = [n for n in state if not (is_lora(n) or n.endswith((DENSE_DELTA, INIT_A)))]
         new_state = {**state, **mean_over_senders(state, updates, heads, weights)}
-        for name in state:
-            if not name.endswith(DENSE_DELTA):
-                continue
-            module = name[: -len(DENSE_DELTA)]
+        for module in self._modules(state):
             senders = [u for u in updates if module + A_SUFFIX in u.tensors]
             if not senders:
                 continue
+            dense = state[module + DENSE_DELTA]
+            b_all, a_all, _ = low_rank(dense)  # once per module: each sender's remainder is a tail of it
             trained = []
             for u in senders:
                 full = u.tensors[module + B_SUFFIX].double() @ u.tensors[module + A_SUFFIX].double()
-                if self.options.freeze_remainder:
-                    _, _, rest = self.factors(state, module, u.tensors[module + A_SUFFIX].shape[0])
-                    if rest is not None:
-                        full = full + rest[0].double() @ rest[1].double()
+                if self.options.freeze_remainder:  # what the client held frozen is part of what it trained in
+                    kept = u.tensors[module + A_SUFFIX].shape[0]
+                    full = full + b_all[:, kept:].to(dense.dtype).double() @ a_all[kept:].to(dense.dtype).double()
                 trained.append(full)
-            new_state[name] = weighted_average(trained, [weights[u.client_id] for u in senders]).to(state[name].dtype)
+            new_state[module + DENSE_DELTA] = weighted_average(trained, [weights[u.client_id] for u in senders]).to(dense.dtype)
         return new_state, {"train_loss": weighted_train_loss(updates)}
 
     # ---------------------------------------------------------------- the global model
@@ -133,10 +124,8 @@ class FlexLoRA(Strategy):
             b_name, a_name = module + FROZEN_B, module + FROZEN_A
             if b_name in adapter:
                 deltas[module] = self.scale * (adapter[b_name].double() @ adapter[a_name].double())
-        for name in state:
-            if name.endswith(DENSE_DELTA):
-                module = name[: -len(DENSE_DELTA)]
-                if module + A_SUFFIX not in spec and torch.count_nonzero(state[name]):
-                    deltas[module] = self.scale * state[name].double()
+        for module in self._modules(state):
+            if module + A_SUFFIX not in spec and torch.count_nonzero(state[module + DENSE_DELTA]):
+                deltas[module] = self.scale * state[module + DENSE_DELTA].double()
         adapter = {n: t for n, t in adapter.items() if n in spec}
         return adapter, {m: d.to(state[m + DENSE_DELTA].dtype) for m, d in deltas.items()}

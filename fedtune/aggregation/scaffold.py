@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Instruction, RecipeWrapper, RoundContext, State, Strategy
+from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Instruction, RecipeWrapper, RoundContext, State, Strategy, map_instructions
 from fedtune.aggregation.lora_math import blockwise_mean, truncate
 from fedtune.names import namespaced, strip_namespace
 from fedtune.options import OptionsError
@@ -51,6 +51,7 @@ class Scaffold(RecipeWrapper):
     name = "scaffold"
     Options = ScaffoldOptions
     recipe_name = "scaffold"
+    namespaces = (CONTROL,)
 
     def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
         super().__init__(inner, options, scale=scale, seed=seed)
@@ -63,45 +64,39 @@ class Scaffold(RecipeWrapper):
         return state
 
     @staticmethod
-    def _split(state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
-        inner, controls = {}, {}
-        for n, t in state.items():
-            key = strip_namespace(CONTROL, n)
-            (controls if key is not None else inner)[key if key is not None else n] = t
-        return inner, controls
-
-    def server_params(self, state: Mapping[str, torch.Tensor]) -> list[str]:
-        return self.inner.server_params(self._split(state)[0])
+    def controls(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensor name -> its server control variate."""
+        return {key: t for n, t in state.items() if (key := strip_namespace(CONTROL, n)) is not None}
 
     def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
-        inner_state, controls = self._split(state)
-        instructions = super().configure(ctx, inner_state)
-        done: dict[int, Instruction] = {}
-        out = {}
-        for cid, ins in instructions.items():
-            if id(ins) not in done:
-                tensors, expect = dict(ins.tensors), dict(ins.expect)
-                for name, spec in ins.expect.items():
-                    if name in controls:
-                        tensors[namespaced(CONTROL, name)] = truncate(controls[name], spec.shape)
-                        expect[namespaced(CONTROL_DELTA, name)] = spec
-                done[id(ins)] = Instruction(ins.plan, tensors, expect, ins.options)
-            out[cid] = done[id(ins)]
-        return out
+        controls = self.controls(state)
+
+        def add_controls(ins: Instruction) -> Instruction:
+            tensors, expect = dict(ins.tensors), dict(ins.expect)
+            for name, spec in ins.expect.items():
+                if name in controls:
+                    tensors[namespaced(CONTROL, name)] = truncate(controls[name], spec.shape)
+                    expect[namespaced(CONTROL_DELTA, name)] = spec
+            return Instruction(ins.plan, tensors, expect, ins.options)
+
+        return map_instructions(super().configure(ctx, state), add_controls)
 
     def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
-        inner_state, controls = self._split(state)
+        inner_state, controls = self.inner_state(state), self.controls(state)
         averaged, metrics = self.inner.aggregate(ctx, inner_state, updates)
         new_state = dict(averaged)
         lr = self.options.server_lr
         for name in self.inner.server_params(inner_state):
             x = inner_state[name].double()
             new_state[name] = (x + lr * (averaged[name].double() - x)).to(inner_state[name].dtype)
+        squares = 0.0
         for name, c in controls.items():
-            deltas = [u.tensors[namespaced(CONTROL_DELTA, name)] for u in updates if namespaced(CONTROL_DELTA, name) in u.tensors]
+            key = namespaced(CONTROL_DELTA, name)
+            deltas = [u.tensors[key] for u in updates if key in u.tensors]
             if deltas:
                 mean = blockwise_mean(torch.zeros_like(c), deltas, [1.0] * len(deltas))
                 c = (c.double() + ctx.sampling_rate * mean.double()).to(c.dtype)
             new_state[namespaced(CONTROL, name)] = c
-        metrics["control_norm"] = float(sum(float(c.double().square().sum()) for n, c in new_state.items() if strip_namespace(CONTROL, n) is not None)) ** 0.5
+            squares += float(c.double().square().sum())
+        metrics["control_norm"] = squares**0.5
         return new_state, metrics

@@ -21,14 +21,10 @@ from typing import Mapping, Sequence
 
 import torch
 
-from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Instruction, RoundContext, State, Wrapper
+from fedtune.aggregation.base import STRATEGIES, ClientUpdate, RoundContext, State, Wrapper
 from fedtune.names import namespaced
 
 M, V = "server_opt.m", "server_opt.v"
-
-
-def _own(name: str) -> bool:
-    return name.startswith((M + "/", V + "/"))
 
 
 @dataclass(frozen=True)
@@ -63,6 +59,7 @@ class ServerOptimizer(Wrapper):
     """Steps the inner aggregation's pseudo-gradient with a server optimizer (see module doc)."""
 
     second_moment = False
+    namespaces = (M, V)
 
     def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> State:
         state = self.inner.initial_state(adapter)
@@ -72,14 +69,8 @@ class ServerOptimizer(Wrapper):
             state.update({namespaced(V, n): torch.zeros_like(state[n]) for n in params})
         return state
 
-    def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
-        return self.inner.configure(ctx, {n: t for n, t in state.items() if not _own(n)})
-
-    def server_params(self, state: Mapping[str, torch.Tensor]) -> list[str]:
-        return self.inner.server_params({n: t for n, t in state.items() if not _own(n)})
-
     def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
-        inner_state = {n: t for n, t in state.items() if not _own(n)}
+        inner_state = self.inner_state(state)
         averaged, metrics = self.inner.aggregate(ctx, inner_state, updates)
         new_state = {**state, **averaged}
         sq = 0.0
