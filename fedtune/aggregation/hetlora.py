@@ -20,10 +20,10 @@ from typing import Mapping, Sequence
 import torch
 
 from fedtune.adapters.lora import AdapterPlan
-from fedtune.aggregation.base import STRATEGIES, ClientUpdate, RoundContext, State, weights_by_client
+from fedtune.aggregation.base import STRATEGIES, ClientUpdate, RoundContext, State, mean_over_senders, weighted_train_loss, weights_by_client
 from fedtune.aggregation.fedavg import FedAvg
 from fedtune.aggregation.lora_math import blockwise_mean, product
-from fedtune.names import A_SUFFIX, B_SUFFIX, lora_modules, namespaced, strip_namespace
+from fedtune.names import A_SUFFIX, B_SUFFIX, is_lora, lora_modules, namespaced, strip_namespace
 from fedtune.protocol.tensors import TensorSpec
 
 WEIGHTINGS = ("examples", "norm")
@@ -101,9 +101,13 @@ class HetLoRA(FedAvg):
                 raise ValueError(f"{RANK_CAP_TENSOR} must be between 1 and the plan's largest rank {top}, got {int(cap)}")
 
     def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
-        new_state, metrics = super().aggregate(ctx, state, updates)
-        if self.options.weighting == "norm":
+        if self.options.weighting == "examples":
+            new_state, metrics = super().aggregate(ctx, state, updates)
+        else:  # heads by examples, each LoRA module by the norm of each client's update of it
             by_examples = weights_by_client(updates)
+            heads = [n for n in ctx.global_spec if not is_lora(n)]
+            new_state = {**state, **mean_over_senders(state, updates, heads, by_examples)}
+            metrics = {"train_loss": weighted_train_loss(updates)}
             for module in lora_modules(ctx.global_spec):
                 senders = [u for u in updates if module + A_SUFFIX in u.tensors]
                 if not senders:
