@@ -7,8 +7,8 @@ Each plan is LEGEND-style (LoRA on the top ``depth`` blocks of MiniLM, rank 8 ab
 below, plus the classification head), trained with fedtune's local recipe on batches of 16
 tweets padded to exactly 64 tokens, the shapes the cost model assumes. Every plan runs in a
 fresh child process: step time is the median of ``--steps`` (12) timed AdamW steps after two warm-up
-steps; training memory is the child's peak resident set during training minus its resident set
-just before (the frozen weights are loaded by then, so this is the adapter, its optimizer state
+steps; training memory is the child's peak resident set during training minus its peak before
+training (the frozen weights are loaded by then, so this is the adapter, its optimizer state
 and the activations: the part of the modeled memory that differs between plans).
 Absolute FLOP rates differ between machines, so the comparison is between ratios.
 """
@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 DEPTHS = (1, 2, 4, 6)
@@ -37,32 +35,20 @@ def plan_for(depth: int):
 
 def measure_one(depth: int, steps: int) -> dict:
     """In this process: train ``plan_for(depth)`` and measure (runs in a child)."""
-
-    from fedtune.adapters import adapter_state, inject_lora
-    from fedtune.client.recipes import Recipe, TrainSettings
-    from fedtune.client.recipes.base import LocalOptions
+    from fedtune.adapters import inject_lora
+    from fedtune.client.calibrate import fixed_length, median_step_seconds
     from fedtune.data import TWEETS_LABELS, embedded_tweets
     from fedtune.models import ModelStore, resolve_source
-    from fedtune.tasks import EncodedExample, get_task
+    from fedtune.tasks import get_task
 
     store, source, task = ModelStore(), resolve_source("minilm"), get_task("seq-cls")
-    raw = store.encode(source, task, embedded_tweets()[:400], SEQ, TWEETS_LABELS)
     pad = store.pad_id(source)
-    items = [EncodedExample((it.input_ids + [pad] * SEQ)[:SEQ], it.target) for it in raw]  # exactly SEQ tokens
+    items = fixed_length(store.encode(source, task, embedded_tweets()[:400], SEQ, TWEETS_LABELS), SEQ, pad)
     model = inject_lora(store.instance(source, "seq-cls", TWEETS_LABELS), plan_for(depth), "seq-cls")
-    times = []
-
-    class Timed(Recipe):
-        def after_backward(self, model):
-            times.append(time.perf_counter())
-
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    Timed(LocalOptions(), {}).run(model, adapter_state(model), {}, task, items, TrainSettings(steps + 2, BATCH, 1e-3, 0.0, seed=0), pad)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    seconds = median_step_seconds(model, task, items, pad, batch_size=BATCH, steps=steps, warmup=2)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    stamps = [start, *times]
-    durations = [b - a for a, b in zip(stamps, stamps[1:])][2:]
-    return {"step_seconds": statistics.median(durations), "train_mib": (peak - rss_before) / 1024}
+    return {"step_seconds": seconds, "train_mib": (peak - peak_before) / 1024}
 
 
 def modeled(depth: int) -> dict:

@@ -23,7 +23,7 @@ from fedtune.client.recipes.base import LocalOptions, Recipe, TrainSettings
 from fedtune.coordinator.planner import CostModel, model_geometry
 from fedtune.data import Example
 from fedtune.models import ModelSource, ModelStore
-from fedtune.tasks import EncodedExample, get_task
+from fedtune.tasks import EncodedExample, Task, get_task
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,28 @@ def backward_factor(top_seconds: float, all_seconds: float, num_blocks: int) -> 
     return per_block * num_blocks / forward
 
 
+def fixed_length(items: Sequence[EncodedExample], seq_len: int, pad_id: int) -> list[EncodedExample]:
+    """``items`` padded or cut to exactly ``seq_len`` tokens: the shapes the cost model assumes."""
+    def cut(seq: list, fill) -> list:
+        return (list(seq) + [fill] * seq_len)[:seq_len]
+
+    return [EncodedExample(cut(it.input_ids, pad_id), it.target if isinstance(it.target, int) else cut(it.target, -100)) for it in items]
+
+
+def median_step_seconds(model, task: Task, items: Sequence[EncodedExample], pad_id: int, *, batch_size: int, steps: int, warmup: int = 1) -> float:
+    """Median wall time of ``steps`` AdamW steps of fedtune's local recipe on ``model``, after
+    ``warmup`` untimed steps."""
+    stamps: list[float] = []
+
+    class Timed(Recipe):
+        def after_backward(self, model) -> None:
+            stamps.append(time.perf_counter())
+
+    start = time.perf_counter()
+    Timed(LocalOptions(), {}).run(model, adapter_state(model), {}, task, items, TrainSettings(steps + warmup, batch_size, 1e-4, 0.0, seed=0), pad_id)
+    return statistics.median([b - a for a, b in zip([start, *stamps], stamps)][warmup:])
+
+
 def calibrate(
     store: ModelStore,
     source: ModelSource,
@@ -71,18 +93,11 @@ def calibrate(
     encoded = store.encode(source, task, list(examples)[: max(batch_size * (steps + 1), 1)], seq_len, labels)
     if not encoded:
         raise ValueError("no usable examples to calibrate with")
-    items = [EncodedExample((it.input_ids + [pad] * seq_len)[:seq_len], it.target if isinstance(it.target, int) else (list(it.target) + [-100] * seq_len)[:seq_len]) for it in encoded]
+    items = fixed_length(encoded, seq_len, pad)
+
     def step_seconds(p: AdapterPlan) -> float:
         model = inject_lora(store.instance(source, task_name, labels), p, task_name)
-        stamps: list[float] = []
-
-        class Timed(Recipe):
-            def after_backward(self, model) -> None:
-                stamps.append(time.perf_counter())
-
-        start = time.perf_counter()
-        Timed(LocalOptions(), {}).run(model, adapter_state(model), {}, task, items, TrainSettings(steps + 1, batch_size, 1e-4, 0.0, seed=0), pad)
-        return statistics.median([b - a for a, b in zip([start, *stamps], stamps)][1:])
+        return median_step_seconds(model, task, items, pad, batch_size=batch_size, steps=steps)
 
     top, every = step_seconds(top_plan), step_seconds(plan)
     factor = backward_factor(top, every, geometry.num_blocks)

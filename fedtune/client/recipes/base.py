@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 
-from fedtune.adapters import adapter_parameters, adapter_state, load_adapter_state
+from fedtune.adapters import adapter_state, load_adapter_state
 from fedtune.options import build_options
 from fedtune.registry import Registry
 from fedtune.tasks import EncodedExample, Task
@@ -151,11 +151,6 @@ class Recipe:
                 losses.append(loss.item())
         model.eval()
         return {"train_loss": sum(losses) / len(losses), "steps": float(len(losses))}
-
-
-def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """Adapter-state name -> the live parameter, for the trainable tensors of ``model``."""
-    return adapter_parameters(model)
 
 
 RECIPES: Registry[type[Recipe]] = Registry("recipe")

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedtune.client.recipes.base import RECIPES, LocalOptions, Recipe, trainable
+from fedtune.adapters import adapter_parameters
+from fedtune.client.recipes.base import RECIPES, LocalOptions, Recipe
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class FedProxRecipe(Recipe):
 
     def begin(self, model, extras, items, task) -> None:
         super().begin(model, extras, items, task)
-        self.params = trainable(model)
+        self.params = adapter_parameters(model)
         self.anchor = {n: p.detach().clone() for n, p in self.params.items()}
 
     def penalty(self, model) -> torch.Tensor | None:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import torch
 
+from fedtune.adapters import adapter_parameters
 from fedtune.aggregation.scaffold import CONTROL, CONTROL_DELTA
-from fedtune.client.recipes.base import RECIPES, LocalOptions, Recipe, trainable
+from fedtune.client.recipes.base import RECIPES, LocalOptions, Recipe
 from fedtune.names import namespaced, strip_namespace
 
 
@@ -27,7 +28,7 @@ class ScaffoldRecipe(Recipe):
     Options = LocalOptions
 
     def begin(self, model, extras, items, task) -> None:
-        self.params = trainable(model)
+        self.params = adapter_parameters(model)
         self.c = {}
         for name, tensor in extras.items():
             key = strip_namespace(CONTROL, name)
