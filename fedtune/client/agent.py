@@ -87,6 +87,7 @@ class ClientAgent:
         self.stop_event = stop_event or threading.Event()
         self.report = AgentReport()
         self._encoded: dict[tuple, list] = {}
+        self._splits: dict[tuple, tuple[list, list]] = {}  # (encoding key, held-out fraction) -> split
         # What each recipe keeps on this device between rounds (personal B matrices, control
         # variates, tail-norm history), by recipe name.
         self._memory: dict[str, dict] = {}
@@ -246,13 +247,16 @@ class ClientAgent:
     def _split(self, key: tuple, fraction: float) -> tuple[list, list]:
         """(training items, held-out items): a fixed share of this device's examples, chosen by
         a generator seeded from its name, so the split is the same every round."""
-        items = self._encoded[key]
-        held = int(fraction * len(items))
-        if held == 0 or held >= len(items):
-            return items, []
-        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(zlib.crc32(self.options.name.encode()))).tolist()
-        out = set(order[:held])
-        return [it for i, it in enumerate(items) if i not in out], [items[i] for i in sorted(out)]
+        if (key, fraction) not in self._splits:
+            items = self._encoded[key]
+            held = int(fraction * len(items))
+            if held == 0 or held >= len(items):
+                self._splits[key, fraction] = (items, [])
+            else:
+                order = torch.randperm(len(items), generator=torch.Generator().manual_seed(zlib.crc32(self.options.name.encode()))).tolist()
+                out = set(order[:held])
+                self._splits[key, fraction] = ([it for i, it in enumerate(items) if i not in out], [items[i] for i in sorted(out)])
+        return self._splits[key, fraction]
 
 
 class _Heartbeat:
