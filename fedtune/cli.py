@@ -40,6 +40,8 @@ COMMON_KEYS = {
     "eval_data": "eval.data",
     "run_dir": "run_dir",
     "seed": "seed",
+    "codec": "compression.uplink",
+    "downlink_codec": "compression.downlink",
 }
 COORDINATOR_KEYS = {
     "address": "server.address",
@@ -74,6 +76,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients-per-round", type=int, help="clients trained per round (0: all)")
     p.add_argument("--strategy", help="strategy by name (`fedtune strategies` lists them with their options); default: fedlc for seq-cls, fedavg for causal-lm")
     p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="a strategy option, e.g. -o server_lr=0.01 -o inner=hetlora (repeatable)")
+    p.add_argument("--codec", help="codec of the clients' updates (`fedtune codecs` lists them): fp16, bf16, int8, int4, compeft, projection, ...")
+    p.add_argument("--codec-option", action="append", metavar="KEY=VALUE", help="an option of the uplink codec, e.g. --codec-option density=0.05 (repeatable)")
+    p.add_argument("--k", type=int, help="directions per block of --codec projection (shorthand for --codec-option k=K)")
+    p.add_argument("--downlink-codec", help="codec of the weights the coordinator sends: fp16, bf16, int8, int4")
+    p.add_argument("--no-error-feedback", action="store_true", default=None, help="biased uplink codecs drop what they lose instead of sending it later")
     p.add_argument("--share-a", action="store_true", default=None, help="FedSA-LoRA: share only A; each client keeps its B")
     p.add_argument("--min-rank", type=int, help="planner: smallest rank it hands out")
     p.add_argument("--max-rank", type=int, help="planner: largest rank (the global adapter's)")
@@ -118,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
 
     sub.add_parser("strategies", help="list the strategies and their options")
+    sub.add_parser("codecs", help="list the update codecs and their options")
 
     cli = sub.add_parser("client", help="run a device agent against a coordinator")
     cli.add_argument("--coordinator", required=True, help="coordinator HOST:PORT")
@@ -154,6 +162,15 @@ def _config_from_args(args: argparse.Namespace, keys: dict[str, str]) -> RunConf
         if not sep or not key.strip():
             raise ConfigError(f"--option {item!r}: expected KEY=VALUE")
         config.federation.options[key.strip()] = parse_scalar(value.strip())
+    for item in getattr(args, "codec_option", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--codec-option {item!r}: expected KEY=VALUE")
+        config.compression.uplink_options[key.strip()] = parse_scalar(value.strip())
+    if getattr(args, "k", None) is not None:
+        config.compression.uplink_options["k"] = args.k
+    if getattr(args, "no_error_feedback", None):
+        config.compression.error_feedback = False
     if getattr(args, "no_planner", None):
         config.planner.enabled = False
     return config.validate()
@@ -320,17 +337,28 @@ def cmd_client(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_strategies(args: argparse.Namespace) -> int:
+def _print_registry(registry) -> None:
     import dataclasses
 
-    from fedtune.aggregation import STRATEGIES
-
-    for name in STRATEGIES.names():
-        cls = STRATEGIES.get(name)
+    for name in registry.names():
+        cls = registry.get(name)
         doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
         print(f"{name}: {doc}")
         for f in dataclasses.fields(cls.Options):
             print(f"    {f.name} = {f.default!r}")
+
+
+def cmd_strategies(args: argparse.Namespace) -> int:
+    from fedtune.aggregation import STRATEGIES
+
+    _print_registry(STRATEGIES)
+    return 0
+
+
+def cmd_codecs(args: argparse.Namespace) -> int:
+    from fedtune.compression import CODECS
+
+    _print_registry(CODECS)
     return 0
 
 
@@ -348,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedtune.models import ModelError
     from fedtune.transport import TransportError
 
-    handlers = {"simulate": cmd_simulate, "coordinator": cmd_coordinator, "client": cmd_client, "strategies": cmd_strategies}
+    handlers = {"simulate": cmd_simulate, "coordinator": cmd_coordinator, "client": cmd_client, "strategies": cmd_strategies, "codecs": cmd_codecs}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelError, TransportError, AgentError, AdapterError, ProfileError) as exc:

@@ -163,6 +163,21 @@ class ExportSection:
 
 
 @dataclass
+class CompressionSection:
+    # Codec of the updates clients send (`fedtune codecs` lists them): fp16, bf16, int8, int4,
+    # uniform, compeft, projection. Empty: raw float32.
+    uplink: str = ""
+    # Codec of the weights the coordinator sends: fp16, bf16, int8, int4 or uniform. Empty: raw.
+    downlink: str = ""
+    # Biased uplink codecs (int-b, compeft) keep what a round drops and send it later.
+    error_feedback: bool = True
+    # The codecs' options, e.g. [compression.uplink_options] density = 0.05, or k = 64 for
+    # projection; checked against the codec's options.
+    uplink_options: dict[str, Any] = field(default_factory=dict)
+    downlink_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSection = field(default_factory=LoraSection)
@@ -173,22 +188,32 @@ class RunConfig:
     server: ServerSection = field(default_factory=ServerSection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
     export: ExportSection = field(default_factory=ExportSection)
+    compression: CompressionSection = field(default_factory=CompressionSection)
     # Where metrics, checkpoints and the final adapter go. Empty: a new folder under runs/.
     run_dir: str = ""
     seed: int = 0
 
     def build_strategy(self, scale: float | None = None):
-        """The configured strategy (wrapped for FedSA-LoRA when ``share_a``); raises
-        OptionsError naming the option that is wrong."""
+        """The configured strategy (wrapped for FedSA-LoRA when ``share_a``, and for update
+        codecs when ``[compression]`` names one); raises OptionsError naming the option that is
+        wrong."""
         from fedtune.aggregation import build_strategy
         from fedtune.aggregation.fedsa import FedSA, FedSAOptions
 
         scale = self.lora.alpha / self.lora.rank if scale is None else scale
         name = self.federation.strategy or DEFAULT_STRATEGY.get(self.model.task, "fedavg")
         strategy = build_strategy(name, self.federation.options, scale=scale, seed=self.seed)
-        if not self.federation.share_a:
-            return strategy
-        return FedSA(strategy, FedSAOptions(self.federation.personal_eval), scale=scale, seed=self.seed)
+        if self.federation.share_a:
+            strategy = FedSA(strategy, FedSAOptions(self.federation.personal_eval), scale=scale, seed=self.seed)
+        c = self.compression
+        if c.uplink or c.downlink:
+            from fedtune.aggregation.compress import Compress
+            from fedtune.compression import make_codec
+
+            uplink = make_codec(c.uplink, c.uplink_options) if c.uplink else None
+            downlink = make_codec(c.downlink, c.downlink_options) if c.downlink else None
+            strategy = Compress(strategy, uplink, downlink, error_feedback=c.error_feedback)
+        return strategy
 
     def validate(self) -> "RunConfig":
         """Check value ranges and names; raise ConfigError naming the key."""
@@ -226,6 +251,7 @@ class RunConfig:
         except OptionsError as exc:
             raise ConfigError(f"federation.options: {exc}" if not str(exc).startswith("federation.") else str(exc)) from None
         _check(0 <= self.federation.personal_eval < 1, "federation.personal_eval", "must be in [0, 1)")
+        self._check_compression()
         _check(self.export.rank >= 0, "export.rank", "must be >= 0")
         _check(1 <= self.planner.min_rank <= self.planner.max_rank, "planner.min_rank", "must be between 1 and planner.max_rank")
         _check(self.planner.round_budget_s > 0, "planner.round_budget_s", "must be positive")
@@ -254,6 +280,22 @@ class RunConfig:
         _check(self.simulation.parallel >= 1, "simulation.parallel", "must be at least 1")
         _check(self.seed >= 0, "seed", "must be >= 0")
         return self
+
+
+    def _check_compression(self) -> None:
+        from fedtune.compression import make_codec
+        from fedtune.options import OptionsError
+        from fedtune.registry import UnknownNameError
+
+        for direction in ("uplink", "downlink"):
+            name = getattr(self.compression, direction)
+            if name:
+                try:
+                    make_codec(name, getattr(self.compression, direction + "_options"))
+                except (OptionsError, UnknownNameError) as exc:
+                    raise ConfigError(f"compression.{direction}: {exc}") from None
+            elif getattr(self.compression, direction + "_options"):
+                raise ConfigError(f"compression.{direction}_options: given without compression.{direction}")
 
 
 def _check(ok: bool, key: str, message: str) -> None:

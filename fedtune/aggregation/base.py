@@ -79,6 +79,8 @@ class Instruction:
     tensors: Mapping[str, torch.Tensor]      # adapter to start from, frozen updates, recipe tensors
     expect: Mapping[str, TensorSpec]         # exactly what must come back
     options: Mapping[str, str] = field(default_factory=lambda: {"recipe": "local"})
+    # How the service encodes ``tensors`` for the wire (a fedtune.compression.Codec; None: raw).
+    downlink: Any = None
 
     @property
     def recipe(self) -> str:
@@ -94,6 +96,9 @@ class ClientUpdate:
     tensors: dict[str, torch.Tensor]
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    # The tensors its instruction gave it (what its update is measured from; the engine fills
+    # this in, so wrappers such as update codecs and client-level DP can compute deltas).
+    start: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Strategy:

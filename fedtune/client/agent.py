@@ -21,13 +21,14 @@ import torch
 
 from fedtune.adapters import AdapterError, apply_base_delta, inject_lora, split_task_tensors
 from fedtune.client.recipes import TrainSettings, make_recipe
+from fedtune.client.uplink import Uplink
 from fedtune.data import Example
 from fedtune.devices import Capabilities
 from fedtune.models import ModelSource, ModelStore
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
 from fedtune.protocol.messages import capabilities_to_proto, plan_from_proto
-from fedtune.protocol.tensors import DEFAULT_CHUNK_BYTES, TensorReceiver, encode_tensors, tensor_frames
+from fedtune.protocol.tensors import DEFAULT_CHUNK_BYTES, EncodedTensor, TensorReceiver, encode_tensors, tensor_frames
 from fedtune.tasks import get_task
 from fedtune.transport import make_channel
 
@@ -91,6 +92,8 @@ class ClientAgent:
         # What each recipe keeps on this device between rounds (personal B matrices, control
         # variates, tail-norm history), by recipe name.
         self._memory: dict[str, dict] = {}
+        # Error-feedback residuals of the uplink codec, by tensor name (fedtune.client.uplink).
+        self._residuals: dict[str, torch.Tensor] = {}
         self._channel = make_channel(options.address, tls_ca=options.tls_ca, insecure=options.insecure)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
         self._client_id = ""
@@ -140,8 +143,8 @@ class ClientAgent:
                 self.stop_event.wait(min(header.retry_after_seconds, 5.0))
             return False
         self.report.bytes_down += nbytes
-        update, num_examples, metrics = self._train(header, tensors)
-        self._push(header.round, update, num_examples, metrics)
+        encoded, num_examples, metrics = self._train(header, tensors)
+        self._push(header.round, encoded, num_examples, metrics)
         return False
 
     # ------------------------------------------------------------------ calls
@@ -161,8 +164,7 @@ class ClientAgent:
             raise AgentError(f"task announced {header.num_tensors} tensors, received {len(tensors)}")
         return header, tensors, first.ByteSize() + receiver.bytes_received
 
-    def _push(self, round_number: int, update: dict, num_examples: int, metrics: dict[str, float]) -> None:
-        encoded = encode_tensors(update)
+    def _push(self, round_number: int, encoded: list[EncodedTensor], num_examples: int, metrics: dict[str, float]) -> None:
         first = pb.Frame(
             update=pb.UpdateHeader(
                 client_id=self._client_id,
@@ -205,15 +207,17 @@ class ClientAgent:
 
     # ------------------------------------------------------------------ training
 
-    def _train(self, header: pb.TaskHeader, tensors: dict) -> tuple[dict, int, dict[str, float]]:
-        """Train as the task's recipe says; returns (tensors to send, example count, metrics)."""
+    def _train(self, header: pb.TaskHeader, tensors: dict) -> tuple[list[EncodedTensor], int, dict[str, float]]:
+        """Train as the task's recipe says; returns (the update encoded for the wire, example
+        count, metrics)."""
         task_name = header.model.task
         task = get_task(task_name)
         labels = list(header.model.labels)
         settings = header.training
         try:
             plan = plan_from_proto(header.plan)
-            options = dict(header.options) or {"recipe": "local"}
+            uplink, options = Uplink.from_options(dict(header.options), settings.seed)
+            options = options or {"recipe": "local"}
             recipe = make_recipe(options, self._memory.setdefault(options.get("recipe", "local"), {}))
         except ValueError as exc:  # unknown recipe or option, unusable plan
             raise AgentError(f"the coordinator sent a task this client cannot run: {exc}") from exc
@@ -241,7 +245,10 @@ class ClientAgent:
         finally:
             heartbeat.stop()
         log.info("%s: round %d trained (%s), loss %.4f", self._client_id, header.round, recipe.name, metrics["train_loss"])
-        return update, len(items), metrics
+        if uplink is None:
+            return encode_tensors(update), len(items), metrics
+        encoded, codec_metrics = uplink.encode(update, tensors, self._residuals)
+        return encoded, len(items), {**metrics, **codec_metrics}
 
 
     def _split(self, key: tuple, fraction: float) -> tuple[list, list]:

@@ -198,9 +198,9 @@ class RoundEngine:
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad:
             raise CoordinatorError("INVALID_ARGUMENT", f"metrics {bad} are not finite numbers")
-        update = ClientUpdate(client_id, tensors, num_examples, dict(metrics))
         with self._cond:
             rnd = self._open_round_for(client_id, round_number)
+            update = ClientUpdate(client_id, tensors, num_examples, dict(metrics), rnd.instructions[client_id].tensors)
             try:
                 self.strategy.check_update(rnd.ctx, update)
             except ValueError as exc:

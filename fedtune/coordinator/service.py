@@ -38,7 +38,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self._encoded: tuple[int, dict[int, tuple[object, list[EncodedTensor]]]] = (0, {})
         self._encode_lock = threading.Lock()
 
-    def _encode(self, round_number: int, tensors) -> list[EncodedTensor]:
+    def _encode(self, round_number: int, tensors, downlink=None) -> list[EncodedTensor]:
         with self._encode_lock:
             number, cache = self._encoded
             if number != round_number:
@@ -46,7 +46,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 self._encoded = (round_number, cache)
             hit = cache.get(id(tensors))
             if hit is None or hit[0] is not tensors:
-                hit = (tensors, encode_tensors(tensors))
+                codecs = {n: downlink for n, t in tensors.items() if t.is_floating_point()} if downlink is not None else None
+                hit = (tensors, encode_tensors(tensors, codecs))
                 cache[id(tensors)] = hit
             return hit[1]
 
@@ -86,7 +87,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             return
         training = self.config.training
         instruction = task.instruction
-        encoded = self._encode(task.round, instruction.tensors)
+        encoded = self._encode(task.round, instruction.tensors, instruction.downlink)
         header = pb.TaskHeader(
             status=pb.TASK_STATUS_TRAIN,
             round=task.round,

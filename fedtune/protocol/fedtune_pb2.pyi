@@ -39,6 +39,11 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ENCODING_UNSPECIFIED: _ClassVar[Encoding]
     ENCODING_RAW: _ClassVar[Encoding]
+    ENCODING_FLOAT16: _ClassVar[Encoding]
+    ENCODING_BFLOAT16: _ClassVar[Encoding]
+    ENCODING_UNIFORM_INT: _ClassVar[Encoding]
+    ENCODING_SPARSE_TERNARY: _ClassVar[Encoding]
+    ENCODING_SEEDED_PROJECTION: _ClassVar[Encoding]
 TASK_STATUS_UNSPECIFIED: TaskStatus
 TASK_STATUS_TRAIN: TaskStatus
 TASK_STATUS_WAIT: TaskStatus
@@ -60,6 +65,11 @@ DTYPE_UINT8: DType
 DTYPE_BOOL: DType
 ENCODING_UNSPECIFIED: Encoding
 ENCODING_RAW: Encoding
+ENCODING_FLOAT16: Encoding
+ENCODING_BFLOAT16: Encoding
+ENCODING_UNIFORM_INT: Encoding
+ENCODING_SPARSE_TERNARY: Encoding
+ENCODING_SEEDED_PROJECTION: Encoding
 
 class Capabilities(_message.Message):
     __slots__ = ("memory_bytes", "flops_per_second", "uplink_bytes_per_second", "downlink_bytes_per_second", "tier", "backward_factor")

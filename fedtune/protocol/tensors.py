@@ -8,7 +8,9 @@ single byte of payload.
 
 Why not ``torch.save`` / pickle: the payload comes from the network, and unpickling untrusted
 bytes runs code. The raw encoding is plain little-endian elements, the same bytes numpy and
-safetensors use.
+safetensors use. The compressed encodings (``fedtune.compression``) say in ``codec_params`` how
+to decode them; their exact payload size follows from the header alone, and is checked before
+any payload is read.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Iterable, Iterator, Mapping
 import numpy as np
 import torch
 
+from fedtune.compression import Codec, CodecError, Encoded, codec_for_encoding
 from fedtune.protocol import fedtune_pb2 as pb
 
 # Default chunk size: measured on loopback (bench/transport.py), gRPC moves 1-4 MiB chunks fastest;
@@ -81,11 +84,22 @@ def _raw_array(tensor: torch.Tensor) -> np.ndarray:
 def decode_raw(header: pb.TensorHeader, payload: bytes | bytearray | memoryview) -> torch.Tensor:
     """Rebuild a tensor from a header and its payload, checking that they agree."""
     check_header(header)
-    dtype, np_dtype = _FROM_WIRE[header.dtype]
+    return _decode(header, payload)
+
+
+def _decode(header: pb.TensorHeader, payload: bytes | bytearray | memoryview) -> torch.Tensor:
+    """``payload`` decoded as ``header`` (already checked) says."""
     if len(payload) != header.payload_bytes:
         raise ProtocolError(
             f"tensor {header.name!r}: payload has {len(payload)} bytes, header says {header.payload_bytes}"
         )
+    dtype, np_dtype = _FROM_WIRE[header.dtype]
+    if header.encoding != pb.ENCODING_RAW:
+        try:
+            decoded = codec_for_encoding(header.encoding).decode(payload, tuple(header.shape), dict(header.codec_params))
+        except CodecError as exc:
+            raise ProtocolError(f"tensor {header.name!r}: {exc}") from None
+        return decoded.to(dtype)
     array = np.frombuffer(payload, dtype=np_dtype).reshape(tuple(header.shape))
     if not array.flags.writeable:  # torch warns on read-only memory; copy only in that case
         array = array.copy()
@@ -96,20 +110,40 @@ def decode_raw(header: pb.TensorHeader, payload: bytes | bytearray | memoryview)
 
 
 def check_header(header: pb.TensorHeader) -> None:
-    """Reject headers whose dtype, encoding, shape and size do not describe each other."""
+    """Reject headers whose dtype, encoding, shape, codec parameters and size do not describe
+    each other."""
     if not header.name:
         raise ProtocolError("tensor header without a name")
     if header.dtype not in _FROM_WIRE:
         raise ProtocolError(f"tensor {header.name!r}: unknown dtype {header.dtype}")
-    if header.encoding != pb.ENCODING_RAW:
-        raise ProtocolError(f"tensor {header.name!r}: unsupported encoding {header.encoding}")
-    numel = math.prod(header.shape)
-    expected = numel * element_size(header.dtype)
+    if header.encoding == pb.ENCODING_RAW:
+        if header.codec_params:
+            raise ProtocolError(f"tensor {header.name!r}: raw encoding takes no codec parameters")
+        expected = decoded_bytes(header)
+    else:
+        if not torch_dtype(header.dtype).is_floating_point:
+            raise ProtocolError(f"tensor {header.name!r}: compressed encodings decode to floats, not {pb.DType.Name(header.dtype)}")
+        try:
+            expected = codec_for_encoding(header.encoding).payload_bytes(tuple(header.shape), dict(header.codec_params))
+        except CodecError as exc:
+            raise ProtocolError(f"tensor {header.name!r}: {exc}") from None
     if expected != header.payload_bytes:
         raise ProtocolError(
             f"tensor {header.name!r}: shape {list(header.shape)} of {pb.DType.Name(header.dtype)} "
-            f"needs {expected} bytes, header says {header.payload_bytes}"
+            f"({_encoding_name(header.encoding)}) needs {expected} bytes, header says {header.payload_bytes}"
         )
+
+
+def decoded_bytes(header: pb.TensorHeader) -> int:
+    """Memory the decoded tensor takes (a compressed payload can be far smaller)."""
+    return math.prod(header.shape) * element_size(header.dtype)
+
+
+def _encoding_name(encoding: int) -> str:
+    try:
+        return pb.Encoding.Name(encoding)
+    except ValueError:
+        return f"encoding {encoding}"
 
 
 def make_header(name: str, tensor: torch.Tensor) -> pb.TensorHeader:
@@ -132,14 +166,36 @@ class EncodedTensor:
     payload: memoryview
 
 
-def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> list[EncodedTensor]:
-    # The payload is a view of the tensor's own memory, not a copy: each chunk is copied once
-    # into its message when it is framed. The tensors must not change while frames are made.
-    encoded = []
-    for name, t in tensors.items():
-        view = memoryview(_raw_array(t)).cast("B").toreadonly()
-        encoded.append(EncodedTensor(make_header(name, t), view))
-    return encoded
+def encode_tensor(name: str, tensor: torch.Tensor, codec: Codec | None = None) -> EncodedTensor:
+    """One tensor for the wire: raw, or compressed by ``codec`` (floating-point tensors only)."""
+    if codec is None:
+        # The payload is a view of the tensor's own memory, not a copy: each chunk is copied once
+        # into its message when it is framed. The tensor must not change while frames are made.
+        view = memoryview(_raw_array(tensor)).cast("B").toreadonly()
+        return EncodedTensor(make_header(name, tensor), view)
+    if not tensor.is_floating_point():
+        raise ProtocolError(f"tensor {name!r}: codec {codec.name} compresses floats, not {tensor.dtype}")
+    return encoded_tensor(name, tensor, codec, codec.encode(tensor, name))
+
+
+def encoded_tensor(name: str, like: torch.Tensor, codec: Codec, encoded: Encoded) -> EncodedTensor:
+    """The wire form of ``encoded`` (``codec``'s output for a tensor of ``like``'s shape and
+    dtype), for senders that encoded it themselves."""
+    header = pb.TensorHeader(
+        name=name,
+        dtype=wire_dtype(like.dtype),
+        shape=list(like.shape),
+        encoding=codec.encoding,
+        payload_bytes=len(encoded.payload),
+        codec_params=encoded.params,
+    )
+    return EncodedTensor(header, memoryview(encoded.payload).toreadonly())
+
+
+def encode_tensors(tensors: Mapping[str, torch.Tensor], codecs: Mapping[str, Codec] | None = None) -> list[EncodedTensor]:
+    """The tensors for the wire, each compressed by ``codecs[name]`` when it has one."""
+    codecs = codecs or {}
+    return [encode_tensor(name, t, codecs.get(name)) for name, t in tensors.items()]
 
 
 def tensor_frames(encoded: Iterable[EncodedTensor], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.Frame]:
@@ -217,13 +273,14 @@ class TensorReceiver:
                 raise ProtocolError(f"tensor {name!r} has shape {list(shape)}, expected {list(spec.shape)}")
             if dtype != spec.dtype:
                 raise ProtocolError(f"tensor {name!r} has dtype {dtype}, expected {spec.dtype}")
-        if header.payload_bytes > self.max_tensor_bytes:
+        size = max(header.payload_bytes, decoded_bytes(header))
+        if size > self.max_tensor_bytes:
             raise ProtocolError(
-                f"tensor {name!r} is {header.payload_bytes} bytes, over the limit of {self.max_tensor_bytes}"
+                f"tensor {name!r} is {size} bytes, over the limit of {self.max_tensor_bytes}"
             )
-        if self._total + header.payload_bytes > self.max_total_bytes:
+        if self._total + size > self.max_total_bytes:
             raise ProtocolError(f"stream exceeds the limit of {self.max_total_bytes} bytes at tensor {name!r}")
-        self._total += header.payload_bytes
+        self._total += size
         self._header = header
         self._buffer = bytearray(header.payload_bytes)
         self._filled = 0
@@ -245,7 +302,7 @@ class TensorReceiver:
 
     def _finish(self) -> None:
         assert self._header is not None and self._buffer is not None
-        tensor = decode_raw(self._header, self._buffer)
+        tensor = _decode(self._header, self._buffer)
         if self.require_finite and tensor.is_floating_point() and not all_finite(tensor):
             raise ProtocolError(f"tensor {self._header.name!r} contains NaN or Inf")
         self.tensors[self._header.name] = tensor
