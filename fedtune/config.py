@@ -246,12 +246,12 @@ class RunConfig:
             "federation.strategy",
             f"unknown strategy {self.federation.strategy!r}; choose one of: {', '.join(STRATEGIES.names())}",
         )
+        self._check_compression()
         try:
             self.build_strategy()
         except OptionsError as exc:
             raise ConfigError(f"federation.options: {exc}" if not str(exc).startswith("federation.") else str(exc)) from None
         _check(0 <= self.federation.personal_eval < 1, "federation.personal_eval", "must be in [0, 1)")
-        self._check_compression()
         _check(self.export.rank >= 0, "export.rank", "must be >= 0")
         _check(1 <= self.planner.min_rank <= self.planner.max_rank, "planner.min_rank", "must be between 1 and planner.max_rank")
         _check(self.planner.round_budget_s > 0, "planner.round_budget_s", "must be positive")

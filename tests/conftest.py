@@ -129,3 +129,23 @@ def live_coordinator(config, **options):
     finally:
         channel.close()
         coordinator.stop()
+
+
+@pytest.fixture(scope="session")
+def small_llama(tmp_path_factory) -> str:
+    """Like ``tiny_llama`` but 128 wide, so an adapter's tensors outweigh their wire headers (for
+    tests that compare bytes on the wire)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("small-llama")
+    tokenizer = _minilm_tokenizer()
+    tokenizer.eos_token = "[SEP]"
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

@@ -77,10 +77,14 @@ class Compress(Wrapper):
         self.inner.check_update(ctx, restore_update(update) if self.uplink is not None else update)
 
     def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
+        ours: dict = {"codec_up": self.uplink.name if self.uplink else "raw", "codec_down": self.downlink.name if self.downlink else "raw"}
         if self.uplink is not None:
+            errors = [u.metrics["codec_error"] for u in updates if "codec_error" in u.metrics]
+            if errors:  # each client's ||sent - intended|| / ||intended||
+                ours["codec_error"] = sum(errors) / len(errors)
             updates = [restore_update(u) for u in updates]
         new_state, metrics = self.inner.aggregate(ctx, state, updates)
-        return new_state, {**metrics, "codec_up": self.uplink.name if self.uplink else "raw", "codec_down": self.downlink.name if self.downlink else "raw"}
+        return new_state, {**metrics, **ours}
 
     def describe(self) -> dict:
         return {

@@ -70,6 +70,9 @@ class _Round:
     updates: dict[str, ClientUpdate] = field(default_factory=dict)
     bytes_up: int = 0
     bytes_down: int = 0
+    # Wire bytes of each client's accepted update and of each task sent, by client id.
+    up_by_client: dict[str, int] = field(default_factory=dict)
+    down_by_client: dict[str, int] = field(default_factory=dict)
     rejected: int = 0
     open: bool = True
 
@@ -207,6 +210,7 @@ class RoundEngine:
                 raise CoordinatorError("INVALID_ARGUMENT", str(exc)) from None
             rnd.updates[client_id] = update
             rnd.bytes_up += bytes_up
+            rnd.up_by_client[client_id] = bytes_up
             self._cond.notify_all()
         log.info("round %d: update from %s (%d examples)", round_number, client_id, num_examples)
 
@@ -216,10 +220,13 @@ class RoundEngine:
                 self._round.rejected += 1
                 self._round.bytes_up += bytes_up
 
-    def note_sent(self, round_number: int, nbytes: int) -> None:
+    def note_sent(self, round_number: int, nbytes: int, client_id: str = "") -> None:
         with self._cond:
             if self._round is not None and self._round.number == round_number:
                 self._round.bytes_down += nbytes
+                if client_id:
+                    by_client = self._round.down_by_client
+                    by_client[client_id] = by_client.get(client_id, 0) + nbytes
 
     def heartbeat(self, client_id: str) -> tuple[int, bool]:
         self.registry.touch(client_id)
@@ -364,7 +371,10 @@ class RoundEngine:
         assert rnd is not None
         with self._cond:  # the round is closed: this snapshot is every accepted update
             arrived = dict(rnd.updates)
-            traffic = {"bytes_up": rnd.bytes_up, "bytes_down": rnd.bytes_down, "rejected": rnd.rejected}
+            traffic = {
+                "bytes_up": rnd.bytes_up, "bytes_down": rnd.bytes_down, "rejected": rnd.rejected,
+                "up_by_client": dict(rnd.up_by_client), "down_by_client": dict(rnd.down_by_client),
+            }
         modeled = self._modeled_seconds(rnd)
         deadline = self.config.simulation.deadline_s
         late = sorted(c for c, t in modeled.items() if deadline and t > deadline and c in arrived)

@@ -2,7 +2,10 @@
 
 One JSON object per round: ``round``, ``clients`` (accepted updates), ``selected``,
 ``client_ids``, ``train_loss`` (example-weighted), ``eval_loss`` and the task's other evaluation
-metrics (``eval_accuracy`` or ``eval_perplexity``), ``bytes_up``, ``bytes_down``,
+metrics (``eval_accuracy`` or ``eval_perplexity``), ``bytes_up``, ``bytes_down`` (every byte of
+the round's messages on the wire, framing included), ``bytes_up_per_client`` (mean over the
+accepted updates) and ``bytes_down_per_client`` (mean over the clients sent a task),
+``codec_up`` and ``codec_down`` (``raw`` without compression),
 ``rejected_updates``, ``seconds``, ``eval_seconds``; with modeled devices ``sim_seconds`` and
 ``late_updates``; with a planner ``plans`` and coverage figures; and whatever the strategy
 reports (``pseudo_gradient_norm``, ``rank_caps``, ...).
@@ -39,11 +42,15 @@ def round_row(
         **{k: v for k, v in eval_metrics.items() if k != "eval_loss"},
         "bytes_up": traffic.get("bytes_up", 0),
         "bytes_down": traffic.get("bytes_down", 0),
+        "bytes_up_per_client": _mean(traffic.get("up_by_client", {}).values()),
+        "bytes_down_per_client": _mean(traffic.get("down_by_client", {}).values()),
         "rejected_updates": traffic.get("rejected", 0),
         "seconds": round(seconds, 3),
         "eval_seconds": round(eval_seconds, 3),
     }
     row.update({k: _json_safe(v) for k, v in strategy_metrics.items() if k != "train_loss"})
+    row.setdefault("codec_up", "raw")
+    row.setdefault("codec_down", "raw")
     row.update(personalized(number, updates))
     return row
 
@@ -74,6 +81,11 @@ def plan_fields(plans: Mapping[str, AdapterPlan], coverage: Mapping) -> dict:
         "uncovered_layers": coverage["uncovered_layers"],
         "plans": {c: {"layers": list(p.layers), "ranks": [p.rank_per_layer.get(l, p.rank) for l in p.layers]} for c, p in plans.items()},
     }
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return round(sum(values) / len(values), 1) if values else None
 
 
 def _json_safe(value):

@@ -111,7 +111,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         for frame in tensor_frames(encoded, self.config.server.chunk_bytes):
             sent += frame.ByteSize()
             yield frame
-        self.engine.note_sent(task.round, sent)
+        self.engine.note_sent(task.round, sent, request.client_id)
 
     def PushUpdate(self, request_iterator: Iterator[pb.Frame], context: grpc.ServicerContext) -> pb.PushReply:
         first = next(request_iterator, None)
