@@ -85,7 +85,7 @@ def test_coordinator_replay_equals_the_clients_own_parameters(tiny_llama):
     probs = seed_probabilities(torch.rand(16), torch.ones(16))
     recipe = make_recipe(strategy.recipe_options(), {})
     sent, metrics = recipe.run(model, start, {PROBS: probs}, task, items, TrainSettings(batch_size=8, seed=11), store.pad_id(source))
-    assert sent[SEEDS].shape == (12,) and sent[GRADS].dtype == torch.float32 and metrics["steps"] == 12
+    assert sent[SEEDS].shape == (12,) and sent[SEEDS].dtype == torch.int32 and sent[GRADS].dtype == torch.float32 and metrics["steps"] == 12
     assert sent[GRADS].abs().sum() > 0
     client = {n: p.detach() for n, p in adapter_parameters(model).items()}
     replayed = replay({n: start[n] for n in client}, sent[SEEDS].tolist(), sent[GRADS].tolist(), strategy.pool, 0.05)

@@ -24,12 +24,11 @@ import torch
 from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Instruction, RoundContext, State, Strategy, example_weights, share_by_plan, weighted_train_loss
 from fedtune.compression.seeds import pool_seeds, replay, seed_probabilities
 from fedtune.names import namespaced
-from fedtune.options import options_to_wire
 from fedtune.protocol.tensors import TensorSpec
 
 NAMESPACE = "fedkseed"
 PROBS = namespaced(NAMESPACE, "probs")      # instruction: the pool's sampling probabilities
-SEEDS = namespaced(NAMESPACE, "seeds")      # update: the seed index of each step (int64)
+SEEDS = namespaced(NAMESPACE, "seeds")      # update: the seed index of each step (int32)
 GRADS = namespaced(NAMESPACE, "grads")      # update: the scalar measured at each step (float32)
 ABS_SUM = namespaced(NAMESPACE, "abs_sum")  # state: per seed, sum of |clipped scalar|
 COUNT = namespaced(NAMESPACE, "count")      # state: per seed, number of scalars
@@ -86,7 +85,7 @@ class FedKSeed(Strategy):
     def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
         probs = self.probabilities(state)
         steps = self.options.steps
-        expect = {SEEDS: TensorSpec((steps,), torch.int64), GRADS: TensorSpec((steps,), torch.float32)}
+        expect = {SEEDS: TensorSpec((steps,), torch.int32), GRADS: TensorSpec((steps,), torch.float32)}
 
         def build(info, plan) -> Instruction:
             tensors = {**{n: state[n] for n in ctx.global_spec}, PROBS: probs}
@@ -109,7 +108,7 @@ class FedKSeed(Strategy):
         mean = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in start.items()}
         abs_sum, count = state[ABS_SUM].clone(), state[COUNT].clone()
         for update, w in zip(updates, weights):
-            seeds, grads = update.tensors[SEEDS], update.tensors[GRADS]
+            seeds, grads = update.tensors[SEEDS].long(), update.tensors[GRADS]
             client = replay(start, seeds.tolist(), grads.tolist(), self.pool, self.options.lr)
             for n in names:
                 mean[n] += (w / total) * client[n].double()

@@ -5,7 +5,7 @@ A zeroth-order step on parameters θ picks seed k from the pool, regenerates the
 z_k (one standard-normal tensor per parameter tensor), measures the two-sided directional
 derivative g = (L(θ + ε z_k) - L(θ - ε z_k)) / 2ε on a batch, and moves θ ← θ - lr g z_k. The
 step is fully described by (k, g): whoever holds θ and the pool replays it exactly. A client
-sends its round's pairs (12 bytes a step) instead of its parameters, and the coordinator, which
+sends its round's pairs (8 bytes a step) instead of its parameters, and the coordinator, which
 sent θ, rebuilds the client's parameters by replaying them (``replay``), with the same float32
 operations in the same order as the client's own steps (``apply_step``), so the two agree to
 rounding of the same arithmetic.

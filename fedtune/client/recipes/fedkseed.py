@@ -85,4 +85,4 @@ class FedKSeedRecipe(Recipe):
                 grads.append(g)
                 losses.append((plus + minus) / 2)
         metrics.update({"train_loss": sum(losses) / len(losses), "steps": float(len(losses)), "zo_scalar_abs_mean": sum(abs(g) for g in grads) / len(grads)})
-        return {SEEDS: torch.tensor(seeds, dtype=torch.int64), GRADS: torch.tensor(grads, dtype=torch.float32)}, metrics
+        return {SEEDS: torch.tensor(seeds, dtype=torch.int32), GRADS: torch.tensor(grads, dtype=torch.float32)}, metrics
