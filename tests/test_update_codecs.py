@@ -144,6 +144,12 @@ def test_sparse_and_projected_codecs_cannot_carry_weights_down():
             Compress(build_strategy("fedavg"), None, make_codec(name))
 
 
+def test_fedkseed_uploads_are_not_compressed_again():
+    with pytest.raises(OptionsError, match="fedkseed already uploads only seed indices"):
+        Compress(build_strategy("fedkseed"), make_codec("int8"))
+    assert Compress(build_strategy("fedkseed"), None, make_codec("fp16")).downlink.name == "fp16"
+
+
 def test_config_names_codecs_and_rejects_unknown_ones():
     from fedtune.config import ConfigError, RunConfig
 

@@ -55,6 +55,8 @@ class Compress(Wrapper):
 
     def __init__(self, inner: Strategy, uplink: Codec | None, downlink: Codec | None = None, *, error_feedback: bool = True) -> None:
         super().__init__(inner, None, scale=inner.scale, seed=inner.seed)
+        if uplink is not None and inner.recipe() == "fedkseed":
+            raise OptionsError("compression.uplink: fedkseed already uploads only seed indices and scalars; use no uplink codec with it")
         if downlink is not None and not downlink.carries_weights:
             raise OptionsError(
                 f"compression.downlink: codec {downlink.name} compresses updates, not weights; "

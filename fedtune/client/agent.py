@@ -231,10 +231,12 @@ class ClientAgent:
         adapter, frozen, extras = split_task_tensors(tensors, plan.scale)
 
         def work() -> tuple[dict, dict[str, float]]:
+            started = time.perf_counter()
             model = inject_lora(self.store.instance(self.source, task_name, labels), plan, task_name)
             try:
                 apply_base_delta(model, frozen)
-                return recipe.run(model, adapter, extras, task, items, train_settings, self.store.pad_id(self.source), self.options.device, eval_items)
+                update, metrics = recipe.run(model, adapter, extras, task, items, train_settings, self.store.pad_id(self.source), self.options.device, eval_items)
+                return update, {**metrics, "local_seconds": time.perf_counter() - started}
             except AdapterError as exc:
                 raise AgentError(f"the coordinator's adapter does not fit this client's model {self.source.name!r}: {exc}") from exc
 
@@ -247,7 +249,9 @@ class ClientAgent:
         log.info("%s: round %d trained (%s), loss %.4f", self._client_id, header.round, recipe.name, metrics["train_loss"])
         if uplink is None:
             return encode_tensors(update), len(items), metrics
+        started = time.perf_counter()
         encoded, codec_metrics = uplink.encode(update, tensors, self._residuals)
+        codec_metrics["encode_seconds"] = time.perf_counter() - started
         return encoded, len(items), {**metrics, **codec_metrics}
 
 

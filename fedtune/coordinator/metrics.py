@@ -5,7 +5,9 @@ One JSON object per round: ``round``, ``clients`` (accepted updates), ``selected
 metrics (``eval_accuracy`` or ``eval_perplexity``), ``bytes_up``, ``bytes_down`` (every byte of
 the round's messages on the wire, framing included), ``bytes_up_per_client`` (mean over the
 accepted updates) and ``bytes_down_per_client`` (mean over the clients sent a task),
-``codec_up`` and ``codec_down`` (``raw`` without compression),
+``codec_up`` and ``codec_down`` (``raw`` without compression), ``local_seconds`` (mean over
+clients of their training time) and, with an uplink codec, ``encode_seconds`` and
+``codec_error``,
 ``rejected_updates``, ``seconds``, ``eval_seconds``; with modeled devices ``sim_seconds`` and
 ``late_updates``; with a planner ``plans`` and coverage figures; and whatever the strategy
 reports (``pseudo_gradient_norm``, ``rank_caps``, ...).
@@ -52,6 +54,10 @@ def round_row(
     row.setdefault("codec_up", "raw")
     row.setdefault("codec_down", "raw")
     row.update(personalized(number, updates))
+    for key in ("local_seconds", "encode_seconds"):  # clients' own timings, mean over clients
+        values = [u.metrics[key] for u in updates if key in u.metrics]
+        if values:
+            row[key] = round(sum(values) / len(values), 4)
     return row
 
 
