@@ -62,6 +62,8 @@ def expected_size(name: str, shape: tuple[int, ...], params: dict[str, str]) -> 
         return 8 * groups + math.ceil(n * int(params["bits"]) / 8)
     if name == "compeft":
         kept = int(params["kept"])
+        if params["layout"] == "all":
+            return 4 + math.ceil(n / 8)
         if params["layout"] == "mask":
             return 4 + math.ceil((n + kept) / 8)
         return 4 + math.ceil(kept * (math.ceil(math.log2(n)) + 1) / 8)
@@ -122,7 +124,7 @@ def test_int8_and_int4_are_uniform_presets_and_constant_rows_are_exact():
 
 def test_compeft_keeps_the_top_density_as_signs_with_the_least_squares_scale():
     x = update_like(20, 100, seed=3)
-    for density in (0.01, 0.1, 0.5):
+    for density in (0.01, 0.1, 0.5, 1.0):
         encoded, y = make_codec("compeft", {"density": density}).roundtrip(x)
         kept = round(density * x.numel())
         support = y != 0
@@ -141,7 +143,9 @@ def test_compeft_picks_the_smaller_position_layout():
     x = update_like(64, 64)
     dense = make_codec("compeft", {"density": 0.5}).encode(x)
     sparse = make_codec("compeft", {"density": 0.005}).encode(x)
-    assert dense.params["layout"] == "mask" and sparse.params["layout"] == "index"
+    every = make_codec("compeft", {"density": 1.0}).encode(x)
+    assert dense.params["layout"] == "mask" and sparse.params["layout"] == "index" and every.params["layout"] == "all"
+    assert len(every.payload) == 4 + x.numel() // 8  # one sign bit each: 1/32 of fp32
     n, kept = x.numel(), int(sparse.params["kept"])
     assert len(sparse.payload) == 4 + math.ceil(kept * (index_bits(n) + 1) / 8) < 4 + math.ceil((n + kept) / 8)
     # 0.5% density: about 0.07 bits per element instead of 32.
@@ -257,6 +261,8 @@ def test_bad_projection_and_compeft_payloads_are_refused():
         _receive(header, bytes(body))
     with pytest.raises(ProtocolError, match="outside"):
         _receive(_params(header, kept=str(10**9)), payload)
+    with pytest.raises(ProtocolError, match="keeps every one"):
+        _receive(_params(header, layout="all"), payload)
 
 
 def test_a_tiny_payload_cannot_announce_a_huge_tensor():

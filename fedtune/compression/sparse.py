@@ -11,7 +11,8 @@ and the least-squares scale needs no tuning.
 Payload: the scale (float32), the kept positions, then one sign bit per kept entry (1 =
 negative). Positions travel either as a bit mask of N bits (``layout=mask``) or as sorted
 indices of ``ceil(log2 N)`` bits each (``layout=index``); the encoder picks the smaller, so at
-density d a tensor costs about ``min(1, d*log2 N) + d`` bits per element. Top-k drops most of
+density d a tensor costs about ``min(1, d*log2 N) + d`` bits per element. At density 1 no
+positions are sent (``layout=all``): one sign bit per element and a scale, signSGD-style. Top-k drops most of
 the update: senders keep what was dropped as an error-feedback residual.
 """
 
@@ -35,6 +36,8 @@ def index_bits(n: int) -> int:
 
 
 def _layout_bytes(n: int, kept: int, layout: str) -> int:
+    if layout == "all":
+        return 4 + packed_bytes(kept, 1)  # every position kept: signs only
     if layout == "mask":
         return 4 + packed_bytes(n + kept, 1)  # mask and sign bits share one stream
     return 4 + packed_bytes(kept, index_bits(n) + 1)  # index and sign bits share one stream
@@ -69,8 +72,13 @@ class SparseTernary(Codec):
             negative = (x[top] < 0).numpy().astype(np.uint8)
         else:
             top, scale, negative = torch.zeros(0, dtype=torch.int64), 0.0, np.zeros(0, np.uint8)
-        layout = "mask" if _layout_bytes(n, kept, "mask") <= _layout_bytes(n, kept, "index") else "index"
-        if layout == "mask":
+        if kept == n:
+            layout = "all"
+        else:
+            layout = "mask" if _layout_bytes(n, kept, "mask") <= _layout_bytes(n, kept, "index") else "index"
+        if layout == "all":
+            body = pack_segments([(negative, 1)]) if kept else b""
+        elif layout == "mask":
             mask = np.zeros(n, np.uint8)
             mask[top.numpy()] = 1
             body = pack_segments([(mask, 1), (negative, 1)])
@@ -83,7 +91,10 @@ class SparseTernary(Codec):
     def _parse(cls, shape: Sequence[int], params: Mapping[str, str]) -> tuple[int, int, str]:
         check_params(params, ("kept", "layout"))
         n = numel(shape)
-        return n, int_param(params, "kept", 0, n), choice_param(params, "layout", ("mask", "index"))
+        kept, layout = int_param(params, "kept", 0, n), choice_param(params, "layout", ("all", "mask", "index"))
+        if layout == "all" and kept != n:
+            raise CodecError(f"compeft layout 'all' keeps every one of {n} entries, the header says {kept}")
+        return n, kept, layout
 
     @classmethod
     def payload_bytes(cls, shape: Sequence[int], params: Mapping[str, str]) -> int:
@@ -99,7 +110,10 @@ class SparseTernary(Codec):
         if not math.isfinite(scale) or scale < 0:
             raise CodecError(f"compeft scale {scale} is not a finite non-negative number")
         body = memoryview(payload)[4:]
-        if layout == "mask":
+        if layout == "all":
+            (negative,) = unpack_segments(body, [(kept, 1)]) if kept else (np.zeros(0, np.int64),)
+            positions = np.arange(n)
+        elif layout == "mask":
             mask, negative = unpack_segments(body, [(n, 1), (kept, 1)])
             positions = np.flatnonzero(mask)
             if len(positions) != kept:
