@@ -23,6 +23,9 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
 
 
+# Adapter variants: plain LoRA, and FFA-LoRA (A frozen, only B trained and sent).
+LORA_VARIANTS = ("lora", "ffa")
+
 # The strategy a run uses when the config names none, by task (chosen from bench/skew.py).
 DEFAULT_STRATEGY = {"seq-cls": "fedlc", "causal-lm": "fedavg"}
 
@@ -47,6 +50,8 @@ class LoraSection:
     target_modules: list[str] = field(default_factory=list)
     # Transformer block indices that carry LoRA. Empty: all blocks.
     layers: list[int] = field(default_factory=list)
+    # "lora", or "ffa" (FFA-LoRA: every A frozen at its initialization, only B trained and sent).
+    variant: str = "lora"
 
 
 @dataclass
@@ -205,6 +210,10 @@ class RunConfig:
         strategy = build_strategy(name, self.federation.options, scale=scale, seed=self.seed)
         if self.federation.share_a:
             strategy = FedSA(strategy, FedSAOptions(self.federation.personal_eval), scale=scale, seed=self.seed)
+        if self.lora.variant == "ffa":
+            from fedtune.aggregation.ffa import FFALoRA
+
+            strategy = FFALoRA(strategy, scale=scale, seed=self.seed)
         c = self.compression
         if c.uplink or c.downlink:
             from fedtune.aggregation.compress import Compress
@@ -228,6 +237,8 @@ class RunConfig:
         _check(self.lora.rank >= 1, "lora.rank", "must be at least 1")
         _check(self.lora.alpha > 0, "lora.alpha", "must be positive")
         _check(0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+        _check(self.lora.variant in LORA_VARIANTS, "lora.variant", f"unknown variant {self.lora.variant!r}; choose one of: {', '.join(LORA_VARIANTS)}")
+        _check(not (self.lora.variant == "ffa" and self.federation.share_a), "lora.variant", "ffa sends only B and federation.share_a only A: nothing LoRA would be shared")
         _check(all(i >= 0 for i in self.lora.layers), "lora.layers", "layer indices must be >= 0")
         _check(self.training.local_steps >= 1, "training.local_steps", "must be at least 1")
         _check(self.training.batch_size >= 1, "training.batch_size", "must be at least 1")

@@ -37,6 +37,8 @@ class AdapterPlan:
     modules_to_save: tuple[str, ...] = ()
     # block index -> rank, overriding `rank` for those blocks
     rank_per_layer: Mapping[int, int] = field(default_factory=dict)
+    # FFA-LoRA: every A stays frozen at the value it is given; only B (and heads) train.
+    freeze_a: bool = False
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -56,7 +58,7 @@ class AdapterPlan:
         """A hashable identity (plans with equal keys build identical adapters)."""
         return (
             self.rank, self.alpha, self.dropout, self.target_modules, self.layers,
-            self.modules_to_save, tuple(sorted(self.rank_per_layer.items())),
+            self.modules_to_save, tuple(sorted(self.rank_per_layer.items())), self.freeze_a,
         )
 
     def to_json(self) -> dict:
@@ -97,9 +99,15 @@ def lora_config(plan: AdapterPlan, task: str, model: torch.nn.Module) -> LoraCon
 
 
 def inject_lora(model: torch.nn.Module, plan: AdapterPlan, task: str) -> PeftModel:
-    """Wrap ``model`` with LoRA modules as the plan says. Base weights stay frozen."""
+    """Wrap ``model`` with LoRA modules as the plan says. Base weights stay frozen (and, with
+    ``freeze_a``, the A matrices)."""
     try:
-        return get_peft_model(model, lora_config(plan, task, model))
+        peft_model = get_peft_model(model, lora_config(plan, task, model))
+        if plan.freeze_a:
+            for name, param in peft_model.named_parameters():
+                if ".lora_A." in name:
+                    param.requires_grad_(False)
+        return peft_model
     except AdapterError:
         raise
     except (ValueError, KeyError) as exc:

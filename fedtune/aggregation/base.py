@@ -113,6 +113,8 @@ class Strategy:
     sliced: ClassVar[bool] = False
     # Why FedSA-LoRA (share only A) cannot work with this strategy; empty when it can.
     share_a_refusal: ClassVar[str] = ""
+    # Why FFA-LoRA (A frozen, only B sent) cannot work with this strategy; empty when it can.
+    freeze_a_refusal: ClassVar[str] = ""
 
     def __init__(self, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
         self.options = options if options is not None else self.Options()
@@ -184,6 +186,10 @@ class Wrapper(Strategy):
     @property
     def share_a_refusal(self) -> str:  # type: ignore[override]
         return self.inner.share_a_refusal
+
+    @property
+    def freeze_a_refusal(self) -> str:  # type: ignore[override]
+        return self.inner.freeze_a_refusal
 
     def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> State:
         return self.inner.initial_state(adapter)

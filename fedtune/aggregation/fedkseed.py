@@ -59,6 +59,7 @@ class FedKSeed(Strategy):
     name = "fedkseed"
     Options = FedKSeedOptions
     share_a_refusal = "fedkseed trains A and B together by zeroth-order steps; it has no update of A alone to share"
+    freeze_a_refusal = "fedkseed perturbs every adapter tensor; it has no frozen-A variant"
 
     def __init__(self, options=None, *, scale: float = 1.0, seed: int = 0) -> None:
         super().__init__(options, scale=scale, seed=seed)

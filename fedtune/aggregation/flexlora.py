@@ -41,6 +41,7 @@ class FlexLoRA(Strategy):
     Options = FlexLoRAOptions
     heterogeneous = True
     share_a_refusal = "flexlora averages the products B·A of the clients, which needs every client's B"
+    freeze_a_refusal = "flexlora re-factorizes the mean product B·A every round, which gives every client a new A"
 
     def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> State:
         state = {k: v.clone() for k, v in adapter.items() if not is_lora(k)}

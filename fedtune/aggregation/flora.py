@@ -28,6 +28,7 @@ class FLoRA(Strategy):
     name = "flora"
     heterogeneous = True
     share_a_refusal = "flora stacks every client's B next to its A, so B must be sent"
+    freeze_a_refusal = "flora stacks the clients' A matrices into a fresh adapter every round"
 
     def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> State:
         state = {k: v.clone() for k, v in adapter.items()}

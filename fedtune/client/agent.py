@@ -25,6 +25,7 @@ from fedtune.client.uplink import Uplink
 from fedtune.data import Example
 from fedtune.devices import Capabilities
 from fedtune.models import ModelSource, ModelStore
+from fedtune.names import A_SUFFIX
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
 from fedtune.protocol.messages import capabilities_to_proto, plan_from_proto
@@ -246,6 +247,8 @@ class ClientAgent:
             update, metrics = self.compute.submit(work).result() if self.compute is not None else work()
         finally:
             heartbeat.stop()
+        if plan.freeze_a:  # FFA-LoRA: A was frozen, so it goes back to nobody
+            update = {k: v for k, v in update.items() if not k.endswith(A_SUFFIX)}
         log.info("%s: round %d trained (%s), loss %.4f", self._client_id, header.round, recipe.name, metrics["train_loss"])
         if uplink is None:
             return encode_tensors(update), len(items), metrics

@@ -18,6 +18,7 @@ def plan_to_proto(plan: AdapterPlan) -> pb.AdapterPlan:
         layers=list(plan.layers),
         modules_to_save=list(plan.modules_to_save),
         rank_per_layer=dict(plan.rank_per_layer),
+        freeze_a=plan.freeze_a,
     )
 
 
@@ -31,6 +32,7 @@ def plan_from_proto(msg: pb.AdapterPlan) -> AdapterPlan:
         layers=tuple(msg.layers),
         modules_to_save=tuple(msg.modules_to_save),
         rank_per_layer=dict(msg.rank_per_layer),
+        freeze_a=msg.freeze_a,
     )
 
 

@@ -1,0 +1,101 @@
+"""FFA-LoRA: A is frozen at its initialization, never changes and never crosses the wire back;
+B is aggregated as the inner strategy says."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedtune.adapters import AdapterPlan, adapter_parameters, inject_lora
+from fedtune.aggregation import build_strategy
+from fedtune.aggregation.ffa import FFALoRA
+from fedtune.config import ConfigError, RunConfig
+from fedtune.models import ModelStore, resolve_source
+from fedtune.options import OptionsError
+from fedtune.simulation.runner import run_simulation
+from safetensors.torch import load_file
+
+from conftest import sentiment_examples
+from strategy_fixtures import A, B, GLOBAL_PLAN, MIXED, context, echo, random_adapter, trained
+from test_end_to_end import _config, _write_jsonl
+
+PLANS = {"a": GLOBAL_PLAN, "b": GLOBAL_PLAN}
+
+
+@pytest.mark.parametrize("inner", ["fedavg", "hetlora", "fedadam"])
+def test_a_is_neither_expected_nor_changed_and_echo_clients_change_nothing(inner):
+    g = torch.Generator().manual_seed(0)
+    strategy = FFALoRA(build_strategy(inner))
+    state = strategy.initial_state(random_adapter(g))
+    plans = MIXED if inner == "hetlora" else PLANS
+    instructions = strategy.configure(context(plans), state)
+    for ins in instructions.values():
+        assert ins.plan.freeze_a and not any(n.endswith(A) for n in ins.expect) and any(n.endswith(B) for n in ins.expect)
+        assert any(n.endswith(A) for n in ins.tensors)  # A still goes down: clients freeze what they get
+    moved, _ = strategy.aggregate(context(plans), state, trained(instructions, g))
+    for n, t in state.items():
+        if n.endswith(A):
+            assert torch.equal(moved[n], t), n
+    assert any(not torch.equal(moved[n], state[n]) for n in state if n.endswith(B))
+    # (server-optimizer momentum from the first round is not the model: start it from zero)
+    moved = {n: torch.zeros_like(t) if n.startswith("server_opt.") else t for n, t in moved.items()}
+    again, _ = strategy.aggregate(context(plans), moved, echo(strategy.configure(context(plans), moved)))
+    for n in moved:
+        if moved[n].is_floating_point() and not n.startswith("server_opt."):
+            torch.testing.assert_close(again[n], moved[n], atol=1e-6, rtol=1e-6)
+
+
+def test_fedavg_of_b_with_a_shared_is_the_mean_of_the_products():
+    g = torch.Generator().manual_seed(1)
+    strategy = FFALoRA(build_strategy("fedavg"))
+    state = strategy.initial_state(random_adapter(g))
+    updates = trained(strategy.configure(context(PLANS), state), g)
+    new, _ = strategy.aggregate(context(PLANS), state, updates)
+    module = next(n[: -len(A)] for n in state if n.endswith(A))
+    mean_product = sum(u.tensors[module + B] @ state[module + A] for u in updates) / len(updates)
+    torch.testing.assert_close(new[module + B] @ new[module + A], mean_product)
+
+
+def test_frozen_a_is_not_trainable_on_the_model(tiny_llama):
+    source = resolve_source(tiny_llama)
+    model = inject_lora(ModelStore().instance(source, "seq-cls", ["negative", "positive"]), AdapterPlan(rank=4, alpha=8.0, freeze_a=True), "seq-cls")
+    params = adapter_parameters(model)
+    assert params and not any(n.endswith(A) for n in params) and any(n.endswith(B) for n in params)
+
+
+def test_strategies_that_rebuild_a_and_share_a_conflicts_are_refused():
+    for name in ("flexlora", "flora"):
+        with pytest.raises(OptionsError, match="lora.variant ffa"):
+            FFALoRA(build_strategy(name))
+    config = RunConfig()
+    config.lora.variant, config.federation.share_a = "ffa", True
+    with pytest.raises(ConfigError, match="nothing LoRA would be shared"):
+        config.validate()
+    config.federation.share_a, config.lora.variant = False, "ffa-lora"
+    with pytest.raises(ConfigError, match="unknown variant 'ffa-lora'; choose one of: lora, ffa"):
+        config.validate()
+
+
+def test_ffa_run_keeps_a_and_halves_the_upload(tmp_path, small_llama):
+    rows = {}
+    for variant in ("lora", "ffa"):
+        config = _config(tmp_path / variant, small_llama, "seq-cls", rounds=2)
+        config.federation.strategy, config.lora.variant, config.lora.rank = "fedavg", variant, 8
+        config.training.learning_rate = 5e-3
+        config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(600, seed=1))
+        config.eval.data = _write_jsonl(tmp_path / "eval.jsonl", sentiment_examples(200, seed=2))
+        result = run_simulation(config.validate())
+        assert not result.client_errors
+        rows[variant] = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        if variant == "ffa":
+            first = load_file(str(result.run_dir / "checkpoints" / "round-0001" / "state.safetensors"))
+            last = load_file(str(result.run_dir / "checkpoints" / "round-0002" / "state.safetensors"))
+            a_names = [n for n in last if n.endswith(A)]
+            assert a_names and all(torch.equal(first[n], last[n]) for n in a_names)
+            assert any(not torch.equal(first[n], last[n]) for n in last if n.endswith(B))
+    assert rows["ffa"][-1]["eval_loss"] < rows["ffa"][0]["eval_loss"]
+    # The upload is B and the head only: about half of plain LoRA's (the head is the rest).
+    ratio = rows["ffa"][-1]["bytes_up_per_client"] / rows["lora"][-1]["bytes_up_per_client"]
+    assert 0.45 < ratio < 0.6
