@@ -41,6 +41,10 @@ COMMON_KEYS = {
     "run_dir": "run_dir",
     "seed": "seed",
     "lora_variant": "lora.variant",
+    "dp": "privacy.dp",
+    "noise_multiplier": "privacy.noise_multiplier",
+    "clip": "privacy.clip",
+    "delta": "privacy.delta",
     "codec": "compression.uplink",
     "downlink_codec": "compression.downlink",
 }
@@ -83,6 +87,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, help="directions per block of --codec projection (shorthand for --codec-option k=K)")
     p.add_argument("--downlink-codec", help="codec of the weights the coordinator sends: fp16, bf16, int8, int4")
     p.add_argument("--no-error-feedback", action="store_true", default=None, help="biased uplink codecs drop what they lose instead of sending it later")
+    p.add_argument("--dp", choices=["client"], help="differential privacy: client (DP-FedAvg: clip each client's update, noise the sum)")
+    p.add_argument("--noise-multiplier", type=float, help="DP noise multiplier sigma (noise std = sigma * clip)")
+    p.add_argument("--clip", type=float, help="DP clip norm C of each client's whole update")
+    p.add_argument("--delta", type=float, help="DP delta of the reported epsilon")
     p.add_argument("--share-a", action="store_true", default=None, help="FedSA-LoRA: share only A; each client keeps its B")
     p.add_argument("--min-rank", type=int, help="planner: smallest rank it hands out")
     p.add_argument("--max-rank", type=int, help="planner: largest rank (the global adapter's)")

@@ -23,6 +23,9 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
 
 
+# Differential privacy modes: none, or client-level DP-FedAvg at the coordinator.
+DP_MODES = ("", "client")
+
 # Adapter variants: plain LoRA, and FFA-LoRA (A frozen, only B trained and sent).
 LORA_VARIANTS = ("lora", "ffa")
 
@@ -183,6 +186,24 @@ class CompressionSection:
 
 
 @dataclass
+class PrivacySection:
+    # "" (off) or "client": client-level DP-FedAvg at the coordinator. Every client's update is
+    # clipped to `clip`, Gaussian noise of std noise_multiplier * clip is added to their sum, and
+    # clients are selected by Poisson sampling (rate clients_per_round / clients connected).
+    dp: str = ""
+    noise_multiplier: float = 1.0
+    clip: float = 1.0
+    delta: float = 1e-5
+    # Opacus accountant: "rdp" or "prv".
+    accountant: str = "rdp"
+    # Adaptive clipping (Andrew et al.): the clip norm tracks this quantile of the update norms.
+    adaptive_clip: bool = False
+    target_quantile: float = 0.5
+    # Seed the noise from the operating system instead of the run's seed (not reproducible).
+    secure_noise: bool = False
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSection = field(default_factory=LoraSection)
@@ -194,6 +215,7 @@ class RunConfig:
     simulation: SimulationSection = field(default_factory=SimulationSection)
     export: ExportSection = field(default_factory=ExportSection)
     compression: CompressionSection = field(default_factory=CompressionSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
     # Where metrics, checkpoints and the final adapter go. Empty: a new folder under runs/.
     run_dir: str = ""
     seed: int = 0
@@ -208,6 +230,16 @@ class RunConfig:
         scale = self.lora.alpha / self.lora.rank if scale is None else scale
         name = self.federation.strategy or DEFAULT_STRATEGY.get(self.model.task, "fedavg")
         strategy = build_strategy(name, self.federation.options, scale=scale, seed=self.seed)
+        if self.privacy.dp == "client":
+            from fedtune.aggregation.dp_fedavg import ClientDP, ClientDPOptions
+            from fedtune.options import build_options
+
+            p = self.privacy
+            options = build_options(ClientDPOptions, {
+                "clip": p.clip, "noise_multiplier": p.noise_multiplier, "delta": p.delta, "accountant": p.accountant,
+                "adaptive": p.adaptive_clip, "target_quantile": p.target_quantile, "secure_noise": p.secure_noise,
+            }, "privacy")
+            strategy = ClientDP(strategy, options, scale=scale, seed=self.seed)
         if self.federation.share_a:
             strategy = FedSA(strategy, FedSAOptions(self.federation.personal_eval), scale=scale, seed=self.seed)
         if self.lora.variant == "ffa":
@@ -258,10 +290,16 @@ class RunConfig:
             f"unknown strategy {self.federation.strategy!r}; choose one of: {', '.join(STRATEGIES.names())}",
         )
         self._check_compression()
+        _check(self.privacy.dp in DP_MODES, "privacy.dp", f"unknown mode {self.privacy.dp!r}; choose one of: {', '.join(repr(m) for m in DP_MODES)}")
         try:
             self.build_strategy()
         except OptionsError as exc:
-            raise ConfigError(f"federation.options: {exc}" if not str(exc).startswith("federation.") else str(exc)) from None
+            text = str(exc)
+            if text.startswith("client-level DP"):
+                text = f"privacy.dp: {text}"
+            elif not text.startswith(("privacy", "compression.", "lora.", "federation.")):
+                text = f"federation.options: {text}"
+            raise ConfigError(text) from None
         _check(0 <= self.federation.personal_eval < 1, "federation.personal_eval", "must be in [0, 1)")
         _check(self.export.rank >= 0, "export.rank", "must be >= 0")
         _check(1 <= self.planner.min_rank <= self.planner.max_rank, "planner.min_rank", "must be between 1 and planner.max_rank")

@@ -57,7 +57,10 @@ class RoundContext:
     number: int
     clients: Mapping[str, ClientInfo]                  # the selected clients, by id
     seed: int = 0
-    sampling_rate: float = 1.0                         # selected / clients known to the coordinator
+    # Selected / clients known to the coordinator; with Poisson sampling (DP runs), the rate
+    # each known client was selected with.
+    sampling_rate: float = 1.0
+    population: int = 0                                # clients known to the coordinator
     global_plan: AdapterPlan = field(default_factory=AdapterPlan)
     global_spec: Mapping[str, TensorSpec] = field(default_factory=dict)
     # The adapter tensors a plan builds on this model (a strategy that changes a plan, such as
@@ -115,6 +118,9 @@ class Strategy:
     share_a_refusal: ClassVar[str] = ""
     # Why FFA-LoRA (A frozen, only B sent) cannot work with this strategy; empty when it can.
     freeze_a_refusal: ClassVar[str] = ""
+    # Clients are selected by Poisson sampling, and rounds are aggregated even when no update
+    # arrived (client-level DP: its accountant assumes both).
+    poisson_sampling: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
         self.options = options if options is not None else self.Options()
@@ -190,6 +196,10 @@ class Wrapper(Strategy):
     @property
     def freeze_a_refusal(self) -> str:  # type: ignore[override]
         return self.inner.freeze_a_refusal
+
+    @property
+    def poisson_sampling(self) -> bool:  # type: ignore[override]
+        return self.inner.poisson_sampling
 
     def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> State:
         return self.inner.initial_state(adapter)

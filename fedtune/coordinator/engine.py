@@ -302,15 +302,22 @@ class RoundEngine:
                 self._cond.wait(1.0)
         return False
 
-    def _select(self, number: int) -> list[str]:
+    def _select(self, number: int) -> tuple[list[str], float, int]:
+        """(selected clients, the rate each was selected with, how many could have been).
+        Normally ``clients_per_round`` clients drawn without replacement; with Poisson sampling
+        (client-level DP) each alive client independently with rate clients_per_round / alive,
+        so the number selected varies, as the privacy accountant assumes."""
         alive = [r.client_id for r in self.registry.alive(self.fed.client_timeout_s)]
         k = self.fed.clients_per_round or len(alive)
-        if k >= len(alive):
-            return alive
         rng = np.random.default_rng([self.config.seed, number])
-        return sorted(alive[i] for i in rng.choice(len(alive), size=k, replace=False))
+        if self.strategy.poisson_sampling:
+            q = min(1.0, k / max(len(alive), 1))
+            return sorted(c for c, u in zip(alive, rng.random(len(alive))) if u < q), q, len(alive)
+        if k >= len(alive):
+            return alive, 1.0, len(alive)
+        return sorted(alive[i] for i in rng.choice(len(alive), size=k, replace=False)), k / len(alive), len(alive)
 
-    def _context(self, number: int, selected: list[str]) -> tuple[RoundContext, dict]:
+    def _context(self, number: int, selected: list[str], rate: float, population: int) -> tuple[RoundContext, dict]:
         records = {r.client_id: r for r in self.registry.all()}
         caps = {cid: records[cid].capabilities for cid in selected}
         plans, cov = plan_round(self.planner, self.plan, caps, self.config.planner.coverage == "adjust")
@@ -322,7 +329,8 @@ class RoundEngine:
             number=number,
             clients=clients,
             seed=self.config.seed,
-            sampling_rate=len(selected) / max(len(records), 1),
+            sampling_rate=rate,
+            population=population,
             global_plan=self.plan,
             global_spec=self.global_spec,
             spec_of=self.global_model.spec,
@@ -331,8 +339,8 @@ class RoundEngine:
 
     def _open_round(self, number: int) -> None:
         with self._cond:
-            selected = self._select(number)
-        ctx, cov = self._context(number, selected)
+            selected, rate, population = self._select(number)
+        ctx, cov = self._context(number, selected, rate, population)
         instructions = self.strategy.configure(ctx, self.state)
         if set(instructions) != set(selected):
             raise RuntimeError(f"strategy {self.strategy.name} configured {sorted(instructions)}, the round selected {selected}")
@@ -352,7 +360,7 @@ class RoundEngine:
         selected = list(rnd.instructions)
         needed = max(1, math.ceil(self.fed.quorum * len(selected)))
         with self._cond:
-            while not self._stopping:
+            while not self._stopping and selected:
                 if len(rnd.updates) >= needed:
                     break
                 now = time.monotonic()
@@ -382,7 +390,7 @@ class RoundEngine:
             log.warning("round %d: %s would miss the %.0f s deadline on their devices; their updates are dropped", rnd.number, late, deadline)
         updates = [arrived[c] for c in sorted(arrived) if c not in late]
         strategy_metrics: dict = {}
-        if updates:
+        if updates or self.strategy.poisson_sampling:  # a DP round releases noise even then
             self.state, strategy_metrics = self.strategy.aggregate(rnd.ctx, self.state, updates)
         else:
             log.warning("round %d: no updates arrived; the global adapter is unchanged", rnd.number)

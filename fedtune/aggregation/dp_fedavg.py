@@ -1,0 +1,155 @@
+"""Client-level differential privacy around a linear aggregation (DP-FedAvg, McMahan et al.
+2018; adaptive clipping, Andrew et al. 2021).
+
+Each round the wrapper takes every client's update (what it sent minus what it was given, all
+tensors together), clips it to norm C, sums, adds N(0, (sigma C)^2) to every element, and
+divides by the *expected* number of clients ``q * N``, a fixed denominator, so a client that
+drops out changes the sum but never the noise scale. The noised mean update is handed to the
+inner strategy as a single update of unit weight: FedAvg then applies it as it is, and a server
+optimizer (fedadam, fedavgm) steps on it, which gives DP-FedAdam and friends.
+
+Sampling: the coordinator selects clients by Poisson sampling in DP runs (each known client
+independently with probability q = clients_per_round / clients known), which is what Opacus'
+accountants assume; the accountant records (sigma, q, 1) per round in the state
+(``dp/history``), so epsilon survives restarts and the privacy report reads it back. A round in
+which nobody was selected or nobody answered still releases noise and is still counted.
+
+The guarantee covers the sequence of global models: a whole client's data (any number of
+examples, every round it takes part in) changes their distribution by at most (epsilon,
+delta). It does not cover the metrics clients report (train loss), which are logged as they
+arrive. Noise comes from a torch generator seeded per round from the run's seed, reproducible
+but predictable to whoever knows the seed; ``secure_noise`` seeds it from the OS's randomness.
+
+Refused around strategies whose aggregation is not a weighted mean of same-shaped updates
+(heterogeneous plans, SVD re-factorization, stacking, control variates).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from fedtune.aggregation.base import ClientUpdate, RoundContext, State, Strategy, Wrapper, weighted_train_loss
+from fedtune.options import OptionsError
+from fedtune.privacy.accounting import ACCOUNTANTS, epsilon, history_from_tensor, history_tensor
+from fedtune.privacy.client_level import adaptive_clip, clip_update, gaussian_like, noise_split
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "dp"
+HISTORY = "dp/history"   # rows (noise multiplier, sample rate, steps), one per round
+CLIP = "dp/clip"         # the current clip norm (changes with adaptive clipping)
+
+
+@dataclass(frozen=True)
+class ClientDPOptions:
+    clip: float = 1.0                # C: every client's whole update is clipped to this L2 norm
+    noise_multiplier: float = 1.0    # sigma: noise std is sigma * C on the sum
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    adaptive: bool = False           # track a quantile of the update norms (Andrew et al.)
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    # Std of the clipped-count noise; 0: expected clients / 20 (Andrew et al.), raised where
+    # needed to 1.2 * noise_multiplier so the update keeps at least 1/1.1 of its noise budget.
+    count_noise: float = 0.0
+    secure_noise: bool = False       # seed the noise from the OS, not from the run's seed
+
+    def __post_init__(self) -> None:
+        if self.clip <= 0:
+            raise ValueError(f"clip must be positive, got {self.clip}")
+        if self.noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {list(ACCOUNTANTS)}, got {self.accountant!r}")
+        if not 0.0 < self.target_quantile < 1.0 or self.clip_lr <= 0 or self.count_noise < 0:
+            raise ValueError("target_quantile must be in (0, 1), clip_lr positive, count_noise >= 0")
+
+
+class ClientDP(Wrapper):
+    """DP-FedAvg: clip each client's update, noise the sum, fixed denominator (module docstring)."""
+
+    name = "client-dp"
+    Options = ClientDPOptions
+    namespaces = (NAMESPACE,)
+
+    def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
+        reason = ""
+        if inner.heterogeneous:
+            reason = f"{inner.name} aggregates adapters of different shapes"
+        elif inner.share_a_refusal and inner.name in ("flexlora", "flora"):
+            reason = f"{inner.name} does not average updates linearly"
+        elif inner.recipe() in ("scaffold", "fedkseed"):
+            reason = f"{inner.name}'s clients send tensors other than their adapter"
+        if reason:
+            raise OptionsError(f"client-level DP cannot wrap strategy {inner.name}: {reason}; use fedavg, fedprox, fedlc or a server optimizer around them")
+        super().__init__(inner, options, scale=scale, seed=seed)
+
+    @property
+    def poisson_sampling(self) -> bool:  # type: ignore[override]
+        return True
+
+    def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> State:
+        state = self.inner.initial_state(adapter)
+        state[HISTORY] = history_tensor([])
+        state[CLIP] = torch.tensor(self.options.clip, dtype=torch.float64)
+        return state
+
+    def epsilon(self, state: Mapping[str, torch.Tensor]) -> float:
+        return epsilon(history_from_tensor(state[HISTORY]), self.options.delta, self.options.accountant)
+
+    def _generator(self, number: int) -> torch.Generator:
+        seed = secrets.randbits(63) if self.options.secure_noise else int(np.random.SeedSequence([self.seed, number, 0xD9]).generate_state(1, np.uint64)[0] >> 1)
+        return torch.Generator().manual_seed(seed)
+
+    def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
+        o = self.options
+        inner_state = self.inner_state(state)
+        q = ctx.sampling_rate
+        expected = max(q * ctx.population, 1e-9) if ctx.population else float(len(ctx.clients) or 1)
+        clip = float(state[CLIP])
+        names = [n for n in self.inner.server_params(inner_state) if n in ctx.global_spec]
+        total = {n: torch.zeros(inner_state[n].shape, dtype=torch.float64) for n in names}
+        unclipped = 0
+        for u in updates:
+            delta = {n: (t.double() - u.start[n].double()) for n, t in u.tensors.items() if n in total}
+            clipped, norm = clip_update(delta, clip)
+            unclipped += norm <= clip
+            for n, t in clipped.items():
+                if t.shape != total[n].shape:
+                    raise ValueError(f"client-level DP: {u.client_id} sent {n} of shape {list(t.shape)}, the global adapter's is {list(total[n].shape)}")
+                total[n] += t
+        generator = self._generator(ctx.number)
+        sigma = o.noise_multiplier
+        metrics: dict = {}
+        if o.adaptive:
+            count_sigma = o.count_noise or max(expected / 20, 1.2 * o.noise_multiplier)
+            sigma = noise_split(o.noise_multiplier, count_sigma) if o.noise_multiplier > 0 else 0.0
+        noise = gaussian_like({n: t.shape for n, t in total.items()}, sigma * clip, generator)
+        mean = {n: (total[n] + noise[n]) / expected for n in names}
+        pseudo = ClientUpdate("dp-aggregate", {n: (inner_state[n].double() + mean[n]).to(inner_state[n].dtype) for n in names}, 1, {}, {n: inner_state[n] for n in names})
+        new_state, inner_metrics = self.inner.aggregate(ctx, inner_state, [pseudo])
+        next_clip = clip
+        if o.adaptive:
+            next_clip, fraction = adaptive_clip(clip, unclipped, expected, o.target_quantile, o.clip_lr, count_sigma, generator)
+            metrics["dp_unclipped_fraction_noised"] = fraction
+        history = torch.cat([state[HISTORY], history_tensor([(o.noise_multiplier, q, 1)])])
+        eps = epsilon(history_from_tensor(history), o.delta, o.accountant)
+        log.info("round %d: client-level DP, epsilon %.3f at delta %g (sigma %.3f, C %.4g, q %.3f)", ctx.number, eps, o.delta, o.noise_multiplier, clip, q)
+        metrics.update({
+            "train_loss": weighted_train_loss(updates),
+            "dp_epsilon": eps, "dp_delta": o.delta, "dp_noise_multiplier": o.noise_multiplier,
+            "dp_clip": clip, "dp_sample_rate": q, "dp_expected_clients": expected,
+        })
+        out = {**new_state, HISTORY: history, CLIP: torch.tensor(next_clip, dtype=torch.float64)}
+        return out, {**{k: v for k, v in inner_metrics.items() if k != "train_loss"}, **metrics}
+
+    def describe(self) -> dict:
+        return {**super().describe(), "mechanism": "DP-FedAvg (client level)"}

@@ -1,0 +1,60 @@
+"""Privacy accounting: epsilon from a history of Gaussian-mechanism steps, by Opacus.
+
+A history is what Opacus' accountants keep: a list of ``(noise_multiplier, sample_rate,
+steps)``. fedtune records one entry per round of client-level DP (and per local step of
+sample-level DP) and asks Opacus for epsilon at a delta: the arithmetic is Opacus' own, never
+re-derived here. ``rdp`` (Rényi DP, Mironov et al.) is the default; ``prv`` (privacy random
+variables, Gopi et al.) is tighter and slower.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+
+ACCOUNTANTS = ("rdp", "prv")
+
+PrivacyHistory = list[tuple[float, float, int]]
+
+
+def merge(history: Iterable[Sequence[float]]) -> PrivacyHistory:
+    """Consecutive entries with the same noise multiplier and sample rate become one (as Opacus
+    itself keeps them)."""
+    out: PrivacyHistory = []
+    for sigma, q, steps in history:
+        sigma, q, steps = float(sigma), float(q), int(steps)
+        if out and out[-1][0] == sigma and out[-1][1] == q:
+            out[-1] = (sigma, q, out[-1][2] + steps)
+        else:
+            out.append((sigma, q, steps))
+    return out
+
+
+def epsilon(history: Iterable[Sequence[float]], delta: float, accountant: str = "rdp") -> float:
+    """Epsilon of the composed steps at ``delta`` (0 for an empty history)."""
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    merged = [h for h in merge(history) if h[2] > 0 and h[1] > 0]
+    if not merged:
+        return 0.0
+    if any(sigma <= 0 for sigma, _, _ in merged):
+        return math.inf
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant {accountant!r}; choose one of: {', '.join(ACCOUNTANTS)}")
+    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    acc.history = merged
+    return float(acc.get_epsilon(delta))
+
+
+def history_tensor(history: Iterable[Sequence[float]]) -> torch.Tensor:
+    """A history as a float64 tensor of rows (sigma, q, steps), for checkpoints."""
+    rows = [list(map(float, h)) for h in history]
+    return torch.tensor(rows, dtype=torch.float64).reshape(-1, 3)
+
+
+def history_from_tensor(tensor: torch.Tensor) -> PrivacyHistory:
+    return [(float(s), float(q), int(n)) for s, q, n in tensor.reshape(-1, 3).tolist()]

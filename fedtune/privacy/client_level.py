@@ -1,0 +1,49 @@
+"""Client-level DP-FedAvg (McMahan et al., 2018): clip each client's whole update to norm C,
+add Gaussian noise of standard deviation sigma * C to the sum, divide by the expected number
+of clients; and adaptive clipping (Andrew et al., 2021), which tracks a quantile of the update
+norms with a noised count.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+
+
+def update_norm(update: Mapping[str, torch.Tensor]) -> float:
+    """The L2 norm of all tensors of an update taken together."""
+    return math.sqrt(sum(float(t.double().square().sum()) for t in update.values()))
+
+
+def clip_update(update: Mapping[str, torch.Tensor], clip: float) -> tuple[dict[str, torch.Tensor], float]:
+    """(update scaled to norm at most ``clip``, its norm before clipping)."""
+    norm = update_norm(update)
+    factor = min(1.0, clip / norm) if norm > 0 else 1.0
+    return {n: t * factor for n, t in update.items()}, norm
+
+
+def gaussian_like(shapes: Mapping[str, torch.Size], std: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Independent N(0, std^2) float64 CPU tensors of the given shapes, drawn in name order from
+    ``generator`` (never the global RNG)."""
+    return {n: torch.randn(tuple(shapes[n]), generator=generator, dtype=torch.float64) * std for n in sorted(shapes)}
+
+
+def noise_split(sigma: float, count_sigma: float) -> float:
+    """The noise multiplier left for the update when the clipped-count query of adaptive
+    clipping takes ``count_sigma`` (Andrew et al., Theorem 1): both queries together are one
+    Gaussian mechanism with multiplier ``sigma``, so the accountant counts ``sigma``."""
+    if count_sigma <= 0:
+        raise ValueError("the count noise must be positive")
+    rest = sigma**-2 - (2 * count_sigma) ** -2
+    if rest <= 0:
+        raise ValueError(f"noise multiplier {sigma} is too small for a count noise of {count_sigma}: raise one or the other")
+    return rest**-0.5
+
+
+def adaptive_clip(clip: float, unclipped: int, expected_clients: float, target_quantile: float, lr: float, count_sigma: float, generator: torch.Generator) -> tuple[float, float]:
+    """(next clip norm, the noised fraction of clients whose update was within the clip):
+    C <- C * exp(-lr * (b - target)), b = (unclipped + N(0, count_sigma^2)) / expected."""
+    noisy = (unclipped + float(torch.randn((), generator=generator, dtype=torch.float64)) * count_sigma) / expected_clients
+    return clip * math.exp(-lr * (noisy - target_quantile)), noisy

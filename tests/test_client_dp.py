@@ -1,0 +1,163 @@
+"""Client-level DP-FedAvg on plain tensors: clipping, the noise's standard deviation, the fixed
+denominator, adaptive clipping, and epsilon from Opacus' own accountant."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from fedtune.aggregation import ClientUpdate, build_strategy
+from fedtune.aggregation.dp_fedavg import CLIP, HISTORY, ClientDP, ClientDPOptions
+from fedtune.config import ConfigError, RunConfig
+from fedtune.options import OptionsError
+from fedtune.privacy import clip_update, epsilon, update_norm
+from fedtune.privacy.client_level import noise_split
+
+from strategy_fixtures import GLOBAL_PLAN, context, random_adapter
+
+CLIENTS = {c: GLOBAL_PLAN for c in "abcd"}
+
+
+def _ctx(number=1, q=0.5, population=8):
+    ctx = context(CLIENTS, number=number)
+    return type(ctx)(**{**ctx.__dict__, "sampling_rate": q, "population": population})
+
+
+def _dp(**options):
+    return ClientDP(build_strategy("fedavg"), ClientDPOptions(**options), seed=7)
+
+
+def _moved(state, scale: float, g: torch.Generator, clients=CLIENTS):
+    return [ClientUpdate(c, {n: state[n] + scale * torch.randn(state[n].shape, generator=g) for n in state if "/" not in n}, 10, {"train_loss": 1.0}, {n: state[n] for n in state}) for c in sorted(clients)]
+
+
+def test_clip_update_scales_the_whole_update_to_norm_c():
+    update = {"a": torch.full((3,), 2.0), "b": torch.full((4,), 2.0)}  # norm sqrt(7 * 4)
+    clipped, norm = clip_update(update, 1.0)
+    assert norm == pytest.approx(math.sqrt(28)) and update_norm(clipped) == pytest.approx(1.0)
+    assert torch.allclose(clipped["a"] / update["a"], clipped["b"][:3] / update["b"][:3])  # one factor for all
+    small, _ = clip_update(update, 100.0)
+    assert all(torch.equal(small[n], update[n]) for n in update)
+
+
+def test_without_noise_the_step_is_the_sum_of_clipped_updates_over_the_expected_count():
+    g = torch.Generator().manual_seed(0)
+    strategy = _dp(clip=0.5, noise_multiplier=0.0)
+    state = strategy.initial_state(random_adapter(g))
+    updates = _moved(state, 1.0, g)
+    new, metrics = strategy.aggregate(_ctx(q=0.5, population=8), state, updates)  # expected 4
+    deltas = [{n: u.tensors[n] - state[n] for n in u.tensors} for u in updates]
+    want = {n: sum(clip_update(d, 0.5)[0][n] for d in deltas) / 4 for n in deltas[0]}
+    for n, w in want.items():
+        torch.testing.assert_close(new[n] - state[n], w, atol=1e-6, rtol=1e-5)
+    assert all(update_norm(d) > 0.5 for d in deltas)  # each really was clipped
+    assert metrics["dp_clip"] == 0.5 and metrics["dp_expected_clients"] == 4
+
+
+def test_echo_clients_and_no_noise_leave_the_model_unchanged():
+    strategy = _dp(noise_multiplier=0.0)
+    state = strategy.initial_state(random_adapter(torch.Generator().manual_seed(1)))
+    echo = [ClientUpdate(c, {n: state[n].clone() for n in state if "/" not in n}, 10, {}, state) for c in CLIENTS]
+    new, _ = strategy.aggregate(_ctx(), state, echo)
+    assert all(torch.equal(new[n], state[n]) for n in state if "/" not in n)
+
+
+@pytest.mark.parametrize("arrived", [4, 2, 0])
+def test_noise_has_std_sigma_c_over_the_expected_count_whatever_arrives(arrived):
+    """Clients that return what they got: the step is pure noise. Its per-element std is
+    sigma * C / (q N) however many of the selected clients answered (a dropout does not
+    change the noise scale)."""
+    strategy = _dp(clip=2.0, noise_multiplier=1.5)
+    big = {"w.lora_A.weight": torch.zeros(200, 100), "w.lora_B.weight": torch.zeros(100, 200)}
+    state = strategy.initial_state(big)
+    ctx = _ctx(q=0.5, population=8)
+    ctx = type(ctx)(**{**ctx.__dict__, "global_spec": {n: None for n in big}})
+    echo = [ClientUpdate(c, {n: state[n].clone() for n in big}, 10, {}, state) for c in sorted(CLIENTS)[:arrived]]
+    new, _ = strategy.aggregate(ctx, state, echo)
+    step = torch.cat([(new[n] - state[n]).reshape(-1) for n in big])
+    want = 1.5 * 2.0 / 4
+    # 40000 draws: the sample std is within 2% of the true one with overwhelming probability
+    # (its relative standard error is 1 / sqrt(2 * 40000) = 0.35%).
+    assert float(step.std()) == pytest.approx(want, rel=0.02)
+    assert abs(float(step.mean())) < 4 * want / math.sqrt(step.numel())
+
+
+def test_reported_epsilon_equals_opacus_on_the_same_history():
+    strategy = _dp(noise_multiplier=1.1, delta=1e-5)
+    state = strategy.initial_state(random_adapter(torch.Generator().manual_seed(2)))
+    g = torch.Generator().manual_seed(3)
+    for number in range(1, 6):
+        state, metrics = strategy.aggregate(_ctx(number, q=0.25, population=16), state, _moved(state, 0.1, g))
+    accountant = RDPAccountant()
+    for _ in range(5):
+        accountant.step(noise_multiplier=1.1, sample_rate=0.25)
+    assert metrics["dp_epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    assert state[HISTORY].tolist() == [[1.1, 0.25, 1.0]] * 5
+    prv = PRVAccountant()
+    prv.history = [(1.1, 0.25, 5)]
+    assert epsilon([(1.1, 0.25, 1)] * 5, 1e-5, "prv") == pytest.approx(prv.get_epsilon(1e-5), rel=1e-6)
+
+
+def test_adaptive_clipping_moves_the_clip_toward_the_target_quantile():
+    g = torch.Generator().manual_seed(4)
+    strategy = _dp(clip=100.0, noise_multiplier=1.0, adaptive=True, target_quantile=0.5, clip_lr=0.5)
+    state = strategy.initial_state(random_adapter(g))
+    for number in range(1, 8):  # every update is far below 100: the clip shrinks
+        state, metrics = strategy.aggregate(_ctx(number), state, _moved(state, 0.01, g))
+    assert float(state[CLIP]) < 100.0 * math.exp(-0.5 * 0.3 * 6)
+    # The update's noise multiplier gives way to the count's; together they are sigma = 1.
+    assert noise_split(1.0, 1.2) == pytest.approx(1.1, rel=1e-3) and metrics["dp_noise_multiplier"] == 1.0
+    with pytest.raises(ValueError, match="too small"):
+        noise_split(0.3, 0.1)
+
+
+def test_bad_settings_and_unwrappable_strategies_are_refused_at_start():
+    for kwargs, message in (({"noise_multiplier": -1.0}, "noise_multiplier must be >= 0"), ({"delta": 1.5}, "delta must be in"), ({"clip": 0.0}, "clip must be positive")):
+        with pytest.raises(ValueError, match=message):
+            ClientDPOptions(**kwargs)
+    for name in ("hetlora", "flexlora", "flora", "scaffold", "fedkseed"):
+        with pytest.raises(OptionsError, match=f"cannot wrap strategy {name}"):
+            ClientDP(build_strategy(name), ClientDPOptions())
+    config = RunConfig()
+    config.privacy.dp, config.privacy.noise_multiplier = "client", -0.5
+    with pytest.raises(ConfigError, match="privacy: option 'noise_multiplier'|noise_multiplier must be >= 0"):
+        config.validate()
+    config.privacy.noise_multiplier, config.federation.strategy = 1.0, "flexlora"
+    with pytest.raises(ConfigError, match="privacy.dp: client-level DP cannot wrap strategy flexlora"):
+        config.validate()
+    config.federation.strategy, config.privacy.dp = "fedavg", "sample-level"
+    with pytest.raises(ConfigError, match="unknown mode 'sample-level'"):
+        config.validate()
+
+
+def test_client_level_dp_over_grpc_samples_the_poisson_way_learns_and_counts_every_round(tmp_path, small_llama):
+    import json
+
+    from fedtune.simulation.runner import run_simulation
+
+    from conftest import sentiment_examples
+    from test_end_to_end import _config, _write_jsonl
+
+    config = _config(tmp_path, small_llama, "seq-cls", rounds=4)
+    config.simulation.clients, config.federation.clients_per_round = 4, 3   # q = 0.75
+    config.federation.strategy, config.lora.rank, config.training.learning_rate = "fedavg", 8, 5e-3
+    # Few clients: the noise (sigma C / 3 per element, on 8k parameters) must stay small for
+    # the model to learn; the point here is the mechanics, the privacy bench has real settings.
+    config.privacy.dp, config.privacy.noise_multiplier, config.privacy.clip = "client", 0.01, 1.0
+    config.federation.round_timeout_s = 60
+    config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(800, seed=1))
+    config.eval.data = _write_jsonl(tmp_path / "eval.jsonl", sentiment_examples(200, seed=2))
+    result = run_simulation(config.validate())
+    assert not result.client_errors
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert len({r["selected"] for r in rows}) > 1 or any(r["selected"] != 2 for r in rows)  # Poisson, not fixed-size
+    assert all(r["dp_sample_rate"] == 0.75 and r["dp_expected_clients"] == 3 for r in rows)
+    accountant = RDPAccountant()
+    for row in rows:  # every round counts, however many clients it had
+        accountant.step(noise_multiplier=0.01, sample_rate=0.75)
+        assert row["dp_epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
