@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("strategies", help="list the strategies and their options")
     sub.add_parser("codecs", help="list the update codecs and their options")
 
+    report = sub.add_parser("privacy-report", help="write privacy.json, privacy.md and privacy.png for a finished run")
+    report.add_argument("run_dir", type=Path, help="the run's directory")
+    report.add_argument("--delta", type=float, default=None, help="delta of the reported epsilon (default: the run's)")
+
     cli = sub.add_parser("client", help="run a device agent against a coordinator")
     cli.add_argument("--coordinator", required=True, help="coordinator HOST:PORT")
     cli.add_argument("--data", required=True, help="this device's training data (JSONL/CSV/text)")
@@ -365,6 +369,19 @@ def cmd_strategies(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_privacy_report(args: argparse.Namespace) -> int:
+    from fedtune.privacy.report import ReportError, write_report
+
+    try:
+        paths = write_report(args.run_dir, args.delta)
+    except ReportError as exc:
+        print(f"fedtune privacy-report: {exc}", file=sys.stderr)
+        return 2
+    print((args.run_dir / "privacy.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def cmd_codecs(args: argparse.Namespace) -> int:
     from fedtune.compression import CODECS
 
@@ -386,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedtune.models import ModelError
     from fedtune.transport import TransportError
 
-    handlers = {"simulate": cmd_simulate, "coordinator": cmd_coordinator, "client": cmd_client, "strategies": cmd_strategies, "codecs": cmd_codecs}
+    handlers = {"simulate": cmd_simulate, "coordinator": cmd_coordinator, "client": cmd_client, "strategies": cmd_strategies, "codecs": cmd_codecs, "privacy-report": cmd_privacy_report}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelError, TransportError, AgentError, AdapterError, ProfileError) as exc:

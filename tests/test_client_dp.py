@@ -161,3 +161,39 @@ def test_client_level_dp_over_grpc_samples_the_poisson_way_learns_and_counts_eve
         accountant.step(noise_multiplier=0.01, sample_rate=0.75)
         assert row["dp_epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+
+    # The privacy report recomputes the same numbers from the checkpointed history.
+    from fedtune.cli import main
+
+    assert main(["privacy-report", str(result.run_dir), "--delta", "1e-6"]) == 0
+    report = json.loads((result.run_dir / "privacy.json").read_text())
+    assert report["delta"] == 1e-6 and report["sample_level"] == {}
+    cl = report["client_level"]
+    assert cl["accountant"] == "rdp" and cl["history"] == [[0.01, 0.75, 4]] and cl["clipping_norm"] == 1.0
+    assert cl["sampling"].startswith("poisson")
+    assert cl["epsilon"] == pytest.approx(accountant.get_epsilon(1e-6), rel=1e-9)
+    assert len(cl["epsilon_by_round"]) == 4 and cl["epsilon_by_round"] == sorted(cl["epsilon_by_round"])
+    md = (result.run_dir / "privacy.md").read_text()
+    assert "sigma = 0.01 at sampling rate q = 0.75 for 4 rounds" in md and "C = 1" in md and "delta = 1e-06" in md
+    assert (result.run_dir / "privacy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_without_dp_says_so_and_a_bad_directory_is_named(tmp_path, tiny_llama, capsys):
+    import json
+
+    from fedtune.cli import main
+    from fedtune.simulation.runner import run_simulation
+
+    from conftest import sentiment_examples
+    from test_end_to_end import _config, _write_jsonl
+
+    config = _config(tmp_path, tiny_llama, "seq-cls", rounds=1)
+    config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(120, seed=1))
+    result = run_simulation(config.validate())
+    assert main(["privacy-report", str(result.run_dir)]) == 0
+    report = json.loads((result.run_dir / "privacy.json").read_text())
+    assert report["client_level"] is None and report["sample_level"] == {}
+    assert "This run used no differential privacy" in (result.run_dir / "privacy.md").read_text()
+    assert main(["privacy-report", str(tmp_path / "nowhere")]) == 2
+    assert "is not a fedtune run directory" in capsys.readouterr().err
+    assert main(["privacy-report", str(result.run_dir), "--delta", "2"]) == 2
