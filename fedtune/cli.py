@@ -45,6 +45,7 @@ COMMON_KEYS = {
     "noise_multiplier": "privacy.noise_multiplier",
     "clip": "privacy.clip",
     "delta": "privacy.delta",
+    "epsilon_budget": "privacy.epsilon_budget",
     "codec": "compression.uplink",
     "downlink_codec": "compression.downlink",
 }
@@ -91,6 +92,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-multiplier", type=float, help="DP noise multiplier sigma (noise std = sigma * clip)")
     p.add_argument("--clip", type=float, help="DP clip norm C of each client's whole update")
     p.add_argument("--delta", type=float, help="DP delta of the reported epsilon")
+    p.add_argument("--epsilon-budget", type=float, help="stop before a round would take the client-level epsilon past this")
     p.add_argument("--share-a", action="store_true", default=None, help="FedSA-LoRA: share only A; each client keeps its B")
     p.add_argument("--min-rank", type=int, help="planner: smallest rank it hands out")
     p.add_argument("--max-rank", type=int, help="planner: largest rank (the global adapter's)")
@@ -279,7 +281,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     for error in result.client_errors:
         console.print(f"[red]client error:[/] {error}")
     console.print(f"done in {time.monotonic() - started:.1f} s; run directory: {result.run_dir}")
-    complete = len(result.history) == config.federation.rounds
+    if result.stopped_because:
+        console.print(f"stopped after {len(result.history)} of {config.federation.rounds} rounds: {result.stopped_because}")
+    complete = len(result.history) == config.federation.rounds or bool(result.stopped_because)
     return 0 if complete or (result.history and not result.client_errors) else 1
 
 
@@ -301,6 +305,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         coordinator.stop()
         console.print("interrupted; the last checkpoint is in the run directory (resume with --resume)")
         return 130
+    if coordinator.engine.stopped_because:
+        console.print(f"stopped early: {coordinator.engine.stopped_because}")
     console.print(f"finished {len(history)} rounds; adapter in {coordinator.run_dir / 'adapter'}")
     return 0
 

@@ -201,6 +201,8 @@ class PrivacySection:
     target_quantile: float = 0.5
     # Seed the noise from the operating system instead of the run's seed (not reproducible).
     secure_noise: bool = False
+    # Stop before a round would take the client-level epsilon past this budget (0: no budget).
+    epsilon_budget: float = 0.0
 
 
 @dataclass
@@ -238,6 +240,7 @@ class RunConfig:
             options = build_options(ClientDPOptions, {
                 "clip": p.clip, "noise_multiplier": p.noise_multiplier, "delta": p.delta, "accountant": p.accountant,
                 "adaptive": p.adaptive_clip, "target_quantile": p.target_quantile, "secure_noise": p.secure_noise,
+                "epsilon_budget": p.epsilon_budget,
             }, "privacy")
             strategy = ClientDP(strategy, options, scale=scale, seed=self.seed)
         if self.federation.share_a:

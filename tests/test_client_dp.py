@@ -197,3 +197,39 @@ def test_a_run_without_dp_says_so_and_a_bad_directory_is_named(tmp_path, tiny_ll
     assert main(["privacy-report", str(tmp_path / "nowhere")]) == 2
     assert "is not a fedtune run directory" in capsys.readouterr().err
     assert main(["privacy-report", str(result.run_dir), "--delta", "2"]) == 2
+
+
+def test_budget_stops_before_the_round_that_would_exceed_it():
+    strategy = _dp(noise_multiplier=1.0, epsilon_budget=3.0)
+    state = strategy.initial_state(random_adapter(torch.Generator().manual_seed(5)))
+    g = torch.Generator().manual_seed(6)
+    rounds = 0
+    while not strategy.stop_reason(state, 0.1):
+        rounds += 1
+        state, metrics = strategy.aggregate(_ctx(rounds, q=0.1, population=40), state, _moved(state, 0.1, g))
+        assert metrics["dp_epsilon"] <= 3.0
+    # Independently: the first round count whose epsilon exceeds the budget is the one refused.
+    expected = next(n for n in range(1, 1000) if epsilon([(1.0, 0.1, n)], 1e-5) > 3.0) - 1
+    assert rounds == expected and rounds > 0
+    assert "one more round would spend epsilon" in strategy.stop_reason(state, 0.1)
+
+
+def test_a_run_configured_past_its_budget_stops_at_the_right_round(tmp_path, tiny_llama):
+    import json
+
+    from fedtune.simulation.runner import run_simulation
+
+    from conftest import sentiment_examples
+    from test_end_to_end import _config, _write_jsonl
+
+    config = _config(tmp_path, tiny_llama, "seq-cls", rounds=10)
+    config.federation.strategy = "fedavg"
+    config.privacy.dp, config.privacy.noise_multiplier, config.privacy.epsilon_budget = "client", 2.0, 3.0
+    config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(120, seed=1))
+    result = run_simulation(config.validate())
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    expected = next(n for n in range(1, 100) if epsilon([(2.0, 1.0, n)], 1e-5) > 3.0) - 1
+    assert 0 < expected < 10 and len(rows) == expected
+    assert rows[-1]["dp_epsilon"] <= 3.0
+    assert (result.run_dir / "adapter").is_dir()  # the run ended normally, with its export
+    assert "privacy budget" in result.stopped_because and "> budget 3" in result.stopped_because

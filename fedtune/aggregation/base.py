@@ -154,6 +154,11 @@ class Strategy:
         """Reject an update whose content makes no sense (ValueError with the reason); shapes
         and dtypes were already checked against the instruction."""
 
+    def stop_reason(self, state: Mapping[str, torch.Tensor], sampling_rate: float) -> str:
+        """Why the next round must not run (e.g. it would exceed a privacy budget); empty to
+        go on. Asked before each round with the rate its clients are sampled at."""
+        return ""
+
     def recipe(self) -> str:
         """The client recipe this strategy's instructions name."""
         return "local"
@@ -219,6 +224,9 @@ class Wrapper(Strategy):
 
     def check_update(self, ctx: RoundContext, update: ClientUpdate) -> None:
         self.inner.check_update(ctx, update)
+
+    def stop_reason(self, state: Mapping[str, torch.Tensor], sampling_rate: float) -> str:
+        return self.inner.stop_reason(self.inner_state(state), sampling_rate)
 
     def recipe(self) -> str:
         return self.inner.recipe()

@@ -59,6 +59,7 @@ class ClientDPOptions:
     # needed to 1.2 * noise_multiplier so the update keeps at least 1/1.1 of its noise budget.
     count_noise: float = 0.0
     secure_noise: bool = False       # seed the noise from the OS, not from the run's seed
+    epsilon_budget: float = 0.0      # stop before a round would take epsilon past this (0: none)
 
     def __post_init__(self) -> None:
         if self.clip <= 0:
@@ -69,6 +70,8 @@ class ClientDPOptions:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {list(ACCOUNTANTS)}, got {self.accountant!r}")
+        if self.epsilon_budget < 0:
+            raise ValueError(f"epsilon_budget must be >= 0, got {self.epsilon_budget}")
         if not 0.0 < self.target_quantile < 1.0 or self.clip_lr <= 0 or self.count_noise < 0:
             raise ValueError("target_quantile must be in (0, 1), clip_lr positive, count_noise >= 0")
 
@@ -104,6 +107,20 @@ class ClientDP(Wrapper):
 
     def epsilon(self, state: Mapping[str, torch.Tensor]) -> float:
         return epsilon(history_from_tensor(state[HISTORY]), self.options.delta, self.options.accountant)
+
+    def stop_reason(self, state: Mapping[str, torch.Tensor], sampling_rate: float) -> str:
+        """Refuse a round that would take epsilon past the budget (checked before it runs, with
+        the rate its clients are sampled at)."""
+        o = self.options
+        if not o.epsilon_budget:
+            return ""
+        spent = history_from_tensor(state[HISTORY])
+        after = epsilon([*spent, (o.noise_multiplier, sampling_rate, 1)], o.delta, o.accountant)
+        if after > o.epsilon_budget:
+            now = epsilon(spent, o.delta, o.accountant)
+            return (f"client-level privacy budget: one more round would spend epsilon {after:.4g} > budget {o.epsilon_budget:g} "
+                    f"(spent {now:.4g} at delta {o.delta:g} over {len(spent)} rounds)")
+        return ""
 
     def _generator(self, number: int) -> torch.Generator:
         seed = secrets.randbits(63) if self.options.secure_noise else int(np.random.SeedSequence([self.seed, number, 0xD9]).generate_state(1, np.uint64)[0] >> 1)

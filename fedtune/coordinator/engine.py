@@ -113,6 +113,7 @@ class RoundEngine:
         self._stopping = False
         self._told_done: set[str] = set()
         self.history: list[dict] = []
+        self.stopped_because = ""  # why the run ended before its last round (a privacy budget)
         self.start_round = 1
         self.state = strategy.initial_state(global_model.initial_state())
         if resume:
@@ -252,7 +253,8 @@ class RoundEngine:
             for number in range(self.start_round, self.fed.rounds + 1):
                 if not self._wait_for_clients():
                     break
-                self._open_round(number)
+                if not self._open_round(number):
+                    break
                 self._wait_for_close()
                 if self._stopping:
                     break
@@ -337,9 +339,16 @@ class RoundEngine:
         )
         return ctx, cov
 
-    def _open_round(self, number: int) -> None:
+    def _open_round(self, number: int) -> bool:
+        """Select, plan and open round ``number``; False when the strategy refuses to run it
+        (a privacy budget it would exceed), which ends the run."""
         with self._cond:
             selected, rate, population = self._select(number)
+        reason = self.strategy.stop_reason(self.state, rate)
+        if reason:
+            log.warning("round %d not run: %s", number, reason)
+            self.stopped_because = reason
+            return False
         ctx, cov = self._context(number, selected, rate, population)
         instructions = self.strategy.configure(ctx, self.state)
         if set(instructions) != set(selected):
@@ -353,6 +362,7 @@ class RoundEngine:
             self._round = _Round(ctx, instructions, now + self.fed.round_timeout_s, time.time() + self.fed.round_timeout_s, now, cov)
             self._cond.notify_all()
         log.info("round %d/%d open: %d clients selected", number, self.fed.rounds, len(selected))
+        return True
 
     def _wait_for_close(self) -> None:
         rnd = self._round

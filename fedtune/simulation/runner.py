@@ -40,6 +40,7 @@ class SimulationResult:
     history: list[dict]
     clients: list[AgentReport] = field(default_factory=list)
     client_errors: list[str] = field(default_factory=list)
+    stopped_because: str = ""  # why the run ended before its last round (a privacy budget)
 
 
 def prepare_data(config: RunConfig) -> tuple[list[Example], list[Example], list[str]]:
@@ -164,4 +165,4 @@ def run_simulation(
         compute.shutdown(wait=False, cancel_futures=True)
     if failure:
         raise failure[0]
-    return SimulationResult(coordinator.run_dir, coordinator.engine.history, [a.report for a in agents], errors)
+    return SimulationResult(coordinator.run_dir, coordinator.engine.history, [a.report for a in agents], errors, coordinator.engine.stopped_because)
