@@ -42,8 +42,7 @@ COMMON_KEYS = {
     "seed": "seed",
     "lora_variant": "lora.variant",
     "dp": "privacy.dp",
-    "noise_multiplier": "privacy.noise_multiplier",
-    "clip": "privacy.clip",
+
     "delta": "privacy.delta",
     "epsilon_budget": "privacy.epsilon_budget",
     "codec": "compression.uplink",
@@ -88,9 +87,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, help="directions per block of --codec projection (shorthand for --codec-option k=K)")
     p.add_argument("--downlink-codec", help="codec of the weights the coordinator sends: fp16, bf16, int8, int4")
     p.add_argument("--no-error-feedback", action="store_true", default=None, help="biased uplink codecs drop what they lose instead of sending it later")
-    p.add_argument("--dp", choices=["client"], help="differential privacy: client (DP-FedAvg: clip each client's update, noise the sum)")
-    p.add_argument("--noise-multiplier", type=float, help="DP noise multiplier sigma (noise std = sigma * clip)")
-    p.add_argument("--clip", type=float, help="DP clip norm C of each client's whole update")
+    p.add_argument("--dp", choices=["client", "sample", "both"], help="differential privacy: client (DP-FedAvg: clip each client's update, noise the sum), sample (DP-SGD on every device), or both")
+    p.add_argument("--noise-multiplier", type=float, help="DP noise multiplier sigma (noise std = sigma * clip) of the level(s) --dp names")
+    p.add_argument("--clip", type=float, help="DP clip norm: of each client's whole update (client level), of each example's gradient (sample level)")
     p.add_argument("--delta", type=float, help="DP delta of the reported epsilon")
     p.add_argument("--epsilon-budget", type=float, help="stop before a round would take the client-level epsilon past this")
     p.add_argument("--share-a", action="store_true", default=None, help="FedSA-LoRA: share only A; each client keeps its B")
@@ -189,6 +188,14 @@ def _config_from_args(args: argparse.Namespace, keys: dict[str, str]) -> RunConf
         config.compression.error_feedback = False
     if getattr(args, "no_planner", None):
         config.planner.enabled = False
+    for flag, client_key, sample_key in (("noise_multiplier", "noise_multiplier", "sample_noise_multiplier"), ("clip", "clip", "sample_clip")):
+        value = getattr(args, flag, None)
+        if value is not None:  # the flag sets the level(s) --dp (or the config) names
+            mode = config.privacy.dp
+            if mode in ("client", "both", ""):
+                setattr(config.privacy, client_key, value)
+            if mode in ("sample", "both"):
+                setattr(config.privacy, sample_key, value)
     return config.validate()
 
 

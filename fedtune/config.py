@@ -23,8 +23,9 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
 
 
-# Differential privacy modes: none, or client-level DP-FedAvg at the coordinator.
-DP_MODES = ("", "client")
+# Differential privacy modes: none, client-level DP-FedAvg at the coordinator, sample-level
+# DP-SGD on the devices, or both.
+DP_MODES = ("", "client", "sample", "both")
 
 # Adapter variants: plain LoRA, and FFA-LoRA (A frozen, only B trained and sent).
 LORA_VARIANTS = ("lora", "ffa")
@@ -187,9 +188,11 @@ class CompressionSection:
 
 @dataclass
 class PrivacySection:
-    # "" (off) or "client": client-level DP-FedAvg at the coordinator. Every client's update is
+    # "" (off); "client": client-level DP-FedAvg at the coordinator (every client's update is
     # clipped to `clip`, Gaussian noise of std noise_multiplier * clip is added to their sum, and
-    # clients are selected by Poisson sampling (rate clients_per_round / clients connected).
+    # clients are selected by Poisson sampling, rate clients_per_round / clients connected);
+    # "sample": DP-SGD on every device (per-example gradients clipped to `sample_clip`, noise
+    # std sample_noise_multiplier * sample_clip, Poisson batches); "both".
     dp: str = ""
     noise_multiplier: float = 1.0
     clip: float = 1.0
@@ -201,8 +204,11 @@ class PrivacySection:
     target_quantile: float = 0.5
     # Seed the noise from the operating system instead of the run's seed (not reproducible).
     secure_noise: bool = False
-    # Stop before a round would take the client-level epsilon past this budget (0: no budget).
+    # Stop before a round would take the client-level epsilon past this budget, and devices
+    # decline a round that would take their sample-level epsilon past it (0: no budget).
     epsilon_budget: float = 0.0
+    sample_clip: float = 1.0
+    sample_noise_multiplier: float = 1.0
 
 
 @dataclass
@@ -232,17 +238,25 @@ class RunConfig:
         scale = self.lora.alpha / self.lora.rank if scale is None else scale
         name = self.federation.strategy or DEFAULT_STRATEGY.get(self.model.task, "fedavg")
         strategy = build_strategy(name, self.federation.options, scale=scale, seed=self.seed)
-        if self.privacy.dp == "client":
+        # Client-level DP sits inside sample-level DP: the latter reads each real update's
+        # accountant figures before the former folds them into one noised mean.
+        p = self.privacy
+        if p.dp in ("client", "both"):
             from fedtune.aggregation.dp_fedavg import ClientDP, ClientDPOptions
             from fedtune.options import build_options
 
-            p = self.privacy
             options = build_options(ClientDPOptions, {
                 "clip": p.clip, "noise_multiplier": p.noise_multiplier, "delta": p.delta, "accountant": p.accountant,
                 "adaptive": p.adaptive_clip, "target_quantile": p.target_quantile, "secure_noise": p.secure_noise,
                 "epsilon_budget": p.epsilon_budget,
             }, "privacy")
             strategy = ClientDP(strategy, options, scale=scale, seed=self.seed)
+        if p.dp in ("sample", "both"):
+            from fedtune.aggregation.sample_dp import SampleDP, SampleDPOptions
+            from fedtune.options import build_options
+
+            options = build_options(SampleDPOptions, {"clip": p.sample_clip, "noise_multiplier": p.sample_noise_multiplier, "delta": p.delta, "budget": p.epsilon_budget}, "privacy (sample level)")
+            strategy = SampleDP(strategy, options, scale=scale, seed=self.seed)
         if self.federation.share_a:
             strategy = FedSA(strategy, FedSAOptions(self.federation.personal_eval), scale=scale, seed=self.seed)
         if self.lora.variant == "ffa":
@@ -298,7 +312,7 @@ class RunConfig:
             self.build_strategy()
         except OptionsError as exc:
             text = str(exc)
-            if text.startswith("client-level DP"):
+            if text.startswith(("client-level DP", "sample-level DP")):
                 text = f"privacy.dp: {text}"
             elif not text.startswith(("privacy", "compression.", "lora.", "federation.")):
                 text = f"federation.options: {text}"

@@ -26,6 +26,7 @@ from fedtune.data import Example
 from fedtune.devices import Capabilities
 from fedtune.models import ModelSource, ModelStore
 from fedtune.names import A_SUFFIX
+from fedtune.privacy.sample_level import BudgetSpent
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
 from fedtune.protocol.messages import capabilities_to_proto, plan_from_proto
@@ -64,6 +65,7 @@ class AgentReport:
     client_id: str = ""
     rounds: list[int] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
+    declined: str = ""                  # why the device stopped training (its privacy budget)
     bytes_up: int = 0
     bytes_down: int = 0
 
@@ -95,6 +97,8 @@ class ClientAgent:
         self._memory: dict[str, dict] = {}
         # Error-feedback residuals of the uplink codec, by tensor name (fedtune.client.uplink).
         self._residuals: dict[str, torch.Tensor] = {}
+        # The device's sample-level DP accounting (fedtune.privacy.sample_level), every recipe.
+        self._privacy: dict = {}
         self._channel = make_channel(options.address, tls_ca=options.tls_ca, insecure=options.insecure)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
         self._client_id = ""
@@ -144,7 +148,12 @@ class ClientAgent:
                 self.stop_event.wait(min(header.retry_after_seconds, 5.0))
             return False
         self.report.bytes_down += nbytes
-        encoded, num_examples, metrics = self._train(header, tensors)
+        try:
+            encoded, num_examples, metrics = self._train(header, tensors)
+        except BudgetSpent as exc:  # the device's own budget: decline, and stop for good
+            log.warning("%s: declines round %d: %s", self._client_id, header.round, exc)
+            self.report.declined = str(exc)
+            return True
         self._push(header.round, encoded, num_examples, metrics)
         return False
 
@@ -219,7 +228,7 @@ class ClientAgent:
             plan = plan_from_proto(header.plan)
             uplink, options = Uplink.from_options(dict(header.options), settings.seed)
             options = options or {"recipe": "local"}
-            recipe = make_recipe(options, self._memory.setdefault(options.get("recipe", "local"), {}))
+            recipe = make_recipe(options, self._memory.setdefault(options.get("recipe", "local"), {}), self._privacy)
         except ValueError as exc:  # unknown recipe or option, unusable plan
             raise AgentError(f"the coordinator sent a task this client cannot run: {exc}") from exc
         key = (task_name, tuple(labels), settings.max_length)

@@ -38,6 +38,29 @@ def client_level_entry(history: list[tuple[float, float, int]], delta: float, ac
     }
 
 
+def sample_level_entries(metrics_path: Path, delta: float) -> dict[str, dict[str, Any]]:
+    """Each client's DP-SGD history, one entry per round it trained, from the rounds' rows."""
+    histories: dict[str, list[tuple[float, float, int]]] = {}
+    rounds: dict[str, list[int]] = {}
+    if metrics_path.is_file():
+        for line in metrics_path.read_text().splitlines():
+            row = json.loads(line)
+            for cid, entry in (row.get("dp_sample") or {}).items():
+                histories.setdefault(cid, []).append((float(entry["noise_multiplier"]), float(entry["sample_rate"]), int(entry["steps"])))
+                rounds.setdefault(cid, []).append(int(row["round"]))
+    out = {}
+    for cid in sorted(histories):
+        history = histories[cid]
+        out[cid] = {
+            "accountant": "rdp",
+            "history": [list(h) for h in merge(history)],
+            "epsilon": epsilon(history, delta),
+            "epsilon_by_round": {str(r): epsilon(history[: i + 1], delta) for i, r in enumerate(rounds[cid])},
+            "rounds": rounds[cid],
+        }
+    return out
+
+
 def build_report(run_dir: Path, delta: float | None = None) -> dict[str, Any]:
     from fedtune.aggregation.dp_fedavg import HISTORY
     from fedtune.config import ConfigError, load_config
@@ -55,7 +78,9 @@ def build_report(run_dir: Path, delta: float | None = None) -> dict[str, Any]:
     if not 0.0 < delta < 1.0:
         raise ReportError(f"delta must be in (0, 1), got {delta}")
     report: dict[str, Any] = {"run_dir": str(run_dir), "delta": delta, "client_level": None, "sample_level": {}}
-    if p.dp == "client":
+    if p.dp in ("sample", "both"):
+        report["sample_level"] = sample_level_entries(run_dir / "metrics.jsonl", delta)
+    if p.dp in ("client", "both"):
         checkpoint = load_checkpoint(run_dir)
         history = history_from_tensor(checkpoint.state[HISTORY]) if checkpoint is not None and HISTORY in checkpoint.state else []
         report["client_level"] = client_level_entry(history, delta, p.accountant, p.clip, p.adaptive_clip)
@@ -71,6 +96,24 @@ def markdown(report: dict[str, Any]) -> str:
             "clients sent and the global models it produced carry no formal privacy guarantee.",
         ]
         return "\n".join(lines) + "\n"
+    sl = report["sample_level"]
+    if sl:
+        worst = max(sl.items(), key=lambda kv: kv[1]["epsilon"])
+        lines += [
+            "## Sample level (DP-SGD on each device)",
+            "",
+            f"**The largest device epsilon is {worst[1]['epsilon']:.4g} at delta = {report['delta']:g}** ({worst[0]}); Opacus' RDP accountant, one history per device.",
+            "",
+            "- Mechanism: on each device every example's gradient was clipped and Gaussian noise added to the batch's sum (DP-SGD), with batches drawn by Poisson sampling of the device's examples.",
+            "- What it covers: any single training example of a device; its epsilon counts only the rounds that device trained.",
+            "",
+            "| client | rounds trained | history (sigma, q, steps) | epsilon |",
+            "|---|---|---|---|",
+        ]
+        for cid, entry in sl.items():
+            hist = "; ".join(f"{s:g}, {q:.4g}, {n}" for s, q, n in entry["history"])
+            lines.append(f"| {cid} | {len(entry['rounds'])} | {hist} | {entry['epsilon']:.4g} |")
+        lines.append("")
     if cl is not None:
         eps = cl["epsilon"]
         sigma_q = ", ".join(f"sigma = {s:g} at sampling rate q = {q:g} for {n} round{'s' if n != 1 else ''}" for s, q, n in cl["history"]) or "no round completed"
@@ -99,10 +142,17 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     cl = report["client_level"]
+    drawn = False
     if cl is not None and cl["epsilon_by_round"]:
         rounds = list(range(1, len(cl["epsilon_by_round"]) + 1))
         ax.plot(rounds, cl["epsilon_by_round"], marker="o", label="client level (global)")
-        ax.legend()
+        drawn = True
+    for cid, entry in report["sample_level"].items():
+        by_round = entry["epsilon_by_round"]
+        ax.plot([int(r) for r in by_round], list(by_round.values()), marker=".", alpha=0.7, label=f"sample level: {cid}")
+        drawn = True
+    if drawn:
+        ax.legend(fontsize="small")
     else:
         ax.text(0.5, 0.5, "no differential privacy in this run", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("round")

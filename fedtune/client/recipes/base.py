@@ -46,10 +46,19 @@ class LocalOptions:
     # Fraction of the device's examples held out to evaluate its personalized model (the
     # starting adapter with its kept tensors) before training; 0: no personalized evaluation.
     personal_eval: float = 0.0
+    # Sample-level DP-SGD (fedtune.privacy.sample_level): on when dp_clip > 0. Per-example
+    # gradients clipped to dp_clip, noise std dp_noise_multiplier * dp_clip, Poisson batches;
+    # the device declines a round that would take its epsilon (at dp_delta) past dp_budget.
+    dp_clip: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    dp_delta: float = 1e-5
+    dp_budget: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.personal_eval < 1.0:
             raise ValueError("personal_eval must be in [0, 1)")
+        if self.dp_clip < 0 or self.dp_noise_multiplier < 0 or not 0.0 < self.dp_delta < 1.0 or self.dp_budget < 0:
+            raise ValueError("dp_clip and dp_noise_multiplier must be >= 0, dp_delta in (0, 1), dp_budget >= 0")
 
     @property
     def kept_suffixes(self) -> tuple[str, ...]:
@@ -62,9 +71,11 @@ class Recipe:
     name: ClassVar[str] = "local"
     Options: ClassVar[type] = LocalOptions
 
-    def __init__(self, options: Any, memory: dict) -> None:
+    def __init__(self, options: Any, memory: dict, privacy: dict | None = None) -> None:
         self.options = options
         self.memory = memory
+        # The device's privacy accounting, shared by every recipe it runs: {"history": [...]}.
+        self.privacy = privacy if privacy is not None else {}
 
     # ---------------------------------------------------------------- hooks
 
@@ -127,6 +138,8 @@ class Recipe:
         return send, {**metrics, **extra_metrics}
 
     def train(self, model: torch.nn.Module, task: Task, items: Sequence[EncodedExample], settings: TrainSettings, pad_id: int, device: torch.device) -> dict[str, float]:
+        if self.options.dp_clip > 0:
+            return self.train_private(model, task, items, settings, pad_id, device)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -153,12 +166,50 @@ class Recipe:
         return {"train_loss": sum(losses) / len(losses), "steps": float(len(losses))}
 
 
+    def train_private(self, model: torch.nn.Module, task: Task, items: Sequence[EncodedExample], settings: TrainSettings, pad_id: int, device: torch.device) -> dict[str, float]:
+        """DP-SGD (fedtune.privacy.sample_level): the same steps, with per-example clipping,
+        noise and Poisson batches; the round is added to the device's privacy history."""
+        from fedtune.privacy.accounting import epsilon
+        from fedtune.privacy.sample_level import SampleDPSettings, check_budget, dp_train, poisson_batches
+
+        if type(self).penalty is not Recipe.penalty or type(self).after_backward is not Recipe.after_backward:
+            raise ValueError(f"recipe {self.name!r} changes gradients or adds a penalty, which sample-level DP-SGD cannot clip per example")
+        o = self.options
+        dp = SampleDPSettings(o.dp_noise_multiplier, o.dp_clip, o.dp_delta, o.dp_budget)
+        history = self.privacy.setdefault("history", [])
+        q = min(1.0, settings.batch_size / len(items))
+        check_budget(dp, history, q, settings.local_steps)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        batches = poisson_batches(len(items), q, settings.local_steps, torch.Generator().manual_seed(settings.seed))
+        noise = torch.Generator(device=device).manual_seed(settings.seed + 1)
+
+        def loss_of(wrapped: torch.nn.Module, batch: list[int]) -> torch.Tensor:
+            inputs = {k: v.to(device) for k, v in task.collate([items[i] for i in batch], pad_id).items()}
+            return self.loss(wrapped, inputs, task)
+
+        fork_devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(settings.seed)
+            losses = dp_train(model, params, batches, loss_of, dp, settings.learning_rate, settings.weight_decay, q * len(items), noise)
+        if not losses:  # every Poisson batch was empty: report the loss of the unchanged model
+            with torch.no_grad():
+                losses = [float(loss_of(model, list(range(min(len(items), settings.batch_size)))))]
+        history.append((dp.noise_multiplier, q, settings.local_steps))
+        return {
+            "train_loss": sum(losses) / len(losses), "steps": float(settings.local_steps),
+            "dp_sample_noise_multiplier": dp.noise_multiplier, "dp_sample_rate": q, "dp_sample_steps": float(settings.local_steps),
+            "dp_sample_epsilon": epsilon(history, dp.delta),
+        }
+
+
 RECIPES: Registry[type[Recipe]] = Registry("recipe")
 RECIPES.register("local")(Recipe)
 
 
-def make_recipe(options: Mapping[str, str], memory: dict) -> Recipe:
+def make_recipe(options: Mapping[str, str], memory: dict, privacy: dict | None = None) -> Recipe:
     """The recipe an instruction names, with its options checked (ValueError naming the
-    problem for an unknown recipe or option)."""
+    problem for an unknown recipe or option). ``privacy`` is the device's accounting state."""
     cls = RECIPES.get(options.get("recipe", "local"))
-    return cls(build_options(cls.Options, options, f"recipe {cls.name}"), memory)
+    return cls(build_options(cls.Options, options, f"recipe {cls.name}"), memory, privacy)

@@ -38,6 +38,8 @@ class FedKSeedRecipeOptions(LocalOptions):
         super().__post_init__()
         if self.keep:
             raise ValueError("recipe fedkseed keeps no tensors on the device")
+        if self.dp_clip > 0:
+            raise ValueError("recipe fedkseed takes zeroth-order steps; sample-level DP-SGD does not apply to it")
         if self.pool < 1 or self.steps < 1 or self.lr <= 0 or self.eps <= 0:
             raise ValueError("pool and steps must be at least 1, lr and eps positive")
 

@@ -1,0 +1,89 @@
+"""Sample-level differential privacy: every client trains with DP-SGD (per-example clipping and
+noise, Poisson batches; ``fedtune.privacy.sample_level``) and keeps its own accountant.
+
+The wrapper only tells clients how (the recipe options ``dp_clip``, ``dp_noise_multiplier``,
+``dp_delta``, ``dp_budget``) and checks that what comes back was trained that way: an update
+whose reported noise multiplier is not the one asked for is refused. Each client reports its
+round's (sigma, q, steps) and its epsilon so far; the round's row keeps them per client
+(``dp_sample``), from which ``fedtune privacy-report`` recomputes every client's epsilon.
+
+The guarantee is per device: each example of a device's data changes the distribution of that
+device's updates (and so of everything computed from them) by at most its (epsilon, delta).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from fedtune.aggregation.base import ClientUpdate, Instruction, RoundContext, State, Strategy, Wrapper, map_instructions
+from fedtune.options import OptionsError
+
+# Recipes whose training DP-SGD can clip per example: they change only the loss.
+DP_RECIPES = ("local", "fedlc")
+
+
+@dataclass(frozen=True)
+class SampleDPOptions:
+    clip: float = 1.0
+    noise_multiplier: float = 1.0
+    delta: float = 1e-5
+    budget: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.clip <= 0:
+            raise ValueError(f"clip must be positive, got {self.clip}")
+        if self.noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        if self.budget < 0:
+            raise ValueError(f"the epsilon budget must be >= 0, got {self.budget}")
+
+
+class SampleDP(Wrapper):
+    """Clients train with DP-SGD and report their accountant (see the module docstring)."""
+
+    name = "sample-dp"
+    Options = SampleDPOptions
+
+    def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
+        if inner.recipe() not in DP_RECIPES:
+            raise OptionsError(
+                f"sample-level DP cannot wrap strategy {inner.name}: its clients' recipe {inner.recipe()!r} edits gradients or adds a penalty, "
+                f"which DP-SGD cannot clip per example (use one of the strategies training with {', '.join(DP_RECIPES)})"
+            )
+        super().__init__(inner, options, scale=scale, seed=seed)
+
+    def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
+        o = self.options
+        dp = {"dp_clip": str(o.clip), "dp_noise_multiplier": str(o.noise_multiplier), "dp_delta": str(o.delta), "dp_budget": str(o.budget)}
+        return map_instructions(self.inner.configure(ctx, state), lambda ins: dataclasses.replace(ins, options={**ins.options, **dp}))
+
+    def check_update(self, ctx: RoundContext, update: ClientUpdate) -> None:
+        m = update.metrics
+        sigma, q, steps = m.get("dp_sample_noise_multiplier"), m.get("dp_sample_rate"), m.get("dp_sample_steps")
+        if sigma is None or q is None or steps is None:
+            raise ValueError("sample-level DP: the update does not report its noise multiplier, sample rate and steps")
+        if not math.isclose(sigma, self.options.noise_multiplier, rel_tol=1e-9) or not 0 < q <= 1 or steps < 1:
+            raise ValueError(f"sample-level DP: the update reports sigma {sigma}, q {q}, {steps} steps; sigma {self.options.noise_multiplier} was asked for")
+        self.inner.check_update(ctx, update)
+
+    def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
+        new_state, metrics = self.inner.aggregate(ctx, state, updates)
+        per_client = {
+            u.client_id: {
+                "noise_multiplier": u.metrics["dp_sample_noise_multiplier"], "sample_rate": u.metrics["dp_sample_rate"],
+                "steps": int(u.metrics["dp_sample_steps"]), "epsilon": u.metrics.get("dp_sample_epsilon"),
+            }
+            for u in updates
+        }
+        eps = [v["epsilon"] for v in per_client.values() if v["epsilon"] is not None]
+        extra = {"dp_sample": per_client, "dp_sample_delta": self.options.delta}
+        if eps:
+            extra["dp_sample_epsilon_max"] = max(eps)
+        return {**state, **new_state}, {**metrics, **extra}

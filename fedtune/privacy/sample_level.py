@@ -1,0 +1,98 @@
+"""Sample-level DP-SGD on a device: per-example gradients clipped and noised by Opacus, batches
+drawn by Poisson sampling, and the device's own accountant history.
+
+Each step includes every local example independently with probability q = batch_size / n
+(Poisson sampling, what Opacus' accountants assume), computes per-example gradients of the
+trainable adapter tensors with Opacus' ``GradSampleModule``, and lets Opacus' ``DPOptimizer``
+clip each example's gradient to ``clip`` and add N(0, (sigma clip)^2) before the inner AdamW
+step. fedtune draws the Poisson masks and the noise from generators of its own seeded by the
+round's seed (not the global RNG, not Opacus' PrivacyEngine, which would need a DataLoader and
+keep its own accountant); an empty batch still counts as a step of the mechanism.
+
+The history ``[(sigma, q, steps), ...]`` grows by one entry per round the device trains and
+lives in the recipe memory the agent keeps, so the device's epsilon counts exactly the rounds
+it took part in. It is kept in the client process: a restarted client starts a new history
+(a restart must not be used to reset a budget; issue tracker: client state persistence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from fedtune.privacy.accounting import epsilon
+
+
+class BudgetSpent(RuntimeError):
+    """Training one more round would take the device's epsilon past its budget."""
+
+
+@dataclass(frozen=True)
+class SampleDPSettings:
+    noise_multiplier: float
+    clip: float
+    delta: float = 1e-5
+    budget: float = 0.0   # 0: no budget
+
+    def __post_init__(self) -> None:
+        if self.noise_multiplier < 0 or self.clip <= 0 or not 0 < self.delta < 1 or self.budget < 0:
+            raise ValueError("sample-level DP needs noise_multiplier >= 0, clip > 0, delta in (0, 1) and budget >= 0")
+
+
+def check_budget(settings: SampleDPSettings, history: list, sample_rate: float, steps: int) -> None:
+    """BudgetSpent when the round about to run would take epsilon past the budget."""
+    if not settings.budget:
+        return
+    after = epsilon([*history, (settings.noise_multiplier, sample_rate, steps)], settings.delta)
+    if after > settings.budget:
+        raise BudgetSpent(f"sample-level privacy budget: this round would spend epsilon {after:.4g} > budget {settings.budget:g} "
+                          f"(spent {epsilon(history, settings.delta):.4g} at delta {settings.delta:g})")
+
+
+def poisson_batches(n: int, sample_rate: float, steps: int, generator: torch.Generator) -> list[list[int]]:
+    """For each step, the indices of the examples it includes (each with probability q)."""
+    return [torch.nonzero(torch.rand(n, generator=generator) < sample_rate).flatten().tolist() for _ in range(steps)]
+
+
+def dp_train(
+    model: torch.nn.Module,
+    params: Sequence[torch.nn.Parameter],
+    batches: list[list[int]],
+    loss_of: Callable[[torch.nn.Module, list[int]], torch.Tensor],
+    settings: SampleDPSettings,
+    learning_rate: float,
+    weight_decay: float,
+    expected_batch_size: float,
+    noise: torch.Generator,
+) -> list[float]:
+    """Run the DP-SGD steps; returns the losses of the non-empty batches (possibly none)."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    model.train()  # Opacus records activations only in training mode
+    wrapped = GradSampleModule(model)
+    optimizer = DPOptimizer(
+        torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay),
+        noise_multiplier=settings.noise_multiplier,
+        max_grad_norm=settings.clip,
+        expected_batch_size=max(1, round(expected_batch_size)),
+        generator=noise,
+    )
+    losses = []
+    try:
+        for batch in batches:
+            optimizer.zero_grad(set_to_none=True)
+            if not batch:  # an empty Poisson batch: nothing to learn from, still a step
+                continue
+            loss = loss_of(wrapped, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()}; lower the learning rate")
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    finally:
+        wrapped._close()
+        model.eval()
+    return losses

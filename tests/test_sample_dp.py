@@ -1,0 +1,163 @@
+"""Sample-level DP-SGD on the devices: per-example clipping as the math says, accountant
+histories that count the rounds a device trained, budgets, and a run at both DP levels."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import RDPAccountant
+from opacus.optimizers import DPOptimizer
+
+from fedtune.adapters import AdapterPlan, adapter_parameters, adapter_state, inject_lora
+from fedtune.aggregation import ClientUpdate, build_strategy
+from fedtune.aggregation.sample_dp import SampleDP, SampleDPOptions
+from fedtune.client.recipes import TrainSettings, make_recipe
+from fedtune.config import ConfigError, RunConfig
+from fedtune.models import ModelStore, resolve_source
+from fedtune.options import OptionsError
+from fedtune.privacy import epsilon
+from fedtune.privacy.sample_level import BudgetSpent, SampleDPSettings, check_budget
+from fedtune.tasks import get_task
+
+from conftest import sentiment_examples
+from strategy_fixtures import GLOBAL_PLAN, context, random_adapter
+
+LABELS = ["negative", "positive"]
+
+
+def _model_and_items(model_path: str, n: int = 32):
+    source, store, task = resolve_source(model_path), ModelStore(), get_task("seq-cls")
+    model = inject_lora(store.instance(source, "seq-cls", LABELS), AdapterPlan(rank=4, alpha=8.0), "seq-cls")
+    items = store.encode(source, task, sentiment_examples(n, seed=0), 32, LABELS)
+    return model, items, task, store.pad_id(source)
+
+
+def test_each_examples_gradient_is_clipped_before_the_sum(tiny_llama):
+    """With no noise, Opacus' step gradient is sum_i clip(g_i) / B, where g_i is example i's
+    own gradient, computed here one example at a time."""
+    model, items, task, pad = _model_and_items(tiny_llama, 4)
+    params = adapter_parameters(model)
+    model.train()
+    clip = 1e-3  # far below every example's gradient norm: every one is clipped
+    per_example = []
+    for item in items:
+        model.zero_grad(set_to_none=True)
+        model(**task.collate([item], pad)).loss.backward()
+        per_example.append({n: p.grad.detach().clone() for n, p in params.items()})
+    norms = [torch.sqrt(sum((g**2).sum() for g in grads.values())) for grads in per_example]
+    assert all(float(nrm) > clip for nrm in norms)
+    want = {n: sum(g[n] * (clip / float(nrm)) for g, nrm in zip(per_example, norms)) / len(items) for n in params}
+
+    model.zero_grad(set_to_none=True)
+    wrapped = GradSampleModule(model)
+    optimizer = DPOptimizer(torch.optim.SGD(list(params.values()), lr=0.0), noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=len(items))
+    wrapped(**task.collate(list(items), pad)).loss.backward()
+    optimizer.pre_step()
+    for n, p in params.items():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-9)
+    wrapped._close()
+
+
+def test_a_devices_epsilon_counts_the_rounds_it_trained(tiny_llama):
+    model, items, task, pad = _model_and_items(tiny_llama, 40)
+    start = adapter_state(model)
+    options = {"recipe": "local", "dp_clip": "1.0", "dp_noise_multiplier": "1.2", "dp_delta": "1e-5"}
+    privacy: dict = {}
+    settings = TrainSettings(local_steps=3, batch_size=8, learning_rate=1e-3)
+    for round_seed in (1, 2):  # two rounds on this device
+        _, metrics = make_recipe(options, {}, privacy).run(model, start, {}, task, items, TrainSettings(**{**settings.__dict__, "seed": round_seed}), pad)
+    assert privacy["history"] == [(1.2, 8 / 40, 3), (1.2, 8 / 40, 3)]
+    accountant = RDPAccountant()
+    for _ in range(6):
+        accountant.step(noise_multiplier=1.2, sample_rate=0.2)
+    assert metrics["dp_sample_epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    assert metrics["dp_sample_rate"] == 0.2 and metrics["dp_sample_steps"] == 3
+    # Another device that trained once has spent less.
+    other: dict = {}
+    _, once = make_recipe(options, {}, other).run(model, start, {}, task, items, settings, pad)
+    assert once["dp_sample_epsilon"] < metrics["dp_sample_epsilon"]
+
+
+def test_noise_really_moves_the_model_and_the_seed_repeats_it(tiny_llama):
+    model, items, task, pad = _model_and_items(tiny_llama, 40)
+    start = adapter_state(model)
+    settings = TrainSettings(local_steps=2, batch_size=8, learning_rate=1e-2, seed=5)
+    runs = []
+    for sigma in ("0.0", "5.0", "5.0"):
+        sent, _ = make_recipe({"dp_clip": "0.01", "dp_noise_multiplier": sigma}, {}, {}).run(model, start, {}, task, items, settings, pad)
+        runs.append(sent)
+    name = next(n for n in start if n.endswith("lora_B.weight"))
+    assert torch.equal(runs[1][name], runs[2][name])            # same seed, same noise
+    assert not torch.equal(runs[0][name], runs[1][name])        # the noise is really added
+
+
+def test_budget_declines_the_round_that_would_exceed_it():
+    dp = SampleDPSettings(noise_multiplier=1.0, clip=1.0, budget=2.0)
+    history: list = []
+    rounds = 0
+    while True:
+        try:
+            check_budget(dp, history, 0.1, 10)
+        except BudgetSpent as exc:
+            assert "would spend epsilon" in str(exc)
+            break
+        history.append((1.0, 0.1, 10))
+        rounds += 1
+    expected = next(n for n in range(1, 100) if epsilon([(1.0, 0.1, 10 * n)], 1e-5) > 2.0) - 1
+    assert rounds == expected
+
+
+def test_updates_are_checked_and_unfit_strategies_refused():
+    strategy = SampleDP(build_strategy("fedavg"), SampleDPOptions(noise_multiplier=1.0))
+    state = strategy.initial_state(random_adapter(torch.Generator().manual_seed(0)))
+    ctx = context({"a": GLOBAL_PLAN})
+    ins = strategy.configure(ctx, state)["a"]
+    assert ins.options["dp_noise_multiplier"] == "1.0" and ins.options["dp_clip"] == "1.0"
+    good = {"dp_sample_noise_multiplier": 1.0, "dp_sample_rate": 0.1, "dp_sample_steps": 5.0, "dp_sample_epsilon": 0.5}
+    strategy.check_update(ctx, ClientUpdate("a", {}, 1, good))
+    for bad, message in (({**good, "dp_sample_noise_multiplier": 0.0}, "was asked for"), ({"train_loss": 1.0}, "does not report")):
+        with pytest.raises(ValueError, match=message):
+            strategy.check_update(ctx, ClientUpdate("a", {}, 1, bad))
+    for name in ("fedprox", "scaffold", "fedkseed"):
+        with pytest.raises(OptionsError, match=f"sample-level DP cannot wrap strategy {name}"):
+            SampleDP(build_strategy(name), SampleDPOptions())
+    config = RunConfig()
+    config.privacy.dp, config.federation.strategy = "sample", "fedprox"
+    with pytest.raises(ConfigError, match="privacy.dp: sample-level DP cannot wrap strategy fedprox"):
+        config.validate()
+    config.federation.strategy, config.privacy.delta = "fedavg", 0.0
+    with pytest.raises(ConfigError, match="delta must be in"):
+        config.validate()
+
+
+def test_both_levels_over_grpc_learn_and_the_report_has_every_clients_epsilon(tmp_path, small_llama):
+    from fedtune.cli import main
+    from fedtune.simulation.runner import run_simulation
+
+    from test_end_to_end import _config, _write_jsonl
+
+    config = _config(tmp_path, small_llama, "seq-cls", rounds=3)
+    config.federation.strategy, config.lora.rank, config.training.learning_rate = "fedavg", 8, 5e-3
+    config.privacy.dp = "both"
+    config.privacy.sample_noise_multiplier, config.privacy.sample_clip = 0.5, 1.0
+    config.privacy.noise_multiplier, config.privacy.clip = 0.01, 1.0
+    config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(600, seed=1))
+    config.eval.data = _write_jsonl(tmp_path / "eval.jsonl", sentiment_examples(200, seed=2))
+    result = run_simulation(config.validate())
+    assert not result.client_errors
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    assert main(["privacy-report", str(result.run_dir)]) == 0
+    report = json.loads((result.run_dir / "privacy.json").read_text())
+    assert report["client_level"] is not None and set(report["sample_level"]) == {"sim-000", "sim-001", "sim-002"}
+    for cid, entry in report["sample_level"].items():
+        taken = sum(cid in r["dp_sample"] for r in rows)
+        q = entry["history"][0][1]
+        assert entry["history"] == [[0.5, q, 10 * taken]] and len(entry["rounds"]) == taken
+        accountant = RDPAccountant()
+        accountant.history = [(0.5, q, 10 * taken)]
+        assert entry["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    assert "Sample level" in (result.run_dir / "privacy.md").read_text()
