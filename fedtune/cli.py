@@ -45,6 +45,7 @@ COMMON_KEYS = {
 
     "delta": "privacy.delta",
     "epsilon_budget": "privacy.epsilon_budget",
+    "target_epsilon": "privacy.target_epsilon",
     "codec": "compression.uplink",
     "downlink_codec": "compression.downlink",
 }
@@ -91,6 +92,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-multiplier", type=float, help="DP noise multiplier sigma (noise std = sigma * clip) of the level(s) --dp names")
     p.add_argument("--clip", type=float, help="DP clip norm: of each client's whole update (client level), of each example's gradient (sample level)")
     p.add_argument("--delta", type=float, help="DP delta of the reported epsilon")
+    p.add_argument("--target-epsilon", type=float, help="DP: choose the noise multiplier(s) that end the run at this epsilon")
     p.add_argument("--epsilon-budget", type=float, help="stop before a round would take the client-level epsilon past this")
     p.add_argument("--share-a", action="store_true", default=None, help="FedSA-LoRA: share only A; each client keeps its B")
     p.add_argument("--min-rank", type=int, help="planner: smallest rank it hands out")

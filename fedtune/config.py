@@ -209,6 +209,10 @@ class PrivacySection:
     epsilon_budget: float = 0.0
     sample_clip: float = 1.0
     sample_noise_multiplier: float = 1.0
+    # Instead of the noise multipliers: the epsilon to end the run at (client level: sigma
+    # fixed at round 1 for federation.rounds rounds; sample level: each device's sigma for
+    # rounds x local_steps steps at its own sample rate). 0: use the noise multipliers.
+    target_epsilon: float = 0.0
 
 
 @dataclass
@@ -248,14 +252,15 @@ class RunConfig:
             options = build_options(ClientDPOptions, {
                 "clip": p.clip, "noise_multiplier": p.noise_multiplier, "delta": p.delta, "accountant": p.accountant,
                 "adaptive": p.adaptive_clip, "target_quantile": p.target_quantile, "secure_noise": p.secure_noise,
-                "epsilon_budget": p.epsilon_budget,
+                "epsilon_budget": p.epsilon_budget, "target_epsilon": p.target_epsilon, "rounds": self.federation.rounds,
             }, "privacy")
             strategy = ClientDP(strategy, options, scale=scale, seed=self.seed)
         if p.dp in ("sample", "both"):
             from fedtune.aggregation.sample_dp import SampleDP, SampleDPOptions
             from fedtune.options import build_options
 
-            options = build_options(SampleDPOptions, {"clip": p.sample_clip, "noise_multiplier": p.sample_noise_multiplier, "delta": p.delta, "budget": p.epsilon_budget}, "privacy (sample level)")
+            options = build_options(SampleDPOptions, {"clip": p.sample_clip, "noise_multiplier": p.sample_noise_multiplier, "delta": p.delta, "budget": p.epsilon_budget,
+                                                     "target_epsilon": p.target_epsilon, "total_steps": self.federation.rounds * self.training.local_steps}, "privacy (sample level)")
             strategy = SampleDP(strategy, options, scale=scale, seed=self.seed)
         if self.federation.share_a:
             strategy = FedSA(strategy, FedSAOptions(self.federation.personal_eval), scale=scale, seed=self.seed)

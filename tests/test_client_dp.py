@@ -233,3 +233,16 @@ def test_a_run_configured_past_its_budget_stops_at_the_right_round(tmp_path, tin
     assert rows[-1]["dp_epsilon"] <= 3.0
     assert (result.run_dir / "adapter").is_dir()  # the run ended normally, with its export
     assert "privacy budget" in result.stopped_because and "> budget 3" in result.stopped_because
+
+
+def test_a_target_epsilon_picks_sigma_once_and_ends_the_run_there():
+    strategy = _dp(target_epsilon=4.0, rounds=5)
+    state = strategy.initial_state(random_adapter(torch.Generator().manual_seed(7)))
+    g = torch.Generator().manual_seed(8)
+    for number in range(1, 6):
+        assert strategy.stop_reason(state, 0.5) == ""
+        state, metrics = strategy.aggregate(_ctx(number, q=0.5), state, _moved(state, 0.1, g))
+    sigmas = {row[0] for row in state[HISTORY].tolist()}
+    assert len(sigmas) == 1 and sigmas.pop() > 0
+    assert 3.8 < metrics["dp_epsilon"] <= 4.0 * 1.01  # Opacus' search: within its 1% tolerance
+    assert "one more round" in strategy.stop_reason(state, 0.5)

@@ -161,3 +161,16 @@ def test_both_levels_over_grpc_learn_and_the_report_has_every_clients_epsilon(tm
         accountant.history = [(0.5, q, 10 * taken)]
         assert entry["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
     assert "Sample level" in (result.run_dir / "privacy.md").read_text()
+
+
+def test_a_target_epsilon_fixes_the_devices_sigma_and_the_device_declines_past_it(tiny_llama):
+    model, items, task, pad = _model_and_items(tiny_llama, 40)
+    start = adapter_state(model)
+    options = {"dp_clip": "1.0", "dp_target_epsilon": "3.0", "dp_total_steps": "6"}
+    privacy: dict = {}
+    settings = TrainSettings(local_steps=3, batch_size=8, learning_rate=1e-3)
+    for _ in range(2):
+        _, metrics = make_recipe(options, {}, privacy).run(model, start, {}, task, items, settings, pad)
+    assert 2.9 < metrics["dp_sample_epsilon"] <= 3.03 and privacy["history"][0][0] == privacy["sigma"]
+    with pytest.raises(BudgetSpent, match="would spend epsilon"):
+        make_recipe(options, {}, privacy).run(model, start, {}, task, items, settings, pad)

@@ -36,7 +36,7 @@ import torch
 
 from fedtune.aggregation.base import ClientUpdate, RoundContext, State, Strategy, Wrapper, weighted_train_loss
 from fedtune.options import OptionsError
-from fedtune.privacy.accounting import ACCOUNTANTS, epsilon, history_from_tensor, history_tensor
+from fedtune.privacy.accounting import ACCOUNTANTS, epsilon, history_from_tensor, history_tensor, noise_for_target
 from fedtune.privacy.client_level import adaptive_clip, clip_update, gaussian_like, noise_split
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 NAMESPACE = "dp"
 HISTORY = "dp/history"   # rows (noise multiplier, sample rate, steps), one per round
 CLIP = "dp/clip"         # the current clip norm (changes with adaptive clipping)
+SIGMA = "dp/sigma"       # the noise multiplier in use (from target_epsilon: fixed at round 1)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,10 @@ class ClientDPOptions:
     count_noise: float = 0.0
     secure_noise: bool = False       # seed the noise from the OS, not from the run's seed
     epsilon_budget: float = 0.0      # stop before a round would take epsilon past this (0: none)
+    # Instead of noise_multiplier: the smallest sigma that spends at most this over `rounds`
+    # rounds at the sampling rate of round 1 (fixed then, kept in the state).
+    target_epsilon: float = 0.0
+    rounds: int = 0
 
     def __post_init__(self) -> None:
         if self.clip <= 0:
@@ -72,6 +77,8 @@ class ClientDPOptions:
             raise ValueError(f"accountant must be one of {list(ACCOUNTANTS)}, got {self.accountant!r}")
         if self.epsilon_budget < 0:
             raise ValueError(f"epsilon_budget must be >= 0, got {self.epsilon_budget}")
+        if self.target_epsilon < 0 or (self.target_epsilon and self.rounds < 1):
+            raise ValueError("target_epsilon must be >= 0, and needs the number of rounds")
         if not 0.0 < self.target_quantile < 1.0 or self.clip_lr <= 0 or self.count_noise < 0:
             raise ValueError("target_quantile must be in (0, 1), clip_lr positive, count_noise >= 0")
 
@@ -103,22 +110,36 @@ class ClientDP(Wrapper):
         state = self.inner.initial_state(adapter)
         state[HISTORY] = history_tensor([])
         state[CLIP] = torch.tensor(self.options.clip, dtype=torch.float64)
+        state[SIGMA] = torch.tensor(float("nan"), dtype=torch.float64)  # NaN: not fixed yet
         return state
 
     def epsilon(self, state: Mapping[str, torch.Tensor]) -> float:
         return epsilon(history_from_tensor(state[HISTORY]), self.options.delta, self.options.accountant)
 
+    def sigma(self, state: Mapping[str, torch.Tensor], sampling_rate: float) -> float:
+        """The noise multiplier of the next round: the configured one, or the one a target
+        epsilon gives at the rate of the first round (then kept in the state)."""
+        o = self.options
+        if not o.target_epsilon:
+            return o.noise_multiplier
+        if SIGMA in state and torch.isfinite(state[SIGMA]):
+            return float(state[SIGMA])
+        return noise_for_target(o.target_epsilon, o.delta, sampling_rate, o.rounds, o.accountant)
+
     def stop_reason(self, state: Mapping[str, torch.Tensor], sampling_rate: float) -> str:
         """Refuse a round that would take epsilon past the budget (checked before it runs, with
         the rate its clients are sampled at)."""
         o = self.options
-        if not o.epsilon_budget:
+        budget = o.epsilon_budget or o.target_epsilon
+        if not budget:
             return ""
         spent = history_from_tensor(state[HISTORY])
-        after = epsilon([*spent, (o.noise_multiplier, sampling_rate, 1)], o.delta, o.accountant)
-        if after > o.epsilon_budget:
+        after = epsilon([*spent, (self.sigma(state, sampling_rate), sampling_rate, 1)], o.delta, o.accountant)
+        if o.target_epsilon and not o.epsilon_budget:
+            budget *= 1.01  # Opacus' search meets a target within 1%
+        if after > budget:
             now = epsilon(spent, o.delta, o.accountant)
-            return (f"client-level privacy budget: one more round would spend epsilon {after:.4g} > budget {o.epsilon_budget:g} "
+            return (f"client-level privacy budget: one more round would spend epsilon {after:.4g} > budget {budget:g} "
                     f"(spent {now:.4g} at delta {o.delta:g} over {len(spent)} rounds)")
         return ""
 
@@ -144,11 +165,12 @@ class ClientDP(Wrapper):
                     raise ValueError(f"client-level DP: {u.client_id} sent {n} of shape {list(t.shape)}, the global adapter's is {list(total[n].shape)}")
                 total[n] += t
         generator = self._generator(ctx.number)
-        sigma = o.noise_multiplier
+        total_sigma = self.sigma(state, q)
+        sigma = total_sigma
         metrics: dict = {}
         if o.adaptive:
-            count_sigma = o.count_noise or max(expected / 20, 1.2 * o.noise_multiplier)
-            sigma = noise_split(o.noise_multiplier, count_sigma) if o.noise_multiplier > 0 else 0.0
+            count_sigma = o.count_noise or max(expected / 20, 1.2 * total_sigma)
+            sigma = noise_split(total_sigma, count_sigma) if total_sigma > 0 else 0.0
         noise = gaussian_like({n: t.shape for n, t in total.items()}, sigma * clip, generator)
         mean = {n: (total[n] + noise[n]) / expected for n in names}
         pseudo = ClientUpdate("dp-aggregate", {n: (inner_state[n].double() + mean[n]).to(inner_state[n].dtype) for n in names}, 1, {}, {n: inner_state[n] for n in names})
@@ -157,15 +179,15 @@ class ClientDP(Wrapper):
         if o.adaptive:
             next_clip, fraction = adaptive_clip(clip, unclipped, expected, o.target_quantile, o.clip_lr, count_sigma, generator)
             metrics["dp_unclipped_fraction_noised"] = fraction
-        history = torch.cat([state[HISTORY], history_tensor([(o.noise_multiplier, q, 1)])])
+        history = torch.cat([state[HISTORY], history_tensor([(total_sigma, q, 1)])])
         eps = epsilon(history_from_tensor(history), o.delta, o.accountant)
-        log.info("round %d: client-level DP, epsilon %.3f at delta %g (sigma %.3f, C %.4g, q %.3f)", ctx.number, eps, o.delta, o.noise_multiplier, clip, q)
+        log.info("round %d: client-level DP, epsilon %.3f at delta %g (sigma %.3f, C %.4g, q %.3f)", ctx.number, eps, o.delta, total_sigma, clip, q)
         metrics.update({
             "train_loss": weighted_train_loss(updates),
-            "dp_epsilon": eps, "dp_delta": o.delta, "dp_noise_multiplier": o.noise_multiplier,
+            "dp_epsilon": eps, "dp_delta": o.delta, "dp_noise_multiplier": total_sigma,
             "dp_clip": clip, "dp_sample_rate": q, "dp_expected_clients": expected,
         })
-        out = {**new_state, HISTORY: history, CLIP: torch.tensor(next_clip, dtype=torch.float64)}
+        out = {**new_state, HISTORY: history, CLIP: torch.tensor(next_clip, dtype=torch.float64), SIGMA: torch.tensor(total_sigma, dtype=torch.float64)}
         return out, {**{k: v for k, v in inner_metrics.items() if k != "train_loss"}, **metrics}
 
     def describe(self) -> dict:

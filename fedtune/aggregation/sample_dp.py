@@ -33,8 +33,14 @@ class SampleDPOptions:
     noise_multiplier: float = 1.0
     delta: float = 1e-5
     budget: float = 0.0
+    # Instead of noise_multiplier: each device picks the smallest sigma that spends at most this
+    # over total_steps steps at its own sample rate.
+    target_epsilon: float = 0.0
+    total_steps: int = 0
 
     def __post_init__(self) -> None:
+        if self.target_epsilon < 0 or (self.target_epsilon and self.total_steps < 1):
+            raise ValueError("target_epsilon must be >= 0 and needs total_steps")
         if self.clip <= 0:
             raise ValueError(f"clip must be positive, got {self.clip}")
         if self.noise_multiplier < 0:
@@ -62,6 +68,8 @@ class SampleDP(Wrapper):
     def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
         o = self.options
         dp = {"dp_clip": str(o.clip), "dp_noise_multiplier": str(o.noise_multiplier), "dp_delta": str(o.delta), "dp_budget": str(o.budget)}
+        if o.target_epsilon:
+            dp.update({"dp_target_epsilon": str(o.target_epsilon), "dp_total_steps": str(o.total_steps)})
         return map_instructions(self.inner.configure(ctx, state), lambda ins: dataclasses.replace(ins, options={**ins.options, **dp}))
 
     def check_update(self, ctx: RoundContext, update: ClientUpdate) -> None:
@@ -69,8 +77,13 @@ class SampleDP(Wrapper):
         sigma, q, steps = m.get("dp_sample_noise_multiplier"), m.get("dp_sample_rate"), m.get("dp_sample_steps")
         if sigma is None or q is None or steps is None:
             raise ValueError("sample-level DP: the update does not report its noise multiplier, sample rate and steps")
-        if not math.isclose(sigma, self.options.noise_multiplier, rel_tol=1e-9) or not 0 < q <= 1 or steps < 1:
-            raise ValueError(f"sample-level DP: the update reports sigma {sigma}, q {q}, {steps} steps; sigma {self.options.noise_multiplier} was asked for")
+        o = self.options
+        if o.target_epsilon:  # each device chose its own sigma: check what it spent instead
+            eps = m.get("dp_sample_epsilon")
+            if sigma <= 0 or eps is None or not 0 < q <= 1 or steps < 1 or eps > o.target_epsilon * 1.01:
+                raise ValueError(f"sample-level DP: the update reports sigma {sigma}, q {q}, {steps} steps, epsilon {eps}; the target is {o.target_epsilon}")
+        elif not math.isclose(sigma, o.noise_multiplier, rel_tol=1e-9) or not 0 < q <= 1 or steps < 1:
+            raise ValueError(f"sample-level DP: the update reports sigma {sigma}, q {q}, {steps} steps; sigma {o.noise_multiplier} was asked for")
         self.inner.check_update(ctx, update)
 
     def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:

@@ -58,3 +58,17 @@ def history_tensor(history: Iterable[Sequence[float]]) -> torch.Tensor:
 
 def history_from_tensor(tensor: torch.Tensor) -> PrivacyHistory:
     return [(float(s), float(q), int(n)) for s, q, n in tensor.reshape(-1, 3).tolist()]
+
+
+def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
+    """The smallest noise multiplier (within Opacus' 0.01 tolerance on epsilon) whose ``steps``
+    steps at ``sample_rate`` spend at most ``target_epsilon`` at ``delta``: Opacus' own search."""
+    import warnings
+
+    from opacus.accountants.utils import get_noise_multiplier
+
+    if target_epsilon <= 0 or steps < 1 or not 0 < sample_rate <= 1:
+        raise ValueError("a target epsilon needs target > 0, steps >= 1 and a sample rate in (0, 1]")
+    with warnings.catch_warnings():  # Opacus' advice on its order grid is not actionable here
+        warnings.simplefilter("ignore", UserWarning)
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant))

@@ -53,12 +53,18 @@ class LocalOptions:
     dp_noise_multiplier: float = 0.0
     dp_delta: float = 1e-5
     dp_budget: float = 0.0
+    # Instead of dp_noise_multiplier: the smallest sigma that spends at most this epsilon over
+    # dp_total_steps steps at this device's sample rate (fixed at its first round).
+    dp_target_epsilon: float = 0.0
+    dp_total_steps: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.personal_eval < 1.0:
             raise ValueError("personal_eval must be in [0, 1)")
         if self.dp_clip < 0 or self.dp_noise_multiplier < 0 or not 0.0 < self.dp_delta < 1.0 or self.dp_budget < 0:
             raise ValueError("dp_clip and dp_noise_multiplier must be >= 0, dp_delta in (0, 1), dp_budget >= 0")
+        if self.dp_target_epsilon < 0 or (self.dp_target_epsilon and self.dp_total_steps < 1):
+            raise ValueError("dp_target_epsilon must be >= 0 and needs dp_total_steps")
 
     @property
     def kept_suffixes(self) -> tuple[str, ...]:
@@ -169,15 +175,21 @@ class Recipe:
     def train_private(self, model: torch.nn.Module, task: Task, items: Sequence[EncodedExample], settings: TrainSettings, pad_id: int, device: torch.device) -> dict[str, float]:
         """DP-SGD (fedtune.privacy.sample_level): the same steps, with per-example clipping,
         noise and Poisson batches; the round is added to the device's privacy history."""
-        from fedtune.privacy.accounting import epsilon
+        from fedtune.privacy.accounting import epsilon, noise_for_target
         from fedtune.privacy.sample_level import SampleDPSettings, check_budget, dp_train, poisson_batches
 
         if type(self).penalty is not Recipe.penalty or type(self).after_backward is not Recipe.after_backward:
             raise ValueError(f"recipe {self.name!r} changes gradients or adds a penalty, which sample-level DP-SGD cannot clip per example")
         o = self.options
-        dp = SampleDPSettings(o.dp_noise_multiplier, o.dp_clip, o.dp_delta, o.dp_budget)
         history = self.privacy.setdefault("history", [])
         q = min(1.0, settings.batch_size / len(items))
+        sigma = o.dp_noise_multiplier
+        if o.dp_target_epsilon:  # fixed once for the device, from its own sample rate
+            if "sigma" not in self.privacy:
+                self.privacy["sigma"] = noise_for_target(o.dp_target_epsilon, o.dp_delta, q, o.dp_total_steps)
+            sigma = self.privacy["sigma"]
+        budget = o.dp_budget or (o.dp_target_epsilon * 1.01 if o.dp_target_epsilon else 0.0)
+        dp = SampleDPSettings(sigma, o.dp_clip, o.dp_delta, budget)
         check_budget(dp, history, q, settings.local_steps)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
