@@ -17,6 +17,7 @@ it took part in. It is kept in the client process: a restarted client starts a n
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -82,6 +83,9 @@ def dp_train(
     )
     losses = []
     try:
+        # Opacus' hooks fire on module outputs when no input needs a gradient (frozen base
+        # weights): torch warns about it at every backward, harmlessly.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         for batch in batches:
             optimizer.zero_grad(set_to_none=True)
             if not batch:  # an empty Poisson batch: nothing to learn from, still a step
