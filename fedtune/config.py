@@ -27,8 +27,9 @@ class ConfigError(ValueError):
 # DP-SGD on the devices, or both.
 DP_MODES = ("", "client", "sample", "both")
 
-# Adapter variants: plain LoRA, and FFA-LoRA (A frozen, only B trained and sent).
-LORA_VARIANTS = ("lora", "ffa")
+# Adapter variants: plain LoRA, FFA-LoRA (A frozen, only B trained and sent), FedSVD (as FFA,
+# with A re-factorized from B @ A by SVD after every round).
+LORA_VARIANTS = ("lora", "ffa", "fedsvd")
 
 # The strategy a run uses when the config names none, by task (chosen from bench/skew.py).
 DEFAULT_STRATEGY = {"seq-cls": "fedlc", "causal-lm": "fedavg"}
@@ -54,7 +55,8 @@ class LoraSection:
     target_modules: list[str] = field(default_factory=list)
     # Transformer block indices that carry LoRA. Empty: all blocks.
     layers: list[int] = field(default_factory=list)
-    # "lora", or "ffa" (FFA-LoRA: every A frozen at its initialization, only B trained and sent).
+    # "lora"; "ffa" (FFA-LoRA: every A frozen at its initialization, only B trained and sent);
+    # "fedsvd" (as ffa, and the coordinator re-factorizes B @ A by SVD after every round).
     variant: str = "lora"
 
 
@@ -264,10 +266,10 @@ class RunConfig:
             strategy = SampleDP(strategy, options, scale=scale, seed=self.seed)
         if self.federation.share_a:
             strategy = FedSA(strategy, FedSAOptions(self.federation.personal_eval), scale=scale, seed=self.seed)
-        if self.lora.variant == "ffa":
-            from fedtune.aggregation.ffa import FFALoRA
+        if self.lora.variant in ("ffa", "fedsvd"):
+            from fedtune.aggregation.ffa import FedSVD, FFALoRA
 
-            strategy = FFALoRA(strategy, scale=scale, seed=self.seed)
+            strategy = (FFALoRA if self.lora.variant == "ffa" else FedSVD)(strategy, scale=scale, seed=self.seed)
         c = self.compression
         if c.uplink or c.downlink:
             from fedtune.aggregation.compress import Compress
@@ -292,7 +294,7 @@ class RunConfig:
         _check(self.lora.alpha > 0, "lora.alpha", "must be positive")
         _check(0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
         _check(self.lora.variant in LORA_VARIANTS, "lora.variant", f"unknown variant {self.lora.variant!r}; choose one of: {', '.join(LORA_VARIANTS)}")
-        _check(not (self.lora.variant == "ffa" and self.federation.share_a), "lora.variant", "ffa sends only B and federation.share_a only A: nothing LoRA would be shared")
+        _check(not (self.lora.variant in ("ffa", "fedsvd") and self.federation.share_a), "lora.variant", f"{self.lora.variant} sends only B and federation.share_a only A: nothing LoRA would be shared")
         _check(all(i >= 0 for i in self.lora.layers), "lora.layers", "layer indices must be >= 0")
         _check(self.training.local_steps >= 1, "training.local_steps", "must be at least 1")
         _check(self.training.batch_size >= 1, "training.batch_size", "must be at least 1")

@@ -74,7 +74,7 @@ def test_strategies_that_rebuild_a_and_share_a_conflicts_are_refused():
     with pytest.raises(ConfigError, match="nothing LoRA would be shared"):
         config.validate()
     config.federation.share_a, config.lora.variant = False, "ffa-lora"
-    with pytest.raises(ConfigError, match="unknown variant 'ffa-lora'; choose one of: lora, ffa"):
+    with pytest.raises(ConfigError, match="unknown variant 'ffa-lora'; choose one of: lora, ffa, fedsvd"):
         config.validate()
 
 
@@ -99,3 +99,29 @@ def test_ffa_run_keeps_a_and_halves_the_upload(tmp_path, small_llama):
     # The upload is B and the head only: about half of plain LoRA's (the head is the rest).
     ratio = rows["ffa"][-1]["bytes_up_per_client"] / rows["lora"][-1]["bytes_up_per_client"]
     assert 0.45 < ratio < 0.6
+
+
+def test_fedsvd_keeps_the_product_and_makes_a_orthonormal():
+    from fedtune.aggregation.ffa import FedSVD, refactorize
+
+    g = torch.Generator().manual_seed(3)
+    strategy = FedSVD(build_strategy("fedavg"))
+    state = strategy.initial_state(random_adapter(g))
+    updates = trained(strategy.configure(context(PLANS), state), g)
+    new, _ = strategy.aggregate(context(PLANS), state, updates)
+    plain, _ = FFALoRA(build_strategy("fedavg")).aggregate(context(PLANS), state, updates)
+    for name in new:
+        if name.endswith(A):
+            module = name[: -len(A)]
+            a, b = new[module + A], new[module + B]
+            torch.testing.assert_close(a @ a.T, torch.eye(a.shape[0]), atol=1e-5, rtol=0)   # orthonormal rows
+            assert not torch.allclose(a, state[name])                                    # A followed the product
+            # the product is exactly FFA-LoRA's: mean of the B's times the old A
+            torch.testing.assert_close(b @ a, plain[module + B] @ plain[name], atol=1e-5, rtol=1e-5)
+    again = refactorize(new)  # re-factorizing an SVD factorization changes no product
+    for name in again:
+        if name.endswith(A):
+            module = name[: -len(A)]
+            torch.testing.assert_close(again[module + B] @ again[name], new[module + B] @ new[name], atol=1e-5, rtol=1e-5)
+    with pytest.raises(OptionsError, match="lora.variant fedsvd"):
+        FedSVD(build_strategy("hetlora"))

@@ -8,6 +8,12 @@ noisy factors to amplify the noise of differential privacy. Every client receive
 each round and freezes it (the plan's ``freeze_a``); what the inner strategy aggregates is B.
 Refused by strategies that rebuild A each round (flexlora, flora). Turned on with
 ``lora.variant = "ffa"``.
+
+FedSVD (``lora.variant = "fedsvd"``) trains the same way, and after each round re-factorizes
+every module's product B @ A by SVD: the new A is an orthonormal basis of the product's row
+space, so the frozen A follows what the federation learned instead of staying random. The
+product, and so the global model, is unchanged by the re-factorization; under DP it is
+post-processing of the released aggregate and costs no privacy.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any, Mapping
 import torch
 
 from fedtune.aggregation.base import Instruction, RoundContext, Strategy, Wrapper, map_instructions
-from fedtune.names import A_SUFFIX
+from fedtune.names import A_SUFFIX, B_SUFFIX, lora_modules
 from fedtune.options import OptionsError
 
 
@@ -38,3 +44,33 @@ class FFALoRA(Wrapper):
             return dataclasses.replace(ins, plan=dataclasses.replace(ins.plan, freeze_a=True), expect=expect)
 
         return map_instructions(self.inner.configure(ctx, state), freeze_a)
+
+
+class FedSVD(FFALoRA):
+    """FedSVD: clients train B with A frozen (as FFA-LoRA); after each round the coordinator
+    re-factorizes every module's B @ A by SVD, so the next round's A is an orthonormal basis of
+    the product's row space and B carries the singular values."""
+
+    name = "fedsvd"
+
+    def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
+        if inner.heterogeneous:
+            raise OptionsError(f"lora.variant fedsvd: {inner.name} aggregates adapters of different ranks; fedsvd re-factorizes one global rank")
+        super().__init__(inner, options, scale=scale, seed=seed)
+
+    def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates):
+        new_state, metrics = self.inner.aggregate(ctx, state, updates)
+        return {**new_state, **refactorize(new_state)}, metrics
+
+
+def refactorize(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """For every LoRA module: (B, A) -> (U S, V^T) from the SVD of B @ A, truncated to the rank:
+    the same product, with A's rows orthonormal (FedSVD's re-factorization)."""
+    out = {}
+    for module in lora_modules(state):
+        a, b = state[module + A_SUFFIX], state[module + B_SUFFIX]
+        rank = a.shape[0]
+        u, s, vh = torch.linalg.svd(b.double() @ a.double(), full_matrices=False)
+        out[module + A_SUFFIX] = vh[:rank].to(a.dtype).contiguous()
+        out[module + B_SUFFIX] = (u[:, :rank] * s[:rank]).to(b.dtype).contiguous()
+    return out
