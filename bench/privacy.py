@@ -40,6 +40,10 @@ def run(level: str, variant: str, eps: float, args, tmp: str) -> dict:
     config.federation.rounds = args.rounds
     config.lora.variant = variant
     config.simulation.eval_examples = 1000
+    if args.batch_size:
+        config.training.batch_size = args.batch_size
+    if args.lr:
+        config.training.learning_rate = args.lr
     if level == "sample":
         config.simulation.clients = args.clients
     else:
@@ -78,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=3, help="sample level: demo clients")
     parser.add_argument("--sample-clip", type=float, default=1.0)
     parser.add_argument("--client-clip", type=float, default=0.5)
+    parser.add_argument("--batch-size", type=int, default=0, help="local batch size (default: fedtune's)")
+    parser.add_argument("--lr", type=float, default=0.0, help="local learning rate (default: fedtune's)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     rows = []
@@ -99,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['name']:<14}{r['eval_loss']:>10.4f}{r['eval_accuracy']:>10.3f}{eps:>10}{sigma:>8}{r['bytes_up_per_client_round']:>12.0f}")
     if args.out:
         args.out.write_text(json.dumps({"rows": rows, "rounds": args.rounds, "sample_clients": args.clients, "client_level_clients": 100,
-                                        "client_level_per_round": 10, "sample_clip": args.sample_clip, "client_clip": args.client_clip, "delta": 1e-5}, indent=2) + "\n")
+                                        "client_level_per_round": 10, "sample_clip": args.sample_clip, "client_clip": args.client_clip, "delta": 1e-5,
+                                        "batch_size": args.batch_size or "default", "lr": args.lr or "default"}, indent=2) + "\n")
     return 0
 
 
