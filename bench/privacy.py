@@ -16,8 +16,9 @@ spent (``epsilon``; the largest device's at sample level). ``epsinf`` is the sam
   update clip ``--client-clip``.
 
 Columns: ``eval_loss``, ``eval_accuracy`` (final), ``epsilon``, ``noise_multiplier``,
-``bytes_up_per_client_round``, ``wall_seconds``. Variants: ``lora`` (plain) and ``ffa`` (FFA-LoRA);
-Fed-SB and FedSVD are not in fedtune yet.
+``bytes_up_per_client_round``, ``wall_seconds``. Variants: ``lora`` (plain), ``ffa`` (FFA-LoRA: A
+frozen at its seeded init, only B trained and sent) and ``fedsvd`` (B trained, A re-factorized by SVD
+on the coordinator after every round).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def run(level: str, variant: str, eps: float, args, tmp: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", default="sample,client")
-    parser.add_argument("--variants", default="lora,ffa")
+    parser.add_argument("--variants", default="lora,ffa,fedsvd")
     parser.add_argument("--epsilons", default="1,4,8,inf")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--clients", type=int, default=3, help="sample level: demo clients")
