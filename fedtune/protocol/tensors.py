@@ -87,16 +87,24 @@ def decode_raw(header: pb.TensorHeader, payload: bytes | bytearray | memoryview)
     return _decode(header, payload)
 
 
-def _decode(header: pb.TensorHeader, payload: bytes | bytearray | memoryview) -> torch.Tensor:
-    """``payload`` decoded as ``header`` (already checked) says."""
+def _decode(header: pb.TensorHeader, payload: bytes | bytearray | memoryview, stream_state: dict | None = None) -> torch.Tensor:
+    """``payload`` decoded as ``header`` (already checked) says. ``stream_state`` keeps what a
+    stream's later frames rely on (AMAQ's per-channel widths, sent only when they change)."""
     if len(payload) != header.payload_bytes:
         raise ProtocolError(
             f"tensor {header.name!r}: payload has {len(payload)} bytes, header says {header.payload_bytes}"
         )
     dtype, np_dtype = _FROM_WIRE[header.dtype]
     if header.encoding != pb.ENCODING_RAW:
+        codec, shape, params = codec_for_encoding(header.encoding), tuple(header.shape), dict(header.codec_params)
         try:
-            decoded = codec_for_encoding(header.encoding).decode(payload, tuple(header.shape), dict(header.codec_params))
+            if header.encoding == pb.ENCODING_AMAQ and stream_state is not None:
+                widths = codec.read_widths(payload, shape, params)
+                widths = stream_state.get(header.name) if widths is None else widths
+                decoded = codec.decode(payload, shape, params, widths=widths)
+                stream_state[header.name] = widths
+            else:
+                decoded = codec.decode(payload, shape, params)
         except CodecError as exc:
             raise ProtocolError(f"tensor {header.name!r}: {exc}") from None
         return decoded.to(dtype)
@@ -232,7 +240,9 @@ class TensorReceiver:
         max_tensor_bytes: int = 2 * 1024**3,
         max_total_bytes: int = 8 * 1024**3,
         require_finite: bool = False,
+        stream_state: dict | None = None,
     ) -> None:
+        self.stream_state = stream_state
         self.expected = dict(expected) if expected is not None else None
         self.max_tensor_bytes = max_tensor_bytes
         self.max_total_bytes = max_total_bytes
@@ -302,7 +312,7 @@ class TensorReceiver:
 
     def _finish(self) -> None:
         assert self._header is not None and self._buffer is not None
-        tensor = _decode(self._header, self._buffer)
+        tensor = _decode(self._header, self._buffer, self.stream_state)
         if self.require_finite and tensor.is_floating_point() and not all_finite(tensor):
             raise ProtocolError(f"tensor {self._header.name!r} contains NaN or Inf")
         self.tensors[self._header.name] = tensor

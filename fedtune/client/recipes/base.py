@@ -169,6 +169,7 @@ class Recipe:
                 optimizer.step()
                 losses.append(loss.item())
         model.eval()
+        self.step_losses = losses
         return {"train_loss": sum(losses) / len(losses), "steps": float(len(losses))}
 
 

@@ -1,0 +1,182 @@
+"""Split learning, the device's half (SplitFed): the client runs the embeddings and blocks
+``[0, cut)`` with their LoRA, streams the activations at the cut to the coordinator every step
+and backpropagates the gradient it gets back. In the U-shaped split (``head = "client"``, the
+default) it also runs the head: the coordinator returns the activations after the last block,
+the client computes the loss and sends their gradient, so labels never leave the device.
+
+The options are shared with the coordinator's half (fedtune.split.server), which reads them from
+the same task options. The agent gives the recipe its ``link`` (a gRPC stream, or an in-process
+server half in tests) before ``run``; the update sent at the end holds the client's tensors only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from fedtune.adapters import adapter_parameters
+from fedtune.client.recipes.base import RECIPES, LocalOptions, Recipe, TrainSettings
+from fedtune.protocol import fedtune_pb2 as pb
+from fedtune.protocol.tensors import encode_tensor
+from fedtune.split.segments import bottom_forward, client_side, top_forward
+from fedtune.split.wire import DirectionCodec, Sender, check_rows, scatter
+from fedtune.tasks import EncodedExample, Task
+from fedtune.tasks.base import sample_batches
+
+HEAD_PLACES = ("client", "server")
+
+
+@dataclass(frozen=True)
+class SplitOptions(LocalOptions):
+    recipe: str = "split"
+    # The client runs the embeddings and blocks [0, cut); the coordinator blocks [cut, L).
+    cut: int = 0
+    # "client": U-shaped split, the client also runs the head, so labels never leave the device
+    # (two round trips per step). "server": the coordinator runs the head; labels travel with
+    # the activations.
+    head: str = "client"
+    # The first step of this round in the whole run (AMAQ's budget schedule counts from it).
+    step0: int = 0
+    act_codec: str = "amaq"
+    act_bits: float = 4.0
+    grad_codec: str = "amaq"
+    grad_bits: float = 4.0
+    start_bits: float = 8.0
+    anneal_steps: int = 0
+    b_min: int = 2
+    b_max: int = 8
+    reg_weight: float = 0.01
+    gate_lr: float = 0.05
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.cut < 1:
+            raise ValueError(f"cut must be a block index of at least 1, got {self.cut}")
+        if self.head not in HEAD_PLACES:
+            raise ValueError(f"head must be one of {HEAD_PLACES}, got {self.head!r}")
+        if self.keep or self.dp_clip:
+            raise ValueError("split training does not combine with keep (FedSA) or sample-level DP")
+        self.direction("act"), self.direction("grad")  # validates both codecs
+
+    @property
+    def head_on_client(self) -> bool:
+        return self.head == "client"
+
+    def direction(self, prefix: str) -> DirectionCodec:
+        """The codec settings of activations (``act``) or gradients (``grad``)."""
+        codec, bits = getattr(self, f"{prefix}_codec"), getattr(self, f"{prefix}_bits")
+        start = max(self.start_bits, bits) if codec == "amaq" else self.start_bits
+        return DirectionCodec(codec, bits, start, self.anneal_steps, self.b_min, self.b_max, self.reg_weight, 1.0, self.gate_lr)
+
+
+@RECIPES.register("split")
+class SplitRecipe(Recipe):
+    name = "split"
+    Options = SplitOptions
+
+    link = None  # set by the agent: an object with exchange(header, tensors) -> (header, tensors)
+
+    def run(self, model, start, extras, task, items, settings, pad_id, device="cpu", eval_items=()):
+        if self.link is None:
+            raise RuntimeError("split training needs a link to the coordinator's half")
+        send, metrics = super().run(model, start, extras, task, items, settings, pad_id, device, eval_items)
+        o = self.options
+        return {k: v for k, v in send.items() if client_side(k, o.cut, o.head_on_client)}, metrics
+
+    def train(self, model: torch.nn.Module, task: Task, items: Sequence[EncodedExample], settings: TrainSettings, pad_id: int, device: torch.device) -> dict[str, float]:
+        o = self.options
+        model.train()
+        params = [p for n, p in adapter_parameters(model).items() if client_side(n, o.cut, o.head_on_client)]
+        if not params:
+            raise ValueError(f"no trainable adapter tensors on the client's side of cut {o.cut}")
+        optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+        up_act = Sender(o.direction("act"))
+        up_grad = Sender(o.direction("grad"))
+        order = torch.Generator().manual_seed(settings.seed)
+        losses: list[float] = []
+        compute = 0.0
+        server = 0.0
+        round_trips = 0.0
+        fork_devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(settings.seed)
+            for i, batch in enumerate(sample_batches(items, settings.local_steps, settings.batch_size, order)):
+                step = o.step0 + i
+                t0 = time.perf_counter()
+                inputs = {k: v.to(device) for k, v in task.collate(batch, pad_id).items()}
+                mask = inputs["attention_mask"].bool()
+                optimizer.zero_grad(set_to_none=True)
+                hidden = bottom_forward(model, inputs, o.cut)
+                rows = hidden[mask]
+                rows_hat, wire = up_act.send("hidden", rows, step)
+                tensors = [wire, encode_tensor("mask", mask.to("cpu", torch.uint8))]
+                if not o.head_on_client:
+                    tensors.append(encode_tensor("labels", inputs["labels"].cpu()))
+                compute += time.perf_counter() - t0
+                t1 = time.perf_counter()
+                reply, got = self.link.exchange(pb.SplitHeader(step=step, kind=pb.SPLIT_KIND_ACTIVATIONS), tensors)
+                round_trips += time.perf_counter() - t1
+                server += reply.metrics.get("server_seconds", 0.0)
+                t2 = time.perf_counter()
+                if o.head_on_client:
+                    top_rows = _rows(got, "hidden", mask, rows.shape[1], pb.SPLIT_KIND_ACTIVATIONS, reply)
+                    top = scatter(top_rows.to(device, rows.dtype), mask).requires_grad_(True)
+                    loss = top_forward(model, top, inputs["attention_mask"], inputs["labels"], _blocks(model), pad_id).loss
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"training loss became {loss.item()}; lower the learning rate")
+                    loss.backward()
+                    top_grad = top.grad[mask]
+                    _, gwire = up_grad.send("grad", top_grad, step)
+                    up_grad.learn(top_grad, None)
+                    compute += time.perf_counter() - t2
+                    t3 = time.perf_counter()
+                    reply, got = self.link.exchange(pb.SplitHeader(step=step, kind=pb.SPLIT_KIND_GRADIENTS), [gwire])
+                    round_trips += time.perf_counter() - t3
+                    server += reply.metrics.get("server_seconds", 0.0)
+                    t2 = time.perf_counter()
+                    value = loss.item()
+                else:
+                    value = float(reply.metrics.get("loss", float("nan")))
+                    if not torch.isfinite(torch.tensor(value)):
+                        raise FloatingPointError(f"the coordinator's loss became {value}; lower the learning rate")
+                grad = _rows(got, "grad", mask, rows.shape[1], pb.SPLIT_KIND_GRADIENTS, reply).to(device, rows.dtype)
+                rows_hat.backward(grad)
+                up_act.learn(rows, grad)
+                optimizer.step()
+                compute += time.perf_counter() - t2
+                losses.append(value)
+        model.eval()
+        self.step_losses = losses
+        n = max(len(losses), 1)
+        link = self.link
+        codec = up_act.encode_seconds + up_grad.encode_seconds + getattr(link, "decode_seconds", 0.0)
+        metrics = {
+            "train_loss": sum(losses) / n, "steps": float(len(losses)),
+            "split_client_ms": 1000 * (compute - codec) / n, "split_server_ms": 1000 * server / n,
+            "split_wire_ms": 1000 * max(round_trips - server, 0.0) / n, "split_codec_ms": 1000 * codec / n,
+            "split_bytes_up_per_step": link.bytes_up / n, "split_bytes_down_per_step": link.bytes_down / n,
+            "split_bits_up": up_act.last_bits if not o.head_on_client else (up_act.last_bits + up_grad.last_bits) / 2,
+            "split_cut": float(o.cut),
+        }
+        if link.bits_down:
+            metrics["split_bits_down"] = link.bits_down
+        return metrics
+
+
+def _blocks(model: torch.nn.Module) -> int:
+    from fedtune.split.segments import anatomy
+
+    return anatomy(model).num_blocks
+
+
+def _rows(got: Mapping[str, torch.Tensor], name: str, mask: torch.Tensor, channels: int, kind: int, reply: pb.SplitHeader) -> torch.Tensor:
+    """The coordinator's reply tensor ``name``, checked against the batch it answers."""
+    from fedtune.protocol.tensors import ProtocolError
+
+    if reply.kind != kind or set(got) != {name}:
+        raise ProtocolError(f"the coordinator answered with {pb.SplitKind.Name(reply.kind)} {sorted(got)}, expected {pb.SplitKind.Name(kind)} [{name!r}]")
+    check_rows(got[name], mask, channels, f"the coordinator's {name}")
+    return got[name]

@@ -1,0 +1,103 @@
+"""The client's end of a split session: send one message, get the coordinator's answer.
+
+``GrpcLink`` speaks the ``SplitStep`` stream (one bidirectional stream per client session and
+round); ``LocalLink`` hands the same frames to an in-process ``ServerHalf``, so tests exercise
+the codecs, framing and byte counts without a network. Both count the bytes each way.
+"""
+
+from __future__ import annotations
+
+import queue
+import torch
+
+from fedtune.protocol import fedtune_pb2 as pb
+from fedtune.protocol.tensors import EncodedTensor
+from fedtune.split.wire import Receiver, frames_bytes, message_frames
+
+
+class Link:
+    """Byte and time accounting shared by both links."""
+
+    def __init__(self) -> None:
+        self.receiver = Receiver()
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self._bits: list[float] = []
+
+    @property
+    def decode_seconds(self) -> float:
+        return self.receiver.decode_seconds
+
+    @property
+    def bits_down(self) -> float:
+        """Mean bits per element of what the coordinator sent (0 before any message)."""
+        return sum(self._bits) / len(self._bits) if self._bits else 0.0
+
+    def _received(self, header: pb.SplitHeader) -> None:
+        if "bits" in header.metrics:
+            self._bits.append(header.metrics["bits"])
+
+    def exchange(self, header: pb.SplitHeader, tensors: list[EncodedTensor]) -> tuple[pb.SplitHeader, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class LocalLink(Link):
+    """A link to a ``ServerHalf`` in this process, through the real wire format."""
+
+    def __init__(self, server) -> None:
+        super().__init__()
+        self.server = server
+        self._server_receiver = Receiver()
+
+    def exchange(self, header, tensors):
+        frames = message_frames(header, tensors)
+        self.bytes_up += frames_bytes(frames)
+        got = self._server_receiver.read(iter(frames))
+        assert got is not None
+        reply_header, reply_tensors = self.server.handle(got[0], got[1])
+        reply = message_frames(reply_header, reply_tensors)
+        self.bytes_down += frames_bytes(reply)
+        answer = self.receiver.read(iter(reply))
+        assert answer is not None
+        self._received(answer[0])
+        return answer[0], answer[1]
+
+
+class GrpcLink(Link):
+    """One ``SplitStep`` stream: requests go through a queue that gRPC drains, answers are read
+    from the response stream in order."""
+
+    def __init__(self, stub, client_id: str, token: str, round_number: int, timeout_s: float = 3600.0, chunk_bytes: int = 1 << 20) -> None:
+        super().__init__()
+        self.client_id, self.token, self.round = client_id, token, round_number
+        self.chunk_bytes = chunk_bytes
+        self._requests: queue.Queue = queue.Queue()
+        self._responses = stub.SplitStep(iter(self._requests.get, None), timeout=timeout_s)
+
+    def exchange(self, header, tensors):
+        header.client_id, header.token, header.round = self.client_id, self.token, self.round
+        frames = message_frames(header, tensors, self.chunk_bytes)
+        self.bytes_up += frames_bytes(frames)
+        for frame in frames:
+            self._requests.put(frame)
+        answer = self.receiver.read(self._responses)
+        if answer is None:
+            raise ConnectionError("the coordinator closed the split stream")
+        reply_header, got, nbytes = answer
+        self.bytes_down += nbytes
+        self._received(reply_header)
+        return reply_header, got
+
+    def close(self) -> None:
+        """End the session: the coordinator keeps this session's server-side tensors for the
+        update the client pushes next."""
+        self._requests.put(None)
+        for _ in self._responses:  # drain until the coordinator closes its side
+            pass
+
+    def abort(self) -> None:
+        self._requests.put(None)
+        self._responses.cancel()

@@ -1,0 +1,137 @@
+"""The coordinator's half of split learning: one ``ServerHalf`` per client session.
+
+How several clients are served at once: each session gets its own copy of the server-side
+adapter (the round's global adapter), trained only by that client's steps; when the client
+pushes its bottom half, the copy's tensors complete its update, and the round's strategy
+averages whole adapters as in federated mode (SplitFed-V1). The alternative, one shared copy
+stepped by every client in turn (SplitFed-V2), serializes the clients' steps behind one lock
+and makes the result depend on their arrival order; copies cost one adapter per session (the
+frozen base weights are shared, fedtune.models.ModelStore) and let sessions run in parallel.
+bench/split.py measures both (rows ``copies`` and ``shared``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Mapping
+
+import torch
+
+from fedtune.adapters import adapter_parameters, adapter_state
+from fedtune.client.recipes.split import SplitOptions
+from fedtune.protocol import fedtune_pb2 as pb
+from fedtune.protocol.tensors import EncodedTensor, ProtocolError
+from fedtune.split.segments import anatomy, client_side, middle_forward, top_forward
+from fedtune.split.wire import Sender, check_rows, scatter
+
+MAX_TOKENS = 1 << 20  # batch x length of one step's mask
+
+
+class ServerHalf:
+    """Runs blocks ``[cut, L)`` (and the head in the plain split) for one client's session."""
+
+    def __init__(self, model: torch.nn.Module, options: SplitOptions, learning_rate: float, weight_decay: float, pad_id: int, device: str = "cpu") -> None:
+        self.model, self.options, self.pad_id = model, options, pad_id
+        self.device = torch.device(device)
+        self.blocks = anatomy(model).num_blocks
+        if not 1 <= options.cut < self.blocks:
+            raise ProtocolError(f"cut layer {options.cut} must leave at least one block on each side (the model has {self.blocks})")
+        self.channels = int(model.get_base_model().config.hidden_size)
+        model.to(self.device).train()
+        self.params = [p for n, p in adapter_parameters(model).items() if not client_side(n, options.cut, options.head_on_client)]
+        self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=weight_decay) if self.params else None
+        self.down_act = Sender(options.direction("act"))
+        self.down_grad = Sender(options.direction("grad"))
+        self._pending: tuple | None = None  # U-shaped: the step between its two messages
+        self.steps = 0
+        self.loss_sum = 0.0
+        self.compute_seconds = 0.0
+
+    def handle(self, header: pb.SplitHeader, tensors: Mapping[str, torch.Tensor]) -> tuple[pb.SplitHeader, list[EncodedTensor]]:
+        """Answer one message of the client; ProtocolError for anything that does not fit."""
+        started = time.perf_counter()
+        try:
+            if header.kind == pb.SPLIT_KIND_ACTIVATIONS:
+                kind, out, metrics = self._activations(header.step, tensors)
+            elif header.kind == pb.SPLIT_KIND_GRADIENTS:
+                kind, out, metrics = self._gradients(header.step, tensors)
+            else:
+                raise ProtocolError(f"unexpected split message kind {header.kind}")
+        except ProtocolError:
+            raise
+        except (RuntimeError, IndexError, ValueError) as exc:  # the model refused the inputs
+            raise ProtocolError(f"step {header.step}: the inputs do not fit the model: {str(exc)[:200]}") from None
+        seconds = time.perf_counter() - started
+        self.compute_seconds += seconds
+        return pb.SplitHeader(step=header.step, kind=kind, metrics={**metrics, "server_seconds": seconds}), out
+
+    def _inputs(self, tensors: Mapping[str, torch.Tensor], names: set[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if set(tensors) != names:
+            raise ProtocolError(f"activations message has tensors {sorted(tensors)}, expected {sorted(names)}")
+        mask = tensors["mask"]
+        if mask.dim() != 2 or mask.dtype != torch.uint8 or mask.numel() > MAX_TOKENS or ((mask != 0) & (mask != 1)).any():
+            raise ProtocolError(f"the mask must be a batch x length uint8 matrix of 0 and 1, got {list(mask.shape)} {mask.dtype}")
+        mask = mask.bool().to(self.device)
+        check_rows(tensors["hidden"], mask, self.channels, "hidden")
+        return tensors["hidden"].to(self.device), mask
+
+    def _activations(self, step: int, tensors: Mapping[str, torch.Tensor]):
+        if self._pending is not None:
+            raise ProtocolError(f"step {step}: activations arrived while step {self._pending[0]} waits for its gradient")
+        o = self.options
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        if o.head_on_client:
+            rows, mask = self._inputs(tensors, {"hidden", "mask"})
+            h = scatter(rows, mask).requires_grad_(True)
+            top = middle_forward(self.model, h, mask.long(), o.cut, self.pad_id)[mask]
+            top_hat, wire = self.down_act.send("hidden", top, step)
+            self._pending = (step, h, mask, top, top_hat)
+            return pb.SPLIT_KIND_ACTIVATIONS, [wire], {"bits": self.down_act.last_bits}
+        rows, mask = self._inputs(tensors, {"hidden", "mask", "labels"})
+        h = scatter(rows, mask).requires_grad_(True)
+        labels = tensors["labels"].to(self.device)
+        if labels.dtype != torch.int64 or labels.shape[0] != mask.shape[0]:
+            raise ProtocolError(f"labels must be int64 with one row per example, got {list(labels.shape)} {labels.dtype}")
+        loss = top_forward(self.model, h, mask.long(), labels, o.cut, self.pad_id).loss
+        value = loss.item()
+        if not math.isfinite(value):
+            raise ProtocolError(f"step {step}: the loss is {value}")
+        loss.backward()
+        wire = self._send_gradient(step, h, mask)
+        self.steps += 1
+        self.loss_sum += value
+        return pb.SPLIT_KIND_GRADIENTS, [wire], {"loss": value, "bits": self.down_grad.last_bits}
+
+    def _gradients(self, step: int, tensors: Mapping[str, torch.Tensor]):
+        if self._pending is None or self._pending[0] != step:
+            raise ProtocolError(f"step {step}: a gradient for activations never sent")
+        _, h, mask, top, top_hat = self._pending
+        if set(tensors) != {"grad"}:
+            raise ProtocolError(f"gradients message has tensors {sorted(tensors)}, expected ['grad']")
+        check_rows(tensors["grad"], mask, self.channels, "grad")
+        grad = tensors["grad"].to(self.device, top_hat.dtype)
+        top_hat.backward(grad)
+        self.down_act.learn(top, grad)
+        wire = self._send_gradient(step, h, mask)
+        self._pending = None
+        self.steps += 1
+        return pb.SPLIT_KIND_GRADIENTS, [wire], {"bits": self.down_grad.last_bits}
+
+    def _send_gradient(self, step: int, h: torch.Tensor, mask: torch.Tensor) -> EncodedTensor:
+        grad = h.grad[mask]
+        _, wire = self.down_grad.send("grad", grad, step)
+        self.down_grad.learn(grad, None)
+        if self.optimizer is not None:
+            self.optimizer.step()
+        return wire
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The server-side part of the client's adapter, as trained in this session."""
+        o = self.options
+        return {k: v for k, v in adapter_state(self.model).items() if not client_side(k, o.cut, o.head_on_client)}
+
+    @property
+    def encode_seconds(self) -> float:
+        return self.down_act.encode_seconds + self.down_grad.encode_seconds
