@@ -47,6 +47,9 @@ COMMON_KEYS = {
     "epsilon_budget": "privacy.epsilon_budget",
     "target_epsilon": "privacy.target_epsilon",
     "codec": "compression.uplink",
+    "mode": "split.mode",
+    "cut": "split.cut",
+    "head": "split.head",
     "downlink_codec": "compression.downlink",
 }
 COORDINATOR_KEYS = {
@@ -94,6 +97,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delta", type=float, help="DP delta of the reported epsilon")
     p.add_argument("--target-epsilon", type=float, help="DP: choose the noise multiplier(s) that end the run at this epsilon")
     p.add_argument("--epsilon-budget", type=float, help="stop before a round would take the client-level epsilon past this")
+    p.add_argument("--mode", choices=["federated", "split"], help="split: devices run the bottom of the model up to their cut layer, the coordinator the rest (activations and gradients AMAQ-compressed)")
+    p.add_argument("--cut", type=int, help="split: deepest cut layer (devices that report memory may get a shallower one)")
+    p.add_argument("--head", choices=["client", "server"], help="split: client (U-shaped, labels stay on the device; default) or server (labels travel with the activations)")
+    p.add_argument("--split-codec", help="split: codec of activations and gradients: fp32, fp16, bf16, uniform, amaq (default)")
+    p.add_argument("--split-bits", type=float, help="split: bits per element (uniform) or mean budget (amaq) of both directions")
     p.add_argument("--share-a", action="store_true", default=None, help="FedSA-LoRA: share only A; each client keeps its B")
     p.add_argument("--min-rank", type=int, help="planner: smallest rank it hands out")
     p.add_argument("--max-rank", type=int, help="planner: largest rank (the global adapter's)")
@@ -188,6 +196,10 @@ def _config_from_args(args: argparse.Namespace, keys: dict[str, str]) -> RunConf
         config.compression.uplink_options["k"] = args.k
     if getattr(args, "no_error_feedback", None):
         config.compression.error_feedback = False
+    if getattr(args, "split_codec", None):
+        config.split.act_codec = config.split.grad_codec = args.split_codec
+    if getattr(args, "split_bits", None) is not None:
+        config.split.act_bits = config.split.grad_bits = args.split_bits
     if getattr(args, "no_planner", None):
         config.planner.enabled = False
     for flag, client_key, sample_key in (("noise_multiplier", "noise_multiplier", "sample_noise_multiplier"), ("clip", "clip", "sample_clip")):

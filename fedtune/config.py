@@ -218,6 +218,30 @@ class PrivacySection:
 
 
 @dataclass
+class SplitSection:
+    # "federated" (every client trains the whole adapter) or "split": devices run the
+    # embeddings and blocks below their cut layer, the coordinator the rest (SplitFed).
+    mode: str = "federated"
+    # The deepest cut handed out; a device reporting its memory gets the deepest cut whose
+    # bottom fits in it. Clamped to the model's blocks minus one.
+    cut: int = 3
+    # "client": U-shaped split, labels never leave the device (default); "server": the
+    # coordinator runs the head and receives the labels with the activations.
+    head: str = "client"
+    # Codec of each direction: fp32, fp16, bf16, uniform (bits) or amaq (bits = mean budget).
+    act_codec: str = "amaq"
+    act_bits: float = 4.0
+    grad_codec: str = "amaq"
+    grad_bits: float = 4.0
+    # AMAQ: the budget falls from start_bits to the bits above over anneal_steps steps (0: half
+    # of the run's steps); reg_weight weighs the mean width in the bit regularization.
+    start_bits: float = 8.0
+    anneal_steps: int = 0
+    reg_weight: float = 0.01
+    gate_lr: float = 0.05
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSection = field(default_factory=LoraSection)
@@ -230,6 +254,7 @@ class RunConfig:
     export: ExportSection = field(default_factory=ExportSection)
     compression: CompressionSection = field(default_factory=CompressionSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    split: SplitSection = field(default_factory=SplitSection)
     # Where metrics, checkpoints and the final adapter go. Empty: a new folder under runs/.
     run_dir: str = ""
     seed: int = 0
@@ -242,7 +267,7 @@ class RunConfig:
         from fedtune.aggregation.fedsa import FedSA, FedSAOptions
 
         scale = self.lora.alpha / self.lora.rank if scale is None else scale
-        name = self.federation.strategy or DEFAULT_STRATEGY.get(self.model.task, "fedavg")
+        name = self.federation.strategy or ("fedavg" if self.split.mode == "split" else DEFAULT_STRATEGY.get(self.model.task, "fedavg"))
         strategy = build_strategy(name, self.federation.options, scale=scale, seed=self.seed)
         # Client-level DP sits inside sample-level DP: the latter reads each real update's
         # accountant figures before the former folds them into one noised mean.
@@ -270,6 +295,17 @@ class RunConfig:
             from fedtune.aggregation.ffa import FedSVD, FFALoRA
 
             strategy = (FFALoRA if self.lora.variant == "ffa" else FedSVD)(strategy, scale=scale, seed=self.seed)
+        if self.split.mode == "split":
+            from fedtune.aggregation.splitfed import SplitFed, SplitFedOptions
+            from fedtune.options import build_options
+
+            sp = self.split
+            anneal = sp.anneal_steps or max(1, self.federation.rounds * self.training.local_steps // 2)
+            options = build_options(SplitFedOptions, {
+                "cut": sp.cut, "head": sp.head, "act_codec": sp.act_codec, "act_bits": sp.act_bits, "grad_codec": sp.grad_codec,
+                "grad_bits": sp.grad_bits, "start_bits": sp.start_bits, "anneal_steps": anneal, "reg_weight": sp.reg_weight,
+                "gate_lr": sp.gate_lr, "local_steps": self.training.local_steps}, "split")
+            strategy = SplitFed(strategy, options, scale=scale, seed=self.seed)
         c = self.compression
         if c.uplink or c.downlink:
             from fedtune.aggregation.compress import Compress
@@ -295,6 +331,12 @@ class RunConfig:
         _check(0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
         _check(self.lora.variant in LORA_VARIANTS, "lora.variant", f"unknown variant {self.lora.variant!r}; choose one of: {', '.join(LORA_VARIANTS)}")
         _check(not (self.lora.variant in ("ffa", "fedsvd") and self.federation.share_a), "lora.variant", f"{self.lora.variant} sends only B and federation.share_a only A: nothing LoRA would be shared")
+        _check(self.split.mode in ("federated", "split"), "split.mode", f"must be federated or split, got {self.split.mode!r}")
+        _check(self.split.cut >= 1, "split.cut", "must be at least 1")
+        _check(self.split.head in ("client", "server"), "split.head", f"must be client or server, got {self.split.head!r}")
+        if self.split.mode == "split":
+            _check(not self.privacy.dp and not (self.compression.uplink or self.compression.downlink) and not self.federation.share_a and self.lora.variant == "lora",
+                   "split.mode", "split training does not combine with dp, update codecs, share_a or lora variants yet")
         _check(all(i >= 0 for i in self.lora.layers), "lora.layers", "layer indices must be >= 0")
         _check(self.training.local_steps >= 1, "training.local_steps", "must be at least 1")
         _check(self.training.batch_size >= 1, "training.batch_size", "must be at least 1")
@@ -306,8 +348,8 @@ class RunConfig:
         _check(0.0 < self.federation.quorum <= 1.0, "federation.quorum", "must be in (0, 1]")
         _check(self.federation.round_timeout_s > 0, "federation.round_timeout_s", "must be positive")
         _check(self.federation.client_timeout_s > 0, "federation.client_timeout_s", "must be positive")
-        if not self.federation.strategy:
-            self.federation.strategy = DEFAULT_STRATEGY.get(self.model.task, "fedavg")
+        if not self.federation.strategy:  # split mode trains with plain FedAvg on both halves
+            self.federation.strategy = "fedavg" if self.split.mode == "split" else DEFAULT_STRATEGY.get(self.model.task, "fedavg")
         _check(
             self.federation.strategy in STRATEGIES,
             "federation.strategy",
@@ -321,7 +363,7 @@ class RunConfig:
             text = str(exc)
             if text.startswith(("client-level DP", "sample-level DP")):
                 text = f"privacy.dp: {text}"
-            elif not text.startswith(("privacy", "compression.", "lora.", "federation.")):
+            elif not text.startswith(("privacy", "compression.", "lora.", "federation.", "split")):
                 text = f"federation.options: {text}"
             raise ConfigError(text) from None
         _check(0 <= self.federation.personal_eval < 1, "federation.personal_eval", "must be in [0, 1)")

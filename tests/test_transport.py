@@ -56,7 +56,7 @@ def test_a_6_mb_adapter_goes_down_and_up_intact(tmp_path):
     assert row["bytes_down"] > 6 * 1024 * 1024 and row["bytes_up"] > 6 * 1024 * 1024
 
 
-def test_split_learning_rpc_is_reserved_and_says_so(tmp_path):
+def test_split_steps_on_a_federated_coordinator_are_refused_and_say_why(tmp_path):
     config = RunConfig()
     config.server.address = "127.0.0.1:0"
     config.run_dir = str(tmp_path / "run")
@@ -67,7 +67,7 @@ def test_split_learning_rpc_is_reserved_and_says_so(tmp_path):
         stub = pb_grpc.CoordinatorStub(channel)
         with pytest.raises(grpc.RpcError) as info:
             list(stub.SplitStep(iter([pb.SplitFrame(header=pb.SplitHeader(kind=pb.SPLIT_KIND_ACTIVATIONS))]), timeout=10))
-        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED and "split learning" in info.value.details()
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED and "split.mode = federated" in info.value.details()
     finally:
         channel.close()
         coordinator.stop()

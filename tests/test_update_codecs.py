@@ -158,7 +158,7 @@ def test_config_names_codecs_and_rejects_unknown_ones():
     strategy = config.validate().build_strategy()
     assert isinstance(strategy, Compress) and strategy.uplink.options.density == 0.05
     config.compression.uplink = "int3"
-    with pytest.raises(ConfigError, match="compression.uplink: unknown codec 'int3'; choose one of: bf16, compeft"):
+    with pytest.raises(ConfigError, match="compression.uplink: unknown codec 'int3'; choose one of: amaq, bf16, compeft"):
         config.validate()
     config.compression.uplink, config.compression.uplink_options = "int8", {"density": 0.1}
     with pytest.raises(ConfigError, match="unknown option 'density'"):

@@ -21,6 +21,7 @@ import torch
 
 from fedtune.adapters import AdapterError, apply_base_delta, inject_lora, split_task_tensors
 from fedtune.client.recipes import TrainSettings, make_recipe
+from fedtune.client.recipes.split import SplitRecipe
 from fedtune.client.uplink import Uplink
 from fedtune.data import Example
 from fedtune.devices import Capabilities
@@ -30,6 +31,7 @@ from fedtune.privacy.sample_level import BudgetSpent
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
 from fedtune.protocol.messages import capabilities_to_proto, plan_from_proto
+from fedtune.split.link import GrpcLink
 from fedtune.protocol.tensors import DEFAULT_CHUNK_BYTES, EncodedTensor, TensorReceiver, encode_tensors, tensor_frames
 from fedtune.tasks import get_task
 from fedtune.transport import make_channel
@@ -154,6 +156,12 @@ class ClientAgent:
             log.warning("%s: declines round %d: %s", self._client_id, header.round, exc)
             self.report.declined = str(exc)
             return True
+        except grpc.RpcError as exc:  # a split session the coordinator ended: skip this round
+            if exc.code() in RETRYABLE or exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED):
+                raise
+            log.warning("%s: round %d split session ended: %s: %s", self._client_id, header.round, exc.code().name, exc.details())
+            self.report.rejected.append(f"round {header.round}: {exc.code().name}: {exc.details()}")
+            return False
         self._push(header.round, encoded, num_examples, metrics)
         return False
 
@@ -250,10 +258,20 @@ class ClientAgent:
             except AdapterError as exc:
                 raise AgentError(f"the coordinator's adapter does not fit this client's model {self.source.name!r}: {exc}") from exc
 
+        link = None
+        if isinstance(recipe, SplitRecipe):  # the coordinator runs the other half over a stream
+            link = GrpcLink(self._stub, self._client_id, self._token, header.round, chunk_bytes=self.options.chunk_bytes)
+            recipe.link = link
         heartbeat = _Heartbeat(self._stub, self._client_id, self._token, header.round, self.options.heartbeat_seconds)
         heartbeat.start()
         try:
             update, metrics = self.compute.submit(work).result() if self.compute is not None else work()
+            if link is not None:
+                link.close()
+        except BaseException:
+            if link is not None:
+                link.abort()
+            raise
         finally:
             heartbeat.stop()
         if plan.freeze_a:  # FFA-LoRA: A was frozen, so it goes back to nobody

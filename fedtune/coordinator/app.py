@@ -120,9 +120,29 @@ class Coordinator:
             resume=resume,
             on_round_end=on_round_end,
         )
-        self.service = CoordinatorService(self.engine, config, config.model.source, task, labels)
+        split = None
+        if config.split.mode == "split":
+            from fedtune.coordinator.split_sessions import SplitSessions
+            from fedtune.split.segments import anatomy
+
+            parts = anatomy(self.global_model.model)
+            self.strategy_split().blocks = parts.num_blocks
+            self.strategy_split().block_bytes = 4 * sum(p.numel() for p in parts.blocks[0].parameters())
+            self.strategy_split().embed_bytes = 4 * sum(p.numel() for p in getattr(parts.embed_owner, parts.embed_attr).parameters())
+            split = SplitSessions(self.engine, self.global_model, config)
+            self.engine.split = split
+        self.service = CoordinatorService(self.engine, config, config.model.source, task, labels, split)
         self.server = None
         self.port = 0
+
+    def strategy_split(self):
+        """The SplitFed wrapper in the strategy chain."""
+        from fedtune.aggregation.splitfed import SplitFed
+
+        strategy = self.strategy
+        while not isinstance(strategy, SplitFed):
+            strategy = strategy.inner
+        return strategy
 
     def start(self) -> int:
         """Write the effective config, start serving; returns the bound port."""

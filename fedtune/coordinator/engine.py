@@ -115,6 +115,7 @@ class RoundEngine:
         self.history: list[dict] = []
         self.stopped_because = ""  # why the run ended before its last round (a privacy budget)
         self.start_round = 1
+        self.split = None  # the split-learning sessions (fedtune.coordinator.split_sessions), in split mode
         self.state = strategy.initial_state(global_model.initial_state())
         if resume:
             self._resume()
@@ -185,6 +186,11 @@ class RoundEngine:
         if client_id in rnd.updates:
             raise CoordinatorError("FAILED_PRECONDITION", f"client {client_id!r} already sent its update for round {round_number}")
         return rnd
+
+    def instruction_for(self, client_id: str, round_number: int) -> Instruction:
+        """The instruction of ``client_id`` in the open round ``round_number``, or why not."""
+        with self._cond:
+            return self._open_round_for(client_id, round_number).instructions[client_id]
 
     def expected_update(self, client_id: str, round_number: int) -> Mapping[str, TensorSpec]:
         """The tensors ``client_id`` must send for ``round_number``, or why it may not send."""
@@ -415,6 +421,8 @@ class RoundEngine:
             row["sim_seconds"] = round(min(max(times), deadline) if deadline else max(times), 3)
             row["late_updates"] = len(late)
         row.update(plan_fields({c: ins.plan for c, ins in rnd.instructions.items()}, rnd.coverage))
+        if self.split is not None:  # the split streams' bytes, as the coordinator counted them
+            row.update(self.split.traffic.pop(rnd.number, {}))
         self.metrics.append(row)
         save_checkpoint(self.run_dir, rnd.number, self.state, {"seed": self.config.seed, "plan": self.plan.to_json(), "strategy": self.strategy.describe()})
         self.history.append(row)

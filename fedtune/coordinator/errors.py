@@ -3,7 +3,7 @@ service answers with; the round logic itself does not depend on gRPC."""
 
 from __future__ import annotations
 
-CODES = {"INVALID_ARGUMENT", "UNAUTHENTICATED", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "UNIMPLEMENTED"}
+CODES = {"INVALID_ARGUMENT", "UNAUTHENTICATED", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "UNIMPLEMENTED", "INTERNAL"}
 
 
 class CoordinatorError(Exception):

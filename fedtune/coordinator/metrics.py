@@ -54,7 +54,8 @@ def round_row(
     row.setdefault("codec_up", "raw")
     row.setdefault("codec_down", "raw")
     row.update(personalized(number, updates))
-    for key in ("local_seconds", "encode_seconds"):  # clients' own timings, mean over clients
+    split_keys = sorted({k for u in updates for k in u.metrics if k.startswith("split_")})
+    for key in ("local_seconds", "encode_seconds", *split_keys):  # clients' own figures, mean over clients
         values = [u.metrics[key] for u in updates if key in u.metrics]
         if values:
             row[key] = round(sum(values) / len(values), 4)

@@ -15,10 +15,12 @@ import grpc
 from fedtune.config import RunConfig
 from fedtune.coordinator.engine import Done, RoundEngine, TrainTask
 from fedtune.coordinator.errors import CoordinatorError
+from fedtune.coordinator.split_sessions import SplitSessions
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
 from fedtune.protocol.messages import capabilities_from_proto, plan_to_proto
 from fedtune.protocol.tensors import EncodedTensor, ProtocolError, TensorReceiver, encode_tensors, tensor_frames
+from fedtune.split.wire import Receiver, frames_bytes, message_frames
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +30,9 @@ def _abort(context: grpc.ServicerContext, code: str, message: str) -> None:
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    def __init__(self, engine: RoundEngine, config: RunConfig, model_name: str, task: str, labels: list[str]) -> None:
+    def __init__(self, engine: RoundEngine, config: RunConfig, model_name: str, task: str, labels: list[str], split: SplitSessions | None = None) -> None:
         self.engine = engine
+        self.split = split
         self.config = config
         self.model_spec = pb.ModelSpec(name=model_name, task=task, labels=labels)
         # Wire encodings of the current round's payloads: clients whose instructions share a
@@ -136,6 +139,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             for frame in request_iterator:
                 receiver.feed(frame)
             tensors = receiver.finish()
+            if self.split is not None and self.engine.instruction_for(header.client_id, header.round).recipe == "split":
+                tensors.update(self.split.take(header.client_id, header.round))
             self.engine.submit(
                 header.client_id, header.round, tensors, header.num_examples, dict(header.metrics),
                 received + receiver.bytes_received,
@@ -151,5 +156,43 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.PushReply(accepted=True, message=f"update for round {header.round} accepted")
 
     def SplitStep(self, request_iterator: Iterator[pb.SplitFrame], context: grpc.ServicerContext) -> Iterator[pb.SplitFrame]:
-        _abort(context, "UNIMPLEMENTED", "split learning is not available on this coordinator (fedtune 0.1 trains federated adapters only)")
-        yield from ()  # pragma: no cover - makes this a generator, as the streaming rpc expects
+        """One client's split session for one round: answer each message (activations, or the
+        U-shaped split's head gradients) until the client closes its side. A bad frame ends this
+        stream only, with INVALID_ARGUMENT; other sessions go on."""
+        if self.split is None:
+            _abort(context, "UNIMPLEMENTED", "this coordinator runs in federated mode (split.mode = federated)")
+        receiver = Receiver(max_bytes=self.config.server.max_update_bytes)
+        key = None
+        try:
+            got = receiver.read(request_iterator)
+            if got is None:
+                return
+            header, tensors, nbytes = got
+            self.engine.authenticate(header.client_id, header.token)
+            key = (header.client_id, header.round)
+            session = self.split.open(*key)
+            while True:
+                if (header.client_id, header.round) != key:
+                    raise ProtocolError("a split stream carries one client's session for one round")
+                reply, out = session.handle(header, tensors)
+                frames = message_frames(reply, out, self.config.server.chunk_bytes)
+                self.split.count(key[1], up=nbytes, down=frames_bytes(frames))
+                yield from frames
+                got = receiver.read(request_iterator)
+                if got is None:
+                    break
+                header, tensors, nbytes = got
+            self.split.finish(*key)
+        except ProtocolError as exc:
+            if key is not None:
+                self.split.discard(*key)
+            log.warning("split session %s ended: %s", key, exc)
+            _abort(context, "INVALID_ARGUMENT", str(exc))
+        except CoordinatorError as exc:
+            if key is not None:
+                self.split.discard(*key)
+            _abort(context, exc.code, exc.message)
+        except BaseException:
+            if key is not None:  # the client went away mid-session: only its session ends
+                self.split.discard(*key)
+            raise

@@ -1,0 +1,80 @@
+"""The coordinator's split-learning sessions: one ``ServerHalf`` per (client, round), built from
+the client's instruction when its ``SplitStep`` stream opens, kept after the stream ends until
+the client pushes its bottom half, which the server half's tensors then complete."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from fedtune.adapters import apply_base_delta, inject_lora, load_adapter_state, split_task_tensors
+from fedtune.client.recipes.split import SplitOptions
+from fedtune.coordinator.errors import CoordinatorError
+from fedtune.options import OptionsError, build_options
+from fedtune.split.server import ServerHalf
+
+log = logging.getLogger(__name__)
+
+
+class SplitSessions:
+    def __init__(self, engine, global_model, config) -> None:
+        self.engine, self.global_model, self.config = engine, global_model, config
+        self._lock = threading.Lock()
+        self._open: dict[tuple[str, int], ServerHalf] = {}
+        self._done: dict[tuple[str, int], ServerHalf] = {}
+        # Wire bytes of the split streams, by round: what the coordinator received and sent.
+        self.traffic: dict[int, dict[str, int]] = {}
+
+    def open(self, client_id: str, round_number: int) -> ServerHalf:
+        instruction = self.engine.instruction_for(client_id, round_number)
+        if instruction.recipe != "split":
+            raise CoordinatorError("FAILED_PRECONDITION", f"round {round_number} is not a split round for {client_id!r}")
+        key = (client_id, round_number)
+        with self._lock:
+            if key in self._open or key in self._done:
+                raise CoordinatorError("FAILED_PRECONDITION", f"{client_id!r} already had its split session for round {round_number}")
+        try:
+            options = build_options(SplitOptions, dict(instruction.options), "split task")
+        except (OptionsError, ValueError) as exc:  # our own instruction: a bug, not the client's
+            raise CoordinatorError("INTERNAL", f"bad split instruction: {exc}") from None
+        gm = self.global_model
+        adapter, frozen, _ = split_task_tensors(instruction.tensors, instruction.plan.scale)
+        model = inject_lora(gm.store.instance(gm.source, gm.task_name, gm.labels), instruction.plan, gm.task_name)
+        apply_base_delta(model, frozen)
+        load_adapter_state(model, adapter)
+        training = self.config.training
+        half = ServerHalf(model, options, training.learning_rate, training.weight_decay, gm.pad_id)
+        with self._lock:
+            self._open[key] = half
+        log.info("round %d: split session of %s opened (cut %d, head on the %s)", round_number, client_id, options.cut, options.head)
+        return half
+
+    def count(self, round_number: int, up: int = 0, down: int = 0) -> None:
+        with self._lock:
+            t = self.traffic.setdefault(round_number, {"split_bytes_up": 0, "split_bytes_down": 0, "split_steps": 0})
+            t["split_bytes_up"] += up
+            t["split_bytes_down"] += down
+
+    def finish(self, client_id: str, round_number: int) -> None:
+        """The stream ended cleanly: keep the server half for the client's push."""
+        with self._lock:
+            half = self._open.pop((client_id, round_number), None)
+            if half is not None:
+                self._done[(client_id, round_number)] = half
+                self.traffic.setdefault(round_number, {"split_bytes_up": 0, "split_bytes_down": 0, "split_steps": 0})["split_steps"] += half.steps
+
+    def discard(self, client_id: str, round_number: int) -> None:
+        with self._lock:
+            self._open.pop((client_id, round_number), None)
+
+    def take(self, client_id: str, round_number: int) -> dict[str, torch.Tensor]:
+        """The server-side tensors of a finished session (consumed), or a refusal."""
+        with self._lock:
+            half = self._done.pop((client_id, round_number), None)
+            for key in [k for k in self._done if k[1] < round_number]:  # sessions of closed rounds
+                del self._done[key]
+        if half is None:
+            raise CoordinatorError("FAILED_PRECONDITION", f"{client_id!r} pushed a split update for round {round_number} without a finished split session")
+        return half.tensors()

@@ -1,0 +1,133 @@
+"""Split learning over real loopback gRPC: two clients with different cut layers train with
+AMAQ on both directions, the run learns, both sides count the same bytes, and a bad frame or a
+vanished client ends only its own session."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import grpc
+import pytest
+import torch
+
+from fedtune.protocol import fedtune_pb2 as pb
+from fedtune.protocol.tensors import encode_tensor
+from fedtune.simulation.runner import run_simulation
+from fedtune.split.wire import message_frames
+
+from conftest import _minilm_tokenizer, fetch_task, live_coordinator, sentiment_examples
+from test_end_to_end import _config, _write_jsonl
+
+HIDDEN, BLOCKS = 128, 3
+
+
+@pytest.fixture(scope="module")
+def three_block_llama(tmp_path_factory) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("llama3")
+    tokenizer = _minilm_tokenizer()
+    tokenizer.eos_token = "[SEP]"
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=HIDDEN, intermediate_size=256, num_hidden_layers=BLOCKS,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def _split_config(tmp_path, model, rounds=2, head="client"):
+    config = _config(tmp_path, model, "seq-cls", rounds=rounds)
+    config.simulation.clients = 2
+    config.training.learning_rate = 5e-3
+    config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(400, seed=1))
+    config.eval.data = _write_jsonl(tmp_path / "eval.jsonl", sentiment_examples(200, seed=2))
+    config.split.mode, config.split.cut, config.split.head = "split", 2, head
+    return config
+
+
+def test_two_clients_with_different_cuts_learn_with_amaq_and_both_sides_count_the_same_bytes(tmp_path, three_block_llama):
+    # The small device has room for the embeddings and one block, the large one for all.
+    vocab = _minilm_tokenizer().vocab_size
+    embed, block = 4 * vocab * HIDDEN, 4 * (4 * HIDDEN * HIDDEN // 2 * 3 // 2 + 3 * HIDDEN * 256 + 2 * HIDDEN)
+    small_gb = (embed + 1.5 * block) / 2**30
+    profiles = tmp_path / "devices.toml"
+    profiles.write_text(f"[[device]]\nmemory_gb = {small_gb:.9f}\ngflops = 50\n\n[[device]]\nmemory_gb = 8\ngflops = 50\n")
+    config = _split_config(tmp_path, three_block_llama)
+    config.simulation.profiles = str(profiles)
+    result = run_simulation(config.validate())
+    assert not result.client_errors
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and all(r["clients"] == 2 for r in rows)
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"] or rows[-1]["eval_loss"] < 0.69
+    # cuts 1 and 2: the mean over the two clients
+    assert rows[0]["split_cut"] == pytest.approx(1.5)
+    steps = config.training.local_steps
+    for r in rows:
+        # what the clients' links framed equals what the coordinator received and sent
+        assert r["split_bytes_up"] == pytest.approx(2 * steps * r["split_bytes_up_per_step"])
+        assert r["split_bytes_down"] == pytest.approx(2 * steps * r["split_bytes_down_per_step"])
+        assert r["split_steps"] == 2 * steps
+    # annealed from 8 bits in round 1 to 4 by the end (anneal over half the run's steps)
+    assert rows[-1]["split_bits_up"] <= 4.0 < rows[0]["split_bits_down"]
+    # a 4-bit frame is far smaller than float32: 128 channels x 4 bytes per token
+    tokens_per_step = r["split_bytes_up_per_step"] / (HIDDEN * 4)
+    assert tokens_per_step < 16 * 32
+    adapter = result.run_dir / "adapter" / "adapter_model.safetensors"
+    assert adapter.is_file()
+
+
+def _open_session(stub, coordinator, name):
+    reply = stub.Register(pb.RegisterRequest(name=name, num_examples=10))
+    return reply.client_id, reply.token
+
+
+def test_bad_frames_end_only_their_own_session(tmp_path, three_block_llama):
+    config = _split_config(tmp_path, three_block_llama, rounds=1)
+    config.federation.min_clients = 2
+    config.split.act_codec = config.split.grad_codec = "fp32"
+    config.model.labels = ["negative", "positive"]
+    with live_coordinator(config) as (coordinator, stub, _):
+        a, b = _open_session(stub, coordinator, "a"), _open_session(stub, coordinator, "b")
+        tasks = {}
+
+        def fetch(who):
+            tasks[who] = fetch_task(stub, *who)
+
+        threads = [threading.Thread(target=fetch, args=(who,)) for who in (a, b)]
+        [t.start() for t in threads]
+        [t.join(30) for t in threads]
+        header = tasks[a][0]
+        assert header.options["recipe"] == "split" and header.round == 1
+        mask = torch.ones(2, 4, dtype=torch.uint8)
+
+        def stream(who, tensors, kind=pb.SPLIT_KIND_ACTIVATIONS):
+            msg = pb.SplitHeader(client_id=who[0], token=who[1], round=1, step=0, kind=kind)
+            frames = message_frames(msg, [encode_tensor(n, t) for n, t in tensors.items()])
+            return list(stub.SplitStep(iter(frames), timeout=30))
+
+        # wrong shape: 7 rows for a batch of 8 real tokens
+        with pytest.raises(grpc.RpcError) as err:
+            stream(a, {"hidden": torch.randn(7, HIDDEN), "mask": mask})
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "the batch needs [8, 128]" in err.value.details()
+        # corrupt payload: an unknown encoding
+        bad = encode_tensor("hidden", torch.randn(8, HIDDEN))
+        bad.header.encoding = 99
+        frames = message_frames(pb.SplitHeader(client_id=b[0], token=b[1], round=1, kind=pb.SPLIT_KIND_ACTIVATIONS), [bad, encode_tensor("mask", mask)])
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.SplitStep(iter(frames), timeout=30))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "encoding" in err.value.details()
+        # a wrong token is refused before any work
+        with pytest.raises(grpc.RpcError) as err:
+            stream((a[0], "nope"), {"hidden": torch.randn(8, HIDDEN), "mask": mask})
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # the sessions of a and b were ended, so each gets one more try; a well-formed step of b
+        # works although a's and b's earlier streams failed
+        coordinator.service.split._done.clear()
+        replies = stream(b, {"hidden": torch.randn(8, HIDDEN), "mask": mask})
+        assert replies[0].header.kind == pb.SPLIT_KIND_ACTIVATIONS and list(replies[1].tensor.shape) == [8, HIDDEN]
+        coordinator.engine.stop()
