@@ -301,10 +301,8 @@ class RunConfig:
 
             sp = self.split
             anneal = sp.anneal_steps or max(1, self.federation.rounds * self.training.local_steps // 2)
-            options = build_options(SplitFedOptions, {
-                "cut": sp.cut, "head": sp.head, "act_codec": sp.act_codec, "act_bits": sp.act_bits, "grad_codec": sp.grad_codec,
-                "grad_bits": sp.grad_bits, "start_bits": sp.start_bits, "anneal_steps": anneal, "reg_weight": sp.reg_weight,
-                "gate_lr": sp.gate_lr, "local_steps": self.training.local_steps}, "split")
+            fields = {k: v for k, v in dataclasses.asdict(sp).items() if k != "mode"}
+            options = build_options(SplitFedOptions, {**fields, "anneal_steps": anneal, "local_steps": self.training.local_steps}, "split")
             strategy = SplitFed(strategy, options, scale=scale, seed=self.seed)
         c = self.compression
         if c.uplink or c.downlink:

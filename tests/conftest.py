@@ -60,16 +60,14 @@ def tiny_bert(tmp_path_factory) -> str:
     return str(folder)
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory) -> str:
-    """A 2-block Llama with random weights, built from a config (no download)."""
+def save_llama(folder, hidden: int, intermediate: int, blocks: int) -> str:
+    """A Llama with random weights (seed 0) and MiniLM's tokenizer, saved as a model folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = _minilm_tokenizer()
     tokenizer.eos_token = "[SEP]"
     config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=tokenizer.vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=blocks,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
@@ -77,6 +75,12 @@ def tiny_llama(tmp_path_factory) -> str:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """A 2-block Llama with random weights, built from a config (no download)."""
+    return save_llama(tmp_path_factory.mktemp("tiny-llama"), 32, 64, 2)
 
 
 # ---------------------------------------------------------------- raw wire clients for tests
@@ -135,17 +139,4 @@ def live_coordinator(config, **options):
 def small_llama(tmp_path_factory) -> str:
     """Like ``tiny_llama`` but 128 wide, so an adapter's tensors outweigh their wire headers (for
     tests that compare bytes on the wire)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("small-llama")
-    tokenizer = _minilm_tokenizer()
-    tokenizer.eos_token = "[SEP]"
-    config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_llama(tmp_path_factory.mktemp("small-llama"), 128, 256, 2)

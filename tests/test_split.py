@@ -73,7 +73,6 @@ def run_both(factory, options: dict, settings=SETTINGS):
     reference, _ = local.run(whole, start, {}, task, items, settings, PAD)
     split_options = make_recipe({"recipe": "split", **options}, {})
     server = ServerHalf(server_model, split_options.options, settings.learning_rate, settings.weight_decay, PAD)
-    server.model.load_state_dict(server.model.state_dict())
     split_options.link = LocalLink(server)
     sent, metrics = split_options.run(client, start, {}, task, items, settings, PAD)
     return local, split_options, reference, sent, server, metrics

@@ -16,7 +16,7 @@ from fedtune.protocol.tensors import encode_tensor
 from fedtune.simulation.runner import run_simulation
 from fedtune.split.wire import message_frames
 
-from conftest import _minilm_tokenizer, fetch_task, live_coordinator, sentiment_examples
+from conftest import _minilm_tokenizer, fetch_task, live_coordinator, save_llama, sentiment_examples
 from test_end_to_end import _config, _write_jsonl
 
 HIDDEN, BLOCKS = 128, 3
@@ -24,20 +24,7 @@ HIDDEN, BLOCKS = 128, 3
 
 @pytest.fixture(scope="module")
 def three_block_llama(tmp_path_factory) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("llama3")
-    tokenizer = _minilm_tokenizer()
-    tokenizer.eos_token = "[SEP]"
-    config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=HIDDEN, intermediate_size=256, num_hidden_layers=BLOCKS,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_llama(tmp_path_factory.mktemp("llama3"), HIDDEN, 256, BLOCKS)
 
 
 def _split_config(tmp_path, model, rounds=2, head="client"):

@@ -56,10 +56,12 @@ class SplitFed(Wrapper):
         self.embed_bytes = 0
 
     def _recipe_fields(self, cut: int, step0: int = 0) -> dict:
+        """The split recipe's options for a client cut at ``cut`` (this wrapper's options, less
+        its own bookkeeping, plus the cut and the round's first step)."""
+        fields = dataclasses.asdict(self.options)
+        del fields["local_steps"]
         o = self.options
-        return {"cut": cut, "head": o.head, "step0": step0, "act_codec": o.act_codec, "act_bits": o.act_bits,
-                "grad_codec": o.grad_codec, "grad_bits": o.grad_bits, "start_bits": max(o.start_bits, o.act_bits, o.grad_bits),
-                "anneal_steps": o.anneal_steps, "reg_weight": o.reg_weight, "gate_lr": o.gate_lr}
+        return {**fields, "cut": cut, "step0": step0, "start_bits": max(o.start_bits, o.act_bits, o.grad_bits)}
 
     def cut_for(self, memory_bytes: int) -> int:
         """The client's cut layer from the memory it reports (see the module docstring)."""

@@ -31,8 +31,8 @@ from fedtune.privacy.sample_level import BudgetSpent
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
 from fedtune.protocol.messages import capabilities_to_proto, plan_from_proto
-from fedtune.split.link import GrpcLink
 from fedtune.protocol.tensors import DEFAULT_CHUNK_BYTES, EncodedTensor, TensorReceiver, encode_tensors, tensor_frames
+from fedtune.split.link import GrpcLink
 from fedtune.tasks import get_task
 from fedtune.transport import make_channel
 

@@ -125,10 +125,10 @@ class Coordinator:
             from fedtune.coordinator.split_sessions import SplitSessions
             from fedtune.split.segments import anatomy
 
-            parts = anatomy(self.global_model.model)
-            self.strategy_split().blocks = parts.num_blocks
-            self.strategy_split().block_bytes = 4 * sum(p.numel() for p in parts.blocks[0].parameters())
-            self.strategy_split().embed_bytes = 4 * sum(p.numel() for p in getattr(parts.embed_owner, parts.embed_attr).parameters())
+            parts, splitfed = anatomy(self.global_model.model), self.strategy_split()
+            splitfed.blocks = parts.num_blocks
+            splitfed.block_bytes = 4 * sum(p.numel() for p in parts.blocks[0].parameters())
+            splitfed.embed_bytes = 4 * sum(p.numel() for p in getattr(parts.embed_owner, parts.embed_attr).parameters())
             split = SplitSessions(self.engine, self.global_model, config)
             self.engine.split = split
         self.service = CoordinatorService(self.engine, config, config.model.source, task, labels, split)

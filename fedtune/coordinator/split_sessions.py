@@ -51,9 +51,13 @@ class SplitSessions:
         log.info("round %d: split session of %s opened (cut %d, head on the %s)", round_number, client_id, options.cut, options.head)
         return half
 
+    def _traffic(self, round_number: int) -> dict[str, int]:
+        """The round's counters; call with the lock held."""
+        return self.traffic.setdefault(round_number, {"split_bytes_up": 0, "split_bytes_down": 0, "split_steps": 0})
+
     def count(self, round_number: int, up: int = 0, down: int = 0) -> None:
         with self._lock:
-            t = self.traffic.setdefault(round_number, {"split_bytes_up": 0, "split_bytes_down": 0, "split_steps": 0})
+            t = self._traffic(round_number)
             t["split_bytes_up"] += up
             t["split_bytes_down"] += down
 
@@ -63,7 +67,7 @@ class SplitSessions:
             half = self._open.pop((client_id, round_number), None)
             if half is not None:
                 self._done[(client_id, round_number)] = half
-                self.traffic.setdefault(round_number, {"split_bytes_up": 0, "split_bytes_down": 0, "split_steps": 0})["split_steps"] += half.steps
+                self._traffic(round_number)["split_steps"] += half.steps
 
     def discard(self, client_id: str, round_number: int) -> None:
         with self._lock:

@@ -45,8 +45,6 @@ class ServerHalf:
         self.down_grad = Sender(options.direction("grad"))
         self._pending: tuple | None = None  # U-shaped: the step between its two messages
         self.steps = 0
-        self.loss_sum = 0.0
-        self.compute_seconds = 0.0
 
     def handle(self, header: pb.SplitHeader, tensors: Mapping[str, torch.Tensor]) -> tuple[pb.SplitHeader, list[EncodedTensor]]:
         """Answer one message of the client; ProtocolError for anything that does not fit."""
@@ -62,9 +60,7 @@ class ServerHalf:
             raise
         except (RuntimeError, IndexError, ValueError) as exc:  # the model refused the inputs
             raise ProtocolError(f"step {header.step}: the inputs do not fit the model: {str(exc)[:200]}") from None
-        seconds = time.perf_counter() - started
-        self.compute_seconds += seconds
-        return pb.SplitHeader(step=header.step, kind=kind, metrics={**metrics, "server_seconds": seconds}), out
+        return pb.SplitHeader(step=header.step, kind=kind, metrics={**metrics, "server_seconds": time.perf_counter() - started}), out
 
     def _inputs(self, tensors: Mapping[str, torch.Tensor], names: set[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if set(tensors) != names:
@@ -101,7 +97,6 @@ class ServerHalf:
         loss.backward()
         wire = self._send_gradient(step, h, mask)
         self.steps += 1
-        self.loss_sum += value
         return pb.SPLIT_KIND_GRADIENTS, [wire], {"loss": value, "bits": self.down_grad.last_bits}
 
     def _gradients(self, step: int, tensors: Mapping[str, torch.Tensor]):
@@ -131,7 +126,3 @@ class ServerHalf:
         """The server-side part of the client's adapter, as trained in this session."""
         o = self.options
         return {k: v for k, v in adapter_state(self.model).items() if not client_side(k, o.cut, o.head_on_client)}
-
-    @property
-    def encode_seconds(self) -> float:
-        return self.down_act.encode_seconds + self.down_grad.encode_seconds

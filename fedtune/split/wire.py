@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Iterator
 
 import torch
 
@@ -102,13 +102,12 @@ class Receiver:
         self.max_bytes = max_bytes
         self.decode_seconds = 0.0
 
-    def read(self, frames: Iterator[pb.SplitFrame], first: pb.SplitFrame | None = None) -> tuple[pb.SplitHeader, dict[str, torch.Tensor], int] | None:
+    def read(self, frames: Iterator[pb.SplitFrame]) -> tuple[pb.SplitHeader, dict[str, torch.Tensor], int] | None:
         """The next message (header, tensors, bytes on the wire), or None when the stream ended
         cleanly between messages."""
+        first = next(frames, None)
         if first is None:
-            first = next(frames, None)
-            if first is None:
-                return None
+            return None
         if first.WhichOneof("kind") != "header":
             raise ProtocolError("a split message must start with a SplitHeader")
         header = first.header
@@ -158,8 +157,3 @@ def check_rows(rows: torch.Tensor, mask: torch.Tensor, channels: int | None, wha
     if rows.dim() != 2 or rows.shape[0] != int(mask.sum()) or (channels is not None and rows.shape[1] != channels):
         want = f"[{int(mask.sum())}, {channels if channels is not None else 'C'}]"
         raise ProtocolError(f"{what} has shape {list(rows.shape)}, the batch needs {want}")
-
-
-def codec_options(options: Mapping[str, str], prefix: str) -> dict[str, str]:
-    """The ``<prefix>_...`` entries of a recipe's options, without the prefix."""
-    return {k[len(prefix) + 1 :]: v for k, v in options.items() if k.startswith(prefix + "_")}

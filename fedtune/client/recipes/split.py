@@ -20,8 +20,8 @@ import torch
 from fedtune.adapters import adapter_parameters
 from fedtune.client.recipes.base import RECIPES, LocalOptions, Recipe, TrainSettings
 from fedtune.protocol import fedtune_pb2 as pb
-from fedtune.protocol.tensors import encode_tensor
-from fedtune.split.segments import bottom_forward, client_side, top_forward
+from fedtune.protocol.tensors import ProtocolError, encode_tensor
+from fedtune.split.segments import anatomy, bottom_forward, client_side, top_forward
 from fedtune.split.wire import DirectionCodec, Sender, check_rows, scatter
 from fedtune.tasks import EncodedExample, Task
 from fedtune.tasks.base import sample_batches
@@ -93,6 +93,7 @@ class SplitRecipe(Recipe):
         if not params:
             raise ValueError(f"no trainable adapter tensors on the client's side of cut {o.cut}")
         optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+        blocks = anatomy(model).num_blocks
         up_act = Sender(o.direction("act"))
         up_grad = Sender(o.direction("grad"))
         order = torch.Generator().manual_seed(settings.seed)
@@ -124,7 +125,7 @@ class SplitRecipe(Recipe):
                 if o.head_on_client:
                     top_rows = _rows(got, "hidden", mask, rows.shape[1], pb.SPLIT_KIND_ACTIVATIONS, reply)
                     top = scatter(top_rows.to(device, rows.dtype), mask).requires_grad_(True)
-                    loss = top_forward(model, top, inputs["attention_mask"], inputs["labels"], _blocks(model), pad_id).loss
+                    loss = top_forward(model, top, inputs["attention_mask"], inputs["labels"], blocks, pad_id).loss
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"training loss became {loss.item()}; lower the learning rate")
                     loss.backward()
@@ -166,16 +167,8 @@ class SplitRecipe(Recipe):
         return metrics
 
 
-def _blocks(model: torch.nn.Module) -> int:
-    from fedtune.split.segments import anatomy
-
-    return anatomy(model).num_blocks
-
-
 def _rows(got: Mapping[str, torch.Tensor], name: str, mask: torch.Tensor, channels: int, kind: int, reply: pb.SplitHeader) -> torch.Tensor:
     """The coordinator's reply tensor ``name``, checked against the batch it answers."""
-    from fedtune.protocol.tensors import ProtocolError
-
     if reply.kind != kind or set(got) != {name}:
         raise ProtocolError(f"the coordinator answered with {pb.SplitKind.Name(reply.kind)} {sorted(got)}, expected {pb.SplitKind.Name(kind)} [{name!r}]")
     check_rows(got[name], mask, channels, f"the coordinator's {name}")
