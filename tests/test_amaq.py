@@ -104,6 +104,19 @@ def test_gates_give_bits_between_min_and_max_and_the_cap_holds_the_mean():
     assert (after.diff() >= 0).all()  # one common shift: the order of the channels is kept
 
 
+def test_the_budget_caps_everything_sent_scales_and_map_included():
+    # a 4-bit budget must cost at most 1/8 of float32 on the wire, whatever the gates learned
+    quantizer = MixedBitQuantizer(96, BitBudget(4, 4, 0))
+    with torch.no_grad():
+        quantizer.gates.gate.copy_(torch.randn(96, generator=torch.Generator().manual_seed(0)))
+    for rows in (40, 300):
+        x = torch.randn(rows, 96) * torch.logspace(-2, 1, 96)
+        _, encoded, widths = quantizer.quantize(x, step=0)
+        assert 8 * len(encoded.payload) <= 4 * x.numel()
+        # the overhead is taken from the codes, and no more than that
+        assert float(widths.float().mean()) > 4 - 67 / rows - 0.3
+
+
 def test_budget_anneals_linearly_from_start_to_target():
     budget = BitBudget(8, 4, 100)
     assert budget.at(0) == 8 and budget.at(50) == 6 and budget.at(100) == 4 and budget.at(1000) == 4

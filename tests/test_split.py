@@ -100,7 +100,9 @@ def test_split_bytes_per_step_are_what_the_codec_says():
     # 4-bit codes plus per-channel scales: several times fewer bytes than float32 each way
     assert fp32["split_bytes_up_per_step"] / u4["split_bytes_up_per_step"] > 3.0
     assert fp32["split_bytes_down_per_step"] / u4["split_bytes_down_per_step"] > 3.5
-    assert u4["split_bits_up"] == 4.0
+    # the reported width is what the frame really cost per element: 4-bit codes plus a float32
+    # minimum and step per channel
+    assert 4.0 < u4["split_bits_up"] < 4.0 + 64 / 8
 
 
 def test_amaq_split_learns_and_anneals_the_mean_width_to_its_budget():

@@ -22,10 +22,12 @@ What the paper leaves open, and what fedtune chose:
   direction, where no loss measures the error, it is 1 (plain relative error). Layer-wise
   importance is ``layer_weight``, a factor on the whole term for this cut. Minimizing it at a
   fixed mean width is reverse water-filling: wide or important channels get more bits.
-- The budget is a hard cap: after every gate step the gates are shifted by one common offset so
-  that the mean wire width is at most the scheduled budget (``BitBudget``: linear from
-  ``start_bits`` down to ``target_bits`` over ``anneal_steps`` steps). The traffic of a run is
-  then known in advance, whatever the gates learn.
+- The budget is a hard cap on everything sent, per element: before every frame the gates are
+  shifted by one common offset so that the mean code width plus the frame's overhead (scales
+  and bit map, ``overhead_bits``) is as large as it can be without exceeding the scheduled budget (``BitBudget``: linear from
+  ``start_bits`` down to ``target_bits`` over ``anneal_steps`` steps). A 4-bit budget thus
+  costs at most 1/8 of float32, and the traffic of a run is known in advance, whatever the
+  gates learn.
 
 Wire format (``ENCODING_AMAQ``), for N x C codes with widths summing to ``code_bits``:
 ``[bit map: C widths minus one, 3 bits each, when params map = "1"]``, then C minima and C steps
@@ -58,6 +60,12 @@ def as_channels(shape: Sequence[int]) -> tuple[int, int]:
         return 1, 1
     channels = int(shape[-1])
     return (numel(shape) // channels if channels else 0), channels
+
+
+def overhead_bits(rows: int) -> float:
+    """Bits per element an AMAQ frame of ``rows`` x C spends besides the codes: a float32 minimum
+    and step per channel and, at most, a 3-bit width per channel."""
+    return (64 + MAP_BITS) / max(rows, 1)
 
 
 def quantize_channels(x: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -240,12 +248,12 @@ class BitGates(torch.nn.Module):
 
     @torch.no_grad()
     def cap(self, budget: float) -> None:
-        """Shift every gate by one common offset so the mean wire width is at most ``budget``
-        (bisection on the offset; the relative allocation is kept)."""
-        if float(self.widths().float().mean()) <= budget:
-            return
+        """Shift every gate by one common offset so that the mean wire width is the largest one
+        at most ``budget`` (bisection on the offset). The relative allocation the gates learned
+        is kept; the level is the budget's, up as well as down, so no frame wastes its budget
+        and a short batch (more overhead per element) does not leave the gates low."""
         base = self.gate.detach().clone()
-        lo, hi = -40.0 / self.alpha, 0.0
+        lo, hi = -40.0 / self.alpha, 40.0 / self.alpha
         for _ in range(50):
             mid = (lo + hi) / 2
             self.gate.copy_(base + mid)
@@ -289,9 +297,9 @@ class MixedBitQuantizer:
 
     def quantize(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, Encoded, torch.Tensor]:
         """(x_hat with gradients to x and the gates, the wire encoding, the widths used)."""
-        self.gates.cap(self.budget.at(step))
-        widths = self.gates.widths()
         n, c = as_channels(tuple(x.shape))
+        self.gates.cap(self.budget.at(step) - overhead_bits(n))
+        widths = self.gates.widths()
         flat = x.reshape(n, c)
         x_hat = fake_quantize(flat, self.gates.bits()).reshape(x.shape)
         send_map = self._sent is None or not torch.equal(widths, self._sent)

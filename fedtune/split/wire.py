@@ -64,7 +64,7 @@ class Sender:
         self.quantizer: MixedBitQuantizer | None = None
         self.codec = None if spec.codec in ("fp32", "amaq") else make_codec(spec.codec, {"bits": int(spec.bits)} if spec.codec == "uniform" else {})
         self.encode_seconds = 0.0
-        self.last_bits = 32.0
+        self.last_bits = 32.0  # payload bits per element of the last frame, scales and map included
 
     def send(self, name: str, x: torch.Tensor, step: int) -> tuple[torch.Tensor, EncodedTensor]:
         """(what the sender backpropagates through, the wire form of ``x``)."""
@@ -77,11 +77,10 @@ class Sender:
                                                    weight=spec.reg_weight, layer_weight=spec.layer_weight)
             x_hat, encoded, widths = self.quantizer.quantize(x.float(), step)
             wire = encoded_tensor(name, x, make_codec("amaq"), encoded)
-            self.last_bits = float(widths.float().mean())
         else:
             x_hat = x
             wire = encode_tensor(name, x.detach().float(), self.codec)
-            self.last_bits = {"fp32": 32.0, "fp16": 16.0, "bf16": 16.0}.get(spec.codec, float(spec.bits))
+        self.last_bits = 8 * len(wire.payload) / max(x.numel(), 1)
         self.encode_seconds += time.perf_counter() - started
         return x_hat, wire
 
