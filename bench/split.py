@@ -1,15 +1,20 @@
 """Split learning on the demo task: what each activation/gradient codec costs in eval loss,
 bytes per step and step time.
 
-    python bench/split.py [--rows fp32,fp16,uniform8,uniform4,uniform3,amaq4,amaq3] [--rounds 4]
+    python bench/split.py [--rows fp32,fp16,uniform8,uniform4,uniform3,amaq4,amaq3,amaq4-shared] [--rounds 4]
                           [--clients 3] [--cut 3] [--head client|server] [--out FILE]
 
 Every row is one split run over loopback gRPC of the demo task (MiniLM, 6 blocks, LoRA r=8 on
 query/value + head, 3-class tweets, Dirichlet(0.5) split, FedAvg of both halves, 1000 held-out
-tweets), with the same codec on both directions. ``amaqB`` anneals the mean width from 8 bits
-to B over the first half of the run's steps. Columns: ``eval_loss`` (final), ``eval_accuracy``,
-``bytes_up_per_step`` and ``bytes_down_per_step`` (mean over clients and rounds, as the clients'
-links framed them), ``mean_bits`` (mean width of what was sent, both directions, last round),
+tweets), with the same codec on both directions. ``amaqB`` anneals the budget from 8 bits per
+element to B (scales and bit map included) over the first half of the run's steps.
+``amaq4-shared`` is ``amaq4`` with one server-side adapter per round stepped by one client at a
+time (``split.server_adapter = "shared"``) instead of a copy per client session.
+Columns: ``eval_loss`` (final), ``eval_accuracy``, ``bytes_up_per_step`` and
+``bytes_down_per_step`` (last round, when AMAQ runs at its target budget; mean over clients, as
+the clients' links framed them), ``run_bytes_up_per_step`` / ``run_bytes_down_per_step`` (the
+same averaged over all rounds, annealing included), ``mean_bits`` (payload bits per element,
+both directions, last round),
 ``codec_share`` (codec time / step time on the client), ``step_ms`` and its parts
 (``client_ms``, ``wire_ms``, ``server_ms``).
 """
@@ -26,14 +31,15 @@ from pathlib import Path
 from fedtune.config import RunConfig
 from fedtune.simulation.runner import run_simulation
 
-ROWS = {
-    "fp32": ("fp32", 32), "fp16": ("fp16", 16), "uniform8": ("uniform", 8), "uniform4": ("uniform", 4),
-    "uniform3": ("uniform", 3), "amaq4": ("amaq", 4), "amaq3": ("amaq", 3),
+ROWS = {  # name: (codec, bits, server adapter)
+    "fp32": ("fp32", 32, "copies"), "fp16": ("fp16", 16, "copies"), "uniform8": ("uniform", 8, "copies"),
+    "uniform4": ("uniform", 4, "copies"), "uniform3": ("uniform", 3, "copies"), "amaq4": ("amaq", 4, "copies"),
+    "amaq3": ("amaq", 3, "copies"), "amaq4-shared": ("amaq", 4, "shared"),
 }
 
 
 def run(name: str, args, tmp: str) -> dict:
-    codec, bits = ROWS[name]
+    codec, bits, server_adapter = ROWS[name]
     config = RunConfig()
     config.federation.rounds = args.rounds
     config.simulation.clients = args.clients
@@ -41,6 +47,7 @@ def run(name: str, args, tmp: str) -> dict:
     config.split.mode, config.split.cut, config.split.head = "split", args.cut, args.head
     config.split.act_codec = config.split.grad_codec = codec
     config.split.act_bits = config.split.grad_bits = bits
+    config.split.server_adapter = server_adapter
     config.run_dir = str(Path(tmp) / name)
     started = time.monotonic()
     result = run_simulation(config.validate())
@@ -51,7 +58,8 @@ def run(name: str, args, tmp: str) -> dict:
     down_bits = last.get("split_bits_down", last["split_bits_up"])
     return {
         "name": name, "eval_loss": last["eval_loss"], "eval_accuracy": last.get("eval_accuracy"),
-        "bytes_up_per_step": mean("split_bytes_up_per_step"), "bytes_down_per_step": mean("split_bytes_down_per_step"),
+        "bytes_up_per_step": last["split_bytes_up_per_step"], "bytes_down_per_step": last["split_bytes_down_per_step"],
+        "run_bytes_up_per_step": mean("split_bytes_up_per_step"), "run_bytes_down_per_step": mean("split_bytes_down_per_step"),
         "mean_bits": (last["split_bits_up"] + down_bits) / 2,
         "codec_share": last["split_codec_ms"] / max(step_ms, 1e-9), "step_ms": step_ms,
         "client_ms": last["split_client_ms"], "wire_ms": last["split_wire_ms"], "server_ms": last["split_server_ms"],
@@ -78,12 +86,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"running {name} ...", file=sys.stderr, flush=True)
             rows.append(run(name, args, tmp))
     base = next((r for r in rows if r["name"] == "fp32"), None)
-    print(f"{'row':<10}{'eval loss':>10}{'vs fp32':>9}{'acc':>7}{'up B/step':>11}{'down B/step':>12}{'x fewer':>8}{'bits':>6}{'codec':>7}{'step ms':>9}{'client':>8}{'wire':>7}{'server':>8}")
+    print(f"{'row':<13}{'eval loss':>10}{'vs fp32':>9}{'acc':>7}{'up B/step':>11}{'down B/step':>12}{'x fewer':>8}{'run x':>6}{'bits':>6}{'codec':>7}{'step ms':>9}{'client':>8}{'wire':>7}{'server':>8}{'wall s':>8}")
     for r in rows:
         rel = f"{100 * (r['eval_loss'] / base['eval_loss'] - 1):+.2f}%" if base else "-"
         fewer = f"{(base['bytes_up_per_step'] + base['bytes_down_per_step']) / (r['bytes_up_per_step'] + r['bytes_down_per_step']):.1f}" if base else "-"
-        print(f"{r['name']:<10}{r['eval_loss']:>10.4f}{rel:>9}{r['eval_accuracy']:>7.3f}{r['bytes_up_per_step']:>11.0f}{r['bytes_down_per_step']:>12.0f}{fewer:>8}"
-              f"{r['mean_bits']:>6.2f}{100 * r['codec_share']:>6.1f}%{r['step_ms']:>9.1f}{r['client_ms']:>8.1f}{r['wire_ms']:>7.1f}{r['server_ms']:>8.1f}")
+        run_fewer = f"{(base['run_bytes_up_per_step'] + base['run_bytes_down_per_step']) / (r['run_bytes_up_per_step'] + r['run_bytes_down_per_step']):.1f}" if base else "-"
+        print(f"{r['name']:<13}{r['eval_loss']:>10.4f}{rel:>9}{r['eval_accuracy']:>7.3f}{r['bytes_up_per_step']:>11.0f}{r['bytes_down_per_step']:>12.0f}{fewer:>8}{run_fewer:>6}"
+              f"{r['mean_bits']:>6.2f}{100 * r['codec_share']:>6.1f}%{r['step_ms']:>9.1f}{r['client_ms']:>8.1f}{r['wire_ms']:>7.1f}{r['server_ms']:>8.1f}{r['wall_seconds']:>8.1f}")
     if args.out:
         args.out.write_text(json.dumps({"rows": rows, "rounds": args.rounds, "clients": args.clients, "cut": args.cut, "head": args.head,
                                         "model": "minilm", "task": "demo tweets (3 classes)"}, indent=2) + "\n")

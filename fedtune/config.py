@@ -239,6 +239,10 @@ class SplitSection:
     anneal_steps: int = 0
     reg_weight: float = 0.01
     gate_lr: float = 0.05
+    # The coordinator's side when several clients train at once: "copies" (each session trains
+    # its own copy of the server-side adapter, averaged with the round; sessions run in
+    # parallel) or "shared" (one copy per round, stepped by one client step at a time).
+    server_adapter: str = "copies"
 
 
 @dataclass
@@ -301,7 +305,7 @@ class RunConfig:
 
             sp = self.split
             anneal = sp.anneal_steps or max(1, self.federation.rounds * self.training.local_steps // 2)
-            fields = {k: v for k, v in dataclasses.asdict(sp).items() if k != "mode"}
+            fields = {k: v for k, v in dataclasses.asdict(sp).items() if k not in ("mode", "server_adapter")}
             options = build_options(SplitFedOptions, {**fields, "anneal_steps": anneal, "local_steps": self.training.local_steps}, "split")
             strategy = SplitFed(strategy, options, scale=scale, seed=self.seed)
         c = self.compression
@@ -332,6 +336,7 @@ class RunConfig:
         _check(self.split.mode in ("federated", "split"), "split.mode", f"must be federated or split, got {self.split.mode!r}")
         _check(self.split.cut >= 1, "split.cut", "must be at least 1")
         _check(self.split.head in ("client", "server"), "split.head", f"must be client or server, got {self.split.head!r}")
+        _check(self.split.server_adapter in ("copies", "shared"), "split.server_adapter", f"must be copies or shared, got {self.split.server_adapter!r}")
         if self.split.mode == "split":
             _check(not self.privacy.dp and not (self.compression.uplink or self.compression.downlink) and not self.federation.share_a and self.lora.variant == "lora",
                    "split.mode", "split training does not combine with dp, update codecs, share_a or lora variants yet")

@@ -1,6 +1,8 @@
 """The coordinator's split-learning sessions: one ``ServerHalf`` per (client, round), built from
 the client's instruction when its ``SplitStep`` stream opens, kept after the stream ends until
-the client pushes its bottom half, which the server half's tensors then complete."""
+the client pushes its bottom half, which the server half's tensors then complete. With
+``split.server_adapter = "shared"`` the sessions of a round share one model and one step lock
+(fedtune.split.server says why copies are the default)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class SplitSessions:
         self._lock = threading.Lock()
         self._open: dict[tuple[str, int], ServerHalf] = {}
         self._done: dict[tuple[str, int], ServerHalf] = {}
+        self._shared: dict[int, tuple[torch.nn.Module, threading.Lock]] = {}  # round -> model, step lock
         # Wire bytes of the split streams, by round: what the coordinator received and sent.
         self.traffic: dict[int, dict[str, int]] = {}
 
@@ -39,17 +42,29 @@ class SplitSessions:
             options = build_options(SplitOptions, dict(instruction.options), "split task")
         except (OptionsError, ValueError) as exc:  # our own instruction: a bug, not the client's
             raise CoordinatorError("INTERNAL", f"bad split instruction: {exc}") from None
+        step_lock = None
+        if self.config.split.server_adapter == "shared":
+            with self._lock:
+                if round_number not in self._shared:
+                    self._shared = {round_number: (self._model(instruction), threading.Lock())}
+                model, step_lock = self._shared[round_number]
+        else:
+            model = self._model(instruction)
+        training = self.config.training
+        half = ServerHalf(model, options, training.learning_rate, training.weight_decay, self.global_model.pad_id, step_lock=step_lock)
+        with self._lock:
+            self._open[key] = half
+        log.info("round %d: split session of %s opened (cut %d, head on the %s)", round_number, client_id, options.cut, options.head)
+        return half
+
+    def _model(self, instruction) -> torch.nn.Module:
+        """The model with the round's global adapter, as the instruction hands it out."""
         gm = self.global_model
         adapter, frozen, _ = split_task_tensors(instruction.tensors, instruction.plan.scale)
         model = inject_lora(gm.store.instance(gm.source, gm.task_name, gm.labels), instruction.plan, gm.task_name)
         apply_base_delta(model, frozen)
         load_adapter_state(model, adapter)
-        training = self.config.training
-        half = ServerHalf(model, options, training.learning_rate, training.weight_decay, gm.pad_id)
-        with self._lock:
-            self._open[key] = half
-        log.info("round %d: split session of %s opened (cut %d, head on the %s)", round_number, client_id, options.cut, options.head)
-        return half
+        return model
 
     def _traffic(self, round_number: int) -> dict[str, int]:
         """The round's counters; call with the lock held."""
@@ -66,12 +81,17 @@ class SplitSessions:
         with self._lock:
             half = self._open.pop((client_id, round_number), None)
             if half is not None:
+                half.close()
                 self._done[(client_id, round_number)] = half
                 self._traffic(round_number)["split_steps"] += half.steps
 
     def discard(self, client_id: str, round_number: int) -> None:
+        """The stream broke (bad frame, or the client went away): the session ends, its half-done
+        step is dropped and the other sessions go on."""
         with self._lock:
-            self._open.pop((client_id, round_number), None)
+            half = self._open.pop((client_id, round_number), None)
+        if half is not None:
+            half.close()
 
     def take(self, client_id: str, round_number: int) -> dict[str, torch.Tensor]:
         """The server-side tensors of a finished session (consumed), or a refusal."""

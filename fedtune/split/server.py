@@ -3,16 +3,20 @@
 How several clients are served at once: each session gets its own copy of the server-side
 adapter (the round's global adapter), trained only by that client's steps; when the client
 pushes its bottom half, the copy's tensors complete its update, and the round's strategy
-averages whole adapters as in federated mode (SplitFed-V1). The alternative, one shared copy
-stepped by every client in turn (SplitFed-V2), serializes the clients' steps behind one lock
-and makes the result depend on their arrival order; copies cost one adapter per session (the
-frozen base weights are shared, fedtune.models.ModelStore) and let sessions run in parallel.
-bench/split.py measures both (rows ``copies`` and ``shared``).
+averages whole adapters as in federated mode (SplitFed-V1). The alternative
+(``split.server_adapter = "shared"``, SplitFed-V2) is one copy per round stepped by every
+client in turn: a session holds the round's step lock from its activations to the end of that
+step (in the U-shaped split across the client's head computation and a second round trip),
+so the clients' steps serialize and the result depends on their arrival order; each client's
+update then carries the shared copy as it stood when the client pushed. Copies cost one
+adapter per session (the frozen base weights are shared, fedtune.models.ModelStore) and let
+sessions run in parallel; bench/split.py measures both (rows ``amaq4`` and ``amaq4-shared``).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from typing import Mapping
 
@@ -20,19 +24,24 @@ import torch
 
 from fedtune.adapters import adapter_parameters, adapter_state
 from fedtune.client.recipes.split import SplitOptions
+from fedtune.coordinator.errors import CoordinatorError
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.tensors import EncodedTensor, ProtocolError
 from fedtune.split.segments import anatomy, client_side, middle_forward, top_forward
 from fedtune.split.wire import Sender, check_rows, scatter
 
 MAX_TOKENS = 1 << 20  # batch x length of one step's mask
+STEP_LOCK_WAIT_SECONDS = 300.0  # shared server adapter: longest wait for another client's step
 
 
 class ServerHalf:
     """Runs blocks ``[cut, L)`` (and the head in the plain split) for one client's session."""
 
-    def __init__(self, model: torch.nn.Module, options: SplitOptions, learning_rate: float, weight_decay: float, pad_id: int, device: str = "cpu") -> None:
+    def __init__(self, model: torch.nn.Module, options: SplitOptions, learning_rate: float, weight_decay: float, pad_id: int, device: str = "cpu",
+                 step_lock: threading.Lock | None = None) -> None:
         self.model, self.options, self.pad_id = model, options, pad_id
+        # Shared server adapter: the lock this session holds for the length of one step.
+        self.step_lock, self._holding = step_lock, False
         self.device = torch.device(device)
         self.blocks = anatomy(model).num_blocks
         if not 1 <= options.cut < self.blocks:
@@ -51,15 +60,21 @@ class ServerHalf:
         started = time.perf_counter()
         try:
             if header.kind == pb.SPLIT_KIND_ACTIVATIONS:
+                if self._pending is None:
+                    self._lock_step()
                 kind, out, metrics = self._activations(header.step, tensors)
             elif header.kind == pb.SPLIT_KIND_GRADIENTS:
                 kind, out, metrics = self._gradients(header.step, tensors)
             else:
                 raise ProtocolError(f"unexpected split message kind {header.kind}")
         except ProtocolError:
+            self.close()
             raise
         except (RuntimeError, IndexError, ValueError) as exc:  # the model refused the inputs
+            self.close()
             raise ProtocolError(f"step {header.step}: the inputs do not fit the model: {str(exc)[:200]}") from None
+        if self._pending is None:  # the step is complete
+            self._unlock_step()
         return pb.SplitHeader(step=header.step, kind=kind, metrics={**metrics, "server_seconds": time.perf_counter() - started}), out
 
     def _inputs(self, tensors: Mapping[str, torch.Tensor], names: set[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,6 +136,23 @@ class ServerHalf:
         if self.optimizer is not None:
             self.optimizer.step()
         return wire
+
+    def _lock_step(self) -> None:
+        if self.step_lock is None or self._holding:
+            return
+        if not self.step_lock.acquire(timeout=STEP_LOCK_WAIT_SECONDS):
+            raise CoordinatorError("UNAVAILABLE", f"the shared server adapter stayed busy for {STEP_LOCK_WAIT_SECONDS:.0f} s")
+        self._holding = True
+
+    def _unlock_step(self) -> None:
+        if self._holding:
+            self._holding = False
+            self.step_lock.release()
+
+    def close(self) -> None:
+        """End the session's part in the round: drop a half-done step and free the step lock."""
+        self._pending = None
+        self._unlock_step()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The server-side part of the client's adapter, as trained in this session."""
