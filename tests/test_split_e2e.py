@@ -5,18 +5,21 @@ vanished client ends only its own session."""
 from __future__ import annotations
 
 import json
+import queue
 import threading
 
 import grpc
 import pytest
 import torch
 
+from fedtune.adapters import split_task_tensors
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.tensors import encode_tensor
 from fedtune.simulation.runner import run_simulation
-from fedtune.split.wire import message_frames
+from fedtune.split.segments import client_side
+from fedtune.split.wire import Receiver, message_frames
 
-from conftest import _minilm_tokenizer, fetch_task, live_coordinator, save_llama, sentiment_examples
+from conftest import _minilm_tokenizer, fetch_task, live_coordinator, push_update, save_llama, sentiment_examples
 from test_end_to_end import _config, _write_jsonl
 
 HIDDEN, BLOCKS = 128, 3
@@ -118,3 +121,55 @@ def test_bad_frames_end_only_their_own_session(tmp_path, three_block_llama):
         replies = stream(b, {"hidden": torch.randn(8, HIDDEN), "mask": mask})
         assert replies[0].header.kind == pb.SPLIT_KIND_ACTIVATIONS and list(replies[1].tensor.shape) == [8, HIDDEN]
         coordinator.engine.stop()
+
+
+def test_a_client_vanishing_mid_session_ends_only_its_session_and_the_round_completes(tmp_path, three_block_llama):
+    config = _split_config(tmp_path, three_block_llama, rounds=1, head="server")
+    config.federation.min_clients = 2
+    config.federation.client_timeout_s = 2.0  # a vanished client counts as dropped after 2 s
+    config.split.act_codec = config.split.grad_codec = "fp32"
+    config.model.labels = ["negative", "positive"]
+    with live_coordinator(config) as (coordinator, stub, engine):
+        a, b = _open_session(stub, coordinator, "a"), _open_session(stub, coordinator, "b")
+        tasks = {}
+        threads = [threading.Thread(target=lambda who=who: tasks.__setitem__(who, fetch_task(stub, *who))) for who in (a, b)]
+        [t.start() for t in threads]
+        [t.join(30) for t in threads]
+        cut = int(tasks[b][0].options["cut"])
+        mask = torch.ones(2, 4, dtype=torch.uint8)
+
+        def step(who, number):
+            msg = pb.SplitHeader(client_id=who[0], token=who[1], round=1, step=number, kind=pb.SPLIT_KIND_ACTIVATIONS)
+            tensors = {"hidden": torch.randn(8, HIDDEN), "mask": mask, "labels": torch.tensor([0, 1])}
+            return message_frames(msg, [encode_tensor(n, t) for n, t in tensors.items()])
+
+        def session(who):
+            """A live stream: put a step's frames on the queue to send them, None to close."""
+            outbox: queue.Queue = queue.Queue()
+            call = stub.SplitStep(iter(lambda: outbox.get(timeout=30), None), timeout=60)
+            return outbox, call, Receiver()
+
+        a_out, a_call, a_rx = session(a)
+        b_out, b_call, b_rx = session(b)
+        [a_out.put(f) for f in step(a, 0)]
+        assert a_rx.read(a_call)[0].kind == pb.SPLIT_KIND_GRADIENTS
+        [b_out.put(f) for f in step(b, 0)]
+        assert b_rx.read(b_call)[0].kind == pb.SPLIT_KIND_GRADIENTS
+        a_call.cancel()  # a's device vanishes mid-session, with its step 1 never sent
+        for number in (1, 2):
+            [b_out.put(f) for f in step(b, number)]
+            reply, got, _ = b_rx.read(b_call)
+            assert reply.kind == pb.SPLIT_KIND_GRADIENTS and reply.step == number and list(got["grad"].shape) == [8, HIDDEN]
+        b_out.put(None)
+        assert b_rx.read(b_call) is None  # b's session ended cleanly
+        # b pushes its bottom half; the coordinator completes it with b's session and the round
+        # closes with b alone once a has been silent for client_timeout_s
+        adapter, _, _ = split_task_tensors(tasks[b][1])
+        bottom = {k: v for k, v in adapter.items() if client_side(k, cut, False)}
+        push_update(stub, *b, 1, bottom)
+        engine.join(60)
+        assert not engine.is_alive()
+        rows = [json.loads(line) for line in (coordinator.engine.run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [(r["round"], r["clients"]) for r in rows] == [(1, 1)]
+        assert rows[0]["split_steps"] == 3  # b's three steps; a's broken session counts none
+        assert not coordinator.service.split._open  # a's session was discarded, not left behind
