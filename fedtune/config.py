@@ -243,6 +243,9 @@ class SplitSection:
     # its own copy of the server-side adapter, averaged with the round; sessions run in
     # parallel) or "shared" (one copy per round, stepped by one client step at a time).
     server_adapter: str = "copies"
+    # The coordinator's training throughput in GFLOP/s, shared by the round's sessions; with it
+    # the cut planner counts the coordinator's time per step. 0: not counted.
+    server_gflops: float = 0.0
 
 
 @dataclass
@@ -305,7 +308,7 @@ class RunConfig:
 
             sp = self.split
             anneal = sp.anneal_steps or max(1, self.federation.rounds * self.training.local_steps // 2)
-            fields = {k: v for k, v in dataclasses.asdict(sp).items() if k not in ("mode", "server_adapter")}
+            fields = {k: v for k, v in dataclasses.asdict(sp).items() if k not in ("mode", "server_adapter", "server_gflops")}
             options = build_options(SplitFedOptions, {**fields, "anneal_steps": anneal, "local_steps": self.training.local_steps}, "split")
             strategy = SplitFed(strategy, options, scale=scale, seed=self.seed)
         c = self.compression
@@ -336,6 +339,7 @@ class RunConfig:
         _check(self.split.mode in ("federated", "split"), "split.mode", f"must be federated or split, got {self.split.mode!r}")
         _check(self.split.cut >= 1, "split.cut", "must be at least 1")
         _check(self.split.head in ("client", "server"), "split.head", f"must be client or server, got {self.split.head!r}")
+        _check(self.split.server_gflops >= 0, "split.server_gflops", "must be >= 0")
         _check(self.split.server_adapter in ("copies", "shared"), "split.server_adapter", f"must be copies or shared, got {self.split.server_adapter!r}")
         if self.split.mode == "split":
             _check(not self.privacy.dp and not (self.compression.uplink or self.compression.downlink) and not self.federation.share_a and self.lora.variant == "lora",

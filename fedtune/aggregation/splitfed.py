@@ -7,22 +7,28 @@ and the inner strategy aggregates whole adapters as in federated mode. The wrapp
 instruction into a split one: recipe ``split`` with the cut, the head placement and the codecs
 of each direction, and ``expect`` narrowed to the client's side.
 
-A client's cut: ``cut`` when the device reports no memory, else the deepest cut whose bottom
-(embeddings plus blocks, at ``block_bytes`` each, with ``max_cut`` as the ceiling) fits in its
-memory. ``block_bytes`` and ``embed_bytes`` are measured on the model by the coordinator.
+A client's cut: the deepest cut up to ``cut`` whose memory and modeled round time (device
+compute, the coordinator's share, and the activation traffic over the device's links) fit the
+device (fedtune.split.planning). The coordinator sets ``geometry`` and ``cost`` from the model;
+without them every client gets ``cut``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 
 from fedtune.aggregation.base import Instruction, RoundContext, Strategy, Wrapper
+from fedtune.devices import Capabilities
 from fedtune.options import OptionsError
+from fedtune.split.planning import CutChoice, SplitCost, SplitGeometry, choose_cut
 from fedtune.split.segments import client_side
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,9 +57,10 @@ class SplitFed(Wrapper):
         from fedtune.client.recipes.split import SplitOptions
 
         SplitOptions(**self._recipe_fields(self.options.cut))  # checks head and codecs now, not at round 1
-        self.blocks = 0        # set by the coordinator from the model
-        self.block_bytes = 0
-        self.embed_bytes = 0
+        # Set by the coordinator from the model (fedtune.split.planning).
+        self.geometry: SplitGeometry | None = None
+        self.cost: SplitCost | None = None
+        self.round_budget_s = float("inf")
 
     def _recipe_fields(self, cut: int, step0: int = 0) -> dict:
         """The split recipe's options for a client cut at ``cut`` (this wrapper's options, less
@@ -63,21 +70,23 @@ class SplitFed(Wrapper):
         o = self.options
         return {**fields, "cut": cut, "step0": step0, "start_bits": max(o.start_bits, o.act_bits, o.grad_bits)}
 
-    def cut_for(self, memory_bytes: int) -> int:
-        """The client's cut layer from the memory it reports (see the module docstring)."""
-        o = self.options
-        ceiling = min(o.cut, self.blocks - 1) if self.blocks else o.cut
-        if not memory_bytes or not self.block_bytes:
-            return ceiling
-        fits = (memory_bytes - self.embed_bytes) // self.block_bytes
-        return int(max(1, min(ceiling, fits)))
+    def cut_for(self, caps: Capabilities, sessions: int = 1) -> CutChoice:
+        """The client's cut layer from its reported capabilities (see the module docstring)."""
+        if self.geometry is None or self.cost is None:
+            return CutChoice(self.options.cut, True, 0, 0.0)
+        cost = dataclasses.replace(self.cost, sessions=sessions)
+        return choose_cut(self.geometry, cost, caps, self.options.cut, self.round_budget_s)
 
     def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
         step0 = (ctx.number - 1) * self.options.local_steps
         instructions = self.inner.configure(ctx, state)
         out = {}
         for cid, ins in instructions.items():
-            cut = self.cut_for(ctx.clients[cid].capabilities.memory_bytes)
+            choice = self.cut_for(ctx.clients[cid].capabilities, sessions=len(instructions))
+            cut = choice.cut
+            if not choice.fits:
+                log.warning("round %d: %s gets cut %d although it does not fit the device (modeled %.0f MB, %.1f s a round)",
+                            ctx.number, cid, cut, choice.memory_bytes / 1e6, choice.round_seconds)
             fields = self._recipe_fields(cut, step0)
             options = {**ins.options, **{k: str(v) for k, v in fields.items()}, "recipe": "split"}
             expect = {n: s for n, s in ins.expect.items() if client_side(n, cut, self.options.head == "client")}

@@ -123,12 +123,14 @@ class Coordinator:
         split = None
         if config.split.mode == "split":
             from fedtune.coordinator.split_sessions import SplitSessions
-            from fedtune.split.segments import anatomy
+            from fedtune.split.planning import SplitCost, SplitGeometry
 
-            parts, splitfed = anatomy(self.global_model.model), self.strategy_split()
-            splitfed.blocks = parts.num_blocks
-            splitfed.block_bytes = 4 * sum(p.numel() for p in parts.blocks[0].parameters())
-            splitfed.embed_bytes = 4 * sum(p.numel() for p in getattr(parts.embed_owner, parts.embed_attr).parameters())
+            splitfed, sp = self.strategy_split(), config.split
+            gm = self.global_model
+            splitfed.geometry = SplitGeometry.from_model(gm.store.base(gm.source, gm.task_name, gm.labels), gm.plan)
+            splitfed.cost = SplitCost(config.training.batch_size, config.model.max_length, config.training.local_steps, sp.act_bits, sp.grad_bits,
+                                      sp.head == "client", sp.server_gflops * 1e9)
+            splitfed.round_budget_s = config.planner.round_budget_s
             split = SplitSessions(self.engine, self.global_model, config)
             self.engine.split = split
         self.service = CoordinatorService(self.engine, config, config.model.source, task, labels, split)

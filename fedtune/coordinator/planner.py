@@ -99,6 +99,11 @@ class ModelGeometry:
         )
 
 
+def activation_bytes_per_block(batch_size: int, seq_len: int, hidden: int, heads: int) -> int:
+    """A: Korthikanti et al.'s activation bytes of one transformer block, doubled for fp32."""
+    return 4 * batch_size * seq_len * (34 * hidden + 5 * heads * seq_len)
+
+
 @dataclass(frozen=True)
 class CostModel:
     batch_size: int
@@ -109,8 +114,7 @@ class CostModel:
     activation_overhead_blocks: float = 1.7  # activations independent of depth, in units of A
 
     def activations_per_block(self, g: ModelGeometry) -> int:
-        """A: Korthikanti et al.'s activation bytes of one block (fp32)."""
-        return 4 * self.batch_size * self.seq_len * (34 * g.hidden + 5 * g.heads * self.seq_len)
+        return activation_bytes_per_block(self.batch_size, self.seq_len, g.hidden, g.heads)
 
     def lora_params(self, g: ModelGeometry, plan: AdapterPlan) -> int:
         ranks = plan_ranks(plan, g.num_blocks)
