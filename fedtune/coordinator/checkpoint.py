@@ -4,18 +4,25 @@ Layout under the run directory::
 
     checkpoints/round-0003/state.safetensors     the strategy's state after round 3 (global
                                                  adapter, server optimizer moments, ...)
-    checkpoints/round-0003/state.json            round number, seed, plan, strategy
+    checkpoints/round-0003/state.json            round number, seed, plan, strategy, model,
+                                                 and the SHA-256 of state.safetensors
     checkpoints/LATEST                           "round-0003"
 
-A checkpoint folder is written under a temporary name and renamed into place, then LATEST is
-replaced atomically; a crash at any moment leaves the previous checkpoint intact. Random
-choices are derived from (seed, round), so the round number is all the RNG state needed.
+A checkpoint folder is written under a temporary name, its files and the folder fsynced, then
+renamed into place; LATEST is written the same way and the checkpoints folder fsynced after
+each rename, so a power cut at any moment leaves a complete previous checkpoint. Reading
+checks every part (pointer, metadata, checksum, tensors) and falls back to the newest older
+checkpoint that is whole, saying which one was damaged and why. Random choices are derived
+from (seed, round), so the round number is all the RNG state needed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +30,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+log = logging.getLogger(__name__)
+
 KEEP = 2
+_FOLDER = re.compile(r"round-(\d{4,})")
+
+
+class CheckpointError(Exception):
+    """A checkpoint folder that cannot be used (the message says why)."""
 
 
 @dataclass
@@ -31,9 +45,12 @@ class Checkpoint:
     round: int
     state: dict[str, torch.Tensor]
     meta: dict
+    damaged: tuple[str, ...] = ()  # newer checkpoints skipped, each "name: reason"
 
 
 def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new file inside ``path`` durable (a no-op where directories cannot
+    be opened, as on Windows)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -46,6 +63,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save_checkpoint(run_dir: Path, round_number: int, state: dict[str, torch.Tensor], meta: dict) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -53,29 +85,76 @@ def save_checkpoint(run_dir: Path, round_number: int, state: dict[str, torch.Ten
     final, tmp = root / name, root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**meta, "round": round_number}, indent=2) + "\n")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    tensors = tmp / "state.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tensors))
+    with open(tensors, "rb") as fh:
+        os.fsync(fh.fileno())
+    record = {**meta, "round": round_number, "sha256": _sha256(tensors)}
+    _write_durably(tmp / "state.json", (json.dumps(record, indent=2) + "\n").encode())
+    _fsync_dir(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    latest_tmp = root / ".LATEST.tmp"
-    latest_tmp.write_text(name + "\n")
-    os.replace(latest_tmp, root / "LATEST")
     _fsync_dir(root)
-    for old in sorted(p for p in root.glob("round-*") if p.is_dir())[:-KEEP]:
+    _write_durably(root / ".LATEST.tmp", (name + "\n").encode())
+    os.replace(root / ".LATEST.tmp", root / "LATEST")
+    _fsync_dir(root)
+    for old in sorted(p for p in root.glob("round-*") if p.is_dir() and _FOLDER.fullmatch(p.name))[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load_checkpoint(run_dir: Path) -> Checkpoint | None:
-    """The latest checkpoint of ``run_dir``, or None when it has none."""
-    root = Path(run_dir) / "checkpoints"
-    latest = root / "LATEST"
-    if not latest.is_file():
-        return None
-    folder = root / latest.read_text().strip()
-    meta = json.loads((folder / "state.json").read_text())
-    state = load_file(str(folder / "state.safetensors"))
+def read_checkpoint(folder: Path) -> Checkpoint:
+    """One checkpoint folder, checked whole; CheckpointError says what is wrong with it."""
+    match = _FOLDER.fullmatch(folder.name)
+    if match is None or not folder.is_dir():
+        raise CheckpointError("no such checkpoint folder")
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"state.json unreadable ({exc.__class__.__name__})") from None
+    if not isinstance(meta, dict) or meta.get("round") != int(match.group(1)):
+        raise CheckpointError("state.json does not name this round")
+    tensors = folder / "state.safetensors"
+    try:
+        digest = _sha256(tensors)
+    except OSError as exc:
+        raise CheckpointError(f"state.safetensors unreadable ({exc.__class__.__name__})") from None
+    if "sha256" in meta and digest != meta["sha256"]:
+        raise CheckpointError("state.safetensors does not match its checksum")
+    try:
+        state = load_file(str(tensors))
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"state.safetensors unreadable ({str(exc)[:80]})") from None
     return Checkpoint(int(meta["round"]), state, meta)
+
+
+def load_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The newest whole checkpoint of ``run_dir``, or None when it has none. The one LATEST
+    names comes first; a damaged one (or a damaged LATEST) is skipped with a warning."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    folders = sorted((p for p in root.iterdir() if _FOLDER.fullmatch(p.name)), key=lambda p: int(p.name[6:]), reverse=True)
+    damaged: list[str] = []
+    latest = root / "LATEST"
+    if latest.is_file():
+        named = latest.read_text(errors="replace").strip()
+        if _FOLDER.fullmatch(named) and (root / named).is_dir():
+            folders = [root / named] + [p for p in folders if p.name != named]
+        else:
+            damaged.append(f"LATEST: names {named[:40]!r}, not a checkpoint folder")
+    elif not folders:
+        return None
+    for folder in folders:
+        try:
+            ckpt = read_checkpoint(folder)
+        except CheckpointError as exc:
+            damaged.append(f"{folder.name}: {exc}")
+            continue
+        for line in damaged:
+            log.warning("checkpoint damaged, skipped: %s", line)
+        if damaged:
+            log.warning("resuming from the older checkpoint %s", folder.name)
+        ckpt.damaged = tuple(damaged)
+        return ckpt
+    raise CheckpointError(f"no usable checkpoint in {root}: " + "; ".join(damaged))

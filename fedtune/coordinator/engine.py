@@ -15,6 +15,7 @@ One round:
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import math
 import threading
@@ -29,7 +30,7 @@ import torch
 
 from fedtune.aggregation import ClientInfo, ClientUpdate, Instruction, RoundContext, Strategy
 from fedtune.config import RunConfig
-from fedtune.coordinator.checkpoint import load_checkpoint, save_checkpoint
+from fedtune.coordinator.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fedtune.coordinator.clients import ClientRecord, ClientRegistry
 from fedtune.coordinator.errors import CoordinatorError
 from fedtune.coordinator.global_model import GlobalModel
@@ -115,6 +116,7 @@ class RoundEngine:
         self.history: list[dict] = []
         self.stopped_because = ""  # why the run ended before its last round (a privacy budget)
         self.start_round = 1
+        self.resumed_from = None  # the checkpoint this run continued, if any
         self.split = None  # the split-learning sessions (fedtune.coordinator.split_sessions), in split mode
         self.state = strategy.initial_state(global_model.initial_state())
         if resume:
@@ -122,23 +124,34 @@ class RoundEngine:
 
     # ------------------------------------------------------------------ resume
 
+    def _run_identity(self) -> dict:
+        """What a checkpoint must agree with to be continued by this run."""
+        m = self.config.model
+        return json.loads(json.dumps({"seed": self.config.seed, "plan": self.plan.to_json(), "strategy": self.strategy.describe(),
+                "model": {"source": m.source, "task": m.task, "labels": list(m.labels)}}))  # as the JSON will read back
+
     def _resume(self) -> None:
-        ckpt = load_checkpoint(self.run_dir)
+        try:
+            ckpt = load_checkpoint(self.run_dir)
+        except CheckpointError as exc:
+            raise CoordinatorError("FAILED_PRECONDITION", f"cannot resume: {exc}") from None
         if ckpt is None:
             log.info("no checkpoint in %s: starting from round 1", self.run_dir)
             return
+        for key, now in self._run_identity().items():
+            saved = ckpt.meta.get(key)
+            if saved is not None and saved != now:
+                raise CoordinatorError("FAILED_PRECONDITION", f"cannot resume round {ckpt.round} of {self.run_dir}: {_difference(key, saved, now)}")
         expected, found = specs_of(self.state), specs_of(ckpt.state)
         if any(found.get(name) != spec for name, spec in expected.items()):
             raise CoordinatorError(
                 "FAILED_PRECONDITION",
                 f"checkpoint in {self.run_dir} does not fit the configured run (different model, LoRA plan or strategy)",
             )
-        saved = ckpt.meta.get("strategy")
-        if saved is not None and saved != self.strategy.describe():
-            raise CoordinatorError("FAILED_PRECONDITION", f"checkpoint in {self.run_dir} was made with strategy {saved}, not {self.strategy.describe()}")
         self.state = ckpt.state
         self.start_round = ckpt.round + 1
         self.history = self.metrics.keep_until(ckpt.round)
+        self.resumed_from = ckpt
         log.info("resumed from the checkpoint of round %d", ckpt.round)
 
     # ------------------------------------------------------------------ calls from clients
@@ -424,7 +437,7 @@ class RoundEngine:
         if self.split is not None:  # the split streams' bytes, as the coordinator counted them
             row.update(self.split.traffic.pop(rnd.number, {}))
         self.metrics.append(row)
-        save_checkpoint(self.run_dir, rnd.number, self.state, {"seed": self.config.seed, "plan": self.plan.to_json(), "strategy": self.strategy.describe()})
+        save_checkpoint(self.run_dir, rnd.number, self.state, self._run_identity())
         self.history.append(row)
         log.info("round %d closed: %s", rnd.number, {k: row[k] for k in ("clients", "train_loss", "eval_loss", "seconds")})
         if self.on_round_end is not None:
@@ -441,6 +454,19 @@ class RoundEngine:
             if caps.flops_per_second > 0:
                 out[cid] = self.cost.round_seconds(self.geometry, ins.plan, caps)
         return out
+
+
+def _difference(key: str, saved, now) -> str:
+    """One line naming what changed between the checkpoint and this run's configuration."""
+    if key == "seed":
+        return f"it was made with seed {saved}, this run has seed {now}"
+    if key == "strategy":
+        return f"it was made with strategy {json.dumps(saved, sort_keys=True)}, this run has {json.dumps(now, sort_keys=True)}"
+    if isinstance(saved, dict) and isinstance(now, dict):
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        detail = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
+        return f"the {'LoRA plan' if key == 'plan' else key} changed ({detail})"
+    return f"{key} changed from {saved!r} to {now!r}"
 
 
 def _client_seed(seed: int, round_number: int, client_id: str) -> int:

@@ -64,7 +64,7 @@ def sample_level_entries(metrics_path: Path, delta: float) -> dict[str, dict[str
 def build_report(run_dir: Path, delta: float | None = None) -> dict[str, Any]:
     from fedtune.aggregation.dp_fedavg import HISTORY
     from fedtune.config import ConfigError, load_config
-    from fedtune.coordinator.checkpoint import load_checkpoint
+    from fedtune.coordinator.checkpoint import CheckpointError, load_checkpoint
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
@@ -81,7 +81,10 @@ def build_report(run_dir: Path, delta: float | None = None) -> dict[str, Any]:
     if p.dp in ("sample", "both"):
         report["sample_level"] = sample_level_entries(run_dir / "metrics.jsonl", delta)
     if p.dp in ("client", "both"):
-        checkpoint = load_checkpoint(run_dir)
+        try:
+            checkpoint = load_checkpoint(run_dir)
+        except CheckpointError as exc:
+            raise ReportError(str(exc)) from None
         history = history_from_tensor(checkpoint.state[HISTORY]) if checkpoint is not None and HISTORY in checkpoint.state else []
         report["client_level"] = client_level_entry(history, delta, p.accountant, p.clip, p.adaptive_clip)
     return report
