@@ -99,6 +99,13 @@ class FederationSection:
     # With share_a: the fraction of each client's data held out to evaluate its personalized
     # model (shared A, its own B) at the start of every round (0: off).
     personal_eval: float = 0.2
+    # Trusted weights. An update's example count is capped by what the client registered (and
+    # by max_examples_per_client), so no client can claim the FedAvg mean. With
+    # update_norm_bound > 0, an update whose L2 distance from what the client was sent exceeds
+    # it is clipped to the bound ("clip") or refused ("refuse").
+    max_examples_per_client: int = 1_000_000
+    update_norm_bound: float = 0.0
+    update_norm_action: str = "clip"
 
 
 @dataclass
@@ -354,6 +361,9 @@ class RunConfig:
         _check(self.federation.min_clients >= 1, "federation.min_clients", "must be at least 1")
         _check(0.0 < self.federation.quorum <= 1.0, "federation.quorum", "must be in (0, 1]")
         _check(self.federation.round_timeout_s > 0, "federation.round_timeout_s", "must be positive")
+        _check(self.federation.max_examples_per_client >= 1, "federation.max_examples_per_client", "must be at least 1")
+        _check(self.federation.update_norm_bound >= 0, "federation.update_norm_bound", "must be >= 0 (0: no bound)")
+        _check(self.federation.update_norm_action in ("clip", "refuse"), "federation.update_norm_action", f"must be clip or refuse, got {self.federation.update_norm_action!r}")
         _check(self.federation.client_timeout_s > 0, "federation.client_timeout_s", "must be positive")
         if not self.federation.strategy:  # split mode trains with plain FedAvg on both halves
             self.federation.strategy = "fedavg" if self.split.mode == "split" else DEFAULT_STRATEGY.get(self.model.task, "fedavg")

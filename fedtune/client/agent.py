@@ -9,9 +9,11 @@ coordinator refuses is logged and the agent goes on with the next round.
 from __future__ import annotations
 
 import logging
+import os
+import random
 import threading
-import zlib
 import time
+import zlib
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence, TypeVar
@@ -40,6 +42,19 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+# RESOURCE_EXHAUSTED is also how gRPC refuses a message over its size limit, which fails the
+# same way every time: those are permanent.
+_TOO_LARGE = ("larger than max", "message too large", "exceeds the limit", "bytes, the limit is")
+
+
+def retryable(exc: grpc.RpcError) -> bool:
+    """Whether a failed call may succeed later (the coordinator restarting or busy), rather
+    than fail the same way every time."""
+    code = exc.code()
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        details = (exc.details() or "").lower()
+        return not any(marker in details for marker in _TOO_LARGE)
+    return code in RETRYABLE
 
 
 class AgentError(RuntimeError):
@@ -105,6 +120,8 @@ class ClientAgent:
         self._stub = pb_grpc.CoordinatorStub(self._channel)
         self._client_id = ""
         self._token = ""
+        # Backoff jitter from the agent's own generator (never the global RNG training uses).
+        self._jitter = random.Random(zlib.crc32(options.name.encode()) ^ os.getpid())
 
     # ------------------------------------------------------------------ main loop
 
@@ -157,7 +174,7 @@ class ClientAgent:
             self.report.declined = str(exc)
             return True
         except grpc.RpcError as exc:  # a split session the coordinator ended: skip this round
-            if exc.code() in RETRYABLE or exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED):
+            if retryable(exc) or exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED):
                 raise
             log.warning("%s: round %d split session ended: %s: %s", self._client_id, header.round, exc.code().name, exc.details())
             self.report.rejected.append(f"round {header.round}: {exc.code().name}: {exc.details()}")
@@ -206,21 +223,24 @@ class ClientAgent:
         self.report.rounds.append(round_number)
 
     def _call(self, fn: Callable[[], T]) -> T:
-        """Run ``fn``, retrying with exponential backoff while the coordinator is unreachable."""
+        """Run ``fn``, retrying with exponential backoff and jitter while the coordinator is
+        unreachable or busy (jitter: a fleet that lost its coordinator does not come back in
+        lockstep). Permanent errors are raised at once."""
         delay, started = 0.5, time.monotonic()
         while True:
             try:
                 return fn()
             except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE:
+                if not retryable(exc):
                     raise
                 waited = time.monotonic() - started
                 if waited > self.options.give_up_after_seconds or self.stop_event.is_set():
                     raise AgentError(
                         f"coordinator at {self.options.address} unreachable for {waited:.0f} s: {exc.details()}"
                     ) from None
-                log.info("%s: coordinator unreachable (%s); retrying in %.1f s", self.options.name, exc.code().name, delay)
-                self.stop_event.wait(delay)
+                pause = delay * self._jitter.uniform(0.5, 1.5)
+                log.info("%s: coordinator unreachable (%s); retrying in %.1f s", self.options.name, exc.code().name, pause)
+                self.stop_event.wait(pause)
                 delay = min(delay * 2, self.options.max_backoff_seconds)
 
     # ------------------------------------------------------------------ training

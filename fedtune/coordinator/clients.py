@@ -35,6 +35,7 @@ class ClientRegistry:
         self.max_clients = max_clients
         self._lock = threading.Lock()
         self._clients: dict[str, ClientRecord] = {}
+        self._suffix: dict[str, int] = {}  # name -> last suffix given, so a taken name costs O(1)
 
     def register(self, name: str, capabilities: Capabilities, num_examples: int) -> ClientRecord:
         name = name or "client"
@@ -43,10 +44,11 @@ class ClientRegistry:
         with self._lock:
             if len(self._clients) >= self.max_clients:
                 raise CoordinatorError("RESOURCE_EXHAUSTED", f"the coordinator already has {self.max_clients} clients")
-            client_id, n = name, 1
+            client_id, n = name, self._suffix.get(name, 1)
             while client_id in self._clients:
                 n += 1
                 client_id = f"{name}-{n}"
+            self._suffix[name] = n
             now = time.monotonic()
             record = ClientRecord(client_id, secrets.token_urlsafe(24), name, capabilities, num_examples, now, now)
             self._clients[client_id] = record

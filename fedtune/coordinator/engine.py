@@ -14,6 +14,7 @@ One round:
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import logging
@@ -28,14 +29,30 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from fedtune.aggregation import ClientInfo, ClientUpdate, Instruction, RoundContext, Strategy
+from fedtune.aggregation import (
+    ClientInfo,
+    ClientUpdate,
+    Instruction,
+    RoundContext,
+    Strategy,
+)
 from fedtune.config import RunConfig
-from fedtune.coordinator.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedtune.coordinator.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fedtune.coordinator.clients import ClientRecord, ClientRegistry
 from fedtune.coordinator.errors import CoordinatorError
 from fedtune.coordinator.global_model import GlobalModel
 from fedtune.coordinator.metrics import MetricsLog, plan_fields, round_row
 from fedtune.coordinator.planner import CostModel, ModelGeometry, Planner, plan_round
+from fedtune.coordinator.trust import (
+    capped_examples,
+    clip_update,
+    nonfinite,
+    update_norm,
+)
 from fedtune.devices import Capabilities
 from fedtune.protocol.tensors import TensorSpec, specs_of
 
@@ -75,6 +92,8 @@ class _Round:
     up_by_client: dict[str, int] = field(default_factory=dict)
     down_by_client: dict[str, int] = field(default_factory=dict)
     rejected: int = 0
+    capped: int = 0      # updates whose example count was capped
+    clipped: int = 0     # updates clipped to the norm bound
     open: bool = True
 
     @property
@@ -223,11 +242,28 @@ class RoundEngine:
             raise CoordinatorError("INVALID_ARGUMENT", f"metrics {bad} are not finite numbers")
         with self._cond:
             rnd = self._open_round_for(client_id, round_number)
-            update = ClientUpdate(client_id, tensors, num_examples, dict(metrics), rnd.instructions[client_id].tensors)
+            start = rnd.instructions[client_id].tensors
+            weight = capped_examples(num_examples, rnd.ctx.clients[client_id].num_examples, self.fed.max_examples_per_client)
+            if weight < num_examples:
+                log.warning("round %d: %s claims %d examples; counted as %d (registered count or max_examples_per_client)", round_number, client_id, num_examples, weight)
+                rnd.capped += 1
+            update = ClientUpdate(client_id, tensors, weight, dict(metrics), start)
             try:
                 self.strategy.check_update(rnd.ctx, update)
             except ValueError as exc:
                 raise CoordinatorError("INVALID_ARGUMENT", str(exc)) from None
+            bound = self.fed.update_norm_bound
+            if bound > 0:
+                if self.fed.update_norm_action == "refuse":
+                    norm = update_norm(tensors, start)
+                    if norm > bound:
+                        raise CoordinatorError("INVALID_ARGUMENT", f"update norm {norm:.4g} exceeds the bound {bound:g} (federation.update_norm_bound)")
+                else:
+                    clipped, norm = clip_update(tensors, start, bound)
+                    if norm > bound:
+                        log.warning("round %d: update of %s clipped from norm %.4g to %g", round_number, client_id, norm, bound)
+                        update = dataclasses.replace(update, tensors=clipped)
+                        rnd.clipped += 1
             rnd.updates[client_id] = update
             rnd.bytes_up += bytes_up
             rnd.up_by_client[client_id] = bytes_up
@@ -419,8 +455,15 @@ class RoundEngine:
             log.warning("round %d: %s would miss the %.0f s deadline on their devices; their updates are dropped", rnd.number, late, deadline)
         updates = [arrived[c] for c in sorted(arrived) if c not in late]
         strategy_metrics: dict = {}
+        refused = ""
         if updates or self.strategy.poisson_sampling:  # a DP round releases noise even then
-            self.state, strategy_metrics = self.strategy.aggregate(rnd.ctx, self.state, updates)
+            new_state, strategy_metrics = self.strategy.aggregate(rnd.ctx, self.state, updates)
+            bad = nonfinite(new_state)
+            if bad:
+                refused = f"the aggregate is not finite in {len(bad)} tensors ({', '.join(bad[:3])})"
+                log.error("round %d refused: %s; the global adapter stays as it was", rnd.number, refused)
+            else:
+                self.state = new_state
         else:
             log.warning("round %d: no updates arrived; the global adapter is unchanged", rnd.number)
         eval_started = time.monotonic()
@@ -434,6 +477,10 @@ class RoundEngine:
             row["sim_seconds"] = round(min(max(times), deadline) if deadline else max(times), 3)
             row["late_updates"] = len(late)
         row.update(plan_fields({c: ins.plan for c, ins in rnd.instructions.items()}, rnd.coverage))
+        if rnd.capped or rnd.clipped or refused:
+            row.update({"capped_examples": rnd.capped, "clipped_updates": rnd.clipped})
+        if refused:
+            row["round_refused"] = refused
         if self.split is not None:  # the split streams' bytes, as the coordinator counted them
             row.update(self.split.traffic.pop(rnd.number, {}))
         self.metrics.append(row)
