@@ -58,7 +58,7 @@ COORDINATOR_KEYS = {
     "quorum": "federation.quorum",
     "tls_cert": "server.tls_cert",
     "tls_key": "server.tls_key",
-    "enrollment_secret": "server.enrollment_secret",
+    "enrollment_secret_file": "server.enrollment_secret_file",
 }
 SIMULATION_KEYS = {
     "clients": "simulation.clients",
@@ -117,6 +117,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
 
 
+class _RefuseSecret(argparse.Action):
+    """``--enrollment-secret VALUE`` would put the secret where ``ps`` shows it: refuse it and
+    say what to use instead."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error("--enrollment-secret: a secret on the command line is visible to every user of the machine (ps); "
+                     "put it in a file and pass --enrollment-secret-file, or set FEDTUNE_ENROLLMENT_SECRET")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of transformers with LoRA over gRPC.")
     parser.add_argument("--version", action="version", version=f"fedtune {__version__}")
@@ -142,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--tls-cert", help="TLS certificate chain (PEM)")
     coord.add_argument("--tls-key", help="TLS private key (PEM)")
     coord.add_argument("--insecure", action="store_true", default=None, help="allow plaintext on a non-loopback address")
-    coord.add_argument("--enrollment-secret", help="secret a client must present to register")
+    coord.add_argument("--enrollment-secret-file", help="file holding the secret a client must present to register (or set FEDTUNE_ENROLLMENT_SECRET)")
+    coord.add_argument("--enrollment-secret", action=_RefuseSecret, help=argparse.SUPPRESS)
     coord.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
 
     sub.add_parser("strategies", help="list the strategies and their options")
@@ -166,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--downlink-mbps", type=float, default=0.0)
     cli.add_argument("--tls-ca", default="", help="CA certificate (PEM) to verify the coordinator")
     cli.add_argument("--insecure", action="store_true", help="allow plaintext to a non-loopback coordinator")
-    cli.add_argument("--enrollment-secret", default="")
+    cli.add_argument("--enrollment-secret-file", default="", help="file holding the coordinator's enrollment secret (or set FEDTUNE_ENROLLMENT_SECRET)")
+    cli.add_argument("--enrollment-secret", action=_RefuseSecret, help=argparse.SUPPRESS)
     cli.add_argument("--give-up-after", type=float, default=300.0, help="seconds of unreachable coordinator before exiting")
     cli.add_argument("-v", "--verbose", action="count", default=0)
     return parser
@@ -336,6 +347,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     import socket
 
     from fedtune.client.agent import AgentOptions, ClientAgent
+    from fedtune.credentials import read_secret
     from fedtune.data import load_examples
     from fedtune.devices import Capabilities
     from fedtune.models import resolve_source
@@ -370,7 +382,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         capabilities=caps,
         tls_ca=args.tls_ca,
         insecure=args.insecure,
-        enrollment_secret=args.enrollment_secret,
+        enrollment_secret=read_secret(args.enrollment_secret_file),
         give_up_after_seconds=args.give_up_after,
     )
     report = ClientAgent(options, examples, source).run()
@@ -422,9 +434,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "verbose", 0), args.command)
+    import grpc
+
     from fedtune.adapters import AdapterError
     from fedtune.client.agent import AgentError
     from fedtune.coordinator.errors import CoordinatorError
+    from fedtune.credentials import SecretError
     from fedtune.data import DataError
     from fedtune.devices import ProfileError
     from fedtune.models import ModelError
@@ -433,11 +448,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"simulate": cmd_simulate, "coordinator": cmd_coordinator, "client": cmd_client, "strategies": cmd_strategies, "codecs": cmd_codecs, "privacy-report": cmd_privacy_report}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, ModelError, TransportError, AgentError, AdapterError, ProfileError) as exc:
+    except (ConfigError, DataError, ModelError, TransportError, AgentError, AdapterError, ProfileError, SecretError) as exc:
         print(f"fedtune {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except CoordinatorError as exc:
         print(f"fedtune {args.command}: error: {exc.message}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as exc:  # a refusal the agent cannot get past by waiting
+        print(f"fedtune {args.command}: error: the coordinator refused: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

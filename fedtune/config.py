@@ -141,8 +141,11 @@ class ServerSection:
     tls_cert: str = ""
     tls_key: str = ""
     insecure: bool = False
-    # When set, a client must present this secret to register.
-    enrollment_secret: str = ""
+    # When set, a client must present the enrollment secret to register. Give it in a file
+    # (enrollment_secret_file) or the FEDTUNE_ENROLLMENT_SECRET environment variable; a secret
+    # written here is used but never copied into the run directory.
+    enrollment_secret_file: str = ""
+    enrollment_secret: str = field(default="", repr=False)
     chunk_bytes: int = 3 * 1024 * 1024
     # Largest update (all tensors together) a client may push, in bytes.
     max_update_bytes: int = 1024**3
@@ -512,14 +515,18 @@ def set_key(config: RunConfig, dotted: str, value: Any) -> None:
 # ---------------------------------------------------------------- writing
 
 
+# Keys never written out: the run directory is not a place for secrets.
+SECRET_KEYS = {"server.enrollment_secret"}
+
+
 def config_to_toml(config: RunConfig) -> str:
-    """The effective config as TOML, written into each run directory."""
+    """The effective config as TOML, written into each run directory (secrets left out)."""
     top, sections = [], []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if dataclasses.is_dataclass(value):
             lines = [f"[{f.name}]"]
-            lines += [f"{k} = {_toml_value(v)}" for k, v in dataclasses.asdict(value).items()]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in dataclasses.asdict(value).items() if f"{f.name}.{k}" not in SECRET_KEYS]
             sections.append("\n".join(lines))
         else:
             top.append(f"{f.name} = {_toml_value(value)}")

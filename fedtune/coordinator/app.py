@@ -18,6 +18,7 @@ from fedtune.coordinator.engine import RoundEngine
 from fedtune.coordinator.global_model import FixedTensors, GlobalModel
 from fedtune.coordinator.planner import CostModel, Planner, model_geometry  # noqa: F401 (model_geometry is re-exported)
 from fedtune.coordinator.service import CoordinatorService
+from fedtune.credentials import SecretError, read_secret
 from fedtune.data import Example, load_examples
 from fedtune.models import ModelStore, resolve_source
 from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
@@ -61,6 +62,11 @@ class Coordinator:
         """``global_model`` replaces the model built from ``config.model`` (tests and
         benchmarks serve plain tensors through the same service this way)."""
         config = copy.deepcopy(config).validate()  # the caller's config stays as it was
+        if not config.server.enrollment_secret:
+            try:
+                config.server.enrollment_secret = read_secret(config.server.enrollment_secret_file)
+            except SecretError as exc:
+                raise ConfigError(f"server.enrollment_secret_file: {exc}") from None
         self.config = config
         task = config.model.task
         labels = list(config.model.labels)

@@ -113,6 +113,7 @@ def run_simulation(
                 capabilities=capabilities[i] if capabilities else Capabilities(tier="sim"),
                 poll_seconds=5.0,
                 give_up_after_seconds=60.0,
+                enrollment_secret=coordinator.config.server.enrollment_secret,
             ),
             [train[j] for j in part],
             source,
