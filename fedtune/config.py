@@ -150,6 +150,12 @@ class ServerSection:
     # Largest update (all tensors together) a client may push, in bytes.
     max_update_bytes: int = 1024**3
     max_workers: int = 32
+    # Admission control (fedtune.coordinator.guard): authenticated streams (task long-polls,
+    # uploads, split sessions) open at once overall (0: max_workers - 8, the rest is kept for
+    # heartbeats and registrations) and per client, and the longest any stream may last.
+    max_streams: int = 0
+    per_client_calls: int = 3
+    stream_deadline_s: float = 900.0
 
 
 @dataclass
@@ -364,6 +370,10 @@ class RunConfig:
         _check(self.federation.min_clients >= 1, "federation.min_clients", "must be at least 1")
         _check(0.0 < self.federation.quorum <= 1.0, "federation.quorum", "must be in (0, 1]")
         _check(self.federation.round_timeout_s > 0, "federation.round_timeout_s", "must be positive")
+        _check(self.server.max_workers >= 10, "server.max_workers", "must be at least 10 (8 are kept for unary calls)")
+        _check(0 <= self.server.max_streams < self.server.max_workers, "server.max_streams", "must be in [0, max_workers)")
+        _check(self.server.per_client_calls >= 1, "server.per_client_calls", "must be at least 1")
+        _check(self.server.stream_deadline_s > 0, "server.stream_deadline_s", "must be positive")
         _check(self.federation.max_examples_per_client >= 1, "federation.max_examples_per_client", "must be at least 1")
         _check(self.federation.update_norm_bound >= 0, "federation.update_norm_bound", "must be >= 0 (0: no bound)")
         _check(self.federation.update_norm_action in ("clip", "refuse"), "federation.update_norm_action", f"must be clip or refuse, got {self.federation.update_norm_action!r}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 from concurrent import futures
 from pathlib import Path
+from typing import Sequence
 
 import grpc
 
@@ -53,10 +54,13 @@ def _read(path: str, what: str) -> bytes:
         raise TransportError(f"cannot read {what} {path!r}: {exc.strerror or exc}") from None
 
 
-def make_server(address: str, *, tls_cert: str = "", tls_key: str = "", insecure: bool = False, max_workers: int = 32) -> tuple[grpc.Server, int]:
-    """A gRPC server bound to ``address`` (port 0 picks a free port); returns it and its port."""
+def make_server(address: str, *, tls_cert: str = "", tls_key: str = "", insecure: bool = False, max_workers: int = 32,
+                interceptors: Sequence[grpc.ServerInterceptor] = ()) -> tuple[grpc.Server, int]:
+    """A gRPC server bound to ``address`` (port 0 picks a free port); returns it and its port.
+    Calls beyond four per worker are refused at once (RESOURCE_EXHAUSTED) instead of queued."""
     host, _ = split_address(address)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS, interceptors=list(interceptors),
+                         maximum_concurrent_rpcs=4 * max_workers)
     try:
         if tls_cert:
             creds = grpc.ssl_server_credentials([(_read(tls_key, "TLS key"), _read(tls_cert, "TLS certificate"))])

@@ -91,7 +91,9 @@ def fetch_task(stub, client_id: str, token: str):
     from fedtune.protocol import fedtune_pb2 as pb
     from fedtune.protocol.tensors import TensorReceiver
 
-    frames = iter(stub.FetchTask(pb.FetchTaskRequest(client_id=client_id, token=token, wait_seconds=30), timeout=60))
+    from fedtune.coordinator.guard import credentials
+
+    frames = iter(stub.FetchTask(pb.FetchTaskRequest(client_id=client_id, token=token, wait_seconds=30), timeout=60, metadata=credentials(client_id, token)))
     header = next(frames).task
     receiver = TensorReceiver()
     for frame in frames:
@@ -110,7 +112,9 @@ def push_update(stub, client_id: str, token: str, round_number: int, tensors: di
         metrics={"train_loss": 0.5} if metrics is None else metrics,
         num_tensors=len(encoded) if num_tensors is None else num_tensors,
     ))
-    return stub.PushUpdate(iter([head, *tensor_frames(encoded, 4096)]), timeout=60)
+    from fedtune.coordinator.guard import credentials
+
+    return stub.PushUpdate(iter([head, *tensor_frames(encoded, 4096)]), timeout=60, metadata=credentials(client_id, token))
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ import torch
 from fedtune.client.agent import AgentError, AgentOptions, ClientAgent
 from fedtune.config import RunConfig
 from fedtune.coordinator.app import Coordinator
+from fedtune.coordinator.guard import credentials
 from fedtune.models import ModelStore, resolve_source
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
@@ -91,8 +92,9 @@ def test_bad_updates_are_refused_and_the_round_completes(tmp_path, tiny_llama):
             (lambda: push_update(stub, rid, token, 1, {**good, name: torch.full_like(good[name], float("nan"))}), grpc.StatusCode.INVALID_ARGUMENT, f"tensor '{name}' contains NaN or Inf"),
             (lambda: push_update(stub, rid, token, 1, {k: v for k, v in good.items() if k != name}, num_tensors=len(good)), grpc.StatusCode.INVALID_ARGUMENT, "missing tensors"),
             (lambda: push_update(stub, rid, token, 1, good, num_examples=0), grpc.StatusCode.INVALID_ARGUMENT, "num_examples must be at least 1"),
-            (lambda: stub.PushUpdate(iter([pb.Frame(chunk=b"x")]), timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "must start with an UpdateHeader"),
-            (lambda: stub.Heartbeat(pb.HeartbeatRequest(client_id=rid, token="nope"), timeout=10), grpc.StatusCode.UNAUTHENTICATED, "bad token"),
+            (lambda: stub.PushUpdate(iter([pb.Frame(chunk=b"x")]), timeout=10, metadata=credentials(rid, token)), grpc.StatusCode.INVALID_ARGUMENT, "must start with an UpdateHeader"),
+            (lambda: stub.Heartbeat(pb.HeartbeatRequest(client_id=rid, token="nope"), timeout=10, metadata=credentials(rid, "nope")), grpc.StatusCode.UNAUTHENTICATED, "bad token"),
+            (lambda: stub.Heartbeat(pb.HeartbeatRequest(client_id=rid, token=token), timeout=10), grpc.StatusCode.UNAUTHENTICATED, "missing x-fedtune-client-id"),
             (lambda: fetch_task(stub, rid, "nope"), grpc.StatusCode.UNAUTHENTICATED, "bad token"),
         ]
         for call, expected_code, expected_text in checks:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fedtune.compression import make_codec
+from fedtune.coordinator.guard import credentials
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.tensors import EncodedTensor, encode_tensor, tensor_frames
 from fedtune.simulation.runner import run_simulation
@@ -76,7 +77,7 @@ def test_fedkseed_learns_from_seeds_and_scalars_alone(tmp_path, small_llama, raw
 
 def _push_encoded(stub, client_id, token, round_number, encoded):
     head = pb.Frame(update=pb.UpdateHeader(client_id=client_id, token=token, round=round_number, num_examples=10, metrics={"train_loss": 0.5}, num_tensors=len(encoded)))
-    return stub.PushUpdate(iter([head, *tensor_frames(encoded, 4096)]), timeout=60)
+    return stub.PushUpdate(iter([head, *tensor_frames(encoded, 4096)]), timeout=60, metadata=credentials(client_id, token))
 
 
 def _with(item, payload=None, **fields):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fedtune.adapters import split_task_tensors
+from fedtune.coordinator.guard import credentials
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.tensors import encode_tensor
 from fedtune.simulation.runner import run_simulation
@@ -98,7 +99,7 @@ def test_bad_frames_end_only_their_own_session(tmp_path, three_block_llama):
         def stream(who, tensors, kind=pb.SPLIT_KIND_ACTIVATIONS):
             msg = pb.SplitHeader(client_id=who[0], token=who[1], round=1, step=0, kind=kind)
             frames = message_frames(msg, [encode_tensor(n, t) for n, t in tensors.items()])
-            return list(stub.SplitStep(iter(frames), timeout=30))
+            return list(stub.SplitStep(iter(frames), timeout=30, metadata=credentials(*who)))
 
         # wrong shape: 7 rows for a batch of 8 real tokens
         with pytest.raises(grpc.RpcError) as err:
@@ -109,7 +110,7 @@ def test_bad_frames_end_only_their_own_session(tmp_path, three_block_llama):
         bad.header.encoding = 99
         frames = message_frames(pb.SplitHeader(client_id=b[0], token=b[1], round=1, kind=pb.SPLIT_KIND_ACTIVATIONS), [bad, encode_tensor("mask", mask)])
         with pytest.raises(grpc.RpcError) as err:
-            list(stub.SplitStep(iter(frames), timeout=30))
+            list(stub.SplitStep(iter(frames), timeout=30, metadata=credentials(*b)))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "encoding" in err.value.details()
         # a wrong token is refused before any work
         with pytest.raises(grpc.RpcError) as err:
@@ -146,7 +147,7 @@ def test_a_client_vanishing_mid_session_ends_only_its_session_and_the_round_comp
         def session(who):
             """A live stream: put a step's frames on the queue to send them, None to close."""
             outbox: queue.Queue = queue.Queue()
-            call = stub.SplitStep(iter(lambda: outbox.get(timeout=30), None), timeout=60)
+            call = stub.SplitStep(iter(lambda: outbox.get(timeout=30), None), timeout=60, metadata=credentials(*who))
             return outbox, call, Receiver()
 
         a_out, a_call, a_rx = session(a)

@@ -11,6 +11,7 @@ import torch
 from fedtune.config import RunConfig
 from fedtune.coordinator.app import Coordinator
 from fedtune.coordinator.global_model import FixedTensors
+from fedtune.coordinator.guard import credentials
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
 from fedtune.protocol.tensors import TensorReceiver, encode_tensors, tensor_frames
@@ -32,7 +33,8 @@ def test_a_6_mb_adapter_goes_down_and_up_intact(tmp_path):
     # the test's channel keeps gRPC's default 4 MiB message limits
     with live_coordinator(config, global_model=FixedTensors(tensors)) as (coordinator, stub, engine):
         reply = stub.Register(pb.RegisterRequest(name="big-client", num_examples=1), timeout=10)
-        frames = iter(stub.FetchTask(pb.FetchTaskRequest(client_id=reply.client_id, token=reply.token, wait_seconds=30), timeout=60))
+        auth = credentials(reply.client_id, reply.token)
+        frames = iter(stub.FetchTask(pb.FetchTaskRequest(client_id=reply.client_id, token=reply.token, wait_seconds=30), timeout=60, metadata=auth))
         header = next(frames).task
         receiver = TensorReceiver()
         for frame in frames:
@@ -46,7 +48,7 @@ def test_a_6_mb_adapter_goes_down_and_up_intact(tmp_path):
         update = {name: (t.double() + 1).to(t.dtype) for name, t in received.items()}
         encoded = encode_tensors(update)
         head = pb.Frame(update=pb.UpdateHeader(client_id=reply.client_id, token=reply.token, round=header.round, num_examples=5, num_tensors=3))
-        push = stub.PushUpdate(iter([head, *tensor_frames(encoded)]), timeout=60)
+        push = stub.PushUpdate(iter([head, *tensor_frames(encoded)]), timeout=60, metadata=auth)
         assert push.accepted
         engine.join(timeout=60)
     # One client with all the weight: FedAvg returns its update exactly.
@@ -65,8 +67,10 @@ def test_split_steps_on_a_federated_coordinator_are_refused_and_say_why(tmp_path
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
         stub = pb_grpc.CoordinatorStub(channel)
+        reply = stub.Register(pb.RegisterRequest(name="c", num_examples=1), timeout=10)
         with pytest.raises(grpc.RpcError) as info:
-            list(stub.SplitStep(iter([pb.SplitFrame(header=pb.SplitHeader(kind=pb.SPLIT_KIND_ACTIVATIONS))]), timeout=10))
+            list(stub.SplitStep(iter([pb.SplitFrame(header=pb.SplitHeader(kind=pb.SPLIT_KIND_ACTIVATIONS))]), timeout=10,
+                                metadata=credentials(reply.client_id, reply.token)))
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED and "split.mode = federated" in info.value.details()
     finally:
         channel.close()

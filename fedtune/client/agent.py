@@ -25,6 +25,7 @@ from fedtune.adapters import AdapterError, apply_base_delta, inject_lora, split_
 from fedtune.client.recipes import TrainSettings, make_recipe
 from fedtune.client.recipes.split import SplitRecipe
 from fedtune.client.uplink import Uplink
+from fedtune.coordinator.guard import credentials
 from fedtune.data import Example
 from fedtune.devices import Capabilities
 from fedtune.models import ModelSource, ModelStore
@@ -120,6 +121,7 @@ class ClientAgent:
         self._stub = pb_grpc.CoordinatorStub(self._channel)
         self._client_id = ""
         self._token = ""
+        self._metadata: tuple = ()
         # Backoff jitter from the agent's own generator (never the global RNG training uses).
         self._jitter = random.Random(zlib.crc32(options.name.encode()) ^ os.getpid())
 
@@ -152,6 +154,7 @@ class ClientAgent:
         )
         reply = self._call(lambda: self._stub.Register(request, timeout=30))
         self._client_id, self._token = reply.client_id, reply.token
+        self._metadata = credentials(reply.client_id, reply.token)  # checked before any handler runs
         self.report.client_id = reply.client_id
         log.info("%s registered as %s", self.options.name, reply.client_id)
 
@@ -185,7 +188,7 @@ class ClientAgent:
     # ------------------------------------------------------------------ calls
 
     def _fetch(self, request: pb.FetchTaskRequest) -> tuple[pb.TaskHeader, dict, int]:
-        stream = self._stub.FetchTask(request, timeout=self.options.poll_seconds + 600)
+        stream = self._stub.FetchTask(request, timeout=self.options.poll_seconds + 600, metadata=self._metadata)
         frames: Iterator[pb.Frame] = iter(stream)
         first = next(frames, None)
         if first is None or first.WhichOneof("kind") != "task":
@@ -212,7 +215,7 @@ class ClientAgent:
         )
         frames = [first, *tensor_frames(encoded, self.options.chunk_bytes)]
         try:
-            self._call(lambda: self._stub.PushUpdate(iter(frames), timeout=600))
+            self._call(lambda: self._stub.PushUpdate(iter(frames), timeout=600, metadata=self._metadata))
         except grpc.RpcError as exc:
             if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
                 log.warning("%s: round %d update refused: %s", self._client_id, round_number, exc.details())
@@ -339,6 +342,6 @@ class _Heartbeat:
     def _loop(self) -> None:
         while not self._stop.wait(self._every):
             try:
-                self._stub.Heartbeat(self._request, timeout=10)
+                self._stub.Heartbeat(self._request, timeout=10, metadata=credentials(self._request.client_id, self._request.token))
             except grpc.RpcError as exc:  # a missed heartbeat is not fatal; the push will tell
                 log.debug("heartbeat failed: %s", exc.code().name)

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 from fedtune.adapters import AdapterPlan
 from fedtune.config import ConfigError, RunConfig, config_to_toml
 from fedtune.coordinator.engine import RoundEngine
+from fedtune.coordinator.guard import CallGuard
 from fedtune.coordinator.global_model import FixedTensors, GlobalModel
 from fedtune.coordinator.planner import CostModel, Planner, model_geometry  # noqa: F401 (model_geometry is re-exported)
 from fedtune.coordinator.service import CoordinatorService
@@ -157,8 +158,10 @@ class Coordinator:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.toml").write_text(config_to_toml(self.config))
         srv = self.config.server
+        self.guard = CallGuard(self.engine.authenticate, max_streams=srv.max_streams or srv.max_workers - 8,
+                               per_client=srv.per_client_calls, stream_deadline_s=srv.stream_deadline_s)
         self.server, self.port = make_server(
-            srv.address, tls_cert=srv.tls_cert, tls_key=srv.tls_key, insecure=srv.insecure, max_workers=srv.max_workers
+            srv.address, tls_cert=srv.tls_cert, tls_key=srv.tls_key, insecure=srv.insecure, max_workers=srv.max_workers, interceptors=[self.guard]
         )
         pb_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
         self.server.start()

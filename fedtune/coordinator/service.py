@@ -15,6 +15,7 @@ import grpc
 from fedtune.config import RunConfig
 from fedtune.coordinator.engine import Done, RoundEngine, TrainTask
 from fedtune.coordinator.errors import CoordinatorError
+from fedtune.coordinator.guard import caller
 from fedtune.coordinator.split_sessions import SplitSessions
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
@@ -27,6 +28,14 @@ log = logging.getLogger(__name__)
 
 def _abort(context: grpc.ServicerContext, code: str, message: str) -> None:
     context.abort(getattr(grpc.StatusCode, code), message)
+
+
+def _same_caller(context: grpc.ServicerContext, client_id: str) -> None:
+    """A call speaks for the client its metadata authenticated (fedtune.coordinator.guard),
+    never for another one."""
+    authenticated = caller(context)
+    if client_id != authenticated:
+        raise CoordinatorError("PERMISSION_DENIED", f"this call is authenticated as {authenticated!r}, not {client_id[:80]!r}")
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
@@ -68,6 +77,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
         try:
+            _same_caller(context, request.client_id)
             self.engine.authenticate(request.client_id, request.token)
         except CoordinatorError as exc:
             _abort(context, exc.code, exc.message)
@@ -78,6 +88,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def FetchTask(self, request: pb.FetchTaskRequest, context: grpc.ServicerContext) -> Iterator[pb.Frame]:
         try:
+            _same_caller(context, request.client_id)
             self.engine.authenticate(request.client_id, request.token)
         except CoordinatorError as exc:
             _abort(context, exc.code, exc.message)
@@ -123,6 +134,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         header = first.update
         received = first.ByteSize()
         try:
+            _same_caller(context, header.client_id)
             self.engine.authenticate(header.client_id, header.token)
             expected = self.engine.expected_update(header.client_id, header.round)
         except CoordinatorError as exc:
@@ -168,6 +180,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             if got is None:
                 return
             header, tensors, nbytes = got
+            _same_caller(context, header.client_id)
             self.engine.authenticate(header.client_id, header.token)
             key = (header.client_id, header.round)
             session = self.split.open(*key)

@@ -93,6 +93,8 @@ def run_simulation(
     config.model.labels = labels
     config.server.address = "127.0.0.1:0"
     config.federation.min_clients = max(config.federation.min_clients, sim.clients)
+    # room for every simulated client's long-poll and upload or split stream at once
+    config.server.max_workers = max(config.server.max_workers, 2 * sim.clients + 16)
     options = {"alpha": sim.alpha}
     if config.model.task == "seq-cls" and sim.partition == "dirichlet":
         options["labels"] = label_ids(train, labels)

@@ -12,6 +12,7 @@ import torch
 
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.tensors import EncodedTensor
+from fedtune.coordinator.guard import credentials
 from fedtune.split.wire import Receiver, frames_bytes, message_frames
 
 
@@ -75,7 +76,7 @@ class GrpcLink(Link):
         self.client_id, self.token, self.round = client_id, token, round_number
         self.chunk_bytes = chunk_bytes
         self._requests: queue.Queue = queue.Queue()
-        self._responses = stub.SplitStep(iter(self._requests.get, None), timeout=timeout_s)
+        self._responses = stub.SplitStep(iter(self._requests.get, None), timeout=timeout_s, metadata=credentials(client_id, token))
 
     def exchange(self, header, tensors):
         header.client_id, header.token, header.round = self.client_id, self.token, self.round

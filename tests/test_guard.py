@@ -1,0 +1,98 @@
+"""Admission control on a live coordinator: callers are authenticated from call metadata before
+any handler reads a byte, idle streams cannot starve real clients, and every stream has a
+server-side deadline."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+
+from fedtune.config import RunConfig
+from fedtune.coordinator.global_model import FixedTensors
+from fedtune.coordinator.guard import credentials
+from fedtune.protocol import fedtune_pb2 as pb
+
+from conftest import live_coordinator
+
+
+def _config(tmp_path, **server) -> RunConfig:
+    config = RunConfig()
+    config.federation.rounds, config.federation.min_clients = 1, 5  # round 1 waits: nothing else runs
+    config.run_dir = str(tmp_path / "run")
+    for key, value in server.items():
+        setattr(config.server, key, value)
+    return config
+
+
+def _never():
+    """A request stream that sends nothing, ever (until the test ends)."""
+    threading.Event().wait(60)
+    yield from ()
+
+
+def _heartbeat_seconds(stub, client) -> float:
+    started = time.monotonic()
+    stub.Heartbeat(pb.HeartbeatRequest(client_id=client.client_id, token=client.token), timeout=10, metadata=credentials(client.client_id, client.token))
+    return time.monotonic() - started
+
+
+def test_missing_wrong_or_borrowed_credentials_are_refused_before_any_work(tmp_path):
+    with live_coordinator(_config(tmp_path), global_model=FixedTensors({"w": torch.zeros(2)})) as (coordinator, stub, _):
+        a = stub.Register(pb.RegisterRequest(name="a", num_examples=1), timeout=10)
+        b = stub.Register(pb.RegisterRequest(name="b", num_examples=1), timeout=10)
+        cases = [
+            ((), grpc.StatusCode.UNAUTHENTICATED, "missing x-fedtune-client-id"),
+            (credentials(a.client_id, "wrong"), grpc.StatusCode.UNAUTHENTICATED, "bad token"),
+            (credentials("ghost", a.token), grpc.StatusCode.NOT_FOUND, "unknown client id"),
+            # a's own valid credentials, speaking for b
+            (credentials(a.client_id, a.token), grpc.StatusCode.PERMISSION_DENIED, "authenticated as 'a', not 'b'"),
+        ]
+        for metadata, code, text in cases:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Heartbeat(pb.HeartbeatRequest(client_id=b.client_id, token=b.token), timeout=10, metadata=metadata)
+            assert err.value.code() == code and text in err.value.details(), (metadata, err.value.details())
+        # an upload stream without credentials ends at once although it never sends a frame
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.PushUpdate(_never(), timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and time.monotonic() - started < 10
+        coordinator.engine.stop()
+
+
+def test_forty_idle_streams_do_not_starve_a_real_clients_heartbeat(tmp_path):
+    config = _config(tmp_path, max_workers=16, per_client_calls=2)
+    with live_coordinator(config, global_model=FixedTensors({"w": torch.zeros(2)})) as (coordinator, stub, _):
+        real = stub.Register(pb.RegisterRequest(name="real", num_examples=1), timeout=10)
+        squatter = stub.Register(pb.RegisterRequest(name="squatter", num_examples=1), timeout=10)
+        idle = [stub.PushUpdate.future(_never(), timeout=60) for _ in range(20)]  # unauthenticated
+        idle += [stub.PushUpdate.future(_never(), timeout=60, metadata=credentials(squatter.client_id, squatter.token)) for _ in range(20)]
+        time.sleep(0.5)
+        refused = [f for f in idle if f.done()]
+        # all 20 anonymous streams and all but per_client_calls of the squatter's are turned away
+        assert len(refused) == 38
+        assert {f.exception().code() for f in refused} == {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert coordinator.guard.open_streams == 2
+        # the real client is served promptly (16 workers; a pool of 32 starved before)
+        assert max(_heartbeat_seconds(stub, real) for _ in range(5)) < 2.0
+        for f in idle:
+            f.cancel()
+        coordinator.engine.stop()
+
+
+def test_an_idle_authenticated_stream_is_cut_at_the_server_deadline_and_frees_its_slot(tmp_path):
+    config = _config(tmp_path, stream_deadline_s=1.0)
+    with live_coordinator(config, global_model=FixedTensors({"w": torch.zeros(2)})) as (coordinator, stub, _):
+        c = stub.Register(pb.RegisterRequest(name="c", num_examples=1), timeout=10)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.PushUpdate(_never(), timeout=30, metadata=credentials(c.client_id, c.token))
+        assert err.value.code() == grpc.StatusCode.CANCELLED and 0.9 < time.monotonic() - started < 10
+        deadline = time.monotonic() + 5
+        while coordinator.guard.open_streams and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert coordinator.guard.open_streams == 0
+        coordinator.engine.stop()
