@@ -146,6 +146,9 @@ class ServerSection:
     # written here is used but never copied into the run directory.
     enrollment_secret_file: str = ""
     enrollment_secret: str = field(default="", repr=False)
+    # Without a secret, a coordinator listening beyond loopback refuses to start unless this is
+    # set (and then warns): open enrollment lets anyone who reaches the port take part.
+    open_enrollment: bool = False
     chunk_bytes: int = 3 * 1024 * 1024
     # Largest update (all tensors together) a client may push, in bytes.
     max_update_bytes: int = 1024**3

@@ -96,3 +96,25 @@ def test_an_idle_authenticated_stream_is_cut_at_the_server_deadline_and_frees_it
             time.sleep(0.05)
         assert coordinator.guard.open_streams == 0
         coordinator.engine.stop()
+
+
+def test_open_enrollment_beyond_loopback_needs_an_explicit_yes(tmp_path, caplog):
+    import logging
+
+    from fedtune.config import ConfigError
+    from fedtune.coordinator.app import Coordinator
+
+    config = _config(tmp_path, address="0.0.0.0:0", insecure=True)
+    with pytest.raises(ConfigError, match="enrollment is open.*open_enrollment = true"):
+        Coordinator(config, global_model=FixedTensors({"w": torch.zeros(2)})).start()
+    config.server.open_enrollment = True
+    coordinator = Coordinator(config, global_model=FixedTensors({"w": torch.zeros(2)}))
+    with caplog.at_level(logging.WARNING):
+        assert coordinator.start() > 0
+    coordinator.stop()
+    assert "enrollment is open on 0.0.0.0:0" in caplog.text
+    # with a secret it starts without a word
+    config.server.open_enrollment, config.server.enrollment_secret = False, "x" * 16
+    coordinator = Coordinator(config, global_model=FixedTensors({"w": torch.zeros(2)}))
+    assert coordinator.start() > 0
+    coordinator.stop()

@@ -23,7 +23,7 @@ from fedtune.credentials import SecretError, read_secret
 from fedtune.data import Example, load_examples
 from fedtune.models import ModelStore, resolve_source
 from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
-from fedtune.transport import make_server
+from fedtune.transport import is_loopback, make_server, split_address
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +155,15 @@ class Coordinator:
 
     def start(self) -> int:
         """Write the effective config, start serving; returns the bound port."""
+        srv = self.config.server
+        if not srv.enrollment_secret and not is_loopback(split_address(srv.address)[0]):
+            if not srv.open_enrollment:
+                raise ConfigError(f"server.address {srv.address} is reachable from other machines and enrollment is open: anyone who reaches "
+                                  "the port could register and be selected; set an enrollment secret (server.enrollment_secret_file or "
+                                  "FEDTUNE_ENROLLMENT_SECRET), or open_enrollment = true if that is what you want")
+            log.warning("enrollment is open on %s: anyone who reaches the port can register as a client", srv.address)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.toml").write_text(config_to_toml(self.config))
-        srv = self.config.server
         self.guard = CallGuard(self.engine.authenticate, max_streams=srv.max_streams or srv.max_workers - 8,
                                per_client=srv.per_client_calls, stream_deadline_s=srv.stream_deadline_s)
         self.server, self.port = make_server(
