@@ -156,19 +156,21 @@ class Coordinator:
     def start(self) -> int:
         """Write the effective config, start serving; returns the bound port."""
         srv = self.config.server
+        self.guard = CallGuard(self.engine.authenticate, max_streams=srv.max_streams or srv.max_workers - 8,
+                               per_client=srv.per_client_calls, stream_deadline_s=srv.stream_deadline_s)
+        self.server, self.port = make_server(
+            srv.address, tls_cert=srv.tls_cert, tls_key=srv.tls_key, insecure=srv.insecure, max_workers=srv.max_workers, interceptors=[self.guard]
+        )
         if not srv.enrollment_secret and not is_loopback(split_address(srv.address)[0]):
             if not srv.open_enrollment:
+                self.server.stop(None)
+                self.server = None
                 raise ConfigError(f"server.address {srv.address} is reachable from other machines and enrollment is open: anyone who reaches "
                                   "the port could register and be selected; set an enrollment secret (server.enrollment_secret_file or "
                                   "FEDTUNE_ENROLLMENT_SECRET), or open_enrollment = true if that is what you want")
             log.warning("enrollment is open on %s: anyone who reaches the port can register as a client", srv.address)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.toml").write_text(config_to_toml(self.config))
-        self.guard = CallGuard(self.engine.authenticate, max_streams=srv.max_streams or srv.max_workers - 8,
-                               per_client=srv.per_client_calls, stream_deadline_s=srv.stream_deadline_s)
-        self.server, self.port = make_server(
-            srv.address, tls_cert=srv.tls_cert, tls_key=srv.tls_key, insecure=srv.insecure, max_workers=srv.max_workers, interceptors=[self.guard]
-        )
         pb_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
         self.server.start()
         log.info("coordinator listening on port %d, run directory %s", self.port, self.run_dir)
