@@ -159,6 +159,12 @@ class ServerSection:
     max_streams: int = 0
     per_client_calls: int = 3
     stream_deadline_s: float = 900.0
+    # Registrations: at most max_clients records; new ones at registrations_per_second with
+    # bursts of registration_burst; records silent for evict_after_s make room when full.
+    max_clients: int = 100_000
+    registrations_per_second: float = 20.0
+    registration_burst: int = 100
+    evict_after_s: float = 86_400.0
 
 
 @dataclass
@@ -375,6 +381,8 @@ class RunConfig:
         _check(self.federation.round_timeout_s > 0, "federation.round_timeout_s", "must be positive")
         _check(self.server.max_workers >= 10, "server.max_workers", "must be at least 10 (8 are kept for unary calls)")
         _check(0 <= self.server.max_streams < self.server.max_workers, "server.max_streams", "must be in [0, max_workers)")
+        _check(self.server.max_clients >= 1 and self.server.registration_burst >= 1, "server.max_clients", "max_clients and registration_burst must be at least 1")
+        _check(self.server.registrations_per_second > 0 and self.server.evict_after_s > 0, "server.registrations_per_second", "registrations_per_second and evict_after_s must be positive")
         _check(self.server.per_client_calls >= 1, "server.per_client_calls", "must be at least 1")
         _check(self.server.stream_deadline_s > 0, "server.stream_deadline_s", "must be positive")
         _check(self.federation.max_examples_per_client >= 1, "federation.max_examples_per_client", "must be at least 1")

@@ -118,3 +118,42 @@ def test_open_enrollment_beyond_loopback_needs_an_explicit_yes(tmp_path, caplog)
     coordinator = Coordinator(config, global_model=FixedTensors({"w": torch.zeros(2)}))
     assert coordinator.start() > 0
     coordinator.stop()
+
+
+def test_registrations_are_rate_limited_and_stale_records_make_room():
+    from fedtune.coordinator.clients import ClientRegistry
+    from fedtune.coordinator.errors import CoordinatorError
+    from fedtune.devices import Capabilities
+
+    now = [0.0]
+    registry = ClientRegistry(max_clients=12, rate=5.0, burst=10, evict_after_s=100.0, clock=lambda: now[0])
+    first = [registry.register("dev", Capabilities(), 1) for _ in range(10)]  # a burst of 10
+    assert [r.client_id for r in first[:3]] == ["dev", "dev-2", "dev-3"]
+    with pytest.raises(CoordinatorError) as err:
+        registry.register("dev", Capabilities(), 1)
+    assert err.value.code == "RESOURCE_EXHAUSTED" and "retry in 0.2 s" in err.value.message
+    now[0] = 1.0  # 5 more tokens; the registry holds 12 at most
+    registry.register("late", Capabilities(), 1)
+    registry.register("late", Capabilities(), 1)
+    with pytest.raises(CoordinatorError, match="already has 12 clients"):
+        registry.register("late", Capabilities(), 1)
+    now[0] = 150.0
+    registry.authenticate(first[0].client_id, first[0].token)  # heard from: kept
+    registry.register("new", Capabilities(), 1)  # the other silent records are evicted
+    assert {r.client_id for r in registry.all()} == {"dev", "new"}
+
+
+def test_a_registration_flood_is_refused_at_the_limit_and_the_service_keeps_serving(tmp_path):
+    config = _config(tmp_path, registration_burst=20, registrations_per_second=1.0)
+    with live_coordinator(config, global_model=FixedTensors({"w": torch.zeros(2)})) as (coordinator, stub, _):
+        codes = []
+        for i in range(60):
+            try:
+                stub.Register(pb.RegisterRequest(name=f"bot{i}", num_examples=1), timeout=10)
+                codes.append("ok")
+            except grpc.RpcError as exc:
+                codes.append(exc.code().name)
+        assert codes.count("ok") in (20, 21) and codes.count("RESOURCE_EXHAUSTED") == 60 - codes.count("ok")
+        registered = next(r for r in coordinator.engine.registry.all())
+        assert _heartbeat_seconds(stub, registered) < 2.0
+        coordinator.engine.stop()

@@ -9,6 +9,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from fedtune.coordinator.errors import CoordinatorError
 from fedtune.devices import Capabilities
@@ -29,12 +30,19 @@ class ClientRecord:
 
 class ClientRegistry:
     """Thread-safe registry. Client ids derive from the name the device gives (made unique),
-    so simulated runs with named clients are reproducible; tokens are random secrets."""
+    so simulated runs with named clients are reproducible; tokens are random secrets.
 
-    def __init__(self, max_clients: int = 100_000) -> None:
+    Registrations are rate-limited (a token bucket: ``rate`` per second, bursts of ``burst``);
+    when the registry is full, records silent for ``evict_after_s`` make room (an evicted
+    client that comes back is told to register again)."""
+
+    def __init__(self, max_clients: int = 100_000, *, rate: float = 20.0, burst: int = 100, evict_after_s: float = 86_400.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.max_clients = max_clients
+        self.rate, self.burst, self.evict_after_s, self.clock = rate, burst, evict_after_s, clock
         self._lock = threading.Lock()
         self._clients: dict[str, ClientRecord] = {}
+        self._allowance, self._refilled = float(burst), clock()
         self._suffix: dict[str, int] = {}  # name -> last suffix given, so a taken name costs O(1)
 
     def register(self, name: str, capabilities: Capabilities, num_examples: int) -> ClientRecord:
@@ -42,6 +50,15 @@ class ClientRegistry:
         if not _NAME.fullmatch(name):
             raise CoordinatorError("INVALID_ARGUMENT", f"client name {name[:80]!r} must be 1-64 characters of letters, digits, '_', '.', '-'")
         with self._lock:
+            now = self.clock()
+            self._allowance = min(float(self.burst), self._allowance + (now - self._refilled) * self.rate)
+            self._refilled = now
+            if self._allowance < 1.0:
+                wait = (1.0 - self._allowance) / self.rate
+                raise CoordinatorError("RESOURCE_EXHAUSTED", f"too many registrations; retry in {wait:.1f} s")
+            self._allowance -= 1.0
+            if len(self._clients) >= self.max_clients:
+                self._evict(now)
             if len(self._clients) >= self.max_clients:
                 raise CoordinatorError("RESOURCE_EXHAUSTED", f"the coordinator already has {self.max_clients} clients")
             client_id, n = name, self._suffix.get(name, 1)
@@ -49,10 +66,15 @@ class ClientRegistry:
                 n += 1
                 client_id = f"{name}-{n}"
             self._suffix[name] = n
-            now = time.monotonic()
             record = ClientRecord(client_id, secrets.token_urlsafe(24), name, capabilities, num_examples, now, now)
             self._clients[client_id] = record
             return record
+
+    def _evict(self, now: float) -> None:
+        """Drop the records silent for longer than evict_after_s; call with the lock held."""
+        stale = [cid for cid, r in self._clients.items() if r.last_seen < now - self.evict_after_s]
+        for cid in stale:
+            del self._clients[cid]
 
     def authenticate(self, client_id: str, token: str) -> ClientRecord:
         """The client's record, after checking its token; refreshes its last-seen time."""
@@ -62,24 +84,24 @@ class ClientRegistry:
                 raise CoordinatorError("NOT_FOUND", f"unknown client id {client_id[:80]!r}: register first")
             if not hmac.compare_digest(record.token.encode(), token.encode()):
                 raise CoordinatorError("UNAUTHENTICATED", f"bad token for client {client_id!r}")
-            record.last_seen = time.monotonic()
+            record.last_seen = self.clock()
             return record
 
     def touch(self, client_id: str) -> None:
         with self._lock:
             if client_id in self._clients:
-                self._clients[client_id].last_seen = time.monotonic()
+                self._clients[client_id].last_seen = self.clock()
 
     def alive(self, timeout_s: float) -> list[ClientRecord]:
         """Clients heard from within ``timeout_s``, sorted by id."""
-        cutoff = time.monotonic() - timeout_s
+        cutoff = self.clock() - timeout_s
         with self._lock:
             return sorted((r for r in self._clients.values() if r.last_seen >= cutoff), key=lambda r: r.client_id)
 
     def is_alive(self, client_id: str, timeout_s: float) -> bool:
         with self._lock:
             record = self._clients.get(client_id)
-            return record is not None and record.last_seen >= time.monotonic() - timeout_s
+            return record is not None and record.last_seen >= self.clock() - timeout_s
 
     def all(self) -> list[ClientRecord]:
         with self._lock:

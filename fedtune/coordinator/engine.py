@@ -124,7 +124,8 @@ class RoundEngine:
         self.geometry = geometry
         self.cost = CostModel(config.training.batch_size, config.model.max_length, config.training.local_steps)
         self.run_dir = Path(run_dir)
-        self.registry = ClientRegistry()
+        srv = config.server
+        self.registry = ClientRegistry(srv.max_clients, rate=srv.registrations_per_second, burst=srv.registration_burst, evict_after_s=srv.evict_after_s)
         self.on_round_end = on_round_end
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self._cond = threading.Condition()

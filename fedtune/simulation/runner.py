@@ -95,6 +95,7 @@ def run_simulation(
     config.federation.min_clients = max(config.federation.min_clients, sim.clients)
     # room for every simulated client's long-poll and upload or split stream at once
     config.server.max_workers = max(config.server.max_workers, 2 * sim.clients + 16)
+    config.server.registration_burst = max(config.server.registration_burst, sim.clients)  # they all register at once
     options = {"alpha": sim.alpha}
     if config.model.task == "seq-cls" and sim.partition == "dirichlet":
         options["labels"] = label_ids(train, labels)
