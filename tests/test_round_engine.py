@@ -29,6 +29,7 @@ def _config(tmp_path, rounds=1) -> RunConfig:
 def test_concurrent_pushes_of_one_client_are_accepted_exactly_once(tmp_path):
     config = _config(tmp_path)
     config.federation.min_clients = 2
+    config.server.per_client_calls = 8  # let all eight pushes race (the default admits 3 at once)
     with live_coordinator(config, global_model=FixedTensors({"w": torch.zeros(64)})) as (coordinator, stub, engine):
         me = stub.Register(pb.RegisterRequest(name="twice", num_examples=3), timeout=10)
         other = stub.Register(pb.RegisterRequest(name="other", num_examples=3), timeout=10)
