@@ -58,6 +58,7 @@ COORDINATOR_KEYS = {
     "quorum": "federation.quorum",
     "tls_cert": "server.tls_cert",
     "tls_key": "server.tls_key",
+    "tls_client_ca": "server.tls_client_ca",
     "enrollment_secret_file": "server.enrollment_secret_file",
 }
 SIMULATION_KEYS = {
@@ -115,6 +116,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", help="output folder (default: a new folder under runs/)")
     p.add_argument("--seed", type=int, help="seed of every random choice")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    _add_log_format(p)
+
+
+def _add_log_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-format", choices=["rich", "plain", "json"], default=None,
+                   help="log lines: rich (terminal), plain, or json (one object per line with ts, level, logger, message, round, client_id); "
+                        "default rich, or FEDTUNE_LOG_FORMAT")
 
 
 class _RefuseSecret(argparse.Action):
@@ -150,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--quorum", type=float, help="fraction of selected clients that closes a round")
     coord.add_argument("--tls-cert", help="TLS certificate chain (PEM)")
     coord.add_argument("--tls-key", help="TLS private key (PEM)")
+    coord.add_argument("--tls-client-ca", help="mutual TLS: CA certificate (PEM) that must have signed every client's certificate")
     coord.add_argument("--insecure", action="store_true", default=None, help="allow plaintext on a non-loopback address")
     coord.add_argument("--enrollment-secret-file", help="file holding the secret a client must present to register (or set FEDTUNE_ENROLLMENT_SECRET)")
     coord.add_argument("--enrollment-secret", action=_RefuseSecret, help=argparse.SUPPRESS)
@@ -175,11 +184,31 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--uplink-mbps", type=float, default=0.0)
     cli.add_argument("--downlink-mbps", type=float, default=0.0)
     cli.add_argument("--tls-ca", default="", help="CA certificate (PEM) to verify the coordinator")
+    cli.add_argument("--tls-cert", default="", help="mutual TLS: this device's certificate (PEM)")
+    cli.add_argument("--tls-key", default="", help="mutual TLS: this device's private key (PEM)")
     cli.add_argument("--insecure", action="store_true", help="allow plaintext to a non-loopback coordinator")
     cli.add_argument("--enrollment-secret-file", default="", help="file holding the coordinator's enrollment secret (or set FEDTUNE_ENROLLMENT_SECRET)")
     cli.add_argument("--enrollment-secret", action=_RefuseSecret, help=argparse.SUPPRESS)
     cli.add_argument("--give-up-after", type=float, default=300.0, help="seconds of unreachable coordinator before exiting")
     cli.add_argument("-v", "--verbose", action="count", default=0)
+    _add_log_format(cli)
+
+    certs = sub.add_parser("certs", help="make a CA, a coordinator certificate and client certificates for a test deployment (mutual TLS)")
+    certs.add_argument("--out", type=Path, required=True, help="folder to write the PEM files into")
+    certs.add_argument("--host", action="append", required=True, metavar="NAME_OR_IP",
+                       help="a name or address clients dial the coordinator at (repeatable; the first is its common name)")
+    certs.add_argument("--client", action="append", default=[], metavar="NAME", help="a client certificate to make (repeatable)")
+    certs.add_argument("--clients", type=int, default=0, help="also make N client certificates named client-1 .. client-N")
+    certs.add_argument("--days", type=int, default=30, help="validity in days")
+    certs.add_argument("--force", action="store_true", help="replace existing files")
+
+    check = sub.add_parser("health", help="ask a coordinator's standard gRPC health service; exit 0 when it is SERVING")
+    check.add_argument("--coordinator", required=True, help="coordinator HOST:PORT")
+    check.add_argument("--tls-ca", default="", help="CA certificate (PEM) to verify the coordinator")
+    check.add_argument("--tls-cert", default="", help="mutual TLS: client certificate (PEM)")
+    check.add_argument("--tls-key", default="", help="mutual TLS: client key (PEM)")
+    check.add_argument("--insecure", action="store_true", help="allow plaintext to a non-loopback coordinator")
+    check.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
     return parser
 
 
@@ -224,16 +253,18 @@ def _config_from_args(args: argparse.Namespace, keys: dict[str, str]) -> RunConf
     return config.validate()
 
 
-def _setup_logging(verbose: int, command: str) -> None:
+def _setup_logging(verbose: int, command: str, fmt: str | None) -> None:
     """fedtune's own log: warnings only for `simulate` (its table shows progress), INFO for the
     services (an operator wants to see registrations, plans and rounds); -v one step more,
     -vv debug output of every library."""
-    from rich.logging import RichHandler
+    from fedtune.logs import LOG_FORMATS, setup_logging
 
+    fmt = fmt or os.environ.get("FEDTUNE_LOG_FORMAT", "") or "rich"
+    if fmt not in LOG_FORMATS:
+        raise ConfigError(f"FEDTUNE_LOG_FORMAT={fmt!r}: choose one of {', '.join(LOG_FORMATS)}")
     quiet = logging.WARNING if command == "simulate" else logging.INFO
     ours = [quiet, logging.INFO, logging.DEBUG][min(verbose, 2)]
-    logging.basicConfig(level=logging.DEBUG if verbose >= 2 else logging.WARNING, format="%(message)s", datefmt="[%X]", handlers=[RichHandler(show_path=False)])
-    logging.getLogger("fedtune").setLevel(ours)
+    setup_logging(fmt, root_level=logging.DEBUG if verbose >= 2 else logging.WARNING, fedtune_level=ours)
 
 
 def _console():
@@ -321,12 +352,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from fedtune.coordinator.app import Coordinator
+    from fedtune.logs import redact
 
     config = _config_from_args(args, {**COMMON_KEYS, **COORDINATOR_KEYS})
     _check_inputs(config)
     task = config.model.task
     console = _console()
     coordinator = Coordinator(config, resume=args.resume, on_round_end=lambda row: console.print(" | ".join(_row_cells(row, task))))
+    redact([coordinator.config.server.enrollment_secret])
     port = coordinator.start()
     host = config.server.address.rpartition(":")[0]
     console.print(f"coordinator listening on {host}:{port}; run directory {coordinator.run_dir}")
@@ -350,6 +383,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     from fedtune.credentials import read_secret
     from fedtune.data import load_examples
     from fedtune.devices import Capabilities
+    from fedtune.logs import redact
     from fedtune.models import resolve_source
 
     examples = load_examples(args.data, task=args.task)
@@ -376,13 +410,17 @@ def cmd_client(args: argparse.Namespace) -> int:
         tier=args.tier,
     )
     name = args.name or "".join(c if c.isalnum() or c in "_.-" else "-" for c in socket.gethostname())[:64] or "client"
+    secret = read_secret(args.enrollment_secret_file)
+    redact([secret])
     options = AgentOptions(
         address=args.coordinator,
         name=name,
         capabilities=caps,
         tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
         insecure=args.insecure,
-        enrollment_secret=read_secret(args.enrollment_secret_file),
+        enrollment_secret=secret,
         give_up_after_seconds=args.give_up_after,
     )
     report = ClientAgent(options, examples, source).run()
@@ -421,6 +459,38 @@ def cmd_privacy_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedtune.certs import make_test_pki
+
+    if args.clients < 0:
+        raise ConfigError("--clients: must be >= 0")
+    clients = list(args.client) + [f"client-{i}" for i in range(1, args.clients + 1)]
+    pki = make_test_pki(args.out, args.host, clients, days=args.days, overwrite=args.force)
+    print(f"CA:          {pki.ca_cert} (key {pki.ca_key}: keep it off the devices)")
+    print(f"coordinator: --tls-cert {pki.server_cert} --tls-key {pki.server_key} --tls-client-ca {pki.ca_cert}  (valid for {', '.join(args.host)})")
+    for name, (cert, key) in pki.clients.items():
+        print(f"{name}: --tls-ca {pki.ca_cert} --tls-cert {cert} --tls-key {key}")
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from fedtune.transport import make_channel
+
+    channel = make_channel(args.coordinator, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure)
+    with channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="fedtune.v1.Coordinator"), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"{args.coordinator}: no answer ({exc.code().name}: {exc.details()})")
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    print(f"{args.coordinator}: {status}")
+    return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def cmd_codecs(args: argparse.Namespace) -> int:
     from fedtune.compression import CODECS
 
@@ -433,10 +503,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Deprecation chatter from transformers/peft internals is not actionable for fedtune's users.
     warnings.filterwarnings("ignore", category=FutureWarning)
     args = build_parser().parse_args(argv)
-    _setup_logging(getattr(args, "verbose", 0), args.command)
     import grpc
 
     from fedtune.adapters import AdapterError
+    from fedtune.certs import CertError
     from fedtune.client.agent import AgentError
     from fedtune.coordinator.errors import CoordinatorError
     from fedtune.credentials import SecretError
@@ -445,10 +515,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedtune.models import ModelError
     from fedtune.transport import TransportError
 
-    handlers = {"simulate": cmd_simulate, "coordinator": cmd_coordinator, "client": cmd_client, "strategies": cmd_strategies, "codecs": cmd_codecs, "privacy-report": cmd_privacy_report}
+    handlers = {"simulate": cmd_simulate, "coordinator": cmd_coordinator, "client": cmd_client, "strategies": cmd_strategies, "codecs": cmd_codecs,
+                "privacy-report": cmd_privacy_report, "certs": cmd_certs, "health": cmd_health}
     try:
+        _setup_logging(getattr(args, "verbose", 0), args.command, getattr(args, "log_format", None))
         return handlers[args.command](args)
-    except (ConfigError, DataError, ModelError, TransportError, AgentError, AdapterError, ProfileError, SecretError) as exc:
+    except (ConfigError, DataError, ModelError, TransportError, AgentError, AdapterError, ProfileError, SecretError, CertError) as exc:
         print(f"fedtune {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except CoordinatorError as exc:

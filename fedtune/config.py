@@ -140,6 +140,9 @@ class ServerSection:
     # addresses unless `insecure = true`.
     tls_cert: str = ""
     tls_key: str = ""
+    # Mutual TLS: a CA certificate (PEM); clients must present a certificate it signed.
+    # `fedtune certs` makes a CA and certificates for a test deployment.
+    tls_client_ca: str = ""
     insecure: bool = False
     # When set, a client must present the enrollment secret to register. Give it in a file
     # (enrollment_secret_file) or the FEDTUNE_ENROLLMENT_SECRET environment variable; a secret
@@ -421,6 +424,7 @@ class RunConfig:
         _check(self.eval.max_examples >= 0, "eval.max_examples", "must be >= 0")
         _check(":" in self.server.address, "server.address", "must be HOST:PORT")
         _check(bool(self.server.tls_cert) == bool(self.server.tls_key), "server.tls_key", "tls_cert and tls_key go together")
+        _check(not self.server.tls_client_ca or bool(self.server.tls_cert), "server.tls_client_ca", "mutual TLS needs the server's tls_cert and tls_key")
         _check(self.server.chunk_bytes >= 1024, "server.chunk_bytes", "must be at least 1024")
         _check(self.server.chunk_bytes <= 4 * 1024**2 - 4096, "server.chunk_bytes", "must stay under gRPC's 4 MiB message cap")
         _check(self.server.max_update_bytes >= 1, "server.max_update_bytes", "must be positive")

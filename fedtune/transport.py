@@ -54,16 +54,24 @@ def _read(path: str, what: str) -> bytes:
         raise TransportError(f"cannot read {what} {path!r}: {exc.strerror or exc}") from None
 
 
-def make_server(address: str, *, tls_cert: str = "", tls_key: str = "", insecure: bool = False, max_workers: int = 32,
-                interceptors: Sequence[grpc.ServerInterceptor] = ()) -> tuple[grpc.Server, int]:
+def make_server(address: str, *, tls_cert: str = "", tls_key: str = "", tls_client_ca: str = "", insecure: bool = False,
+                max_workers: int = 32, interceptors: Sequence[grpc.ServerInterceptor] = ()) -> tuple[grpc.Server, int]:
     """A gRPC server bound to ``address`` (port 0 picks a free port); returns it and its port.
-    Calls beyond four per worker are refused at once (RESOURCE_EXHAUSTED) instead of queued."""
+    With ``tls_client_ca`` (mutual TLS) the handshake fails for a client without a certificate
+    signed by that CA. Calls beyond four per worker are refused at once (RESOURCE_EXHAUSTED)
+    instead of queued."""
     host, _ = split_address(address)
+    if tls_client_ca and not tls_cert:
+        raise TransportError("mutual TLS (tls_client_ca) needs the server's own tls_cert and tls_key")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS, interceptors=list(interceptors),
                          maximum_concurrent_rpcs=4 * max_workers)
     try:
         if tls_cert:
-            creds = grpc.ssl_server_credentials([(_read(tls_key, "TLS key"), _read(tls_cert, "TLS certificate"))])
+            creds = grpc.ssl_server_credentials(
+                [(_read(tls_key, "TLS key"), _read(tls_cert, "TLS certificate"))],
+                root_certificates=_read(tls_client_ca, "TLS client CA certificate") if tls_client_ca else None,
+                require_client_auth=bool(tls_client_ca),
+            )
             port = server.add_secure_port(address, creds)
         else:
             if not (is_loopback(host) or insecure):
@@ -79,11 +87,20 @@ def make_server(address: str, *, tls_cert: str = "", tls_key: str = "", insecure
     return server, port
 
 
-def make_channel(address: str, *, tls_ca: str = "", insecure: bool = False) -> grpc.Channel:
-    """A channel to the coordinator: TLS when a CA file is given (or the host is remote)."""
+def make_channel(address: str, *, tls_ca: str = "", tls_cert: str = "", tls_key: str = "", insecure: bool = False) -> grpc.Channel:
+    """A channel to the coordinator: TLS when a CA file is given (or the host is remote); with
+    ``tls_cert``/``tls_key`` the client also proves who it is (mutual TLS)."""
     host, _ = split_address(address)
+    if bool(tls_cert) != bool(tls_key):
+        raise TransportError("the client's tls_cert and tls_key go together")
+    if tls_cert and not tls_ca:
+        raise TransportError("a client certificate (mutual TLS) needs tls_ca, the CA that signed the coordinator's certificate")
     if tls_ca:
-        creds = grpc.ssl_channel_credentials(root_certificates=_read(tls_ca, "TLS CA certificate"))
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=_read(tls_ca, "TLS CA certificate"),
+            private_key=_read(tls_key, "TLS client key") if tls_key else None,
+            certificate_chain=_read(tls_cert, "TLS client certificate") if tls_cert else None,
+        )
         return grpc.secure_channel(address, creds, options=GRPC_OPTIONS)
     if is_loopback(host) or insecure:
         return grpc.insecure_channel(address, options=GRPC_OPTIONS)

@@ -157,3 +157,26 @@ def test_a_registration_flood_is_refused_at_the_limit_and_the_service_keeps_serv
         registered = next(r for r in coordinator.engine.registry.all())
         assert _heartbeat_seconds(stub, registered) < 2.0
         coordinator.engine.stop()
+
+
+def test_the_standard_health_check_answers_without_a_token_and_watch_needs_one(tmp_path):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with live_coordinator(_config(tmp_path), global_model=FixedTensors({"w": torch.zeros(2)})) as (coordinator, stub, _):
+        channel = grpc.insecure_channel(f"127.0.0.1:{coordinator.port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "fedtune.v1.Coordinator"):
+            answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        # Watch holds a stream open: like every other stream, strangers may not
+        with pytest.raises(grpc.RpcError) as err:
+            next(health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        coordinator.stop()
+        # stopped (graceful shutdown flips the status first; then the port closes)
+        with pytest.raises(grpc.RpcError):
+            health.Check(health_pb2.HealthCheckRequest(service=""), timeout=3)
+        channel.close()

@@ -68,6 +68,8 @@ class AgentOptions:
     name: str = "client"
     capabilities: Capabilities = field(default_factory=Capabilities)
     tls_ca: str = ""
+    tls_cert: str = ""                  # this device's certificate and key, for mutual TLS
+    tls_key: str = ""
     insecure: bool = False
     enrollment_secret: str = ""
     poll_seconds: float = 10.0          # long-poll length of one FetchTask call
@@ -117,7 +119,7 @@ class ClientAgent:
         self._residuals: dict[str, torch.Tensor] = {}
         # The device's sample-level DP accounting (fedtune.privacy.sample_level), every recipe.
         self._privacy: dict = {}
-        self._channel = make_channel(options.address, tls_ca=options.tls_ca, insecure=options.insecure)
+        self._channel = make_channel(options.address, tls_ca=options.tls_ca, tls_cert=options.tls_cert, tls_key=options.tls_key, insecure=options.insecure)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
         self._client_id = ""
         self._token = ""

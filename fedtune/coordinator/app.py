@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from fedtune.adapters import AdapterPlan
 from fedtune.config import ConfigError, RunConfig, config_to_toml
 from fedtune.coordinator.engine import RoundEngine
@@ -26,6 +28,8 @@ from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
 from fedtune.transport import is_loopback, make_server, split_address
 
 log = logging.getLogger(__name__)
+
+HEALTH_SERVICES = ("", "fedtune.v1.Coordinator")
 
 
 def plan_from_config(config: RunConfig) -> AdapterPlan:
@@ -159,7 +163,7 @@ class Coordinator:
         self.guard = CallGuard(self.engine.authenticate, max_streams=srv.max_streams or srv.max_workers - 8,
                                per_client=srv.per_client_calls, stream_deadline_s=srv.stream_deadline_s)
         self.server, self.port = make_server(
-            srv.address, tls_cert=srv.tls_cert, tls_key=srv.tls_key, insecure=srv.insecure, max_workers=srv.max_workers, interceptors=[self.guard]
+            srv.address, tls_cert=srv.tls_cert, tls_key=srv.tls_key, tls_client_ca=srv.tls_client_ca, insecure=srv.insecure, max_workers=srv.max_workers, interceptors=[self.guard]
         )
         if not srv.enrollment_secret and not is_loopback(split_address(srv.address)[0]):
             if not srv.open_enrollment:
@@ -172,6 +176,12 @@ class Coordinator:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.toml").write_text(config_to_toml(self.config))
         pb_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
+        # The standard gRPC health service: "" and "fedtune.v1.Coordinator" are SERVING while
+        # the coordinator accepts work, NOT_SERVING once it is shutting down.
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        for service in HEALTH_SERVICES:
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.server.start()
         log.info("coordinator listening on port %d, run directory %s", self.port, self.run_dir)
         return self.port
@@ -190,5 +200,6 @@ class Coordinator:
     def stop(self, grace_s: float = 2.0) -> None:
         self.engine.stop()
         if self.server is not None:
+            self.health.enter_graceful_shutdown()
             self.server.stop(grace_s).wait()
             self.server = None

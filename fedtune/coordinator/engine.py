@@ -181,7 +181,7 @@ class RoundEngine:
         if expected and not hmac.compare_digest(secret.encode(), expected.encode()):
             raise CoordinatorError("UNAUTHENTICATED", "wrong or missing enrollment secret")
         record = self.registry.register(name, capabilities, num_examples)
-        log.info("registered %s (tier=%s, examples=%d)", record.client_id, capabilities.tier or "-", num_examples)
+        log.info("registered %s (tier=%s, examples=%d)", record.client_id, capabilities.tier or "-", num_examples, extra={"client_id": record.client_id})
         with self._cond:
             self._cond.notify_all()
         return record
@@ -246,7 +246,7 @@ class RoundEngine:
             start = rnd.instructions[client_id].tensors
             weight = capped_examples(num_examples, rnd.ctx.clients[client_id].num_examples, self.fed.max_examples_per_client)
             if weight < num_examples:
-                log.warning("round %d: %s claims %d examples; counted as %d (registered count or max_examples_per_client)", round_number, client_id, num_examples, weight)
+                log.warning("round %d: %s claims %d examples; counted as %d (registered count or max_examples_per_client)", round_number, client_id, num_examples, weight, extra={"round": round_number, "client_id": client_id})
                 rnd.capped += 1
             update = ClientUpdate(client_id, tensors, weight, dict(metrics), start)
             try:
@@ -262,14 +262,14 @@ class RoundEngine:
                 else:
                     clipped, norm = clip_update(tensors, start, bound)
                     if norm > bound:
-                        log.warning("round %d: update of %s clipped from norm %.4g to %g", round_number, client_id, norm, bound)
+                        log.warning("round %d: update of %s clipped from norm %.4g to %g", round_number, client_id, norm, bound, extra={"round": round_number, "client_id": client_id})
                         update = dataclasses.replace(update, tensors=clipped)
                         rnd.clipped += 1
             rnd.updates[client_id] = update
             rnd.bytes_up += bytes_up
             rnd.up_by_client[client_id] = bytes_up
             self._cond.notify_all()
-        log.info("round %d: update from %s (%d examples)", round_number, client_id, num_examples)
+        log.info("round %d: update from %s (%d examples)", round_number, client_id, num_examples, extra={"round": round_number, "client_id": client_id})
 
     def note_rejected(self, round_number: int, bytes_up: int) -> None:
         with self._cond:
@@ -402,7 +402,7 @@ class RoundEngine:
             selected, rate, population = self._select(number)
         reason = self.strategy.stop_reason(self.state, rate)
         if reason:
-            log.warning("round %d not run: %s", number, reason)
+            log.warning("round %d not run: %s", number, reason, extra={"round": number})
             self.stopped_because = reason
             return False
         ctx, cov = self._context(number, selected, rate, population)
@@ -417,7 +417,7 @@ class RoundEngine:
             now = time.monotonic()
             self._round = _Round(ctx, instructions, now + self.fed.round_timeout_s, time.time() + self.fed.round_timeout_s, now, cov)
             self._cond.notify_all()
-        log.info("round %d/%d open: %d clients selected", number, self.fed.rounds, len(selected))
+        log.info("round %d/%d open: %d clients selected", number, self.fed.rounds, len(selected), extra={"round": number})
         return True
 
     def _wait_for_close(self) -> None:
@@ -431,11 +431,11 @@ class RoundEngine:
                     break
                 now = time.monotonic()
                 if now >= rnd.deadline:
-                    log.warning("round %d: deadline passed with %d of %d updates", rnd.number, len(rnd.updates), len(selected))
+                    log.warning("round %d: deadline passed with %d of %d updates", rnd.number, len(rnd.updates), len(selected), extra={"round": rnd.number})
                     break
                 missing = [c for c in selected if c not in rnd.updates]
                 if missing and not any(self.registry.is_alive(c, self.fed.client_timeout_s) for c in missing):
-                    log.warning("round %d: closing early, %s went silent", rnd.number, ", ".join(missing))
+                    log.warning("round %d: closing early, %s went silent", rnd.number, ", ".join(missing), extra={"round": rnd.number})
                     break
                 self._cond.wait(min(1.0, rnd.deadline - now))
             rnd.open = False
@@ -466,7 +466,7 @@ class RoundEngine:
             else:
                 self.state = new_state
         else:
-            log.warning("round %d: no updates arrived; the global adapter is unchanged", rnd.number)
+            log.warning("round %d: no updates arrived; the global adapter is unchanged", rnd.number, extra={"round": rnd.number})
         eval_started = time.monotonic()
         adapter, deltas = self.global_model_tensors()
         eval_metrics = self.global_model.evaluate(adapter, deltas)
@@ -487,7 +487,7 @@ class RoundEngine:
         self.metrics.append(row)
         save_checkpoint(self.run_dir, rnd.number, self.state, self._run_identity())
         self.history.append(row)
-        log.info("round %d closed: %s", rnd.number, {k: row[k] for k in ("clients", "train_loss", "eval_loss", "seconds")})
+        log.info("round %d closed: %s", rnd.number, {k: row[k] for k in ("clients", "train_loss", "eval_loss", "seconds")}, extra={"round": rnd.number})
         if self.on_round_end is not None:
             self.on_round_end(row)
 

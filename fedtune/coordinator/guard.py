@@ -2,7 +2,7 @@
 once, and for how long.
 
 A server interceptor sees each call's metadata before any handler runs or reads a byte of the
-request. Every method except ``Register`` needs the caller's client id and token in the
+request. Every method except ``Register`` and the health check needs the caller's client id and token in the
 metadata (``x-fedtune-client-id``, ``x-fedtune-token``); a call without them, or with a wrong
 token, ends with UNAUTHENTICATED at once, so unauthenticated streams hold no worker thread. An
 authenticated streaming call (a task long-poll, an update upload, a split session) also needs a
@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 
 CLIENT_ID_KEY = "x-fedtune-client-id"
 TOKEN_KEY = "x-fedtune-token"
-OPEN_METHODS = frozenset({"Register"})
+# Full method names callable without a token: registration, and the standard health check
+# (a load balancer or orchestrator probes it; it reveals only SERVING / NOT_SERVING).
+OPEN_METHODS = frozenset({"/fedtune.v1.Coordinator/Register", "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/List"})
 
 
 def credentials(client_id: str, token: str) -> tuple[tuple[str, str], ...]:
@@ -83,8 +85,7 @@ class CallGuard(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = continuation(details)
-        method = details.method.rsplit("/", 1)[-1]
-        if handler is None or method in OPEN_METHODS:
+        if handler is None or details.method in OPEN_METHODS:
             return handler
         metadata = dict(details.invocation_metadata or ())
         client_id, token = metadata.get(CLIENT_ID_KEY, ""), metadata.get(TOKEN_KEY, "")

@@ -159,11 +159,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             )
         except ProtocolError as exc:
             self.engine.note_rejected(header.round, received + receiver.bytes_received)
-            log.warning("round %d: rejected update from %s: %s", header.round, header.client_id, exc)
+            log.warning("round %d: rejected update from %s: %s", header.round, header.client_id, exc, extra={"round": header.round, "client_id": header.client_id})
             _abort(context, "INVALID_ARGUMENT", str(exc))
         except CoordinatorError as exc:
             self.engine.note_rejected(header.round, received + receiver.bytes_received)
-            log.warning("round %d: rejected update from %s: %s", header.round, header.client_id, exc.message)
+            log.warning("round %d: rejected update from %s: %s", header.round, header.client_id, exc.message, extra={"round": header.round, "client_id": header.client_id})
             _abort(context, exc.code, exc.message)
         return pb.PushReply(accepted=True, message=f"update for round {header.round} accepted")
 
