@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--insecure", action="store_true", help="allow plaintext to a non-loopback coordinator")
     cli.add_argument("--enrollment-secret-file", default="", help="file holding the coordinator's enrollment secret (or set FEDTUNE_ENROLLMENT_SECRET)")
     cli.add_argument("--enrollment-secret", action=_RefuseSecret, help=argparse.SUPPRESS)
+    cli.add_argument("--state-dir", default="", help="folder where the device keeps its identity, recipe memory (FedSA's B, SCAFFOLD's controls), "
+                     "error-feedback residuals and DP accounting across restarts")
     cli.add_argument("--give-up-after", type=float, default=300.0, help="seconds of unreachable coordinator before exiting")
     cli.add_argument("-v", "--verbose", action="count", default=0)
     _add_log_format(cli)
@@ -421,6 +423,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         insecure=args.insecure,
         enrollment_secret=secret,
+        state_dir=args.state_dir,
         give_up_after_seconds=args.give_up_after,
     )
     report = ClientAgent(options, examples, source).run()
@@ -508,6 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedtune.adapters import AdapterError
     from fedtune.certs import CertError
     from fedtune.client.agent import AgentError
+    from fedtune.client.state import StateError
     from fedtune.coordinator.errors import CoordinatorError
     from fedtune.credentials import SecretError
     from fedtune.data import DataError
@@ -520,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _setup_logging(getattr(args, "verbose", 0), args.command, getattr(args, "log_format", None))
         return handlers[args.command](args)
-    except (ConfigError, DataError, ModelError, TransportError, AgentError, AdapterError, ProfileError, SecretError, CertError) as exc:
+    except (ConfigError, DataError, ModelError, TransportError, AgentError, AdapterError, ProfileError, SecretError, CertError, StateError) as exc:
         print(f"fedtune {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except CoordinatorError as exc:

@@ -24,6 +24,7 @@ import torch
 from fedtune.adapters import AdapterError, apply_base_delta, inject_lora, split_task_tensors
 from fedtune.client.recipes import TrainSettings, make_recipe
 from fedtune.client.recipes.split import SplitRecipe
+from fedtune.client.state import DeviceState, load_state, save_state
 from fedtune.client.uplink import Uplink
 from fedtune.coordinator.guard import credentials
 from fedtune.data import Example
@@ -78,6 +79,9 @@ class AgentOptions:
     give_up_after_seconds: float = 300.0  # unreachable coordinator for this long: exit
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     device: str = "cpu"
+    # Folder where the device keeps its identity, recipe memory, error-feedback residuals and
+    # privacy accounting across its own restarts (fedtune.client.state); empty: in memory only.
+    state_dir: str = ""
 
 
 @dataclass
@@ -124,6 +128,9 @@ class ClientAgent:
         self._client_id = ""
         self._token = ""
         self._metadata: tuple = ()
+        self._federation = f"{options.address} {source.name}"
+        if options.state_dir:
+            self._restore(load_state(options.state_dir, self._federation))
         # Backoff jitter from the agent's own generator (never the global RNG training uses).
         self._jitter = random.Random(zlib.crc32(options.name.encode()) ^ os.getpid())
 
@@ -131,7 +138,8 @@ class ClientAgent:
 
     def run(self) -> AgentReport:
         try:
-            self._register()
+            if not self._client_id:  # a restored identity is tried first; a stale one re-registers below
+                self._register()
             while not self.stop_event.is_set():
                 try:
                     finished = self._one_task()
@@ -159,6 +167,21 @@ class ClientAgent:
         self._metadata = credentials(reply.client_id, reply.token)  # checked before any handler runs
         self.report.client_id = reply.client_id
         log.info("%s registered as %s", self.options.name, reply.client_id)
+        self._save()
+
+    def _restore(self, state: DeviceState) -> None:
+        self._memory, self._residuals, self._privacy = state.memory, state.residuals, state.privacy
+        if state.client_id:
+            self._client_id, self._token = state.client_id, state.token
+            self._metadata = credentials(state.client_id, state.token)
+            self.report.client_id = state.client_id
+            log.info("%s: resuming as %s from %s", self.options.name, state.client_id, self.options.state_dir)
+
+    def _save(self) -> None:
+        """Persist what the device must not forget (after registering and after each round)."""
+        if self.options.state_dir:
+            save_state(self.options.state_dir, DeviceState(self._federation, self._client_id, self._token,
+                                                           self._memory, self._residuals, self._privacy))
 
     def _one_task(self) -> bool:
         """Fetch and do one task; True when training is over."""
@@ -177,6 +200,7 @@ class ClientAgent:
         except BudgetSpent as exc:  # the device's own budget: decline, and stop for good
             log.warning("%s: declines round %d: %s", self._client_id, header.round, exc)
             self.report.declined = str(exc)
+            self._save()
             return True
         except grpc.RpcError as exc:  # a split session the coordinator ended: skip this round
             if retryable(exc) or exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED):
@@ -184,6 +208,7 @@ class ClientAgent:
             log.warning("%s: round %d split session ended: %s: %s", self._client_id, header.round, exc.code().name, exc.details())
             self.report.rejected.append(f"round {header.round}: {exc.code().name}: {exc.details()}")
             return False
+        self._save()  # before anything leaves the device: the privacy spent this round is on disk
         self._push(header.round, encoded, num_examples, metrics)
         return False
 
