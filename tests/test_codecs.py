@@ -298,3 +298,26 @@ def _params(header: pb.TensorHeader, **params) -> pb.TensorHeader:
     for k, v in params.items():
         out.codec_params[k] = v
     return out
+
+
+def test_a_receiver_accepts_only_the_encodings_its_sender_was_told_to_use():
+    header, payload = _header_and_payload("projection", torch.ones(64), k=4, block=64)
+    with pytest.raises(ProtocolError, match="ENCODING_SEEDED_PROJECTION is not accepted here"):
+        _receive(header, payload, encodings={pb.ENCODING_RAW, pb.ENCODING_FLOAT16})
+    assert _receive(header, payload, encodings={pb.ENCODING_RAW, pb.ENCODING_SEEDED_PROJECTION})["w"].shape == (64,)
+
+
+def test_projection_parameters_that_would_make_decoding_take_hours_are_refused():
+    """Decoding cost is set by the sender's k and block, not by the payload's size: block = 1 on
+    a million elements would mean a million generators for 4 MB of payload."""
+    header, _ = _header_and_payload("projection", torch.ones(64), k=1, block=64)
+    tiny_blocks = _set(header, shape=[10**6])
+    tiny_blocks.codec_params["block"] = "1"
+    tiny_blocks.payload_bytes = 4 * 10**6
+    with pytest.raises(ProtocolError, match="over the limit of 65536 blocks"):
+        _receive(tiny_blocks, b"", max_tensor_bytes=2**30)
+    many_k = _set(header, shape=[1 << 26])
+    many_k.codec_params.update(block=str(1 << 10), k=str(1 << 10))
+    many_k.payload_bytes = 4 * (1 << 10) * (1 << 16)
+    with pytest.raises(ProtocolError, match="would regenerate"):
+        _receive(many_k, b"", max_tensor_bytes=2**31)

@@ -33,6 +33,11 @@ from fedtune.protocol import fedtune_pb2 as pb
 DISTRIBUTIONS = ("gaussian", "rademacher")
 MAX_BLOCK = 1 << 20
 MAX_DIRECTION_ELEMENTS = 1 << 24   # one K x block matrix: 64 MiB of float32 at most
+# Decoding regenerates every direction, so its cost is set by the sender's parameters, not by
+# the payload's size: a peer announcing block = 1 (one generator per element) or a huge K could
+# keep the receiver busy for hours with a few megabytes. Payloads over these are refused.
+MAX_BLOCKS = 1 << 16               # generators per tensor
+MAX_DECODE_ELEMENTS = 1 << 31      # direction elements regenerated per tensor (n * K)
 _MASK64 = (1 << 64) - 1
 
 
@@ -134,7 +139,12 @@ class SeededProjection(Codec):
         if k * block > MAX_DIRECTION_ELEMENTS:
             raise CodecError(f"codec parameters k * block = {k * block} exceed {MAX_DIRECTION_ELEMENTS}")
         seed = int_param(params, "seed", 0, _MASK64)
-        return numel(shape), seed, k, block, choice_param(params, "distribution", DISTRIBUTIONS)
+        n = numel(shape)
+        if _blocks(n, block) > MAX_BLOCKS:
+            raise CodecError(f"{_blocks(n, block)} blocks of {block} elements: over the limit of {MAX_BLOCKS} blocks per tensor; use larger blocks")
+        if n * k > MAX_DECODE_ELEMENTS:
+            raise CodecError(f"decoding {n} elements with k = {k} would regenerate {n * k} direction elements, over the limit of {MAX_DECODE_ELEMENTS}")
+        return n, seed, k, block, choice_param(params, "distribution", DISTRIBUTIONS)
 
     @classmethod
     def payload_bytes(cls, shape: Sequence[int], params: Mapping[str, str]) -> int:

@@ -97,47 +97,55 @@ class CallGuard(grpc.ServerInterceptor):
             return _refusal(handler, getattr(grpc.StatusCode, exc.code), exc.message)
         if not (handler.request_streaming or handler.response_streaming):
             return handler
-        with self._lock:
-            if self._streams >= self.max_streams:
-                return _refusal(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, "the coordinator is at its limit of concurrent streams; retry shortly")
-            if self._by_client.get(client_id, 0) >= self.per_client:
-                return _refusal(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, f"client {client_id!r} already has {self.per_client} calls open")
-            self._streams += 1
-            self._by_client[client_id] = self._by_client.get(client_id, 0) + 1
         return self._admitted(handler, client_id)
 
-    def _release(self, client_id: str) -> None:
+    def _enter(self, client_id: str, context: grpc.ServicerContext) -> None:
+        """Take a stream slot for the call, or end it with RESOURCE_EXHAUSTED. The slot is given
+        back when the call terminates, however it ends: gRPC runs the callback even for a call
+        whose handler never ran its body (a request that failed to parse, a caller that
+        cancelled first), where a ``finally`` in the handler would never run."""
         with self._lock:
-            self._streams -= 1
-            left = self._by_client.get(client_id, 1) - 1
-            if left:
-                self._by_client[client_id] = left
-            else:
-                self._by_client.pop(client_id, None)
+            if self._streams >= self.max_streams:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the coordinator is at its limit of concurrent streams; retry shortly")
+            if self._by_client.get(client_id, 0) >= self.per_client:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"client {client_id!r} already has {self.per_client} calls open")
+            self._streams += 1
+            self._by_client[client_id] = self._by_client.get(client_id, 0) + 1
+        released = threading.Event()
+
+        def release() -> None:
+            with self._lock:
+                if released.is_set():
+                    return
+                released.set()
+                self._streams -= 1
+                left = self._by_client.get(client_id, 1) - 1
+                if left:
+                    self._by_client[client_id] = left
+                else:
+                    self._by_client.pop(client_id, None)
+
+        if not context.add_callback(release):  # already over
+            release()
+        self._reaper.watch(context, self.stream_deadline_s)
 
     def _admitted(self, handler: grpc.RpcMethodHandler, client_id: str) -> grpc.RpcMethodHandler:
-        """``handler`` with its slot released when the call ends and a server-side deadline."""
+        """``handler`` behind a stream slot, with a server-side deadline."""
         guard = self
         if handler.response_streaming:
             behavior = handler.unary_stream or handler.stream_stream
 
             def streaming(request, context) -> Iterator:
-                guard._reaper.watch(context, guard.stream_deadline_s)
-                try:
-                    yield from behavior(request, context)
-                finally:
-                    guard._release(client_id)
+                guard._enter(client_id, context)
+                yield from behavior(request, context)
 
             make = grpc.stream_stream_rpc_method_handler if handler.request_streaming else grpc.unary_stream_rpc_method_handler
             return make(streaming, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
         behavior = handler.stream_unary
 
         def unary(request_iterator, context):
-            guard._reaper.watch(context, guard.stream_deadline_s)
-            try:
-                return behavior(request_iterator, context)
-            finally:
-                guard._release(client_id)
+            guard._enter(client_id, context)
+            return behavior(request_iterator, context)
 
         return grpc.stream_unary_rpc_method_handler(unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 

@@ -12,6 +12,7 @@ from typing import Iterator
 
 import grpc
 
+from fedtune.compression import CODECS
 from fedtune.config import RunConfig
 from fedtune.coordinator.engine import Done, RoundEngine, TrainTask
 from fedtune.coordinator.errors import CoordinatorError
@@ -49,6 +50,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         # cached, so their ids are not reused).
         self._encoded: tuple[int, dict[int, tuple[object, list[EncodedTensor]]]] = (0, {})
         self._encode_lock = threading.Lock()
+        # What an update may be encoded with: raw, or the uplink codec the run configured.
+        self._uplink_encodings = {pb.ENCODING_RAW} | ({CODECS.get(config.compression.uplink).encoding} if config.compression.uplink else set())
 
     def _encode(self, round_number: int, tensors, downlink=None) -> list[EncodedTensor]:
         with self._encode_lock:
@@ -144,6 +147,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             max_tensor_bytes=self.config.server.max_update_bytes,
             max_total_bytes=self.config.server.max_update_bytes,
             require_finite=True,
+            encodings=self._uplink_encodings,
         )
         try:
             if header.num_tensors != len(expected):
@@ -195,7 +199,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 if got is None:
                     break
                 header, tensors, nbytes = got
-            self.split.finish(*key)
+            if context.is_active():
+                self.split.finish(*key)
+            else:  # the requests ended because the call was cancelled, not closed by the client
+                self.split.discard(*key)
         except ProtocolError as exc:
             if key is not None:
                 self.split.discard(*key)

@@ -83,7 +83,6 @@ class SplitSessions:
             if half is not None:
                 half.close()
                 self._done[(client_id, round_number)] = half
-                self._traffic(round_number)["split_steps"] += half.steps
 
     def discard(self, client_id: str, round_number: int) -> None:
         """The stream broke (bad frame, or the client went away): the session ends, its half-done
@@ -99,6 +98,10 @@ class SplitSessions:
             half = self._done.pop((client_id, round_number), None)
             for key in [k for k in self._done if k[1] < round_number]:  # sessions of closed rounds
                 del self._done[key]
+            if half is not None:
+                # Steps count once the client's push claims them: a stream that ended because its
+                # caller vanished can look like a clean end to the server, and is never claimed.
+                self._traffic(round_number)["split_steps"] += half.steps
         if half is None:
             raise CoordinatorError("FAILED_PRECONDITION", f"{client_id!r} pushed a split update for round {round_number} without a finished split session")
         return half.tensors()

@@ -96,9 +96,9 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SplitStep(self, request_iterator, context):
-        """Split learning (reserved; coordinators of this version answer UNIMPLEMENTED): per step the
-        client streams the activations of its bottom blocks and receives their gradients back, both
-        as tensors (encoded, e.g. AMAQ mixed-bit) after a SplitHeader.
+        """Split learning (`--mode split`; a federated-mode coordinator answers UNIMPLEMENTED):
+        per step the client streams the activations of its bottom blocks and receives their
+        gradients back, both as tensors (encoded, e.g. AMAQ mixed-bit) after a SplitHeader.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping
+from typing import Collection, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -230,7 +230,8 @@ class TensorReceiver:
 
     ``expected`` (name -> TensorSpec), when given, is the exact set of tensors the sender must
     send: unknown names, wrong shapes or dtypes, duplicates and missing tensors are errors.
-    ``max_tensor_bytes`` and ``max_total_bytes`` bound what a peer can make us allocate.
+    ``max_tensor_bytes`` and ``max_total_bytes`` bound what a peer can make us allocate, and
+    ``encodings`` which decoders it can make us run.
     """
 
     def __init__(
@@ -241,8 +242,12 @@ class TensorReceiver:
         max_total_bytes: int = 8 * 1024**3,
         require_finite: bool = False,
         stream_state: dict | None = None,
+        encodings: Collection[int] | None = None,
     ) -> None:
         self.stream_state = stream_state
+        # The wire encodings this stream may use (None: any): a receiver accepts only what its
+        # sender was told to use, so a peer cannot pick a codec that is costly to decode.
+        self.encodings = frozenset(encodings) if encodings is not None else None
         self.expected = dict(expected) if expected is not None else None
         self.max_tensor_bytes = max_tensor_bytes
         self.max_total_bytes = max_total_bytes
@@ -272,6 +277,9 @@ class TensorReceiver:
             )
         check_header(header)
         name = header.name
+        if self.encodings is not None and header.encoding not in self.encodings:
+            accepted = ", ".join(sorted(_encoding_name(e) for e in self.encodings))
+            raise ProtocolError(f"tensor {name!r}: encoding {_encoding_name(header.encoding)} is not accepted here (accepted: {accepted})")
         if name in self.tensors:
             raise ProtocolError(f"tensor {name!r} sent twice")
         if self.expected is not None:

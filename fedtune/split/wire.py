@@ -93,6 +93,11 @@ class Sender:
             self.encode_seconds += time.perf_counter() - started
 
 
+# Encodings a split message may use: the activation and gradient codecs (never the update
+# codecs, whose decoding cost the sender's parameters set).
+SPLIT_ENCODINGS = frozenset({pb.ENCODING_RAW, pb.ENCODING_FLOAT16, pb.ENCODING_BFLOAT16, pb.ENCODING_UNIFORM_INT, pb.ENCODING_AMAQ})
+
+
 class Receiver:
     """Decodes one side's incoming messages; keeps each AMAQ stream's last widths."""
 
@@ -112,7 +117,8 @@ class Receiver:
         header = first.header
         if header.num_tensors > 8:
             raise ProtocolError(f"a split message has at most 8 tensors, this one announces {header.num_tensors}")
-        receiver = TensorReceiver(max_tensor_bytes=self.max_bytes, max_total_bytes=self.max_bytes, require_finite=True, stream_state=self.widths)
+        receiver = TensorReceiver(max_tensor_bytes=self.max_bytes, max_total_bytes=self.max_bytes, require_finite=True, stream_state=self.widths,
+                                  encodings=SPLIT_ENCODINGS)
         nbytes = first.ByteSize()
         while len(receiver.tensors) < header.num_tensors:
             frame = next(frames, None)
