@@ -128,7 +128,7 @@ class ClientAgent:
         self._client_id = ""
         self._token = ""
         self._metadata: tuple = ()
-        self._federation = f"{options.address} {source.name}"
+        self._federation = f"{options.address} {getattr(source, 'name', '')}"
         if options.state_dir:
             self._restore(load_state(options.state_dir, self._federation))
         # Backoff jitter from the agent's own generator (never the global RNG training uses).

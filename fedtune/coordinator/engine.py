@@ -454,7 +454,8 @@ class RoundEngine:
         late = sorted(c for c, t in modeled.items() if deadline and t > deadline and c in arrived)
         if late:
             log.warning("round %d: %s would miss the %.0f s deadline on their devices; their updates are dropped", rnd.number, late, deadline)
-        updates = [arrived[c] for c in sorted(arrived) if c not in late]
+        contributors = [c for c in sorted(arrived) if c not in late]
+        updates = [arrived[c] for c in contributors]
         strategy_metrics: dict = {}
         refused = ""
         if updates or self.strategy.poisson_sampling:  # a DP round releases noise even then
@@ -478,6 +479,7 @@ class RoundEngine:
             row["sim_seconds"] = round(min(max(times), deadline) if deadline else max(times), 3)
             row["late_updates"] = len(late)
         row.update(plan_fields({c: ins.plan for c, ins in rnd.instructions.items()}, rnd.coverage))
+        row["client_ids"] = contributors  # whose updates this round aggregated (an audit trail)
         if rnd.capped or rnd.clipped or refused:
             row.update({"capped_examples": rnd.capped, "clipped_updates": rnd.clipped})
         if refused:
