@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import logging
 import socket
 import sys
 import tempfile
@@ -116,6 +116,10 @@ class Device:
                     with self.ledger.lock:
                         self.ledger.other_errors.append(f"{self.name}: {code.name}: {exc.details()}")
                     self.stop.wait(0.2)
+            except Exception as exc:  # noqa: BLE001 - a device that breaks is reported, not silently lost
+                with self.ledger.lock:
+                    self.ledger.other_errors.append(f"{self.name}: {type(exc).__name__}: {exc}")
+                self.stop.wait(0.2)
         channel.close()
 
     def _one(self, stub) -> bool:
@@ -219,15 +223,16 @@ def run_scenario(scenario: Scenario, clients: int, rounds: int, seed: int, folde
         t.start()
     killed_at = None
     if scenario.restart:
-        # wait until round 3 is open and half of its updates are in, then drop everything
+        # wait until round 3 is open and half of its good updates are in, then drop everything
+        good = sum(1 for d in devices if fate(seed, 3, d.name, scenario) == "ok")
         while time.monotonic() - started < 300:
             with ledger.lock:
                 in_round_3 = sum(1 for life, r, _ in ledger.acks if life == 0 and r == 3)
-            if in_round_3 >= clients // 2 or not engine.is_alive():
+            if in_round_3 >= max(1, good // 2) or not engine.is_alive():
                 break
             time.sleep(0.01)
-        coord.engine.stop()           # the old engine must not close the round or write a checkpoint
-        coord.server.stop(None)       # no grace: calls in flight die with it
+        coord.server.stop(None)       # no grace: calls in flight die with it, nobody is told anything
+        coord.engine.stop(final=False)  # the old engine must not go on to another round
         engine.join(30)
         killed_at = time.monotonic()
         life_box["life"] = 1
@@ -264,6 +269,7 @@ def run_scenario(scenario: Scenario, clients: int, rounds: int, seed: int, folde
         "restart_overhead_seconds": round(overhead, 2),
         "seconds": round(seconds, 1),
         "unexpected_errors": len(ledger.other_errors),
+        "errors": ledger.other_errors[:10],
     }
 
 
@@ -285,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the coordinator's warnings (refused updates, silent devices)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.verbose else logging.ERROR, format="%(message)s")
     if args.rounds < 4 and any(SCENARIOS[s](args).restart for s in args.scenarios):
         parser.error("--rounds: the restart happens in round 3; give at least 4")
     rows = []
@@ -293,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.scenarios:
             print(f"running {name} ...", file=sys.stderr, flush=True)
             rows.append(run_scenario(SCENARIOS[name](args), args.clients, args.rounds, args.seed, Path(tmp)))
+    errors = {r["name"]: r.pop("errors") for r in rows}
     columns = list(rows[0])
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
     print(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
@@ -303,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
               "client_timeout_s": CLIENT_TIMEOUT_S}
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for name, messages in errors.items():
+        for message in messages:
+            print(f"{name}: unexpected: {message}", file=sys.stderr)
     failed = [r["name"] for r in rows if r["accepted_updates_lost"] or r["bad_rounds_stored"] or r["bad_updates_sent"] != r["bad_updates_refused"]]
     if failed:
         print(f"FAILED: {', '.join(failed)} lost an accepted update, stored a bad round or accepted a bad update", file=sys.stderr)

@@ -369,7 +369,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     try:
         history = coordinator.run()
     except KeyboardInterrupt:
-        coordinator.stop()
+        coordinator.stop(final=False)  # clients keep waiting for the resumed coordinator
         console.print("interrupted; the last checkpoint is in the run directory (resume with --resume)")
         return 130
     if coordinator.engine.stopped_because:

@@ -96,3 +96,20 @@ def test_a_push_racing_the_close_is_aggregated_or_refused_never_lost(tmp_path, t
     assert sorted(row["client_ids"]) == sorted(accepted) and len(accepted) + len(refused) == n
     expected = sum(float(ids.index(c)) for c in accepted) / len(accepted)
     torch.testing.assert_close(engine.state["w"], torch.full((4,), expected))
+
+
+@pytest.mark.parametrize("final", [True, False])
+def test_a_stop_to_resume_later_tells_waiting_clients_to_wait_not_that_training_is_over(tmp_path, final):
+    from fedtune.coordinator.engine import Done, Wait
+
+    config = _config(tmp_path, rounds=3)
+    config.federation.min_clients = 2  # round 1 never opens: the engine waits for a second client
+    engine = RoundEngine(config, FixedTensors({"w": torch.zeros(4)}), config.build_strategy(), tmp_path)
+    cid = engine.register("only", Capabilities(), 1).client_id
+    driver = threading.Thread(target=engine.run)
+    driver.start()
+    engine.stop(final=final)
+    driver.join(10)
+    answer = engine.next_task(cid, 0.1)
+    # Ctrl-C on a coordinator that will be resumed must not send its fleet home
+    assert isinstance(answer, Done) if final else isinstance(answer, Wait) and answer.retry_after_s > 0

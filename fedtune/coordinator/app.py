@@ -194,11 +194,16 @@ class Coordinator:
             history = self.engine.run()
             self.engine.wait_until_clients_told(shutdown_grace_s)
             return history
+        except BaseException:  # Ctrl-C or a crash: the run is to be resumed, clients keep waiting
+            self.stop(final=False)
+            raise
         finally:
             self.stop()
 
-    def stop(self, grace_s: float = 2.0) -> None:
-        self.engine.stop()
+    def stop(self, grace_s: float = 2.0, final: bool = True) -> None:
+        """Stop serving. ``final`` tells waiting clients training is over; ``final=False``
+        tells them to wait (the run will be resumed)."""
+        self.engine.stop(final=final)
         if self.server is not None:
             self.health.enter_graceful_shutdown()
             self.server.stop(grace_s).wait()

@@ -134,6 +134,7 @@ class RoundEngine:
         self._stopping = False
         self._told_done: set[str] = set()
         self.history: list[dict] = []
+        self._suspended = False  # stopped to be resumed: clients are told to wait, not that it is over
         self.stopped_because = ""  # why the run ended before its last round (a privacy budget)
         self.start_round = 1
         self.resumed_from = None  # the checkpoint this run continued, if any
@@ -194,6 +195,8 @@ class RoundEngine:
         deadline = time.monotonic() + max(0.0, min(wait_s, 60.0))
         with self._cond:
             while True:
+                if self._done and self._suspended:
+                    return Wait(retry_after_s=5.0)
                 if self._done:
                     self._told_done.add(client_id)
                     self._cond.notify_all()
@@ -296,10 +299,13 @@ class RoundEngine:
     def done(self) -> bool:
         return self._done
 
-    def stop(self) -> None:
-        """Ask ``run`` to end after the current step (used on Ctrl-C and in tests)."""
+    def stop(self, final: bool = True) -> None:
+        """Ask ``run`` to end after the current step. ``final``: clients asking for work are told
+        training is over; otherwise (an operator interrupting a run to resume it later) they are
+        told to wait, and find the resumed coordinator by retrying."""
         with self._cond:
             self._stopping = True
+            self._suspended = not final
             self._cond.notify_all()
 
     def run(self) -> list[dict]:
