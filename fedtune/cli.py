@@ -204,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--days", type=int, default=30, help="validity in days")
     certs.add_argument("--force", action="store_true", help="replace existing files")
 
+    demo = sub.add_parser("demo-data", help="write shards of the embedded tweet-sentiment corpus as JSONL files, to try a deployment")
+    demo.add_argument("--out", type=Path, required=True, help="folder for client-1.jsonl .. client-N.jsonl and eval.jsonl")
+    demo.add_argument("--clients", type=int, default=3, help="number of client shards")
+    demo.add_argument("--per-client", type=int, default=2000, help="examples per client shard")
+    demo.add_argument("--eval-examples", type=int, default=500, help="examples in eval.jsonl")
+    demo.add_argument("--seed", type=int, default=0)
+
     check = sub.add_parser("health", help="ask a coordinator's standard gRPC health service; exit 0 when it is SERVING")
     check.add_argument("--coordinator", required=True, help="coordinator HOST:PORT")
     check.add_argument("--tls-ca", default="", help="CA certificate (PEM) to verify the coordinator")
@@ -476,6 +483,29 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+
+    from fedtune.data import embedded_tweets
+
+    if args.clients < 1 or args.per_client < 1 or args.eval_examples < 0:
+        raise ConfigError("--clients and --per-client must be >= 1, --eval-examples >= 0")
+    examples = embedded_tweets()
+    need = args.clients * args.per_client + args.eval_examples
+    if need > len(examples):
+        raise ConfigError(f"the embedded corpus has {len(examples)} examples; {need} were asked for")
+    order = np.random.default_rng(args.seed).permutation(len(examples))
+    args.out.mkdir(parents=True, exist_ok=True)
+    files = {f"client-{i + 1}.jsonl": order[i * args.per_client:(i + 1) * args.per_client] for i in range(args.clients)}
+    files["eval.jsonl"] = order[args.clients * args.per_client:need]
+    for name, indices in files.items():
+        (args.out / name).write_text("".join(json.dumps({"text": examples[i].text, "label": examples[i].label}) + "\n" for i in indices))
+    print(f"wrote {', '.join(files)} to {args.out} (labels: negative, neutral, positive)")
+    return 0
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -520,7 +550,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedtune.transport import TransportError
 
     handlers = {"simulate": cmd_simulate, "coordinator": cmd_coordinator, "client": cmd_client, "strategies": cmd_strategies, "codecs": cmd_codecs,
-                "privacy-report": cmd_privacy_report, "certs": cmd_certs, "health": cmd_health}
+                "privacy-report": cmd_privacy_report, "certs": cmd_certs, "health": cmd_health,
+                "demo-data": cmd_demo_data}
     try:
         _setup_logging(getattr(args, "verbose", 0), args.command, getattr(args, "log_format", None))
         return handlers[args.command](args)
