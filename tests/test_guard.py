@@ -180,3 +180,17 @@ def test_the_standard_health_check_answers_without_a_token_and_watch_needs_one(t
         with pytest.raises(grpc.RpcError):
             health.Check(health_pb2.HealthCheckRequest(service=""), timeout=3)
         channel.close()
+
+
+def test_a_wrong_or_missing_enrollment_secret_is_unauthenticated(tmp_path):
+    config = _config(tmp_path)
+    config.server.enrollment_secret = "correct-horse-battery"
+    with live_coordinator(config, global_model=FixedTensors({"w": torch.zeros(2)})) as (coordinator, stub, _):
+        for wrong in ("", "correct-horse-batterY", "correct-horse-battery "):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Register(pb.RegisterRequest(name="x", num_examples=1, enrollment_secret=wrong), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "enrollment secret" in err.value.details()
+            assert "correct-horse" not in err.value.details()  # the refusal never echoes a secret
+        assert stub.Register(pb.RegisterRequest(name="x", num_examples=1, enrollment_secret="correct-horse-battery"), timeout=10).client_id
+        assert len(coordinator.engine.registry) == 1
+        coordinator.engine.stop()
