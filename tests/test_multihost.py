@@ -36,7 +36,12 @@ def _can_make_namespaces() -> str:
     made = _ip("netns", "add", probe)
     if made.returncode != 0:
         return f"cannot create a network namespace: {made.stderr.strip()}"
-    _ip("netns", "del", probe)
+    try:
+        veth = _ip("-n", probe, "link", "add", "ftprobe0", "type", "veth", "peer", "name", "ftprobe1")
+        if veth.returncode != 0:
+            return f"cannot create a veth pair: {veth.stderr.strip()}"
+    finally:
+        _ip("netns", "del", probe)
     return ""
 
 
