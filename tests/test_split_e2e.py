@@ -70,6 +70,19 @@ def test_two_clients_with_different_cuts_learn_with_amaq_and_both_sides_count_th
     assert tokens_per_step < 16 * 32
     adapter = result.run_dir / "adapter" / "adapter_model.safetensors"
     assert adapter.is_file()
+    # the emulated round time is the split cost model's: each device's blocks up to its cut, the
+    # coordinator's blocks for both sessions (uncounted here: no server_gflops) and the traffic
+    from fedtune.coordinator.app import plan_from_config
+    from fedtune.devices import Capabilities
+    from fedtune.models import ModelStore, resolve_source
+    from fedtune.split.planning import SplitCost, SplitGeometry
+
+    sp = config.split
+    model = ModelStore().base(resolve_source(three_block_llama), "seq-cls", ["negative", "positive"])
+    geometry = SplitGeometry.from_model(model, plan_from_config(config))
+    cost = SplitCost(config.training.batch_size, config.model.max_length, steps, sp.act_bits, sp.grad_bits, True, sp.server_gflops * 1e9, sessions=2)
+    expected = max(cost.round_seconds(geometry, cut, Capabilities(flops_per_second=50e9)) for cut in (1, 2))
+    assert rows[0]["sim_seconds"] == pytest.approx(expected, rel=1e-3, abs=1e-3)
 
 
 def _open_session(stub, coordinator, name):

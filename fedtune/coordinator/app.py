@@ -150,12 +150,7 @@ class Coordinator:
 
     def strategy_split(self):
         """The SplitFed wrapper in the strategy chain."""
-        from fedtune.aggregation.splitfed import SplitFed
-
-        strategy = self.strategy
-        while not isinstance(strategy, SplitFed):
-            strategy = strategy.inner
-        return strategy
+        return self.engine.split_strategy()
 
     def start(self) -> int:
         """Write the effective config, start serving; returns the bound port."""

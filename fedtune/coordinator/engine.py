@@ -501,7 +501,16 @@ class RoundEngine:
 
     def _modeled_seconds(self, rnd: _Round) -> dict[str, float]:
         """Each selected client's round time on its own device under the cost model (only for
-        clients that reported their compute speed, and when the model geometry is known)."""
+        clients that reported their compute speed, and when the model geometry is known). In
+        split mode the split cost model applies: the device's blocks up to its cut, the
+        coordinator's share of the other blocks with every session of the round, and the
+        per-step activation and gradient traffic."""
+        split = self.split_strategy()
+        if split is not None and split.geometry is not None and split.cost is not None:
+            cost = dataclasses.replace(split.cost, sessions=len(rnd.instructions))
+            return {cid: cost.round_seconds(split.geometry, int(ins.options["cut"]), rnd.ctx.clients[cid].capabilities)
+                    for cid, ins in rnd.instructions.items()
+                    if rnd.ctx.clients[cid].capabilities.flops_per_second > 0 and "cut" in ins.options}
         if self.geometry is None:
             return {}
         out = {}
@@ -510,6 +519,15 @@ class RoundEngine:
             if caps.flops_per_second > 0:
                 out[cid] = self.cost.round_seconds(self.geometry, ins.plan, caps)
         return out
+
+    def split_strategy(self):
+        """The SplitFed wrapper in the strategy chain, or None in federated mode."""
+        from fedtune.aggregation.splitfed import SplitFed
+
+        strategy = self.strategy
+        while strategy is not None and not isinstance(strategy, SplitFed):
+            strategy = getattr(strategy, "inner", None)
+        return strategy
 
 
 def _difference(key: str, saved, now) -> str:
