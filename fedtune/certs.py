@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedtune.durable import write_file
 
 
 class CertError(ValueError):
@@ -81,14 +82,6 @@ def _issue(subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Nam
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def _write(path: Path, data: bytes, *, secret: bool) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    with os.fdopen(os.open(path, flags, 0o600 if secret else 0o644), "wb") as f:
-        f.write(data)
-    if secret:
-        os.chmod(path, 0o600)
-
-
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
@@ -132,5 +125,6 @@ def make_test_pki(folder: str | Path, hosts: Sequence[str], clients: Sequence[st
             if path.exists():
                 raise CertError(f"{path} exists; pass --force to replace it")
     for path, data, secret in files:
-        _write(path, data, secret=secret)
+        path.unlink(missing_ok=True)  # created afresh, so a replaced key gets mode 0600 too
+        write_file(path, data, mode=0o600 if secret else 0o644)
     return pki

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import sentiment_examples
+from test_end_to_end import _write_jsonl
 from procs import FEDTUNE, Proc
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
@@ -25,10 +26,6 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def _jsonl(path, examples) -> str:
-    path.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in examples))
-    return str(path)
 
 
 def _config(path, run_dir, model, port, **federation) -> str:
@@ -53,7 +50,7 @@ def _kill_all(*procs: Proc) -> None:
 
 
 def test_a_coordinator_killed_mid_round_resumes_to_the_same_adapter_as_an_uninterrupted_run(tmp_path, tiny_llama):
-    data = [_jsonl(tmp_path / f"client{i}.jsonl", sentiment_examples(60, seed=10 + i)) for i in range(2)]
+    data = [_write_jsonl(tmp_path / f"client{i}.jsonl", sentiment_examples(60, seed=10 + i)) for i in range(2)]
     adapters = {}
     for label in ("uninterrupted", "killed"):
         port = _free_port()
@@ -93,7 +90,7 @@ def test_a_client_killed_mid_round_leaves_the_round_to_the_others_and_rejoins_as
     # quorum 1: the round waits for everyone it selected, until a selected client is silent for
     # client_timeout_s; min_clients 3: no round starts until the restarted client is back.
     config = _config(tmp_path / "run.toml", run_dir, tiny_llama, port, min_clients=3, quorum=1.0, client_timeout_s=15.0)
-    data = [_jsonl(tmp_path / f"client{i}.jsonl", sentiment_examples(60, seed=20 + i)) for i in range(3)]
+    data = [_write_jsonl(tmp_path / f"client{i}.jsonl", sentiment_examples(60, seed=20 + i)) for i in range(3)]
     state = str(tmp_path / "device-2-state")
     coordinator = Proc([*FEDTUNE, "coordinator", "--config", config])
     clients: list[Proc] = []

@@ -17,6 +17,7 @@ import pytest
 from fedtune.certs import make_test_pki
 
 from conftest import sentiment_examples
+from test_end_to_end import _write_jsonl
 from procs import FEDTUNE, Proc
 
 SECRET = "multihost-enrol-5be1"
@@ -77,10 +78,6 @@ def network():
             _ip("netns", "del", role)  # deleting a namespace deletes its end of each veth pair
 
 
-def _jsonl(path, examples) -> str:
-    path.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in examples))
-    return str(path)
-
 
 def test_a_coordinator_and_two_clients_on_separate_hosts_complete_two_rounds_over_mutual_tls(tmp_path, tiny_llama, network):
     pki = make_test_pki(tmp_path / "pki", ["10.77.1.1", "10.77.2.1"], ["c1", "c2"])
@@ -100,7 +97,7 @@ def test_a_coordinator_and_two_clients_on_separate_hosts_complete_two_rounds_ove
         coordinator.wait_for(r"listening on 0\.0\.0\.0:7070")
         for i in (1, 2):
             cert, key = pki.clients[f"c{i}"]
-            data = _jsonl(tmp_path / f"c{i}.jsonl", sentiment_examples(60, seed=40 + i))
+            data = _write_jsonl(tmp_path / f"c{i}.jsonl", sentiment_examples(60, seed=40 + i))
             clients.append(Proc([*netns, network[f"c{i}"], *FEDTUNE, "client", "--coordinator", f"10.77.{i}.1:7070", "--data", data,
                                  "--model", tiny_llama, "--name", f"host-{i}", "--tls-ca", str(pki.ca_cert), "--tls-cert", str(cert),
                                  "--tls-key", str(key), "--enrollment-secret-file", str(secret_file), "--give-up-after", "60"]))

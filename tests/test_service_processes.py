@@ -10,11 +10,8 @@ import subprocess
 import sys
 
 from conftest import sentiment_examples
+from test_end_to_end import _write_jsonl
 
-
-def _jsonl(path, examples):
-    path.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in examples))
-    return str(path)
 
 
 SECRET = "s3cret-enrol-7f1c9a"
@@ -41,7 +38,7 @@ def test_coordinator_and_clients_as_processes(tmp_path, tiny_llama):
         f'[model]\nsource = "{tiny_llama}"\nlabels = ["negative", "positive"]\nmax_length = 32\n'
         "[federation]\nrounds = 2\nmin_clients = 2\n"
         "[training]\nlocal_steps = 5\nlearning_rate = 0.02\n"
-        f'[eval]\ndata = "{_jsonl(tmp_path / "eval.jsonl", sentiment_examples(60, seed=5))}"\n'
+        f'[eval]\ndata = "{_write_jsonl(tmp_path / "eval.jsonl", sentiment_examples(60, seed=5))}"\n'
         '[server]\naddress = "127.0.0.1:0"\n'
     )
     coordinator = subprocess.Popen([*fedtune, "coordinator", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -58,7 +55,7 @@ def test_coordinator_and_clients_as_processes(tmp_path, tiny_llama):
                 break
         assert port, "".join(lines)
         for i in range(2):
-            data = _jsonl(tmp_path / f"client{i}.jsonl", sentiment_examples(80, seed=i))
+            data = _write_jsonl(tmp_path / f"client{i}.jsonl", sentiment_examples(80, seed=i))
             clients.append(subprocess.Popen(
                 [*fedtune, "client", "--coordinator", f"127.0.0.1:{port}", "--data", data, "--model", tiny_llama, "--name", f"device-{i}",
                  "--enrollment-secret-file", str(secret_file)],

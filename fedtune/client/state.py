@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,8 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
+
+from fedtune.durable import fsync_dir, replace_file
 
 log = logging.getLogger(__name__)
 
@@ -86,23 +87,6 @@ def _join(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return value
 
 
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_state(folder: str | Path, state: DeviceState) -> None:
     """Write ``state`` into ``folder`` so that a crash at any point leaves a readable state.
 
@@ -124,9 +108,9 @@ def save_state(folder: str | Path, state: DeviceState) -> None:
     digest = hashlib.sha256(blob).hexdigest()
     tensor_file = f"tensors-{digest[:16]}.safetensors"
     body["tensors"], body["tensors_sha256"] = tensor_file, digest
-    _write(folder / tensor_file, blob)
-    _write(folder / "state.json", json.dumps(body, indent=1).encode())
-    _fsync_dir(folder)
+    replace_file(folder / tensor_file, blob, mode=0o600)
+    replace_file(folder / "state.json", json.dumps(body, indent=1).encode(), mode=0o600)
+    fsync_dir(folder)
     for old in folder.glob("tensors-*.safetensors"):
         if old.name != tensor_file:
             old.unlink(missing_ok=True)

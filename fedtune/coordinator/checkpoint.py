@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedtune.durable import fsync_dir, replace_file, write_file
+
 log = logging.getLogger(__name__)
 
 KEEP = 2
@@ -46,28 +48,6 @@ class Checkpoint:
     state: dict[str, torch.Tensor]
     meta: dict
     damaged: tuple[str, ...] = ()  # newer checkpoints skipped, each "name: reason"
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or a new file inside ``path`` durable (a no-op where directories cannot
-    be opened, as on Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _sha256(path: Path) -> str:
@@ -90,14 +70,13 @@ def save_checkpoint(run_dir: Path, round_number: int, state: dict[str, torch.Ten
     with open(tensors, "rb") as fh:
         os.fsync(fh.fileno())
     record = {**meta, "round": round_number, "sha256": _sha256(tensors)}
-    _write_durably(tmp / "state.json", (json.dumps(record, indent=2) + "\n").encode())
-    _fsync_dir(tmp)
+    write_file(tmp / "state.json", (json.dumps(record, indent=2) + "\n").encode())
+    fsync_dir(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _fsync_dir(root)
-    _write_durably(root / ".LATEST.tmp", (name + "\n").encode())
-    os.replace(root / ".LATEST.tmp", root / "LATEST")
-    _fsync_dir(root)
+    fsync_dir(root)
+    replace_file(root / "LATEST", (name + "\n").encode())
+    fsync_dir(root)
     for old in sorted(p for p in root.glob("round-*") if p.is_dir() and _FOLDER.fullmatch(p.name))[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final

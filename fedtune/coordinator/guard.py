@@ -111,13 +111,14 @@ class CallGuard(grpc.ServerInterceptor):
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"client {client_id!r} already has {self.per_client} calls open")
             self._streams += 1
             self._by_client[client_id] = self._by_client.get(client_id, 0) + 1
-        released = threading.Event()
+        released = False
 
-        def release() -> None:
+        def release() -> None:  # gRPC's callback and our own fallback may both call it
+            nonlocal released
             with self._lock:
-                if released.is_set():
+                if released:
                     return
-                released.set()
+                released = True
                 self._streams -= 1
                 left = self._by_client.get(client_id, 1) - 1
                 if left:
