@@ -5,7 +5,7 @@ import warnings
 
 from fedtune.protocol import fedtune_pb2 as fedtune_dot_protocol_dot_fedtune__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
