@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from measure import run_worker
 
 # Reference figures given with the workload (Flower 1.41 simulation engine on Ray, 2-core
 # machine). They were not measured by this script; they are printed for comparison only.
@@ -92,24 +92,7 @@ def worker_plain(rounds: int, out: Path) -> None:
 
 
 def run_child(kind: str, rounds: int, tmp: Path) -> dict:
-    import psutil
-
-    out = tmp / f"{kind}.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, __file__, "--worker", kind, "--rounds", str(rounds), "--worker-out", str(out)], env=env)
-    parent, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            procs = [parent, *parent.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    if proc.returncode != 0:
-        raise SystemExit(f"{kind} worker failed with exit code {proc.returncode}")
-    result = json.loads(out.read_text())
-    result["peak_mib"] = peak / 1024**2
-    return result
+    return run_worker(__file__, ["--worker", kind, "--rounds", str(rounds)], tmp / f"{kind}.json")
 
 
 def summarize(name: str, result: dict) -> dict:

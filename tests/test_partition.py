@@ -52,3 +52,16 @@ def test_errors_are_clear():
         partition("dirichlett", 10, 2, seed=0)
     with pytest.raises(ValueError, match="cannot give 5 clients"):
         partition("dirichlet", 6, 5, seed=0)
+
+
+def test_dirichlet_with_a_thousand_clients_tops_up_the_smallest():
+    """With many clients and a small alpha no draw gives everyone ``min_size`` examples; the last
+    draw is topped up from the largest clients instead of failing, and stays skewed."""
+    labels = np.random.default_rng(0).integers(0, 3, 38000).tolist()
+    parts = partition("dirichlet", 38000, 1000, seed=0, labels=labels, alpha=0.5)
+    sizes = [len(p) for p in parts]
+    assert min(sizes) >= 2 and sum(sizes) == 38000
+    assert sorted(i for p in parts for i in p) == list(range(38000))
+    shares = _label_share([p for p in parts if len(p) >= 20], labels)
+    assert np.mean([np.abs(s - 1 / 3).sum() for s in shares]) > 0.3  # still label-skewed
+    assert parts == partition("dirichlet", 38000, 1000, seed=0, labels=labels, alpha=0.5)

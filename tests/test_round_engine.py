@@ -113,3 +113,58 @@ def test_a_stop_to_resume_later_tells_waiting_clients_to_wait_not_that_training_
     answer = engine.next_task(cid, 0.1)
     # Ctrl-C on a coordinator that will be resumed must not send its fleet home
     assert isinstance(answer, Done) if final else isinstance(answer, Wait) and answer.retry_after_s > 0
+
+
+def test_heartbeat_says_whether_the_round_still_waits_for_the_client(tmp_path):
+    """A device that queued its training asks before it starts: the answer is yes only while
+    its round is open and has no update from it."""
+    config = _config(tmp_path)
+    config.federation.quorum = 0.5
+    engine = RoundEngine(config, FixedTensors({"w": torch.zeros(4)}), config.build_strategy(), tmp_path)
+    a, b = (engine.register(name, Capabilities(), 1).client_id for name in ("a", "b"))
+    config.federation.min_clients = 2
+    driver = threading.Thread(target=engine.run)
+    driver.start()
+    task = engine.next_task(a, 30)
+    assert isinstance(task, TrainTask)
+    assert engine.heartbeat(a, task.round) == (task.round, False, True)
+    assert engine.heartbeat(a, task.round + 1)[2] is False   # not the open round
+    engine.submit(a, task.round, {"w": torch.ones(4)}, 1, {}, 16)  # quorum 0.5 of 2: closes
+    driver.join(timeout=30)
+    assert engine.heartbeat(a, task.round)[2] is False        # already sent
+    assert engine.heartbeat(b, task.round) == (0, True, False)  # closed, and the run is over
+
+
+def test_wait_for_round_names_the_selected_clients_and_ends_with_the_run(tmp_path):
+    config = _config(tmp_path, rounds=2)
+    config.federation.clients_per_round = 2
+    engine = RoundEngine(config, FixedTensors({"w": torch.zeros(4)}), config.build_strategy(), tmp_path)
+    ids = [engine.register(f"c{i}", Capabilities(), 1).client_id for i in range(5)]
+    config.federation.min_clients = 5
+    assert engine.wait_for_round(0, 0.05) == (0, [])          # nothing open yet: times out
+    driver = threading.Thread(target=engine.run)
+    driver.start()
+    seen = []
+    last = 0
+    while (opened := engine.wait_for_round(last, 30)) is not None:
+        number, selected = opened
+        assert number == last + 1 and len(selected) == 2 and set(selected) <= set(ids)
+        for cid in selected:
+            engine.submit(cid, number, {"w": torch.ones(4)}, 1, {}, 16)
+        seen.append(number)
+        last = number
+    driver.join(timeout=30)
+    assert seen == [1, 2]
+
+
+@pytest.mark.parametrize("slots, waves", [(0, 1), (1, 6), (4, 2)])
+def test_a_rounds_deadline_grows_with_the_waves_of_a_simulation(tmp_path, slots, waves):
+    config = _config(tmp_path / str(slots))
+    config.federation.round_timeout_s = 100.0
+    engine = RoundEngine(config, FixedTensors({"w": torch.zeros(4)}), config.build_strategy(), tmp_path / str(slots))
+    engine.training_slots = slots
+    for i in range(6):
+        engine.register(f"c{i}", Capabilities(), 1)
+    assert engine._open_round(1)
+    rnd = engine._round
+    assert rnd.deadline - rnd.started == pytest.approx(100.0 * waves, abs=0.5)

@@ -63,6 +63,10 @@ class AgentError(RuntimeError):
     """The agent cannot go on (coordinator gone for too long, model mismatch, ...)."""
 
 
+class RoundClosed(Exception):
+    """The round a queued training was for closed before the training started."""
+
+
 @dataclass
 class AgentOptions:
     address: str
@@ -89,6 +93,7 @@ class AgentReport:
     client_id: str = ""
     rounds: list[int] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)  # rounds that closed before this device's training started
     declined: str = ""                  # why the device stopped training (its privacy budget)
     bytes_up: int = 0
     bytes_down: int = 0
@@ -104,7 +109,11 @@ class ClientAgent:
         store: ModelStore | None = None,
         compute: Executor | None = None,
         stop_event: threading.Event | None = None,
+        channel: grpc.Channel | None = None,
     ) -> None:
+        """``compute``: a pool the training is handed to (the simulation's few training threads);
+        ``channel``: a channel to the coordinator shared with other agents (the simulation's
+        fleet), which this agent then leaves open."""
         if not examples:
             raise AgentError("the client has no training examples")
         self.options = options
@@ -123,7 +132,8 @@ class ClientAgent:
         self._residuals: dict[str, torch.Tensor] = {}
         # The device's sample-level DP accounting (fedtune.privacy.sample_level), every recipe.
         self._privacy: dict = {}
-        self._channel = make_channel(options.address, tls_ca=options.tls_ca, tls_cert=options.tls_cert, tls_key=options.tls_key, insecure=options.insecure)
+        self._own_channel = channel is None
+        self._channel = channel or make_channel(options.address, tls_ca=options.tls_ca, tls_cert=options.tls_cert, tls_key=options.tls_key, insecure=options.insecure)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
         self._client_id = ""
         self._token = ""
@@ -137,23 +147,45 @@ class ClientAgent:
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> AgentReport:
+        """Register, then work until the coordinator says training is over."""
         try:
             if not self._client_id:  # a restored identity is tried first; a stale one re-registers below
                 self._register()
             while not self.stop_event.is_set():
-                try:
-                    finished = self._one_task()
-                except grpc.RpcError as exc:
-                    if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED):
-                        log.warning("%s: coordinator does not know us (%s); registering again", self.options.name, exc.details())
-                        self._register()
-                        continue
-                    raise
-                if finished:
+                if self.work_once():
                     break
         finally:
-            self._channel.close()
+            if self._own_channel:
+                self._channel.close()
         return self.report
+
+    @property
+    def client_id(self) -> str:
+        return self._client_id
+
+    def register(self) -> None:
+        """Register with the coordinator, unless a restored identity exists."""
+        if not self._client_id:
+            self._register()
+
+    def work_once(self, *, idle_wait: bool = True) -> bool:
+        """Ask for one task and do it; True when training is over. ``idle_wait``: when there
+        is no work, long-poll and then pause as the coordinator asks (a device's own loop);
+        a simulated fleet that wakes agents only for their rounds asks once and returns."""
+        try:
+            return self._one_task(idle_wait)
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED):
+                log.warning("%s: coordinator does not know us (%s); registering again", self.options.name, exc.details())
+                self._register()
+                return False
+            raise
+
+    def heartbeat(self, round_number: int = 0) -> pb.HeartbeatReply:
+        """Tell the coordinator this device is alive (and ask whether ``round_number`` still
+        waits for it)."""
+        request = pb.HeartbeatRequest(client_id=self._client_id, token=self._token, round=round_number)
+        return self._stub.Heartbeat(request, timeout=10, metadata=self._metadata)
 
     def _register(self) -> None:
         request = pb.RegisterRequest(
@@ -183,20 +215,25 @@ class ClientAgent:
             save_state(self.options.state_dir, DeviceState(self._federation, self._client_id, self._token,
                                                            self._memory, self._residuals, self._privacy))
 
-    def _one_task(self) -> bool:
+    def _one_task(self, idle_wait: bool = True) -> bool:
         """Fetch and do one task; True when training is over."""
-        request = pb.FetchTaskRequest(client_id=self._client_id, token=self._token, wait_seconds=self.options.poll_seconds)
+        wait = self.options.poll_seconds if idle_wait else 0.0
+        request = pb.FetchTaskRequest(client_id=self._client_id, token=self._token, wait_seconds=wait)
         header, tensors, nbytes = self._call(lambda: self._fetch(request))
         if header.status == pb.TASK_STATUS_DONE:
             log.info("%s: training is over", self._client_id)
             return True
         if header.status != pb.TASK_STATUS_TRAIN:
-            if header.retry_after_seconds > 0:
+            if header.retry_after_seconds > 0 and idle_wait:
                 self.stop_event.wait(min(header.retry_after_seconds, 5.0))
             return False
         self.report.bytes_down += nbytes
         try:
             encoded, num_examples, metrics = self._train(header, tensors)
+        except RoundClosed:  # the round closed while this device waited for a compute slot
+            log.info("%s: round %d closed before its training started; skipped", self._client_id, header.round)
+            self.report.skipped.append(header.round)
+            return False
         except BudgetSpent as exc:  # the device's own budget: decline, and stop for good
             log.warning("%s: declines round %d: %s", self._client_id, header.round, exc)
             self.report.declined = str(exc)
@@ -298,7 +335,11 @@ class ClientAgent:
         train_settings = TrainSettings(settings.local_steps, settings.batch_size, settings.learning_rate, settings.weight_decay, settings.seed)
         adapter, frozen, extras = split_task_tensors(tensors, plan.scale)
 
+        queued = self.compute is not None  # then it may wait behind other clients' training
+
         def work() -> tuple[dict, dict[str, float]]:
+            if queued and not self._still_wanted(header.round):
+                raise RoundClosed(header.round)
             started = time.perf_counter()
             model = inject_lora(self.store.instance(self.source, task_name, labels), plan, task_name)
             try:
@@ -315,7 +356,7 @@ class ClientAgent:
         heartbeat = _Heartbeat(self._stub, self._client_id, self._token, header.round, self.options.heartbeat_seconds)
         heartbeat.start()
         try:
-            update, metrics = self.compute.submit(work).result() if self.compute is not None else work()
+            update, metrics = self.compute.submit(work).result() if queued else work()
             if link is not None:
                 link.close()
         except BaseException:
@@ -334,6 +375,15 @@ class ClientAgent:
         codec_metrics["encode_seconds"] = time.perf_counter() - started
         return encoded, len(items), {**metrics, **codec_metrics}
 
+
+    def _still_wanted(self, round_number: int) -> bool:
+        """Whether round ``round_number`` still waits for this device's update (asked after
+        waiting for a compute slot; when the coordinator cannot be asked, train anyway and let
+        the push find out)."""
+        try:
+            return self.heartbeat(round_number).round_open
+        except grpc.RpcError:
+            return True
 
     def _split(self, key: tuple, fraction: float) -> tuple[list, list]:
         """(training items, held-out items): a fixed share of this device's examples, chosen by

@@ -139,6 +139,10 @@ class RoundEngine:
         self.start_round = 1
         self.resumed_from = None  # the checkpoint this run continued, if any
         self.split = None  # the split-learning sessions (fedtune.coordinator.split_sessions), in split mode
+        # How many clients can train at the same time; 0: each on its own device. A simulation
+        # trains its clients a few at a time on one machine, so a round's deadline grows with
+        # its number of waves (round_timeout_s each) instead of cutting off the last ones.
+        self.training_slots = 0
         self.state = strategy.initial_state(global_model.initial_state())
         if resume:
             self._resume()
@@ -288,10 +292,34 @@ class RoundEngine:
                     by_client = self._round.down_by_client
                     by_client[client_id] = by_client.get(client_id, 0) + nbytes
 
-    def heartbeat(self, client_id: str) -> tuple[int, bool]:
+    def heartbeat(self, client_id: str, round_number: int = 0) -> tuple[int, bool, bool]:
+        """(the current round, whether training is over, whether ``round_number`` is open and
+        still waits for this client's update)."""
         self.registry.touch(client_id)
         with self._cond:
-            return (self._round.number if self._round else 0), self._done
+            rnd = self._round
+            waiting = (rnd is not None and rnd.open and rnd.number == round_number
+                       and client_id in rnd.instructions and client_id not in rnd.updates)
+            return (rnd.number if rnd else 0), self._done, waiting
+
+    def wait_for_round(self, after: int, timeout_s: float) -> tuple[int, list[str]] | None:
+        """For a fleet in this process (the simulation): wait up to ``timeout_s`` for an open
+        round numbered above ``after``; returns (its number, the clients it selected), or
+        (``after``, []) when none opened in time, or None once the run is over. In a real
+        deployment each device's long-poll learns the same thing; a simulated fleet asks here
+        so that its idle devices need no open call and no thread."""
+        end = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                if self._done:
+                    return None
+                rnd = self._round
+                if rnd is not None and rnd.open and rnd.number > after:
+                    return rnd.number, sorted(rnd.instructions)
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    return after, []
+                self._cond.wait(remaining)
 
     # ------------------------------------------------------------------ the driver
 
@@ -419,9 +447,12 @@ class RoundEngine:
             for cid, ins in instructions.items():
                 ranks = [ins.plan.rank_per_layer.get(layer, ins.plan.rank) for layer in ins.plan.layers]
                 log.info("round %d: %s gets LoRA on layers %s with ranks %s", number, cid, list(ins.plan.layers), ranks)
+        timeout = self.fed.round_timeout_s
+        if self.training_slots > 0:
+            timeout *= max(1, math.ceil(len(selected) / self.training_slots))
         with self._cond:
             now = time.monotonic()
-            self._round = _Round(ctx, instructions, now + self.fed.round_timeout_s, time.time() + self.fed.round_timeout_s, now, cov)
+            self._round = _Round(ctx, instructions, now + timeout, time.time() + timeout, now, cov)
             self._cond.notify_all()
         log.info("round %d/%d open: %d clients selected", number, self.fed.rounds, len(selected), extra={"round": number})
         return True

@@ -84,8 +84,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self.engine.authenticate(request.client_id, request.token)
         except CoordinatorError as exc:
             _abort(context, exc.code, exc.message)
-        current, over = self.engine.heartbeat(request.client_id)
-        return pb.HeartbeatReply(current_round=current, training_over=over)
+        current, over, waiting = self.engine.heartbeat(request.client_id, request.round)
+        return pb.HeartbeatReply(current_round=current, training_over=over, round_open=waiting)
 
     # ------------------------------------------------------------------ streams
 

@@ -249,12 +249,14 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., token: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("current_round", "training_over")
+    __slots__ = ("current_round", "training_over", "round_open")
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
     TRAINING_OVER_FIELD_NUMBER: _ClassVar[int]
+    ROUND_OPEN_FIELD_NUMBER: _ClassVar[int]
     current_round: int
     training_over: bool
-    def __init__(self, current_round: _Optional[int] = ..., training_over: _Optional[bool] = ...) -> None: ...
+    round_open: bool
+    def __init__(self, current_round: _Optional[int] = ..., training_over: _Optional[bool] = ..., round_open: _Optional[bool] = ...) -> None: ...
 
 class SplitHeader(_message.Message):
     __slots__ = ("client_id", "token", "round", "step", "kind", "num_tensors", "metrics")

@@ -1,9 +1,10 @@
 """A whole federation on one machine: one coordinator and N client agents in this process,
 talking real gRPC over loopback.
 
-Threads, not processes: every agent and the coordinator share one copy of the frozen base
-weights (see ``ModelStore``), start in milliseconds instead of paying a torch import each, and
-the process's memory is the base model once plus small per-client adapters. Training is
+One process, not one per client: every agent and the coordinator share one copy of the frozen
+base weights (see ``ModelStore``), start in milliseconds instead of paying a torch import each,
+and the process's memory is the base model once plus small per-client adapters. An idle agent
+has no thread and no open call (``fedtune.simulation.fleet``), so thousands fit on a laptop. Training is
 CPU-bound and torch already spreads one client's step over all cores, so by default one client
 trains at a time (``simulation.parallel``): agents hand their training to a shared pool of that
 many worker threads and wait, while their gRPC calls, heartbeats and the coordinator keep
@@ -29,7 +30,9 @@ from fedtune.coordinator.app import Coordinator
 from fedtune.data import TWEETS_LABELS, Example, embedded_tweets, label_ids, load_examples, resolve_labels
 from fedtune.devices import Capabilities, load_profiles, tier
 from fedtune.models import ModelStore, resolve_source
+from fedtune.simulation.fleet import Fleet
 from fedtune.simulation.partition import partition
+from fedtune.transport import make_channel
 
 log = logging.getLogger(__name__)
 
@@ -93,20 +96,26 @@ def run_simulation(
     config.model.labels = labels
     config.server.address = "127.0.0.1:0"
     config.federation.min_clients = max(config.federation.min_clients, sim.clients)
-    # room for every simulated client's long-poll and upload or split stream at once
-    config.server.max_workers = max(config.server.max_workers, 2 * sim.clients + 16)
+    # Devices woken at once: a round's selection (see Fleet); each holds at most a stream and a
+    # heartbeat on the server.
+    workers = min(max(config.federation.clients_per_round or sim.clients, sim.parallel) + 2, 256)
+    config.server.max_workers = max(config.server.max_workers, 2 * workers + 16)
     config.server.registration_burst = max(config.server.registration_burst, sim.clients)  # they all register at once
     options = {"alpha": sim.alpha}
     if config.model.task == "seq-cls" and sim.partition == "dirichlet":
         options["labels"] = label_ids(train, labels)
     parts = partition(sim.partition, len(train), sim.clients, config.seed, **options)
-    log.info("partitioned %d examples over %d clients (%s): sizes %s", len(train), sim.clients, sim.partition, [len(p) for p in parts])
+    sizes = sorted(len(p) for p in parts)
+    shown = [len(p) for p in parts] if len(sizes) <= 20 else f"from {sizes[0]} to {sizes[-1]}, median {sizes[len(sizes) // 2]}"
+    log.info("partitioned %d examples over %d clients (%s): sizes %s", len(train), sim.clients, sim.partition, shown)
 
     store = ModelStore(seed=config.seed)
     coordinator = Coordinator(config, store=store, eval_examples=evals, on_round_end=on_round_end)
+    coordinator.engine.training_slots = sim.parallel  # a round's deadline grows with its waves
     port = coordinator.start()
     source = resolve_source(config.model.source)
     compute = ThreadPoolExecutor(max_workers=sim.parallel, thread_name_prefix="train")
+    channel = make_channel(f"127.0.0.1:{port}")  # one connection for the whole fleet
     stop = threading.Event()
     agents = [
         ClientAgent(
@@ -114,7 +123,6 @@ def run_simulation(
                 address=f"127.0.0.1:{port}",
                 name=f"sim-{i:03d}",
                 capabilities=capabilities[i] if capabilities else Capabilities(tier="sim"),
-                poll_seconds=5.0,
                 give_up_after_seconds=60.0,
                 enrollment_secret=coordinator.config.server.enrollment_secret,
             ),
@@ -123,50 +131,25 @@ def run_simulation(
             store=store,
             compute=compute,
             stop_event=stop,
+            channel=channel,
         )
         for i, part in enumerate(parts)
     ]
-    errors: list[str] = []
-    running = [len(agents)]
-    lock = threading.Lock()
-
-    def run_agent(agent: ClientAgent) -> None:
-        try:
-            agent.run()
-        except Exception as exc:  # a failing client must not take the simulation down
-            log.error("client %s failed: %s", agent.options.name, exc)
-            errors.append(f"{agent.options.name}: {exc}")
-        finally:
-            with lock:
-                running[0] -= 1
-                last = running[0] == 0
-            if last and not coordinator.engine.done:
-                # Nobody is left to train: end the run instead of waiting out its deadlines.
-                log.error("every simulated client has stopped; ending the run")
-                coordinator.engine.stop()
-
-    threads = [threading.Thread(target=run_agent, args=(a,), name=a.options.name, daemon=True) for a in agents]
-    for t in threads:
-        t.start()
+    devices = Fleet(agents, coordinator.engine, workers=workers, stop=stop, on_all_failed=coordinator.engine.stop)
+    fleet_thread = threading.Thread(target=devices.run, name="fleet", daemon=True)
+    fleet_thread.start()
     failure: list[BaseException] = []
-
-    def run_engine() -> None:
+    try:
         try:
             coordinator.engine.run()
-        except BaseException as exc:  # re-raised in the caller's thread below
+        except BaseException as exc:  # re-raised below, after the fleet and server are down
             failure.append(exc)
-
-    engine_thread = threading.Thread(target=run_engine, name="round-engine", daemon=True)
-    engine_thread.start()
-    try:
-        engine_thread.join()
-        coordinator.engine.wait_until_clients_told(30.0)
-        for t in threads:
-            t.join(timeout=30.0)
+        fleet_thread.join(timeout=60.0)
     finally:
         stop.set()
         coordinator.stop()
         compute.shutdown(wait=False, cancel_futures=True)
+        channel.close()
     if failure:
         raise failure[0]
-    return SimulationResult(coordinator.run_dir, coordinator.engine.history, [a.report for a in agents], errors, coordinator.engine.stopped_because)
+    return SimulationResult(coordinator.run_dir, coordinator.engine.history, [a.report for a in agents], devices.errors, coordinator.engine.stopped_because)
