@@ -165,6 +165,6 @@ def test_a_rounds_deadline_grows_with_the_waves_of_a_simulation(tmp_path, slots,
     engine.training_slots = slots
     for i in range(6):
         engine.register(f"c{i}", Capabilities(), 1)
-    assert engine._open_round(1)
+    assert engine.open_round(1)
     rnd = engine._round
     assert rnd.deadline - rnd.started == pytest.approx(100.0 * waves, abs=0.5)

@@ -35,7 +35,7 @@ from fedtune.privacy.sample_level import BudgetSpent
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
 from fedtune.protocol.messages import capabilities_to_proto, plan_from_proto
-from fedtune.protocol.tensors import DEFAULT_CHUNK_BYTES, EncodedTensor, TensorReceiver, encode_tensors, tensor_frames
+from fedtune.protocol.tensors import DEFAULT_CHUNK_BYTES, EncodedTensor, TensorReceiver, decode_raw, encode_tensors, tensor_frames
 from fedtune.split.link import GrpcLink
 from fedtune.tasks import get_task
 from fedtune.transport import make_channel
@@ -132,9 +132,13 @@ class ClientAgent:
         self._residuals: dict[str, torch.Tensor] = {}
         # The device's sample-level DP accounting (fedtune.privacy.sample_level), every recipe.
         self._privacy: dict = {}
+        # No address: a trainer without a coordinator of its own, handed tasks by a host (the
+        # Flower ClientApp, fedtune.flower.client) through ``train``.
         self._own_channel = channel is None
-        self._channel = channel or make_channel(options.address, tls_ca=options.tls_ca, tls_cert=options.tls_cert, tls_key=options.tls_key, insecure=options.insecure)
-        self._stub = pb_grpc.CoordinatorStub(self._channel)
+        if channel is None and options.address:
+            channel = make_channel(options.address, tls_ca=options.tls_ca, tls_cert=options.tls_cert, tls_key=options.tls_key, insecure=options.insecure)
+        self._channel = channel
+        self._stub = pb_grpc.CoordinatorStub(channel) if channel is not None else None
         self._client_id = ""
         self._token = ""
         self._metadata: tuple = ()
@@ -148,6 +152,8 @@ class ClientAgent:
 
     def run(self) -> AgentReport:
         """Register, then work until the coordinator says training is over."""
+        if self._stub is None:
+            raise AgentError("this agent has no coordinator address")
         try:
             if not self._client_id:  # a restored identity is tried first; a stale one re-registers below
                 self._register()
@@ -155,7 +161,7 @@ class ClientAgent:
                 if self.work_once():
                     break
         finally:
-            if self._own_channel:
+            if self._own_channel and self._channel is not None:
                 self._channel.close()
         return self.report
 
@@ -208,6 +214,14 @@ class ClientAgent:
             self._metadata = credentials(state.client_id, state.token)
             self.report.client_id = state.client_id
             log.info("%s: resuming as %s from %s", self.options.name, state.client_id, self.options.state_dir)
+
+    def device_state(self) -> DeviceState:
+        """What this device must not forget between rounds (recipe memory, residuals, privacy)."""
+        return DeviceState(self._federation, self._client_id, self._token, self._memory, self._residuals, self._privacy)
+
+    def restore(self, state: DeviceState) -> None:
+        """Take over ``state`` (kept by a host such as the Flower ClientApp between rounds)."""
+        self._restore(state)
 
     def _save(self) -> None:
         """Persist what the device must not forget (after registering and after each round)."""
@@ -351,10 +365,13 @@ class ClientAgent:
 
         link = None
         if isinstance(recipe, SplitRecipe):  # the coordinator runs the other half over a stream
+            if self._stub is None:
+                raise AgentError("split learning needs fedtune's coordinator (it runs the other half of the model)")
             link = GrpcLink(self._stub, self._client_id, self._token, header.round, chunk_bytes=self.options.chunk_bytes)
             recipe.link = link
         heartbeat = _Heartbeat(self._stub, self._client_id, self._token, header.round, self.options.heartbeat_seconds)
-        heartbeat.start()
+        if self._stub is not None:
+            heartbeat.start()
         try:
             update, metrics = self.compute.submit(work).result() if queued else work()
             if link is not None:
@@ -375,6 +392,13 @@ class ClientAgent:
         codec_metrics["encode_seconds"] = time.perf_counter() - started
         return encoded, len(items), {**metrics, **codec_metrics}
 
+
+    def train(self, header: pb.TaskHeader, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
+        """Train one task handed over by a host rather than fetched (the Flower ClientApp):
+        returns the update as the coordinator would decode it from the wire (after the uplink
+        codec, when the task names one), the example count and the metrics."""
+        encoded, num_examples, metrics = self._train(header, tensors)
+        return {e.header.name: decode_raw(e.header, e.payload) for e in encoded}, num_examples, metrics
 
     def _still_wanted(self, round_number: int) -> bool:
         """Whether round ``round_number`` still waits for this device's update (asked after
@@ -414,7 +438,8 @@ class _Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.ident is not None:  # never started when there is no coordinator to tell
+            self._thread.join(timeout=5)
 
     def _loop(self) -> None:
         while not self._stop.wait(self._every):

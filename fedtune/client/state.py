@@ -87,6 +87,30 @@ def _join(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return value
 
 
+def state_to_bytes(state: DeviceState) -> bytes:
+    """The recipes' memory, residuals and privacy accounting as one blob (a JSON line, then the
+    tensors as safetensors), for hosts that keep a device's state themselves (Flower's
+    ``context.state``). Identity is left out: a host has its own."""
+    tensors: dict[str, torch.Tensor] = {}
+    body = {"version": STATE_VERSION, "federation": state.federation, "memory": _split(state.memory, "memory", tensors),
+            "residuals": _split(state.residuals, "residuals", tensors), "privacy": _split(state.privacy, "privacy", tensors)}
+    return json.dumps(body).encode() + b"\n" + (save_tensors(tensors) if tensors else b"")
+
+
+def state_from_bytes(blob: bytes) -> DeviceState:
+    """The inverse of ``state_to_bytes``; a damaged blob is a StateError, never a fresh start."""
+    try:
+        head, _, rest = bytes(blob).partition(b"\n")
+        body = json.loads(head)
+        if not isinstance(body, dict) or body.get("version") != STATE_VERSION:
+            raise ValueError("unknown state version")
+        tensors = load_tensors(rest) if rest else {}
+        return DeviceState(federation=str(body["federation"]), memory=_join(body["memory"], tensors),
+                           residuals=_join(body["residuals"], tensors), privacy=_join(body["privacy"], tensors))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StateError(f"device state blob is damaged ({exc})") from None
+
+
 def save_state(folder: str | Path, state: DeviceState) -> None:
     """Write ``state`` into ``folder`` so that a crash at any point leaves a readable state.
 

@@ -152,6 +152,11 @@ class Coordinator:
         """The SplitFed wrapper in the strategy chain."""
         return self.engine.split_strategy()
 
+    def prepare_run_dir(self) -> None:
+        """Create the run directory and record the effective configuration in it."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.toml").write_text(config_to_toml(self.config))
+
     def start(self) -> int:
         """Write the effective config, start serving; returns the bound port."""
         srv = self.config.server
@@ -168,8 +173,7 @@ class Coordinator:
                                   "the port could register and be selected; set an enrollment secret (server.enrollment_secret_file or "
                                   "FEDTUNE_ENROLLMENT_SECRET), or open_enrollment = true if that is what you want")
             log.warning("enrollment is open on %s: anyone who reaches the port can register as a client", srv.address)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.toml").write_text(config_to_toml(self.config))
+        self.prepare_run_dir()
         pb_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
         # The standard gRPC health service: "" and "fedtune.v1.Coordinator" are SERVING while
         # the coordinator accepts work, NOT_SERVING once it is shutting down.

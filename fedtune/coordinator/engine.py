@@ -343,12 +343,12 @@ class RoundEngine:
             for number in range(self.start_round, self.fed.rounds + 1):
                 if not self._wait_for_clients():
                     break
-                if not self._open_round(number):
+                if not self.open_round(number):
                     break
                 self._wait_for_close()
                 if self._stopping:
                     break
-                self._close_round()
+                self.close_round()
         finally:
             with self._cond:
                 self._done = True
@@ -429,7 +429,7 @@ class RoundEngine:
         )
         return ctx, cov
 
-    def _open_round(self, number: int) -> bool:
+    def open_round(self, number: int) -> bool:
         """Select, plan and open round ``number``; False when the strategy refuses to run it
         (a privacy budget it would exceed), which ends the run."""
         with self._cond:
@@ -477,10 +477,24 @@ class RoundEngine:
                 self._cond.wait(min(1.0, rnd.deadline - now))
             rnd.open = False
 
-    def _close_round(self) -> None:
+    def open_tasks(self) -> dict[str, TrainTask]:
+        """The open round's task for each selected client that has not sent its update yet (for
+        drivers that hand tasks out themselves, such as the Flower strategy)."""
+        with self._cond:
+            rnd = self._round
+            if rnd is None or not rnd.open:
+                return {}
+            return {cid: TrainTask(rnd.number, ins, _client_seed(self.config.seed, rnd.number, cid), rnd.deadline_unix)
+                    for cid, ins in rnd.instructions.items() if cid not in rnd.updates}
+
+    def close_round(self) -> dict:
+        """Close the open round (no update is accepted after this), aggregate what arrived,
+        evaluate, log and checkpoint; returns the round's metrics row. ``run`` calls it when a
+        round's quorum, silence or deadline says so; an outside driver calls it directly."""
         rnd = self._round
-        assert rnd is not None
+        assert rnd is not None, "no round was opened"
         with self._cond:  # the round is closed: this snapshot is every accepted update
+            rnd.open = False
             arrived = dict(rnd.updates)
             traffic = {
                 "bytes_up": rnd.bytes_up, "bytes_down": rnd.bytes_down, "rejected": rnd.rejected,
@@ -529,6 +543,7 @@ class RoundEngine:
         log.info("round %d closed: %s", rnd.number, {k: row[k] for k in ("clients", "train_loss", "eval_loss", "seconds")}, extra={"round": rnd.number})
         if self.on_round_end is not None:
             self.on_round_end(row)
+        return row
 
     def _modeled_seconds(self, rnd: _Round) -> dict[str, float]:
         """Each selected client's round time on its own device under the cost model (only for

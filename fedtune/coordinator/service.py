@@ -102,10 +102,21 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if not isinstance(task, TrainTask):
             yield pb.Frame(task=pb.TaskHeader(status=pb.TASK_STATUS_WAIT, retry_after_seconds=task.retry_after_s))
             return
-        training = self.config.training
-        instruction = task.instruction
-        encoded = self._encode(task.round, instruction.tensors, instruction.downlink)
-        header = pb.TaskHeader(
+        encoded = self._encode(task.round, task.instruction.tensors, task.instruction.downlink)
+        header = self.task_header(task, len(encoded))
+        first = pb.Frame(task=header)
+        sent = first.ByteSize()
+        yield first
+        for frame in tensor_frames(encoded, self.config.server.chunk_bytes):
+            sent += frame.ByteSize()
+            yield frame
+        self.engine.note_sent(task.round, sent, request.client_id)
+
+    def task_header(self, task: TrainTask, num_tensors: int) -> pb.TaskHeader:
+        """What a client is told about its task, ahead of the tensors (also what the Flower
+        strategy sends each node, so both paths train the same recipe the same way)."""
+        training, instruction = self.config.training, task.instruction
+        return pb.TaskHeader(
             status=pb.TASK_STATUS_TRAIN,
             round=task.round,
             model=self.model_spec,
@@ -118,17 +129,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 max_length=self.config.model.max_length,
                 seed=task.seed,
             ),
-            num_tensors=len(encoded),
+            num_tensors=num_tensors,
             deadline_unix=task.deadline_unix,
             options=dict(instruction.options),
         )
-        first = pb.Frame(task=header)
-        sent = first.ByteSize()
-        yield first
-        for frame in tensor_frames(encoded, self.config.server.chunk_bytes):
-            sent += frame.ByteSize()
-            yield frame
-        self.engine.note_sent(task.round, sent, request.client_id)
 
     def PushUpdate(self, request_iterator: Iterator[pb.Frame], context: grpc.ServicerContext) -> pb.PushReply:
         first = next(request_iterator, None)

@@ -1,0 +1,1 @@
+"""fedtune on Flower: the ServerApp and ClientApp of this example."""

@@ -1,0 +1,138 @@
+"""The Flower apps: a ServerApp around ``FedtuneStrategy`` and a ClientApp that trains fedtune's
+client recipes.
+
+Both read the same fedtune configuration: the ``config`` given to the factory, else the TOML
+file named by the run config key ``fedtune-config`` (``flwr run -c fedtune-config=run.toml``,
+or ``[tool.flwr.app.config]``), else the embedded defaults; a few run config keys override it
+(``num-rounds``, ``strategy``, ``clients-per-round``, ``local-steps``, ``min-nodes``,
+``run-dir``). Each
+node trains on its share of the data, cut as ``fedtune simulate`` cuts it: partition
+``partition-id`` of ``num-partitions`` (Flower's node config), the held-out evaluation examples
+set aside first, so the coordinator's evaluation never sees training data.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Mapping
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedtune.client.agent import AgentOptions, ClientAgent
+from fedtune.client.state import state_from_bytes, state_to_bytes
+from fedtune.config import RunConfig, config_to_toml, load_config
+from fedtune.data import label_ids
+from fedtune.flower.records import record_to_tensors, tensors_to_record
+from fedtune.flower.strategy import EXAMPLES_KEY, TASK_KEY, FedtuneStrategy
+from fedtune.models import ModelStore, resolve_source
+from fedtune.protocol import fedtune_pb2 as pb
+from fedtune.simulation.partition import partition
+from fedtune.simulation.runner import prepare_data
+
+log = logging.getLogger(__name__)
+
+STATE_KEY = "fedtune.device"      # the device's memory in Flower's context.state
+_OVERRIDES = {
+    "num-rounds": ("federation", "rounds", int),
+    "strategy": ("federation", "strategy", str),
+    "clients-per-round": ("federation", "clients_per_round", int),
+    "min-nodes": ("federation", "min_clients", int),
+    "local-steps": ("training", "local_steps", int),
+    "run-dir": ("", "run_dir", str),
+}
+
+# One per process: Flower's simulation runs many nodes' messages in each worker process, and the
+# frozen base model and each node's tokenized data are worth keeping between them.
+_STORE = ModelStore()
+_AGENTS: dict[tuple, ClientAgent] = {}
+
+
+def resolve_config(run_config: Mapping[str, Any], given: RunConfig | None = None) -> RunConfig:
+    """The fedtune configuration of a Flower run (see the module docstring)."""
+    if given is not None:
+        config = copy.deepcopy(given)
+    elif run_config.get("fedtune-config"):
+        config = load_config(str(run_config["fedtune-config"]))
+    else:
+        config = RunConfig()
+    for key, (section, field, kind) in _OVERRIDES.items():
+        if key in run_config:
+            setattr(getattr(config, section) if section else config, field, kind(run_config[key]))
+    return config.validate()
+
+
+# ---------------------------------------------------------------------- server
+
+
+def server_app(config: RunConfig | None = None, **strategy_options: Any) -> ServerApp:
+    """A ServerApp running ``FedtuneStrategy`` for ``federation.rounds`` rounds, then exporting
+    the global adapter into the run directory."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = resolve_config(context.run_config, config)
+        _, evals, labels = prepare_data(cfg)
+        cfg.model.labels = labels
+        strategy = FedtuneStrategy(cfg, eval_examples=evals, **strategy_options)
+        strategy.start(grid=grid, initial_arrays=strategy.initial_arrays(), num_rounds=cfg.federation.rounds,
+                       timeout=cfg.federation.round_timeout_s)
+        folder = strategy.finish()
+        rows = strategy.history
+        last = rows[-1] if rows else {}
+        log.info("fedtune over Flower: %d rounds, final eval loss %s; adapter in %s", len(rows), last.get("eval_loss"), folder)
+        app.fedtune_history = rows  # for callers in the same process (tests, benchmarks)
+        app.fedtune_run_dir = strategy.engine.run_dir
+
+    return app
+
+
+# ---------------------------------------------------------------------- client
+
+
+def train(msg: Message, context: Context, config: RunConfig | None = None) -> Message:
+    """Train the task in ``msg`` with fedtune's recipes on this node's partition."""
+    cfg = resolve_config(context.run_config, config)
+    part = int(context.node_config.get("partition-id", 0))
+    parts = int(context.node_config.get("num-partitions", 1))
+    agent = _agent(cfg, part, parts)
+    if STATE_KEY in context.state.config_records:
+        agent.restore(state_from_bytes(context.state[STATE_KEY]["blob"]))
+    header = pb.TaskHeader.FromString(msg.content["config"][TASK_KEY])
+    tensors = record_to_tensors(msg.content["arrays"])
+    update, num_examples, metrics = agent.train(header, tensors)
+    context.state[STATE_KEY] = ConfigRecord({"blob": state_to_bytes(agent.device_state())})
+    reply = RecordDict({
+        "arrays": tensors_to_record(update),
+        "metrics": MetricRecord({EXAMPLES_KEY: num_examples, **{k: float(v) for k, v in metrics.items()}}),
+    })
+    return Message(content=reply, reply_to=msg)
+
+
+def client_app(config: RunConfig | None = None) -> ClientApp:
+    """A ClientApp whose train messages run ``train``."""
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return train(msg, context, config)
+
+    return app
+
+
+def _agent(config: RunConfig, part: int, parts: int) -> ClientAgent:
+    key = (config_to_toml(config), part, parts)
+    agent = _AGENTS.get(key)
+    if agent is None:
+        train_examples, _, labels = prepare_data(config)
+        options = {"alpha": config.simulation.alpha}
+        if config.model.task == "seq-cls" and config.simulation.partition == "dirichlet":
+            options["labels"] = label_ids(train_examples, labels)
+        share = partition(config.simulation.partition, len(train_examples), parts, config.seed, **options)[part]
+        source = resolve_source(config.model.source)
+        agent = ClientAgent(AgentOptions(address="", name=f"flower-{part}"), [train_examples[i] for i in share], source, store=_STORE)
+        _AGENTS[key] = agent
+    return agent

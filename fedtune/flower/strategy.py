@@ -1,0 +1,197 @@
+"""fedtune's round engine behind Flower's message-API ``Strategy``.
+
+Flower's built-in strategies send every node the same RecordDict and average arrays of equal
+shapes. fedtune's strategies give each client its own adapter plan (rank, layers) and fold
+updates of different shapes exactly (HetLoRA, FlexLoRA, FLoRA...), with client-level DP,
+trust checks and checkpoints around them. ``FedtuneStrategy`` keeps all of that by driving
+fedtune's ``RoundEngine`` itself: Flower only carries the messages.
+
+- ``configure_train``: Flower's nodes are registered with the engine as clients (their
+  devices from ``capabilities``, in the order of their node ids); the engine selects the round's
+  clients (seeded, or Poisson-sampled for client-level DP), plans their adapters and asks the
+  fedtune strategy for each one's instruction; each selected node gets a RecordDict with its
+  start tensors (``arrays``) and the same task header fedtune's coordinator sends
+  (``config["fedtune.task"]``, a serialized ``TaskHeader``).
+- ``aggregate_train``: each reply is checked as fedtune's service checks an update stream
+  (names, shapes, dtypes, finite values), submitted to the engine (example caps, norm bound,
+  the strategy's own checks), then the engine closes the round: aggregate, evaluate on held-out
+  data, append to metrics.jsonl, checkpoint. The returned ArrayRecord is the global adapter.
+- Evaluation is fedtune's central evaluation after each round; ``configure_evaluate`` sends
+  nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Callable, Iterable, Sequence
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy as FlowerStrategy
+
+from fedtune.config import RunConfig
+from fedtune.coordinator.app import Coordinator
+from fedtune.coordinator.errors import CoordinatorError
+from fedtune.data import Example
+from fedtune.devices import Capabilities
+from fedtune.flower.records import check_update, record_to_tensors, tensors_to_record
+from fedtune.models import ModelStore
+from fedtune.protocol.tensors import decode_raw, encode_tensors
+
+log = logging.getLogger(__name__)
+
+TASK_KEY = "fedtune.task"         # the serialized TaskHeader in a train message's config
+EXAMPLES_KEY = "num-examples"     # Flower's name for a reply's example count
+# Flower nodes report their own example counts, which fedtune cannot check against a
+# registration: they are trusted up to federation.max_examples_per_client.
+_UNCHECKED_EXAMPLES = 1 << 40
+
+
+class FedtuneStrategy(FlowerStrategy):
+    """A Flower strategy running fedtune's ``config.federation.strategy`` (any registered
+    strategy, with its wrappers: client-level DP, codecs, FedSA...).
+
+    ``min_nodes``: nodes to wait for before each round (default ``federation.min_clients``);
+    ``capabilities``: the device of the i-th node in node-id order (default: from
+    ``simulation.tiers`` / ``simulation.profiles``, else identical devices)."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        eval_examples: Sequence[Example] | None = None,
+        store: ModelStore | None = None,
+        min_nodes: int | None = None,
+        capabilities: Callable[[int], Capabilities] | None = None,
+        node_wait_s: float = 300.0,
+    ) -> None:
+        config = copy.deepcopy(config)
+        if config.split.mode == "split":
+            raise ValueError("split learning needs fedtune's own coordinator (it runs the other half of the model); use fedtune simulate or fedtune coordinator")
+        config.server.registration_burst = max(config.server.registration_burst, 1 << 20)  # nodes arrive all at once
+        config.server.max_clients = max(config.server.max_clients, 1 << 20)
+        self.coordinator = Coordinator(config, store=store, eval_examples=eval_examples)
+        self.coordinator.prepare_run_dir()
+        self.engine = self.coordinator.engine
+        self.config = self.coordinator.config
+        self.min_nodes = min_nodes or self.config.federation.min_clients
+        self.capabilities = capabilities or _default_capabilities(self.config)
+        self.node_wait_s = node_wait_s
+        self.client_of: dict[int, str] = {}   # Flower node id -> fedtune client id
+        self.node_of: dict[str, int] = {}
+        self.history: list[dict] = []
+        self.stopped = False
+
+    def initial_arrays(self) -> ArrayRecord:
+        """The global adapter before round 1 (pass as ``start(initial_arrays=...)``)."""
+        adapter, _ = self.engine.global_model_tensors()
+        return tensors_to_record(adapter)
+
+    # ------------------------------------------------------------------ Flower's Strategy
+
+    def summary(self) -> None:
+        log.info("fedtune strategy %s over Flower; run directory %s", self.engine.strategy.describe(), self.engine.run_dir)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if self.stopped:
+            return []
+        self._enroll(self._wait_for_nodes(grid))
+        if not self.engine.open_round(server_round):  # e.g. a privacy budget it would exceed
+            log.warning("round %d not run: %s", server_round, self.engine.stopped_because)
+            self.stopped = True
+            return []
+        messages = []
+        for client_id, task in self.engine.open_tasks().items():
+            tensors = dict(task.instruction.tensors)
+            sent = tensors if task.instruction.downlink is None else _downlink(tensors, task.instruction.downlink)
+            record = tensors_to_record(sent)
+            header = self.coordinator.service.task_header(task, len(sent))
+            content = RecordDict({"arrays": record, "config": ConfigRecord({TASK_KEY: header.SerializeToString()})})
+            self.engine.note_sent(server_round, record.count_bytes(), client_id)
+            messages.append(Message(content=content, dst_node_id=self.node_of[client_id], message_type=MessageType.TRAIN))
+        log.info("round %d: %d nodes get their own task", server_round, len(messages))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self.stopped:
+            return None, None
+        for reply in replies:
+            self._submit(server_round, reply)
+        row = self.engine.close_round()
+        self.history.append(row)
+        adapter, _ = self.engine.global_model_tensors()
+        numbers = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return tensors_to_record(adapter), MetricRecord(numbers)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return []  # fedtune evaluates the global model centrally when it closes a round
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def finish(self):
+        """After ``start``: export the global adapter (a PEFT folder in the run directory)."""
+        return self.engine.export()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        """Flower's nodes connect asynchronously: wait until ``min_nodes`` are there."""
+        end = time.monotonic() + self.node_wait_s
+        while True:
+            ids = sorted(grid.get_node_ids())
+            if len(ids) >= self.min_nodes:
+                return ids
+            if time.monotonic() > end:
+                raise TimeoutError(f"only {len(ids)} of {self.min_nodes} Flower nodes connected within {self.node_wait_s:.0f} s")
+            time.sleep(0.2)
+
+    def _enroll(self, node_ids: list[int]) -> None:
+        for i, node in enumerate(node_ids):
+            client_id = self.client_of.get(node)
+            if client_id is None:
+                record = self.engine.register(f"node-{node}", self.capabilities(len(self.client_of)), _UNCHECKED_EXAMPLES)
+                client_id = record.client_id
+                self.client_of[node], self.node_of[client_id] = client_id, node
+            self.engine.registry.touch(client_id)  # listed by Flower's grid: alive
+
+    def _submit(self, server_round: int, reply: Message) -> None:
+        client_id = self.client_of.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
+        if reply.has_error():
+            log.warning("round %d: node %s failed: %s", server_round, client_id, reply.error.reason.strip().splitlines()[-1:])
+            return
+        record = reply.content.array_records.get("arrays")
+        nbytes = record.count_bytes() if record is not None else 0
+        try:
+            expected = self.engine.expected_update(client_id, server_round)
+            if record is None or "metrics" not in reply.content.metric_records:
+                raise CoordinatorError("INVALID_ARGUMENT", "a reply needs an 'arrays' ArrayRecord and a 'metrics' MetricRecord")
+            metrics = {k: float(v) for k, v in reply.content["metrics"].items() if not isinstance(v, list)}
+            num_examples = int(metrics.pop(EXAMPLES_KEY, 0))
+            tensors = record_to_tensors(record, expected)
+            check_update(tensors, expected)
+            self.engine.submit(client_id, server_round, tensors, num_examples, metrics, nbytes)
+        except CoordinatorError as exc:
+            self.engine.note_rejected(server_round, nbytes)
+            log.warning("round %d: rejected update from %s: %s", server_round, client_id, exc.message)
+
+
+def _downlink(tensors: dict, codec) -> dict:
+    """What a client decodes from a downlink-compressed task (Flower carries the decoded
+    arrays; the compression's effect on training is the same, its bytes are not saved)."""
+    encoded = encode_tensors(tensors, {name: codec for name, t in tensors.items() if t.is_floating_point()})
+    return {e.header.name: decode_raw(e.header, e.payload) for e in encoded}
+
+
+def _default_capabilities(config: RunConfig) -> Callable[[int], Capabilities]:
+    from fedtune.devices import load_profiles, tier
+
+    sim = config.simulation
+    if sim.profiles:
+        devices = load_profiles(sim.profiles)
+        return lambda i: devices[i % len(devices)]
+    if sim.tiers:
+        return lambda i: tier(sim.tiers[i % len(sim.tiers)])
+    return lambda i: Capabilities(tier="flower")
