@@ -19,7 +19,7 @@ import torch
 
 flwr = pytest.importorskip("flwr", reason='the flower extra is not installed (pip install -e ".[flower]")')
 
-from flwr.app import ArrayRecord, MetricRecord, Message, RecordDict  # noqa: E402
+from flwr.app import MetricRecord, Message, RecordDict  # noqa: E402
 
 from fedtune.config import RunConfig, config_to_toml  # noqa: E402
 from fedtune.coordinator.app import Coordinator  # noqa: E402
