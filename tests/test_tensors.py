@@ -134,3 +134,28 @@ def test_receiver_rejects_inconsistent_or_truncated_streams():
 def test_unsupported_dtype_is_named():
     with pytest.raises(ProtocolError, match="complex64"):
         encode_tensors({"c": torch.zeros(2, dtype=torch.complex64)})
+
+
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 16383, 16384, 2_097_151, 2_097_152, 3 * 1024 * 1024])
+def test_chunk_frame_bytes_is_the_serialized_size(n):
+    from fedtune.protocol.tensors import chunk_frame_bytes
+
+    assert chunk_frame_bytes(n) == pb.Frame(chunk=b"x" * n).ByteSize() == pb.SplitFrame(chunk=b"x" * n).ByteSize()
+
+
+def test_counted_frames_count_what_is_sent_and_start_over_when_retried():
+    from fedtune.protocol.tensors import CountedFrames
+
+    tensors = {"a": torch.randn(1000), "b": torch.arange(7, dtype=torch.int64), "empty": torch.zeros(0)}
+    head = pb.Frame(update=pb.UpdateHeader(client_id="c", round=3, num_tensors=3))
+    frames = CountedFrames(encode_tensors(tensors), 1024, head=head)
+    sent = list(frames)
+    assert frames.bytes == sum(f.ByteSize() for f in sent)
+    again = list(frames)  # a retried call iterates again: same frames, same count
+    assert [f.SerializeToString() for f in again] == [f.SerializeToString() for f in sent] and frames.bytes == sum(f.ByteSize() for f in sent)
+    receiver = TensorReceiver()
+    for frame in sent[1:]:
+        receiver.feed(frame)
+    assert receiver.bytes_received == frames.bytes - head.ByteSize()
+    for name, t in receiver.finish().items():
+        assert torch.equal(t, tensors[name])

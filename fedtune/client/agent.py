@@ -35,7 +35,7 @@ from fedtune.privacy.sample_level import BudgetSpent
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
 from fedtune.protocol.messages import capabilities_to_proto, plan_from_proto
-from fedtune.protocol.tensors import DEFAULT_CHUNK_BYTES, EncodedTensor, TensorReceiver, decode_raw, encode_tensors, tensor_frames
+from fedtune.protocol.tensors import DEFAULT_CHUNK_BYTES, CountedFrames, EncodedTensor, TensorReceiver, decode_raw, encode_tensors
 from fedtune.split.link import GrpcLink
 from fedtune.tasks import get_task
 from fedtune.transport import make_channel
@@ -291,7 +291,7 @@ class ClientAgent:
                 num_tensors=len(encoded),
             )
         )
-        frames = [first, *tensor_frames(encoded, self.options.chunk_bytes)]
+        frames = CountedFrames(encoded, self.options.chunk_bytes, head=first)  # made as they are sent
         try:
             self._call(lambda: self._stub.PushUpdate(iter(frames), timeout=600, metadata=self._metadata))
         except grpc.RpcError as exc:
@@ -300,7 +300,7 @@ class ClientAgent:
                 self.report.rejected.append(f"round {round_number}: {exc.code().name}: {exc.details()}")
                 return
             raise
-        self.report.bytes_up += sum(f.ByteSize() for f in frames)
+        self.report.bytes_up += frames.bytes
         self.report.rounds.append(round_number)
 
     def _call(self, fn: Callable[[], T]) -> T:

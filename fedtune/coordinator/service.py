@@ -21,7 +21,7 @@ from fedtune.coordinator.split_sessions import SplitSessions
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
 from fedtune.protocol.messages import capabilities_from_proto, plan_to_proto
-from fedtune.protocol.tensors import EncodedTensor, ProtocolError, TensorReceiver, encode_tensors, tensor_frames
+from fedtune.protocol.tensors import CountedFrames, EncodedTensor, ProtocolError, TensorReceiver, encode_tensors
 from fedtune.split.wire import Receiver, frames_bytes, message_frames
 
 log = logging.getLogger(__name__)
@@ -104,13 +104,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             return
         encoded = self._encode(task.round, task.instruction.tensors, task.instruction.downlink)
         header = self.task_header(task, len(encoded))
-        first = pb.Frame(task=header)
-        sent = first.ByteSize()
-        yield first
-        for frame in tensor_frames(encoded, self.config.server.chunk_bytes):
-            sent += frame.ByteSize()
-            yield frame
-        self.engine.note_sent(task.round, sent, request.client_id)
+        frames = CountedFrames(encoded, self.config.server.chunk_bytes, head=pb.Frame(task=header))
+        yield from frames
+        self.engine.note_sent(task.round, frames.bytes, request.client_id)
 
     def task_header(self, task: TrainTask, num_tensors: int) -> pb.TaskHeader:
         """What a client is told about its task, ahead of the tensors (also what the Flower

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Collection, Iterable, Iterator, Mapping
+from typing import Collection, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -208,13 +208,42 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor], codecs: Mapping[str, Cod
 
 def tensor_frames(encoded: Iterable[EncodedTensor], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.Frame]:
     """Frames for a sequence of tensors: each header followed by its payload in chunks."""
-    if chunk_bytes <= 0:
-        raise ValueError("chunk_bytes must be positive")
-    for item in encoded:
-        yield pb.Frame(tensor=item.header)
-        view = item.payload
-        for start in range(0, len(view), chunk_bytes):
-            yield pb.Frame(chunk=view[start : start + chunk_bytes].tobytes())
+    return iter(CountedFrames(list(encoded), chunk_bytes))
+
+
+def chunk_frame_bytes(n: int) -> int:
+    """Wire bytes of a frame that holds only an ``n``-byte chunk (a ``Frame`` or ``SplitFrame``:
+    a one-byte tag for a field number under 16, the length as a varint, the bytes). Counting
+    this way spares serializing every chunk a second time just to learn its size."""
+    return 2 + (n.bit_length() - 1) // 7 + n if n else 2
+
+
+class CountedFrames:
+    """The frames of an update or a task: ``head`` (if any), then each tensor's header and
+    payload chunks, made one at a time as gRPC sends them (not a list of every chunk held at
+    once). After an iteration, ``bytes`` is what crossed the wire; iterating again (a retried
+    call) starts over."""
+
+    def __init__(self, encoded: Sequence[EncodedTensor], chunk_bytes: int = DEFAULT_CHUNK_BYTES, head: pb.Frame | None = None) -> None:
+        if chunk_bytes <= 0:
+            raise ValueError("chunk_bytes must be positive")
+        self.encoded, self.chunk_bytes, self.head = list(encoded), chunk_bytes, head
+        self.bytes = 0
+
+    def __iter__(self) -> Iterator[pb.Frame]:
+        self.bytes = 0
+        if self.head is not None:
+            self.bytes += self.head.ByteSize()
+            yield self.head
+        for item in self.encoded:
+            frame = pb.Frame(tensor=item.header)
+            self.bytes += frame.ByteSize()
+            yield frame
+            view = item.payload
+            for start in range(0, len(view), self.chunk_bytes):
+                chunk = view[start : start + self.chunk_bytes].tobytes()
+                self.bytes += chunk_frame_bytes(len(chunk))
+                yield pb.Frame(chunk=chunk)
 
 
 @dataclass(frozen=True)
@@ -260,12 +289,14 @@ class TensorReceiver:
         self._total = 0
 
     def feed(self, frame: pb.Frame) -> None:
-        self.bytes_received += frame.ByteSize()
         kind = frame.WhichOneof("kind")
         if kind == "tensor":
+            self.bytes_received += frame.ByteSize()
             self._start(frame.tensor)
         elif kind == "chunk":
-            self._append(frame.chunk)
+            chunk = frame.chunk  # read once: each read of a bytes field makes a new object
+            self.bytes_received += chunk_frame_bytes(len(chunk))
+            self._append(chunk)
         else:
             raise ProtocolError(f"unexpected {kind or 'empty'} frame inside a tensor stream")
 
