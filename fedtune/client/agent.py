@@ -35,7 +35,7 @@ from fedtune.privacy.sample_level import BudgetSpent
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
 from fedtune.protocol.messages import capabilities_to_proto, plan_from_proto
-from fedtune.protocol.tensors import DEFAULT_CHUNK_BYTES, CountedFrames, EncodedTensor, TensorReceiver, decode_raw, encode_tensors
+from fedtune.protocol.tensors import DEFAULT_CHUNK_BYTES, CountedFrames, EncodedTensor, TensorReceiver, decode_tensors, encode_tensors
 from fedtune.split.link import GrpcLink
 from fedtune.tasks import get_task
 from fedtune.transport import make_channel
@@ -144,7 +144,7 @@ class ClientAgent:
         self._metadata: tuple = ()
         self._federation = f"{options.address} {getattr(source, 'name', '')}"
         if options.state_dir:
-            self._restore(load_state(options.state_dir, self._federation))
+            self.restore(load_state(options.state_dir, self._federation))
         # Backoff jitter from the agent's own generator (never the global RNG training uses).
         self._jitter = random.Random(zlib.crc32(options.name.encode()) ^ os.getpid())
 
@@ -207,7 +207,9 @@ class ClientAgent:
         log.info("%s registered as %s", self.options.name, reply.client_id)
         self._save()
 
-    def _restore(self, state: DeviceState) -> None:
+    def restore(self, state: DeviceState) -> None:
+        """Take over ``state``: from the state folder, or kept by a host such as the Flower
+        ClientApp between rounds."""
         self._memory, self._residuals, self._privacy = state.memory, state.residuals, state.privacy
         if state.client_id:
             self._client_id, self._token = state.client_id, state.token
@@ -219,15 +221,10 @@ class ClientAgent:
         """What this device must not forget between rounds (recipe memory, residuals, privacy)."""
         return DeviceState(self._federation, self._client_id, self._token, self._memory, self._residuals, self._privacy)
 
-    def restore(self, state: DeviceState) -> None:
-        """Take over ``state`` (kept by a host such as the Flower ClientApp between rounds)."""
-        self._restore(state)
-
     def _save(self) -> None:
         """Persist what the device must not forget (after registering and after each round)."""
         if self.options.state_dir:
-            save_state(self.options.state_dir, DeviceState(self._federation, self._client_id, self._token,
-                                                           self._memory, self._residuals, self._privacy))
+            save_state(self.options.state_dir, self.device_state())
 
     def _one_task(self, idle_wait: bool = True) -> bool:
         """Fetch and do one task; True when training is over."""
@@ -369,8 +366,9 @@ class ClientAgent:
                 raise AgentError("split learning needs fedtune's coordinator (it runs the other half of the model)")
             link = GrpcLink(self._stub, self._client_id, self._token, header.round, chunk_bytes=self.options.chunk_bytes)
             recipe.link = link
-        heartbeat = _Heartbeat(self._stub, self._client_id, self._token, header.round, self.options.heartbeat_seconds)
+        heartbeat = None  # no coordinator of its own (a Flower host): nobody to tell
         if self._stub is not None:
+            heartbeat = _Heartbeat(self._stub, self._client_id, self._token, header.round, self.options.heartbeat_seconds)
             heartbeat.start()
         try:
             update, metrics = self.compute.submit(work).result() if queued else work()
@@ -381,7 +379,8 @@ class ClientAgent:
                 link.abort()
             raise
         finally:
-            heartbeat.stop()
+            if heartbeat is not None:
+                heartbeat.stop()
         if plan.freeze_a:  # FFA-LoRA: A was frozen, so it goes back to nobody
             update = {k: v for k, v in update.items() if not k.endswith(A_SUFFIX)}
         log.info("%s: round %d trained (%s), loss %.4f", self._client_id, header.round, recipe.name, metrics["train_loss"])
@@ -398,7 +397,7 @@ class ClientAgent:
         returns the update as the coordinator would decode it from the wire (after the uplink
         codec, when the task names one), the example count and the metrics."""
         encoded, num_examples, metrics = self._train(header, tensors)
-        return {e.header.name: decode_raw(e.header, e.payload) for e in encoded}, num_examples, metrics
+        return decode_tensors(encoded), num_examples, metrics
 
     def _still_wanted(self, round_number: int) -> bool:
         """Whether round ``round_number`` still waits for this device's update (asked after
@@ -438,8 +437,7 @@ class _Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread.ident is not None:  # never started when there is no coordinator to tell
-            self._thread.join(timeout=5)
+        self._thread.join(timeout=5)
 
     def _loop(self) -> None:
         while not self._stop.wait(self._every):

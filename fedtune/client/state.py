@@ -87,13 +87,26 @@ def _join(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return value
 
 
+def _body(state: DeviceState, tensors: dict[str, torch.Tensor]) -> dict:
+    """``state`` as JSON, its tensors moved into ``tensors``."""
+    return {
+        "version": STATE_VERSION,
+        "federation": state.federation,
+        "client_id": state.client_id,
+        "token": state.token,
+        "memory": _split(state.memory, "memory", tensors),
+        "residuals": _split(state.residuals, "residuals", tensors),
+        "privacy": _split(state.privacy, "privacy", tensors),
+    }
+
+
 def state_to_bytes(state: DeviceState) -> bytes:
     """The recipes' memory, residuals and privacy accounting as one blob (a JSON line, then the
     tensors as safetensors), for hosts that keep a device's state themselves (Flower's
     ``context.state``). Identity is left out: a host has its own."""
     tensors: dict[str, torch.Tensor] = {}
-    body = {"version": STATE_VERSION, "federation": state.federation, "memory": _split(state.memory, "memory", tensors),
-            "residuals": _split(state.residuals, "residuals", tensors), "privacy": _split(state.privacy, "privacy", tensors)}
+    body = _body(state, tensors)
+    del body["client_id"], body["token"]
     return json.dumps(body).encode() + b"\n" + (save_tensors(tensors) if tensors else b"")
 
 
@@ -119,15 +132,7 @@ def save_state(folder: str | Path, state: DeviceState) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     tensors: dict[str, torch.Tensor] = {}
-    body = {
-        "version": STATE_VERSION,
-        "federation": state.federation,
-        "client_id": state.client_id,
-        "token": state.token,
-        "memory": _split(state.memory, "memory", tensors),
-        "residuals": _split(state.residuals, "residuals", tensors),
-        "privacy": _split(state.privacy, "privacy", tensors),
-    }
+    body = _body(state, tensors)
     blob = save_tensors(tensors) if tensors else b""
     digest = hashlib.sha256(blob).hexdigest()
     tensor_file = f"tensors-{digest[:16]}.safetensors"

@@ -207,8 +207,7 @@ class RoundEngine:
                     return Done()
                 rnd = self._round
                 if rnd is not None and rnd.open and client_id in rnd.instructions and client_id not in rnd.updates:
-                    seed = _client_seed(self.config.seed, rnd.number, client_id)
-                    return TrainTask(rnd.number, rnd.instructions[client_id], seed, rnd.deadline_unix)
+                    return self._task(rnd, client_id)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self.registry.touch(client_id)
@@ -484,8 +483,10 @@ class RoundEngine:
             rnd = self._round
             if rnd is None or not rnd.open:
                 return {}
-            return {cid: TrainTask(rnd.number, ins, _client_seed(self.config.seed, rnd.number, cid), rnd.deadline_unix)
-                    for cid, ins in rnd.instructions.items() if cid not in rnd.updates}
+            return {cid: self._task(rnd, cid) for cid in rnd.instructions if cid not in rnd.updates}
+
+    def _task(self, rnd: _Round, client_id: str) -> TrainTask:
+        return TrainTask(rnd.number, rnd.instructions[client_id], _client_seed(self.config.seed, rnd.number, client_id), rnd.deadline_unix)
 
     def close_round(self) -> dict:
         """Close the open round (no update is accepted after this), aggregate what arrived,

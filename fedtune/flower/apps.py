@@ -24,13 +24,11 @@ from flwr.serverapp import Grid, ServerApp
 from fedtune.client.agent import AgentOptions, ClientAgent
 from fedtune.client.state import state_from_bytes, state_to_bytes
 from fedtune.config import RunConfig, config_to_toml, load_config
-from fedtune.data import label_ids
 from fedtune.flower.records import record_to_tensors, tensors_to_record
 from fedtune.flower.strategy import EXAMPLES_KEY, TASK_KEY, FedtuneStrategy
 from fedtune.models import ModelStore, resolve_source
 from fedtune.protocol import fedtune_pb2 as pb
-from fedtune.simulation.partition import partition
-from fedtune.simulation.runner import prepare_data
+from fedtune.simulation.runner import client_shares, prepare_data
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +126,7 @@ def _agent(config: RunConfig, part: int, parts: int) -> ClientAgent:
     agent = _AGENTS.get(key)
     if agent is None:
         train_examples, _, labels = prepare_data(config)
-        options = {"alpha": config.simulation.alpha}
-        if config.model.task == "seq-cls" and config.simulation.partition == "dirichlet":
-            options["labels"] = label_ids(train_examples, labels)
-        share = partition(config.simulation.partition, len(train_examples), parts, config.seed, **options)[part]
+        share = client_shares(config, train_examples, labels, parts)[part]
         source = resolve_source(config.model.source)
         agent = ClientAgent(AgentOptions(address="", name=f"flower-{part}"), [train_examples[i] for i in share], source, store=_STORE)
         _AGENTS[key] = agent

@@ -38,7 +38,7 @@ from fedtune.data import Example
 from fedtune.devices import Capabilities
 from fedtune.flower.records import check_update, record_to_tensors, tensors_to_record
 from fedtune.models import ModelStore
-from fedtune.protocol.tensors import decode_raw, encode_tensors
+from fedtune.protocol.tensors import decode_tensors, encode_tensors
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class FedtuneStrategy(FlowerStrategy):
             time.sleep(0.2)
 
     def _enroll(self, node_ids: list[int]) -> None:
-        for i, node in enumerate(node_ids):
+        for node in node_ids:
             client_id = self.client_of.get(node)
             if client_id is None:
                 record = self.engine.register(f"node-{node}", self.capabilities(len(self.client_of)), _UNCHECKED_EXAMPLES)
@@ -181,8 +181,7 @@ class FedtuneStrategy(FlowerStrategy):
 def _downlink(tensors: dict, codec) -> dict:
     """What a client decodes from a downlink-compressed task (Flower carries the decoded
     arrays; the compression's effect on training is the same, its bytes are not saved)."""
-    encoded = encode_tensors(tensors, {name: codec for name, t in tensors.items() if t.is_floating_point()})
-    return {e.header.name: decode_raw(e.header, e.payload) for e in encoded}
+    return decode_tensors(encode_tensors(tensors, {name: codec for name, t in tensors.items() if t.is_floating_point()}))
 
 
 def _default_capabilities(config: RunConfig) -> Callable[[int], Capabilities]:

@@ -200,6 +200,12 @@ def encoded_tensor(name: str, like: torch.Tensor, codec: Codec, encoded: Encoded
     return EncodedTensor(header, memoryview(encoded.payload).toreadonly())
 
 
+def decode_tensors(encoded: Iterable[EncodedTensor]) -> dict[str, torch.Tensor]:
+    """The tensors a receiver decodes from ``encoded`` (what a compressed update becomes on the
+    other side), for hosts that pass tensors without fedtune's wire."""
+    return {e.header.name: decode_raw(e.header, e.payload) for e in encoded}
+
+
 def encode_tensors(tensors: Mapping[str, torch.Tensor], codecs: Mapping[str, Codec] | None = None) -> list[EncodedTensor]:
     """The tensors for the wire, each compressed by ``codecs[name]`` when it has one."""
     codecs = codecs or {}

@@ -68,6 +68,16 @@ def prepare_data(config: RunConfig) -> tuple[list[Example], list[Example], list[
     return train, evals, labels
 
 
+def client_shares(config: RunConfig, train: Sequence[Example], labels: Sequence[str], num_clients: int) -> list[list[int]]:
+    """Indices of each client's training examples, cut as ``simulation.partition`` says (label
+    skew on the labels for classification)."""
+    sim = config.simulation
+    options = {"alpha": sim.alpha}
+    if config.model.task == "seq-cls" and sim.partition == "dirichlet":
+        options["labels"] = label_ids(train, list(labels))
+    return partition(sim.partition, len(train), num_clients, config.seed, **options)
+
+
 def fleet(config: RunConfig) -> list[Capabilities] | None:
     """The simulated devices: from ``simulation.profiles`` (which then sets the number of
     clients), from ``simulation.tiers`` cycled over the clients, or None for identical ones."""
@@ -101,10 +111,7 @@ def run_simulation(
     workers = min(max(config.federation.clients_per_round or sim.clients, sim.parallel) + 2, 256)
     config.server.max_workers = max(config.server.max_workers, 2 * workers + 16)
     config.server.registration_burst = max(config.server.registration_burst, sim.clients)  # they all register at once
-    options = {"alpha": sim.alpha}
-    if config.model.task == "seq-cls" and sim.partition == "dirichlet":
-        options["labels"] = label_ids(train, labels)
-    parts = partition(sim.partition, len(train), sim.clients, config.seed, **options)
+    parts = client_shares(config, train, labels, sim.clients)
     sizes = sorted(len(p) for p in parts)
     shown = [len(p) for p in parts] if len(sizes) <= 20 else f"from {sizes[0]} to {sizes[-1]}, median {sizes[len(sizes) // 2]}"
     log.info("partitioned %d examples over %d clients (%s): sizes %s", len(train), sim.clients, sim.partition, shown)
