@@ -23,11 +23,6 @@ from pathlib import Path
 
 from measure import run_worker
 
-# Reference figures given with the workload (Flower 1.41 simulation engine on Ray, 2-core
-# machine). They were not measured by this script; they are printed for comparison only.
-FLOWER_REFERENCE = {"seconds_per_round": 46.0, "train_seconds": 35.0, "eval_seconds": 11.5, "peak_mib": 4.6 * 1024}
-
-
 def workload_config(rounds: int, run_dir: str):
     from fedtune.config import RunConfig
 
@@ -134,8 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {
         "fedtune_vs_plain_time": fed["seconds_per_round"] / plain["seconds_per_round"],
         "fedtune_vs_plain_memory": fed["peak_mib"] / plain["peak_mib"],
-        "flower_reference_vs_fedtune_time": FLOWER_REFERENCE["seconds_per_round"] / fed["seconds_per_round"],
-        "flower_reference_vs_fedtune_memory": FLOWER_REFERENCE["peak_mib"] / fed["peak_mib"],
     }
     print(f"{'system':<34} {'s/round':>8} {'train s':>8} {'eval s':>7} {'peak MiB':>9} {'MB up':>7} {'MB down':>8} {'eval loss':>9} {'eval acc':>8}")
     for r in rows:
@@ -143,12 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['system']:<34} {r['seconds_per_round']:>8.1f} {r['train_seconds_per_round']:>8.1f} {r['eval_seconds_per_round']:>7.1f} "
             f"{r['peak_mib']:>9.0f} {r['mb_up_per_round']:>7.2f} {r['mb_down_per_round']:>8.2f} {r['final_eval_loss']:>9.4f} {r['final_eval_accuracy']:>8.3f}"
         )
-    f = FLOWER_REFERENCE
-    print(f"{'Flower 1.41 + Ray (reference*)':<34} {f['seconds_per_round']:>8.1f} {f['train_seconds']:>8.1f} {f['eval_seconds']:>7.1f} {f['peak_mib']:>9.0f}")
-    print("* given with the workload, not measured by this script")
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}")
-    result = {"rounds": args.rounds, "rows": rows, "flower_reference": FLOWER_REFERENCE, "ratios": ratios}
+    result = {"rounds": args.rounds, "rows": rows, "ratios": ratios}
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
