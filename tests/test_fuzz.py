@@ -184,6 +184,29 @@ def _status(call) -> grpc.StatusCode | None:
     return None
 
 
+@FUZZ
+@given(data=st.one_of(
+    st.binary(max_size=64),
+    st.binary(max_size=300).map(lambda b: pb.Frame(chunk=b).SerializeToString()),
+    st.tuples(st.binary(max_size=40), st.integers(0, 3)).map(lambda t: b"\x22" + t[0][t[1]:]),
+))
+def test_the_fast_frame_parser_reads_every_frame_as_protobuf_does(data):
+    """``parse_frame`` (what the coordinator reads uploads with) and protobuf agree on any
+    bytes: the same frame, or both refuse them."""
+    from google.protobuf.message import DecodeError
+
+    from fedtune.protocol.tensors import Chunk, parse_frame
+
+    try:
+        expected = pb.Frame.FromString(data)
+    except DecodeError:
+        with pytest.raises(DecodeError):
+            parse_frame(data)
+        return
+    parsed = parse_frame(data)
+    assert (pb.Frame(chunk=bytes(parsed.data)) if isinstance(parsed, Chunk) else parsed) == expected
+
+
 def _assert_still_serving(coordinator, stub, honest) -> None:
     started = time.monotonic()
     stub.Heartbeat(pb.HeartbeatRequest(client_id=honest.client_id, token=honest.token), timeout=10, metadata=credentials(honest.client_id, honest.token))

@@ -144,18 +144,67 @@ def test_chunk_frame_bytes_is_the_serialized_size(n):
 
 
 def test_counted_frames_count_what_is_sent_and_start_over_when_retried():
-    from fedtune.protocol.tensors import CountedFrames
+    from fedtune.protocol.tensors import CountedFrames, serialize_frame
 
     tensors = {"a": torch.randn(1000), "b": torch.arange(7, dtype=torch.int64), "empty": torch.zeros(0)}
     head = pb.Frame(update=pb.UpdateHeader(client_id="c", round=3, num_tensors=3))
     frames = CountedFrames(encode_tensors(tensors), 1024, head=head)
-    sent = list(frames)
-    assert frames.bytes == sum(f.ByteSize() for f in sent)
-    again = list(frames)  # a retried call iterates again: same frames, same count
-    assert [f.SerializeToString() for f in again] == [f.SerializeToString() for f in sent] and frames.bytes == sum(f.ByteSize() for f in sent)
+    sent = [serialize_frame(f) for f in frames]
+    assert frames.bytes == sum(map(len, sent))
+    again = [serialize_frame(f) for f in frames]  # a retried call iterates again: same frames, same count
+    assert again == sent and frames.bytes == sum(map(len, sent))
     receiver = TensorReceiver()
-    for frame in sent[1:]:
+    for frame in list(frames)[1:]:
         receiver.feed(frame)
     assert receiver.bytes_received == frames.bytes - head.ByteSize()
     for name, t in receiver.finish().items():
         assert torch.equal(t, tensors[name])
+
+
+def test_fast_frames_are_the_bytes_protobuf_writes_and_reads():
+    """A ``Chunk`` serializes to exactly the bytes of ``Frame(chunk=...)``, so peers using the
+    generated stubs read and write the same stream; every other frame goes through protobuf."""
+    from fedtune.protocol.tensors import Chunk, CountedFrames, parse_frame, serialize_frame
+
+    tensors = {"w": torch.randn(3000), "i": torch.arange(5, dtype=torch.int32)}
+    head = pb.Frame(update=pb.UpdateHeader(client_id="c", round=1, num_tensors=2))
+    fast = list(CountedFrames(encode_tensors(tensors), 4096, head=head))
+    plain = [head, *tensor_frames(encode_tensors(tensors), 4096)]
+    assert [serialize_frame(f) for f in fast] == [f.SerializeToString() for f in plain]
+    assert sum(isinstance(f, Chunk) for f in fast) == 4  # 12000 bytes in 3 chunks, 20 bytes in 1
+    for frame in plain:
+        parsed = parse_frame(frame.SerializeToString())
+        if frame.WhichOneof("kind") == "chunk":
+            assert isinstance(parsed, Chunk) and bytes(parsed.data) == frame.chunk
+        else:
+            assert parsed == frame
+    # Sizes whose length varint takes 1, 2 and 3 bytes, and the empty chunk.
+    for n in (0, 1, 127, 128, 16383, 16384, 300_000):
+        data = pb.Frame(chunk=bytes(range(256)) * (n // 256) + bytes(n % 256)).SerializeToString()
+        parsed = parse_frame(data)
+        assert isinstance(parsed, Chunk) and len(parsed.data) == n and serialize_frame(parsed) == data
+
+
+def test_frames_that_are_not_a_lone_chunk_are_parsed_by_protobuf():
+    from google.protobuf.message import DecodeError
+
+    from fedtune.protocol.tensors import Chunk, parse_frame
+
+    # A chunk followed by another field: protobuf's reading (the last oneof member wins).
+    both = pb.Frame(chunk=b"abc").SerializeToString() + pb.Frame(tensor=pb.TensorHeader(name="t")).SerializeToString()
+    parsed = parse_frame(both)
+    assert isinstance(parsed, pb.Frame) and parsed.WhichOneof("kind") == "tensor"
+    # A length that promises more bytes than the message has, or a varint that never ends.
+    for bad in (b"\x22\x05abc", b"\x22" + b"\xff" * 11):
+        assert not isinstance(_try_parse(parse_frame, bad), Chunk)
+        with pytest.raises(DecodeError):
+            pb.Frame.FromString(bad)
+    # A non-minimal length varint is still the same chunk.
+    assert bytes(parse_frame(b"\x22\x83\x00abc").data) == b"abc"
+
+
+def _try_parse(parse, data):
+    try:
+        return parse(data)
+    except Exception as exc:  # protobuf's DecodeError: the frame is refused, not misread
+        return exc

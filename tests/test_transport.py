@@ -14,7 +14,9 @@ from fedtune.coordinator.global_model import FixedTensors
 from fedtune.coordinator.guard import credentials
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
-from fedtune.protocol.tensors import TensorReceiver, encode_tensors, tensor_frames
+from fedtune.protocol.stubs import coordinator_stub
+from fedtune.protocol.tensors import Chunk, CountedFrames, TensorReceiver, encode_tensors, tensor_frames
+from fedtune.transport import GRPC_OPTIONS
 
 from conftest import live_coordinator
 
@@ -75,3 +77,81 @@ def test_split_steps_on_a_federated_coordinator_are_refused_and_say_why(tmp_path
     finally:
         channel.close()
         coordinator.stop()
+
+
+def _push(stub, reply, round_number: int, frames, num_tensors: int = 1):
+    head = pb.Frame(update=pb.UpdateHeader(client_id=reply.client_id, token=reply.token, round=round_number, num_examples=1, num_tensors=num_tensors))
+    return stub.PushUpdate(CountedFrames([], head=head) if frames is None else iter([head, *frames]), timeout=120,
+                           metadata=credentials(reply.client_id, reply.token))
+
+
+def test_a_104_mib_update_round_trips_bit_exactly_through_the_fast_path(tmp_path):
+    """Download and upload through ``coordinator_stub``: chunks travel as views, copied once on
+    each side; every byte arrives, and FedAvg with one client returns the update exactly."""
+    tensor = torch.randn(26 * 1024 * 1024, generator=torch.Generator().manual_seed(1))  # 104 MiB of fp32
+    config = RunConfig()
+    config.federation.rounds, config.federation.min_clients = 1, 1
+    config.server.max_update_bytes = 110 * 1024 * 1024
+    config.run_dir = str(tmp_path / "run")
+    with live_coordinator(config, global_model=FixedTensors({"w": tensor})) as (coordinator, _, engine):
+        channel = grpc.insecure_channel(f"127.0.0.1:{coordinator.port}", options=GRPC_OPTIONS)
+        stub = coordinator_stub(channel)
+        try:
+            reply = stub.Register(pb.RegisterRequest(name="big", num_examples=1), timeout=10)
+            frames = iter(stub.FetchTask(pb.FetchTaskRequest(client_id=reply.client_id, token=reply.token, wait_seconds=30), timeout=120,
+                                         metadata=credentials(reply.client_id, reply.token)))
+            header = next(frames).task
+            receiver = TensorReceiver()
+            chunks = 0
+            for frame in frames:
+                chunks += isinstance(frame, Chunk)
+                receiver.feed(frame)
+            assert chunks == 35  # 104 MiB in 3 MiB chunks, each a view of the received message
+            assert torch.equal(receiver.finish()["w"], tensor)
+
+            update = tensor * -0.5
+            encoded = encode_tensors({"w": update})
+            assert _push(stub, reply, header.round, CountedFrames(encoded)).accepted
+            engine.join(timeout=120)
+        finally:
+            channel.close()
+    assert torch.equal(coordinator.engine.state["w"], update)
+    assert coordinator.engine.history[0]["bytes_up"] > 104 * 1024 * 1024
+
+
+def test_the_fast_path_refuses_what_the_protobuf_path_refuses(tmp_path):
+    config = RunConfig()
+    config.federation.rounds, config.federation.min_clients = 1, 1
+    config.federation.round_timeout_s = 30
+    config.run_dir = str(tmp_path / "run")
+    good = torch.ones(1000)
+    with live_coordinator(config, global_model=FixedTensors({"w": good})) as (coordinator, _, engine):
+        channel = grpc.insecure_channel(f"127.0.0.1:{coordinator.port}")
+        stub = coordinator_stub(channel)
+        try:
+            reply = stub.Register(pb.RegisterRequest(name="rogue", num_examples=1), timeout=10)
+            frames = iter(stub.FetchTask(pb.FetchTaskRequest(client_id=reply.client_id, token=reply.token, wait_seconds=30), timeout=60,
+                                         metadata=credentials(reply.client_id, reply.token)))
+            round_number = next(frames).task.round
+            list(frames)
+            header = encode_tensors({"w": good})[0].header
+            payload = memoryview(good.numpy().tobytes())
+            cases = [
+                (lambda: stub.PushUpdate(iter([Chunk(payload)]), timeout=10, metadata=credentials(reply.client_id, reply.token)), "must start with an UpdateHeader"),
+                (lambda: _push(stub, reply, round_number, [Chunk(payload)]), "payload chunk without a tensor header"),
+                (lambda: _push(stub, reply, round_number, [pb.Frame(tensor=header), Chunk(payload[:2000]), Chunk(memoryview(bytes(2004)))]), "more payload than the 4000 bytes"),
+                (lambda: _push(stub, reply, round_number, [pb.Frame(tensor=header), Chunk(payload[:400])]), "stream ended inside tensor 'w'"),
+                (lambda: _push(stub, reply, round_number, CountedFrames(encode_tensors({"w": torch.full((1000,), float("inf"))}))), "contains NaN or Inf"),
+                (lambda: _push(stub, reply, round_number, CountedFrames(encode_tensors({"w": torch.ones(999)}))), "has shape [999], expected [1000]"),
+            ]
+            for call, text in cases:
+                with pytest.raises(grpc.RpcError) as info:
+                    call()
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in info.value.details(), info.value.details()
+            assert _push(stub, reply, round_number, CountedFrames(encode_tensors({"w": good * 2}))).accepted
+            engine.join(timeout=60)
+        finally:
+            channel.close()
+    assert torch.equal(coordinator.engine.state["w"], good * 2)
+    # every refusal but the first (no header: no round to count it in) is in the round's row
+    assert coordinator.engine.history[0]["rejected_updates"] == len(cases) - 1

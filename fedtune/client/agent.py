@@ -33,9 +33,9 @@ from fedtune.models import ModelSource, ModelStore
 from fedtune.names import A_SUFFIX
 from fedtune.privacy.sample_level import BudgetSpent
 from fedtune.protocol import fedtune_pb2 as pb
-from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
 from fedtune.protocol.messages import capabilities_to_proto, plan_from_proto
-from fedtune.protocol.tensors import DEFAULT_CHUNK_BYTES, CountedFrames, EncodedTensor, TensorReceiver, decode_tensors, encode_tensors
+from fedtune.protocol.stubs import coordinator_stub
+from fedtune.protocol.tensors import DEFAULT_CHUNK_BYTES, AnyFrame, CountedFrames, EncodedTensor, TensorReceiver, decode_tensors, encode_tensors
 from fedtune.split.link import GrpcLink
 from fedtune.tasks import get_task
 from fedtune.transport import make_channel
@@ -138,7 +138,7 @@ class ClientAgent:
         if channel is None and options.address:
             channel = make_channel(options.address, tls_ca=options.tls_ca, tls_cert=options.tls_cert, tls_key=options.tls_key, insecure=options.insecure)
         self._channel = channel
-        self._stub = pb_grpc.CoordinatorStub(channel) if channel is not None else None
+        self._stub = coordinator_stub(channel) if channel is not None else None
         self._client_id = ""
         self._token = ""
         self._metadata: tuple = ()
@@ -264,9 +264,9 @@ class ClientAgent:
 
     def _fetch(self, request: pb.FetchTaskRequest) -> tuple[pb.TaskHeader, dict, int]:
         stream = self._stub.FetchTask(request, timeout=self.options.poll_seconds + 600, metadata=self._metadata)
-        frames: Iterator[pb.Frame] = iter(stream)
+        frames: Iterator[AnyFrame] = iter(stream)
         first = next(frames, None)
-        if first is None or first.WhichOneof("kind") != "task":
+        if not isinstance(first, pb.Frame) or first.WhichOneof("kind") != "task":
             raise AgentError("the coordinator's task stream did not start with a task header")
         header = first.task
         receiver = TensorReceiver()  # checked against the local model when loaded

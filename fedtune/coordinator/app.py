@@ -24,7 +24,7 @@ from fedtune.coordinator.service import CoordinatorService
 from fedtune.credentials import SecretError, read_secret
 from fedtune.data import Example, load_examples
 from fedtune.models import ModelStore, resolve_source
-from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
+from fedtune.protocol.stubs import add_coordinator_to_server
 from fedtune.transport import is_loopback, make_server, split_address
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ class Coordinator:
                                   "FEDTUNE_ENROLLMENT_SECRET), or open_enrollment = true if that is what you want")
             log.warning("enrollment is open on %s: anyone who reaches the port can register as a client", srv.address)
         self.prepare_run_dir()
-        pb_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
+        add_coordinator_to_server(self.service, self.server)
         # The standard gRPC health service: "" and "fedtune.v1.Coordinator" are SERVING while
         # the coordinator accepts work, NOT_SERVING once it is shutting down.
         self.health = health.HealthServicer()

@@ -21,7 +21,7 @@ from fedtune.coordinator.split_sessions import SplitSessions
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
 from fedtune.protocol.messages import capabilities_from_proto, plan_to_proto
-from fedtune.protocol.tensors import CountedFrames, EncodedTensor, ProtocolError, TensorReceiver, encode_tensors
+from fedtune.protocol.tensors import AnyFrame, CountedFrames, EncodedTensor, ProtocolError, TensorReceiver, encode_tensors
 from fedtune.split.wire import Receiver, frames_bytes, message_frames
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     # ------------------------------------------------------------------ streams
 
-    def FetchTask(self, request: pb.FetchTaskRequest, context: grpc.ServicerContext) -> Iterator[pb.Frame]:
+    def FetchTask(self, request: pb.FetchTaskRequest, context: grpc.ServicerContext) -> Iterator[AnyFrame]:
         try:
             _same_caller(context, request.client_id)
             self.engine.authenticate(request.client_id, request.token)
@@ -130,9 +130,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             options=dict(instruction.options),
         )
 
-    def PushUpdate(self, request_iterator: Iterator[pb.Frame], context: grpc.ServicerContext) -> pb.PushReply:
+    def PushUpdate(self, request_iterator: Iterator[AnyFrame], context: grpc.ServicerContext) -> pb.PushReply:
         first = next(request_iterator, None)
-        if first is None or first.WhichOneof("kind") != "update":
+        if not isinstance(first, pb.Frame) or first.WhichOneof("kind") != "update":
             _abort(context, "INVALID_ARGUMENT", "an update stream must start with an UpdateHeader frame")
         header = first.update
         received = first.ByteSize()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Collection, Iterable, Iterator, Mapping, Sequence
+from typing import Collection, Iterable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -213,8 +213,10 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor], codecs: Mapping[str, Cod
 
 
 def tensor_frames(encoded: Iterable[EncodedTensor], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.Frame]:
-    """Frames for a sequence of tensors: each header followed by its payload in chunks."""
-    return iter(CountedFrames(list(encoded), chunk_bytes))
+    """Frames for a sequence of tensors, as plain protobuf messages (what any gRPC stub of
+    fedtune.proto sends): each header followed by its payload in chunks."""
+    for frame in CountedFrames(list(encoded), chunk_bytes):
+        yield pb.Frame(chunk=frame.data.tobytes()) if isinstance(frame, Chunk) else frame
 
 
 def chunk_frame_bytes(n: int) -> int:
@@ -224,11 +226,71 @@ def chunk_frame_bytes(n: int) -> int:
     return 2 + (n.bit_length() - 1) // 7 + n if n else 2
 
 
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A ``Frame`` that holds only a payload chunk, kept as a view of bytes that live elsewhere
+    (the tensor being sent, or the message gRPC received) instead of a protobuf message.
+
+    Why not a ``pb.Frame(chunk=...)``: protobuf copies the bytes into the message, again when it
+    serializes it, and again each time the receiver reads the field. The bytes on the wire are
+    the same (see ``serialize_frame`` / ``parse_frame``), so any gRPC peer of fedtune.proto
+    still reads and writes these frames as ordinary ``Frame`` messages."""
+
+    data: memoryview
+
+
+AnyFrame = Union[pb.Frame, Chunk]
+
+# The tag of Frame.chunk on the wire: field 4, length-delimited (wire type 2).
+_CHUNK_TAG = b"\x22"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def serialize_frame(frame: AnyFrame) -> bytes:
+    """The wire bytes of a frame: a chunk is copied once, straight from its source, behind its
+    tag and length; any other frame is serialized by protobuf."""
+    if isinstance(frame, Chunk):
+        return b"".join((_CHUNK_TAG, _varint(len(frame.data)), frame.data))
+    return frame.SerializeToString()
+
+
+def parse_frame(data: bytes) -> AnyFrame:
+    """A frame from its wire bytes. A frame that is exactly one chunk becomes a ``Chunk`` viewing
+    ``data`` (no copy); anything else, including a chunk frame with other fields after it, is
+    parsed by protobuf, so every valid ``Frame`` is read as protobuf would read it."""
+    if data[:1] == _CHUNK_TAG:
+        length, shift, i = 0, 0, 1
+        while i < len(data) and i <= 10:
+            byte = data[i]
+            length |= (byte & 0x7F) << shift
+            i += 1
+            if not byte & 0x80:
+                if i + length == len(data):
+                    return Chunk(memoryview(data)[i:])
+                break
+            shift += 7
+    return pb.Frame.FromString(data)
+
+
+def frame_bytes(frame: AnyFrame) -> int:
+    """Wire bytes of one frame (a chunk counted without serializing it)."""
+    return chunk_frame_bytes(len(frame.data)) if isinstance(frame, Chunk) else frame.ByteSize()
+
+
 class CountedFrames:
     """The frames of an update or a task: ``head`` (if any), then each tensor's header and
     payload chunks, made one at a time as gRPC sends them (not a list of every chunk held at
-    once). After an iteration, ``bytes`` is what crossed the wire; iterating again (a retried
-    call) starts over."""
+    once). Chunks are ``Chunk`` views of the payload, copied only when gRPC serializes them
+    (``serialize_frame``). After an iteration, ``bytes`` is what crossed the wire; iterating
+    again (a retried call) starts over."""
 
     def __init__(self, encoded: Sequence[EncodedTensor], chunk_bytes: int = DEFAULT_CHUNK_BYTES, head: pb.Frame | None = None) -> None:
         if chunk_bytes <= 0:
@@ -236,7 +298,7 @@ class CountedFrames:
         self.encoded, self.chunk_bytes, self.head = list(encoded), chunk_bytes, head
         self.bytes = 0
 
-    def __iter__(self) -> Iterator[pb.Frame]:
+    def __iter__(self) -> Iterator[AnyFrame]:
         self.bytes = 0
         if self.head is not None:
             self.bytes += self.head.ByteSize()
@@ -247,9 +309,9 @@ class CountedFrames:
             yield frame
             view = item.payload
             for start in range(0, len(view), self.chunk_bytes):
-                chunk = view[start : start + self.chunk_bytes].tobytes()
+                chunk = view[start : start + self.chunk_bytes]
                 self.bytes += chunk_frame_bytes(len(chunk))
-                yield pb.Frame(chunk=chunk)
+                yield Chunk(chunk)
 
 
 @dataclass(frozen=True)
@@ -294,7 +356,11 @@ class TensorReceiver:
         self._filled = 0
         self._total = 0
 
-    def feed(self, frame: pb.Frame) -> None:
+    def feed(self, frame: AnyFrame) -> None:
+        if isinstance(frame, Chunk):
+            self.bytes_received += chunk_frame_bytes(len(frame.data))
+            self._append(frame.data)
+            return
         kind = frame.WhichOneof("kind")
         if kind == "tensor":
             self.bytes_received += frame.ByteSize()
@@ -342,7 +408,7 @@ class TensorReceiver:
         if header.payload_bytes == 0:
             self._finish()
 
-    def _append(self, chunk: bytes) -> None:
+    def _append(self, chunk: bytes | memoryview) -> None:
         if self._header is None or self._buffer is None:
             raise ProtocolError("payload chunk without a tensor header")
         end = self._filled + len(chunk)
