@@ -34,27 +34,45 @@ def blockwise_mean(current: torch.Tensor, blocks: Sequence[torch.Tensor], weight
     Each element of the result is ``sum_k w_k block_k[i] / sum_k w_k`` over the blocks that
     contain element ``i``; elements no block contains keep ``current``. With blocks of the
     full shape this is the plain weighted mean (FedAvg); with LoRA factors of different ranks it
-    averages every rank slot over exactly the clients that trained it (HetLoRA). If every block
-    equals the leading block of ``current``, the result equals ``current``.
-    Accumulates in float64; returns ``current``'s dtype.
+    averages every rank slot over exactly the clients that trained it (HetLoRA).
+
+    Computed as a running mean, ``m += (w_k / W_k) (block_k - m)`` with ``W_k`` the weight seen
+    so far (``torch.lerp``), in float32 for float32 and 16-bit tensors (float64 for float64 and
+    integer ones), returned in ``current``'s dtype. Why not a float64 weighted sum: the running
+    mean reads each client's tensor once, in place, at close to memory speed (bench/vs_flower.py),
+    while the float64 sum converted every tensor first and ran at a fifth of it; and it keeps the
+    invariants exactly, where a float32 weighted sum would not: blocks equal to the leading block
+    of ``current`` give back ``current`` bit for bit (``lerp`` of equal values is that value),
+    and one block with all the weight comes back unchanged. The rounding error stays within a
+    few float32 ulps of the largest input (about 2 for a hundred clients, tested), where the
+    float64 sum was within half an ulp of the result: a difference only for means that cancel
+    to near zero, far below what one step of training changes.
     """
     if len(blocks) != len(weights):
         raise ValueError("need one weight per block")
     if any(w < 0 for w in weights):
         raise ValueError(f"weights must be non-negative, got {list(weights)}")
-    total = torch.zeros(current.shape, dtype=torch.float64)
-    mass = torch.zeros(current.shape, dtype=torch.float64)
-    scale = float(sum(weights)) or 1.0  # normalized first, so one client's tensor comes back bit-exact
-    for block, w in zip(blocks, weights):
-        w = float(w) / scale
-        if block.dim() != current.dim() or any(b > c for b, c in zip(block.shape, current.shape)):
+    work = torch.float32 if current.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float64
+    for block in blocks:
+        if block.shape != current.shape and (block.dim() != current.dim() or any(b > c for b, c in zip(block.shape, current.shape))):
             raise ValueError(f"block {list(block.shape)} does not fit inside {list(current.shape)}")
+    weighted = [(block if block.dtype == work else block.to(work), float(w)) for block, w in zip(blocks, weights) if w > 0]
+    if not weighted:
+        return current.clone()
+    if all(block.shape == current.shape for block, _ in weighted):
+        # Every block covers the whole tensor: one running weight for all elements.
+        first, seen = weighted[0]
+        out = first.clone()
+        for block, w in weighted[1:]:
+            seen += w
+            out.lerp_(block, w / seen)
+        return out if out.dtype == current.dtype else out.to(current.dtype)
+    out = current.to(work, copy=True)
+    seen = torch.zeros(current.shape, dtype=torch.float64)
+    for block, w in weighted:
         index = tuple(slice(0, s) for s in block.shape)
-        total[index] += w * block.to(torch.float64)
-        mass[index] += w
-    covered = mass > 0
-    out = current.to(torch.float64).clone()
-    out[covered] = total[covered] / mass[covered]
+        seen[index] += w
+        out[index] = torch.lerp(out[index], block, (w / seen[index]).to(work))
     return out.to(current.dtype)
 
 
