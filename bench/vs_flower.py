@@ -16,9 +16,10 @@ results are checked to agree.
 Simulation (``sim-<system>-<N>``): the workload of bench/simulate.py (all-MiniLM-L6-v2, LoRA
 r=8 on query/value plus the head, tweets split Dirichlet(0.5), 20 local steps of batch 16,
 central evaluation on 1000 held-out tweets each round) with N clients, 5 trained per round,
-FedAvg, 3 rounds. fedtune: ``fedtune simulate`` (coordinator and clients over loopback gRPC,
-one process). Flower: Flower's simulation engine (``flwr.simulation.run_simulation``, Ray
-backend, one CPU per virtual client, two CPUs) running fedtune's ServerApp and ClientApp
+FedAvg, 3 rounds. Both train two clients at a time on the machine's two cores. fedtune:
+``fedtune simulate --parallel 2`` (coordinator and clients over loopback gRPC, one process).
+Flower: Flower's simulation engine (``flwr.simulation.run_simulation``, Ray backend, one CPU
+per virtual client, two CPUs) running fedtune's ServerApp and ClientApp
 (``fedtune.flower``), so both train, aggregate and evaluate with the same code and the
 difference is the engine. ``seconds_per_round`` is the mean round time (open to close,
 evaluation included) over all rounds, ``steady_seconds_per_round`` leaves round 1 (start-up)
@@ -43,6 +44,7 @@ from measure import run_worker
 
 MIB = 1024 * 1024
 COLUMNS, MATRICES = 1024, 8
+PARALLEL = 2  # clients training at once in both systems (Flower: two one-CPU actors)
 QUIET = {"FLWR_LOG_LEVEL": "ERROR", "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
          "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
          "RAY_DEDUP_LOGS": "0", "HF_HUB_OFFLINE": "1"}
@@ -128,6 +130,7 @@ def sim_config(clients: int, rounds: int, run_dir: str):
 
     config = workload_config(rounds, run_dir)
     config.simulation.clients = clients
+    config.simulation.parallel = PARALLEL
     config.federation.clients_per_round = 5
     config.federation.min_clients = clients
     return config

@@ -188,21 +188,32 @@ def test_a_bad_reply_is_refused_and_the_round_goes_on(tmp_path, tiny_bert, task_
 
 
 def test_example_app_runs_on_flowers_simulation_engine(tmp_path, tiny_bert):
+    """4 nodes, 2 selected per round: each node says who it is (the simulated client of its
+    partition), so Flower's run selects, seeds and trains the same clients on the same data as
+    ``fedtune simulate`` with the same configuration, and ends at the same eval loss."""
     os.environ.update({k: v for k, v in QUIET.items()})
     from flwr.simulation import run_simulation
 
     from fedtune.flower import client_app, server_app
+    from fedtune.simulation.runner import run_simulation as fedtune_simulate
 
     config = _config(tmp_path, tiny_bert)
+    config.simulation.clients, config.federation.min_clients, config.federation.clients_per_round = 4, 4, 2
     server = server_app(config)
-    run_simulation(server_app=server, client_app=client_app(config), num_supernodes=3,
+    run_simulation(server_app=server, client_app=client_app(config), num_supernodes=4,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": 2, "num_gpus": 0, "logging_level": "ERROR", "log_to_driver": False}})
     rows = server.fedtune_history
-    assert [r["round"] for r in rows] == [1, 2] and all(r["clients"] == 3 for r in rows)
+    assert [r["round"] for r in rows] == [1, 2] and all(r["clients"] == 2 for r in rows)
     assert rows[-1]["eval_loss"] is not None
     assert (Path(config.run_dir) / "adapter" / "adapter_config.json").exists()
     assert len((Path(config.run_dir) / "metrics.jsonl").read_text().splitlines()) == 2
+
+    config.run_dir = str(tmp_path / "fedtune-run")
+    own = fedtune_simulate(config).history
+    assert [sorted(r["client_ids"]) for r in rows] == [sorted(r["client_ids"]) for r in own]
+    assert all(cid.startswith("sim-") for r in rows for cid in r["client_ids"])
+    assert rows[-1]["eval_loss"] == pytest.approx(own[-1]["eval_loss"], rel=1e-3)
 
 
 def _free_port() -> int:

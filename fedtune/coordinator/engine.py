@@ -398,7 +398,8 @@ class RoundEngine:
         Normally ``clients_per_round`` clients drawn without replacement; with Poisson sampling
         (client-level DP) each alive client independently with rate clients_per_round / alive,
         so the number selected varies, as the privacy accountant assumes."""
-        alive = [r.client_id for r in self.registry.alive(self.fed.client_timeout_s)]
+        # Sorted: the draw depends on who is alive, not on the order they happened to register in.
+        alive = sorted(r.client_id for r in self.registry.alive(self.fed.client_timeout_s))
         k = self.fed.clients_per_round or len(alive)
         rng = np.random.default_rng([self.config.seed, number])
         if self.strategy.poisson_sampling:

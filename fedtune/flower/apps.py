@@ -25,10 +25,12 @@ from fedtune.client.agent import AgentOptions, ClientAgent
 from fedtune.client.state import state_from_bytes, state_to_bytes
 from fedtune.config import RunConfig, config_to_toml, load_config
 from fedtune.flower.records import record_to_tensors, tensors_to_record
-from fedtune.flower.strategy import EXAMPLES_KEY, TASK_KEY, FedtuneStrategy
+from fedtune.devices import Capabilities
+from fedtune.flower.strategy import EXAMPLES_KEY, HELLO_KEY, TASK_KEY, FedtuneStrategy
 from fedtune.models import ModelStore, resolve_source
 from fedtune.protocol import fedtune_pb2 as pb
-from fedtune.simulation.runner import client_shares, prepare_data
+from fedtune.protocol.messages import capabilities_to_proto
+from fedtune.simulation.runner import client_name, client_shares, fleet, prepare_data
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +112,32 @@ def train(msg: Message, context: Context, config: RunConfig | None = None) -> Me
     return Message(content=reply, reply_to=msg)
 
 
+def hello(msg: Message, context: Context, config: RunConfig | None = None) -> Message:
+    """Answer the strategy's question of who this node is, as a fedtune device's Register does:
+    its name (the simulated client of its partition), example count and device (from
+    ``simulation.tiers`` / ``simulation.profiles``, else an unnamed device)."""
+    cfg = resolve_config(context.run_config, config)
+    part = int(context.node_config.get("partition-id", 0))
+    parts = int(context.node_config.get("num-partitions", 1))
+    agent = _agent(cfg, part, parts)
+    devices = fleet(cfg)
+    caps = devices[part % len(devices)] if devices else Capabilities(tier="flower")
+    record = ConfigRecord({"name": agent.options.name, "num-examples": len(agent.examples),
+                           "capabilities": capabilities_to_proto(caps).SerializeToString()})
+    return Message(content=RecordDict({HELLO_KEY: record}), reply_to=msg)
+
+
 def client_app(config: RunConfig | None = None) -> ClientApp:
-    """A ClientApp whose train messages run ``train``."""
+    """A ClientApp whose train messages run ``train`` and whose queries run ``hello``."""
     app = ClientApp()
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
         return train(msg, context, config)
+
+    @app.query()
+    def _query(msg: Message, context: Context) -> Message:
+        return hello(msg, context, config)
 
     return app
 
@@ -128,6 +149,6 @@ def _agent(config: RunConfig, part: int, parts: int) -> ClientAgent:
         train_examples, _, labels = prepare_data(config)
         share = client_shares(config, train_examples, labels, parts)[part]
         source = resolve_source(config.model.source)
-        agent = ClientAgent(AgentOptions(address="", name=f"flower-{part}"), [train_examples[i] for i in share], source, store=_STORE)
+        agent = ClientAgent(AgentOptions(address="", name=client_name(part)), [train_examples[i] for i in share], source, store=_STORE)
         _AGENTS[key] = agent
     return agent

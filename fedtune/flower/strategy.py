@@ -6,8 +6,10 @@ updates of different shapes exactly (HetLoRA, FlexLoRA, FLoRA...), with client-l
 trust checks and checkpoints around them. ``FedtuneStrategy`` keeps all of that by driving
 fedtune's ``RoundEngine`` itself: Flower only carries the messages.
 
-- ``configure_train``: Flower's nodes are registered with the engine as clients (their
-  devices from ``capabilities``, in the order of their node ids); the engine selects the round's
+- ``configure_train``: Flower's nodes are registered with the engine as clients. Each new node
+  is first asked who it is (a query message answered by fedtune's ClientApp: its name, example
+  count and device, as a fedtune device's Register says); a node that does not answer is
+  registered as ``node-<id>`` with a device from ``capabilities``. The engine selects the round's
   clients (seeded, or Poisson-sampled for client-level DP), plans their adapters and asks the
   fedtune strategy for each one's instruction; each selected node gets a RecordDict with its
   start tensors (``arrays``) and the same task header fedtune's coordinator sends
@@ -30,6 +32,7 @@ from typing import Callable, Iterable, Sequence
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
+from google.protobuf.message import DecodeError
 
 from fedtune.config import RunConfig
 from fedtune.coordinator.app import Coordinator
@@ -38,11 +41,14 @@ from fedtune.data import Example
 from fedtune.devices import Capabilities
 from fedtune.flower.records import check_update, record_to_tensors, tensors_to_record
 from fedtune.models import ModelStore
+from fedtune.protocol import fedtune_pb2 as pb
+from fedtune.protocol.messages import capabilities_from_proto
 from fedtune.protocol.tensors import decode_tensors, encode_tensors
 
 log = logging.getLogger(__name__)
 
 TASK_KEY = "fedtune.task"         # the serialized TaskHeader in a train message's config
+HELLO_KEY = "fedtune.hello"       # a query asking a node who it is, and the ConfigRecord of its answer
 EXAMPLES_KEY = "num-examples"     # Flower's name for a reply's example count
 # Flower nodes report their own example counts, which fedtune cannot check against a
 # registration: they are trusted up to federation.max_examples_per_client.
@@ -54,8 +60,8 @@ class FedtuneStrategy(FlowerStrategy):
     strategy, with its wrappers: client-level DP, codecs, FedSA...).
 
     ``min_nodes``: nodes to wait for before each round (default ``federation.min_clients``);
-    ``capabilities``: the device of the i-th node in node-id order (default: from
-    ``simulation.tiers`` / ``simulation.profiles``, else identical devices)."""
+    ``capabilities``: the device of the i-th node that does not say its own, in node-id order
+    (default: from ``simulation.tiers`` / ``simulation.profiles``, else identical devices)."""
 
     def __init__(
         self,
@@ -97,7 +103,7 @@ class FedtuneStrategy(FlowerStrategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if self.stopped:
             return []
-        self._enroll(self._wait_for_nodes(grid))
+        self._enroll(grid, self._wait_for_nodes(grid))
         if not self.engine.open_round(server_round):  # e.g. a privacy budget it would exceed
             log.warning("round %d not run: %s", server_round, self.engine.stopped_because)
             self.stopped = True
@@ -148,14 +154,48 @@ class FedtuneStrategy(FlowerStrategy):
                 raise TimeoutError(f"only {len(ids)} of {self.min_nodes} Flower nodes connected within {self.node_wait_s:.0f} s")
             time.sleep(0.2)
 
-    def _enroll(self, node_ids: list[int]) -> None:
+    def _enroll(self, grid: Grid, node_ids: list[int]) -> None:
+        new = [node for node in node_ids if node not in self.client_of]
+        hellos = self._ask_who(grid, new) if new else {}
+        # Registered in the order of their names: the engine's seeded selection then picks the
+        # same clients as ``fedtune simulate`` does for the same names.
+        for node in sorted(new, key=lambda n: (n not in hellos, hellos[n][0] if n in hellos else "", n)):
+            if node in hellos:
+                name, examples, caps = hellos[node]
+            else:
+                name, examples, caps = f"node-{node}", _UNCHECKED_EXAMPLES, self.capabilities(len(self.client_of))
+            try:
+                record = self.engine.register(name, caps, examples)
+            except CoordinatorError as exc:
+                log.warning("Flower node %d not enrolled: %s", node, exc.message)
+                continue
+            self.client_of[node], self.node_of[record.client_id] = record.client_id, node
         for node in node_ids:
-            client_id = self.client_of.get(node)
-            if client_id is None:
-                record = self.engine.register(f"node-{node}", self.capabilities(len(self.client_of)), _UNCHECKED_EXAMPLES)
-                client_id = record.client_id
-                self.client_of[node], self.node_of[client_id] = client_id, node
-            self.engine.registry.touch(client_id)  # listed by Flower's grid: alive
+            if node in self.client_of:
+                self.engine.registry.touch(self.client_of[node])  # listed by Flower's grid: alive
+
+    def _ask_who(self, grid: Grid, nodes: list[int]) -> dict[int, tuple[str, int, Capabilities]]:
+        """Each node's (name, example count, device), from fedtune's ClientApp; nodes that do
+        not answer, or answer nonsense, are left out."""
+        ask = getattr(grid, "send_and_receive", None)
+        if ask is None:
+            return {}
+        query = [Message(content=RecordDict({"config": ConfigRecord({HELLO_KEY: 1})}), dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
+        out = {}
+        for reply in ask(query, timeout=self.node_wait_s):
+            node = reply.metadata.src_node_id
+            if reply.has_error() or HELLO_KEY not in reply.content.config_records:
+                continue
+            hello = reply.content[HELLO_KEY]
+            try:
+                caps = capabilities_from_proto(pb.Capabilities.FromString(bytes(hello["capabilities"])))
+                examples = int(hello["num-examples"])
+                if examples < 0:
+                    raise ValueError(f"num-examples {examples} is negative")
+                out[node] = (str(hello["name"]), examples, caps)
+            except (KeyError, ValueError, TypeError, DecodeError) as exc:
+                log.warning("Flower node %d answered who it is with %s: %s", node, dict(hello), exc)
+        return out
 
     def _submit(self, server_round: int, reply: Message) -> None:
         client_id = self.client_of.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")

@@ -78,6 +78,12 @@ def client_shares(config: RunConfig, train: Sequence[Example], labels: Sequence[
     return partition(sim.partition, len(train), num_clients, config.seed, **options)
 
 
+def client_name(i: int) -> str:
+    """The name simulated client ``i`` registers under (a Flower node of partition ``i`` takes
+    it too, so both runs select and seed the same clients)."""
+    return f"sim-{i:03d}"
+
+
 def fleet(config: RunConfig) -> list[Capabilities] | None:
     """The simulated devices: from ``simulation.profiles`` (which then sets the number of
     clients), from ``simulation.tiers`` cycled over the clients, or None for identical ones."""
@@ -128,7 +134,7 @@ def run_simulation(
         ClientAgent(
             AgentOptions(
                 address=f"127.0.0.1:{port}",
-                name=f"sim-{i:03d}",
+                name=client_name(i),
                 capabilities=capabilities[i] if capabilities else Capabilities(tier="sim"),
                 give_up_after_seconds=60.0,
                 enrollment_secret=coordinator.config.server.enrollment_secret,
