@@ -157,9 +157,7 @@ class FedtuneStrategy(FlowerStrategy):
     def _enroll(self, grid: Grid, node_ids: list[int]) -> None:
         new = [node for node in node_ids if node not in self.client_of]
         hellos = self._ask_who(grid, new) if new else {}
-        # Registered in the order of their names: the engine's seeded selection then picks the
-        # same clients as ``fedtune simulate`` does for the same names.
-        for node in sorted(new, key=lambda n: (n not in hellos, hellos[n][0] if n in hellos else "", n)):
+        for node in new:  # the engine's selection depends on the names, not on this order
             if node in hellos:
                 name, examples, caps = hellos[node]
             else:

@@ -41,36 +41,29 @@ def coordinator_stub(channel: grpc.Channel) -> pb_grpc.CoordinatorStub:
 
 def add_coordinator_to_server(servicer: pb_grpc.CoordinatorServicer, server: grpc.Server) -> None:
     """Serve ``servicer`` on ``server``; its PushUpdate receives ``Frame`` messages or ``Chunk``
-    views, its FetchTask may yield either."""
-    handlers = {
-        "Register": grpc.unary_unary_rpc_method_handler(
-            servicer.Register,
-            request_deserializer=pb.RegisterRequest.FromString,
-            response_serializer=pb.RegisterReply.SerializeToString,
-        ),
-        "FetchTask": grpc.unary_stream_rpc_method_handler(
-            servicer.FetchTask,
-            request_deserializer=pb.FetchTaskRequest.FromString,
-            response_serializer=serialize_frame,
-        ),
-        "PushUpdate": grpc.stream_unary_rpc_method_handler(
-            servicer.PushUpdate,
-            request_deserializer=parse_frame,
-            response_serializer=pb.PushReply.SerializeToString,
-        ),
-        "Heartbeat": grpc.unary_unary_rpc_method_handler(
-            servicer.Heartbeat,
-            request_deserializer=pb.HeartbeatRequest.FromString,
-            response_serializer=pb.HeartbeatReply.SerializeToString,
-        ),
-        "SplitStep": grpc.stream_stream_rpc_method_handler(
-            servicer.SplitStep,
-            request_deserializer=pb.SplitFrame.FromString,
-            response_serializer=pb.SplitFrame.SerializeToString,
-        ),
-    }
-    missing = sorted(set(pb.DESCRIPTOR.services_by_name["Coordinator"].methods_by_name) - set(handlers))
-    if missing:  # a method added to fedtune.proto must be added here too
-        raise RuntimeError(f"add_coordinator_to_server has no handler for {missing}")
+    views, its FetchTask may yield either. The handlers are the generated ones (so a method
+    added to fedtune.proto is served without touching this), with the two tensor streams'
+    (de)serializers swapped."""
+    generated = _Handlers()
+    pb_grpc.add_CoordinatorServicer_to_server(servicer, generated)
+    handlers = dict(generated.handlers)
+    fetch, push = handlers["FetchTask"], handlers["PushUpdate"]
+    handlers["FetchTask"] = grpc.unary_stream_rpc_method_handler(
+        fetch.unary_stream, request_deserializer=fetch.request_deserializer, response_serializer=serialize_frame)
+    handlers["PushUpdate"] = grpc.stream_unary_rpc_method_handler(
+        push.stream_unary, request_deserializer=parse_frame, response_serializer=push.response_serializer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
+
+
+class _Handlers:
+    """Stands in for a server to collect the handlers the generated code registers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, _: object) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.handlers = handlers

@@ -280,11 +280,6 @@ def parse_frame(data: bytes) -> AnyFrame:
     return pb.Frame.FromString(data)
 
 
-def frame_bytes(frame: AnyFrame) -> int:
-    """Wire bytes of one frame (a chunk counted without serializing it)."""
-    return chunk_frame_bytes(len(frame.data)) if isinstance(frame, Chunk) else frame.ByteSize()
-
-
 class CountedFrames:
     """The frames of an update or a task: ``head`` (if any), then each tensor's header and
     payload chunks, made one at a time as gRPC sends them (not a list of every chunk held at
