@@ -81,7 +81,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], help="comma-separated label names (seq-cls)")
     p.add_argument("--max-length", type=int, help="tokens per example")
     p.add_argument("--rank", type=int, help="LoRA rank")
-    p.add_argument("--lora-variant", help="lora; ffa (FFA-LoRA: A frozen at its initialization, only B trained and sent); fedsvd (as ffa, A re-factorized by SVD each round)")
+    p.add_argument("--lora-variant", help="lora; ffa (FFA-LoRA: A frozen at its initialization, only B trained and sent); fedsvd (as ffa, A re-factorized by SVD each round); fedsb (Fed-SB: B and A fixed from the pretrained weight's SVD, only an r x r core trained and sent)")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (the update is scaled by alpha/rank)")
     p.add_argument("--rounds", type=int, help="federated rounds")
     p.add_argument("--clients-per-round", type=int, help="clients trained per round (0: all)")

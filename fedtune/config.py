@@ -28,8 +28,9 @@ class ConfigError(ValueError):
 DP_MODES = ("", "client", "sample", "both")
 
 # Adapter variants: plain LoRA, FFA-LoRA (A frozen, only B trained and sent), FedSVD (as FFA,
-# with A re-factorized from B @ A by SVD after every round).
-LORA_VARIANTS = ("lora", "ffa", "fedsvd")
+# with A re-factorized from B @ A by SVD after every round), Fed-SB (B and A fixed from the
+# pretrained weight's SVD, a rank x rank core trained and sent).
+LORA_VARIANTS = ("lora", "ffa", "fedsvd", "fedsb")
 
 # The strategy a run uses when the config names none, by task (chosen from bench/skew.py).
 DEFAULT_STRATEGY = {"seq-cls": "fedlc", "causal-lm": "fedavg"}
@@ -56,7 +57,9 @@ class LoraSection:
     # Transformer block indices that carry LoRA. Empty: all blocks.
     layers: list[int] = field(default_factory=list)
     # "lora"; "ffa" (FFA-LoRA: every A frozen at its initialization, only B trained and sent);
-    # "fedsvd" (as ffa, and the coordinator re-factorizes B @ A by SVD after every round).
+    # "fedsvd" (as ffa, and the coordinator re-factorizes B @ A by SVD after every round);
+    # "fedsb" (Fed-SB: B and A fixed from the truncated SVD of each pretrained weight, only a
+    # rank x rank core R between them trained and sent).
     variant: str = "lora"
 
 
@@ -304,6 +307,13 @@ class RunConfig:
         scale = self.lora.alpha / self.lora.rank if scale is None else scale
         name = self.federation.strategy or ("fedavg" if self.split.mode == "split" else DEFAULT_STRATEGY.get(self.model.task, "fedavg"))
         strategy = build_strategy(name, self.federation.options, scale=scale, seed=self.seed)
+        # The adapter variant wraps the strategy first, so client-level DP (outside it) clips and
+        # noises only the tensors clients train (not FFA's frozen A, not Fed-SB's fixed factors).
+        if self.lora.variant != "lora":
+            from fedtune.aggregation.fedsb import FedSB
+            from fedtune.aggregation.ffa import FedSVD, FFALoRA
+
+            strategy = {"ffa": FFALoRA, "fedsvd": FedSVD, "fedsb": FedSB}[self.lora.variant](strategy, scale=scale, seed=self.seed)
         # Client-level DP sits inside sample-level DP: the latter reads each real update's
         # accountant figures before the former folds them into one noised mean.
         p = self.privacy
@@ -326,10 +336,6 @@ class RunConfig:
             strategy = SampleDP(strategy, options, scale=scale, seed=self.seed)
         if self.federation.share_a:
             strategy = FedSA(strategy, FedSAOptions(self.federation.personal_eval), scale=scale, seed=self.seed)
-        if self.lora.variant in ("ffa", "fedsvd"):
-            from fedtune.aggregation.ffa import FedSVD, FFALoRA
-
-            strategy = (FFALoRA if self.lora.variant == "ffa" else FedSVD)(strategy, scale=scale, seed=self.seed)
         if self.split.mode == "split":
             from fedtune.aggregation.splitfed import SplitFed, SplitFedOptions
             from fedtune.options import build_options
@@ -364,6 +370,7 @@ class RunConfig:
         _check(0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
         _check(self.lora.variant in LORA_VARIANTS, "lora.variant", f"unknown variant {self.lora.variant!r}; choose one of: {', '.join(LORA_VARIANTS)}")
         _check(not (self.lora.variant in ("ffa", "fedsvd") and self.federation.share_a), "lora.variant", f"{self.lora.variant} sends only B and federation.share_a only A: nothing LoRA would be shared")
+        _check(not (self.lora.variant == "fedsb" and self.federation.share_a), "lora.variant", "fedsb sends only the cores R and federation.share_a only A: nothing LoRA would be shared")
         _check(self.split.mode in ("federated", "split"), "split.mode", f"must be federated or split, got {self.split.mode!r}")
         _check(self.split.cut >= 1, "split.cut", "must be at least 1")
         _check(self.split.head in ("client", "server"), "split.head", f"must be client or server, got {self.split.head!r}")

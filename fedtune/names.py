@@ -16,6 +16,9 @@ from typing import Iterable
 # LoRA factors of a module M: its update to the frozen weight is scale * B @ A.
 A_SUFFIX = ".lora_A.weight"          # rank x in
 B_SUFFIX = ".lora_B.weight"          # out x rank
+# Fed-SB (LoRA-SB): a trained rank x rank core R between frozen B and A; the update is
+# scale * B @ R @ A. It lives inside the A side of peft's module (A then R, then B).
+CORE_SUFFIX = ".lora_A.core.weight"  # rank x rank
 
 # Dense out x in update a client adds to the frozen weight of M (FLoRA's folded aggregate).
 BASE_DELTA = ".base_delta"
@@ -32,7 +35,7 @@ INIT_A = ".lora_init_A"
 
 
 def is_lora(name: str) -> bool:
-    return name.endswith(A_SUFFIX) or name.endswith(B_SUFFIX)
+    return name.endswith(A_SUFFIX) or name.endswith(B_SUFFIX) or name.endswith(CORE_SUFFIX)
 
 
 def is_frozen_update(name: str) -> bool:

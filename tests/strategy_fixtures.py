@@ -12,7 +12,7 @@ from fedtune.protocol.tensors import TensorSpec
 M = "base_model.model.layer.0.q"
 M2 = "base_model.model.layer.1.q"
 MODULES = {0: M, 1: M2}
-A, B = ".lora_A.weight", ".lora_B.weight"
+A, B, CORE = ".lora_A.weight", ".lora_B.weight", ".lora_A.core.weight"
 HEAD = "head.weight"
 OUT, IN, RMAX = 12, 10, 8
 DTYPE = torch.float32
@@ -31,6 +31,8 @@ def spec_of(p: AdapterPlan) -> dict[str, TensorSpec]:
         r = p.rank_per_layer.get(layer, p.rank)
         out[MODULES[layer] + A] = TensorSpec((r, IN), DTYPE)
         out[MODULES[layer] + B] = TensorSpec((OUT, r), DTYPE)
+        if p.core:
+            out[MODULES[layer] + CORE] = TensorSpec((r, r), DTYPE)
     out[HEAD] = TensorSpec((3, IN), DTYPE)
     return out
 

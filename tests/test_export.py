@@ -19,7 +19,7 @@ from conftest import sentiment_examples
 from test_end_to_end import _write_jsonl
 
 LABELS = ["negative", "positive"]
-CASES = [(name, False) for name in STRATEGIES.names()] + [("fedavg", True), ("hetlora", True)]
+CASES = [(name, False, "lora") for name in STRATEGIES.names()] + [("fedavg", True, "lora"), ("hetlora", True, "lora"), ("fedavg", False, "fedsb"), ("fedavg", False, "fedsvd")]
 
 
 def _plain_peft_eval(model_dir: str, adapter_dir, eval_path: str) -> dict:
@@ -34,8 +34,8 @@ def _plain_peft_eval(model_dir: str, adapter_dir, eval_path: str) -> dict:
     return task.evaluate(model, items, tokenizer.pad_token_id)
 
 
-@pytest.mark.parametrize("strategy,share_a", CASES, ids=lambda v: str(v))
-def test_export_reproduces_the_last_evaluation_with_plain_peft(tmp_path, tiny_llama, strategy, share_a):
+@pytest.mark.parametrize("strategy,share_a,variant", CASES, ids=lambda v: str(v))
+def test_export_reproduces_the_last_evaluation_with_plain_peft(tmp_path, tiny_llama, strategy, share_a, variant):
     config = RunConfig()
     config.model.source, config.model.labels, config.model.max_length = tiny_llama, LABELS, 32
     config.federation.rounds, config.federation.strategy, config.federation.share_a = 2, strategy, share_a
@@ -43,7 +43,7 @@ def test_export_reproduces_the_last_evaluation_with_plain_peft(tmp_path, tiny_ll
     config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(200, seed=1))
     config.eval.data = _write_jsonl(tmp_path / "eval.jsonl", sentiment_examples(100, seed=2))
     config.training.local_steps, config.training.batch_size, config.training.learning_rate = 5, 16, 2e-2
-    config.lora.rank, config.lora.alpha = 4, 8.0
+    config.lora.rank, config.lora.alpha, config.lora.variant = 4, 8.0, variant
     config.planner.min_rank, config.planner.max_rank = 2, 4
     config.export.merged = strategy == "flora"
     config.run_dir = str(tmp_path / "run")
@@ -55,6 +55,8 @@ def test_export_reproduces_the_last_evaluation_with_plain_peft(tmp_path, tiny_ll
     assert got["eval_accuracy"] == pytest.approx(last["eval_accuracy"], abs=1e-9)
     meta = json.loads((result.run_dir / "adapter" / "fedtune.json").read_text())
     assert meta["labels"] == LABELS
+    if variant == "fedsb":  # the cores were folded into A: a plain LoRA adapter
+        assert meta["folded_cores"] and meta["plan"]["core"] is False
     if strategy == "flora":
         assert meta["folded_base_delta"] and meta["relative_error"] < 1e-5
         from transformers import AutoModelForSequenceClassification

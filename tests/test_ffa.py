@@ -74,7 +74,7 @@ def test_strategies_that_rebuild_a_and_share_a_conflicts_are_refused():
     with pytest.raises(ConfigError, match="nothing LoRA would be shared"):
         config.validate()
     config.federation.share_a, config.lora.variant = False, "ffa-lora"
-    with pytest.raises(ConfigError, match="unknown variant 'ffa-lora'; choose one of: lora, ffa, fedsvd"):
+    with pytest.raises(ConfigError, match="unknown variant 'ffa-lora'; choose one of: lora, ffa, fedsvd, fedsb"):
         config.validate()
 
 

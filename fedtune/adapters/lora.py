@@ -9,6 +9,7 @@ loading such a dict back strictly, and exporting a standard PEFT adapter folder.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -16,7 +17,7 @@ from typing import Mapping
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-from fedtune.names import BASE_DELTA, FROZEN_A, FROZEN_B, is_frozen_update
+from fedtune.names import A_SUFFIX, BASE_DELTA, CORE_SUFFIX, FROZEN_A, FROZEN_B, is_frozen_update
 
 PEFT_TASK_TYPES = {"seq-cls": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM}
 
@@ -39,6 +40,9 @@ class AdapterPlan:
     rank_per_layer: Mapping[int, int] = field(default_factory=dict)
     # FFA-LoRA: every A stays frozen at the value it is given; only B (and heads) train.
     freeze_a: bool = False
+    # Fed-SB (LoRA-SB): B and A frozen (initialized from the truncated SVD of the pretrained
+    # weight), a rank x rank core R between them trained (update scale * B @ R @ A).
+    core: bool = False
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -58,7 +62,7 @@ class AdapterPlan:
         """A hashable identity (plans with equal keys build identical adapters)."""
         return (
             self.rank, self.alpha, self.dropout, self.target_modules, self.layers,
-            self.modules_to_save, tuple(sorted(self.rank_per_layer.items())), self.freeze_a,
+            self.modules_to_save, tuple(sorted(self.rank_per_layer.items())), self.freeze_a, self.core,
         )
 
     def to_json(self) -> dict:
@@ -100,13 +104,15 @@ def lora_config(plan: AdapterPlan, task: str, model: torch.nn.Module) -> LoraCon
 
 def inject_lora(model: torch.nn.Module, plan: AdapterPlan, task: str) -> PeftModel:
     """Wrap ``model`` with LoRA modules as the plan says. Base weights stay frozen (and, with
-    ``freeze_a``, the A matrices)."""
+    ``freeze_a``, the A matrices; with ``core``, both factors, around a trained core)."""
     try:
         peft_model = get_peft_model(model, lora_config(plan, task, model))
         if plan.freeze_a:
             for name, param in peft_model.named_parameters():
                 if ".lora_A." in name:
                     param.requires_grad_(False)
+        if plan.core:
+            insert_cores(peft_model)
         return peft_model
     except AdapterError:
         raise
@@ -114,15 +120,84 @@ def inject_lora(model: torch.nn.Module, plan: AdapterPlan, task: str) -> PeftMod
         raise AdapterError(f"cannot apply LoRA plan {plan}: {exc}") from exc
 
 
+class CoreProjection(torch.nn.Module):
+    """The A side of a LoRA-SB module: ``x -> R @ (A @ x)`` with A frozen and the square core R
+    trained. Sits where peft keeps ``lora_A[adapter]``, so peft's forward computes
+    ``B(R(A x)) * scale`` unchanged, the adapter state names it ``<module>.lora_A.core.weight``,
+    and Opacus computes per-example gradients of R as of any Linear layer.
+
+    peft 0.21 has no LoRA-SB tuner (its TinyLoRA trains a projected vector, not R), hence this
+    small module rather than a new tuner."""
+
+    def __init__(self, a: torch.Tensor) -> None:
+        super().__init__()
+        rank = a.shape[0]
+        self.weight = torch.nn.Parameter(a.detach().clone(), requires_grad=False)
+        self.core = torch.nn.Linear(rank, rank, bias=False, dtype=a.dtype, device=a.device)
+        torch.nn.init.zeros_(self.core.weight)  # the adapter starts as the identity function
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.core(torch.nn.functional.linear(x, self.weight))
+
+
+def insert_cores(model: PeftModel) -> None:
+    """Turn every LoRA module into LoRA-SB: B and A from the truncated SVD of the module's
+    pretrained weight W (LoRA-XS: ``B = U_r S_r``, ``A = V_r^T``, so the adapter spans W's
+    leading directions), both frozen, and a zero-initialized trained core R between them.
+
+    No data is used, so the initialization costs no privacy (LoRA-SB's reference code instead
+    initializes from a gradient over all the training data, which a federation does not have)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        weight = module.get_base_layer().weight
+        u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+        for name in list(module.lora_A.keys()):
+            a = module.lora_A[name].weight
+            rank = a.shape[0]
+            if rank > s.shape[0]:
+                raise AdapterError(f"LoRA-SB rank {rank} exceeds the rank of a {list(weight.shape)} weight")
+            module.lora_A[name] = CoreProjection(vh[:rank].to(a.dtype))
+            b = module.lora_B[name].weight
+            with torch.no_grad():
+                b.copy_((u[:, :rank] * s[:rank]).to(b.dtype))
+            b.requires_grad_(False)
+
+
+def fold_cores(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LoRA-SB adapter state as a plain LoRA state with the same function: each core R is
+    folded into its A (``A <- R @ A``), so plain peft loads it."""
+    out = {n: t for n, t in state.items() if not n.endswith(CORE_SUFFIX)}
+    for name, r in state.items():
+        if name.endswith(CORE_SUFFIX):
+            a_name = name[: -len(CORE_SUFFIX)] + A_SUFFIX
+            if a_name not in state or state[a_name].shape[0] != r.shape[1]:
+                raise AdapterError(f"core {name!r} has no A of rank {r.shape[1]} to fold into")
+            out[a_name] = (r.double() @ state[a_name].double()).to(state[a_name].dtype)
+    return out
+
+
+def _peft_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """peft's adapter state dict (live tensors), with LoRA-SB cores named
+    ``<module>.lora_A.core.weight``: peft strips the adapter name only from its own parameter
+    names, and would mangle the core's on loading, so fedtune names and loads cores itself."""
+    return {_CORE_KEY.sub(r"\1.core.weight", k): v for k, v in get_peft_model_state_dict(model).items()}
+
+
+_CORE_KEY = re.compile(r"(\.lora_A)\.[^.]+\.core\.weight$")
+
+
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
     """The adapter's trainable tensors by name: the LoRA matrices plus fully trained modules
     (the classification head). Detached CPU copies, safe to send or store."""
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in _peft_state(model).items()}
 
 
 def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:
     """Load a state produced by ``adapter_state`` for the same plan; every tensor must match."""
-    expected = get_peft_model_state_dict(model)
+    expected = _peft_state(model)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -130,13 +205,17 @@ def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> N
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise AdapterError(f"{name}: shape {list(tensor.shape)} does not fit {list(expected[name].shape)}")
-    set_peft_model_state_dict(model, dict(state))
+    set_peft_model_state_dict(model, {k: v for k, v in state.items() if not k.endswith(CORE_SUFFIX)})
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if name.endswith(CORE_SUFFIX):
+                expected[name].copy_(tensor)
 
 
 def adapter_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
     """Adapter-state name (as in ``adapter_state``) -> the live trainable parameter. Recipes
     that keep per-tensor state (control variates, proximal anchors) index it by these names."""
-    state = get_peft_model_state_dict(model)
+    state = _peft_state(model)
     by_storage = {(t.data_ptr(), tuple(t.shape)): name for name, t in state.items()}
     out = {}
     for p in model.parameters():

@@ -45,6 +45,11 @@ class FFALoRA(Wrapper):
 
         return map_instructions(self.inner.configure(ctx, state), freeze_a)
 
+    def server_params(self, state: Mapping[str, torch.Tensor]) -> list[str]:
+        """The inner strategy's, less A: nobody trains it, so client-level DP must not noise it
+        and a server optimizer has nothing to step."""
+        return [n for n in self.inner.server_params(state) if not n.endswith(A_SUFFIX)]
+
 
 class FedSVD(FFALoRA):
     """FedSVD: clients train B with A frozen (as FFA-LoRA); after each round the coordinator

@@ -40,6 +40,7 @@ def plan_from_config(config: RunConfig) -> AdapterPlan:
         dropout=lora.dropout,
         target_modules=tuple(lora.target_modules),
         layers=tuple(lora.layers),
+        core=lora.variant == "fedsb",
     )
 
 

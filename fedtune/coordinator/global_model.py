@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from fedtune.adapters import AdapterError, AdapterPlan, adapter_state, export_adapter, inject_lora, load_adapter_state
+from fedtune.adapters import AdapterError, AdapterPlan, adapter_state, export_adapter, fold_cores, inject_lora, load_adapter_state
 from fedtune.aggregation.lora_math import low_rank, product
 from fedtune.names import A_SUFFIX, B_SUFFIX, lora_modules
 from fedtune.data import Example
@@ -107,6 +107,13 @@ class GlobalModel:
             load_adapter_state(model, state)
             metadata.update(plan=plan.to_json(), folded_base_delta=True, export_rank=plan.rank, relative_error=max(errors.values(), default=0.0), relative_error_per_module=errors)
             log.info("folded the base deltas into a rank-%d adapter (largest relative error %.2e)", plan.rank, metadata["relative_error"])
+        elif self.plan.core:
+            # Fed-SB: fold each core into its A (A <- R @ A), a plain LoRA adapter with the
+            # same function, since peft has no LoRA-SB tuner to load cores with.
+            plan = replace(self.plan, core=False)
+            model = inject_lora(self.store.instance(self.source, self.task_name, self.labels), plan, self.task_name)
+            load_adapter_state(model, fold_cores(state))
+            metadata.update(plan=plan.to_json(), folded_cores=True)
         else:
             self._load(state, {})
             model = self.model

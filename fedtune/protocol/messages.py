@@ -19,6 +19,7 @@ def plan_to_proto(plan: AdapterPlan) -> pb.AdapterPlan:
         modules_to_save=list(plan.modules_to_save),
         rank_per_layer=dict(plan.rank_per_layer),
         freeze_a=plan.freeze_a,
+        core=plan.core,
     )
 
 
@@ -33,6 +34,7 @@ def plan_from_proto(msg: pb.AdapterPlan) -> AdapterPlan:
         modules_to_save=tuple(msg.modules_to_save),
         rank_per_layer=dict(msg.rank_per_layer),
         freeze_a=msg.freeze_a,
+        core=msg.core,
     )
 
 
