@@ -1,12 +1,13 @@
 """Accuracy under differential privacy on the demo task: adapter variants at several epsilons,
 sample-level DP on the demo's clients and client-level DP with 100 simulated clients.
 
-    python bench/privacy.py [--levels sample,client] [--variants lora,ffa] [--epsilons 1,4,8,inf]
-                            [--rounds 4] [--out FILE]
+    python bench/privacy.py [--levels sample,client] [--variants lora,ffa,fedsb,fedsvd]
+                            [--epsilons 1,4,8,inf] [--rounds 4] [--partition iid] [--out FILE]
 
 Every row is one federated run over loopback gRPC of the demo task (MiniLM, LoRA r=8 on
-query/value + head, 3-class tweets, Dirichlet(0.5) split, strategy fedavg, 1000 held-out
-tweets). ``eps<E>`` rows ask for ``--target-epsilon E`` (delta 1e-5): fedtune picks the noise
+query/value + head, 3-class tweets, strategy fedavg, 1000 held-out tweets), split IID by default
+so that the run without DP is a real ceiling (with ``--partition dirichlet``, Dirichlet(0.5),
+plain FedAvg drifts to the majority class on 3 clients and the non-DP row says little). ``eps<E>`` rows ask for ``--target-epsilon E`` (delta 1e-5): fedtune picks the noise
 multiplier that ends the run at E, and the row reports the epsilon the run's accountant really
 spent (``epsilon``; the largest device's at sample level). ``epsinf`` is the same run without DP.
 
@@ -17,8 +18,11 @@ spent (``epsilon``; the largest device's at sample level). ``epsinf`` is the sam
 
 Columns: ``eval_loss``, ``eval_accuracy`` (final), ``epsilon``, ``noise_multiplier``,
 ``bytes_up_per_client_round``, ``wall_seconds``. Variants: ``lora`` (plain), ``ffa`` (FFA-LoRA: A
-frozen at its seeded init, only B trained and sent) and ``fedsvd`` (B trained, A re-factorized by SVD
-on the coordinator after every round).
+frozen at its seeded init, only B trained and sent), ``fedsb`` (Fed-SB: B and A fixed from the
+pretrained weight's SVD, only the r x r cores trained and sent) and ``fedsvd`` (B trained, A
+re-factorized by SVD on the coordinator after every round). ``--variant-lr`` sets a variant's
+local learning rate (default: fedsb 2e-2, as LoRA-SB/LoRA-XS train their few parameters with a
+larger step; the others fedtune's default 1e-3).
 """
 
 from __future__ import annotations
@@ -41,10 +45,13 @@ def run(level: str, variant: str, eps: float, args, tmp: str) -> dict:
     config.federation.rounds = args.rounds
     config.lora.variant = variant
     config.simulation.eval_examples = 1000
+    config.simulation.partition = args.partition
     if args.batch_size:
         config.training.batch_size = args.batch_size
     if args.lr:
         config.training.learning_rate = args.lr
+    if variant in args.variant_lr:
+        config.training.learning_rate = args.variant_lr[variant]
     if level == "sample":
         config.simulation.clients = args.clients
     else:
@@ -66,6 +73,7 @@ def run(level: str, variant: str, eps: float, args, tmp: str) -> dict:
         spent, sigma = last.get("dp_epsilon"), last.get("dp_noise_multiplier")
     return {
         "name": name, "level": level, "variant": variant, "target_epsilon": eps if math.isfinite(eps) else None,
+        "learning_rate": config.training.learning_rate,
         "eval_loss": last["eval_loss"], "eval_accuracy": last.get("eval_accuracy"),
         "epsilon": spent if math.isfinite(eps) else None, "noise_multiplier": sigma,
         "bytes_up_per_client_round": sum(r["bytes_up_per_client"] or 0 for r in rows) / len(rows),
@@ -74,10 +82,24 @@ def run(level: str, variant: str, eps: float, args, tmp: str) -> dict:
     }
 
 
+def _variant_lrs(text: str) -> dict[str, float]:
+    out = {}
+    for item in filter(None, text.split(",")):
+        variant, _, lr = item.partition("=")
+        try:
+            out[variant.strip()] = float(lr)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected VARIANT=LR, got {item!r}") from None
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", default="sample,client")
-    parser.add_argument("--variants", default="lora,ffa,fedsvd")
+    parser.add_argument("--variants", default="lora,ffa,fedsb,fedsvd")
+    parser.add_argument("--partition", default="iid", help="iid or dirichlet (alpha 0.5)")
+    parser.add_argument("--variant-lr", type=_variant_lrs, default=_variant_lrs("fedsb=2e-2"), metavar="V=LR,...",
+                        help="local learning rate per variant (default fedsb=2e-2)")
     parser.add_argument("--epsilons", default="1,4,8,inf")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--clients", type=int, default=3, help="sample level: demo clients")
@@ -106,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['name']:<14}{r['eval_loss']:>10.4f}{r['eval_accuracy']:>10.3f}{eps:>10}{sigma:>8}{r['bytes_up_per_client_round']:>12.0f}")
     if args.out:
         args.out.write_text(json.dumps({"rows": rows, "rounds": args.rounds, "sample_clients": args.clients, "client_level_clients": 100,
-                                        "client_level_per_round": 10, "sample_clip": args.sample_clip, "client_clip": args.client_clip, "delta": 1e-5,
+                                        "client_level_per_round": 10, "partition": args.partition, "variant_lr": args.variant_lr, "sample_clip": args.sample_clip, "client_clip": args.client_clip, "delta": 1e-5,
                                         "batch_size": args.batch_size or "default", "lr": args.lr or "default"}, indent=2) + "\n")
     return 0
 

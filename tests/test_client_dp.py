@@ -233,6 +233,16 @@ def test_a_run_configured_past_its_budget_stops_at_the_right_round(tmp_path, tin
     assert rows[-1]["dp_epsilon"] <= 3.0
     assert (result.run_dir / "adapter").is_dir()  # the run ended normally, with its export
     assert "privacy budget" in result.stopped_because and "> budget 3" in result.stopped_because
+    # Resuming a run whose budget is spent is refused at start, in one line that says why.
+    from fedtune.config import load_config
+    from fedtune.coordinator.app import Coordinator
+    from fedtune.coordinator.errors import CoordinatorError
+
+    resumed = load_config(result.run_dir / "config.toml")
+    with pytest.raises(CoordinatorError) as err:
+        Coordinator(resumed, resume=True)
+    assert err.value.code == "FAILED_PRECONDITION" and "\n" not in err.value.message
+    assert f"cannot resume round {expected + 1}" in err.value.message and "privacy budget is already spent" in err.value.message
 
 
 def test_a_target_epsilon_picks_sigma_once_and_ends_the_run_there():

@@ -167,8 +167,11 @@ class RoundEngine:
             saved = ckpt.meta.get(key)
             if saved is not None and saved != now:
                 raise CoordinatorError("FAILED_PRECONDITION", f"cannot resume round {ckpt.round} of {self.run_dir}: {_difference(key, saved, now)}")
+        # Model tensors must match in shape; bookkeeping may have grown (a privacy history has
+        # a row per round), so only its name and dtype are checked.
         expected, found = specs_of(self.state), specs_of(ckpt.state)
-        if any(found.get(name) != spec for name, spec in expected.items()):
+        model = set(self.strategy.server_params(self.state))
+        if any(name not in found or found[name].dtype != spec.dtype or (name in model and found[name] != spec) for name, spec in expected.items()):
             raise CoordinatorError(
                 "FAILED_PRECONDITION",
                 f"checkpoint in {self.run_dir} does not fit the configured run (different model, LoRA plan or strategy)",
@@ -177,6 +180,13 @@ class RoundEngine:
         self.start_round = ckpt.round + 1
         self.history = self.metrics.keep_until(ckpt.round)
         self.resumed_from = ckpt
+        # A run whose privacy budget is spent has nothing left to resume: say so at start
+        # rather than open a coordinator that ends before its first round.
+        rate = next((row["dp_sample_rate"] for row in reversed(self.history) if row.get("dp_sample_rate")), None)
+        if rate is not None and self.start_round <= self.fed.rounds:
+            reason = self.strategy.stop_reason(self.state, float(rate))
+            if reason:
+                raise CoordinatorError("FAILED_PRECONDITION", f"cannot resume round {self.start_round} of {self.run_dir}: the privacy budget is already spent ({reason})")
         log.info("resumed from the checkpoint of round %d", ckpt.round)
 
     # ------------------------------------------------------------------ calls from clients
