@@ -11,8 +11,9 @@ keep its own accountant); an empty batch still counts as a step of the mechanism
 
 The history ``[(sigma, q, steps), ...]`` grows by one entry per round the device trains and
 lives in the recipe memory the agent keeps, so the device's epsilon counts exactly the rounds
-it took part in. It is kept in the client process: a restarted client starts a new history
-(a restart must not be used to reset a budget; issue tracker: client state persistence).
+it took part in. With a state directory (``fedtune client --state-dir``) the agent stores it
+across restarts, so a restart cannot reset a budget; without one, a restarted client starts a
+new history.
 """
 
 from __future__ import annotations
