@@ -122,3 +122,24 @@ def test_profiles_file(tmp_path):
         path.write_text(text)
         with pytest.raises(ProfileError, match=message.replace("[", r"\[").replace("]", r"\]")):
             load_profiles(path)
+
+
+@pytest.mark.parametrize("variant", ["lora", "freeze_a", "core"])
+def test_cost_model_counts_what_each_variant_holds_trains_and_sends(minilm, variant):
+    from dataclasses import replace
+
+    from fedtune.adapters import adapter_parameters
+
+    store, source, geometry, plan = minilm
+    plan = replace(plan, layers=(3, 4, 5), freeze_a=variant == "freeze_a", core=variant == "core")
+    model = inject_lora(store.instance(source, "seq-cls", LABELS), plan, "seq-cls")
+    head = {n for n in adapter_state(model) if "lora_" not in n}
+    state = adapter_state(model)
+    trained = {n: p for n, p in adapter_parameters(model).items() if n not in head}
+    cost = CostModel(16, 64, 20)
+    assert cost.lora_params(geometry, plan) == sum(t.numel() for n, t in state.items() if n not in head)
+    assert cost.trained_params(geometry, plan) == sum(p.numel() for p in trained.values())
+    head_params = sum(state[n].numel() for n in head)
+    assert geometry.head_params == head_params
+    assert cost.bytes_up(geometry, plan) == 4 * (sum(p.numel() for p in trained.values()) + head_params)
+    assert cost.bytes_down(geometry, plan) == 4 * sum(t.numel() for t in state.values())

@@ -117,8 +117,20 @@ class CostModel:
         return activation_bytes_per_block(self.batch_size, self.seq_len, g.hidden, g.heads)
 
     def lora_params(self, g: ModelGeometry, plan: AdapterPlan) -> int:
+        """Adapter parameters on the device: A and B of every LoRA module (plus Fed-SB's cores)."""
         ranks = plan_ranks(plan, g.num_blocks)
-        return sum(ranks[b] * (i + o) for b, _, i, o in g.modules if b in ranks)
+        cores = sum(ranks[b] ** 2 for b, _, _, _ in g.modules if b in ranks) if plan.core else 0
+        return sum(ranks[b] * (i + o) for b, _, i, o in g.modules if b in ranks) + cores
+
+    def trained_params(self, g: ModelGeometry, plan: AdapterPlan) -> int:
+        """The adapter parameters the device trains and sends back: all of them, B only
+        (FFA-LoRA's ``freeze_a``) or the r x r cores only (Fed-SB's ``core``)."""
+        ranks = plan_ranks(plan, g.num_blocks)
+        if plan.core:
+            return sum(ranks[b] ** 2 for b, _, _, _ in g.modules if b in ranks)
+        if plan.freeze_a:
+            return sum(ranks[b] * o for b, _, _, o in g.modules if b in ranks)
+        return self.lora_params(g, plan)
 
     def depth(self, g: ModelGeometry, plan: AdapterPlan) -> int:
         """Blocks the backward pass crosses: from the lowest LoRA block to the top."""
@@ -127,7 +139,10 @@ class CostModel:
 
     def memory_bytes(self, g: ModelGeometry, plan: AdapterPlan) -> int:
         activations = self.activations_per_block(g) * (self.activation_scale * self.depth(g, plan) + self.activation_overhead_blocks)
-        return int(4 * g.base_params + 16 * (self.lora_params(g, plan) + g.head_params) + activations)
+        # trained parameters: weight, gradient and two AdamW moments; frozen adapter factors: weight
+        trained = self.trained_params(g, plan) + g.head_params
+        frozen = self.lora_params(g, plan) - self.trained_params(g, plan)
+        return int(4 * g.base_params + 16 * trained + 4 * frozen + activations)
 
     def flops_per_step(self, g: ModelGeometry, plan: AdapterPlan, backward_factor: float | None = None) -> float:
         tokens = self.batch_size * self.seq_len
@@ -136,8 +151,13 @@ class CostModel:
         backward = factor * 2.0 * g.block_params * self.depth(g, plan) * tokens
         return forward + backward + 6.0 * self.lora_params(g, plan) * tokens
 
-    def bytes_per_direction(self, g: ModelGeometry, plan: AdapterPlan) -> int:
+    def bytes_down(self, g: ModelGeometry, plan: AdapterPlan) -> int:
+        """What a client receives: the whole adapter (frozen factors included)."""
         return 4 * (self.lora_params(g, plan) + g.head_params)
+
+    def bytes_up(self, g: ModelGeometry, plan: AdapterPlan) -> int:
+        """What a client sends back: what it trained."""
+        return 4 * (self.trained_params(g, plan) + g.head_params)
 
     def round_seconds(self, g: ModelGeometry, plan: AdapterPlan, caps: Capabilities) -> float:
         """Compute plus transfer time of one round on ``caps`` (inf when a figure is unknown)."""
@@ -145,8 +165,7 @@ class CostModel:
             return float("inf")
         factor = caps.backward_factor if caps.backward_factor > 0 else None  # the device's own, if measured
         seconds = self.local_steps * self.flops_per_step(g, plan, factor) / caps.flops_per_second
-        nbytes = self.bytes_per_direction(g, plan)
-        for rate in (caps.downlink_bytes_per_second, caps.uplink_bytes_per_second):
+        for nbytes, rate in ((self.bytes_down(g, plan), caps.downlink_bytes_per_second), (self.bytes_up(g, plan), caps.uplink_bytes_per_second)):
             seconds += nbytes / rate if rate > 0 else 0.0
         return seconds
 
