@@ -142,6 +142,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4))
     cl = report["client_level"]
@@ -159,6 +160,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     else:
         ax.text(0.5, 0.5, "no differential privacy in this run", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.set_ylabel(f"epsilon at delta = {report['delta']:g}")
     ax.set_title("Privacy budget spent")
     ax.grid(alpha=0.3)
