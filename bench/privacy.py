@@ -22,7 +22,7 @@ frozen at its seeded init, only B trained and sent), ``fedsb`` (Fed-SB: B and A 
 pretrained weight's SVD, only the r x r cores trained and sent) and ``fedsvd`` (B trained, A
 re-factorized by SVD on the coordinator after every round). ``--variant-lr`` sets a variant's
 local learning rate (default: fedsb 2e-2, as LoRA-SB/LoRA-XS train their few parameters with a
-larger step; the others fedtune's default 1e-3).
+larger step; the others fedtune's default, 3e-3).
 """
 
 from __future__ import annotations
