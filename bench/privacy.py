@@ -82,6 +82,13 @@ def run(level: str, variant: str, eps: float, args, tmp: str) -> dict:
     }
 
 
+def write_json(args, rows: list[dict]) -> None:
+    args.out.write_text(json.dumps({"rows": rows, "rounds": args.rounds, "sample_clients": args.clients, "client_level_clients": 100,
+                                    "client_level_per_round": 10, "partition": args.partition, "variant_lr": args.variant_lr, "sample_clip": args.sample_clip,
+                                    "client_clip": args.client_clip, "delta": 1e-5,
+                                    "batch_size": args.batch_size or "default", "lr": args.lr or "default"}, indent=2) + "\n")
+
+
 def _variant_lrs(text: str) -> dict[str, float]:
     out = {}
     for item in filter(None, text.split(",")):
@@ -118,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"running {level} {variant} eps={text} ...", file=sys.stderr, flush=True)
                     rows.append(run(level, variant, eps, args, tmp))
                     r = rows[-1]
+                    if args.out:  # after every row, so an interrupted run keeps what it measured
+                        write_json(args, rows)
                     print(f"  acc {r['eval_accuracy']:.3f} loss {r['eval_loss']:.4f} eps {r['epsilon']} sigma {r['noise_multiplier']}", file=sys.stderr, flush=True)
     for level in args.levels.split(","):
         print(f"\n{level} level")
@@ -127,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             sigma = f"{r['noise_multiplier']:.3g}" if r["noise_multiplier"] is not None else "-"
             print(f"{r['name']:<14}{r['eval_loss']:>10.4f}{r['eval_accuracy']:>10.3f}{eps:>10}{sigma:>8}{r['bytes_up_per_client_round']:>12.0f}")
     if args.out:
-        args.out.write_text(json.dumps({"rows": rows, "rounds": args.rounds, "sample_clients": args.clients, "client_level_clients": 100,
-                                        "client_level_per_round": 10, "partition": args.partition, "variant_lr": args.variant_lr, "sample_clip": args.sample_clip, "client_clip": args.client_clip, "delta": 1e-5,
-                                        "batch_size": args.batch_size or "default", "lr": args.lr or "default"}, indent=2) + "\n")
+        write_json(args, rows)
     return 0
 
 
