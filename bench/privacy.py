@@ -135,8 +135,6 @@ def main(argv: list[str] | None = None) -> int:
             eps = f"{r['epsilon']:.3g}" if r["epsilon"] is not None else "inf"
             sigma = f"{r['noise_multiplier']:.3g}" if r["noise_multiplier"] is not None else "-"
             print(f"{r['name']:<14}{r['eval_loss']:>10.4f}{r['eval_accuracy']:>10.3f}{eps:>10}{sigma:>8}{r['bytes_up_per_client_round']:>12.0f}")
-    if args.out:
-        write_json(args, rows)
     return 0
 
 

@@ -4,7 +4,6 @@ trained, sent and averaged; averaging R is exactly averaging the updates B R A."
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 import torch
@@ -17,11 +16,9 @@ from fedtune.aggregation.ffa import FFALoRA
 from fedtune.config import ConfigError, RunConfig
 from fedtune.models import ModelStore, resolve_source
 from fedtune.options import OptionsError
-from fedtune.simulation.runner import run_simulation
 
-from conftest import sentiment_examples
 from strategy_fixtures import A, B, CORE, HEAD, MODULES, context, echo, plan, random_adapter, spec_of, trained
-from test_end_to_end import _config, _write_jsonl
+from test_ffa import variant_run
 
 CORE_PLAN = dataclasses.replace(plan(), core=True)
 PLANS = {"a": CORE_PLAN, "b": CORE_PLAN, "c": CORE_PLAN}
@@ -148,21 +145,10 @@ def test_opacus_computes_per_example_gradients_of_the_cores(tiny_llama):
 
 
 def test_fedsb_run_learns_keeps_the_factors_and_uploads_only_cores(tmp_path, small_llama):
-    from safetensors.torch import load_file
-
     rows = {}
     for variant in ("lora", "fedsb"):
-        config = _config(tmp_path / variant, small_llama, "seq-cls", rounds=2)
-        config.federation.strategy, config.lora.variant, config.lora.rank = "fedavg", variant, 8
-        config.training.learning_rate = 5e-3
-        config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(600, seed=1))
-        config.eval.data = _write_jsonl(tmp_path / "eval.jsonl", sentiment_examples(200, seed=2))
-        result = run_simulation(config.validate())
-        assert not result.client_errors
-        rows[variant] = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows[variant], first, last = variant_run(tmp_path, small_llama, variant)
         if variant == "fedsb":
-            first = load_file(str(result.run_dir / "checkpoints" / "round-0001" / "state.safetensors"))
-            last = load_file(str(result.run_dir / "checkpoints" / "round-0002" / "state.safetensors"))
             factors = [n for n in last if n.endswith((A, B))]
             cores = [n for n in last if n.endswith(CORE)]
             assert factors and cores and all(torch.equal(first[n], last[n]) for n in factors)

@@ -78,20 +78,26 @@ def test_strategies_that_rebuild_a_and_share_a_conflicts_are_refused():
         config.validate()
 
 
+def variant_run(tmp_path, model: str, variant: str) -> tuple[list[dict], dict, dict]:
+    """A 2-round FedAvg run of the LoRA variant ``variant`` on 3 simulated clients: its metrics
+    rows and its checkpointed states after rounds 1 and 2."""
+    config = _config(tmp_path / variant, model, "seq-cls", rounds=2)
+    config.federation.strategy, config.lora.variant, config.lora.rank = "fedavg", variant, 8
+    config.training.learning_rate = 5e-3
+    config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(600, seed=1))
+    config.eval.data = _write_jsonl(tmp_path / "eval.jsonl", sentiment_examples(200, seed=2))
+    result = run_simulation(config.validate())
+    assert not result.client_errors
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    states = [load_file(str(result.run_dir / "checkpoints" / f"round-000{n}" / "state.safetensors")) for n in (1, 2)]
+    return rows, states[0], states[1]
+
+
 def test_ffa_run_keeps_a_and_halves_the_upload(tmp_path, small_llama):
     rows = {}
     for variant in ("lora", "ffa"):
-        config = _config(tmp_path / variant, small_llama, "seq-cls", rounds=2)
-        config.federation.strategy, config.lora.variant, config.lora.rank = "fedavg", variant, 8
-        config.training.learning_rate = 5e-3
-        config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(600, seed=1))
-        config.eval.data = _write_jsonl(tmp_path / "eval.jsonl", sentiment_examples(200, seed=2))
-        result = run_simulation(config.validate())
-        assert not result.client_errors
-        rows[variant] = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows[variant], first, last = variant_run(tmp_path, small_llama, variant)
         if variant == "ffa":
-            first = load_file(str(result.run_dir / "checkpoints" / "round-0001" / "state.safetensors"))
-            last = load_file(str(result.run_dir / "checkpoints" / "round-0002" / "state.safetensors"))
             a_names = [n for n in last if n.endswith(A)]
             assert a_names and all(torch.equal(first[n], last[n]) for n in a_names)
             assert any(not torch.equal(first[n], last[n]) for n in last if n.endswith(B))

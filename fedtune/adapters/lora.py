@@ -17,7 +17,7 @@ from typing import Mapping
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-from fedtune.names import A_SUFFIX, BASE_DELTA, CORE_SUFFIX, FROZEN_A, FROZEN_B, is_frozen_update
+from fedtune.names import A_SUFFIX, B_SUFFIX, BASE_DELTA, CORE_SUFFIX, FROZEN_A, FROZEN_B, is_frozen_update
 
 PEFT_TASK_TYPES = {"seq-cls": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM}
 
@@ -57,6 +57,14 @@ class AdapterPlan:
         """The LoRA scale alpha / rank, the same on every layer: a layer of rank r gets alpha
         ``scale * r``, so products B @ A of different ranks add up directly."""
         return self.alpha / self.rank
+
+    @property
+    def frozen_factors(self) -> tuple[str, ...]:
+        """Name suffixes of the LoRA factors this plan keeps frozen (never trained, never sent
+        back): A with ``freeze_a``, A and B with ``core``."""
+        if self.core:
+            return (A_SUFFIX, B_SUFFIX)
+        return (A_SUFFIX,) if self.freeze_a else ()
 
     def key(self) -> tuple:
         """A hashable identity (plans with equal keys build identical adapters)."""

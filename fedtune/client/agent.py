@@ -30,7 +30,6 @@ from fedtune.coordinator.guard import credentials
 from fedtune.data import Example
 from fedtune.devices import Capabilities
 from fedtune.models import ModelSource, ModelStore
-from fedtune.names import A_SUFFIX, B_SUFFIX
 from fedtune.privacy.sample_level import BudgetSpent
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.messages import capabilities_to_proto, plan_from_proto
@@ -381,10 +380,8 @@ class ClientAgent:
         finally:
             if heartbeat is not None:
                 heartbeat.stop()
-        if plan.freeze_a:  # FFA-LoRA: A was frozen, so it goes back to nobody
-            update = {k: v for k, v in update.items() if not k.endswith(A_SUFFIX)}
-        if plan.core:  # Fed-SB: B and A were fixed; the cores (and heads) go back
-            update = {k: v for k, v in update.items() if not k.endswith((A_SUFFIX, B_SUFFIX))}
+        if plan.frozen_factors:  # FFA-LoRA's A, Fed-SB's B and A: frozen, so they go back to nobody
+            update = {k: v for k, v in update.items() if not k.endswith(plan.frozen_factors)}
         log.info("%s: round %d trained (%s), loss %.4f", self._client_id, header.round, recipe.name, metrics["train_loss"])
         if uplink is None:
             return encode_tensors(update), len(items), metrics

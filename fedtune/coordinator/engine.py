@@ -167,10 +167,10 @@ class RoundEngine:
             saved = ckpt.meta.get(key)
             if saved is not None and saved != now:
                 raise CoordinatorError("FAILED_PRECONDITION", f"cannot resume round {ckpt.round} of {self.run_dir}: {_difference(key, saved, now)}")
-        # Model tensors must match in shape; bookkeeping may have grown (a privacy history has
-        # a row per round), so only its name and dtype are checked.
+        # Adapter and model tensors (frozen factors included) must match in shape; bookkeeping may
+        # have grown (a privacy history has a row per round), so only its name and dtype are checked.
         expected, found = specs_of(self.state), specs_of(ckpt.state)
-        model = set(self.strategy.server_params(self.state))
+        model = set(self.global_spec) | set(self.strategy.server_params(self.state))
         if any(name not in found or found[name].dtype != spec.dtype or (name in model and found[name] != spec) for name, spec in expected.items()):
             raise CoordinatorError(
                 "FAILED_PRECONDITION",
