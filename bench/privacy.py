@@ -48,6 +48,8 @@ def run(level: str, variant: str, eps: float, args, tmp: str) -> dict:
     config.simulation.partition = args.partition
     if args.batch_size:
         config.training.batch_size = args.batch_size
+    if args.local_steps:
+        config.training.local_steps = args.local_steps
     if args.lr:
         config.training.learning_rate = args.lr
     if variant in args.variant_lr:
@@ -86,7 +88,8 @@ def write_json(args, rows: list[dict]) -> None:
     args.out.write_text(json.dumps({"rows": rows, "rounds": args.rounds, "sample_clients": args.clients, "client_level_clients": 100,
                                     "client_level_per_round": 10, "partition": args.partition, "variant_lr": args.variant_lr, "sample_clip": args.sample_clip,
                                     "client_clip": args.client_clip, "delta": 1e-5,
-                                    "batch_size": args.batch_size or "default", "lr": args.lr or "default"}, indent=2) + "\n")
+                                    "batch_size": args.batch_size or "default", "lr": args.lr or "default",
+                                    "local_steps": args.local_steps or "default"}, indent=2) + "\n")
 
 
 def _variant_lrs(text: str) -> dict[str, float]:
@@ -114,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-clip", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=0, help="local batch size (default: fedtune's)")
     parser.add_argument("--lr", type=float, default=0.0, help="local learning rate (default: fedtune's)")
+    parser.add_argument("--local-steps", type=int, default=0, help="local steps per round (default: fedtune's)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     rows = []

@@ -37,9 +37,34 @@ def test_each_element_is_within_half_its_channels_step():
     enc = AMAQ.encode_with(x, widths, send_map=True)
     out = AMAQ.decode(enc.payload, x.shape, enc.params)
     flat, rec = x.reshape(-1, 48), out.reshape(-1, 48)
-    step = (flat.max(0).values - flat.min(0).values) / (2.0**widths - 1)
-    assert ((rec - flat).abs() <= step / 2 * (1 + 1e-5) + 1e-6).all()
+    sent_step = _sent_steps(enc.payload, 48)
+    assert ((rec - flat).abs() <= sent_step / 2 * (1 + 1e-5) + 1e-6).all()
     assert out.shape == x.shape
+    # Zero is a level, at a step at most levels / (levels - 1) times the min-max one.
+    levels = 2.0**widths - 1
+    min_max_step = (flat.max(0).values - flat.min(0).values) / levels
+    wide = levels >= 3
+    assert (sent_step[wide] <= min_max_step[wide] * levels[wide] / (levels[wide] - 1) * (1 + 1e-5)).all()
+
+
+def _sent_steps(payload: bytes, channels: int) -> torch.Tensor:
+    offset = math.ceil(3 * channels / 8)  # the bit map
+    head = torch.frombuffer(bytearray(payload[offset : offset + 8 * channels]), dtype=torch.float32)
+    return head[channels:]
+
+
+def test_exact_zeros_decode_to_exact_zeros():
+    # A gradient at a split cut: padding tokens, and every token a first-token head ignores,
+    # get exactly zero. Off a zero level they would decode to one constant per channel, a bias
+    # the backward pass sums over thousands of positions.
+    g = torch.zeros(64, 32)
+    g[::16] = heavy_tailed(4, 32, seed=3)
+    for bits in (2, 3, 4, 8):
+        widths = torch.full((32,), bits)
+        out = AMAQ.decode(AMAQ.encode_with(g, widths, True).payload, g.shape, {"map": "1", "code_bits": str(32 * bits)})
+        assert torch.equal(out[g == 0], torch.zeros(int((g == 0).sum())))
+        x_hat = fake_quantize(g, widths.float())
+        assert torch.equal(x_hat[g == 0], torch.zeros(int((g == 0).sum())))
 
 
 def test_a_frame_without_map_needs_the_streams_widths_and_checks_them():

@@ -1,8 +1,9 @@
 """AMAQ: adaptive mixed-bit quantization of split-learning activations and gradients.
 
 A tensor crossing the cut is viewed as a matrix of N rows (tokens) by C channels (its last
-dimension). Channel ``c`` is quantized uniformly between its own minimum and maximum at its own
-width ``b_c`` bits. The widths come from trainable gates ``Q_c`` (``BitGates``):
+dimension). Channel ``c`` is quantized uniformly over its own range at its own width ``b_c``
+bits, on a grid with zero as a level (``fedtune.compression.grid``: the exact zeros of padding
+and of tokens the head ignores stay exact). The widths come from trainable gates ``Q_c`` (``BitGates``):
 
     b_c = b_min + (b_max - b_min) * sigmoid(alpha * Q_c)
 
@@ -48,6 +49,7 @@ import torch
 
 from fedtune.compression.base import Codec, CodecError, Encoded, check_params, choice_param, int_param, numel, register_codec
 from fedtune.compression.bitpack import pack_segments, unpack_segments
+from fedtune.compression.grid import zero_grid
 from fedtune.protocol import fedtune_pb2 as pb
 
 MAX_WIDTH = 8
@@ -69,12 +71,11 @@ def overhead_bits(rows: int) -> float:
 
 
 def quantize_channels(x: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes, minima, steps) of ``x`` (N x C) at integer ``widths`` per channel; rounding to
-    nearest, so every element is reconstructed within half its channel's step."""
-    low = x.min(dim=0).values
-    high = x.max(dim=0).values
+    """(codes, minima, steps) of ``x`` (N x C) at integer ``widths`` per channel, on a grid with
+    zero as a level (``fedtune.compression.grid``); rounding to nearest, so every element is
+    reconstructed within half its channel's step."""
     levels = (2.0 ** widths.to(x.dtype)) - 1
-    step = (high - low) / levels
+    low, step = zero_grid(x.min(dim=0).values, x.max(dim=0).values, levels)
     safe = torch.where(step > 0, step, torch.ones_like(step))
     codes = torch.round((x - low) / safe).clamp_(min=0)
     codes = torch.minimum(codes, levels).where(step > 0, torch.zeros_like(codes))
@@ -200,14 +201,15 @@ def fake_quantize(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     differentiable function: the gradient passes to ``x`` unchanged (straight through) and to
     ``bits`` through the quantization step (LSQ: ``d x_hat / d step = round(u) - u``)."""
     b = _round_ste(bits)
-    low = x.detach().min(dim=0).values
-    high = x.detach().max(dim=0).values
-    step = (high - low) / (2.0**b - 1)
-    safe = torch.where(step > 0, step, torch.ones_like(step))
-    u = (x - low) / safe.detach()
-    residual = (torch.round(u).clamp(min=0) - u).detach()
-    residual = torch.minimum(residual, (2.0**b.detach() - 1) - u.detach())
-    return torch.where(step > 0, x + residual * step, x)
+    levels = 2.0**b - 1
+    low, grid_step = zero_grid(x.detach().min(dim=0).values, x.detach().max(dim=0).values, levels.detach())
+    step = grid_step * (levels.detach() / levels)  # its value, with the min-max step's gradient to the bits
+    safe = torch.where(grid_step > 0, grid_step, torch.ones_like(grid_step))
+    u = ((x - low) / safe).detach()
+    codes = torch.minimum(torch.round(u).clamp(min=0), levels.detach())
+    decoded = low + codes * grid_step  # what the receiver computes, to the last bit
+    x_hat = decoded + (x - x.detach()) + (step - step.detach()) * (codes - u)
+    return torch.where(grid_step > 0, x_hat, x)
 
 
 class BitGates(torch.nn.Module):

@@ -1,12 +1,12 @@
 """Lower-precision codecs: half-precision casts and uniform integer quantization per row.
 
 Uniform int-b views the tensor as a matrix (first dimension by the rest) and maps each row onto
-``2**b`` evenly spaced levels between the row's minimum and maximum, rounding to the nearest
-level. When the matrix is taller than wide (a LoRA B is out x rank) its columns play the part of
+``2**b`` evenly spaced levels spanning the row's minimum and maximum, with zero as a level
+(``fedtune.compression.grid``), rounding to the nearest level. When the matrix is taller than wide (a LoRA B is out x rank) its columns play the part of
 rows (``axis=cols``), so a scale always serves the longer side. The payload is the groups'
 minima and steps (float32) followed by the packed codes: G groups and N elements take
 ``8*G + ceil(N*b/8)`` bytes, and every element is reconstructed within half a step of its
-group: ``|x - x_hat| <= (max_g - min_g) / (2**b - 1) / 2``.
+group, a step at most ``L / (L - 1)`` times the min-max one ``(max_g - min_g) / L`` (L = 2**b - 1).
 Rounding to nearest is deterministic and so biased; senders of updates keep the rounding loss
 as an error-feedback residual (``fedtune.compression.feedback``), which removes the bias over
 rounds without the variance of stochastic rounding.
@@ -22,6 +22,7 @@ import torch
 
 from fedtune.compression.base import Codec, CodecError, Encoded, check_params, choice_param, int_param, numel, register_codec, rows_of
 from fedtune.compression.bitpack import packed_bytes, pack_bits, unpack_bits
+from fedtune.compression.grid import zero_grid
 from fedtune.protocol import fedtune_pb2 as pb
 
 
@@ -113,7 +114,7 @@ class UniformInt(Codec):
         groups = x.shape[0]
         low = x.min(dim=1).values if x.shape[1] else torch.zeros(groups)
         high = x.max(dim=1).values if x.shape[1] else torch.zeros(groups)
-        step = (high - low) / (2**bits - 1)
+        low, step = zero_grid(low, high, 2**bits - 1)
         safe = torch.where(step > 0, step, torch.ones_like(step))
         codes = torch.round((x - low[:, None]) / safe[:, None]).clamp_(0, 2**bits - 1)
         codes = torch.where(step[:, None] > 0, codes, torch.zeros_like(codes))
