@@ -200,16 +200,23 @@ def fake_quantize(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """What the receiver will decode from ``x`` (N x C) at ``round(bits)`` per channel, as a
     differentiable function: the gradient passes to ``x`` unchanged (straight through) and to
     ``bits`` through the quantization step (LSQ: ``d x_hat / d step = round(u) - u``)."""
+    return _fake_quantize(x, bits, *torch.aminmax(x.detach(), dim=0))[0]
+
+
+def _fake_quantize(x: torch.Tensor, bits: torch.Tensor, low: torch.Tensor, high: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_hat, codes, grid minima, steps) from the channels' precomputed ``low`` and ``high``:
+    one pass gives the sender's differentiable view and the codes the wire carries."""
     b = _round_ste(bits)
     levels = 2.0**b - 1
-    low, grid_step = zero_grid(x.detach().min(dim=0).values, x.detach().max(dim=0).values, levels.detach())
+    grid_low, grid_step = zero_grid(low, high, levels.detach())
     step = grid_step * (levels.detach() / levels)  # its value, with the min-max step's gradient to the bits
     safe = torch.where(grid_step > 0, grid_step, torch.ones_like(grid_step))
-    u = ((x - low) / safe).detach()
-    codes = torch.minimum(torch.round(u).clamp(min=0), levels.detach())
-    decoded = low + codes * grid_step  # what the receiver computes, to the last bit
+    u = (x.detach() - grid_low) / safe
+    codes = torch.minimum(torch.round(u).clamp_(min=0), levels.detach())
+    decoded = grid_low + codes * grid_step  # what the receiver computes, to the last bit
     x_hat = decoded + (x - x.detach()) + (step - step.detach()) * (codes - u)
-    return torch.where(grid_step > 0, x_hat, x)
+    return torch.where(grid_step > 0, x_hat, x), codes, grid_low, grid_step
 
 
 class BitGates(torch.nn.Module):
@@ -242,8 +249,12 @@ class BitGates(torch.nn.Module):
 
     def regularizer(self, x: torch.Tensor, weight: float, layer_weight: float = 1.0) -> torch.Tensor:
         """The bit regularization for quantizing ``x`` (N x C); see the module docstring."""
-        span2 = (x.detach().max(dim=0).values - x.detach().min(dim=0).values).pow(2)
-        cost = self.importance * span2
+        low, high = torch.aminmax(x.detach(), dim=0)
+        return self.regularizer_of_span(high - low, weight, layer_weight)
+
+    def regularizer_of_span(self, span: torch.Tensor, weight: float, layer_weight: float = 1.0) -> torch.Tensor:
+        """The same, from the channels' ranges."""
+        cost = self.importance * span.pow(2)
         bits = self.bits()
         error = (cost / (2.0**bits - 1).pow(2) / 12).sum() / cost.sum().clamp_min(1e-30)
         return layer_weight * (error + weight * bits.mean())
@@ -296,6 +307,7 @@ class MixedBitQuantizer:
         self.weight, self.layer_weight = weight, layer_weight
         self.optimizer = torch.optim.Adam(self.gates.parameters(), lr=lr)
         self._sent: torch.Tensor | None = None  # the widths of the last frame sent
+        self._span: torch.Tensor | None = None  # the channel ranges of the last frame quantized
 
     def quantize(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, Encoded, torch.Tensor]:
         """(x_hat with gradients to x and the gates, the wire encoding, the widths used)."""
@@ -303,10 +315,14 @@ class MixedBitQuantizer:
         self.gates.cap(self.budget.at(step) - overhead_bits(n))
         widths = self.gates.widths()
         flat = x.reshape(n, c)
-        x_hat = fake_quantize(flat, self.gates.bits()).reshape(x.shape)
+        low, high = torch.aminmax(flat.detach(), dim=0)
+        self._span = high - low  # for learn(): the same frame's ranges
+        x_hat, codes, grid_low, grid_step = _fake_quantize(flat, self.gates.bits(), low, high)
         send_map = self._sent is None or not torch.equal(widths, self._sent)
         self._sent = widths
-        return x_hat, AMAQ.encode_with(flat, widths, send_map), widths
+        payload = AMAQ._payload(codes.to("cpu", torch.int64), grid_low.cpu(), grid_step.cpu(), widths.cpu(), send_map)
+        encoded = Encoded(payload, AMAQ._params(widths, send_map))
+        return x_hat.reshape(x.shape), encoded, widths
 
     def learn(self, x: torch.Tensor, grad: torch.Tensor | None = None) -> None:
         """One gate step: the gates' gradient from the task (already accumulated by the
@@ -314,6 +330,11 @@ class MixedBitQuantizer:
         n, c = as_channels(tuple(x.shape))
         if grad is not None:
             self.gates.observe(grad.reshape(n, c))
-        self.gates.regularizer(x.reshape(n, c).float(), self.weight, self.layer_weight).backward()
+        span = self._span if self._span is not None and self._span.shape == (c,) else None
+        if span is None:
+            low, high = torch.aminmax(x.detach().reshape(n, c).float(), dim=0)
+            span = high - low
+        self._span = None
+        self.gates.regularizer_of_span(span, self.weight, self.layer_weight).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
