@@ -94,12 +94,14 @@ def load_tokenizer(source: ModelSource):
     return tokenizer
 
 
-def load_base_model(source: ModelSource, task: str, labels: Sequence[str] = (), seed: int = 0) -> torch.nn.Module:
+def load_base_model(source: ModelSource, task: str, labels: Sequence[str] = (), seed: int = 0, blocks: int = 0) -> torch.nn.Module:
     """Load a base model for ``task`` on the CPU, in fp32, in eval mode.
 
     Newly created weights (a classification head) are drawn from a CPU generator seeded with
     ``seed`` inside ``fork_rng``, so every process builds the same model and the caller's
-    global random state is untouched.
+    global random state is untouched. With ``blocks``, only the first ``blocks`` transformer
+    blocks are built and read (with the embeddings and the head): a split-learning device
+    never holds the blocks above its cut.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -116,6 +118,8 @@ def load_base_model(source: ModelSource, task: str, labels: Sequence[str] = (), 
             factory = AutoModelForSequenceClassification
         else:
             factory = AutoModelForCausalLM
+        if blocks:
+            _keep_first_blocks(config, blocks)
         if getattr(config, "quantization_config", None) is not None and source.gguf_file:
             # GGUF weights are dequantized to fp32 on load; the stale quantization entry would
             # make transformers look for a quantizer backend.
@@ -136,6 +140,17 @@ def load_base_model(source: ModelSource, task: str, labels: Sequence[str] = (), 
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _keep_first_blocks(config, blocks: int) -> None:
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        count = getattr(config, attr, None)
+        if isinstance(count, int):
+            if not 1 <= blocks <= count:
+                raise ModelError(f"cannot keep {blocks} of the model's {count} blocks")
+            setattr(config, attr, blocks)
+            return
+    raise ModelError("cannot tell how many transformer blocks the model has")
 
 
 def share_base(model: torch.nn.Module) -> torch.nn.Module:
@@ -179,13 +194,23 @@ class ModelStore:
         with self._tokenizer_lock:
             return task.encode(examples, tokenizer, max_length, labels)
 
-    def base(self, source: ModelSource, task: str, labels: Sequence[str] = ()) -> torch.nn.Module:
-        key = (source, task, tuple(labels))
+    def base(self, source: ModelSource, task: str, labels: Sequence[str] = (), blocks: int = 0) -> torch.nn.Module:
+        key = (source, task, tuple(labels), blocks)
         with self._lock:
             if key not in self._models:
-                log.info("loading base model %s for %s", source.name, task)
-                self._models[key] = load_base_model(source, task, labels, seed=self.seed)
+                log.info("loading base model %s for %s%s", source.name, task, f" (blocks 0-{blocks - 1} only)" if blocks else "")
+                self._models[key] = load_base_model(source, task, labels, seed=self.seed, blocks=blocks)
             return self._models[key]
 
-    def instance(self, source: ModelSource, task: str, labels: Sequence[str] = ()) -> torch.nn.Module:
-        return share_base(self.base(source, task, labels))
+    def instance(self, source: ModelSource, task: str, labels: Sequence[str] = (), blocks: int = 0) -> torch.nn.Module:
+        """A module tree over the shared base weights. With ``blocks``, the model cut to its
+        first ``blocks`` blocks: a view of the whole model when this process has loaded it
+        already (a simulation: no new weights), else a model loaded without the blocks above."""
+        if blocks:
+            with self._lock:
+                whole = self._models.get((source, task, tuple(labels), 0))
+            if whole is not None:
+                from fedtune.split.segments import keep_bottom
+
+                return keep_bottom(share_base(whole), blocks)
+        return share_base(self.base(source, task, labels, blocks))

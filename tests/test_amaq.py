@@ -54,9 +54,9 @@ def _sent_steps(payload: bytes, channels: int) -> torch.Tensor:
 
 
 def test_exact_zeros_decode_to_exact_zeros():
-    # A gradient at a split cut: padding tokens, and every token a first-token head ignores,
-    # get exactly zero. Off a zero level they would decode to one constant per channel, a bias
-    # the backward pass sums over thousands of positions.
+    # The gradient a U-shaped split's head sends back: zero at every token but the first. Off
+    # a zero level these would decode to one constant per channel, a bias the coordinator's
+    # backward pass sums over every token.
     g = torch.zeros(64, 32)
     g[::16] = heavy_tailed(4, 32, seed=3)
     for bits in (2, 3, 4, 8):

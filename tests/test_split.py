@@ -13,7 +13,7 @@ from fedtune.client.recipes.split import SplitOptions
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.tensors import ProtocolError, encode_tensor
 from fedtune.split.link import LocalLink
-from fedtune.split.segments import SplitError, check_cut, client_side
+from fedtune.split.segments import SplitError, anatomy, check_cut, client_side, keep_bottom
 from fedtune.split.server import ServerHalf
 from fedtune.tasks import get_task
 from fedtune.tasks.base import EncodedExample
@@ -62,7 +62,10 @@ PLAN = AdapterPlan(rank=4, alpha=8, target_modules=("query", "value", "q_proj", 
 SETTINGS = TrainSettings(local_steps=6, batch_size=8, learning_rate=5e-3, seed=3)
 
 
-def run_both(factory, options: dict, settings=SETTINGS):
+def run_both(factory, options: dict, settings=SETTINGS, bottom_only=False):
+    """(local recipe, split recipe, local result, what the split client sent, the server half,
+    the split metrics) from the same start. ``bottom_only``: the device's model holds only the
+    blocks below its cut, as the agent builds it."""
     plan = PLAN if factory is llama else AdapterPlan(rank=4, alpha=8, target_modules=("query", "value"), modules_to_save=("classifier",))
     whole, task_name = adapted(factory, plan)
     start = adapter_state(whole)
@@ -72,6 +75,13 @@ def run_both(factory, options: dict, settings=SETTINGS):
     local = make_recipe({"recipe": "local"}, {})
     reference, _ = local.run(whole, start, {}, task, items, settings, PAD)
     split_options = make_recipe({"recipe": "split", **options}, {})
+    if bottom_only:
+        base, _ = factory()
+        for p in base.parameters():
+            p.requires_grad_(False)
+        blocks, bottom_plan = split_options.bottom_plan(plan)
+        client = inject_lora(keep_bottom(base, blocks), bottom_plan, task_name)
+        assert anatomy(client).num_blocks == blocks == int(options["cut"]) < anatomy(whole).num_blocks
     server = ServerHalf(server_model, split_options.options, settings.learning_rate, settings.weight_decay, PAD)
     split_options.link = LocalLink(server)
     sent, metrics = split_options.run(client, start, {}, task, items, settings, PAD)
@@ -80,8 +90,10 @@ def run_both(factory, options: dict, settings=SETTINGS):
 
 @pytest.mark.parametrize("factory", [bert, llama], ids=["bert-seq-cls", "llama-causal-lm"])
 @pytest.mark.parametrize("head", ["server", "client"], ids=["plain", "u-shaped"])
-def test_lossless_split_reproduces_ordinary_training_step_for_step(factory, head):
-    local, split, reference, sent, server, metrics = run_both(factory, {"cut": "2", "head": head, "act_codec": "fp32", "grad_codec": "fp32"})
+@pytest.mark.parametrize("bottom_only", [False, True], ids=["device-whole", "device-bottom"])
+def test_lossless_split_reproduces_ordinary_training_step_for_step(factory, head, bottom_only):
+    options = {"cut": "2", "head": head, "act_codec": "fp32", "grad_codec": "fp32"}
+    local, split, reference, sent, server, metrics = run_both(factory, options, bottom_only=bottom_only)
     assert len(split.step_losses) == SETTINGS.local_steps
     assert split.step_losses == pytest.approx(local.step_losses, abs=1e-5)
     merged = {**sent, **server.tensors()}

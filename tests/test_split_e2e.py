@@ -187,3 +187,27 @@ def test_a_client_vanishing_mid_session_ends_only_its_session_and_the_round_comp
         assert [(r["round"], r["clients"]) for r in rows] == [(1, 1)]
         assert rows[0]["split_steps"] == 3  # b's three steps; a's broken session counts none
         assert not coordinator.service.split._open  # a's session was discarded, not left behind
+
+
+def test_a_split_device_holds_only_the_blocks_below_its_cut(three_block_llama):
+    from fedtune.models import ModelStore, resolve_source
+    from fedtune.split.segments import anatomy, bottom_forward
+
+    store, source, labels = ModelStore(), resolve_source(three_block_llama), ["negative", "positive"]
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    # A device process: only the bottom is ever read from disk.
+    bottom = store.instance(source, "seq-cls", labels, blocks=1)
+    assert anatomy(bottom).num_blocks == 1 and bottom.config.num_hidden_layers == 1
+    assert list(store._models) == [(source, "seq-cls", tuple(labels), 1)]
+    # A simulation, where the coordinator has loaded the whole model: a view of it, no new weights.
+    whole = store.instance(source, "seq-cls", labels)
+    view = store.instance(source, "seq-cls", labels, blocks=1)
+    assert anatomy(whole).num_blocks == BLOCKS and whole.config.num_hidden_layers == BLOCKS  # the view did not cut the whole
+    assert view.get_input_embeddings().weight.data_ptr() == whole.get_input_embeddings().weight.data_ptr()
+    per_block = sum(p.numel() for p in anatomy(whole).blocks[0].parameters())
+    assert count(whole) - count(bottom) == count(whole) - count(view) == (BLOCKS - 1) * per_block
+    # All three compute the same hidden states at the cut.
+    inputs = {"input_ids": torch.tensor([[5, 9, 13, 2]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    reference = bottom_forward(whole, inputs, 1)
+    assert torch.allclose(bottom_forward(bottom, inputs, 1), reference, atol=1e-6)
+    assert torch.equal(bottom_forward(view, inputs, 1), reference)

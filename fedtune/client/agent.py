@@ -344,6 +344,9 @@ class ClientAgent:
         items, eval_items = self._split(key, recipe.options.personal_eval)
         train_settings = TrainSettings(settings.local_steps, settings.batch_size, settings.learning_rate, settings.weight_decay, settings.seed)
         adapter, frozen, extras = split_task_tensors(tensors, plan.scale)
+        blocks, model_plan = 0, plan
+        if isinstance(recipe, SplitRecipe):  # the device holds the blocks below its cut, no more
+            blocks, model_plan = recipe.bottom_plan(plan)
 
         queued = self.compute is not None  # then it may wait behind other clients' training
 
@@ -351,7 +354,7 @@ class ClientAgent:
             if queued and not self._still_wanted(header.round):
                 raise RoundClosed(header.round)
             started = time.perf_counter()
-            model = inject_lora(self.store.instance(self.source, task_name, labels), plan, task_name)
+            model = inject_lora(self.store.instance(self.source, task_name, labels, blocks), model_plan, task_name)
             try:
                 apply_base_delta(model, frozen)
                 update, metrics = recipe.run(model, adapter, extras, task, items, train_settings, self.store.pad_id(self.source), self.options.device, eval_items)

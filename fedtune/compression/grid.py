@@ -2,11 +2,12 @@
 is one of them whenever the values straddle it.
 
 Plain min-max levels (``low = min``, ``step = (max - min) / levels``) put no level on zero, so a
-zero is reconstructed as up to half a step away from it. Tensors crossing a split cut are full
-of exact zeros: the gradient of every padding token, and of every token but the first under a
-classification head that reads the first token only. Decoded off the grid, these zeros become
-one constant per channel added to thousands of positions, a bias that the backward pass sums
-into the adapter's gradient. With zero on the grid they decode to exactly 0.0 (the receiver's
+zero is reconstructed as up to half a step away from it. Some tensors crossing a split cut are
+mostly exact zeros: in the U-shaped split the gradient that the device's classification head
+sends back is zero at every token but the first (the one the head reads). Decoded off the grid,
+these zeros become one constant per channel added to every other token, a bias that the
+coordinator's backward pass sums into its adapter's gradient (measured: AMAQ at 4 bits ended
+8% above the fp32 eval loss with it, within 1% without it). With zero on the grid they decode to exactly 0.0 (the receiver's
 ``low + k * step`` is ``-(k * step) + k * step`` in float32), so zeros cost no error at all.
 
 The step is the smallest one that keeps both extremes on the grid with zero at an integer

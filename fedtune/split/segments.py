@@ -108,6 +108,22 @@ def _slice(model: nn.Module, start: int, stop: int, hidden: torch.Tensor | None,
         setattr(parts.embed_owner, parts.embed_attr, embed)
 
 
+def keep_bottom(model: nn.Module, blocks: int) -> nn.Module:
+    """``model`` (a module tree of its own, e.g. from ``share_base``) cut in place to its first
+    ``blocks`` blocks, its config saying so: a split device's model, built from a whole model
+    already in memory."""
+    parts = anatomy(model)
+    if not 1 <= blocks <= parts.num_blocks:
+        raise SplitError(f"cannot keep {blocks} of the model's {parts.num_blocks} blocks")
+    setattr(parts.blocks_owner, parts.blocks_attr, nn.ModuleList(list(parts.blocks)[:blocks]))
+    config = _unwrap(model).config
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(config, attr, None), int):
+            setattr(config, attr, blocks)
+            break
+    return model
+
+
 def check_cut(model: nn.Module, cut: int) -> None:
     count = anatomy(model).num_blocks
     if not 1 <= cut < count:
@@ -122,8 +138,11 @@ def stand_in_ids(attention_mask: torch.Tensor, pad_id: int) -> torch.Tensor:
 
 
 def bottom_forward(model: nn.Module, inputs: dict[str, torch.Tensor], cut: int) -> torch.Tensor:
-    """Hidden states after blocks ``[0, cut)``: the client's half."""
-    check_cut(model, cut)
+    """Hidden states after blocks ``[0, cut)``: the client's half (of a whole model, or of one
+    that holds only those blocks)."""
+    count = anatomy(model).num_blocks
+    if not 1 <= cut <= count:
+        raise SplitError(f"cut layer {cut} is outside the model's {count} blocks")
     forward = {k: v for k, v in inputs.items() if k != "labels"}
     with _slice(model, 0, cut, None, capture=True):
         try:
@@ -164,6 +183,13 @@ def block_of(name: str) -> int | None:
         if part in ("layer", "layers", "h") and parts[i + 1].isdigit():
             return int(parts[i + 1])
     return None
+
+
+def below_cut(name: str, cut: int) -> bool:
+    """Whether adapter tensor ``name`` exists in a model cut to blocks ``[0, cut)``: LoRA of
+    those blocks, and tensors outside the blocks (the head)."""
+    block = block_of(name)
+    return block is None or block < cut
 
 
 def client_side(name: str, cut: int, head_on_client: bool) -> bool:

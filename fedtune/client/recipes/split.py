@@ -11,6 +11,7 @@ server half in tests) before ``run``; the update sent at the end holds the clien
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -18,10 +19,11 @@ from typing import Mapping, Sequence
 import torch
 
 from fedtune.adapters import adapter_parameters
+from fedtune.adapters.lora import AdapterPlan
 from fedtune.client.recipes.base import RECIPES, LocalOptions, Recipe, TrainSettings
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.tensors import ProtocolError, encode_tensor
-from fedtune.split.segments import anatomy, bottom_forward, client_side, top_forward
+from fedtune.split.segments import anatomy, below_cut, bottom_forward, client_side, top_forward
 from fedtune.split.wire import DirectionCodec, Sender, check_rows, scatter
 from fedtune.tasks import EncodedExample, Task
 from fedtune.tasks.base import sample_batches
@@ -79,11 +81,25 @@ class SplitRecipe(Recipe):
 
     link = None  # set by the agent: an object with exchange(header, tensors) -> (header, tensors)
 
+    def bottom_plan(self, plan: AdapterPlan) -> tuple[int, AdapterPlan]:
+        """(blocks the device must hold, the LoRA plan over them): the blocks below the cut,
+        with the plan's LoRA there. (0, plan), the whole model, when the plan puts no LoRA
+        below the cut: the device then trains the head alone and an empty layer list would
+        mean "every block" to peft."""
+        cut = self.options.cut
+        layers = tuple(i for i in plan.layers if i < cut)
+        if plan.layers and not layers:
+            return 0, plan
+        ranks = {i: r for i, r in plan.rank_per_layer.items() if i < cut}
+        return cut, dataclasses.replace(plan, layers=layers, rank_per_layer=ranks)
+
     def run(self, model, start, extras, task, items, settings, pad_id, device="cpu", eval_items=()):
         if self.link is None:
             raise RuntimeError("split training needs a link to the coordinator's half")
-        send, metrics = super().run(model, start, extras, task, items, settings, pad_id, device, eval_items)
         o = self.options
+        if anatomy(model).num_blocks <= o.cut:  # a device model without the blocks above its cut
+            start = {k: v for k, v in start.items() if below_cut(k, o.cut)}
+        send, metrics = super().run(model, start, extras, task, items, settings, pad_id, device, eval_items)
         return {k: v for k, v in send.items() if client_side(k, o.cut, o.head_on_client)}, metrics
 
     def train(self, model: torch.nn.Module, task: Task, items: Sequence[EncodedExample], settings: TrainSettings, pad_id: int, device: torch.device) -> dict[str, float]:
