@@ -2,7 +2,8 @@
 sample-level DP on the demo's clients and client-level DP with 100 simulated clients.
 
     python bench/privacy.py [--levels sample,client] [--variants lora,ffa,fedsb,fedsvd]
-                            [--epsilons 1,4,8,inf] [--rounds 4] [--partition iid] [--out FILE]
+                            [--epsilons 1,4,8,inf] [--rounds 4] [--partition iid]
+                            [--batch-size B] [--local-steps S] [--sample-clip C] [--out FILE]
 
 Every row is one federated run over loopback gRPC of the demo task (MiniLM, LoRA r=8 on
 query/value + head, 3-class tweets, strategy fedavg, 1000 held-out tweets), split IID by default
