@@ -30,12 +30,20 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bit width must be in 1..{MAX_BITS}, got {bits}")
 
 
+def _word_bytes(bits: int) -> int:
+    """Bytes of the smallest unsigned integer type holding ``bits`` bits."""
+    return 1 if bits <= 8 else 2 if bits <= 16 else 4
+
+
 def _bit_matrix(codes: np.ndarray, bits: int) -> np.ndarray:
-    codes = np.asarray(codes).reshape(-1).astype(np.uint64, copy=False)
-    if codes.size and int(codes.max()) >> bits:
+    """(N, bits) uint8 matrix of the codes' bits, least significant first: their little-endian
+    bytes unpacked by numpy (no per-bit shifting in Python-visible temporaries)."""
+    codes = np.asarray(codes).reshape(-1)
+    if codes.size and (int(codes.min()) < 0 or int(codes.max()) >> bits):
         raise ValueError(f"a value does not fit in {bits} bits")
-    shifts = np.arange(bits, dtype=np.uint64)
-    return ((codes[:, None] >> shifts) & np.uint64(1)).astype(np.uint8)
+    width = _word_bytes(bits)
+    as_bytes = codes.astype(f"<u{width}").view(np.uint8).reshape(-1, width)
+    return np.unpackbits(as_bytes, axis=1, count=bits, bitorder="little")
 
 
 def pack_segments(segments: Sequence[tuple[np.ndarray, int]]) -> bytes:
@@ -72,8 +80,14 @@ def unpack_segments(data: bytes | bytearray | memoryview, layout: Sequence[tuple
     stream = np.unpackbits(raw, count=total_bits, bitorder="little")
     out, offset = [], 0
     for count, bits in layout:
-        block = stream[offset : offset + count * bits].reshape(count, bits).astype(np.int64)
-        out.append(block @ (np.int64(1) << np.arange(bits, dtype=np.int64)) if count else np.zeros(0, np.int64))
+        if not count:
+            out.append(np.zeros(0, np.int64))
+            continue
+        block = stream[offset : offset + count * bits].reshape(count, bits)
+        values = np.zeros(count, np.int64)
+        for j in range(bits):  # one vector operation per bit position, not per value
+            values |= block[:, j].astype(np.int64) << j
+        out.append(values)
         offset += count * bits
     return out
 
