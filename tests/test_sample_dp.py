@@ -94,6 +94,24 @@ def test_noise_really_moves_the_model_and_the_seed_repeats_it(tiny_llama):
     assert not torch.equal(runs[0][name], runs[1][name])        # the noise is really added
 
 
+@pytest.mark.parametrize("sigma", [0.0, 5.0])
+def test_an_empty_poisson_batch_releases_noise_alone(tiny_llama, sigma):
+    """A step whose Poisson batch drew nobody is still a step of the mechanism: the model moves
+    by noise alone (skipping it would reveal that the batch was empty), and not at all
+    without noise."""
+    from fedtune.privacy.sample_level import dp_train
+
+    model, items, task, pad = _model_and_items(tiny_llama, 8)
+    params = adapter_parameters(model)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    never_called = lambda *_: pytest.fail("an empty batch computed a loss")  # noqa: E731
+    losses = dp_train(model, list(params.values()), [[]], never_called, SampleDPSettings(sigma, 1.0), 1e-2, 0.0, 4.0,
+                      torch.Generator().manual_seed(0))
+    assert losses == []
+    moved = [n for n, p in params.items() if not torch.equal(p.detach(), before[n])]
+    assert (set(moved) == set(params)) if sigma else not moved
+
+
 def test_budget_declines_the_round_that_would_exceed_it():
     dp = SampleDPSettings(noise_multiplier=1.0, clip=1.0, budget=2.0)
     history: list = []

@@ -7,7 +7,7 @@ trainable adapter tensors with Opacus' ``GradSampleModule``, and lets Opacus' ``
 clip each example's gradient to ``clip`` and add N(0, (sigma clip)^2) before the inner AdamW
 step. fedtune draws the Poisson masks and the noise from generators of its own seeded by the
 round's seed (not the global RNG, not Opacus' PrivacyEngine, which would need a DataLoader and
-keep its own accountant); an empty batch still counts as a step of the mechanism.
+keep its own accountant); an empty batch is still a step of the mechanism: a noise-only update.
 
 The history ``[(sigma, q, steps), ...]`` grows by one entry per round the device trains and
 lives in the recipe memory the agent keeps, so the device's epsilon counts exactly the rounds
@@ -89,7 +89,12 @@ def dp_train(
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         for batch in batches:
             optimizer.zero_grad(set_to_none=True)
-            if not batch:  # an empty Poisson batch: nothing to learn from, still a step
+            if not batch:
+                # An empty Poisson batch is still a step of the mechanism: it releases noise
+                # alone (as Opacus does), since skipping it would reveal that nobody was drawn.
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                optimizer.step()
                 continue
             loss = loss_of(wrapped, batch)
             if not torch.isfinite(loss):
