@@ -39,16 +39,23 @@ def workload_config(rounds: int, run_dir: str):
 
 
 def worker_fedtune(rounds: int, out: Path) -> None:
+    from fedtune.allocator import tune_allocator
     from fedtune.simulation.runner import run_simulation
 
+    tune_allocator()  # as `fedtune simulate` does at start
     started = time.monotonic()
     result = run_simulation(workload_config(rounds, str(out.parent / "run")))
     out.write_text(json.dumps({"history": result.history, "wall_seconds": time.monotonic() - started}))
 
 
 def worker_plain(rounds: int, out: Path) -> None:
-    """The same training and evaluation in one loop: no gRPC, no threads, no serialization."""
+    """The same training and evaluation in one loop: no gRPC, no threads, no serialization
+    (and the same malloc settings, so the comparison is of the work, not the allocator)."""
     import torch
+
+    from fedtune.allocator import tune_allocator
+
+    tune_allocator()
 
     from fedtune.adapters import AdapterPlan, adapter_state, inject_lora, load_adapter_state
     from fedtune.aggregation.lora_math import weighted_average

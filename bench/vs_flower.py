@@ -17,11 +17,12 @@ Simulation (``sim-<system>-<N>``): the workload of bench/simulate.py (all-MiniLM
 r=8 on query/value plus the head, tweets split Dirichlet(0.5), 20 local steps of batch 16,
 central evaluation on 1000 held-out tweets each round) with N clients, 5 trained per round,
 FedAvg, 3 rounds. Both train two clients at a time on the machine's two cores. fedtune:
-``fedtune simulate --parallel 2`` (coordinator and clients over loopback gRPC, one process).
-Flower: Flower's simulation engine (``flwr.simulation.run_simulation``, Ray backend, one CPU
+``fedtune simulate --parallel 2`` (coordinator and clients over loopback gRPC, one process,
+with the malloc settings its command line applies, ``fedtune.allocator``). Flower: Flower's simulation engine (``flwr.simulation.run_simulation``, Ray backend, one CPU
 per virtual client, two CPUs) running fedtune's ServerApp and ClientApp
 (``fedtune.flower``), so both train, aggregate and evaluate with the same code and the
-difference is the engine. ``seconds_per_round`` is the mean round time (open to close,
+difference is the engine (Flower's processes keep glibc's malloc defaults, as a Flower user's
+would). ``seconds_per_round`` is the mean round time (open to close,
 evaluation included) over all rounds, ``steady_seconds_per_round`` leaves round 1 (start-up)
 out; ``peak_mib`` is the resident memory of the whole process tree (Ray's processes included),
 sampled every 50 ms; ``mb_per_round`` the adapter bytes sent and received per round. The time
@@ -137,7 +138,10 @@ def sim_config(clients: int, rounds: int, run_dir: str):
 
 
 def worker_fedtune(clients: int, rounds: int, out: Path) -> None:
+    from fedtune.allocator import tune_allocator
     from fedtune.simulation.runner import run_simulation
+
+    tune_allocator()  # as `fedtune simulate` does at start
 
     result = run_simulation(sim_config(clients, rounds, str(out.parent / f"fedtune-{clients}")))
     out.write_text(json.dumps({"history": result.history}))

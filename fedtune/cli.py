@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fedtune import __version__
+from fedtune.allocator import tune_allocator
 from fedtune.config import ConfigError, RunConfig, load_config, set_key
 from fedtune.options import parse_scalar
 
@@ -531,11 +532,16 @@ def cmd_codecs(args: argparse.Namespace) -> int:
     return 0
 
 
+# Commands that run for rounds on end; they get fedtune's malloc settings (fedtune.allocator).
+LONG_RUNNING = frozenset({"simulate", "coordinator", "client"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fedtune never downloads models
     # Deprecation chatter from transformers/peft internals is not actionable for fedtune's users.
     warnings.filterwarnings("ignore", category=FutureWarning)
     args = build_parser().parse_args(argv)
+    tuned = tune_allocator() if args.command in LONG_RUNNING else {}
     import grpc
 
     from fedtune.adapters import AdapterError
@@ -554,6 +560,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "demo-data": cmd_demo_data}
     try:
         _setup_logging(getattr(args, "verbose", 0), args.command, getattr(args, "log_format", None))
+        if tuned:
+            logging.getLogger("fedtune").debug("malloc settings: %s (FEDTUNE_MALLOC=default leaves glibc's)", tuned)
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelError, TransportError, AgentError, AdapterError, ProfileError, SecretError, CertError, StateError) as exc:
         print(f"fedtune {args.command}: error: {exc}", file=sys.stderr)
