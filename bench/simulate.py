@@ -42,7 +42,7 @@ def worker_fedtune(rounds: int, out: Path) -> None:
     from fedtune.allocator import tune_allocator
     from fedtune.simulation.runner import run_simulation
 
-    tune_allocator()  # as `fedtune simulate` does at start
+    tune_allocator(arenas=1)  # as `fedtune simulate` does at start
     started = time.monotonic()
     result = run_simulation(workload_config(rounds, str(out.parent / "run")))
     out.write_text(json.dumps({"history": result.history, "wall_seconds": time.monotonic() - started}))
@@ -50,12 +50,13 @@ def worker_fedtune(rounds: int, out: Path) -> None:
 
 def worker_plain(rounds: int, out: Path) -> None:
     """The same training and evaluation in one loop: no gRPC, no threads, no serialization
-    (and the same malloc settings, so the comparison is of the work, not the allocator)."""
+    (and the same malloc settings and trims, so the comparison is of the work, not the
+    allocator)."""
     import torch
 
-    from fedtune.allocator import tune_allocator
+    from fedtune.allocator import release_free_memory, tune_allocator
 
-    tune_allocator()
+    tune_allocator(arenas=1)
 
     from fedtune.adapters import AdapterPlan, adapter_state, inject_lora, load_adapter_state
     from fedtune.aggregation.lora_math import weighted_average
@@ -84,10 +85,12 @@ def worker_plain(rounds: int, out: Path) -> None:
         for c, client_items in enumerate(items):
             sent, _ = Recipe(LocalOptions(), {}).run(model, state, {}, task, client_items, TrainSettings(20, 16, 1e-3, 0.0, seed=r * 100 + c), pad)
             updates.append((sent, len(client_items)))
+            release_free_memory()  # where fedtune's agent does
         state = {n: weighted_average([u[n] for u, _ in updates], [k for _, k in updates]) for n in state}
         t1 = time.monotonic()
         load_adapter_state(model, state)
         metrics = task.evaluate(model, eval_items, pad, 64)
+        release_free_memory()
         history.append({"round": r, "seconds": time.monotonic() - t0, "eval_seconds": time.monotonic() - t1, **metrics, "bytes_up": 0, "bytes_down": 0})
     del torch
     out.write_text(json.dumps({"history": history, "wall_seconds": time.monotonic() - started}))

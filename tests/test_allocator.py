@@ -11,25 +11,28 @@ import sys
 
 import pytest
 
-SCRIPT = "import json; from fedtune.allocator import tune_allocator; print(json.dumps(tune_allocator()))"
+SCRIPT = ("import json; from fedtune.allocator import release_free_memory, tune_allocator; "
+          "applied = tune_allocator({arenas}); release_free_memory(); print(json.dumps(applied))")
+GLIBC = sys.platform.startswith("linux") and bool(os.confstr("CS_GNU_LIBC_VERSION"))
 
 
-def _applied(**env: str) -> dict:
+def _applied(arenas: int = 2, **env: str) -> dict:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "FEDTUNE_MALLOC"}
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env={**clean, **env}, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", SCRIPT.format(arenas=arenas)], env={**clean, **env}, capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"), reason="glibc only")
+@pytest.mark.skipif(not GLIBC, reason="glibc only")
 def test_settings_apply_on_glibc_and_respect_the_users():
-    assert _applied() == {"MALLOC_ARENA_MAX": 2, "MALLOC_MMAP_THRESHOLD_": 256 * 1024, "MALLOC_TRIM_THRESHOLD_": 1024 * 1024}
+    assert _applied(1) == {"MALLOC_ARENA_MAX": 1, "MALLOC_MMAP_THRESHOLD_": 4 * 1024 * 1024}
     # A setting the user made in the environment is glibc's already: left alone.
-    assert "MALLOC_ARENA_MAX" not in _applied(MALLOC_ARENA_MAX="4")
-    assert _applied(FEDTUNE_MALLOC="default") == {}
+    assert _applied(2, MALLOC_ARENA_MAX="4") == {"MALLOC_MMAP_THRESHOLD_": 4 * 1024 * 1024}
+    assert _applied(2, FEDTUNE_MALLOC="default") == {}
 
 
-def test_only_the_long_running_commands_tune_the_allocator():
+def test_only_the_long_running_commands_tune_the_allocator_and_the_simulation_most():
     from fedtune.cli import LONG_RUNNING, build_parser
 
     commands = set(build_parser()._subparsers._group_actions[0].choices)
-    assert LONG_RUNNING == {"simulate", "coordinator", "client"} and LONG_RUNNING <= commands
+    assert set(LONG_RUNNING) == {"simulate", "coordinator", "client"} and set(LONG_RUNNING) <= commands
+    assert LONG_RUNNING["simulate"] == 1 < LONG_RUNNING["coordinator"] == LONG_RUNNING["client"]

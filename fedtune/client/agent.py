@@ -22,6 +22,7 @@ import grpc
 import torch
 
 from fedtune.adapters import AdapterError, apply_base_delta, inject_lora, split_task_tensors
+from fedtune.allocator import release_free_memory
 from fedtune.client.recipes import TrainSettings, make_recipe
 from fedtune.client.recipes.split import SplitRecipe
 from fedtune.client.state import DeviceState, load_state, save_state
@@ -358,6 +359,8 @@ class ClientAgent:
             try:
                 apply_base_delta(model, frozen)
                 update, metrics = recipe.run(model, adapter, extras, task, items, train_settings, self.store.pad_id(self.source), self.options.device, eval_items)
+                del model
+                release_free_memory()
                 return update, {**metrics, "local_seconds": time.perf_counter() - started}
             except AdapterError as exc:
                 raise AgentError(f"the coordinator's adapter does not fit this client's model {self.source.name!r}: {exc}") from exc

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from fedtune.allocator import release_free_memory
 from fedtune.adapters import AdapterError, AdapterPlan, adapter_state, export_adapter, fold_cores, inject_lora, load_adapter_state
 from fedtune.aggregation.lora_math import low_rank, product
 from fedtune.names import A_SUFFIX, B_SUFFIX, lora_modules
@@ -80,7 +81,9 @@ class GlobalModel:
         if not self.eval_items:
             return {}
         self._load(state, base_delta or {})
-        return self.task.evaluate(self.model, self.eval_items, self.pad_id, self.eval_batch_size)
+        metrics = self.task.evaluate(self.model, self.eval_items, self.pad_id, self.eval_batch_size)
+        release_free_memory()
+        return metrics
 
     def export(
         self,
