@@ -175,6 +175,7 @@ def test_client_level_dp_over_grpc_samples_the_poisson_way_learns_and_counts_eve
     assert len(cl["epsilon_by_round"]) == 4 and cl["epsilon_by_round"] == sorted(cl["epsilon_by_round"])
     md = (result.run_dir / "privacy.md").read_text()
     assert "sigma = 0.01 at sampling rate q = 0.75 for 4 rounds" in md and "C = 1" in md and "delta = 1e-06" in md
+    assert "## Sample level\n\nNot used in this run" in md  # the absent level is named, not silently left out
     assert (result.run_dir / "privacy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

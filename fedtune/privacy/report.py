@@ -117,7 +117,11 @@ def markdown(report: dict[str, Any]) -> str:
             hist = "; ".join(f"{s:g}, {q:.4g}, {n}" for s, q, n in entry["history"])
             lines.append(f"| {cid} | {len(entry['rounds'])} | {hist} | {entry['epsilon']:.4g} |")
         lines.append("")
-    if cl is not None:
+    else:
+        lines += ["## Sample level", "", "Not used in this run: no device ran DP-SGD, so no guarantee covers a single training example beyond what the client level gives a whole client.", ""]
+    if cl is None:
+        lines += ["## Client level", "", "Not used in this run: the coordinator did not clip and noise the clients' updates, so no guarantee covers a whole client's data."]
+    else:
         eps = cl["epsilon"]
         sigma_q = ", ".join(f"sigma = {s:g} at sampling rate q = {q:g} for {n} round{'s' if n != 1 else ''}" for s, q, n in cl["history"]) or "no round completed"
         lines += [
