@@ -42,7 +42,7 @@ def worker_fedtune(rounds: int, out: Path) -> None:
     from fedtune.allocator import tune_allocator
     from fedtune.simulation.runner import run_simulation
 
-    tune_allocator(arenas=1)  # as `fedtune simulate` does at start
+    tune_allocator()  # as `fedtune simulate` does at start
     started = time.monotonic()
     result = run_simulation(workload_config(rounds, str(out.parent / "run")))
     out.write_text(json.dumps({"history": result.history, "wall_seconds": time.monotonic() - started}))
@@ -56,7 +56,7 @@ def worker_plain(rounds: int, out: Path) -> None:
 
     from fedtune.allocator import release_free_memory, tune_allocator
 
-    tune_allocator(arenas=1)
+    tune_allocator()
 
     from fedtune.adapters import AdapterPlan, adapter_state, inject_lora, load_adapter_state
     from fedtune.aggregation.lora_math import weighted_average

@@ -141,7 +141,7 @@ def worker_fedtune(clients: int, rounds: int, out: Path) -> None:
     from fedtune.allocator import tune_allocator
     from fedtune.simulation.runner import run_simulation
 
-    tune_allocator(arenas=1)  # as `fedtune simulate` does at start
+    tune_allocator()  # as `fedtune simulate` does at start
 
     result = run_simulation(sim_config(clients, rounds, str(out.parent / f"fedtune-{clients}")))
     out.write_text(json.dumps({"history": result.history}))

@@ -7,17 +7,18 @@ malloc. With glibc's defaults every thread may get its own arena (up to 8 per co
 mmap threshold rises with every large block freed (up to 32 MiB), so freed tensors stay in heaps
 that are never returned. What fedtune does:
 
-- ``tune_allocator(arenas)`` at the start of ``simulate`` (1 arena: one process holds every
-  simulated client, so memory matters most there), ``coordinator`` and ``client`` (2 arenas), and
-  a fixed mmap threshold of 4 MiB, so blocks of that size and more are always returned on free;
+- ``tune_allocator()`` at the start of ``simulate``, ``coordinator`` and ``client``: at most 2
+  arenas, and a fixed mmap threshold of 4 MiB, so blocks of that size and more are always
+  returned on free;
 - ``release_free_memory()`` (``malloc_trim``) after each local training task and each central
   evaluation.
 
 Measured with `bench/vs_flower.py`'s simulation workload (5 clients, one round, two training at a
 time, peak resident set of the process): 2185 MiB with glibc's defaults; 1892 MiB with the trims
 alone; 1808 MiB with 2 arenas, the 4 MiB threshold and the trims; 1682 MiB with 1 arena, the
-threshold and the trims, the round taking about 6% longer than with 2 arenas (25.9 vs 24.4 s).
-Smaller thresholds cut more memory but cost time: with mmap from 256 KiB the peak was 1392 MiB
+threshold and the trims, but the round took about 6% longer than with 2 arenas (25.9 vs 24.4 s;
+over `bench/vs_flower.py`'s three rounds, 8%), so fedtune keeps 2. Smaller thresholds also cut
+more memory at a price in time: with mmap from 256 KiB the peak was 1392 MiB
 and the round took 60% longer (page faults on every large tensor), so fedtune does not use them.
 
 A setting whose ``MALLOC_*`` environment variable is set is left alone (glibc has applied the

@@ -532,9 +532,8 @@ def cmd_codecs(args: argparse.Namespace) -> int:
     return 0
 
 
-# Commands that run for rounds on end, and the malloc arenas they get (fedtune.allocator): one
-# for the simulation, the process that holds every client.
-LONG_RUNNING = {"simulate": 1, "coordinator": 2, "client": 2}
+# Commands that run for rounds on end; they get fedtune's malloc settings (fedtune.allocator).
+LONG_RUNNING = frozenset({"simulate", "coordinator", "client"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -542,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Deprecation chatter from transformers/peft internals is not actionable for fedtune's users.
     warnings.filterwarnings("ignore", category=FutureWarning)
     args = build_parser().parse_args(argv)
-    tuned = tune_allocator(LONG_RUNNING[args.command]) if args.command in LONG_RUNNING else {}
+    tuned = tune_allocator() if args.command in LONG_RUNNING else {}
     import grpc
 
     from fedtune.adapters import AdapterError

@@ -30,9 +30,8 @@ def test_settings_apply_on_glibc_and_respect_the_users():
     assert _applied(2, FEDTUNE_MALLOC="default") == {}
 
 
-def test_only_the_long_running_commands_tune_the_allocator_and_the_simulation_most():
+def test_only_the_long_running_commands_tune_the_allocator():
     from fedtune.cli import LONG_RUNNING, build_parser
 
     commands = set(build_parser()._subparsers._group_actions[0].choices)
-    assert set(LONG_RUNNING) == {"simulate", "coordinator", "client"} and set(LONG_RUNNING) <= commands
-    assert LONG_RUNNING["simulate"] == 1 < LONG_RUNNING["coordinator"] == LONG_RUNNING["client"]
+    assert LONG_RUNNING == {"simulate", "coordinator", "client"} and LONG_RUNNING <= commands
