@@ -16,8 +16,9 @@ that are never returned. What fedtune does:
 Measured with `bench/vs_flower.py`'s simulation workload (5 clients, one round, two training at a
 time, peak resident set of the process): 2185 MiB with glibc's defaults; 1892 MiB with the trims
 alone; 1808 MiB with 2 arenas, the 4 MiB threshold and the trims; 1682 MiB with 1 arena, the
-threshold and the trims, but the round took about 6% longer than with 2 arenas (25.9 vs 24.4 s;
-over `bench/vs_flower.py`'s three rounds, 8%), so fedtune keeps 2. Smaller thresholds also cut
+threshold and the trims, but the round took about 6% longer than with 2 arenas (25.9 vs 24.4 s),
+and over the bench's full three-round runs the two settings ended within noise of each other on
+memory at 50 clients (1665 vs 1624 MiB), so fedtune keeps 2. Smaller thresholds also cut
 more memory at a price in time: with mmap from 256 KiB the peak was 1392 MiB
 and the round took 60% longer (page faults on every large tensor), so fedtune does not use them.
 
