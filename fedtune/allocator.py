@@ -3,24 +3,20 @@ agent), and handing freed memory back after the two moments that free the most.
 
 Why: a fedtune process runs gRPC thread pools and training threads that allocate and free
 tensors of a few KB to tens of MB round after round, and PyTorch's CPU allocator is glibc's
-malloc. With glibc's defaults every thread may get its own arena (up to 8 per core), and the
-mmap threshold rises with every large block freed (up to 32 MiB), so freed tensors stay in heaps
-that are never returned. What fedtune does:
+malloc. With glibc's defaults every thread may get its own arena (up to 8 per core), and freed
+tensors stay in heaps that are never returned. What fedtune does:
 
 - ``tune_allocator()`` at the start of ``simulate``, ``coordinator`` and ``client``: at most 2
-  arenas, and a fixed mmap threshold of 4 MiB, so blocks of that size and more are always
-  returned on free;
+  arenas;
 - ``release_free_memory()`` (``malloc_trim``) after each local training task and each central
   evaluation.
 
 Measured with `bench/vs_flower.py`'s simulation workload (5 clients, one round, two training at a
 time, peak resident set of the process): 2185 MiB with glibc's defaults; 1892 MiB with the trims
-alone; 1808 MiB with 2 arenas, the 4 MiB threshold and the trims; 1682 MiB with 1 arena, the
-threshold and the trims, but the round took about 6% longer than with 2 arenas (25.9 vs 24.4 s),
-and over the bench's full three-round runs the two settings ended within noise of each other on
-memory at 50 clients (1665 vs 1624 MiB), so fedtune keeps 2. Smaller thresholds also cut
-more memory at a price in time: with mmap from 256 KiB the peak was 1392 MiB
-and the round took 60% longer (page faults on every large tensor), so fedtune does not use them.
+alone; 1885 MiB with the trims and 2 arenas. Settings that cut more were refused for their time:
+1 arena (1655 MiB, about 6% slower rounds), a fixed 4 MiB mmap threshold (1808 MiB, and about 7%
+slower rounds in `bench/simulate.py`: the feed-forward activations of a training step are larger
+than that, so every step faulted them in afresh), mmap from 256 KiB (1392 MiB, 60% slower).
 
 A setting whose ``MALLOC_*`` environment variable is set is left alone (glibc has applied the
 user's value already), and ``FEDTUNE_MALLOC=default`` leaves malloc entirely alone. On other C
@@ -34,11 +30,8 @@ import ctypes.util
 import os
 import sys
 
-# mallopt parameters (glibc's malloc.h)
-M_MMAP_THRESHOLD = -3
+# mallopt parameter (glibc's malloc.h)
 M_ARENA_MAX = -8
-
-MMAP_THRESHOLD = 4 * 1024 * 1024
 
 _LIBC: list = []  # [glibc handle or None], resolved once
 
@@ -62,15 +55,13 @@ def _glibc():
 
 
 def tune_allocator(arenas: int = 2) -> dict[str, int]:
-    """Apply the settings above; returns what was set, by the name of its environment variable."""
+    """Cap malloc's arenas (see above); returns what was set, by its environment variable's name."""
     libc = None if _opted_out() else _glibc()
     if libc is None:
         return {}
-    applied = {}
-    for param, env, value in ((M_ARENA_MAX, "MALLOC_ARENA_MAX", arenas), (M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD)):
-        if env not in os.environ and libc.mallopt(param, value) == 1:
-            applied[env] = value
-    return applied
+    if "MALLOC_ARENA_MAX" in os.environ or libc.mallopt(M_ARENA_MAX, arenas) != 1:
+        return {}
+    return {"MALLOC_ARENA_MAX": arenas}
 
 
 def release_free_memory() -> None:
