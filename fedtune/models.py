@@ -20,6 +20,8 @@ from typing import Sequence
 
 import torch
 
+from fedtune.adapters.lora import keep_first_blocks
+
 log = logging.getLogger(__name__)
 
 
@@ -119,7 +121,7 @@ def load_base_model(source: ModelSource, task: str, labels: Sequence[str] = (), 
         else:
             factory = AutoModelForCausalLM
         if blocks:
-            _keep_first_blocks(config, blocks)
+            keep_first_blocks(config, blocks)  # an AdapterError becomes a ModelError below
         if getattr(config, "quantization_config", None) is not None and source.gguf_file:
             # GGUF weights are dequantized to fp32 on load; the stale quantization entry would
             # make transformers look for a quantizer backend.
@@ -140,17 +142,6 @@ def load_base_model(source: ModelSource, task: str, labels: Sequence[str] = (), 
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-def _keep_first_blocks(config, blocks: int) -> None:
-    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
-        count = getattr(config, attr, None)
-        if isinstance(count, int):
-            if not 1 <= blocks <= count:
-                raise ModelError(f"cannot keep {blocks} of the model's {count} blocks")
-            setattr(config, attr, blocks)
-            return
-    raise ModelError("cannot tell how many transformer blocks the model has")
 
 
 def share_base(model: torch.nn.Module) -> torch.nn.Module:

@@ -79,13 +79,26 @@ class AdapterPlan:
         return data
 
 
+def _block_count_attr(config) -> str:
+    """The config attribute that holds the number of transformer blocks."""
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(config, attr, None), int):
+            return attr
+    raise AdapterError("cannot tell how many transformer blocks the model has")
+
+
 def num_blocks(model: torch.nn.Module) -> int:
     config = getattr(model, "config", None)
-    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int):
-            return value
-    raise AdapterError("cannot tell how many transformer blocks the model has")
+    return getattr(config, _block_count_attr(config))
+
+
+def keep_first_blocks(config, blocks: int) -> None:
+    """Make a model config say it has only its first ``blocks`` blocks."""
+    attr = _block_count_attr(config)
+    count = getattr(config, attr)
+    if not 1 <= blocks <= count:
+        raise AdapterError(f"cannot keep {blocks} of the model's {count} blocks")
+    setattr(config, attr, blocks)
 
 
 def lora_config(plan: AdapterPlan, task: str, model: torch.nn.Module) -> LoraConfig:

@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from fedtune.adapters.lora import num_blocks
+from fedtune.adapters.lora import AdapterError, keep_first_blocks, num_blocks
 
 
 class SplitError(ValueError):
@@ -113,14 +113,11 @@ def keep_bottom(model: nn.Module, blocks: int) -> nn.Module:
     ``blocks`` blocks, its config saying so: a split device's model, built from a whole model
     already in memory."""
     parts = anatomy(model)
-    if not 1 <= blocks <= parts.num_blocks:
-        raise SplitError(f"cannot keep {blocks} of the model's {parts.num_blocks} blocks")
+    try:
+        keep_first_blocks(_unwrap(model).config, blocks)
+    except AdapterError as exc:
+        raise SplitError(str(exc)) from exc
     setattr(parts.blocks_owner, parts.blocks_attr, nn.ModuleList(list(parts.blocks)[:blocks]))
-    config = _unwrap(model).config
-    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(getattr(config, attr, None), int):
-            setattr(config, attr, blocks)
-            break
     return model
 
 
