@@ -132,14 +132,20 @@ def main(argv: list[str] | None = None) -> int:
                 row[f"{setting}_wall_seconds"] = round(time.monotonic() - started, 1)
                 print(f"  {strategy} {setting}: " + " ".join(f"{a:.3f}" for a in accs), file=sys.stderr, flush=True)
             rows.append(row)
+            if args.out:  # after every row, so a run cut short still leaves what it measured
+                write_json(args.out, rows, args, settings)
     header = f"{'strategy':<28}" + "".join(f"{s + ' r' + str(mid):>14}{s + ' r' + str(args.rounds):>14}" for s in settings)
     print(header)
     for row in rows:
         print(f"{row['name']:<28}" + "".join(f"{row[f'{s}_acc_round{mid}']:>14.3f}{row[f'{s}_acc_round{args.rounds}']:>14.3f}" for s in settings))
-    out = {"rows": rows, "rounds": args.rounds, "settings": settings, "eval_examples": args.eval_examples, "lr": args.lr}
     if args.out:
-        args.out.write_text(json.dumps(out, indent=2) + "\n")
+        write_json(args.out, rows, args, settings)
     return 0
+
+
+def write_json(path: Path, rows: list[dict], args: argparse.Namespace, settings: list[str]) -> None:
+    out = {"rows": rows, "rounds": args.rounds, "settings": settings, "eval_examples": args.eval_examples, "lr": args.lr}
+    path.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
