@@ -313,6 +313,14 @@ def _row_cells(row: dict, task: str) -> list[str]:
     ]
 
 
+def _evaluation_line(row: dict) -> str:
+    """The evaluation-only round (FedSA's personalized models after the last round), in words."""
+    parts = [f"{key[len('personal_eval_'):].replace('_', ' ')} {row[key]:.4g} ± {row[key + '_std']:.2g}"
+             for key in sorted(row) if key.startswith("personal_eval_") and key + "_std" in row]
+    return (f"personalized models after round {row.get('personalized_after_round', row['round'] - 1)}, "
+            f"evaluated by {row['clients']} of {row['selected']} clients on their own held-out data: " + ("; ".join(parts) or "no metrics"))
+
+
 def _check_inputs(config: RunConfig) -> None:
     """Fail on a missing model or data file before any progress output starts."""
     from fedtune.data import DataError
@@ -356,6 +364,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     console.print(f"done in {time.monotonic() - started:.1f} s; run directory: {result.run_dir}")
     if result.stopped_because:
         console.print(f"stopped after {len(result.history)} of {config.federation.rounds} rounds: {result.stopped_because}")
+    if result.evaluation:
+        console.print(_evaluation_line(result.evaluation))
     complete = len(result.history) == config.federation.rounds or bool(result.stopped_because)
     return 0 if complete or (result.history and not result.client_errors) else 1
 
@@ -382,6 +392,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         return 130
     if coordinator.engine.stopped_because:
         console.print(f"stopped early: {coordinator.engine.stopped_because}")
+    if coordinator.engine.evaluation:
+        console.print(_evaluation_line(coordinator.engine.evaluation))
     console.print(f"finished {len(history)} rounds; adapter in {coordinator.run_dir / 'adapter'}")
     return 0
 

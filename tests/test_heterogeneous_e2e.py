@@ -169,6 +169,16 @@ def test_share_a_keeps_b_on_the_clients(tmp_path, tiny_llama):
     second = result.history[1]
     assert second["personalized_after_round"] == 1 and second["personal_eval_clients"] == 3
     assert 0 <= second["personal_eval_accuracy"] <= 1 and second["personal_eval_loss_std"] >= 0
+    # and the models after the last round were evaluated in an evaluation-only round 3 that
+    # trained nothing: metrics came back, no tensors, and no checkpoint was written for it
+    final = result.evaluation
+    assert final is not None and final["evaluation_only"] and final["round"] == 3
+    assert final["personalized_after_round"] == 2 and final["personal_eval_clients"] == 3
+    assert 0 <= final["personal_eval_accuracy"] <= 1 and final["personal_eval_loss"] != second["personal_eval_loss"]
+    assert final["bytes_up"] < 1000 < final["bytes_down"]  # three update headers up, the adapters down
+    assert not (result.run_dir / "checkpoints" / "round-0003").exists()
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3] and rows[-1] == final
 
 
 def test_share_a_is_refused_at_start_where_b_is_needed(tmp_path, tiny_llama, capsys):

@@ -48,7 +48,7 @@ def _run(setup, options, memory=None, start=None, extras=None, steps=5, lr=1e-2,
 def test_unknown_recipes_and_options_are_refused():
     with pytest.raises(UnknownNameError, match="unknown recipe 'fedpox'"):
         make_recipe({"recipe": "fedpox"}, {})
-    with pytest.raises(OptionsError, match=r"recipe fedprox: unknown option 'nu' \(valid options: recipe, keep, personal_eval, dp_clip, dp_noise_multiplier, dp_delta, dp_budget, dp_target_epsilon, dp_total_steps, mu\)"):
+    with pytest.raises(OptionsError, match=r"recipe fedprox: unknown option 'nu' \(valid options: recipe, keep, personal_eval, evaluate_only, dp_clip, dp_noise_multiplier, dp_delta, dp_budget, dp_target_epsilon, dp_total_steps, mu\)"):
         make_recipe({"recipe": "fedprox", "nu": "1"}, {})
     with pytest.raises(OptionsError, match="option 'mu': expected a number"):
         make_recipe({"recipe": "fedprox", "mu": "lots"}, {})
@@ -182,3 +182,32 @@ def test_kept_tensors_stay_on_the_device_and_replace_the_coordinators(setup):
     recipe.run(model, fresh_start, {}, task, items, TrainSettings(0 + 1, 8, 1e-9, 0.0, seed=0), store.pad_id(source))
     for name, t in kept.items():
         torch.testing.assert_close(adapter_state(model)[name], t, atol=1e-6, rtol=1e-4)
+
+
+def test_evaluate_only_scores_the_personalized_model_and_trains_nothing(setup):
+    store, source, task, items = setup
+    memory: dict = {}
+    train_options = {"recipe": "local", "keep": ".lora_B.weight", "personal_eval": "0.2"}
+    _, start, sent, _ = _run(setup, train_options, memory=memory)  # a round of training: B kept here
+    kept = memory["kept"]
+    global_a = {**start, **sent}  # what the coordinator would hand out next: its A, its zero B
+    model = _model(setup)
+    recipe = make_recipe({**train_options, "evaluate_only": "true"}, memory)
+    eval_items, train_items = items[:30], items[30:]
+    sent, metrics = recipe.run(model, global_a, {}, task, train_items, TrainSettings(5, 8, 1e-2, 0.0, seed=3), store.pad_id(source), eval_items=eval_items)
+    assert sent == {} and "train_loss" not in metrics
+    # the model scored is the coordinator's A with this device's own B, untouched by training
+    expected = _model(setup)
+    from fedtune.adapters import load_adapter_state
+
+    load_adapter_state(expected, {**global_a, **kept})
+    want = task.evaluate(expected, eval_items, store.pad_id(source))
+    assert metrics == {f"personal_{k}": v for k, v in want.items()}
+    for name, t in adapter_state(model).items():
+        torch.testing.assert_close(t, {**global_a, **kept}[name])
+    assert memory["kept"] is kept  # an evaluation changes nothing the device keeps
+
+
+def test_evaluate_only_needs_a_held_out_share():
+    with pytest.raises(OptionsError, match="evaluate_only needs personal_eval > 0"):
+        make_recipe({"recipe": "local", "evaluate_only": "true"}, {})

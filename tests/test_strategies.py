@@ -369,3 +369,32 @@ def test_share_a_is_refused_where_b_is_needed(name):
         FedSA(build_strategy(name))
     with pytest.raises(OptionsError, match=f"federation.share_a: {name}"):
         FedSA(build_strategy("fedadam", {"inner": name}))
+
+
+@pytest.mark.parametrize("name,options,share_a", variants(), ids=lambda v: str(v))
+def test_only_fedsa_asks_for_an_evaluation_round_and_it_expects_no_tensors(name, options, share_a):
+    g = torch.Generator().manual_seed(2)
+    strategy = make(name, options, share_a)
+    state = strategy.initial_state(random_adapter(g))
+    ctx = context(MIXED, number=4)
+    evaluation = strategy.configure_evaluation(ctx, state)
+    if not share_a:
+        assert evaluation == {}
+        return
+    training = strategy.configure(ctx, state)
+    assert set(evaluation) == set(MIXED)
+    for cid, ins in evaluation.items():
+        assert ins.expect == {} and ins.options["evaluate_only"] == "true"
+        # the same starting model as a training round would hand out: the final A, the plan
+        assert ins.plan == training[cid].plan and ins.options["keep"] == training[cid].options["keep"]
+        assert set(ins.tensors) == set(training[cid].tensors)
+        for key, tensor in ins.tensors.items():
+            assert torch.equal(tensor, training[cid].tensors[key])
+
+
+def test_fedsa_without_personal_evaluation_asks_for_no_evaluation_round():
+    from fedtune.aggregation.fedsa import FedSAOptions
+
+    strategy = FedSA(build_strategy("fedavg"), FedSAOptions(personal_eval=0.0))
+    state = strategy.initial_state(random_adapter(torch.Generator().manual_seed(0)))
+    assert strategy.configure_evaluation(context(MIXED), state) == {}

@@ -8,6 +8,9 @@ the devices); the round engine only keeps time.
   shapes, dtypes) and the options of the recipe it trains with.
 - ``Strategy.aggregate(ctx, state, updates)`` folds what came back into a new state and
   returns metrics for the round's row.
+- ``Strategy.configure_evaluation(ctx, state)``, asked once after the last training round, says
+  which clients evaluate the final models themselves (FedSA-LoRA: each client's personalized
+  model); by default none. Those instructions expect no tensors back, only metrics.
 - ``Strategy.global_model(state, spec)`` is the state as one adapter at the global plan's shape
   plus dense base-weight deltas: what the coordinator evaluates and exports.
 
@@ -139,6 +142,12 @@ class Strategy:
     def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
         raise NotImplementedError
 
+    def configure_evaluation(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
+        """After the last training round: the clients (of ``ctx``) that evaluate the final
+        models on their own data, and what each gets; empty (the default) for no such round.
+        An evaluation instruction expects no tensors back and trains nothing."""
+        return {}
+
     def global_model(self, state: Mapping[str, torch.Tensor], spec: Mapping[str, TensorSpec]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(adapter at ``spec``'s shapes, module name -> dense delta of its frozen weight)."""
         return {name: state[name].clone() for name in spec}, {}
@@ -215,6 +224,9 @@ class Wrapper(Strategy):
     def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
         new_state, metrics = self.inner.aggregate(ctx, self.inner_state(state), updates)
         return {**state, **new_state}, metrics
+
+    def configure_evaluation(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
+        return self.inner.configure_evaluation(ctx, self.inner_state(state))
 
     def global_model(self, state, spec):
         return self.inner.global_model(self.inner_state(state), spec)

@@ -33,7 +33,8 @@ class FedSA(Wrapper):
     The coordinator's central evaluation sees the shared A and heads with the initial B; what a
     client really uses is A with its own B, which clients evaluate on held-out local data at
     the start of each round: row t of metrics.jsonl then reports ``personal_eval_*`` (mean and
-    spread over clients) for the models after round t - 1."""
+    spread over clients) for the models after round t - 1. The models after the last round are
+    evaluated in an evaluation-only round that follows it (``configure_evaluation``)."""
 
     name = "fedsa"
     Options = FedSAOptions
@@ -49,3 +50,14 @@ class FedSA(Wrapper):
             return dataclasses.replace(ins, expect=expect, options={**ins.options, "keep": B_SUFFIX, "personal_eval": str(self.options.personal_eval)})
 
         return map_instructions(self.inner.configure(ctx, state), keep_b)
+
+    def configure_evaluation(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
+        """Each client evaluates the final global A with its own B; nothing is trained or sent
+        back but the metrics. None when personalized evaluation is off."""
+        if self.options.personal_eval <= 0:
+            return {}
+
+        def evaluate_only(ins: Instruction) -> Instruction:
+            return dataclasses.replace(ins, expect={}, options={**ins.options, "evaluate_only": "true"})
+
+        return map_instructions(self.configure(ctx, state), evaluate_only)

@@ -388,6 +388,9 @@ class ClientAgent:
                 heartbeat.stop()
         if plan.frozen_factors:  # FFA-LoRA's A, Fed-SB's B and A: frozen, so they go back to nobody
             update = {k: v for k, v in update.items() if not k.endswith(plan.frozen_factors)}
+        if recipe.options.evaluate_only:
+            log.info("%s: round %d evaluated its personalized model: %s", self._client_id, header.round, metrics)
+            return [], max(1, len(eval_items)), metrics
         log.info("%s: round %d trained (%s), loss %.4f", self._client_id, header.round, recipe.name, metrics["train_loss"])
         if uplink is None:
             return encode_tensors(update), len(items), metrics

@@ -45,7 +45,7 @@ from fedtune.coordinator.checkpoint import (
 from fedtune.coordinator.clients import ClientRecord, ClientRegistry
 from fedtune.coordinator.errors import CoordinatorError
 from fedtune.coordinator.global_model import GlobalModel
-from fedtune.coordinator.metrics import MetricsLog, plan_fields, round_row
+from fedtune.coordinator.metrics import MetricsLog, personalized, plan_fields, round_row
 from fedtune.coordinator.planner import CostModel, ModelGeometry, Planner, plan_round
 from fedtune.coordinator.trust import (
     capped_examples,
@@ -95,6 +95,7 @@ class _Round:
     capped: int = 0      # updates whose example count was capped
     clipped: int = 0     # updates clipped to the norm bound
     open: bool = True
+    evaluation: bool = False  # the evaluation-only round after the last: metrics, no tensors
 
     @property
     def number(self) -> int:
@@ -134,6 +135,7 @@ class RoundEngine:
         self._stopping = False
         self._told_done: set[str] = set()
         self.history: list[dict] = []
+        self.evaluation: dict | None = None  # the row of the evaluation-only round, if one ran
         self._suspended = False  # stopped to be resumed: clients are told to wait, not that it is over
         self.stopped_because = ""  # why the run ended before its last round (a privacy budget)
         self.start_round = 1
@@ -265,6 +267,12 @@ class RoundEngine:
                 log.warning("round %d: %s claims %d examples; counted as %d (registered count or max_examples_per_client)", round_number, client_id, num_examples, weight, extra={"round": round_number, "client_id": client_id})
                 rnd.capped += 1
             update = ClientUpdate(client_id, tensors, weight, dict(metrics), start)
+            if rnd.evaluation:  # metrics only (the tensors were checked against an empty expect)
+                rnd.updates[client_id] = update
+                rnd.bytes_up += bytes_up
+                rnd.up_by_client[client_id] = bytes_up
+                self._cond.notify_all()
+                return
             try:
                 self.strategy.check_update(rnd.ctx, update)
             except ValueError as exc:
@@ -358,6 +366,9 @@ class RoundEngine:
                 if self._stopping:
                     break
                 self.close_round()
+            else:
+                if self._wait_for_clients():
+                    self.evaluation_round(self.fed.rounds + 1)
         finally:
             with self._cond:
                 self._done = True
@@ -466,6 +477,43 @@ class RoundEngine:
             self._cond.notify_all()
         log.info("round %d/%d open: %d clients selected", number, self.fed.rounds, len(selected), extra={"round": number})
         return True
+
+    def evaluation_round(self, number: int) -> dict | None:
+        """The round after the last, when the strategy asks for one (FedSA-LoRA: each client
+        evaluates the global A with its own B): clients are selected as for training, evaluate
+        the final models on their held-out data and send back metrics only. Nothing is
+        aggregated or checkpointed; the row (``evaluation_only``) goes to metrics.jsonl and to
+        ``self.evaluation``, not to ``history``, which holds the training rounds."""
+        with self._cond:
+            selected, rate, population = self._select(number)
+        ctx, cov = self._context(number, selected, rate, population)
+        instructions = self.strategy.configure_evaluation(ctx, self.state)
+        if not instructions:
+            return None
+        if not set(instructions) <= set(selected) or any(ins.expect for ins in instructions.values()):
+            raise RuntimeError(f"strategy {self.strategy.name}: an evaluation goes to selected clients and expects no tensors")
+        with self._cond:
+            now = time.monotonic()
+            timeout = self.fed.round_timeout_s
+            self._round = _Round(ctx, instructions, now + timeout, time.time() + timeout, now, cov, evaluation=True)
+            self._cond.notify_all()
+        log.info("round %d: evaluation only, %d clients evaluate the final models", number, len(instructions), extra={"round": number})
+        self._wait_for_close()
+        rnd = self._round
+        with self._cond:
+            rnd.open = False
+            arrived = [rnd.updates[c] for c in sorted(rnd.updates)]
+            row = {
+                "round": number, "evaluation_only": True, "clients": len(arrived), "selected": len(instructions),
+                "client_ids": [u.client_id for u in arrived],
+                "bytes_up": rnd.bytes_up, "bytes_down": rnd.bytes_down,
+                "seconds": round(time.monotonic() - rnd.started, 3),
+            }
+        row.update(personalized(number, arrived))
+        self.metrics.append(row)
+        self.evaluation = row
+        log.info("round %d (evaluation only) closed: %s", number, {k: v for k, v in row.items() if k.startswith("personal_eval_") and not k.endswith("_std")}, extra={"round": number})
+        return row
 
     def _wait_for_close(self) -> None:
         rnd = self._round

@@ -44,6 +44,7 @@ class SimulationResult:
     clients: list[AgentReport] = field(default_factory=list)
     client_errors: list[str] = field(default_factory=list)
     stopped_because: str = ""  # why the run ended before its last round (a privacy budget)
+    evaluation: dict | None = None  # the evaluation-only round's row (FedSA's personalized models)
 
 
 def prepare_data(config: RunConfig) -> tuple[list[Example], list[Example], list[str]]:
@@ -165,4 +166,4 @@ def run_simulation(
         channel.close()
     if failure:
         raise failure[0]
-    return SimulationResult(coordinator.run_dir, coordinator.engine.history, [a.report for a in agents], devices.errors, coordinator.engine.stopped_because)
+    return SimulationResult(coordinator.run_dir, coordinator.engine.history, [a.report for a in agents], devices.errors, coordinator.engine.stopped_because, coordinator.engine.evaluation)

@@ -46,6 +46,9 @@ class LocalOptions:
     # Fraction of the device's examples held out to evaluate its personalized model (the
     # starting adapter with its kept tensors) before training; 0: no personalized evaluation.
     personal_eval: float = 0.0
+    # Train nothing: evaluate the personalized model on the held-out share and send back only
+    # the metrics (the evaluation round after the last training round).
+    evaluate_only: bool = False
     # Sample-level DP-SGD (fedtune.privacy.sample_level): on when dp_clip > 0. Per-example
     # gradients clipped to dp_clip, noise std dp_noise_multiplier * dp_clip, Poisson batches;
     # the device declines a round that would take its epsilon (at dp_delta) past dp_budget.
@@ -61,6 +64,8 @@ class LocalOptions:
     def __post_init__(self) -> None:
         if not 0.0 <= self.personal_eval < 1.0:
             raise ValueError("personal_eval must be in [0, 1)")
+        if self.evaluate_only and self.personal_eval <= 0:
+            raise ValueError("evaluate_only needs personal_eval > 0 (the held-out share it evaluates on)")
         if self.dp_clip < 0 or self.dp_noise_multiplier < 0 or not 0.0 < self.dp_delta < 1.0 or self.dp_budget < 0:
             raise ValueError("dp_clip and dp_noise_multiplier must be >= 0, dp_delta in (0, 1), dp_budget >= 0")
         if self.dp_target_epsilon < 0 or (self.dp_target_epsilon and self.dp_total_steps < 1):
@@ -121,7 +126,8 @@ class Recipe:
         eval_items: Sequence[EncodedExample] = (),
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """One round. With ``eval_items``, the starting model (the coordinator's adapter with
-        this device's kept tensors: its personalized model) is evaluated on them first."""
+        this device's kept tensors: its personalized model) is evaluated on them first; with
+        the option ``evaluate_only`` that is all, and nothing is sent."""
         kept = self.options.kept_suffixes
         start = dict(start)
         if kept:  # the device's own tensors replace the coordinator's where it has them
@@ -133,6 +139,8 @@ class Recipe:
         personal = {}
         if eval_items:
             personal = {f"personal_{k}": v for k, v in task.evaluate(model, eval_items, pad_id).items()}
+        if self.options.evaluate_only:
+            return {}, personal
         self.begin(model, {k: v.to(device) for k, v in extras.items()}, items, task)
         metrics = {**personal, **self.train(model, task, items, settings, pad_id, device)}
         state = adapter_state(model)
