@@ -106,7 +106,7 @@ def test_a_restarted_client_rejoins_as_itself_with_its_b_and_its_privacy_spent(t
         engine.join(timeout=120)
     finally:
         coordinator.stop()
-    assert report.rounds == [2] and report.client_id == first.report.client_id
+    assert report.rounds == [2] and report.evaluated == [3] and report.client_id == first.report.client_id
     assert len(coordinator.engine.registry) == 1  # one device, one record: it did not register twice
     history = coordinator.engine.history
     assert [row["clients"] for row in history] == [1, 1]

@@ -94,6 +94,7 @@ class AgentReport:
     rounds: list[int] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)  # rounds that closed before this device's training started
+    evaluated: list[int] = field(default_factory=list)  # evaluation-only rounds (metrics sent, nothing trained)
     declined: str = ""                  # why the device stopped training (its privacy budget)
     bytes_up: int = 0
     bytes_down: int = 0
@@ -257,7 +258,7 @@ class ClientAgent:
             self.report.rejected.append(f"round {header.round}: {exc.code().name}: {exc.details()}")
             return False
         self._save()  # before anything leaves the device: the privacy spent this round is on disk
-        self._push(header.round, encoded, num_examples, metrics)
+        self._push(header.round, encoded, num_examples, metrics, evaluation=header.options.get("evaluate_only") == "true")
         return False
 
     # ------------------------------------------------------------------ calls
@@ -277,7 +278,7 @@ class ClientAgent:
             raise AgentError(f"task announced {header.num_tensors} tensors, received {len(tensors)}")
         return header, tensors, first.ByteSize() + receiver.bytes_received
 
-    def _push(self, round_number: int, encoded: list[EncodedTensor], num_examples: int, metrics: dict[str, float]) -> None:
+    def _push(self, round_number: int, encoded: list[EncodedTensor], num_examples: int, metrics: dict[str, float], evaluation: bool = False) -> None:
         first = pb.Frame(
             update=pb.UpdateHeader(
                 client_id=self._client_id,
@@ -298,7 +299,7 @@ class ClientAgent:
                 return
             raise
         self.report.bytes_up += frames.bytes
-        self.report.rounds.append(round_number)
+        (self.report.evaluated if evaluation else self.report.rounds).append(round_number)
 
     def _call(self, fn: Callable[[], T]) -> T:
         """Run ``fn``, retrying with exponential backoff and jitter while the coordinator is
