@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fedtune.data import Example
-from fedtune.tasks.base import TASKS, EncodedExample, Task, pad, safe_exp
+from fedtune.tasks.base import TASKS, EncodedExample, Task, attention_mask, pad, safe_exp, token_array
 
 IGNORE = -100
 
@@ -28,14 +28,13 @@ class CausalLM(Task):
             target = ([IGNORE] * len(prompt_ids) + text_ids)[:max_length]
             if sum(t != IGNORE for t in target[1:]) == 0:
                 continue  # nothing to learn once truncated: the prompt filled the window
-            out.append(EncodedExample(ids, target))
+            out.append(EncodedExample(token_array(ids), token_array(target)))
         return out
 
     def collate(self, items: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
-        input_ids = pad([it.input_ids for it in items], pad_id)
-        attention_mask = pad([[1] * len(it.input_ids) for it in items], 0)
+        sequences = [it.input_ids for it in items]
         labels = pad([it.target for it in items], IGNORE)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return {"input_ids": pad(sequences, pad_id), "attention_mask": attention_mask(sequences), "labels": labels}
 
     def score(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

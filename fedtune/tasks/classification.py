@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from fedtune.data import Example, label_ids
-from fedtune.tasks.base import TASKS, EncodedExample, Task, pad
+from fedtune.tasks.base import TASKS, EncodedExample, Task, attention_mask, pad, token_array
+
+# Examples per tokenizer call when encoding a dataset.
+ENCODE_SLICE = 1024
 
 
 @TASKS.register("seq-cls")
@@ -17,14 +20,19 @@ class SequenceClassification(Task):
 
     def encode(self, examples: Sequence[Example], tokenizer, max_length: int, labels: Sequence[str]) -> list[EncodedExample]:
         ids = label_ids(examples, labels)
-        tokens = tokenizer([ex.text for ex in examples], truncation=True, max_length=max_length)["input_ids"]
-        return [EncodedExample(list(t), y) for t, y in zip(tokens, ids)]
+        out = []
+        # In slices: the tokenizer's Python output for a whole device's data at once (three
+        # lists of ints per example) would cost several times the compact result.
+        for start in range(0, len(examples), ENCODE_SLICE):
+            texts = [ex.text for ex in examples[start : start + ENCODE_SLICE]]
+            tokens = tokenizer(texts, truncation=True, max_length=max_length, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+            out.extend(EncodedExample(token_array(t), y) for t, y in zip(tokens, ids[start : start + ENCODE_SLICE]))
+        return out
 
     def collate(self, items: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
-        input_ids = pad([it.input_ids for it in items], pad_id)
-        attention_mask = pad([[1] * len(it.input_ids) for it in items], 0)
+        sequences = [it.input_ids for it in items]
         labels = torch.tensor([it.target for it in items], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return {"input_ids": pad(sequences, pad_id), "attention_mask": attention_mask(sequences), "labels": labels}
 
     def score(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         labels = batch["labels"]
