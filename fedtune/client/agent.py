@@ -16,7 +16,7 @@ import time
 import zlib
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterator, Mapping, Sequence, TypeVar
 
 import grpc
 import torch
@@ -35,7 +35,17 @@ from fedtune.privacy.sample_level import BudgetSpent
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.messages import capabilities_to_proto, plan_from_proto
 from fedtune.protocol.stubs import coordinator_stub
-from fedtune.protocol.tensors import DEFAULT_CHUNK_BYTES, AnyFrame, CountedFrames, EncodedTensor, TensorReceiver, decode_tensors, encode_tensors
+from fedtune.protocol.tensors import (
+    DEFAULT_CHUNK_BYTES,
+    AnyFrame,
+    CountedFrames,
+    EncodedTensor,
+    TensorReceiver,
+    TensorSpec,
+    decode_tensors,
+    encode_tensors,
+    slot_table,
+)
 from fedtune.split.link import GrpcLink
 from fedtune.tasks import get_task
 from fedtune.transport import make_channel
@@ -258,7 +268,8 @@ class ClientAgent:
             self.report.rejected.append(f"round {header.round}: {exc.code().name}: {exc.details()}")
             return False
         self._save()  # before anything leaves the device: the privacy spent this round is on disk
-        self._push(header.round, encoded, num_examples, metrics, evaluation=header.options.get("evaluate_only") == "true")
+        slots = slot_table(tensors) if header.update_by_slot else None  # else: an older coordinator, which reads names
+        self._push(header.round, encoded, num_examples, metrics, evaluation=header.options.get("evaluate_only") == "true", slots=slots)
         return False
 
     # ------------------------------------------------------------------ calls
@@ -278,7 +289,8 @@ class ClientAgent:
             raise AgentError(f"task announced {header.num_tensors} tensors, received {len(tensors)}")
         return header, tensors, first.ByteSize() + receiver.bytes_received
 
-    def _push(self, round_number: int, encoded: list[EncodedTensor], num_examples: int, metrics: dict[str, float], evaluation: bool = False) -> None:
+    def _push(self, round_number: int, encoded: list[EncodedTensor], num_examples: int, metrics: dict[str, float], evaluation: bool = False,
+              slots: Mapping[str, tuple[int, TensorSpec]] | None = None) -> None:
         first = pb.Frame(
             update=pb.UpdateHeader(
                 client_id=self._client_id,
@@ -289,7 +301,7 @@ class ClientAgent:
                 num_tensors=len(encoded),
             )
         )
-        frames = CountedFrames(encoded, self.options.chunk_bytes, head=first)  # made as they are sent
+        frames = CountedFrames(encoded, self.options.chunk_bytes, head=first, slots=slots)  # made as they are sent
         try:
             self._call(lambda: self._stub.PushUpdate(iter(frames), timeout=600, metadata=self._metadata))
         except grpc.RpcError as exc:

@@ -367,8 +367,7 @@ class RoundEngine:
                     break
                 self.close_round()
             else:
-                if self._wait_for_clients():
-                    self.evaluation_round(self.fed.rounds + 1)
+                self.evaluation_round(self.fed.rounds + 1)
         finally:
             with self._cond:
                 self._done = True
@@ -484,8 +483,10 @@ class RoundEngine:
         the final models on their held-out data and send back metrics only. Nothing is
         aggregated or checkpointed; the row (``evaluation_only``) goes to metrics.jsonl and to
         ``self.evaluation``, not to ``history``, which holds the training rounds."""
-        with self._cond:
+        with self._cond:  # whoever is alive now: an evaluation does not wait for min_clients
             selected, rate, population = self._select(number)
+        if not selected:
+            return None
         ctx, cov = self._context(number, selected, rate, population)
         instructions = self.strategy.configure_evaluation(ctx, self.state)
         if not instructions:

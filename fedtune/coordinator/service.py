@@ -104,6 +104,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             return
         encoded = self._encode(task.round, task.instruction.tensors, task.instruction.downlink)
         header = self.task_header(task, len(encoded))
+        header.update_by_slot = True  # this service reads update tensors named by slot
         frames = CountedFrames(encoded, self.config.server.chunk_bytes, head=pb.Frame(task=header))
         yield from frames
         self.engine.note_sent(task.round, frames.bytes, request.client_id)
@@ -139,11 +140,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         try:
             _same_caller(context, header.client_id)
             self.engine.authenticate(header.client_id, header.token)
-            expected = self.engine.expected_update(header.client_id, header.round)
+            instruction = self.engine.instruction_for(header.client_id, header.round)
         except CoordinatorError as exc:
             _abort(context, exc.code, exc.message)
+        expected = instruction.expect
         receiver = TensorReceiver(
             expected,
+            slots=list(instruction.tensors),  # the task's stream order, which slots count in
             max_tensor_bytes=self.config.server.max_update_bytes,
             max_total_bytes=self.config.server.max_update_bytes,
             require_finite=True,

@@ -179,7 +179,7 @@ class ModelSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("status", "round", "model", "plan", "training", "num_tensors", "retry_after_seconds", "deadline_unix", "share_a", "options")
+    __slots__ = ("status", "round", "model", "plan", "training", "num_tensors", "retry_after_seconds", "deadline_unix", "share_a", "options", "update_by_slot")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +197,7 @@ class TaskHeader(_message.Message):
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     SHARE_A_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_BY_SLOT_FIELD_NUMBER: _ClassVar[int]
     status: TaskStatus
     round: int
     model: ModelSpec
@@ -207,7 +208,8 @@ class TaskHeader(_message.Message):
     deadline_unix: float
     share_a: bool
     options: _containers.ScalarMap[str, str]
-    def __init__(self, status: _Optional[_Union[TaskStatus, str]] = ..., round: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., plan: _Optional[_Union[AdapterPlan, _Mapping]] = ..., training: _Optional[_Union[TrainingSettings, _Mapping]] = ..., num_tensors: _Optional[int] = ..., retry_after_seconds: _Optional[float] = ..., deadline_unix: _Optional[float] = ..., share_a: _Optional[bool] = ..., options: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    update_by_slot: bool
+    def __init__(self, status: _Optional[_Union[TaskStatus, str]] = ..., round: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., plan: _Optional[_Union[AdapterPlan, _Mapping]] = ..., training: _Optional[_Union[TrainingSettings, _Mapping]] = ..., num_tensors: _Optional[int] = ..., retry_after_seconds: _Optional[float] = ..., deadline_unix: _Optional[float] = ..., share_a: _Optional[bool] = ..., options: _Optional[_Mapping[str, str]] = ..., update_by_slot: _Optional[bool] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("client_id", "token", "round", "num_examples", "metrics", "num_tensors")
@@ -296,7 +298,7 @@ class SplitFrame(_message.Message):
     def __init__(self, header: _Optional[_Union[SplitHeader, _Mapping]] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "encoding", "payload_bytes", "codec_params")
+    __slots__ = ("name", "dtype", "shape", "encoding", "payload_bytes", "codec_params", "slot")
     class CodecParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -310,13 +312,15 @@ class TensorHeader(_message.Message):
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     CODEC_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     encoding: Encoding
     payload_bytes: int
     codec_params: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., payload_bytes: _Optional[int] = ..., codec_params: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    slot: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., payload_bytes: _Optional[int] = ..., codec_params: _Optional[_Mapping[str, str]] = ..., slot: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("task", "update", "tensor", "chunk")

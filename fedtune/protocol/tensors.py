@@ -280,17 +280,35 @@ def parse_frame(data: bytes) -> AnyFrame:
     return pb.Frame.FromString(data)
 
 
+def slot_table(task_tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, TensorSpec]]:
+    """For a client answering a task: each task tensor's slot (its position in the task's
+    stream, from 1) and spec, by name; what ``CountedFrames`` needs to send headers by slot."""
+    return {name: (i + 1, TensorSpec(tuple(t.shape), t.dtype)) for i, (name, t) in enumerate(task_tensors.items())}
+
+
+def header_by_slot(header: pb.TensorHeader, slot: int, spec: TensorSpec) -> pb.TensorHeader:
+    """``header`` naming its tensor by ``slot``; dtype and shape left out when they are the
+    slot's (the receiver then takes them from what it expects)."""
+    compact = pb.TensorHeader(slot=slot, encoding=header.encoding, payload_bytes=header.payload_bytes, codec_params=header.codec_params)
+    if tuple(header.shape) != spec.shape or header.dtype != wire_dtype(spec.dtype):
+        compact.dtype, compact.shape[:] = header.dtype, header.shape
+    return compact
+
+
 class CountedFrames:
     """The frames of an update or a task: ``head`` (if any), then each tensor's header and
     payload chunks, made one at a time as gRPC sends them (not a list of every chunk held at
     once). Chunks are ``Chunk`` views of the payload, copied only when gRPC serializes them
     (``serialize_frame``). After an iteration, ``bytes`` is what crossed the wire; iterating
-    again (a retried call) starts over."""
+    again (a retried call) starts over. With ``slots`` (``slot_table`` of the task an update
+    answers), a tensor found there is announced by its slot instead of its name."""
 
-    def __init__(self, encoded: Sequence[EncodedTensor], chunk_bytes: int = DEFAULT_CHUNK_BYTES, head: pb.Frame | None = None) -> None:
+    def __init__(self, encoded: Sequence[EncodedTensor], chunk_bytes: int = DEFAULT_CHUNK_BYTES, head: pb.Frame | None = None,
+                 slots: Mapping[str, tuple[int, TensorSpec]] | None = None) -> None:
         if chunk_bytes <= 0:
             raise ValueError("chunk_bytes must be positive")
         self.encoded, self.chunk_bytes, self.head = list(encoded), chunk_bytes, head
+        self.slots = slots or {}
         self.bytes = 0
 
     def __iter__(self) -> Iterator[AnyFrame]:
@@ -299,7 +317,8 @@ class CountedFrames:
             self.bytes += self.head.ByteSize()
             yield self.head
         for item in self.encoded:
-            frame = pb.Frame(tensor=item.header)
+            slot = self.slots.get(item.header.name)
+            frame = pb.Frame(tensor=item.header if slot is None else header_by_slot(item.header, *slot))
             self.bytes += frame.ByteSize()
             yield frame
             view = item.payload
@@ -322,6 +341,8 @@ class TensorReceiver:
 
     ``expected`` (name -> TensorSpec), when given, is the exact set of tensors the sender must
     send: unknown names, wrong shapes or dtypes, duplicates and missing tensors are errors.
+    ``slots``, when given with ``expected``, are the names of the task's tensors in their
+    stream order, so headers may name a tensor by slot (``TensorHeader.slot``).
     ``max_tensor_bytes`` and ``max_total_bytes`` bound what a peer can make us allocate, and
     ``encodings`` which decoders it can make us run.
     """
@@ -335,8 +356,10 @@ class TensorReceiver:
         require_finite: bool = False,
         stream_state: dict | None = None,
         encodings: Collection[int] | None = None,
+        slots: Sequence[str] | None = None,
     ) -> None:
         self.stream_state = stream_state
+        self.slots = list(slots) if slots is not None and expected is not None else None
         # The wire encodings this stream may use (None: any): a receiver accepts only what its
         # sender was told to use, so a peer cannot pick a codec that is costly to decode.
         self.encodings = frozenset(encodings) if encodings is not None else None
@@ -373,6 +396,8 @@ class TensorReceiver:
                 f"tensor {header.name!r} started before {self._header.name!r} was complete "
                 f"({self._filled} of {self._header.payload_bytes} bytes)"
             )
+        if header.slot:
+            header = self._by_name(header)
         check_header(header)
         name = header.name
         if self.encodings is not None and header.encoding not in self.encodings:
@@ -402,6 +427,28 @@ class TensorReceiver:
         self._filled = 0
         if header.payload_bytes == 0:
             self._finish()
+
+    def _by_name(self, header: pb.TensorHeader) -> pb.TensorHeader:
+        """A header that names its tensor by slot, with the name (and, when left out, the
+        expected dtype and shape) filled in."""
+        if self.slots is None:
+            raise ProtocolError(f"tensor header with slot {header.slot}: this stream names tensors, it has no slots")
+        if header.name:
+            raise ProtocolError(f"tensor {header.name!r} has both a name and slot {header.slot}")
+        if header.slot > len(self.slots):
+            raise ProtocolError(f"tensor slot {header.slot} is out of range: the task had {len(self.slots)} tensors")
+        name = self.slots[header.slot - 1]
+        spec = self.expected.get(name) if self.expected is not None else None
+        if spec is None:
+            raise ProtocolError(f"tensor slot {header.slot} ({name!r}) is not expected in this update")
+        full = pb.TensorHeader()
+        full.CopyFrom(header)
+        full.slot, full.name = 0, name
+        if header.dtype == pb.DTYPE_UNSPECIFIED:
+            if header.shape:
+                raise ProtocolError(f"tensor slot {header.slot} ({name!r}) gives a shape but no dtype")
+            full.dtype, full.shape[:] = wire_dtype(spec.dtype), spec.shape
+        return full
 
     def _append(self, chunk: bytes | memoryview) -> None:
         if self._header is None or self._buffer is None:
