@@ -179,6 +179,11 @@ def test_share_a_keeps_b_on_the_clients(tmp_path, tiny_llama):
     assert not (result.run_dir / "checkpoints" / "round-0003").exists()
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3] and rows[-1] == final
+    from fedtune.cli import _evaluation_line
+
+    line = _evaluation_line(final)
+    assert line.startswith("personalized models after round 2, evaluated by 3 of 3 clients on their own held-out data: ")
+    assert f"accuracy {final['personal_eval_accuracy']:.4g} ± " in line and "loss" in line
 
 
 def test_share_a_is_refused_at_start_where_b_is_needed(tmp_path, tiny_llama, capsys):
