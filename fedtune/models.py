@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from fedtune.adapters.lora import keep_first_blocks
+from fedtune.rng import seeded
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,7 @@ def load_base_model(source: ModelSource, task: str, labels: Sequence[str] = (), 
             # GGUF weights are dequantized to fp32 on load; the stale quantization entry would
             # make transformers look for a quantizer backend.
             del config.quantization_config
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):  # a new head's weights are drawn here
             model = factory.from_pretrained(str(source.path), config=config, dtype=torch.float32, **kwargs)
     except ModelError:
         raise

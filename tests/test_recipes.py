@@ -92,9 +92,11 @@ def test_scaffold_sends_the_mean_gradient_as_its_control_change_and_keeps_it(set
     params = adapter_parameters(model)
     batch = next(sample_batches(items, 1, 8, torch.Generator().manual_seed(3)))
     model.train()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        model(**task.collate(batch, store.pad_id(source))).loss.backward()
+    from fedtune.rng import seeded, step_seed
+
+    with seeded(step_seed(3, 0)):  # step 0's dropout masks, as the recipe draws them
+        loss = model(**task.collate(batch, store.pad_id(source))).loss
+    loss.backward()
     expected = {n: p.grad.detach().clone() for n, p in params.items()}
     zeros = {f"scaffold.c/{n}": torch.zeros_like(t) for n, t in start.items()}
     memory: dict = {}
@@ -211,3 +213,32 @@ def test_evaluate_only_scores_the_personalized_model_and_trains_nothing(setup):
 def test_evaluate_only_needs_a_held_out_share():
     with pytest.raises(OptionsError, match="evaluate_only needs personal_eval > 0"):
         make_recipe({"recipe": "local", "evaluate_only": "true"}, {})
+
+
+def test_a_round_is_the_same_whatever_trains_beside_it_in_the_process(setup):
+    """Dropout draws from torch's process-wide generator: clients trained in threads of one
+    process (a simulation with parallel > 1) must not disturb each other's masks."""
+    import threading
+
+    from fedtune.rng import seeded
+
+    store, source, task, items = setup
+    with seeded(0):
+        start = adapter_state(_model(setup))
+
+    def run(seed: int) -> dict:
+        with seeded(1):  # as the agent builds its model: under the same lock as training
+            model = _model(setup)
+        model.train()
+        sent, _ = make_recipe({"recipe": "local"}, {}).run(model, start, {}, task, items, TrainSettings(8, 8, 1e-2, 0.0, seed=seed), store.pad_id(source))
+        return sent
+
+    alone = run(11)
+    assert any(m.p > 0 for m in _model(setup).modules() if isinstance(m, torch.nn.Dropout))  # the test means something
+    for _ in range(3):
+        out: dict = {}
+        threads = [threading.Thread(target=lambda s=s: out.__setitem__(s, run(s))) for s in (11, 12, 13)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        for name, tensor in alone.items():
+            assert torch.equal(out[11][name], tensor), name

@@ -20,7 +20,6 @@ coordinator and clients should run the same torch release (the agent logs its ve
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -29,6 +28,7 @@ import torch
 
 from fedtune.compression.base import Codec, CodecError, Encoded, check_params, choice_param, int_param, numel, register_codec
 from fedtune.protocol import fedtune_pb2 as pb
+from fedtune.rng import derive_seed
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
 MAX_BLOCK = 1 << 20
@@ -39,13 +39,6 @@ MAX_DIRECTION_ELEMENTS = 1 << 24   # one K x block matrix: 64 MiB of float32 at 
 MAX_BLOCKS = 1 << 16               # generators per tensor
 MAX_DECODE_ELEMENTS = 1 << 31      # direction elements regenerated per tensor (n * K)
 _MASK64 = (1 << 64) - 1
-
-
-def derive_seed(seed: int, *parts: int | str) -> int:
-    """A 63-bit seed from ``seed`` and labels (a tensor name, a block index), the same on every
-    machine: blake2b of their text, not Python's salted ``hash``."""
-    text = "\x1f".join([str(seed & _MASK64), *map(str, parts)]).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
 
 
 def directions(seed: int, block_index: int, k: int, m: int, distribution: str = "gaussian") -> torch.Tensor:

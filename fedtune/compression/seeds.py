@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from fedtune.compression.projection import derive_seed
+from fedtune.rng import derive_seed
 
 
 def pool_seeds(base_seed: int, size: int) -> list[int]:

@@ -17,6 +17,7 @@ from fedtune.names import A_SUFFIX, B_SUFFIX, lora_modules
 from fedtune.data import Example
 from fedtune.models import ModelSource, ModelStore
 from fedtune.protocol.tensors import TensorSpec, specs_of
+from fedtune.rng import seeded
 from fedtune.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,7 @@ class GlobalModel:
         self._original_weights: dict[str, torch.nn.Parameter] = {}
         self.eval_batch_size = eval_batch_size
         base = store.instance(source, task, labels)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # LoRA A matrices are drawn here: the run's initial adapter
+        with seeded(seed):  # LoRA A matrices are drawn here: the run's initial adapter
             self.model = inject_lora(base, plan, task)
         self.model.eval()
         self.pad_id = store.pad_id(source)

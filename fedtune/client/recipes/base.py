@@ -8,8 +8,9 @@ data), ``loss`` (the task loss of a batch), ``penalty`` (a term added to it), ``
 agent keeps between rounds: personal B matrices, control variates, a tail-norm history.
 
 Randomness (data order, dropout) comes from the round's seed only: the batch order from a
-dedicated generator, dropout from a forked and seeded RNG, so a client's round is repeatable
-and independent of the device (no global RNG is touched).
+dedicated generator, each step's dropout from torch's default generator seeded for that step
+and held by that step alone (``fedtune.rng.seeded``), so a client's round is repeatable and
+the same whatever other clients train beside it in the process.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from fedtune.adapters import adapter_state, load_adapter_state
 from fedtune.options import build_options
 from fedtune.registry import Registry
+from fedtune.rng import seeded, step_seed
 from fedtune.tasks import EncodedExample, Task
 from fedtune.tasks.base import sample_batches
 
@@ -161,21 +163,20 @@ class Recipe:
         optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
         order = torch.Generator().manual_seed(settings.seed)
         losses = []
-        fork_devices = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=fork_devices):
-            torch.manual_seed(settings.seed)
-            for batch in sample_batches(items, settings.local_steps, settings.batch_size, order):
-                inputs = {k: v.to(device) for k, v in task.collate(batch, pad_id).items()}
+        rng_devices = cuda_devices(device)
+        for step, batch in enumerate(sample_batches(items, settings.local_steps, settings.batch_size, order)):
+            inputs = {k: v.to(device) for k, v in task.collate(batch, pad_id).items()}
+            with seeded(step_seed(settings.seed, step), rng_devices):  # dropout: this step's own masks
                 loss = self.loss(model, inputs, task)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"training loss became {loss.item()}; lower the learning rate")
-                extra = self.penalty(model)
-                objective = loss if extra is None else loss + extra
-                optimizer.zero_grad(set_to_none=True)
-                objective.backward()
-                self.after_backward(model)
-                optimizer.step()
-                losses.append(loss.item())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()}; lower the learning rate")
+            extra = self.penalty(model)
+            objective = loss if extra is None else loss + extra
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            self.after_backward(model)
+            optimizer.step()
+            losses.append(loss.item())
         model.eval()
         self.step_losses = losses
         return {"train_loss": sum(losses) / len(losses), "steps": float(len(losses))}
@@ -206,14 +207,14 @@ class Recipe:
         batches = poisson_batches(len(items), q, settings.local_steps, torch.Generator().manual_seed(settings.seed))
         noise = torch.Generator(device=device).manual_seed(settings.seed + 1)
 
+        forwards = iter(range(1 << 62))
+
         def loss_of(wrapped: torch.nn.Module, batch: list[int]) -> torch.Tensor:
             inputs = {k: v.to(device) for k, v in task.collate([items[i] for i in batch], pad_id).items()}
-            return self.loss(wrapped, inputs, task)
+            with seeded(step_seed(settings.seed, next(forwards)), cuda_devices(device)):
+                return self.loss(wrapped, inputs, task)
 
-        fork_devices = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=fork_devices):
-            torch.manual_seed(settings.seed)
-            losses = dp_train(model, params, batches, loss_of, dp, settings.learning_rate, settings.weight_decay, q * len(items), noise)
+        losses = dp_train(model, params, batches, loss_of, dp, settings.learning_rate, settings.weight_decay, q * len(items), noise)
         if not losses:  # every Poisson batch was empty: report the loss of the unchanged model
             with torch.no_grad():
                 losses = [float(loss_of(model, list(range(min(len(items), settings.batch_size)))))]
@@ -223,6 +224,11 @@ class Recipe:
             "dp_sample_noise_multiplier": dp.noise_multiplier, "dp_sample_rate": q, "dp_sample_steps": float(settings.local_steps),
             "dp_sample_epsilon": epsilon(history, dp.delta),
         }
+
+
+def cuda_devices(device: torch.device) -> list[int]:
+    """The CUDA devices whose default generator a step on ``device`` draws from."""
+    return [device.index or 0] if device.type == "cuda" else []
 
 
 RECIPES: Registry[type[Recipe]] = Registry("recipe")

@@ -20,9 +20,10 @@ import torch
 
 from fedtune.adapters import adapter_parameters
 from fedtune.adapters.lora import AdapterPlan
-from fedtune.client.recipes.base import RECIPES, LocalOptions, Recipe, TrainSettings
+from fedtune.client.recipes.base import RECIPES, LocalOptions, Recipe, TrainSettings, cuda_devices
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.tensors import ProtocolError, encode_tensor
+from fedtune.rng import derive_seed, seeded, step_seed
 from fedtune.split.segments import anatomy, below_cut, bottom_forward, client_side, top_forward
 from fedtune.split.wire import DirectionCodec, Sender, check_rows, scatter
 from fedtune.tasks import EncodedExample, Task
@@ -117,54 +118,54 @@ class SplitRecipe(Recipe):
         compute = 0.0
         server = 0.0
         round_trips = 0.0
-        fork_devices = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=fork_devices):
-            torch.manual_seed(settings.seed)
-            for i, batch in enumerate(sample_batches(items, settings.local_steps, settings.batch_size, order)):
-                step = o.step0 + i
-                t0 = time.perf_counter()
-                inputs = {k: v.to(device) for k, v in task.collate(batch, pad_id).items()}
-                mask = inputs["attention_mask"].bool()
-                optimizer.zero_grad(set_to_none=True)
+        rng_devices = cuda_devices(device)
+        for i, batch in enumerate(sample_batches(items, settings.local_steps, settings.batch_size, order)):
+            step = o.step0 + i
+            t0 = time.perf_counter()
+            inputs = {k: v.to(device) for k, v in task.collate(batch, pad_id).items()}
+            mask = inputs["attention_mask"].bool()
+            optimizer.zero_grad(set_to_none=True)
+            with seeded(step_seed(settings.seed, step), rng_devices):  # this step's own dropout masks
                 hidden = bottom_forward(model, inputs, o.cut)
-                rows = hidden[mask]
-                rows_hat, wire = up_act.send("hidden", rows, step)
-                tensors = [wire, encode_tensor("mask", mask.to("cpu", torch.uint8))]
-                if not o.head_on_client:
-                    tensors.append(encode_tensor("labels", inputs["labels"].cpu()))
-                compute += time.perf_counter() - t0
-                t1 = time.perf_counter()
-                reply, got = self.link.exchange(pb.SplitHeader(step=step, kind=pb.SPLIT_KIND_ACTIVATIONS), tensors)
-                round_trips += time.perf_counter() - t1
+            rows = hidden[mask]
+            rows_hat, wire = up_act.send("hidden", rows, step)
+            tensors = [wire, encode_tensor("mask", mask.to("cpu", torch.uint8))]
+            if not o.head_on_client:
+                tensors.append(encode_tensor("labels", inputs["labels"].cpu()))
+            compute += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            reply, got = self.link.exchange(pb.SplitHeader(step=step, kind=pb.SPLIT_KIND_ACTIVATIONS), tensors)
+            round_trips += time.perf_counter() - t1
+            server += reply.metrics.get("server_seconds", 0.0)
+            t2 = time.perf_counter()
+            if o.head_on_client:
+                top_rows = _rows(got, "hidden", mask, rows.shape[1], pb.SPLIT_KIND_ACTIVATIONS, reply)
+                top = scatter(top_rows.to(device, rows.dtype), mask).requires_grad_(True)
+                with seeded(derive_seed(settings.seed, "top", step), rng_devices):
+                    loss = top_forward(model, top, inputs["attention_mask"], inputs["labels"], blocks, pad_id).loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"training loss became {loss.item()}; lower the learning rate")
+                loss.backward()
+                top_grad = top.grad[mask]
+                _, gwire = up_grad.send("grad", top_grad, step)
+                up_grad.learn(top_grad, None)
+                compute += time.perf_counter() - t2
+                t3 = time.perf_counter()
+                reply, got = self.link.exchange(pb.SplitHeader(step=step, kind=pb.SPLIT_KIND_GRADIENTS), [gwire])
+                round_trips += time.perf_counter() - t3
                 server += reply.metrics.get("server_seconds", 0.0)
                 t2 = time.perf_counter()
-                if o.head_on_client:
-                    top_rows = _rows(got, "hidden", mask, rows.shape[1], pb.SPLIT_KIND_ACTIVATIONS, reply)
-                    top = scatter(top_rows.to(device, rows.dtype), mask).requires_grad_(True)
-                    loss = top_forward(model, top, inputs["attention_mask"], inputs["labels"], blocks, pad_id).loss
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"training loss became {loss.item()}; lower the learning rate")
-                    loss.backward()
-                    top_grad = top.grad[mask]
-                    _, gwire = up_grad.send("grad", top_grad, step)
-                    up_grad.learn(top_grad, None)
-                    compute += time.perf_counter() - t2
-                    t3 = time.perf_counter()
-                    reply, got = self.link.exchange(pb.SplitHeader(step=step, kind=pb.SPLIT_KIND_GRADIENTS), [gwire])
-                    round_trips += time.perf_counter() - t3
-                    server += reply.metrics.get("server_seconds", 0.0)
-                    t2 = time.perf_counter()
-                    value = loss.item()
-                else:
-                    value = float(reply.metrics.get("loss", float("nan")))
-                    if not torch.isfinite(torch.tensor(value)):
-                        raise FloatingPointError(f"the coordinator's loss became {value}; lower the learning rate")
-                grad = _rows(got, "grad", mask, rows.shape[1], pb.SPLIT_KIND_GRADIENTS, reply).to(device, rows.dtype)
-                rows_hat.backward(grad)
-                up_act.learn(rows, grad)
-                optimizer.step()
-                compute += time.perf_counter() - t2
-                losses.append(value)
+                value = loss.item()
+            else:
+                value = float(reply.metrics.get("loss", float("nan")))
+                if not torch.isfinite(torch.tensor(value)):
+                    raise FloatingPointError(f"the coordinator's loss became {value}; lower the learning rate")
+            grad = _rows(got, "grad", mask, rows.shape[1], pb.SPLIT_KIND_GRADIENTS, reply).to(device, rows.dtype)
+            rows_hat.backward(grad)
+            up_act.learn(rows, grad)
+            optimizer.step()
+            compute += time.perf_counter() - t2
+            losses.append(value)
         model.eval()
         self.step_losses = losses
         n = max(len(losses), 1)
