@@ -113,7 +113,9 @@ def test_a_simulation_is_the_same_at_any_parallel(tmp_path, tiny_bert):
         config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(300, seed=1))
         config.simulation.eval_examples = 50
         config.simulation.parallel = parallel
+        threads = torch.get_num_threads()
         result = run_simulation(config)
+        assert torch.get_num_threads() == threads  # the training threads' own setting does not leak
         assert not result.client_errors and [r["clients"] for r in result.history] == [3, 3]
         states.append(load_file(str(result.run_dir / "checkpoints" / "round-0002" / "state.safetensors")))
     assert states[0].keys() == states[1].keys()

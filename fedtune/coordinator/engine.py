@@ -22,9 +22,10 @@ import math
 import threading
 import time
 import zlib
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, TypeVar
 
 import numpy as np
 import torch
@@ -57,6 +58,7 @@ from fedtune.devices import Capabilities
 from fedtune.protocol.tensors import TensorSpec, specs_of
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,10 @@ class RoundEngine:
         # trains its clients a few at a time on one machine, so a round's deadline grows with
         # its number of waves (round_timeout_s each) instead of cutting off the last ones.
         self.training_slots = 0
+        # Where the heavy tensor work of a round runs (aggregation, evaluation, export): None for
+        # the calling thread. A simulation passes its training threads, so that one set of
+        # threads does all of a process's large torch operations (fedtune.simulation.runner).
+        self.compute: Executor | None = None
         self.state = strategy.initial_state(global_model.initial_state())
         if resume:
             self._resume()
@@ -381,7 +387,14 @@ class RoundEngine:
         """The global model now: an adapter at the global plan's shape and base-weight deltas."""
         return self.strategy.global_model(self.state, self.global_spec)
 
+    def _heavy(self, fn: Callable[..., T], *args) -> T:
+        """``fn(*args)`` on the compute threads, if the engine has them."""
+        return fn(*args) if self.compute is None else self.compute.submit(fn, *args).result()
+
     def export(self) -> Path:
+        return self._heavy(self._export)
+
+    def _export(self) -> Path:
         adapter, deltas = self.global_model_tensors()
         folder = self.global_model.export(adapter, self.run_dir / "adapter", deltas, rank=self.config.export.rank, merged_folder=self.run_dir / "merged" if self.config.export.merged else None)
         log.info("final adapter written to %s", folder)
@@ -571,7 +584,7 @@ class RoundEngine:
         strategy_metrics: dict = {}
         refused = ""
         if updates or self.strategy.poisson_sampling:  # a DP round releases noise even then
-            new_state, strategy_metrics = self.strategy.aggregate(rnd.ctx, self.state, updates)
+            new_state, strategy_metrics = self._heavy(self.strategy.aggregate, rnd.ctx, self.state, updates)
             bad = nonfinite(new_state)
             if bad:
                 refused = f"the aggregate is not finite in {len(bad)} tensors ({', '.join(bad[:3])})"
@@ -581,8 +594,8 @@ class RoundEngine:
         else:
             log.warning("round %d: no updates arrived; the global adapter is unchanged", rnd.number, extra={"round": rnd.number})
         eval_started = time.monotonic()
-        adapter, deltas = self.global_model_tensors()
-        eval_metrics = self.global_model.evaluate(adapter, deltas)
+        adapter, deltas = self._heavy(self.global_model_tensors)
+        eval_metrics = self._heavy(self.global_model.evaluate, adapter, deltas)
         eval_seconds = time.monotonic() - eval_started
         row = round_row(rnd.number, len(rnd.instructions), updates, strategy_metrics, eval_metrics, traffic, time.monotonic() - rnd.started, eval_seconds)
         times = [modeled[c] for c in arrived if c in modeled]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
 from fedtune.client.agent import AgentOptions, AgentReport, ClientAgent
 from fedtune.config import RunConfig
@@ -100,6 +101,13 @@ def fleet(config: RunConfig) -> list[Capabilities] | None:
     return None
 
 
+def _training_thread(threads: int) -> None:
+    """A training thread's intra-op threads: the machine's cores shared by the clients that
+    train at once (with 2 cores and parallel 2, one each, as Flower's one-CPU workers get)."""
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+
+
 def run_simulation(
     config: RunConfig,
     *,
@@ -124,11 +132,24 @@ def run_simulation(
     log.info("partitioned %d examples over %d clients (%s): sizes %s", len(train), sim.clients, sim.partition, shown)
 
     store = ModelStore(seed=config.seed)
-    coordinator = Coordinator(config, store=store, eval_examples=evals, on_round_end=on_round_end)
+    threads_before = torch.get_num_threads()
+    compute = ThreadPoolExecutor(max_workers=sim.parallel, thread_name_prefix="train", initializer=_training_thread,
+                                 initargs=(max(1, threads_before // sim.parallel),))
+    # Every large torch operation of the process runs on the training threads: loading the
+    # model here, evaluation and aggregation in the engine (engine.compute). Each further thread
+    # that runs one opens an OpenMP team of its own, and once a process has more OpenMP threads
+    # than cores libgomp stops spinning between parallel regions for all of them: a training
+    # step measured 1.5x slower when the main thread had merely summed a large tensor first.
+    try:
+        coordinator = compute.submit(Coordinator, config, store=store, eval_examples=evals, on_round_end=on_round_end).result()
+    except BaseException:
+        compute.shutdown(wait=False)
+        torch.set_num_threads(threads_before)
+        raise
+    coordinator.engine.compute = compute
     coordinator.engine.training_slots = sim.parallel  # a round's deadline grows with its waves
     port = coordinator.start()
     source = resolve_source(config.model.source)
-    compute = ThreadPoolExecutor(max_workers=sim.parallel, thread_name_prefix="train")
     channel = make_channel(f"127.0.0.1:{port}")  # one connection for the whole fleet
     stop = threading.Event()
     agents = [
@@ -164,6 +185,7 @@ def run_simulation(
         coordinator.stop()
         compute.shutdown(wait=False, cancel_futures=True)
         channel.close()
+        torch.set_num_threads(threads_before)  # as the caller had it (the pool may have changed it)
     if failure:
         raise failure[0]
     return SimulationResult(coordinator.run_dir, coordinator.engine.history, [a.report for a in agents], devices.errors, coordinator.engine.stopped_because, coordinator.engine.evaluation)
