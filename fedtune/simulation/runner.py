@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -108,6 +108,25 @@ def _training_thread(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+class _WholeMachine(Executor):
+    """The training pool as the engine sees it: its work between trainings (aggregation,
+    evaluation, export) runs on a training thread with every core's intra-op threads, and the
+    thread goes back to its share afterwards."""
+
+    def __init__(self, pool: ThreadPoolExecutor, threads: int, share: int) -> None:
+        self.pool, self.threads, self.share = pool, threads, share
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[override]
+        def run():
+            torch.set_num_threads(self.threads)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.set_num_threads(self.share)
+
+        return self.pool.submit(run)
+
+
 def run_simulation(
     config: RunConfig,
     *,
@@ -146,7 +165,7 @@ def run_simulation(
         compute.shutdown(wait=False)
         torch.set_num_threads(threads_before)
         raise
-    coordinator.engine.compute = compute
+    coordinator.engine.compute = _WholeMachine(compute, threads_before, max(1, threads_before // sim.parallel))
     coordinator.engine.training_slots = sim.parallel  # a round's deadline grows with its waves
     port = coordinator.start()
     source = resolve_source(config.model.source)
