@@ -365,7 +365,7 @@ class ClientAgent:
 
         queued = self.compute is not None  # then it may wait behind other clients' training
 
-        def work() -> tuple[dict, dict[str, float]]:
+        def work() -> tuple[list[EncodedTensor], dict[str, float]]:
             if queued and not self._still_wanted(header.round):
                 raise RoundClosed(header.round)
             started = time.perf_counter()
@@ -376,9 +376,22 @@ class ClientAgent:
                 update, metrics = recipe.run(model, adapter, extras, task, items, train_settings, self.store.pad_id(self.source), self.options.device, eval_items)
                 del model
                 release_free_memory()
-                return update, {**metrics, "local_seconds": time.perf_counter() - started}
+                metrics["local_seconds"] = time.perf_counter() - started
             except AdapterError as exc:
                 raise AgentError(f"the coordinator's adapter does not fit this client's model {self.source.name!r}: {exc}") from exc
+            # Encoded here, on the training thread like the rest of the tensor work (a codec's
+            # large operations on another thread would give that thread an OpenMP team too).
+            return encode_update(update, metrics)
+
+        def encode_update(update: dict, metrics: dict[str, float]) -> tuple[list[EncodedTensor], dict[str, float]]:
+            if plan.frozen_factors:  # FFA-LoRA's A, Fed-SB's B and A: frozen, so they go back to nobody
+                update = {k: v for k, v in update.items() if not k.endswith(plan.frozen_factors)}
+            if uplink is None or recipe.options.evaluate_only:
+                return encode_tensors(update), metrics
+            started = time.perf_counter()
+            encoded, codec_metrics = uplink.encode(update, tensors, self._residuals)
+            codec_metrics["encode_seconds"] = time.perf_counter() - started
+            return encoded, {**metrics, **codec_metrics}
 
         link = None
         if isinstance(recipe, SplitRecipe):  # the coordinator runs the other half over a stream
@@ -391,7 +404,7 @@ class ClientAgent:
             heartbeat = _Heartbeat(self._stub, self._client_id, self._token, header.round, self.options.heartbeat_seconds)
             heartbeat.start()
         try:
-            update, metrics = self.compute.submit(work).result() if queued else work()
+            encoded, metrics = self.compute.submit(work).result() if queued else work()
             if link is not None:
                 link.close()
         except BaseException:
@@ -401,18 +414,11 @@ class ClientAgent:
         finally:
             if heartbeat is not None:
                 heartbeat.stop()
-        if plan.frozen_factors:  # FFA-LoRA's A, Fed-SB's B and A: frozen, so they go back to nobody
-            update = {k: v for k, v in update.items() if not k.endswith(plan.frozen_factors)}
         if recipe.options.evaluate_only:
             log.info("%s: round %d evaluated its personalized model: %s", self._client_id, header.round, metrics)
-            return [], max(1, len(eval_items)), metrics
+            return encoded, max(1, len(eval_items)), metrics
         log.info("%s: round %d trained (%s), loss %.4f", self._client_id, header.round, recipe.name, metrics["train_loss"])
-        if uplink is None:
-            return encode_tensors(update), len(items), metrics
-        started = time.perf_counter()
-        encoded, codec_metrics = uplink.encode(update, tensors, self._residuals)
-        codec_metrics["encode_seconds"] = time.perf_counter() - started
-        return encoded, len(items), {**metrics, **codec_metrics}
+        return encoded, len(items), metrics
 
 
     def train(self, header: pb.TaskHeader, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
