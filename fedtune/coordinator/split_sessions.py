@@ -15,6 +15,7 @@ from fedtune.adapters import apply_base_delta, inject_lora, load_adapter_state, 
 from fedtune.client.recipes.split import SplitOptions
 from fedtune.coordinator.errors import CoordinatorError
 from fedtune.options import OptionsError, build_options
+from fedtune.rng import seeded
 from fedtune.split.server import ServerHalf
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ class SplitSessions:
         """The model with the round's global adapter, as the instruction hands it out."""
         gm = self.global_model
         adapter, frozen, _ = split_task_tensors(instruction.tensors, instruction.plan.scale)
-        model = inject_lora(gm.store.instance(gm.source, gm.task_name, gm.labels), instruction.plan, gm.task_name)
+        with seeded(0):  # peft draws LoRA's initial A (replaced below) under the process's RNG lock
+            model = inject_lora(gm.store.instance(gm.source, gm.task_name, gm.labels), instruction.plan, gm.task_name)
         apply_base_delta(model, frozen)
         load_adapter_state(model, adapter)
         return model
