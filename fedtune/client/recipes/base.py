@@ -8,9 +8,9 @@ data), ``loss`` (the task loss of a batch), ``penalty`` (a term added to it), ``
 agent keeps between rounds: personal B matrices, control variates, a tail-norm history.
 
 Randomness (data order, dropout) comes from the round's seed only: the batch order from a
-dedicated generator, each step's dropout from torch's default generator seeded for that step
-and held by that step alone (``fedtune.rng.seeded``), so a client's round is repeatable and
-the same whatever other clients train beside it in the process.
+dedicated generator, each step's dropout from a generator of the training thread's own seeded
+for that step (``fedtune.rng.thread_draws``), so a client's round is repeatable and the same
+whatever other clients train beside it in the process.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from fedtune.adapters import adapter_state, load_adapter_state
 from fedtune.options import build_options
 from fedtune.registry import Registry
-from fedtune.rng import seeded, step_seed
+from fedtune.rng import step_seed, thread_draws
 from fedtune.tasks import EncodedExample, Task
 from fedtune.tasks.base import sample_batches
 
@@ -163,10 +163,9 @@ class Recipe:
         optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
         order = torch.Generator().manual_seed(settings.seed)
         losses = []
-        rng_devices = cuda_devices(device)
         for step, batch in enumerate(sample_batches(items, settings.local_steps, settings.batch_size, order)):
             inputs = {k: v.to(device) for k, v in task.collate(batch, pad_id).items()}
-            with seeded(step_seed(settings.seed, step), rng_devices):  # dropout: this step's own masks
+            with thread_draws(step_seed(settings.seed, step)):  # dropout: this step's own masks
                 loss = self.loss(model, inputs, task)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()}; lower the learning rate")
@@ -211,7 +210,7 @@ class Recipe:
 
         def loss_of(wrapped: torch.nn.Module, batch: list[int]) -> torch.Tensor:
             inputs = {k: v.to(device) for k, v in task.collate([items[i] for i in batch], pad_id).items()}
-            with seeded(step_seed(settings.seed, next(forwards)), cuda_devices(device)):
+            with thread_draws(step_seed(settings.seed, next(forwards))):
                 return self.loss(wrapped, inputs, task)
 
         losses = dp_train(model, params, batches, loss_of, dp, settings.learning_rate, settings.weight_decay, q * len(items), noise)
@@ -224,11 +223,6 @@ class Recipe:
             "dp_sample_noise_multiplier": dp.noise_multiplier, "dp_sample_rate": q, "dp_sample_steps": float(settings.local_steps),
             "dp_sample_epsilon": epsilon(history, dp.delta),
         }
-
-
-def cuda_devices(device: torch.device) -> list[int]:
-    """The CUDA devices whose default generator a step on ``device`` draws from."""
-    return [device.index or 0] if device.type == "cuda" else []
 
 
 RECIPES: Registry[type[Recipe]] = Registry("recipe")

@@ -20,10 +20,10 @@ import torch
 
 from fedtune.adapters import adapter_parameters
 from fedtune.adapters.lora import AdapterPlan
-from fedtune.client.recipes.base import RECIPES, LocalOptions, Recipe, TrainSettings, cuda_devices
+from fedtune.client.recipes.base import RECIPES, LocalOptions, Recipe, TrainSettings
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.tensors import ProtocolError, encode_tensor
-from fedtune.rng import derive_seed, seeded, step_seed
+from fedtune.rng import derive_seed, step_seed, thread_draws
 from fedtune.split.segments import anatomy, below_cut, bottom_forward, client_side, top_forward
 from fedtune.split.wire import DirectionCodec, Sender, check_rows, scatter
 from fedtune.tasks import EncodedExample, Task
@@ -118,14 +118,13 @@ class SplitRecipe(Recipe):
         compute = 0.0
         server = 0.0
         round_trips = 0.0
-        rng_devices = cuda_devices(device)
         for i, batch in enumerate(sample_batches(items, settings.local_steps, settings.batch_size, order)):
             step = o.step0 + i
             t0 = time.perf_counter()
             inputs = {k: v.to(device) for k, v in task.collate(batch, pad_id).items()}
             mask = inputs["attention_mask"].bool()
             optimizer.zero_grad(set_to_none=True)
-            with seeded(step_seed(settings.seed, step), rng_devices):  # this step's own dropout masks
+            with thread_draws(step_seed(settings.seed, step)):  # this step's own dropout masks
                 hidden = bottom_forward(model, inputs, o.cut)
             rows = hidden[mask]
             rows_hat, wire = up_act.send("hidden", rows, step)
@@ -141,7 +140,7 @@ class SplitRecipe(Recipe):
             if o.head_on_client:
                 top_rows = _rows(got, "hidden", mask, rows.shape[1], pb.SPLIT_KIND_ACTIVATIONS, reply)
                 top = scatter(top_rows.to(device, rows.dtype), mask).requires_grad_(True)
-                with seeded(derive_seed(settings.seed, "top", step), rng_devices):
+                with thread_draws(derive_seed(settings.seed, "top", step)):
                     loss = top_forward(model, top, inputs["attention_mask"], inputs["labels"], blocks, pad_id).loss
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"training loss became {loss.item()}; lower the learning rate")
