@@ -24,7 +24,8 @@ per virtual client, two CPUs) running fedtune's ServerApp and ClientApp
 difference is the engine (Flower's processes keep glibc's malloc defaults, as a Flower user's
 would). ``seconds_per_round`` is the mean round time (open to close,
 evaluation included) over all rounds, ``steady_seconds_per_round`` leaves round 1 (start-up)
-out; ``peak_mib`` is the resident memory of the whole process tree (Ray's processes included),
+out; with ``--fedtune-p1`` a row ``sim-fedtune-p1-<N>`` adds fedtune at its default
+``--parallel 1`` (one client at a time with both cores); ``peak_mib`` is the resident memory of the whole process tree (Ray's processes included),
 sampled every 50 ms; ``mb_per_round`` the adapter bytes sent and received per round. The time
 and memory comparison is void unless the final eval losses agree within ``--loss-tolerance``:
 the script says so.
@@ -126,24 +127,24 @@ def aggregation_rows(n: int, mib: int, repeats: int) -> list[dict]:
 # ---------------------------------------------------------------- simulation
 
 
-def sim_config(clients: int, rounds: int, run_dir: str):
+def sim_config(clients: int, rounds: int, run_dir: str, parallel: int = PARALLEL):
     from simulate import workload_config
 
     config = workload_config(rounds, run_dir)
     config.simulation.clients = clients
-    config.simulation.parallel = PARALLEL
+    config.simulation.parallel = parallel
     config.federation.clients_per_round = 5
     config.federation.min_clients = clients
     return config
 
 
-def worker_fedtune(clients: int, rounds: int, out: Path) -> None:
+def worker_fedtune(clients: int, rounds: int, out: Path, parallel: int = PARALLEL) -> None:
     from fedtune.allocator import tune_allocator
     from fedtune.simulation.runner import run_simulation
 
     tune_allocator()  # as `fedtune simulate` does at start
 
-    result = run_simulation(sim_config(clients, rounds, str(out.parent / f"fedtune-{clients}")))
+    result = run_simulation(sim_config(clients, rounds, str(out.parent / f"fedtune-{clients}-p{parallel}"), parallel))
     out.write_text(json.dumps({"history": result.history}))
 
 
@@ -189,13 +190,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sim-clients", type=int, nargs="+", default=[5, 50])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--loss-tolerance", type=float, default=0.05, help="largest relative difference of the final eval losses")
+    parser.add_argument("--fedtune-p1", action="store_true", help="also run fedtune at --parallel 1 (its default), rows sim-fedtune-p1-<N>")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--worker", choices=["fedtune", "flower"], help=argparse.SUPPRESS)
     parser.add_argument("--clients", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--parallel", type=int, default=PARALLEL, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        (worker_fedtune if args.worker == "fedtune" else worker_flower)(args.clients, args.rounds, args.worker_out)
+        if args.worker == "fedtune":
+            worker_fedtune(args.clients, args.rounds, args.worker_out, args.parallel)
+        else:
+            worker_flower(args.clients, args.rounds, args.worker_out)
         return 0
 
     import torch
@@ -218,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
                                         env=QUIET)
                     pair[system] = sim_row(system, n, result)
                     print(f"measured simulation {system} {n} clients", file=sys.stderr)
+                if args.fedtune_p1:
+                    result = run_worker(__file__, ["--worker", "fedtune", "--parallel", "1", "--clients", str(n), "--rounds", str(args.rounds)],
+                                        Path(tmp) / f"fedtune-p1-{n}.json", env=QUIET)
+                    pair["fedtune-p1"] = sim_row("fedtune-p1", n, result)
+                    print(f"measured simulation fedtune --parallel 1, {n} clients", file=sys.stderr)
                 rows += pair.values()
                 fed, flower = pair["fedtune"], pair["flower"]
                 gap = abs(fed["final_eval_loss"] - flower["final_eval_loss"]) / flower["final_eval_loss"]
@@ -227,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
                     verdicts.append(f"sim {n}: eval losses agree within {gap:.1%}; fedtune {fed['seconds_per_round'] / flower['seconds_per_round']:.2f}x Flower's "
                                     f"seconds per round (steady {fed['steady_seconds_per_round'] / flower['steady_seconds_per_round']:.2f}x; goal 0.6x), "
                                     f"{fed['peak_mib'] / flower['peak_mib']:.2f}x its peak memory (goal 0.33x)")
+                    if "fedtune-p1" in pair:
+                        p1 = pair["fedtune-p1"]
+                        verdicts.append(f"sim {n}, fedtune --parallel 1: {p1['seconds_per_round'] / flower['seconds_per_round']:.2f}x Flower's seconds per round, "
+                                        f"{p1['peak_mib'] / flower['peak_mib']:.2f}x its peak memory, final eval loss {p1['final_eval_loss']:.4f}")
 
     agg = [r for r in rows if r["name"].startswith("agg-")]
     if agg:
@@ -235,9 +250,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['name']:<24} {r['gb_s']:>7.2f} {r['seconds']:>9.4f}")
     sim = [r for r in rows if r["name"].startswith("sim-")]
     if sim:
-        print(f"\n{'simulation':<18} {'s/round':>8} {'steady':>7} {'peak MiB':>9} {'MB/round':>9} {'eval loss':>10} {'eval acc':>9}")
+        print(f"\n{'simulation':<21} {'s/round':>8} {'steady':>7} {'peak MiB':>9} {'MB/round':>9} {'eval loss':>10} {'eval acc':>9}")
         for r in sim:
-            print(f"{r['name']:<18} {r['seconds_per_round']:>8.1f} {r['steady_seconds_per_round']:>7.1f} {r['peak_mib']:>9.0f} {r['mb_per_round']:>9.2f} "
+            print(f"{r['name']:<21} {r['seconds_per_round']:>8.1f} {r['steady_seconds_per_round']:>7.1f} {r['peak_mib']:>9.0f} {r['mb_per_round']:>9.2f} "
                   f"{r['final_eval_loss']:>10.4f} {r['final_eval_accuracy']:>9.3f}")
     print()
     for v in verdicts:
