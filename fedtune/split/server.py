@@ -47,9 +47,10 @@ class ServerHalf:
         if not 1 <= options.cut < self.blocks:
             raise ProtocolError(f"cut layer {options.cut} must leave at least one block on each side (the model has {self.blocks})")
         self.channels = int(model.get_base_model().config.hidden_size)
-        # Dropout stays off on the coordinator's blocks: it would draw from the process-wide RNG
-        # that every session's thread shares, so steps would depend on how sessions interleave.
-        # The device's blocks keep their dropout, seeded per round (the split recipe).
+        # Dropout stays off on the coordinator's blocks, which run on gRPC threads that no
+        # per-step generator (fedtune.rng.thread_draws) covers: their draws would come from the
+        # process-wide generator that every session shares, so steps would depend on how sessions
+        # interleave. The device's blocks keep their dropout, seeded per step (the split recipe).
         model.to(self.device).eval()
         self.params = [p for n, p in adapter_parameters(model).items() if not client_side(n, options.cut, options.head_on_client)]
         self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=weight_decay) if self.params else None
