@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -18,6 +19,7 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from fedtune.names import A_SUFFIX, B_SUFFIX, BASE_DELTA, CORE_SUFFIX, FROZEN_A, FROZEN_B, is_frozen_update
+from fedtune.rng import seeded
 
 PEFT_TASK_TYPES = {"seq-cls": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM}
 
@@ -123,17 +125,22 @@ def lora_config(plan: AdapterPlan, task: str, model: torch.nn.Module) -> LoraCon
     )
 
 
-def inject_lora(model: torch.nn.Module, plan: AdapterPlan, task: str) -> PeftModel:
+def inject_lora(model: torch.nn.Module, plan: AdapterPlan, task: str, seed: int | None = None) -> PeftModel:
     """Wrap ``model`` with LoRA modules as the plan says. Base weights stay frozen (and, with
-    ``freeze_a``, the A matrices; with ``core``, both factors, around a trained core)."""
+    ``freeze_a``, the A matrices; with ``core``, both factors, around a trained core).
+
+    peft draws the initial A matrices from torch's default generator; with ``seed`` they are
+    drawn under the process's RNG lock from that seed (``fedtune.rng.seeded``), the same
+    whatever other threads do."""
     try:
-        peft_model = get_peft_model(model, lora_config(plan, task, model))
-        if plan.freeze_a:
-            for name, param in peft_model.named_parameters():
-                if ".lora_A." in name:
-                    param.requires_grad_(False)
-        if plan.core:
-            insert_cores(peft_model)
+        with seeded(seed) if seed is not None else nullcontext():
+            peft_model = get_peft_model(model, lora_config(plan, task, model))
+            if plan.freeze_a:
+                for name, param in peft_model.named_parameters():
+                    if ".lora_A." in name:
+                        param.requires_grad_(False)
+            if plan.core:
+                insert_cores(peft_model)
         return peft_model
     except AdapterError:
         raise

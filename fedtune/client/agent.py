@@ -46,7 +46,6 @@ from fedtune.protocol.tensors import (
     encode_tensors,
     slot_table,
 )
-from fedtune.rng import seeded
 from fedtune.split.link import GrpcLink
 from fedtune.tasks import get_task
 from fedtune.transport import make_channel
@@ -369,8 +368,8 @@ class ClientAgent:
             if queued and not self._still_wanted(header.round):
                 raise RoundClosed(header.round)
             started = time.perf_counter()
-            with seeded(settings.seed):  # peft draws LoRA's initial A (replaced by the task's below)
-                model = inject_lora(self.store.instance(self.source, task_name, labels, blocks), model_plan, task_name)
+            # peft's initial A (replaced by the task's below) drawn under the process's RNG lock
+            model = inject_lora(self.store.instance(self.source, task_name, labels, blocks), model_plan, task_name, seed=settings.seed)
             try:
                 apply_base_delta(model, frozen)
                 update, metrics = recipe.run(model, adapter, extras, task, items, train_settings, self.store.pad_id(self.source), self.options.device, eval_items)

@@ -17,7 +17,6 @@ from fedtune.names import A_SUFFIX, B_SUFFIX, lora_modules
 from fedtune.data import Example
 from fedtune.models import ModelSource, ModelStore
 from fedtune.protocol.tensors import TensorSpec, specs_of
-from fedtune.rng import seeded
 from fedtune.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -44,8 +43,7 @@ class GlobalModel:
         self._original_weights: dict[str, torch.nn.Parameter] = {}
         self.eval_batch_size = eval_batch_size
         base = store.instance(source, task, labels)
-        with seeded(seed):  # LoRA A matrices are drawn here: the run's initial adapter
-            self.model = inject_lora(base, plan, task)
+        self.model = inject_lora(base, plan, task, seed=seed)  # LoRA's A matrices drawn here: the run's initial adapter
         self.model.eval()
         self.pad_id = store.pad_id(source)
         self.eval_items = store.encode(source, self.task, eval_examples, max_length, self.labels) if eval_examples else []

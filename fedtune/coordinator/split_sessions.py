@@ -15,7 +15,6 @@ from fedtune.adapters import apply_base_delta, inject_lora, load_adapter_state, 
 from fedtune.client.recipes.split import SplitOptions
 from fedtune.coordinator.errors import CoordinatorError
 from fedtune.options import OptionsError, build_options
-from fedtune.rng import seeded
 from fedtune.split.server import ServerHalf
 
 log = logging.getLogger(__name__)
@@ -62,8 +61,8 @@ class SplitSessions:
         """The model with the round's global adapter, as the instruction hands it out."""
         gm = self.global_model
         adapter, frozen, _ = split_task_tensors(instruction.tensors, instruction.plan.scale)
-        with seeded(0):  # peft draws LoRA's initial A (replaced below) under the process's RNG lock
-            model = inject_lora(gm.store.instance(gm.source, gm.task_name, gm.labels), instruction.plan, gm.task_name)
+        # peft's initial A (replaced below) drawn under the process's RNG lock
+        model = inject_lora(gm.store.instance(gm.source, gm.task_name, gm.labels), instruction.plan, gm.task_name, seed=0)
         apply_base_delta(model, frozen)
         load_adapter_state(model, adapter)
         return model

@@ -152,8 +152,8 @@ def run_simulation(
 
     store = ModelStore(seed=config.seed)
     threads_before = torch.get_num_threads()
-    compute = ThreadPoolExecutor(max_workers=sim.parallel, thread_name_prefix="train", initializer=_training_thread,
-                                 initargs=(max(1, threads_before // sim.parallel),))
+    share = max(1, threads_before // sim.parallel)  # each training thread's intra-op threads
+    compute = ThreadPoolExecutor(max_workers=sim.parallel, thread_name_prefix="train", initializer=_training_thread, initargs=(share,))
     # Every large torch operation of the process runs on the training threads: loading the
     # model here, evaluation and aggregation in the engine (engine.compute). Each further thread
     # that runs one opens an OpenMP team of its own, and once a process has more OpenMP threads
@@ -165,7 +165,7 @@ def run_simulation(
         compute.shutdown(wait=False)
         torch.set_num_threads(threads_before)
         raise
-    coordinator.engine.compute = _WholeMachine(compute, threads_before, max(1, threads_before // sim.parallel))
+    coordinator.engine.compute = _WholeMachine(compute, threads_before, share)
     coordinator.engine.training_slots = sim.parallel  # a round's deadline grows with its waves
     port = coordinator.start()
     source = resolve_source(config.model.source)
