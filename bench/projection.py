@@ -6,7 +6,8 @@ by side in one run.
 The demo task (MiniLM + LoRA r=8 on query/value + head, 3-class tweets, held-out tweets) with
 fedtune's defaults except the method: each row is one federated run over loopback gRPC.
 
-Rows: ``fp32`` (no codec), ``int8``, ``int4``, ``compeft-<density>``, ``ferret-<K>`` (first-order
+Rows: ``fp32`` (no codec), ``int8``, ``int4``, ``compeft-<density>`` (top-k signs),
+``randsign-<density>`` (signs at seeded random positions), ``ferret-<K>`` (first-order
 local training, updates projected on K seeded directions per tensor, ``--codec projection``),
 ``fedkseed-<K>`` (zeroth-order steps on a pool of K seeds, ``--strategy fedkseed``). Columns:
 the final ``eval_loss`` and ``eval_accuracy``, the wire bytes each client sent and received per
@@ -40,8 +41,8 @@ def configure(row: str, config: RunConfig) -> None:
         return
     if kind in ("int8", "int4", "fp16", "bf16"):
         config.compression.uplink = kind
-    elif kind == "compeft":
-        config.compression.uplink, config.compression.uplink_options = "compeft", {"density": float(value)}
+    elif kind in ("compeft", "randsign"):
+        config.compression.uplink, config.compression.uplink_options = kind, {"density": float(value)}
     elif kind == "ferret":
         # One block per tensor (the largest adapter tensor has 3072 elements), as Ferret blocks
         # by parameter.

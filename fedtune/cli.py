@@ -88,7 +88,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients-per-round", type=int, help="clients trained per round (0: all)")
     p.add_argument("--strategy", help="strategy by name (`fedtune strategies` lists them with their options); default: fedlc for seq-cls, fedavg for causal-lm")
     p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="a strategy option, e.g. -o server_lr=0.01 -o inner=hetlora (repeatable)")
-    p.add_argument("--codec", help="codec of the clients' updates (`fedtune codecs` lists them): fp16, bf16, int8, int4, compeft, projection, ...")
+    p.add_argument("--codec", help="codec of the clients' updates (`fedtune codecs` lists them): fp16, bf16, int8, int4, compeft, randsign, projection, ...")
     p.add_argument("--codec-option", action="append", metavar="KEY=VALUE", help="an option of the uplink codec, e.g. --codec-option density=0.05 (repeatable)")
     p.add_argument("--k", type=int, help="directions per block of --codec projection (shorthand for --codec-option k=K)")
     p.add_argument("--downlink-codec", help="codec of the weights the coordinator sends: fp16, bf16, int8, int4")

@@ -211,7 +211,7 @@ class CompressionSection:
     uplink: str = ""
     # Codec of the weights the coordinator sends: fp16, bf16, int8, int4 or uniform. Empty: raw.
     downlink: str = ""
-    # Biased uplink codecs (int-b, compeft) keep what a round drops and send it later.
+    # Biased uplink codecs (int-b, compeft, randsign) keep what a round drops and send it later.
     error_feedback: bool = True
     # The codecs' options, e.g. [compression.uplink_options] density = 0.05, or k = 64 for
     # projection; checked against the codec's options.

@@ -14,6 +14,7 @@ import torch
 from fedtune.compression import CODECS, CodecError, make_codec
 from fedtune.compression.bitpack import pack_bits, pack_segments, packed_bytes, unpack_bits, unpack_segments
 from fedtune.compression.projection import directions, expected_squared_error, project, reconstruct
+from fedtune.compression.randsign import positions as randsign_positions
 from fedtune.compression.sparse import index_bits
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.tensors import ProtocolError, TensorReceiver, TensorSpec, encode_tensor, tensor_frames
@@ -70,10 +71,12 @@ def expected_size(name: str, shape: tuple[int, ...], params: dict[str, str]) -> 
     if name == "projection":
         block, k = int(params["block"]), int(params["k"])
         return 4 * k * math.ceil(n / block)
+    if name == "randsign":
+        return 4 + math.ceil(int(params["kept"]) / 8)  # the scale, then one sign bit per position
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("name", ["fp16", "bf16", "int8", "int4", "uniform", "compeft", "projection"])
+@pytest.mark.parametrize("name", ["fp16", "bf16", "int8", "int4", "uniform", "compeft", "projection", "randsign"])
 @pytest.mark.parametrize("shape", [(8, 96), (96, 8), (3000,), (5, 7, 11)])
 def test_encoded_sizes_are_exactly_the_formula(name, shape):
     codec = make_codec(name)
@@ -160,6 +163,54 @@ def test_compeft_picks_the_smaller_position_layout():
     assert len(sparse.payload) == 4 + math.ceil(kept * (index_bits(n) + 1) / 8) < 4 + math.ceil((n + kept) / 8)
     # 0.5% density: about 0.07 bits per element instead of 32.
     assert len(sparse.payload) * 8 / n < 0.1
+
+
+# ---------------------------------------------------------------- signs at seeded positions
+
+def test_randsign_sends_the_signs_at_the_seeded_positions_with_the_least_squares_scale():
+    x = update_like(20, 100, seed=4)
+    for density in (0.05, 0.25, 1.0):
+        codec = make_codec("randsign", {"density": density, "seed": 11})
+        encoded, y = codec.roundtrip(x, "m.lora_B.weight")
+        kept = round(density * x.numel())
+        support = y.reshape(-1) != 0
+        assert int(encoded.params["kept"]) == kept == int(support.sum())
+        where = randsign_positions(int(encoded.params["seed"]), x.numel(), kept)
+        assert torch.equal(support.nonzero().reshape(-1), where)  # the positions the seed names
+        scale = float(x.reshape(-1)[where].abs().mean())
+        assert torch.allclose(y.reshape(-1)[where].abs(), torch.tensor(scale))
+        assert torch.equal(torch.sign(y.reshape(-1)[where]), torch.sign(x.reshape(-1)[where]))
+        # Only the scale and one bit per position cross the wire: `density` bits per element.
+        assert len(encoded.payload) == 4 + math.ceil(kept / 8)
+        identity = float((x.reshape(-1)[~support] ** 2).sum() + ((x.reshape(-1)[where].abs() - scale) ** 2).sum())
+        assert float(((x - y) ** 2).sum()) == pytest.approx(identity, rel=1e-5)
+
+
+def test_randsign_positions_depend_on_seed_and_tensor_and_cover_every_entry_alike():
+    codec = make_codec("randsign", {"density": 0.1, "seed": 3})
+    x = torch.ones(50, 20)
+    a, _ = codec.roundtrip(x, "layer.0.lora_A.weight")
+    b, _ = codec.roundtrip(x, "layer.1.lora_A.weight")
+    c, _ = make_codec("randsign", {"density": 0.1, "seed": 4}).roundtrip(x, "layer.0.lora_A.weight")
+    assert len({a.params["seed"], b.params["seed"], c.params["seed"]}) == 3
+    # Over many seeds every position is drawn with probability `density`: counts out of 2000
+    # draws are Binomial(2000, 0.1), mean 200 and standard deviation 13.4; 6 deviations bound
+    # all 1000 positions by chance (and a selection that favoured some positions would fail).
+    counts = torch.zeros(1000)
+    for seed in range(2000):
+        counts[randsign_positions(seed, 1000, 100)] += 1
+    assert counts.sum() == 2000 * 100 and bool(((counts - 200).abs() < 6 * 13.4).all())
+
+
+def test_randsign_positions_are_identical_in_another_process():
+    here = randsign_positions(987654321, 5000, 77).tolist()
+    code = (
+        "import torch; torch.manual_seed(5); torch.rand(7);"
+        "from fedtune.compression.randsign import positions;"
+        "print(positions(987654321, 5000, 77).tolist())"
+    )
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert there == str(here)
 
 
 # ---------------------------------------------------------------- seeded projection
@@ -273,6 +324,22 @@ def test_bad_projection_and_compeft_payloads_are_refused():
         _receive(_params(header, kept=str(10**9)), payload)
     with pytest.raises(ProtocolError, match="keeps every one"):
         _receive(_params(header, layout="all"), payload)
+
+
+def test_bad_randsign_payloads_are_refused():
+    header, payload = _header_and_payload("randsign", update_like(16, 64), density=0.25, seed=9)
+    assert _receive(header, payload)["w"].count_nonzero() == 256
+    with pytest.raises(ProtocolError, match="needs"):  # a kept count the payload does not carry
+        _receive(_params(header, kept="1000"), payload)
+    for bad in (np.nan, np.inf, -1.0):
+        with pytest.raises(ProtocolError, match="finite non-negative"):
+            _receive(header, np.float32(bad).tobytes() + payload[4:])
+    with pytest.raises(ProtocolError, match="outside"):
+        _receive(_params(header, kept=str(16 * 64 + 1)), payload)
+    with pytest.raises(ProtocolError, match="seed"):
+        _receive(_params(header, seed="-3"), payload)
+    with pytest.raises(ProtocolError, match="unknown codec parameter"):
+        _receive(_params(header, layout="index"), payload)
 
 
 def test_a_tiny_payload_cannot_announce_a_huge_tensor():

@@ -46,7 +46,7 @@ def _round(strategy, state, ctx, train, residuals=None):
     return strategy.aggregate(ctx, state, updates)
 
 
-@pytest.mark.parametrize("uplink, downlink", [("int8", None), ("int4", "int8"), ("compeft", "fp16"), ("projection", "bf16"), ("fp16", "int4")])
+@pytest.mark.parametrize("uplink, downlink", [("int8", None), ("int4", "int8"), ("compeft", "fp16"), ("projection", "bf16"), ("fp16", "int4"), ("randsign", None)])
 @pytest.mark.parametrize("inner", ["fedavg", "hetlora", "fedadam"])
 def test_clients_that_return_what_they_received_leave_the_global_model_unchanged(uplink, downlink, inner):
     strategy = Compress(build_strategy(inner), make_codec(uplink), make_codec(downlink) if downlink else None)
@@ -82,14 +82,24 @@ def test_decoded_differences_are_aggregated_as_the_inner_strategy_would_aggregat
         assert torch.allclose(got[name], want[name], atol=2e-5), name
 
 
-def test_error_feedback_sends_over_rounds_what_one_round_drops():
+@pytest.mark.parametrize(
+    "codec, options, shrink, final",
+    [
+        ("compeft", {"density": 0.05}, 0.6, 0.08),
+        # Random positions at 25%: each entry waits 4 rounds on average and the least-squares
+        # scale over- or undershoots it, so the residual settles higher and later than top-k's.
+        ("randsign", {"density": 0.25, "seed": 0}, 0.75, 0.2),
+    ],
+)
+def test_error_feedback_sends_over_rounds_what_one_round_drops(codec, options, shrink, final):
     g = torch.Generator().manual_seed(2)
     drift = torch.randn(40, 50, generator=g)  # a consistent direction, as gradients have
     for feedback in (True, False):
-        uplink = Uplink(make_codec("compeft", {"density": 0.05}), error_feedback=feedback)
         residuals: dict = {}
         sent_sum, true_sum, gaps = torch.zeros(40, 50), torch.zeros(40, 50), {}
         for t in range(1, 121):
+            # A seeded codec draws new positions every round, from the round's seed.
+            uplink = Uplink(make_codec(codec, {**options, "seed": t} if "seed" in options else options), error_feedback=feedback)
             u = drift + torch.randn(40, 50, generator=g)
             encoded, metrics = uplink.encode({"w": u}, {}, residuals)
             sent_sum += _wire(encoded)["w"]
@@ -99,8 +109,8 @@ def test_error_feedback_sends_over_rounds_what_one_round_drops():
             # Exactly: what was sent = the true updates minus the residual still held back, a
             # bounded amount, so the relative gap shrinks like 1/rounds.
             assert torch.allclose(sent_sum, true_sum - residuals["w"], atol=1e-3)
-            assert gaps[120] < 0.6 * gaps[60] < 0.6 * 0.6 * gaps[20] and gaps[120] < 0.08
-        else:  # without it, 5% top-k loses the same large share every round, forever
+            assert gaps[120] < shrink * gaps[60] < shrink * 0.6 * gaps[20] and gaps[120] < final
+        else:  # without it, the codec loses the same large share every round, forever
             assert not residuals and min(gaps[60], gaps[120]) > 0.7
 
 
@@ -136,10 +146,15 @@ def test_projection_draws_each_clients_directions_from_its_round_seed():
     first, _ = Uplink.from_options(dict(ins.options), seed=11)
     second, _ = Uplink.from_options(dict(ins.options), seed=12)
     assert first.codec.options.seed == 11 and second.codec.options.seed == 12
+    # A seed set in the options is mixed with the round's, never used as it is every round.
+    fixed = Compress(build_strategy("fedavg"), make_codec("randsign", {"seed": 5}))
+    ins = fixed.configure(context(PLANS), fixed.initial_state(random_adapter(torch.Generator().manual_seed(0))))["a"]
+    seeds = {Uplink.from_options(dict(ins.options), seed=s)[0].codec.options.seed for s in (11, 12)}
+    assert len(seeds) == 2 and not seeds & {5, 11, 12}
 
 
 def test_sparse_and_projected_codecs_cannot_carry_weights_down():
-    for name in ("compeft", "projection"):
+    for name in ("compeft", "projection", "randsign"):
         with pytest.raises(OptionsError, match="compresses updates, not weights"):
             Compress(build_strategy("fedavg"), None, make_codec(name))
 

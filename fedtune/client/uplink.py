@@ -25,6 +25,7 @@ from fedtune.aggregation.compress import CODEC_KEY, CODEC_OPTION_PREFIX, ERROR_F
 from fedtune.compression import Codec, make_codec
 from fedtune.options import parse_scalar
 from fedtune.protocol.tensors import EncodedTensor, encode_tensor, encoded_tensor
+from fedtune.rng import derive_seed
 
 
 @dataclass
@@ -35,16 +36,19 @@ class Uplink:
     @staticmethod
     def from_options(options: Mapping[str, str], seed: int) -> tuple["Uplink | None", dict[str, str]]:
         """(the uplink an instruction asks for or None, the options left for the recipe).
-        A codec whose ``seed`` option is 0 (unset) draws from ``seed``, the client's round seed,
-        so each client and round gets its own random directions."""
+        A codec with a ``seed`` option draws from ``seed``, the client's round seed (mixed with
+        the option's value when one is set), so each client and round gets its own random
+        directions or positions: the same ones every round would leave the rest of the update
+        unsent, round after round."""
         rest = {k: v for k, v in options.items() if k != CODEC_KEY and not k.startswith(CODEC_OPTION_PREFIX) and k != ERROR_FEEDBACK_KEY}
         name = options.get(CODEC_KEY)
         if not name:
             return None, rest
         codec_options = {k[len(CODEC_OPTION_PREFIX):]: parse_scalar(v) for k, v in options.items() if k.startswith(CODEC_OPTION_PREFIX)}
         codec = make_codec(name, codec_options)
-        if getattr(codec.options, "seed", None) == 0:
-            codec = make_codec(name, {**codec_options, "seed": seed})
+        base = getattr(codec.options, "seed", None)
+        if base is not None:
+            codec = make_codec(name, {**codec_options, "seed": derive_seed(base, seed) if base else seed})
         feedback = options.get(ERROR_FEEDBACK_KEY, "true").lower() == "true"
         return Uplink(codec, feedback), rest
 

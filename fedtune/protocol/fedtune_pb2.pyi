@@ -45,6 +45,7 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENCODING_SPARSE_TERNARY: _ClassVar[Encoding]
     ENCODING_SEEDED_PROJECTION: _ClassVar[Encoding]
     ENCODING_AMAQ: _ClassVar[Encoding]
+    ENCODING_SEEDED_SIGN: _ClassVar[Encoding]
 TASK_STATUS_UNSPECIFIED: TaskStatus
 TASK_STATUS_TRAIN: TaskStatus
 TASK_STATUS_WAIT: TaskStatus
@@ -72,6 +73,7 @@ ENCODING_UNIFORM_INT: Encoding
 ENCODING_SPARSE_TERNARY: Encoding
 ENCODING_SEEDED_PROJECTION: Encoding
 ENCODING_AMAQ: Encoding
+ENCODING_SEEDED_SIGN: Encoding
 
 class Capabilities(_message.Message):
     __slots__ = ("memory_bytes", "flops_per_second", "uplink_bytes_per_second", "downlink_bytes_per_second", "tier", "backward_factor")
