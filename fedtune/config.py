@@ -207,7 +207,7 @@ class ExportSection:
 @dataclass
 class CompressionSection:
     # Codec of the updates clients send (`fedtune codecs` lists them): fp16, bf16, int8, int4,
-    # uniform, compeft, projection. Empty: raw float32.
+    # uniform, compeft, randsign, projection. Empty: raw float32.
     uplink: str = ""
     # Codec of the weights the coordinator sends: fp16, bf16, int8, int4 or uniform. Empty: raw.
     downlink: str = ""
