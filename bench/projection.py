@@ -13,8 +13,10 @@ local training, updates projected on K seeded directions per tensor, ``--codec p
 the final ``eval_loss`` and ``eval_accuracy``, the wire bytes each client sent and received per
 round (``bytes_up_per_client_round``, ``bytes_down_per_client_round``: every byte of the
 messages, headers included, as the coordinator counted them), ``upload_ratio`` (fp32's upload
-over the row's), ``eval_loss_vs_fp32`` (relative difference), ``local_seconds`` (a client's
-training time per round) and ``encode_seconds``.
+over the row's), ``eval_loss_vs_fp32`` (relative difference of the final eval loss),
+``mean_gap_vs_fp32`` (that difference averaged over every round), ``local_seconds`` (a client's
+training time per round) and ``encode_seconds``. ``--table a.json b.json`` prints the table of
+earlier runs' ``--out`` files again, each compared with its own fp32 row.
 """
 
 from __future__ import annotations
@@ -82,6 +84,30 @@ def run_row(row: str, args, tmp: str) -> dict:
     }
 
 
+def compare(rows: list[dict]) -> None:
+    """Add the columns measured against the run's ``fp32`` row, when it has one:
+    ``upload_ratio``, ``eval_loss_vs_fp32`` (final round) and ``mean_gap_vs_fp32`` (the relative
+    gap averaged over every round: one round's eval loss moves by several percent from round to
+    round, so a single final figure can flatter or wrong a codec)."""
+    base = next((r for r in rows if r["name"] == "fp32"), None)
+    if base is None:
+        return
+    for r in rows:
+        r["upload_ratio"] = round(base["bytes_up_per_client_round"] / r["bytes_up_per_client_round"], 1)
+        r["eval_loss_vs_fp32"] = round(r["eval_loss"] / base["eval_loss"] - 1, 4)
+        gaps = [a / b - 1 for a, b in zip(r["eval_loss_by_round"], base["eval_loss_by_round"])]
+        r["mean_gap_vs_fp32"] = round(sum(gaps) / len(gaps), 4)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'row':<16}{'eval loss':>10}{'acc':>7}{'vs fp32':>9}{'mean gap':>10}{'up B/round':>12}{'down B/round':>14}{'up ratio':>10}{'local s':>9}{'encode s':>10}")
+    for r in rows:
+        vs = f"{100 * r['eval_loss_vs_fp32']:+.2f}%" if "eval_loss_vs_fp32" in r else "-"
+        gap = f"{100 * r['mean_gap_vs_fp32']:+.2f}%" if "mean_gap_vs_fp32" in r else "-"
+        ratio = f"{r['upload_ratio']:.1f}x" if "upload_ratio" in r else "-"
+        print(f"{r['name']:<16}{r['eval_loss']:>10.4f}{r['eval_accuracy'] or 0:>7.3f}{vs:>9}{gap:>10}{r['bytes_up_per_client_round']:>12.0f}{r['bytes_down_per_client_round']:>14.0f}{ratio:>10}{r['local_seconds']:>9.2f}{r['encode_seconds']:>10.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=3)
@@ -90,7 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategy", default="", help="strategy of the first-order rows (default: the demo's)")
     parser.add_argument("--eval-examples", type=int, default=1000)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--table", type=Path, nargs="+", metavar="JSON",
+                        help="print the table of earlier runs' --out files instead of running (each compared with its own fp32 row)")
     args = parser.parse_args(argv)
+    if args.table:
+        for path in args.table:
+            rows = json.loads(path.read_text())["rows"]
+            compare(rows)
+            print(f"# {path}")
+            print_table(rows)
+        return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.rows.split(","):
@@ -98,16 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run_row(name, args, tmp))
             r = rows[-1]
             print(f"  {name}: eval loss {r['eval_loss']:.4f}, up {r['bytes_up_per_client_round']:.0f} B/client/round", file=sys.stderr, flush=True)
-    base = next((r for r in rows if r["name"] == "fp32"), None)
-    for r in rows:
-        if base is not None:
-            r["upload_ratio"] = round(base["bytes_up_per_client_round"] / r["bytes_up_per_client_round"], 1)
-            r["eval_loss_vs_fp32"] = round(r["eval_loss"] / base["eval_loss"] - 1, 4)
-    print(f"{'row':<16}{'eval loss':>10}{'acc':>7}{'vs fp32':>9}{'up B/round':>12}{'down B/round':>14}{'up ratio':>10}{'local s':>9}{'encode s':>10}")
-    for r in rows:
-        vs = f"{100 * r['eval_loss_vs_fp32']:+.2f}%" if "eval_loss_vs_fp32" in r else "-"
-        ratio = f"{r['upload_ratio']:.1f}x" if "upload_ratio" in r else "-"
-        print(f"{r['name']:<16}{r['eval_loss']:>10.4f}{r['eval_accuracy'] or 0:>7.3f}{vs:>9}{r['bytes_up_per_client_round']:>12.0f}{r['bytes_down_per_client_round']:>14.0f}{ratio:>10}{r['local_seconds']:>9.2f}{r['encode_seconds']:>10.3f}")
+    compare(rows)
+    print_table(rows)
     if args.out:
         settings = {"clients": args.clients, "rounds": args.rounds, "strategy": args.strategy or "demo default", "eval_examples": args.eval_examples, "fedkseed": FEDKSEED}
         args.out.write_text(json.dumps({"rows": rows, **settings}, indent=2) + "\n")
