@@ -45,6 +45,7 @@ def raw_rows(tmp_path_factory, small_llama):
     [
         ("int8", {}, "int8", 0.32),                     # 1/4 of fp32, plus scales and headers
         ("compeft", {"density": 0.05}, "", 0.12),       # ~1.4 bits per element
+        ("randsign", {"density": 0.5}, "", 0.12),       # half the signs, no positions: 0.5 bits per element
         ("projection", {"k": 64, "block": 1024}, "", 0.15),  # Ferret-style: 1/16 of fp32 + headers
     ],
 )
