@@ -121,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.table:
         for path in args.table:
-            rows = json.loads(path.read_text())["rows"]
+            try:
+                rows = json.loads(path.read_text())["rows"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise SystemExit(f"{path}: not a bench/projection.py --out file ({exc})") from None
             compare(rows)
             print(f"# {path}")
             print_table(rows)

@@ -20,7 +20,6 @@ the same positions on every machine with the same torch version, whatever device
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -29,6 +28,7 @@ import torch
 
 from fedtune.compression.base import Codec, CodecError, Encoded, check_params, int_param, numel, register_codec
 from fedtune.compression.bitpack import pack_segments, packed_bytes, unpack_segments
+from fedtune.compression.sparse import check_density, kept_count, read_scale, signed
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.rng import derive_seed
 
@@ -51,8 +51,7 @@ class RandomSignOptions:
     seed: int = 0          # base seed; 0 on a client: its round seed. Each tensor derives its own.
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.density <= 1.0:
-            raise ValueError(f"density must be in (0, 1], got {self.density}")
+        check_density(self.density)
         if not 0 <= self.seed <= _MASK64:
             raise ValueError(f"seed must be in 0..2**64-1, got {self.seed}")
 
@@ -69,7 +68,7 @@ class RandomSign(Codec):
     def encode(self, tensor: torch.Tensor, key: str = "") -> Encoded:
         x = tensor.detach().to("cpu", torch.float32).reshape(-1)
         n = x.numel()
-        kept = min(n, max(1, round(self.options.density * n))) if n else 0
+        kept = kept_count(self.options.density, n)
         seed = derive_seed(self.options.seed, key)
         values = x[positions(seed, n, kept)] if kept else x[:0]
         scale = float(values.abs().mean()) if kept else 0.0
@@ -94,11 +93,9 @@ class RandomSign(Codec):
         n, seed, kept = cls._parse(shape, params)
         if len(payload) != _payload_bytes(kept):
             raise CodecError(f"randsign payload has {len(payload)} bytes, its header needs {_payload_bytes(kept)}")
-        scale = float(np.frombuffer(payload, dtype="<f4", count=1)[0])
-        if not math.isfinite(scale) or scale < 0:
-            raise CodecError(f"randsign scale {scale} is not a finite non-negative number")
+        scale = read_scale(payload, "randsign")
         out = torch.zeros(n)
         if kept:
             (negative,) = unpack_segments(memoryview(payload)[4:], [(kept, 1)])
-            out[positions(seed, n, kept)] = torch.from_numpy(np.where(negative == 1, -scale, scale).astype(np.float32))
+            out[positions(seed, n, kept)] = torch.from_numpy(signed(negative, scale))
         return out.reshape(tuple(shape))

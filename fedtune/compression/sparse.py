@@ -35,6 +35,29 @@ def index_bits(n: int) -> int:
     return max(1, math.ceil(math.log2(n))) if n > 1 else 1
 
 
+def check_density(density: float) -> None:
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+
+
+def kept_count(density: float, n: int) -> int:
+    """Entries a sign codec keeps of ``n`` at ``density``: at least one of a non-empty tensor."""
+    return min(n, max(1, round(density * n))) if n else 0
+
+
+def read_scale(payload, codec: str) -> float:
+    """The float32 scale that opens a sign payload, refused unless finite and non-negative."""
+    scale = float(np.frombuffer(payload, dtype="<f4", count=1)[0])
+    if not math.isfinite(scale) or scale < 0:
+        raise CodecError(f"{codec} scale {scale} is not a finite non-negative number")
+    return scale
+
+
+def signed(negative: np.ndarray, scale: float) -> np.ndarray:
+    """Sign bits (1 = negative) as float32 values of magnitude ``scale``."""
+    return np.where(negative == 1, -scale, scale).astype(np.float32)
+
+
 def _layout_bytes(n: int, kept: int, layout: str) -> int:
     if layout == "all":
         return 4 + packed_bytes(kept, 1)  # every position kept: signs only
@@ -53,8 +76,7 @@ class SparseTernaryOptions:
     density: float = 1.0
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.density <= 1.0:
-            raise ValueError(f"density must be in (0, 1], got {self.density}")
+        check_density(self.density)
 
 
 @register_codec("compeft")
@@ -69,7 +91,7 @@ class SparseTernary(Codec):
     def encode(self, tensor: torch.Tensor, key: str = "") -> Encoded:
         x = tensor.detach().to("cpu", torch.float32).reshape(-1)
         n = x.numel()
-        kept = min(n, max(1, round(self.options.density * n))) if n else 0
+        kept = kept_count(self.options.density, n)
         if kept:
             magnitude = x.abs()
             top = torch.topk(magnitude, kept, sorted=False).indices.sort().values
@@ -111,9 +133,7 @@ class SparseTernary(Codec):
         n, kept, layout = cls._parse(shape, params)
         if len(payload) != _layout_bytes(n, kept, layout):
             raise CodecError(f"compeft payload has {len(payload)} bytes, its header needs {_layout_bytes(n, kept, layout)}")
-        scale = float(np.frombuffer(payload, dtype="<f4", count=1)[0])
-        if not math.isfinite(scale) or scale < 0:
-            raise CodecError(f"compeft scale {scale} is not a finite non-negative number")
+        scale = read_scale(payload, "compeft")
         body = memoryview(payload)[4:]
         if layout == "all":
             (negative,) = unpack_segments(body, [(kept, 1)]) if kept else (np.zeros(0, np.int64),)
@@ -128,5 +148,5 @@ class SparseTernary(Codec):
             if kept and (positions.max() >= n or (np.diff(positions) <= 0).any()):
                 raise CodecError("compeft positions are out of range or not strictly increasing")
         out = np.zeros(n, np.float32)
-        out[positions] = np.where(negative == 1, -scale, scale)
+        out[positions] = signed(negative, scale)
         return torch.from_numpy(out).reshape(tuple(shape))
