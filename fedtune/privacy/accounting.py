@@ -60,15 +60,40 @@ def history_from_tensor(tensor: torch.Tensor) -> PrivacyHistory:
     return [(float(s), float(q), int(n)) for s, q, n in tensor.reshape(-1, 3).tolist()]
 
 
-def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
+def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp", spent: Iterable[Sequence[float]] = ()) -> float:
     """The smallest noise multiplier (within Opacus' 0.01 tolerance on epsilon) whose ``steps``
-    steps at ``sample_rate`` spend at most ``target_epsilon`` at ``delta``: Opacus' own search."""
+    steps at ``sample_rate``, after the mechanisms already ``spent``, spend at most
+    ``target_epsilon`` at ``delta``: never above the target.
+
+    With nothing spent this is Opacus' own search; with a history (a device's earlier rounds,
+    its noised label prior) the same bisection runs over the composed epsilon."""
     import warnings
 
     from opacus.accountants.utils import get_noise_multiplier
 
     if target_epsilon <= 0 or steps < 1 or not 0 < sample_rate <= 1:
         raise ValueError("a target epsilon needs target > 0, steps >= 1 and a sample rate in (0, 1]")
-    with warnings.catch_warnings():  # Opacus' advice on its order grid is not actionable here
-        warnings.simplefilter("ignore", UserWarning)
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant))
+    spent = merge(spent)
+    if not spent:
+        with warnings.catch_warnings():  # Opacus' advice on its order grid is not actionable here
+            warnings.simplefilter("ignore", UserWarning)
+            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant))
+    if epsilon(spent, delta, accountant) >= target_epsilon:
+        raise ValueError(f"epsilon {epsilon(spent, delta, accountant):.4g} is already spent: no noise reaches the target {target_epsilon:g}")
+
+    def spends(sigma: float) -> float:
+        return epsilon([*spent, (sigma, sample_rate, steps)], delta, accountant)
+
+    warnings.filterwarnings("ignore", message="Optimal order", category=UserWarning)
+    low, high = 0.0, 10.0
+    while spends(high) > target_epsilon:
+        low, high = high, 2 * high
+        if high > 1e6:
+            raise ValueError(f"no noise multiplier reaches epsilon {target_epsilon:g}")
+    while spends(high) < target_epsilon - 0.01 and high - low > 1e-6:
+        mid = (low + high) / 2
+        if spends(mid) > target_epsilon:
+            low = mid
+        else:
+            high = mid
+    return high

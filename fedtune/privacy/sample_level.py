@@ -5,9 +5,16 @@ Each step includes every local example independently with probability q = batch_
 (Poisson sampling, what Opacus' accountants assume), computes per-example gradients of the
 trainable adapter tensors with Opacus' ``GradSampleModule``, and lets Opacus' ``DPOptimizer``
 clip each example's gradient to ``clip`` and add N(0, (sigma clip)^2) before the inner AdamW
-step. fedtune draws the Poisson masks and the noise from generators of its own seeded by the
-round's seed (not the global RNG, not Opacus' PrivacyEngine, which would need a DataLoader and
-keep its own accountant); an empty batch is still a step of the mechanism: a noise-only update.
+step. fedtune draws the Poisson masks and the noise from generators of its own (not the global
+RNG, not Opacus' PrivacyEngine, which would need a DataLoader and keep its own accountant),
+seeded with a secret the device never sends (``fedtune.privacy.randomness``); an empty batch is
+still a step of the mechanism: a noise-only update.
+
+Per-example independence: the sensitivity of a step is the clip norm only if example i's
+gradient depends on example i alone. ``loss_of`` therefore returns one loss per example (a
+causal-LM example's mean over its own tokens, never a mean over the batch's tokens), their sum
+is differentiated (Opacus' ``loss_reduction="sum"``: per-example gradients are exactly each
+example's own), and the noised sum is divided by the expected batch size, not the drawn one.
 
 The history ``[(sigma, q, steps), ...]`` grows by one entry per round the device trains and
 lives in the recipe memory the agent keeps, so the device's epsilon counts exactly the rounds
@@ -69,18 +76,25 @@ def dp_train(
     expected_batch_size: float,
     noise: torch.Generator,
 ) -> list[float]:
-    """Run the DP-SGD steps; returns the losses of the non-empty batches (possibly none)."""
+    """Run the DP-SGD steps; returns the mean per-example loss of each non-empty batch
+    (possibly none). ``loss_of(module, batch)`` returns a vector of ``len(batch)`` per-example
+    losses; ``noise`` is the generator of the Gaussian noise (secret unless research mode)."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
     model.train()  # Opacus records activations only in training mode
-    wrapped = GradSampleModule(model)
+    # Summed per-example losses: Opacus' per-example gradients are then each example's own,
+    # whatever the batch's size; the optimizer divides the noised sum by the expected size.
+    wrapped = GradSampleModule(model, loss_reduction="sum")
     optimizer = DPOptimizer(
         torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay),
         noise_multiplier=settings.noise_multiplier,
         max_grad_norm=settings.clip,
         expected_batch_size=max(1, round(expected_batch_size)),
+        loss_reduction="mean",
         generator=noise,
+        # Noise as a sum of Gaussians, robust to the floating-point attacks on torch.normal.
+        secure_mode=True,
     )
     losses = []
     try:
@@ -96,12 +110,14 @@ def dp_train(
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                 optimizer.step()
                 continue
-            loss = loss_of(wrapped, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.item()}; lower the learning rate")
-            loss.backward()
+            per_example = loss_of(wrapped, batch)
+            if per_example.shape != (len(batch),):
+                raise ValueError(f"DP-SGD needs one loss per example: got shape {list(per_example.shape)} for a batch of {len(batch)}")
+            if not torch.isfinite(per_example).all():
+                raise FloatingPointError("training loss is not finite; lower the learning rate")
+            per_example.sum().backward()
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(per_example.mean().item())
     finally:
         wrapped._close()
         model.eval()

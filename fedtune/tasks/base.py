@@ -41,6 +41,12 @@ class Task:
     def collate(self, items: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def example_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One loss per example of ``batch`` (a vector), each computed from that example alone:
+        what DP-SGD clips per example (a batch-level reduction would make one example's gradient
+        depend on its batchmates)."""
+        raise NotImplementedError
+
     def score(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """Summed metrics of one batch (e.g. summed loss, correct count, count)."""
         raise NotImplementedError

@@ -36,6 +36,15 @@ class CausalLM(Task):
         labels = pad([it.target for it in items], IGNORE)
         return {"input_ids": pad(sequences, pad_id), "attention_mask": attention_mask(sequences), "labels": labels}
 
+    def example_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each example's mean token loss over its own target tokens (transformers' model loss
+        averages over the whole batch's tokens instead)."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        targets = batch["labels"][:, 1:]
+        tokens = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+        counted = (targets != IGNORE).sum(dim=1).clamp(min=1)
+        return tokens.sum(dim=1) / counted
+
     def score(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         shifted = logits[:, :-1].reshape(-1, logits.size(-1)).float()

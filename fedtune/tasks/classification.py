@@ -34,6 +34,10 @@ class SequenceClassification(Task):
         labels = torch.tensor([it.target for it in items], dtype=torch.long)
         return {"input_ids": pad(sequences, pad_id), "attention_mask": attention_mask(sequences), "labels": labels}
 
+    def example_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+
     def score(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         labels = batch["labels"]
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

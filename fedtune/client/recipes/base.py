@@ -62,6 +62,10 @@ class LocalOptions:
     # dp_total_steps steps at this device's sample rate (fixed at its first round).
     dp_target_epsilon: float = 0.0
     dp_total_steps: int = 0
+    # Research mode: batch masks and noise drawn from the round's seed, which the coordinator
+    # knows, so the run repeats; no guarantee against whoever knows the seed. Off: secrets of
+    # the device. A device accepts it only when its own policy allows (fedtune.client.policy).
+    dp_repeatable: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.personal_eval < 1.0:
@@ -100,6 +104,12 @@ class Recipe:
 
     def loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], task: Task) -> torch.Tensor:
         return model(**inputs).loss
+
+    def example_losses(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], task: Task) -> torch.Tensor:
+        """The loss of each example of the batch, computed from that example alone (DP-SGD
+        clips these per example). A recipe that changes ``loss`` must give its per-example
+        form here, or DP-SGD refuses it."""
+        return task.example_losses(model, inputs)
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
         """A term added to the objective (proximal term, tail penalty); not part of the
@@ -183,45 +193,56 @@ class Recipe:
 
     def train_private(self, model: torch.nn.Module, task: Task, items: Sequence[EncodedExample], settings: TrainSettings, pad_id: int, device: torch.device) -> dict[str, float]:
         """DP-SGD (fedtune.privacy.sample_level): the same steps, with per-example clipping,
-        noise and Poisson batches; the round is added to the device's privacy history."""
+        noise and Poisson batches; the round is added to the device's privacy history.
+
+        The batch masks and the noise come from secrets of this device (never the round's seed,
+        which the coordinator knows) unless the task asks for research mode
+        (``dp_repeatable``), which the agent accepts only where the device's policy allows it."""
         from fedtune.privacy.accounting import epsilon, noise_for_target
+        from fedtune.privacy.randomness import dp_generator
         from fedtune.privacy.sample_level import SampleDPSettings, check_budget, dp_train, poisson_batches
 
         if type(self).penalty is not Recipe.penalty or type(self).after_backward is not Recipe.after_backward:
             raise ValueError(f"recipe {self.name!r} changes gradients or adds a penalty, which sample-level DP-SGD cannot clip per example")
+        if type(self).loss is not Recipe.loss and type(self).example_losses is Recipe.example_losses:
+            raise ValueError(f"recipe {self.name!r} changes the loss but gives no per-example form of it, which DP-SGD needs")
         o = self.options
         history = self.privacy.setdefault("history", [])
         q = min(1.0, settings.batch_size / len(items))
         sigma = o.dp_noise_multiplier
-        if o.dp_target_epsilon:  # fixed once for the device, from its own sample rate
+        if o.dp_target_epsilon:  # fixed once for the device, from its own sample rate and what it already spent
             if "sigma" not in self.privacy:
-                self.privacy["sigma"] = noise_for_target(o.dp_target_epsilon, o.dp_delta, q, o.dp_total_steps)
+                self.privacy["sigma"] = noise_for_target(o.dp_target_epsilon, o.dp_delta, q, o.dp_total_steps, spent=history)
             sigma = self.privacy["sigma"]
-        budget = o.dp_budget or (o.dp_target_epsilon * 1.01 if o.dp_target_epsilon else 0.0)
+        budget = o.dp_budget or o.dp_target_epsilon
         dp = SampleDPSettings(sigma, o.dp_clip, o.dp_delta, budget)
         check_budget(dp, history, q, settings.local_steps)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
-        batches = poisson_batches(len(items), q, settings.local_steps, torch.Generator().manual_seed(settings.seed))
-        noise = torch.Generator(device=device).manual_seed(settings.seed + 1)
+        repeatable = o.dp_repeatable
+        batches = poisson_batches(len(items), q, settings.local_steps, dp_generator(repeatable, settings.seed, "batches"))
+        noise = dp_generator(repeatable, settings.seed, "noise", device=device)
 
         forwards = iter(range(1 << 62))
 
         def loss_of(wrapped: torch.nn.Module, batch: list[int]) -> torch.Tensor:
             inputs = {k: v.to(device) for k, v in task.collate([items[i] for i in batch], pad_id).items()}
             with thread_draws(step_seed(settings.seed, next(forwards))):
-                return self.loss(wrapped, inputs, task)
+                return self.example_losses(wrapped, inputs, task)
 
         losses = dp_train(model, params, batches, loss_of, dp, settings.learning_rate, settings.weight_decay, q * len(items), noise)
         if not losses:  # every Poisson batch was empty: report the loss of the unchanged model
             with torch.no_grad():
-                losses = [float(loss_of(model, list(range(min(len(items), settings.batch_size)))))]
+                losses = [float(loss_of(model, list(range(min(len(items), settings.batch_size)))).mean())]
         history.append((dp.noise_multiplier, q, settings.local_steps))
+        self.privacy["rounds_trained"] = int(self.privacy.get("rounds_trained", 0)) + 1
         return {
             "train_loss": sum(losses) / len(losses), "steps": float(settings.local_steps),
             "dp_sample_noise_multiplier": dp.noise_multiplier, "dp_sample_rate": q, "dp_sample_steps": float(settings.local_steps),
             "dp_sample_epsilon": epsilon(history, dp.delta),
+            "dp_sample_rounds": float(self.privacy["rounds_trained"]),
+            "dp_sample_secret": 0.0 if repeatable else 1.0,
         }
 
 

@@ -42,8 +42,8 @@ def calibration(counts: torch.Tensor, tau: float, kind: str = "prior") -> torch.
     return -tau * counts.clamp(min=1).pow(-0.25)
 
 
-def calibrated_loss(logits: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor, tau: float, kind: str = "prior") -> torch.Tensor:
-    return F.cross_entropy(logits + calibration(counts, tau, kind).to(logits.dtype), labels)
+def calibrated_loss(logits: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor, tau: float, kind: str = "prior", reduction: str = "mean") -> torch.Tensor:
+    return F.cross_entropy(logits + calibration(counts, tau, kind).to(logits.dtype), labels, reduction=reduction)
 
 
 @RECIPES.register("fedlc")
@@ -62,3 +62,7 @@ class FedLCRecipe(Recipe):
         labels = inputs["labels"]
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         return calibrated_loss(logits.float(), labels, self.counts, self.options.tau, self.options.calibration)
+
+    def example_losses(self, model, inputs, task) -> torch.Tensor:
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        return calibrated_loss(logits.float(), inputs["labels"], self.counts, self.options.tau, self.options.calibration, reduction="none")
