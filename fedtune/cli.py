@@ -193,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--state-dir", default="", help="folder where the device keeps its identity, recipe memory (FedSA's B, SCAFFOLD's controls), "
                      "error-feedback residuals and DP accounting across restarts")
     cli.add_argument("--give-up-after", type=float, default=300.0, help="seconds of unreachable coordinator before exiting")
+    cli.add_argument("--max-epsilon", type=float, default=None, help="this device's own privacy policy: refuse any task that is not DP-SGD "
+                     "or would take its epsilon (all rounds it ever trained, kept in --state-dir) past this")
+    cli.add_argument("--min-noise-multiplier", type=float, default=None, help="policy: refuse DP-SGD tasks with less noise than this")
+    cli.add_argument("--delta", type=float, default=None, help="policy: the delta this device accounts at; tasks with a larger delta are refused")
+    cli.add_argument("--allow-known-seed", action="store_true", help="policy: accept research-mode DP (noise from the coordinator's seed; no guarantee against it)")
     cli.add_argument("-v", "--verbose", action="count", default=0)
     _add_log_format(cli)
 
@@ -445,10 +450,28 @@ def cmd_client(args: argparse.Namespace) -> int:
         enrollment_secret=secret,
         state_dir=args.state_dir,
         give_up_after_seconds=args.give_up_after,
+        privacy_policy=_client_policy(args),
     )
     report = ClientAgent(options, examples, source).run()
     print(f"{report.client_id}: trained rounds {report.rounds}; refused updates: {len(report.rejected)}")
+    if report.declined:
+        print(f"{report.client_id}: declined to train: {report.declined}")
     return 0
+
+
+def _client_policy(args: argparse.Namespace):
+    """The device's privacy policy from its flags; None (the one kept in --state-dir, if any)
+    when no policy flag is given."""
+    from fedtune.client.policy import PrivacyPolicy
+
+    given = {"max_epsilon": args.max_epsilon, "min_noise_multiplier": args.min_noise_multiplier, "delta": args.delta}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given and not args.allow_known_seed:
+        return None
+    try:
+        return PrivacyPolicy(**given, allow_known_seed=args.allow_known_seed)
+    except ValueError as exc:
+        raise SystemExit(f"fedtune client: {exc}") from None
 
 
 def _print_registry(registry) -> None:

@@ -235,8 +235,15 @@ class PrivacySection:
     # Adaptive clipping (Andrew et al.): the clip norm tracks this quantile of the update norms.
     adaptive_clip: bool = False
     target_quantile: float = 0.5
-    # Seed the noise from the operating system instead of the run's seed (not reproducible).
-    secure_noise: bool = False
+    # Research mode: DP noise, DP batch masks and DP client selection drawn from seeds derived
+    # from the run's seed, so a DP run repeats. The guarantee then does not hold against
+    # whoever knows the seed (the coordinator, the operator), and the privacy report says so
+    # first. Off (default): those draws come from secrets no other party knows.
+    repeatable: bool = False
+    # delta must be below 1/N (client level, N clients) and 1/n (sample level, n examples of
+    # a device), or (epsilon, delta) allows releasing some record outright; true proceeds
+    # anyway, and the run and its privacy report say so.
+    allow_large_delta: bool = False
     # Stop before a round would take the client-level epsilon past this budget, and devices
     # decline a round that would take their sample-level epsilon past it (0: no budget).
     epsilon_budget: float = 0.0
@@ -323,7 +330,7 @@ class RunConfig:
 
             options = build_options(ClientDPOptions, {
                 "clip": p.clip, "noise_multiplier": p.noise_multiplier, "delta": p.delta, "accountant": p.accountant,
-                "adaptive": p.adaptive_clip, "target_quantile": p.target_quantile, "secure_noise": p.secure_noise,
+                "adaptive": p.adaptive_clip, "target_quantile": p.target_quantile, "repeatable": p.repeatable,
                 "epsilon_budget": p.epsilon_budget, "target_epsilon": p.target_epsilon, "rounds": self.federation.rounds,
             }, "privacy")
             strategy = ClientDP(strategy, options, scale=scale, seed=self.seed)
@@ -332,7 +339,8 @@ class RunConfig:
             from fedtune.options import build_options
 
             options = build_options(SampleDPOptions, {"clip": p.sample_clip, "noise_multiplier": p.sample_noise_multiplier, "delta": p.delta, "budget": p.epsilon_budget,
-                                                     "target_epsilon": p.target_epsilon, "total_steps": self.federation.rounds * self.training.local_steps}, "privacy (sample level)")
+                                                     "target_epsilon": p.target_epsilon, "total_steps": self.federation.rounds * self.training.local_steps,
+                                                     "repeatable": p.repeatable, "allow_large_delta": p.allow_large_delta}, "privacy (sample level)")
             strategy = SampleDP(strategy, options, scale=scale, seed=self.seed)
         if self.federation.share_a:
             strategy = FedSA(strategy, FedSAOptions(self.federation.personal_eval), scale=scale, seed=self.seed)

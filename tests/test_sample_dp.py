@@ -81,17 +81,27 @@ def test_a_devices_epsilon_counts_the_rounds_it_trained(tiny_llama):
     assert once["dp_sample_epsilon"] < metrics["dp_sample_epsilon"]
 
 
-def test_noise_really_moves_the_model_and_the_seed_repeats_it(tiny_llama):
+def test_the_coordinator_cannot_reproduce_a_dp_update_unless_research_mode_is_asked_for(tiny_llama):
+    """The round's seed comes from the coordinator. By default a device's DP-SGD draws its
+    batches and noise from its own secrets, so the same data and the same seed give different
+    updates (the coordinator cannot regenerate and subtract the noise); research mode
+    (dp_repeatable) gives bit-identical ones, and says so in its metrics."""
     model, items, task, pad = _model_and_items(tiny_llama, 40)
     start = adapter_state(model)
     settings = TrainSettings(local_steps=2, batch_size=8, learning_rate=1e-2, seed=5)
-    runs = []
-    for sigma in ("0.0", "5.0", "5.0"):
-        sent, _ = make_recipe({"dp_clip": "0.01", "dp_noise_multiplier": sigma}, {}, {}).run(model, start, {}, task, items, settings, pad)
-        runs.append(sent)
     name = next(n for n in start if n.endswith("lora_B.weight"))
-    assert torch.equal(runs[1][name], runs[2][name])            # same seed, same noise
-    assert not torch.equal(runs[0][name], runs[1][name])        # the noise is really added
+
+    def run(sigma: str, repeatable: bool = False):
+        options = {"dp_clip": "0.01", "dp_noise_multiplier": sigma, **({"dp_repeatable": "true"} if repeatable else {})}
+        sent, metrics = make_recipe(options, {}, {}).run(model, start, {}, task, items, settings, pad)
+        return sent[name], metrics
+
+    (secret_a, m_a), (secret_b, _) = run("5.0"), run("5.0")
+    assert not torch.equal(secret_a, secret_b) and m_a["dp_sample_secret"] == 1.0
+    (known_a, m_k), (known_b, _) = run("5.0", True), run("5.0", True)
+    assert torch.equal(known_a, known_b) and m_k["dp_sample_secret"] == 0.0
+    noiseless, _ = run("0.0", True)
+    assert not torch.equal(noiseless, known_a)                  # the noise is really added
 
 
 @pytest.mark.parametrize("sigma", [0.0, 5.0])
@@ -168,6 +178,9 @@ def test_both_levels_over_grpc_learn_and_the_report_has_every_clients_epsilon(tm
     assert not result.client_errors
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    # Client-level DP: who took part stays out of the released metrics, in the operator's file.
+    assert not any("client_ids" in r or "dp_sample" in r for r in rows)
+    rows = [{**r, **p} for r, p in zip(rows, (json.loads(line) for line in (result.run_dir / "participation.jsonl").read_text().splitlines()))]
     assert main(["privacy-report", str(result.run_dir)]) == 0
     report = json.loads((result.run_dir / "privacy.json").read_text())
     assert report["client_level"] is not None and set(report["sample_level"]) == {"sim-000", "sim-001", "sim-002"}
@@ -177,8 +190,12 @@ def test_both_levels_over_grpc_learn_and_the_report_has_every_clients_epsilon(tm
         assert entry["history"] == [[0.5, q, 10 * taken]] and len(entry["rounds"]) == taken
         accountant = RDPAccountant()
         accountant.history = [(0.5, q, 10 * taken)]
-        assert entry["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
-    assert "Sample level" in (result.run_dir / "privacy.md").read_text()
+        assert entry["epsilon_recomputed"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+        assert entry["epsilon"] >= entry["epsilon_recomputed"] and entry["noise_secret"] is True
+    text = (result.run_dir / "privacy.md").read_text()
+    assert "Sample level" in text and "add/remove" in text and "Released outside the guarantee" in text
+    assert report["client_level"]["participation"].startswith("private")
+    assert report["client_level"]["epsilon_if_participation_public"] >= report["client_level"]["epsilon"]  # q = 1 here: equal
 
 
 def test_a_target_epsilon_fixes_the_devices_sigma_and_the_device_declines_past_it(tiny_llama):

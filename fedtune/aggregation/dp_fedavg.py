@@ -14,11 +14,24 @@ accountants assume; the accountant records (sigma, q, 1) per round in the state
 (``dp/history``), so epsilon survives restarts and the privacy report reads it back. A round in
 which nobody was selected or nobody answered still releases noise and is still counted.
 
-The guarantee covers the sequence of global models: a whole client's data (any number of
-examples, every round it takes part in) changes their distribution by at most (epsilon,
-delta). It does not cover the metrics clients report (train loss), which are logged as they
-arrive. Noise comes from a torch generator seeded per round from the run's seed, reproducible
-but predictable to whoever knows the seed; ``secure_noise`` seeds it from the OS's randomness.
+The guarantee covers the sequence of global models, under add/remove adjacency: adding or
+removing one client with all its data (any number of examples, every round it takes part in)
+changes their distribution by at most (epsilon, delta). It does not cover the metrics clients
+report (train loss), which are logged as they arrive, nor who took part: the amplification by
+sampling that the accountant counts assumes the selection stays secret, so the coordinator
+keeps participation out of the released metrics (``participation.jsonl``, for the operator).
+
+Noise and selection come from the OS's randomness, so nobody, the operator included, can
+regenerate and subtract them; research mode (``repeatable``) derives them from the run's seed
+instead, and the privacy report then says that the guarantee does not hold against whoever
+knows that seed (``fedtune.privacy.randomness``).
+
+Adaptive clipping (Andrew et al.) releases a second query each round: the number of clients
+whose update was within the clip, as centred bits ``b - 1/2`` (sensitivity 1/2 under
+add/remove) plus N(0, count_sigma^2). Both queries together are one Gaussian mechanism with
+multiplier sigma when the update's noise is sigma_u = (sigma^-2 - (2 count_sigma)^-2)^-1/2
+(``noise_split``); the accountant counts sigma, and each round's row records sigma_u,
+count_sigma and the count's sensitivity so anyone can recompute it.
 
 Refused around strategies whose aggregation is not a weighted mean of same-shaped updates
 (heterogeneous plans, SVD re-factorization, stacking, control variates).
@@ -27,17 +40,16 @@ Refused around strategies whose aggregation is not a weighted mean of same-shape
 from __future__ import annotations
 
 import logging
-import secrets
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
 
 from fedtune.aggregation.base import ClientUpdate, RoundContext, State, Strategy, Wrapper, weighted_train_loss
 from fedtune.options import OptionsError
 from fedtune.privacy.accounting import ACCOUNTANTS, epsilon, history_from_tensor, history_tensor, noise_for_target
-from fedtune.privacy.client_level import adaptive_clip, clip_update, gaussian_like, noise_split
+from fedtune.privacy.client_level import COUNT_SENSITIVITY, adaptive_clip, clip_update, gaussian_like, noise_split
+from fedtune.privacy.randomness import dp_generator
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +71,9 @@ class ClientDPOptions:
     # Std of the clipped-count noise; 0: expected clients / 20 (Andrew et al.), raised where
     # needed to 1.2 * noise_multiplier so the update keeps at least 1/1.1 of its noise budget.
     count_noise: float = 0.0
-    secure_noise: bool = False       # seed the noise from the OS, not from the run's seed
+    # Research mode: noise drawn from the run's seed (repeatable; no guarantee against whoever
+    # knows the seed). Off: the OS's randomness.
+    repeatable: bool = False
     epsilon_budget: float = 0.0      # stop before a round would take epsilon past this (0: none)
     # Instead of noise_multiplier: the smallest sigma that spends at most this over `rounds`
     # rounds at the sampling rate of round 1 (fixed then, kept in the state).
@@ -135,8 +149,6 @@ class ClientDP(Wrapper):
             return ""
         spent = history_from_tensor(state[HISTORY])
         after = epsilon([*spent, (self.sigma(state, sampling_rate), sampling_rate, 1)], o.delta, o.accountant)
-        if o.target_epsilon and not o.epsilon_budget:
-            budget *= 1.01  # Opacus' search meets a target within 1%
         if after > budget:
             now = epsilon(spent, o.delta, o.accountant)
             return (f"client-level privacy budget: one more round would spend epsilon {after:.4g} > budget {budget:g} "
@@ -144,8 +156,8 @@ class ClientDP(Wrapper):
         return ""
 
     def _generator(self, number: int) -> torch.Generator:
-        seed = secrets.randbits(63) if self.options.secure_noise else int(np.random.SeedSequence([self.seed, number, 0xD9]).generate_state(1, np.uint64)[0] >> 1)
-        return torch.Generator().manual_seed(seed)
+        """The round's noise generator: a fresh secret, or (research mode) the run's seed."""
+        return dp_generator(self.options.repeatable, self.seed, "client-noise", number)
 
     def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
         o = self.options
@@ -155,7 +167,7 @@ class ClientDP(Wrapper):
         clip = float(state[CLIP])
         names = [n for n in self.inner.server_params(inner_state) if n in ctx.global_spec]
         total = {n: torch.zeros(inner_state[n].shape, dtype=torch.float64) for n in names}
-        unclipped = 0
+        unclipped = 0   # clients whose update was within the clip (the adaptive clip's query)
         for u in updates:
             delta = {n: (t.double() - u.start[n].double()) for n, t in u.tensors.items() if n in total}
             clipped, norm = clip_update(delta, clip)
@@ -177,8 +189,11 @@ class ClientDP(Wrapper):
         new_state, inner_metrics = self.inner.aggregate(ctx, inner_state, [pseudo])
         next_clip = clip
         if o.adaptive:
-            next_clip, fraction = adaptive_clip(clip, unclipped, expected, o.target_quantile, o.clip_lr, count_sigma, generator)
-            metrics["dp_unclipped_fraction_noised"] = fraction
+            next_clip, fraction = adaptive_clip(clip, unclipped, len(updates), expected, o.target_quantile, o.clip_lr, count_sigma, generator)
+            metrics.update({
+                "dp_unclipped_fraction_noised": fraction, "dp_update_noise_multiplier": sigma,
+                "dp_count_noise_std": count_sigma, "dp_count_sensitivity": COUNT_SENSITIVITY,
+            })
         history = torch.cat([state[HISTORY], history_tensor([(total_sigma, q, 1)])])
         eps = epsilon(history_from_tensor(history), o.delta, o.accountant)
         log.info("round %d: client-level DP, epsilon %.3f at delta %g (sigma %.3f, C %.4g, q %.3f)", ctx.number, eps, o.delta, total_sigma, clip, q)

@@ -37,6 +37,10 @@ class SampleDPOptions:
     # over total_steps steps at its own sample rate.
     target_epsilon: float = 0.0
     total_steps: int = 0
+    # Research mode: devices draw batch masks and noise from the round's seed (see
+    # fedtune.privacy.randomness); a device accepts it only where its own policy allows.
+    repeatable: bool = False
+    allow_large_delta: bool = False   # devices proceed although delta >= 1/n for their n examples
 
     def __post_init__(self) -> None:
         if self.target_epsilon < 0 or (self.target_epsilon and self.total_steps < 1):
@@ -70,6 +74,10 @@ class SampleDP(Wrapper):
         dp = {"dp_clip": str(o.clip), "dp_noise_multiplier": str(o.noise_multiplier), "dp_delta": str(o.delta), "dp_budget": str(o.budget)}
         if o.target_epsilon:
             dp.update({"dp_target_epsilon": str(o.target_epsilon), "dp_total_steps": str(o.total_steps)})
+        if o.repeatable:
+            dp["dp_repeatable"] = "true"
+        if o.allow_large_delta:
+            dp["dp_allow_large_delta"] = "true"
         return map_instructions(self.inner.configure(ctx, state), lambda ins: dataclasses.replace(ins, options={**ins.options, **dp}))
 
     def check_update(self, ctx: RoundContext, update: ClientUpdate) -> None:
@@ -80,7 +88,7 @@ class SampleDP(Wrapper):
         o = self.options
         if o.target_epsilon:  # each device chose its own sigma: check what it spent instead
             eps = m.get("dp_sample_epsilon")
-            if sigma <= 0 or eps is None or not 0 < q <= 1 or steps < 1 or eps > o.target_epsilon * 1.01:
+            if sigma <= 0 or eps is None or not 0 < q <= 1 or steps < 1 or eps > o.target_epsilon:
                 raise ValueError(f"sample-level DP: the update reports sigma {sigma}, q {q}, {steps} steps, epsilon {eps}; the target is {o.target_epsilon}")
         elif not math.isclose(sigma, o.noise_multiplier, rel_tol=1e-9) or not 0 < q <= 1 or steps < 1:
             raise ValueError(f"sample-level DP: the update reports sigma {sigma}, q {q}, {steps} steps; sigma {o.noise_multiplier} was asked for")
@@ -92,6 +100,7 @@ class SampleDP(Wrapper):
             u.client_id: {
                 "noise_multiplier": u.metrics["dp_sample_noise_multiplier"], "sample_rate": u.metrics["dp_sample_rate"],
                 "steps": int(u.metrics["dp_sample_steps"]), "epsilon": u.metrics.get("dp_sample_epsilon"),
+                "rounds_trained": u.metrics.get("dp_sample_rounds"), "secret": u.metrics.get("dp_sample_secret"),
             }
             for u in updates
         }

@@ -31,7 +31,8 @@ from fedtune.coordinator.guard import credentials
 from fedtune.data import Example
 from fedtune.devices import Capabilities
 from fedtune.models import ModelSource, ModelStore
-from fedtune.privacy.sample_level import BudgetSpent
+from fedtune.client.policy import PrivacyPolicy
+from fedtune.privacy.sample_level import PrivacyRefusal
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.messages import capabilities_to_proto, plan_from_proto
 from fedtune.protocol.stubs import coordinator_stub
@@ -96,6 +97,9 @@ class AgentOptions:
     # Folder where the device keeps its identity, recipe memory, error-feedback residuals and
     # privacy accounting across its own restarts (fedtune.client.state); empty: in memory only.
     state_dir: str = ""
+    # The device's own privacy terms (fedtune.client.policy); None: the one kept in state_dir,
+    # if any. Given, it replaces the kept one.
+    privacy_policy: PrivacyPolicy | None = None
 
 
 @dataclass
@@ -156,6 +160,13 @@ class ClientAgent:
         self._federation = f"{options.address} {getattr(source, 'name', '')}"
         if options.state_dir:
             self.restore(load_state(options.state_dir, self._federation))
+        if options.privacy_policy is not None:
+            self._privacy["policy"] = options.privacy_policy.to_dict()
+            if options.state_dir:
+                self._save()
+        policy = PrivacyPolicy.from_dict(self._privacy.get("policy"))
+        if policy.active or policy.allow_known_seed:
+            log.info("%s: privacy policy of this device: %s", options.name, policy.describe())
         # Backoff jitter from the agent's own generator (never the global RNG training uses).
         self._jitter = random.Random(zlib.crc32(options.name.encode()) ^ os.getpid())
 
@@ -256,10 +267,11 @@ class ClientAgent:
             log.info("%s: round %d closed before its training started; skipped", self._client_id, header.round)
             self.report.skipped.append(header.round)
             return False
-        except BudgetSpent as exc:  # the device's own budget: decline, and stop for good
+        except PrivacyRefusal as exc:  # the device's own terms: decline, say why, and stop for good
             log.warning("%s: declines round %d: %s", self._client_id, header.round, exc)
             self.report.declined = str(exc)
             self._save()
+            self._decline(header.round, str(exc))
             return True
         except grpc.RpcError as exc:  # a split session the coordinator ended: skip this round
             if retryable(exc) or exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED):
@@ -313,6 +325,17 @@ class ClientAgent:
         self.report.bytes_up += frames.bytes
         (self.report.evaluated if evaluation else self.report.rounds).append(round_number)
 
+    def _decline(self, round_number: int, reason: str) -> None:
+        """Tell the coordinator why this device will not train (an update header with
+        ``declined`` and no tensors); best effort: the device stops either way."""
+        if self._stub is None:
+            return
+        head = pb.Frame(update=pb.UpdateHeader(client_id=self._client_id, token=self._token, round=round_number, num_examples=1, declined=reason[:500]))
+        try:
+            self._stub.PushUpdate(iter([head]), timeout=30, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            log.info("%s: the coordinator did not take the decline of round %d: %s", self._client_id, round_number, exc.details())
+
     def _call(self, fn: Callable[[], T]) -> T:
         """Run ``fn``, retrying with exponential backoff and jitter while the coordinator is
         unreachable or busy (jitter: a fleet that lost its coordinator does not come back in
@@ -350,6 +373,9 @@ class ClientAgent:
             recipe = make_recipe(options, self._memory.setdefault(options.get("recipe", "local"), {}), self._privacy)
         except ValueError as exc:  # unknown recipe or option, unusable plan
             raise AgentError(f"the coordinator sent a task this client cannot run: {exc}") from exc
+        if not recipe.options.evaluate_only:  # the device's own privacy terms, before any work
+            o = recipe.options
+            PrivacyPolicy.from_dict(self._privacy.get("policy")).check_task(o.dp_clip, o.dp_delta, o.dp_repeatable)
         key = (task_name, tuple(labels), settings.max_length)
         if key not in self._encoded:
             self._encoded[key] = self.store.encode(self.source, task, self.examples, settings.max_length, labels)

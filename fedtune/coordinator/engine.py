@@ -55,6 +55,7 @@ from fedtune.coordinator.trust import (
     update_norm,
 )
 from fedtune.devices import Capabilities
+from fedtune.privacy.randomness import poisson_select
 from fedtune.protocol.tensors import TensorSpec, specs_of
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,10 @@ class _Round:
     up_by_client: dict[str, int] = field(default_factory=dict)
     down_by_client: dict[str, int] = field(default_factory=dict)
     rejected: int = 0
+    declined: dict[str, str] = field(default_factory=dict)  # client id -> why its device declined
+    # What each device reported spending on DP-SGD this round, whether or not its update is
+    # aggregated (refused, late): the privacy report counts every round a device spent on.
+    dp_spent: dict[str, dict] = field(default_factory=dict)
     capped: int = 0      # updates whose example count was capped
     clipped: int = 0     # updates clipped to the norm bound
     open: bool = True
@@ -130,7 +135,8 @@ class RoundEngine:
         srv = config.server
         self.registry = ClientRegistry(srv.max_clients, rate=srv.registrations_per_second, burst=srv.registration_burst, evict_after_s=srv.evict_after_s)
         self.on_round_end = on_round_end
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        # Client-level DP (Poisson selection): who took part stays out of the released metrics.
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", private_participation=strategy.poisson_sampling)
         self._cond = threading.Condition()
         self._round: _Round | None = None
         self._done = False
@@ -267,6 +273,8 @@ class RoundEngine:
             raise CoordinatorError("INVALID_ARGUMENT", f"metrics {bad} are not finite numbers")
         with self._cond:
             rnd = self._open_round_for(client_id, round_number)
+            if "dp_sample_noise_multiplier" in metrics:
+                rnd.dp_spent[client_id] = dp_spent_entry(metrics)
             start = rnd.instructions[client_id].tensors
             weight = capped_examples(num_examples, rnd.ctx.clients[client_id].num_examples, self.fed.max_examples_per_client)
             if weight < num_examples:
@@ -300,6 +308,16 @@ class RoundEngine:
             rnd.up_by_client[client_id] = bytes_up
             self._cond.notify_all()
         log.info("round %d: update from %s (%d examples)", round_number, client_id, num_examples, extra={"round": round_number, "client_id": client_id})
+
+    def note_declined(self, client_id: str, round_number: int, reason: str) -> None:
+        """A selected device declined its task (its own privacy terms): recorded in the round's
+        row, and the round stops waiting for it."""
+        reason = " ".join(reason.split())[:300]  # one line, bounded, whatever the device sent
+        with self._cond:
+            rnd = self._open_round_for(client_id, round_number)
+            rnd.declined[client_id] = reason
+            self._cond.notify_all()
+        log.warning("round %d: %s declined its task: %s", round_number, client_id, reason, extra={"round": round_number, "client_id": client_id})
 
     def note_rejected(self, round_number: int, bytes_up: int) -> None:
         with self._cond:
@@ -434,10 +452,10 @@ class RoundEngine:
         # Sorted: the draw depends on who is alive, not on the order they happened to register in.
         alive = sorted(r.client_id for r in self.registry.alive(self.fed.client_timeout_s))
         k = self.fed.clients_per_round or len(alive)
-        rng = np.random.default_rng([self.config.seed, number])
-        if self.strategy.poisson_sampling:
+        if self.strategy.poisson_sampling:  # a DP mechanism's sampling: secret unless research mode
             q = min(1.0, k / max(len(alive), 1))
-            return sorted(c for c, u in zip(alive, rng.random(len(alive))) if u < q), q, len(alive)
+            return poisson_select(alive, q, self.config.privacy.repeatable, self.config.seed, number), q, len(alive)
+        rng = np.random.default_rng([self.config.seed, number])
         if k >= len(alive):
             return alive, 1.0, len(alive)
         return sorted(alive[i] for i in rng.choice(len(alive), size=k, replace=False)), k / len(alive), len(alive)
@@ -467,7 +485,7 @@ class RoundEngine:
         (a privacy budget it would exceed), which ends the run."""
         with self._cond:
             selected, rate, population = self._select(number)
-        reason = self.strategy.stop_reason(self.state, rate)
+        reason = self.strategy.stop_reason(self.state, rate) or self._delta_refusal(population)
         if reason:
             log.warning("round %d not run: %s", number, reason, extra={"round": number})
             self.stopped_because = reason
@@ -489,6 +507,18 @@ class RoundEngine:
             self._cond.notify_all()
         log.info("round %d/%d open: %d clients selected", number, self.fed.rounds, len(selected), extra={"round": number})
         return True
+
+    def _delta_refusal(self, population: int) -> str:
+        """Why client-level DP must not run a round over ``population`` clients: a delta of 1/N
+        or more allows releasing one client's data outright."""
+        p = self.config.privacy
+        if p.dp not in ("client", "both") or not population or p.delta < 1.0 / population:
+            return ""
+        text = f"client-level delta {p.delta:g} is not below 1/N = {1.0 / population:.3g} for N = {population} clients"
+        if p.allow_large_delta:
+            log.warning("%s; proceeding because privacy.allow_large_delta is set", text)
+            return ""
+        return f"{text} (lower privacy.delta, or set privacy.allow_large_delta to proceed)"
 
     def evaluation_round(self, number: int) -> dict | None:
         """The round after the last, when the strategy asks for one (FedSA-LoRA: each client
@@ -542,7 +572,9 @@ class RoundEngine:
                 if now >= rnd.deadline:
                     log.warning("round %d: deadline passed with %d of %d updates", rnd.number, len(rnd.updates), len(selected), extra={"round": rnd.number})
                     break
-                missing = [c for c in selected if c not in rnd.updates]
+                missing = [c for c in selected if c not in rnd.updates and c not in rnd.declined]
+                if not missing:
+                    break  # every selected client answered or declined
                 if missing and not any(self.registry.is_alive(c, self.fed.client_timeout_s) for c in missing):
                     log.warning("round %d: closing early, %s went silent", rnd.number, ", ".join(missing), extra={"round": rnd.number})
                     break
@@ -605,6 +637,11 @@ class RoundEngine:
             row["late_updates"] = len(late)
         row.update(plan_fields({c: ins.plan for c, ins in rnd.instructions.items()}, rnd.coverage))
         row["client_ids"] = contributors  # whose updates this round aggregated (an audit trail)
+        if rnd.declined:
+            row["declined"] = dict(rnd.declined)
+        unaggregated = {c: v for c, v in rnd.dp_spent.items() if c not in contributors}
+        if unaggregated:
+            row["dp_sample_unaggregated"] = unaggregated
         if rnd.capped or rnd.clipped or refused:
             row.update({"capped_examples": rnd.capped, "clipped_updates": rnd.clipped})
         if refused:
@@ -661,6 +698,13 @@ def _difference(key: str, saved, now) -> str:
         detail = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
         return f"the {'LoRA plan' if key == 'plan' else key} changed ({detail})"
     return f"{key} changed from {saved!r} to {now!r}"
+
+
+def dp_spent_entry(metrics: Mapping[str, float]) -> dict:
+    """A device's reported DP-SGD spending of one round, as the privacy report reads it."""
+    keys = {"noise_multiplier": "dp_sample_noise_multiplier", "sample_rate": "dp_sample_rate", "steps": "dp_sample_steps",
+            "epsilon": "dp_sample_epsilon", "rounds_trained": "dp_sample_rounds", "secret": "dp_sample_secret"}
+    return {k: metrics[m] for k, m in keys.items() if m in metrics}
 
 
 def _client_seed(seed: int, round_number: int, client_id: str) -> int:

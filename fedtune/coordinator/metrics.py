@@ -11,12 +11,18 @@ clients of their training time) and, with an uplink codec, ``encode_seconds`` an
 ``rejected_updates``, ``seconds``, ``eval_seconds``; with modeled devices ``sim_seconds`` and
 ``late_updates``; with a planner ``plans`` and coverage figures; and whatever the strategy
 reports (``pseudo_gradient_norm``, ``rank_caps``, ...).
+
+Under client-level DP the amplification by sampling that the accountant counts holds only while
+nobody outside the coordinator learns who took part, so the keys that name clients
+(``PARTICIPATION_KEYS``) go to ``participation.jsonl`` instead, a file for the operator that is
+not part of what the run releases.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -101,22 +107,59 @@ def _json_safe(value):
     return value
 
 
-class MetricsLog:
-    """``metrics.jsonl``: appended once per closed round."""
+# Row keys that name the clients of a round: who took part, per-client figures.
+PARTICIPATION_KEYS = ("client_ids", "dp_sample", "dp_sample_unaggregated", "plans", "declined")
+PARTICIPATION_FILE = "participation.jsonl"
 
-    def __init__(self, path: Path) -> None:
+
+class MetricsLog:
+    """``metrics.jsonl``: appended once per closed round. With ``private_participation`` the
+    keys that name clients go to ``participation.jsonl`` (owner-only), not ``metrics.jsonl``."""
+
+    def __init__(self, path: Path, private_participation: bool = False) -> None:
         self.path = Path(path)
+        self.participation = self.path.with_name(PARTICIPATION_FILE) if private_participation else None
 
     def append(self, row: Mapping) -> None:
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        row = dict(row)
+        if self.participation is not None:
+            private = {k: row.pop(k) for k in PARTICIPATION_KEYS if k in row}
+            _append(self.participation, {"round": row.get("round"), **private}, owner_only=True)
+        _append(self.path, row)
 
     def keep_until(self, last_round: int) -> list[dict]:
         """Drop rows after ``last_round`` (written after the checkpoint a resume starts from:
-        their round runs again) and return the rows kept."""
-        if not self.path.is_file():
-            return []
-        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [r for r in rows if r.get("round", 0) <= last_round]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        their round runs again) and return the rows kept, participation merged back in."""
+        kept = _keep_until(self.path, last_round)
+        if self.participation is not None:
+            by_round = {r.get("round"): r for r in _keep_until(self.participation, last_round)}
+            kept = [{**r, **by_round.get(r.get("round"), {})} for r in kept]
         return kept
+
+
+def _append(path: Path, row: Mapping, owner_only: bool = False) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600 if owner_only else 0o644)
+    with os.fdopen(fd, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def _keep_until(path: Path, last_round: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if r.get("round", 0) <= last_round]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    """A run's rows with participation merged back in (for the operator's own tools)."""
+    rows = _read(Path(run_dir) / "metrics.jsonl")
+    by_round = {r.get("round"): r for r in _read(Path(run_dir) / PARTICIPATION_FILE)}
+    return [{**r, **by_round.get(r.get("round"), {})} for r in rows]
+
+
+def _read(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

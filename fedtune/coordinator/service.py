@@ -143,6 +143,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             instruction = self.engine.instruction_for(header.client_id, header.round)
         except CoordinatorError as exc:
             _abort(context, exc.code, exc.message)
+        if header.declined:  # the device will not train this task, and says why
+            self.engine.note_declined(header.client_id, header.round, header.declined)
+            return pb.PushReply(accepted=False, message=f"decline of round {header.round} recorded")
         expected = instruction.expect
         receiver = TensorReceiver(
             expected,

@@ -22,6 +22,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.client.agent import AgentOptions, ClientAgent
+from fedtune.client.policy import PrivacyPolicy
 from fedtune.client.state import state_from_bytes, state_to_bytes
 from fedtune.config import RunConfig, config_to_toml, load_config
 from fedtune.flower.records import record_to_tensors, tensors_to_record
@@ -149,6 +150,7 @@ def _agent(config: RunConfig, part: int, parts: int) -> ClientAgent:
         train_examples, _, labels = prepare_data(config)
         share = client_shares(config, train_examples, labels, parts)[part]
         source = resolve_source(config.model.source)
-        agent = ClientAgent(AgentOptions(address="", name=client_name(part)), [train_examples[i] for i in share], source, store=_STORE)
+        policy = PrivacyPolicy(allow_known_seed=config.privacy.repeatable)  # research mode only when the run asks for it
+        agent = ClientAgent(AgentOptions(address="", name=client_name(part), privacy_policy=policy), [train_examples[i] for i in share], source, store=_STORE)
         _AGENTS[key] = agent
     return agent

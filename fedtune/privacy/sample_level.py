@@ -34,7 +34,12 @@ import torch
 from fedtune.privacy.accounting import epsilon
 
 
-class BudgetSpent(RuntimeError):
+class PrivacyRefusal(RuntimeError):
+    """The device will not train this task: it would break the device's own privacy terms
+    (its policy, its budget, a delta too large for its data). The message says why."""
+
+
+class BudgetSpent(PrivacyRefusal):
     """Training one more round would take the device's epsilon past its budget."""
 
 

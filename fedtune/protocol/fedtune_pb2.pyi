@@ -214,7 +214,7 @@ class TaskHeader(_message.Message):
     def __init__(self, status: _Optional[_Union[TaskStatus, str]] = ..., round: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., plan: _Optional[_Union[AdapterPlan, _Mapping]] = ..., training: _Optional[_Union[TrainingSettings, _Mapping]] = ..., num_tensors: _Optional[int] = ..., retry_after_seconds: _Optional[float] = ..., deadline_unix: _Optional[float] = ..., share_a: _Optional[bool] = ..., options: _Optional[_Mapping[str, str]] = ..., update_by_slot: _Optional[bool] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("client_id", "token", "round", "num_examples", "metrics", "num_tensors")
+    __slots__ = ("client_id", "token", "round", "num_examples", "metrics", "num_tensors", "declined")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -228,13 +228,15 @@ class UpdateHeader(_message.Message):
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    DECLINED_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     token: str
     round: int
     num_examples: int
     metrics: _containers.ScalarMap[str, float]
     num_tensors: int
-    def __init__(self, client_id: _Optional[str] = ..., token: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., num_tensors: _Optional[int] = ...) -> None: ...
+    declined: str
+    def __init__(self, client_id: _Optional[str] = ..., token: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., num_tensors: _Optional[int] = ..., declined: _Optional[str] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("accepted", "message")

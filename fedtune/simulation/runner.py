@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from fedtune.client.agent import AgentOptions, AgentReport, ClientAgent
-from fedtune.config import RunConfig
+from fedtune.client.policy import PrivacyPolicy
+from fedtune.config import ConfigError, RunConfig
 from fedtune.coordinator.app import Coordinator
 from fedtune.data import TWEETS_LABELS, Example, embedded_tweets, label_ids, load_examples, resolve_labels
 from fedtune.devices import Capabilities, load_profiles, tier
@@ -127,6 +128,23 @@ class _WholeMachine(Executor):
         return self.pool.submit(run)
 
 
+def _check_delta(config: RunConfig, clients: int, smallest_device: int) -> None:
+    """Refuse at start a delta of 1/N or more (client level, N clients) or of 1/n or more
+    (sample level, n the smallest device's examples), unless privacy.allow_large_delta."""
+    p = config.privacy
+    problems = []
+    if p.dp in ("client", "both") and p.delta >= 1.0 / clients:
+        problems.append(f"client-level delta {p.delta:g} is not below 1/N = {1.0 / clients:.3g} for {clients} clients")
+    if p.dp in ("sample", "both") and p.delta >= 1.0 / max(smallest_device, 1):
+        problems.append(f"sample-level delta {p.delta:g} is not below 1/n = {1.0 / max(smallest_device, 1):.3g} for the smallest device's {smallest_device} examples")
+    if not problems:
+        return
+    if p.allow_large_delta:
+        log.warning("%s; proceeding because privacy.allow_large_delta is set", "; ".join(problems))
+        return
+    raise ConfigError(f"privacy.delta: {'; '.join(problems)} (lower privacy.delta, or set privacy.allow_large_delta to proceed)")
+
+
 def run_simulation(
     config: RunConfig,
     *,
@@ -149,6 +167,7 @@ def run_simulation(
     sizes = sorted(len(p) for p in parts)
     shown = [len(p) for p in parts] if len(sizes) <= 20 else f"from {sizes[0]} to {sizes[-1]}, median {sizes[len(sizes) // 2]}"
     log.info("partitioned %d examples over %d clients (%s): sizes %s", len(train), sim.clients, sim.partition, shown)
+    _check_delta(config, sim.clients, sizes[0])
 
     store = ModelStore(seed=config.seed)
     threads_before = torch.get_num_threads()
@@ -179,6 +198,8 @@ def run_simulation(
                 capabilities=capabilities[i] if capabilities else Capabilities(tier="sim"),
                 give_up_after_seconds=60.0,
                 enrollment_secret=coordinator.config.server.enrollment_secret,
+                # Simulated devices accept research-mode DP exactly when the run asks for it.
+                privacy_policy=PrivacyPolicy(allow_known_seed=config.privacy.repeatable),
             ),
             [train[j] for j in part],
             source,

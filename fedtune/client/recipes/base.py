@@ -66,6 +66,8 @@ class LocalOptions:
     # knows, so the run repeats; no guarantee against whoever knows the seed. Off: secrets of
     # the device. A device accepts it only when its own policy allows (fedtune.client.policy).
     dp_repeatable: bool = False
+    # Proceed although dp_delta >= 1/n for this device's n examples (the run says why).
+    dp_allow_large_delta: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.personal_eval < 1.0:
@@ -198,9 +200,10 @@ class Recipe:
         The batch masks and the noise come from secrets of this device (never the round's seed,
         which the coordinator knows) unless the task asks for research mode
         (``dp_repeatable``), which the agent accepts only where the device's policy allows it."""
+        from fedtune.client.policy import PrivacyPolicy
         from fedtune.privacy.accounting import epsilon, noise_for_target
         from fedtune.privacy.randomness import dp_generator
-        from fedtune.privacy.sample_level import SampleDPSettings, check_budget, dp_train, poisson_batches
+        from fedtune.privacy.sample_level import BudgetSpent, PrivacyRefusal, SampleDPSettings, check_budget, dp_train, poisson_batches
 
         if type(self).penalty is not Recipe.penalty or type(self).after_backward is not Recipe.after_backward:
             raise ValueError(f"recipe {self.name!r} changes gradients or adds a penalty, which sample-level DP-SGD cannot clip per example")
@@ -208,14 +211,21 @@ class Recipe:
             raise ValueError(f"recipe {self.name!r} changes the loss but gives no per-example form of it, which DP-SGD needs")
         o = self.options
         history = self.privacy.setdefault("history", [])
+        if o.dp_delta >= 1.0 / len(items) and not o.dp_allow_large_delta:
+            raise PrivacyRefusal(f"delta {o.dp_delta:g} is not below 1/n = {1.0 / len(items):.3g} for this device's {len(items)} examples: "
+                                 "(epsilon, delta) would allow releasing one of them outright")
         q = min(1.0, settings.batch_size / len(items))
         sigma = o.dp_noise_multiplier
         if o.dp_target_epsilon:  # fixed once for the device, from its own sample rate and what it already spent
             if "sigma" not in self.privacy:
-                self.privacy["sigma"] = noise_for_target(o.dp_target_epsilon, o.dp_delta, q, o.dp_total_steps, spent=history)
+                try:
+                    self.privacy["sigma"] = noise_for_target(o.dp_target_epsilon, o.dp_delta, q, o.dp_total_steps, spent=history)
+                except ValueError as exc:
+                    raise BudgetSpent(f"target epsilon {o.dp_target_epsilon:g}: {exc}") from None
             sigma = self.privacy["sigma"]
         budget = o.dp_budget or o.dp_target_epsilon
         dp = SampleDPSettings(sigma, o.dp_clip, o.dp_delta, budget)
+        PrivacyPolicy.from_dict(self.privacy.get("policy")).check_round(sigma, q, settings.local_steps, o.dp_delta, history)
         check_budget(dp, history, q, settings.local_steps)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -243,6 +253,7 @@ class Recipe:
             "dp_sample_epsilon": epsilon(history, dp.delta),
             "dp_sample_rounds": float(self.privacy["rounds_trained"]),
             "dp_sample_secret": 0.0 if repeatable else 1.0,
+            "dp_sample_large_delta": 1.0 if o.dp_delta >= 1.0 / len(items) else 0.0,
         }
 
 
