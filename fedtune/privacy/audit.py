@@ -280,6 +280,7 @@ class AuditResult:
     steps: int                      # DP-SGD steps, or rounds at client level
     delta: float
     beta: float
+    repeatable: bool                # the mechanism's draws from the run's seed (research mode), not secrets
     auditor_seed: int
     coins_hex: str = field(repr=False)
     seconds: float = 0.0
@@ -293,40 +294,44 @@ class AuditResult:
         return self.epsilon_lower_bound > self.epsilon_reported
 
     def row(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["held"] = self.held
-        out["sample_rate"] = self.sample_rate
-        return out
+        return {**dataclasses.asdict(self), "held": self.held}
 
 
 def _result(name: str, level: str, mode: str, reported: float, scores: np.ndarray, coins: Coins, s: AuditSettings,
-            sigma: float, used: float, rate: float, steps: int, started: float) -> AuditResult:
+            sigma: float, used: float, rate: float, steps: int, repeatable: bool, started: float) -> AuditResult:
     b = best_bound(scores, coins.included, s.delta, s.beta, tiebreak=coins.tiebreak)
     return AuditResult(
         name=name, level=level, mode=mode, epsilon_reported=reported, epsilon_lower_bound=b.epsilon,
         canaries=len(coins.included), guesses=b.guesses, correct=b.correct, k_plus=b.k_plus, k_minus=b.k_minus,
         tests=b.tests, epsilon_cap=bound_cap(len(coins.included), s.beta, b.tests), noise_multiplier=sigma,
-        noise_multiplier_used=used, sample_rate=rate, steps=steps, delta=s.delta, beta=s.beta,
+        noise_multiplier_used=used, sample_rate=rate, steps=steps, delta=s.delta, beta=s.beta, repeatable=repeatable,
         auditor_seed=coins.seed, coins_hex=coins.hex, seconds=round(time.monotonic() - started, 2),
     )
 
 
-def _check_mode(level: str, mode: str) -> None:
+def _check_mode(level: str, mode: str, repeatable: bool | None) -> bool:
+    """Whether the mechanism draws from the run's seed: research mode for ``known-seed``,
+    secrets otherwise unless asked (a fully seeded noise-off run, for tests)."""
     if level not in LEVELS:
         raise ValueError(f"level must be one of {list(LEVELS)}, got {level!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    if repeatable is None:
+        return mode == "known-seed"
+    if mode == "known-seed" and not repeatable:
+        raise ValueError("the known-seed audit needs the mechanism in research mode (repeatable)")
+    return repeatable
 
 
 def audit_sample_level(target_epsilon: float, mode: str = "correct", settings: AuditSettings = AuditSettings(),
-                       seed: int | None = None, name: str = "") -> AuditResult:
+                       seed: int | None = None, name: str = "", repeatable: bool | None = None) -> AuditResult:
     """One DP-SGD run (``dp_train``) with Dirac canaries; the bound against the epsilon of
     ``(sigma, q, steps)``, sigma chosen for ``target_epsilon`` (module docstring)."""
     from fedtune.privacy.accounting import epsilon, noise_for_target
     from fedtune.privacy.randomness import dp_generator
     from fedtune.privacy.sample_level import SampleDPSettings, dp_train, poisson_batches
 
-    _check_mode("sample", mode)
+    repeatable = _check_mode("sample", mode, repeatable)
     started = time.monotonic()
     s = settings
     m, h = s.canaries, s.sample_honest_dims
@@ -336,7 +341,6 @@ def audit_sample_level(target_epsilon: float, mode: str = "correct", settings: A
     sigma = noise_for_target(target_epsilon, s.delta, q, steps)
     reported = epsilon([(sigma, q, steps)], s.delta)
     used = 0.0 if mode == "noise-off" else sigma
-    repeatable = mode == "known-seed"
     run_seed = int(coins.rng.integers(0, 2**63 - 1))  # the run's seed: the coordinator's (and so the auditor's) in research mode
 
     honest = torch.zeros(s.sample_honest, d, dtype=torch.float32)
@@ -372,14 +376,14 @@ def audit_sample_level(target_epsilon: float, mode: str = "correct", settings: A
         scores = np.where((moved == all_in) & (moved != all_out), 1.0, np.where((moved == all_out) & (moved != all_in), -1.0, 0.0))
     else:
         scores = moved
-    return _result(name or f"sample-{mode}-eps{target_epsilon:g}", "sample", mode, reported, scores, coins, s, sigma, used, q, steps, started)
+    return _result(name or f"sample-{mode}-eps{target_epsilon:g}", "sample", mode, reported, scores, coins, s, sigma, used, q, steps, repeatable, started)
 
 
 ADAPTER = "audit.layer.lora_B.weight"
 
 
 def audit_client_level(target_epsilon: float, mode: str = "correct", settings: AuditSettings = AuditSettings(),
-                       seed: int | None = None, name: str = "") -> AuditResult:
+                       seed: int | None = None, name: str = "", repeatable: bool | None = None) -> AuditResult:
     """Rounds of DP-FedAvg (``ClientDP`` around fedavg) with Dirac canary clients; the bound
     against ``ClientDP.epsilon`` after the rounds (module docstring)."""
     from fedtune.aggregation import ClientUpdate, RoundContext, build_strategy
@@ -388,14 +392,13 @@ def audit_client_level(target_epsilon: float, mode: str = "correct", settings: A
     from fedtune.privacy.randomness import poisson_select
     from fedtune.protocol.tensors import TensorSpec
 
-    _check_mode("client", mode)
+    repeatable = _check_mode("client", mode, repeatable)
     started = time.monotonic()
     s = settings
     m, h = s.canaries, s.client_honest_dims
     coins = draw_coins(m, seed)
     d, q, rounds, clip = m + h, s.client_rate, s.rounds, s.clip
     run_seed = int(coins.rng.integers(0, 2**63 - 1))
-    repeatable = mode == "known-seed"
     canary_ids = [f"canary-{i:06d}" for i in range(m)]
     honest_ids = [f"honest-{j:06d}" for j in range(s.client_honest)]
     index = {cid: i for i, cid in enumerate(canary_ids)}
@@ -405,7 +408,7 @@ def audit_client_level(target_epsilon: float, mode: str = "correct", settings: A
     adapter = {ADAPTER: torch.zeros(1, d, dtype=torch.float32)}
     sigma = configured.sigma(configured.initial_state(adapter), q)
     if mode == "noise-off":
-        strategy = ClientDP(build_strategy("fedavg"), ClientDPOptions(clip=clip, delta=s.delta, noise_multiplier=0.0), seed=run_seed)
+        strategy = ClientDP(build_strategy("fedavg"), ClientDPOptions(clip=clip, delta=s.delta, noise_multiplier=0.0, repeatable=repeatable), seed=run_seed)
     else:
         strategy = ClientDP(build_strategy("fedavg"), ClientDPOptions(clip=clip, delta=s.delta, target_epsilon=target_epsilon, rounds=rounds,
                                                                        repeatable=repeatable), seed=run_seed)
@@ -448,14 +451,15 @@ def audit_client_level(target_epsilon: float, mode: str = "correct", settings: A
     else:
         reported = strategy.epsilon(state)
     used = 0.0 if mode == "noise-off" else float(strategy.sigma(state, q))
-    return _result(name or f"client-{mode}-eps{target_epsilon:g}", "client", mode, reported, scores, coins, s, sigma, used, q, rounds, started)
+    return _result(name or f"client-{mode}-eps{target_epsilon:g}", "client", mode, reported, scores, coins, s, sigma, used, q, rounds, repeatable, started)
 
 
 def audit(level: str, target_epsilon: float, mode: str = "correct", settings: AuditSettings = AuditSettings(),
-          seed: int | None = None, name: str = "") -> AuditResult:
-    _check_mode(level, mode)
+          seed: int | None = None, name: str = "", repeatable: bool | None = None) -> AuditResult:
+    """One audit: ``level`` sample or client, ``mode`` correct, noise-off or known-seed."""
+    _check_mode(level, mode, repeatable)
     run = audit_sample_level if level == "sample" else audit_client_level
-    return run(target_epsilon, mode, settings, seed, name)
+    return run(target_epsilon, mode, settings, seed, name, repeatable)
 
 
 # ---------------------------------------------------------------------------- the standard rows
@@ -490,3 +494,33 @@ def run_rows(rows: Sequence[tuple[str, str, float, str]], settings: AuditSetting
         row_seed = None if seed is None else derive_seed(seed, "privacy-audit", name)
         out.append(audit(level, eps, mode, settings, row_seed, name))
     return out
+
+
+def report(results: Sequence[AuditResult], settings: AuditSettings, seed: int | None = None, seconds: float | None = None) -> dict:
+    """The JSON of a set of rows: ``{"rows": [...], <settings>}``."""
+    return {
+        "rows": [r.row() for r in results],
+        "method": "Steinke, Nasr, Jagielski 2023: one run, canaries included with probability 1/2, bound for (eps, delta)-DP",
+        "confidence": 1 - settings.beta,
+        "guess_counts": [list(k) for k in guess_counts(settings.canaries)],
+        "multiple_comparisons": "Bonferroni: each guess count tested at beta / len(guess_counts)",
+        "settings": dataclasses.asdict(settings),
+        "seed": seed,
+        "wall_seconds": seconds,
+    }
+
+
+COLUMNS = ("row", "eps reported", "eps lower bound", "canaries", "guesses", "correct", "k+/k-", "sigma (used)", "held")
+
+
+def table_cells(r: AuditResult) -> list[str]:
+    verdict = ("ok" if r.held else "EXCEEDED") if r.mode == "correct" else ("caught" if r.held else "MISSED")
+    return [r.name, f"{r.epsilon_reported:.3f}", f"{r.epsilon_lower_bound:.3f}", str(r.canaries), str(r.guesses), str(r.correct),
+            f"{r.k_plus}/{r.k_minus}", f"{r.noise_multiplier:.3g} ({r.noise_multiplier_used:.3g})", verdict]
+
+
+def format_table(results: Sequence[AuditResult]) -> str:
+    """The rows as plain text, one line each."""
+    rows = [list(COLUMNS)] + [table_cells(r) for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows)
