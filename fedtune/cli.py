@@ -172,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", type=Path, help="the run's directory")
     report.add_argument("--delta", type=float, default=None, help="delta of the reported epsilon (default: the run's)")
 
+    audit = sub.add_parser("privacy-audit", help="a lower bound on epsilon of fedtune's DP mechanisms from one run each with canaries (Steinke et al. 2023)")
+    audit.add_argument("--level", choices=["sample", "client", "both"], default="both", help="DP-SGD on a device, DP-FedAvg on the coordinator, or both")
+    audit.add_argument("--epsilon", type=float, nargs="+", default=[1.0, 4.0, 8.0], metavar="E", help="target epsilons of the correct mechanisms (the broken controls report epsilon 1)")
+    audit.add_argument("--canaries", type=int, default=1000, help="canaries per run, each included with probability 1/2")
+    audit.add_argument("--seed", type=int, default=None, help="the auditor's seed (default: fresh secrets, recorded in --out)")
+    audit.add_argument("--out", type=Path, help="write the rows as JSON")
+
     cli = sub.add_parser("client", help="run a device agent against a coordinator")
     cli.add_argument("--coordinator", required=True, help="coordinator HOST:PORT")
     cli.add_argument("--data", required=True, help="this device's training data (JSONL/CSV/text)")
@@ -505,6 +512,42 @@ def cmd_privacy_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_privacy_audit(args: argparse.Namespace) -> int:
+    """The audit's rows (correct mechanisms at each epsilon, then broken ones it must catch) as
+    a table; exit status 1 when a row does not hold."""
+    import json
+
+    from rich.table import Table
+
+    from fedtune.privacy.audit import COLUMNS, AuditSettings, report, run_rows, standard_rows, table_cells
+
+    if args.canaries < 2 or any(e <= 0 for e in args.epsilon):
+        raise ConfigError("--canaries must be at least 2 and every --epsilon positive")
+    settings = AuditSettings(canaries=args.canaries)
+    console = _console()
+    started = time.monotonic()
+    rows = standard_rows(["sample", "client"] if args.level == "both" else [args.level], args.epsilon)
+    rounds_log = logging.getLogger("fedtune.aggregation")  # not the audited rounds' own lines
+    level = rounds_log.level
+    rounds_log.setLevel(logging.WARNING)
+    try:
+        results = run_rows(rows, settings, args.seed, progress=lambda name: console.print(f"auditing {name} ...", style="dim"))
+    finally:
+        rounds_log.setLevel(level)
+    table = Table(title=f"privacy audit: lower bounds on epsilon at {1 - settings.beta:.0%} confidence, delta {settings.delta:g}, one run each", title_justify="left")
+    for i, col in enumerate(COLUMNS):
+        table.add_column(col, justify="left" if i == 0 else "right", no_wrap=True)
+    for r in results:
+        table.add_row(*table_cells(r))
+    console.print(table)
+    console.print("A correct row holds when its lower bound stays at or below the reported epsilon (which does not prove the claim); "
+                  "a broken row when the audit catches it (bound above the reported epsilon).")
+    if args.out:
+        args.out.write_text(json.dumps(report(results, settings, args.seed, round(time.monotonic() - started, 1)), indent=2) + "\n")
+        console.print(f"wrote {args.out}")
+    return 0 if all(r.held for r in results) else 1
+
+
 def cmd_certs(args: argparse.Namespace) -> int:
     from fedtune.certs import make_test_pki
 
@@ -591,7 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedtune.transport import TransportError
 
     handlers = {"simulate": cmd_simulate, "coordinator": cmd_coordinator, "client": cmd_client, "strategies": cmd_strategies, "codecs": cmd_codecs,
-                "privacy-report": cmd_privacy_report, "certs": cmd_certs, "health": cmd_health,
+                "privacy-report": cmd_privacy_report, "privacy-audit": cmd_privacy_audit, "certs": cmd_certs, "health": cmd_health,
                 "demo-data": cmd_demo_data}
     try:
         _setup_logging(getattr(args, "verbose", 0), args.command, getattr(args, "log_format", None))

@@ -93,7 +93,7 @@ def test_a_restarted_client_rejoins_as_itself_with_its_b_and_its_privacy_spent(t
         first._push = push_then_die
         assert first.run().rounds == [1]
         saved = json.loads((state_dir / "state.json").read_text())
-        assert saved["client_id"] == first.report.client_id and len(saved["privacy"]["history"]) == 1
+        assert saved["client_id"] == first.report.client_id and saved["privacy"]["rounds_trained"] == 1
         (recipe,) = first._memory  # the strategy's client recipe (fedlc by default for seq-cls)
         kept = first._memory[recipe]["kept"]
         assert kept and all(k.endswith("lora_B.weight") for k in kept)
@@ -110,4 +110,4 @@ def test_a_restarted_client_rejoins_as_itself_with_its_b_and_its_privacy_spent(t
     assert len(coordinator.engine.registry) == 1  # one device, one record: it did not register twice
     history = coordinator.engine.history
     assert [row["clients"] for row in history] == [1, 1]
-    assert len(load_state(state_dir, f"127.0.0.1:{port} {source.name}").privacy["history"]) == 2  # both rounds counted
+    assert load_state(state_dir, f"127.0.0.1:{port} {source.name}").privacy["rounds_trained"] == 2  # both rounds counted

@@ -26,6 +26,9 @@ class ClientRecord:
     num_examples: int
     registered_at: float
     last_seen: float
+    # The device declined to train for this federation (its own privacy terms): never selected
+    # again under this id.
+    retired: bool = False
 
 
 class ClientRegistry:
@@ -96,12 +99,18 @@ class ClientRegistry:
         """Clients heard from within ``timeout_s``, sorted by id."""
         cutoff = self.clock() - timeout_s
         with self._lock:
-            return sorted((r for r in self._clients.values() if r.last_seen >= cutoff), key=lambda r: r.client_id)
+            return sorted((r for r in self._clients.values() if r.last_seen >= cutoff and not r.retired), key=lambda r: r.client_id)
 
     def is_alive(self, client_id: str, timeout_s: float) -> bool:
         with self._lock:
             record = self._clients.get(client_id)
-            return record is not None and record.last_seen >= self.clock() - timeout_s
+            return record is not None and not record.retired and record.last_seen >= self.clock() - timeout_s
+
+    def retire(self, client_id: str) -> None:
+        """Stop selecting ``client_id``: its device declined to train for this federation."""
+        with self._lock:
+            if client_id in self._clients:
+                self._clients[client_id].retired = True
 
     def all(self) -> list[ClientRecord]:
         with self._lock:

@@ -316,6 +316,7 @@ class RoundEngine:
         with self._cond:
             rnd = self._open_round_for(client_id, round_number)
             rnd.declined[client_id] = reason
+            self.registry.retire(client_id)  # the device stops training for this federation
             self._cond.notify_all()
         log.warning("round %d: %s declined its task: %s", round_number, client_id, reason, extra={"round": round_number, "client_id": client_id})
 

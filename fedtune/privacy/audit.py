@@ -17,7 +17,8 @@ the mechanism is not (eps, delta)-DP for any smaller eps, except with probabilit
 Guess counts: the auditor tries a grid of (k+, k-) fixed in advance from m (``guess_counts``)
 and reports the best bound; since picking the best of several tests is a multiple comparison,
 each test runs at beta / (size of the grid) (Bonferroni), so the reported bound holds at
-confidence 1 - beta as a whole.
+confidence 1 - beta as a whole. Each audit (a row of the benchmark) is a claim of its own; a
+table of rows is not corrected across rows.
 
 What is audited, white-box, with Dirac canaries (each canary moves one coordinate of its own,
 so every coordinate's trajectory depends on its canary alone):
@@ -387,7 +388,7 @@ def audit_client_level(target_epsilon: float, mode: str = "correct", settings: A
     """Rounds of DP-FedAvg (``ClientDP`` around fedavg) with Dirac canary clients; the bound
     against ``ClientDP.epsilon`` after the rounds (module docstring)."""
     from fedtune.aggregation import ClientUpdate, RoundContext, build_strategy
-    from fedtune.aggregation.dp_fedavg import ClientDP, ClientDPOptions
+    from fedtune.aggregation.dp_fedavg import SIGMA, ClientDP, ClientDPOptions
     from fedtune.privacy.accounting import epsilon
     from fedtune.privacy.randomness import poisson_select
     from fedtune.protocol.tensors import TensorSpec
@@ -404,14 +405,13 @@ def audit_client_level(target_epsilon: float, mode: str = "correct", settings: A
     index = {cid: i for i, cid in enumerate(canary_ids)}
     population = m + s.client_honest  # every canary is a known client; "out" ones send nothing
 
-    configured = ClientDP(build_strategy("fedavg"), ClientDPOptions(clip=clip, delta=s.delta, target_epsilon=target_epsilon, rounds=rounds), seed=run_seed)
     adapter = {ADAPTER: torch.zeros(1, d, dtype=torch.float32)}
-    sigma = configured.sigma(configured.initial_state(adapter), q)
-    if mode == "noise-off":
-        strategy = ClientDP(build_strategy("fedavg"), ClientDPOptions(clip=clip, delta=s.delta, noise_multiplier=0.0, repeatable=repeatable), seed=run_seed)
-    else:
-        strategy = ClientDP(build_strategy("fedavg"), ClientDPOptions(clip=clip, delta=s.delta, target_epsilon=target_epsilon, rounds=rounds,
-                                                                       repeatable=repeatable), seed=run_seed)
+    if mode == "noise-off":  # configured for the target, run with no noise
+        sigma = ClientDP(build_strategy("fedavg"), ClientDPOptions(clip=clip, delta=s.delta, target_epsilon=target_epsilon, rounds=rounds)).sigma({}, q)
+        options = ClientDPOptions(clip=clip, delta=s.delta, noise_multiplier=0.0, repeatable=repeatable)
+    else:  # the wrapper picks sigma for the target at round 1 and keeps it in the state
+        options = ClientDPOptions(clip=clip, delta=s.delta, target_epsilon=target_epsilon, rounds=rounds, repeatable=repeatable)
+    strategy = ClientDP(build_strategy("fedavg"), options, seed=run_seed)
     state = strategy.initial_state(adapter)
     spec = {ADAPTER: TensorSpec((1, d), torch.float32)}
     scores = np.zeros(m)
@@ -437,7 +437,7 @@ def audit_client_level(target_epsilon: float, mode: str = "correct", settings: A
             # The seed is known: the same round on no update at all regenerates the noise, and
             # the selection is poisson_select's with the same seed; what is left is C / (q N)
             # for a selected canary that is in, 0 for one that is out.
-            replay, _ = strategy.aggregate(ctx, state, [])
+            replay, _ = strategy.aggregate(ctx, {**state, SIGMA: new_state[SIGMA]}, [])  # the sigma it fixed at round 1
             residual = (new_state[ADAPTER][0, :m].double() - replay[ADAPTER][0, :m].double()).numpy()
             chosen = np.array([index[c] for c in poisson_select(canary_ids + honest_ids, q, True, run_seed, number) if c in index], dtype=np.int64)
             seen[chosen] = True
@@ -447,10 +447,10 @@ def audit_client_level(target_epsilon: float, mode: str = "correct", settings: A
     if mode == "known-seed":
         scores = np.where(inside, 1.0, np.where(seen, -1.0, 0.0))
     if mode == "noise-off":
-        reported = epsilon([(sigma, q, 1)] * rounds, s.delta)
+        reported, used = epsilon([(sigma, q, 1)] * rounds, s.delta), 0.0
     else:
         reported = strategy.epsilon(state)
-    used = 0.0 if mode == "noise-off" else float(strategy.sigma(state, q))
+        sigma = used = float(state[SIGMA])
     return _result(name or f"client-{mode}-eps{target_epsilon:g}", "client", mode, reported, scores, coins, s, sigma, used, q, rounds, repeatable, started)
 
 

@@ -26,8 +26,19 @@ def clip_update(update: Mapping[str, torch.Tensor], clip: float) -> tuple[dict[s
 
 def gaussian_like(shapes: Mapping[str, torch.Size], std: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Independent N(0, std^2) float64 CPU tensors of the given shapes, drawn in name order from
-    ``generator`` (never the global RNG)."""
-    return {n: torch.randn(tuple(shapes[n]), generator=generator, dtype=torch.float64) * std for n in sorted(shapes)}
+    ``generator`` (never the global RNG).
+
+    Each element is (a + b + c + d) / 2 of four N(0, std^2) draws, as Opacus' ``secure_mode``
+    samples: the same distribution, but the low-order bits of the result no longer reveal a
+    single draw of ``torch.normal``, which the floating-point attacks on DP noise exploit
+    (Holohan and Braghin, 2021)."""
+    out = {}
+    for n in sorted(shapes):
+        total = torch.zeros(tuple(shapes[n]), dtype=torch.float64)
+        for _ in range(4):
+            total += torch.randn(tuple(shapes[n]), generator=generator, dtype=torch.float64)
+        out[n] = total * (std / 2)
+    return out
 
 
 # Adaptive clipping's count query sums centred bits b - 1/2 (b = 1 when a client's update was

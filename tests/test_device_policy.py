@@ -1,0 +1,124 @@
+"""A device's own privacy policy: whatever the coordinator asks, the device refuses tasks that
+are weaker than its policy or would take it past its own budget, across its restarts, and it
+tells the coordinator why."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from fedtune.adapters import adapter_state
+from fedtune.client.agent import AgentOptions, ClientAgent
+from fedtune.client.policy import PrivacyPolicy
+from fedtune.client.recipes.base import TrainSettings, make_recipe
+from fedtune.client.state import DeviceState, load_state, save_state
+from fedtune.coordinator.app import Coordinator
+from fedtune.models import ModelStore, resolve_source
+from fedtune.privacy.accounting import epsilon
+from fedtune.privacy.sample_level import BudgetSpent, PrivacyRefusal
+
+from conftest import sentiment_examples
+from test_bad_input import _config
+from test_sample_dp import _model_and_items
+
+DP = {"recipe": "local", "dp_clip": "1.0", "dp_noise_multiplier": "1.0", "dp_delta": "1e-5"}
+
+
+def test_a_policy_refuses_what_is_weaker_than_it_demands():
+    policy = PrivacyPolicy(max_epsilon=4.0, min_noise_multiplier=1.0, delta=1e-6)
+    with pytest.raises(PrivacyRefusal, match="asks for none"):
+        policy.check_task(dp_clip=0.0, dp_delta=1e-6, dp_repeatable=False)          # DP switched off
+    with pytest.raises(PrivacyRefusal, match="delta 1e-05 is above"):
+        policy.check_task(dp_clip=1.0, dp_delta=1e-5, dp_repeatable=False)
+    with pytest.raises(PrivacyRefusal, match="research-mode"):
+        policy.check_task(dp_clip=1.0, dp_delta=1e-6, dp_repeatable=True)           # the coordinator's seed
+    policy.check_task(dp_clip=1.0, dp_delta=1e-7, dp_repeatable=False)              # stricter: fine
+    with pytest.raises(PrivacyRefusal, match="below this device's minimum 1"):
+        policy.check_round(0.8, 0.1, 10, 1e-6, [])
+    with pytest.raises(BudgetSpent, match="maximum 4"):
+        policy.check_round(1.0, 0.5, 200, 1e-6, [])
+    policy.check_round(1.0, 0.01, 10, 1e-6, [])
+    # Without a policy, research mode is still refused unless allowed; everything else passes.
+    with pytest.raises(PrivacyRefusal, match="research-mode"):
+        PrivacyPolicy().check_task(0.0, 1e-5, True)
+    PrivacyPolicy().check_task(0.0, 1e-5, False)
+    PrivacyPolicy(allow_known_seed=True).check_task(1.0, 1e-5, True)
+    with pytest.raises(ValueError):
+        PrivacyPolicy(delta=1.5)
+
+
+def test_the_device_budget_holds_across_restarts(tiny_llama, tmp_path):
+    """Each 'restart' rebuilds the device from its state folder; the policy and the history come
+    back with it, so the device stops exactly before the round that would pass its maximum,
+    and the epsilon it has spent never exceeds it."""
+    model, items, task, pad = _model_and_items(tiny_llama, 40)
+    start = adapter_state(model)
+    settings = TrainSettings(local_steps=3, batch_size=8, learning_rate=1e-3)
+    cap = epsilon([(1.0, 0.2, 3)] * 3, 1e-5) * 1.001  # room for three rounds, not four
+    save_state(tmp_path, DeviceState(federation="f", privacy={"policy": PrivacyPolicy(max_epsilon=cap).to_dict()}))
+    trained = 0
+    for restart in range(6):
+        state = load_state(tmp_path, "f")
+        try:
+            make_recipe(DP, {}, state.privacy).run(model, start, {}, task, items, settings, pad)
+        except BudgetSpent as exc:
+            assert "maximum" in str(exc)
+            break
+        finally:
+            save_state(tmp_path, state)
+        trained += 1
+    assert trained == 3
+    history = load_state(tmp_path, "f").privacy["history"]
+    assert len(history) == 3 and epsilon(history, 1e-5) <= cap
+
+
+def test_a_device_refuses_a_delta_too_large_for_its_data(tiny_llama):
+    model, items, task, pad = _model_and_items(tiny_llama, 40)
+    settings = TrainSettings(local_steps=1, batch_size=8)
+    privacy: dict = {}
+    with pytest.raises(PrivacyRefusal, match="not below 1/n = 0.025"):
+        make_recipe({**DP, "dp_delta": "0.05"}, {}, privacy).run(model, adapter_state(model), {}, task, items, settings, pad)
+    assert "history" not in privacy or privacy["history"] == []   # nothing was spent
+    _, metrics = make_recipe({**DP, "dp_delta": "0.05", "dp_allow_large_delta": "true"}, {}, privacy).run(model, adapter_state(model), {}, task, items, settings, pad)
+    assert metrics["dp_sample_large_delta"] == 1.0
+
+
+@pytest.mark.parametrize("demand, reason", [
+    (PrivacyPolicy(min_noise_multiplier=1.0), "below this device's minimum"),
+    (PrivacyPolicy(max_epsilon=0.5), "maximum 0.5"),
+])
+def test_a_coordinator_asking_for_less_gets_a_refusal_it_can_read(tmp_path, tiny_llama, demand, reason):
+    """Over gRPC: the coordinator asks for DP-SGD with sigma 0.5; a device whose policy demands
+    more declines, says why in its log and in its reply, and the coordinator records the
+    reason in the round's row, closes the round without waiting for it and never selects that
+    client again."""
+    config = _config(tmp_path, tiny_llama, rounds=1, min_clients=2)
+    config.privacy.dp, config.privacy.sample_noise_multiplier = "sample", 0.5
+    config.federation.strategy = "fedavg"
+    store = ModelStore()
+    coordinator = Coordinator(config, store=store, eval_examples=sentiment_examples(40, seed=9))
+    port = coordinator.start()
+    source = resolve_source(tiny_llama)
+    agents = [
+        ClientAgent(AgentOptions(address=f"127.0.0.1:{port}", name="careful", poll_seconds=2, privacy_policy=demand), sentiment_examples(60, seed=1), source, store=store),
+        ClientAgent(AgentOptions(address=f"127.0.0.1:{port}", name="easy", poll_seconds=2), sentiment_examples(60, seed=2), source, store=store),
+    ]
+    reports: dict = {}
+    threads = [threading.Thread(target=lambda a=a: reports.update({a.options.name: a.run()}), daemon=True) for a in agents]
+    for t in threads:
+        t.start()
+    try:
+        coordinator.run(shutdown_grace_s=30)
+    finally:
+        coordinator.stop()
+    for t in threads:
+        t.join(timeout=60)
+    assert reason in reports["careful"].declined and reports["careful"].rounds == []
+    assert reports["easy"].rounds == [1]
+    (row,) = [json.loads(line) for line in (coordinator.engine.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert row["declined"] == {reports["careful"].client_id: reports["careful"].declined}
+    assert row["clients"] == 1 and row["seconds"] < 60  # closed on the decline, not on the 120 s timeout
+    registry = coordinator.engine.registry
+    assert [r.client_id for r in registry.alive(1e9)] == [reports["easy"].client_id]  # not selected again
