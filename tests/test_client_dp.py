@@ -133,6 +133,53 @@ def test_bad_settings_and_unwrappable_strategies_are_refused_at_start():
         config.validate()
 
 
+def test_adaptive_clipping_accounts_the_combined_mechanism_found_by_brute_force():
+    """Adaptive clipping releases two Gaussian queries per round: the clipped sum (sensitivity C,
+    noise sigma_u C) and the count of clients within the clip. Adding one client with an update
+    of any norm r moves the pair by (min(r, C) along its direction, the change of the released
+    count). The combined mechanism is one Gaussian mechanism whose multiplier is 1 / the largest
+    whitened shift; search it over norms and both bits, with the shift of the count measured on
+    the real count query, and compare with what the wrapper accounted."""
+    from fedtune.privacy.client_level import adaptive_clip
+
+    g = torch.Generator().manual_seed(4)
+    clip = 0.5
+    strategy = _dp(clip=clip, noise_multiplier=1.0, adaptive=True, target_quantile=0.5, clip_lr=0.2)
+    state = strategy.initial_state(random_adapter(g))
+    _, metrics = strategy.aggregate(_ctx(), state, _moved(state, 0.01, g))
+    sigma_u, count_sigma = metrics["dp_update_noise_multiplier"], metrics["dp_count_noise_std"]
+
+    def released_count(unclipped: int, answered: int) -> float:  # the real query, noise fixed
+        _, fraction = adaptive_clip(1.0, unclipped, answered, 4.0, 0.5, 0.2, count_sigma, torch.Generator().manual_seed(9))
+        return fraction * 4.0
+
+    base = (2, 3)  # 2 of 3 answering clients within the clip
+    worst = 0.0
+    for r in [i * clip / 50 for i in range(0, 151)]:  # norms from 0 to 3C
+        within = r <= clip
+        count_shift = released_count(base[0] + within, base[1] + 1) - released_count(*base)
+        shift = math.hypot(min(r, clip) / (sigma_u * clip), count_shift / count_sigma)
+        worst = max(worst, shift)
+    assert 1 / worst == pytest.approx(metrics["dp_noise_multiplier"], rel=1e-6)
+    assert metrics["dp_count_sensitivity"] == 0.5
+    assert released_count(3, 4) - released_count(2, 3) == pytest.approx(0.5)   # a client within the clip: +1/2
+    assert released_count(2, 4) - released_count(2, 3) == pytest.approx(-0.5)  # one outside it: -1/2
+
+
+def test_client_level_noise_is_secret_unless_research_mode_is_asked_for():
+    """The same round, the same updates and the same run seed: the default draws fresh noise
+    from the OS each time (nobody can regenerate it); research mode repeats it exactly."""
+    g = torch.Generator().manual_seed(5)
+    for repeatable, same in ((False, False), (True, True)):
+        strategy = _dp(noise_multiplier=1.0, repeatable=repeatable)
+        state = strategy.initial_state(random_adapter(torch.Generator().manual_seed(1)))
+        updates = _moved(state, 0.1, g)
+        first, _ = strategy.aggregate(_ctx(), state, updates)
+        second, _ = strategy.aggregate(_ctx(), state, updates)
+        name = next(n for n in state if "/" not in n)
+        assert torch.equal(first[name], second[name]) is same
+
+
 def test_client_level_dp_over_grpc_samples_the_poisson_way_learns_and_counts_every_round(tmp_path, small_llama):
     import json
 
@@ -154,7 +201,12 @@ def test_client_level_dp_over_grpc_samples_the_poisson_way_learns_and_counts_eve
     assert not result.client_errors
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
-    assert len({r["selected"] for r in rows}) > 1 or any(r["selected"] != 2 for r in rows)  # Poisson, not fixed-size
+    # Who took part stays out of the released metrics (the accountant's amplification by
+    # sampling assumes it secret); the operator's participation.jsonl has it.
+    assert not any("client_ids" in r for r in rows)
+    participation = [json.loads(line) for line in (result.run_dir / "participation.jsonl").read_text().splitlines()]
+    assert [p["round"] for p in participation] == [1, 2, 3, 4] and all(len(p["client_ids"]) == r["clients"] for p, r in zip(participation, rows))
+    assert (result.run_dir / "participation.jsonl").stat().st_mode & 0o077 == 0  # owner only
     assert all(r["dp_sample_rate"] == 0.75 and r["dp_expected_clients"] == 3 for r in rows)
     accountant = RDPAccountant()
     for row in rows:  # every round counts, however many clients it had
