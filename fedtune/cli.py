@@ -47,6 +47,8 @@ COMMON_KEYS = {
     "delta": "privacy.delta",
     "epsilon_budget": "privacy.epsilon_budget",
     "target_epsilon": "privacy.target_epsilon",
+    "dp_repeatable": "privacy.repeatable",
+    "allow_large_delta": "privacy.allow_large_delta",
     "codec": "compression.uplink",
     "mode": "split.mode",
     "cut": "split.cut",
@@ -99,6 +101,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delta", type=float, help="DP delta of the reported epsilon")
     p.add_argument("--target-epsilon", type=float, help="DP: choose the noise multiplier(s) that end the run at this epsilon")
     p.add_argument("--epsilon-budget", type=float, help="stop before a round would take the client-level epsilon past this")
+    p.add_argument("--dp-repeatable", action="store_true", default=None, help="research mode: DP noise and sampling drawn from the run's seed, so the run repeats; "
+                   "the guarantee then does not hold against whoever knows the seed (the report says so first)")
+    p.add_argument("--allow-large-delta", action="store_true", default=None, help="proceed although delta >= 1/N clients or 1/n examples of a device (the report says so)")
     p.add_argument("--mode", choices=["federated", "split"], help="split: devices run the bottom of the model up to their cut layer, the coordinator the rest (activations and gradients AMAQ-compressed)")
     p.add_argument("--cut", type=int, help="split: deepest cut layer (devices that report memory may get a shallower one)")
     p.add_argument("--head", choices=["client", "server"], help="split: client (U-shaped, labels stay on the device; default) or server (labels travel with the activations)")

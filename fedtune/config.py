@@ -499,6 +499,13 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     return _build(RunConfig, data, prefix="")
 
 
+# Keys that earlier versions read, with what to write instead.
+REMOVED_KEYS = {
+    "privacy.secure_noise": "no longer needed: DP noise and sampling now come from the OS's randomness by default; "
+                            "remove the key (privacy.repeatable = true asks for seed-derived, repeatable DP instead)",
+}
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table")
@@ -507,6 +514,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     values = {}
     for key, value in data.items():
         if key not in fields:
+            if prefix + key in REMOVED_KEYS:
+                raise ConfigError(f"{prefix + key}: {REMOVED_KEYS[prefix + key]}")
             valid = ", ".join(sorted(fields))
             raise ConfigError(f"unknown key {prefix + key!r} (valid keys here: {valid})")
         values[key] = _coerce(hints[key], value, prefix + key)
