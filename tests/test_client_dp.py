@@ -307,5 +307,5 @@ def test_a_target_epsilon_picks_sigma_once_and_ends_the_run_there():
         state, metrics = strategy.aggregate(_ctx(number, q=0.5), state, _moved(state, 0.1, g))
     sigmas = {row[0] for row in state[HISTORY].tolist()}
     assert len(sigmas) == 1 and sigmas.pop() > 0
-    assert 3.8 < metrics["dp_epsilon"] <= 4.0 * 1.01  # Opacus' search: within its 1% tolerance
+    assert 3.8 < metrics["dp_epsilon"] <= 4.0  # never above the target (Opacus' search stops below it)
     assert "one more round" in strategy.stop_reason(state, 0.5)

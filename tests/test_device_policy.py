@@ -122,3 +122,29 @@ def test_a_coordinator_asking_for_less_gets_a_refusal_it_can_read(tmp_path, tiny
     assert row["clients"] == 1 and row["seconds"] < 60  # closed on the decline, not on the 120 s timeout
     registry = coordinator.engine.registry
     assert [r.client_id for r in registry.alive(1e9)] == [reports["easy"].client_id]  # not selected again
+
+
+def test_a_simulation_refuses_a_delta_of_one_over_n_or_more_unless_allowed(tmp_path, tiny_llama):
+    from fedtune.config import ConfigError
+    from fedtune.simulation.runner import run_simulation
+
+    from test_end_to_end import _config as run_config, _write_jsonl
+
+    config = run_config(tmp_path, tiny_llama, "seq-cls", rounds=1)
+    config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(60, seed=1))
+    config.federation.strategy, config.privacy.dp, config.privacy.delta = "fedavg", "client", 0.4
+    with pytest.raises(ConfigError, match=r"privacy.delta: client-level delta 0.4 is not below 1/N = 0.333 for 3 clients"):
+        run_simulation(config.validate())
+    config.privacy.dp, config.privacy.delta = "sample", 0.1  # 60 examples, a fifth held out: 16 per device
+    with pytest.raises(ConfigError, match=r"sample-level delta 0.1 is not below 1/n = 0.0625 for the smallest device's 16 examples"):
+        run_simulation(config.validate())
+
+
+def test_the_privacy_plot_starts_at_zero_and_draws_the_budget_and_target(tmp_path):
+    from fedtune.privacy.report import plot
+
+    report = {"client_level": {"epsilon_by_round": [7.0, 7.5, 8.0]}, "sample_level": {}, "delta": 1e-5,
+              "epsilon_budget": 10.0, "target_epsilon": 8.0}
+    drew = plot(report, tmp_path / "p.png")
+    assert drew["ylim"][0] == 0 and drew["ylim"][1] >= 10.0
+    assert "budget = 10" in drew["labels"] and "target = 8" in drew["labels"]

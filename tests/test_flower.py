@@ -108,6 +108,7 @@ def test_flower_strategy_aggregates_as_fedtunes_engine(tmp_path, tiny_bert, task
     config.federation.share_a = strategy.endswith("+share_a")  # FedSA-LoRA
     if strategy.endswith("+dp"):  # client-level DP: clipping, seeded noise, Poisson selection
         config.privacy.dp, config.privacy.noise_multiplier, config.privacy.clip = "client", 0.5, 1.0
+        config.privacy.repeatable = True  # research mode: both engines draw the same noise and selection
         config.federation.clients_per_round = 3
     _, evals, labels = prepare_data(config)
     nodes = [9_000_000_001, 42, 7_777]  # Flower node ids are arbitrary 64-bit numbers

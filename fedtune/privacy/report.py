@@ -269,7 +269,8 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
+def plot(report: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Draw privacy.png; returns what it drew (the epsilon axis' limits, the legend's labels)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -306,7 +307,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    drew = {"ylim": tuple(ax.get_ylim()), "labels": [t.get_text() for t in (ax.get_legend().get_texts() if ax.get_legend() else [])]}
     plt.close(fig)
+    return drew
 
 
 def write_report(run_dir: Path, delta: float | None = None) -> dict[str, Path]:
