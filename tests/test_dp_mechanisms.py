@@ -33,7 +33,7 @@ from fedtune.privacy.sample_level import BudgetSpent, poisson_batches
 from fedtune.tasks import get_task
 from fedtune.tasks.base import sample_batches
 
-from conftest import FILLER, NEGATIVE, POSITIVE, sentiment_examples
+from conftest import FILLER, NEGATIVE, POSITIVE, _minilm_tokenizer, sentiment_examples
 
 LABELS = ["negative", "positive"]
 SIGMAS = 5.0  # every statistical tolerance, in standard deviations
@@ -44,12 +44,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:Use
 
 
 # ---------------------------------------------------------------- tiny models without dropout
-
-
-def _tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(resolve_source("minilm").path))
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +58,7 @@ def bert_dir(tmp_path_factory) -> str:
     )
     torch.manual_seed(0)
     BertModel(config).save_pretrained(folder)
-    _tokenizer().save_pretrained(folder)
+    _minilm_tokenizer().save_pretrained(folder)
     return str(folder)
 
 
@@ -74,7 +68,7 @@ def llama_dir(tmp_path_factory) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = tmp_path_factory.mktemp("llama-no-dropout")
-    tokenizer = _tokenizer()
+    tokenizer = _minilm_tokenizer()
     tokenizer.eos_token = "[SEP]"
     config = LlamaConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
