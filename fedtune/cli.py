@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--tiers", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], help="device tiers cycled over the clients, e.g. phone,laptop,server")
     sim.add_argument("--profiles", help="TOML file of [[device]] entries (sets the number of clients)")
     sim.add_argument("--deadline", type=float, help="emulated deadline: drop updates whose modeled round time on their device is longer")
+    sim.add_argument("--force", action="store_true", help="a --run-dir that is not empty: move its contents aside to <run-dir>.old-<timestamp> and start afresh")
 
     coord = sub.add_parser("coordinator", help="serve a federated run to client agents")
     _add_common(coord)
@@ -169,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--enrollment-secret-file", help="file holding the secret a client must present to register (or set FEDTUNE_ENROLLMENT_SECRET)")
     coord.add_argument("--enrollment-secret", action=_RefuseSecret, help=argparse.SUPPRESS)
     coord.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    coord.add_argument("--force", action="store_true", help="a --run-dir that is not empty: move its contents aside to <run-dir>.old-<timestamp> and start afresh")
 
     sub.add_parser("strategies", help="list the strategies and their options")
     sub.add_parser("codecs", help="list the update codecs and their options")
@@ -374,7 +376,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             table.add_row(*_row_cells(row, task))
             live.refresh()
 
-        result = run_simulation(config, on_round_end=on_round)
+        result = run_simulation(config, on_round_end=on_round, force=args.force)
     console.print()
     for error in result.client_errors:
         console.print(f"[red]client error:[/] {error}")
@@ -395,7 +397,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     _check_inputs(config)
     task = config.model.task
     console = _console()
-    coordinator = Coordinator(config, resume=args.resume, on_round_end=lambda row: console.print(" | ".join(_row_cells(row, task))))
+    coordinator = Coordinator(config, resume=args.resume, force=args.force, on_round_end=lambda row: console.print(" | ".join(_row_cells(row, task))))
     redact([coordinator.config.server.enrollment_secret])
     port = coordinator.start()
     host = config.server.address.rpartition(":")[0]

@@ -102,13 +102,28 @@ class FederationSection:
     # With share_a: the fraction of each client's data held out to evaluate its personalized
     # model (shared A, its own B) at the start of every round (0: off).
     personal_eval: float = 0.2
-    # Trusted weights. An update's example count is capped by what the client registered (and
-    # by max_examples_per_client), so no client can claim the FedAvg mean. With
-    # update_norm_bound > 0, an update whose L2 distance from what the client was sent exceeds
-    # it is clipped to the bound ("clip") or refused ("refuse").
+    # Trusted weights (fedtune.coordinator.trust). An update's claimed example count is capped
+    # by what the client registered and by max_examples_per_client (a hard ceiling); both are
+    # the client's own word, so at the round's close `weighting` decides what it weighs:
+    # "clipped": its count, at most weight_clip_factor times the lower median of the counts
+    #   claimed in the round (one client, or equal counts: plain FedAvg);
+    # "equal": every update weighs 1;
+    # "claimed": the capped count as claimed (a client may weigh up to max_examples_per_client).
+    weighting: str = "clipped"
+    weight_clip_factor: float = 3.0
     max_examples_per_client: int = 1_000_000
+    # With update_norm_bound > 0, an update whose change (L2, from what the client was sent, as
+    # the aggregate sees it) exceeds the bound is refused at submit ("refuse") or clipped
+    # ("clip"); at close every update is also clipped to bound * min(1, mean weight / its
+    # weight), so weight times update, as a share of the weighted mean, is at most bound / n.
     update_norm_bound: float = 0.0
     update_norm_action: str = "clip"
+    # In a round of at least 3 updates, an update whose change norm exceeds outlier_factor times
+    # the lower median change norm of the round is left out of the aggregate alone (0: off). An
+    # update with an element changed by more than 1e4 times the largest magnitude it was sent
+    # (at least 1) is always left out. Under client-level DP (privacy.dp) the outlier rule and
+    # the weight ratio of the norm bound are off: its clip bounds every client already.
+    outlier_factor: float = 20.0
 
 
 @dataclass
@@ -165,6 +180,14 @@ class ServerSection:
     max_streams: int = 0
     per_client_calls: int = 3
     stream_deadline_s: float = 900.0
+    # Every call must deliver its request message within request_timeout_s, and under load a
+    # call that waits for it much longer than a real client would is cut first. Register and
+    # the health check run on open_workers threads of their own, apart from authenticated calls.
+    request_timeout_s: float = 10.0
+    open_workers: int = 64
+    # Failed authentications from one address (for one client id, or the enrollment secret)
+    # are slowed down after a few: each attempt waits up to this many seconds (0: no waits).
+    auth_delay_max_s: float = 2.0
     # Registrations: at most max_clients records; new ones at registrations_per_second with
     # bursts of registration_burst; records silent for evict_after_s make room when full.
     max_clients: int = 100_000
@@ -403,7 +426,14 @@ class RunConfig:
         _check(self.server.registrations_per_second > 0 and self.server.evict_after_s > 0, "server.registrations_per_second", "registrations_per_second and evict_after_s must be positive")
         _check(self.server.per_client_calls >= 1, "server.per_client_calls", "must be at least 1")
         _check(self.server.stream_deadline_s > 0, "server.stream_deadline_s", "must be positive")
+        _check(self.server.request_timeout_s > 0, "server.request_timeout_s", "must be positive")
+        _check(self.server.open_workers >= 2, "server.open_workers", "must be at least 2")
+        _check(self.server.auth_delay_max_s >= 0, "server.auth_delay_max_s", "must be >= 0")
         _check(self.federation.max_examples_per_client >= 1, "federation.max_examples_per_client", "must be at least 1")
+        _check(self.federation.weighting in ("clipped", "equal", "claimed"), "federation.weighting",
+               f"must be clipped, equal or claimed, got {self.federation.weighting!r} (HetLoRA's norm weighting is the strategy option federation.options.weighting)")
+        _check(self.federation.weight_clip_factor >= 1, "federation.weight_clip_factor", "must be at least 1")
+        _check(self.federation.outlier_factor == 0 or self.federation.outlier_factor >= 2, "federation.outlier_factor", "must be 0 (off) or at least 2")
         _check(self.federation.update_norm_bound >= 0, "federation.update_norm_bound", "must be >= 0 (0: no bound)")
         _check(self.federation.update_norm_action in ("clip", "refuse"), "federation.update_norm_action", f"must be clip or refuse, got {self.federation.update_norm_action!r}")
         _check(self.federation.client_timeout_s > 0, "federation.client_timeout_s", "must be positive")

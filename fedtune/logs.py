@@ -17,6 +17,31 @@ import sys
 # Attributes every LogRecord has; anything else on a record came from ``extra=`` and is kept.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
 LOG_FORMATS = ("rich", "plain", "json")
+# Longest message a handler installed by setup_logging writes; what a peer sent should be
+# clipped where it enters a message (``shown``, ``clip``), this is the last line of defence.
+MAX_MESSAGE_CHARS = 8000
+
+
+def clip(value: object, limit: int = 200) -> str:
+    """``value`` as text fit for one log line: at most ``limit`` characters (the rest counted),
+    with line breaks and other unprintable characters escaped. For whatever a peer controls
+    (names, ids, reasons) before it goes into a log line or an error message."""
+    text = value if isinstance(value, str) else str(value)
+    more = len(text) - limit
+    if more > 0:
+        text = text[:limit]
+    if not text.isprintable():
+        text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+    return f"{text}...(+{more} chars)" if more > 0 else text
+
+
+def shown(value: object, limit: int = 200) -> str:
+    """Like ``repr(value)`` for a string (quoted, escaped), but at most ``limit`` characters of
+    it: how error messages name something a peer chose, such as a tensor name."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > limit:
+        return f"{text[:limit]!r}...(+{len(text) - limit} chars)"
+    return repr(text)
 
 
 class JsonFormatter(logging.Formatter):
@@ -35,6 +60,20 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
+
+
+class Bounded(logging.Filter):
+    """Cuts a record's message to ``limit`` characters (the rest counted)."""
+
+    def __init__(self, limit: int = MAX_MESSAGE_CHARS) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if len(message) > self.limit:
+            record.msg, record.args = f"{message[: self.limit]}...(+{len(message) - self.limit} chars)", None
+        return True
 
 
 class Redact(logging.Filter):
@@ -72,6 +111,7 @@ def setup_logging(fmt: str = "rich", *, root_level: int = logging.WARNING, fedtu
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+    handler.addFilter(Bounded())
     root.addHandler(handler)
     root.setLevel(root_level)
     logging.getLogger("fedtune").setLevel(fedtune_level)
@@ -79,6 +119,7 @@ def setup_logging(fmt: str = "rich", *, root_level: int = logging.WARNING, fedtu
 
 
 def redact(secrets: list[str]) -> None:
-    """Add a :class:`Redact` filter for ``secrets`` to every handler of the root logger."""
+    """Add a :class:`Redact` filter for ``secrets`` to every handler of the root logger, ahead
+    of its other filters (a secret is replaced whole before any message is cut short)."""
     for handler in logging.getLogger().handlers:
-        handler.addFilter(Redact(secrets))
+        handler.filters.insert(0, Redact(secrets))

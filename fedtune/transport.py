@@ -55,16 +55,24 @@ def _read(path: str, what: str) -> bytes:
 
 
 def make_server(address: str, *, tls_cert: str = "", tls_key: str = "", tls_client_ca: str = "", insecure: bool = False,
-                max_workers: int = 32, interceptors: Sequence[grpc.ServerInterceptor] = ()) -> tuple[grpc.Server, int]:
+                max_workers: int = 32, interceptors: Sequence[grpc.ServerInterceptor] = (), thread_pool: futures.ThreadPoolExecutor | None = None,
+                maximum_concurrent_rpcs: int = 0) -> tuple[grpc.Server, int]:
     """A gRPC server bound to ``address`` (port 0 picks a free port); returns it and its port.
     With ``tls_client_ca`` (mutual TLS) the handshake fails for a client without a certificate
-    signed by that CA. Calls beyond four per worker are refused at once (RESOURCE_EXHAUSTED)
-    instead of queued."""
+    signed by that CA. ``thread_pool`` runs the handlers (default: ``max_workers`` threads).
+    Calls beyond ``maximum_concurrent_rpcs`` at once (default: four per worker), queued ones
+    included, are refused at once (RESOURCE_EXHAUSTED) instead of queued.
+
+    Stalled calls are not bounded here: gRPC's connection options (keepalive, idle and age
+    limits) see a connection whose peer answers pings as healthy, however long a call on it
+    waits for its request. The coordinator's interceptor (fedtune.coordinator.guard) gives
+    every call its server-side deadlines."""
     host, _ = split_address(address)
     if tls_client_ca and not tls_cert:
         raise TransportError("mutual TLS (tls_client_ca) needs the server's own tls_cert and tls_key")
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS, interceptors=list(interceptors),
-                         maximum_concurrent_rpcs=4 * max_workers)
+    pool = thread_pool or futures.ThreadPoolExecutor(max_workers=max_workers)
+    server = grpc.server(pool, options=GRPC_OPTIONS, interceptors=list(interceptors),
+                         maximum_concurrent_rpcs=maximum_concurrent_rpcs or 4 * max_workers)
     try:
         if tls_cert:
             creds = grpc.ssl_server_credentials(

@@ -13,6 +13,7 @@ import torch
 
 from fedtune.config import RunConfig
 from fedtune.coordinator.global_model import FixedTensors
+from fedtune.coordinator.clients import BAD_CREDENTIALS
 from fedtune.coordinator.guard import credentials
 from fedtune.protocol import fedtune_pb2 as pb
 
@@ -46,8 +47,9 @@ def test_missing_wrong_or_borrowed_credentials_are_refused_before_any_work(tmp_p
         b = stub.Register(pb.RegisterRequest(name="b", num_examples=1), timeout=10)
         cases = [
             ((), grpc.StatusCode.UNAUTHENTICATED, "missing x-fedtune-client-id"),
-            (credentials(a.client_id, "wrong"), grpc.StatusCode.UNAUTHENTICATED, "bad token"),
-            (credentials("ghost", a.token), grpc.StatusCode.NOT_FOUND, "unknown client id"),
+            # a wrong token and an unknown id get the same answer: ids cannot be discovered by asking
+            (credentials(a.client_id, "wrong"), grpc.StatusCode.UNAUTHENTICATED, BAD_CREDENTIALS),
+            (credentials("ghost", a.token), grpc.StatusCode.UNAUTHENTICATED, BAD_CREDENTIALS),
             # a's own valid credentials, speaking for b
             (credentials(a.client_id, a.token), grpc.StatusCode.PERMISSION_DENIED, "authenticated as 'a', not 'b'"),
         ]
@@ -113,8 +115,9 @@ def test_open_enrollment_beyond_loopback_needs_an_explicit_yes(tmp_path, caplog)
         assert coordinator.start() > 0
     coordinator.stop()
     assert "enrollment is open on 0.0.0.0:0" in caplog.text
-    # with a secret it starts without a word
+    # with a secret it starts without a word (in a run folder of its own: the first run used it)
     config.server.open_enrollment, config.server.enrollment_secret = False, "x" * 16
+    config.run_dir = str(tmp_path / "second-run")
     coordinator = Coordinator(config, global_model=FixedTensors({"w": torch.zeros(2)}))
     assert coordinator.start() > 0
     coordinator.stop()

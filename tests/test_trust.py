@@ -1,5 +1,6 @@
 """Trusted weights: an update weighs at most what its client registered, an oversized update
-is clipped or refused, and an aggregate that is not finite never replaces the global adapter."""
+is clipped or refused, an absurd one is left out, and an aggregate that is not finite never
+replaces the global adapter (tests/test_weights_and_updates.py has the round-level rules)."""
 
 from __future__ import annotations
 
@@ -84,14 +85,15 @@ def test_a_client_claiming_a_trillion_examples_weighs_its_registered_count(tmp_p
         assert _rows(coordinator.run_dir)[0]["capped_examples"] == 1
 
 
-def test_an_update_of_1e38s_is_clipped_to_the_norm_bound_and_the_aggregate_stays_finite(tmp_path, tiny_llama):
+def test_an_oversized_update_is_clipped_to_the_norm_bound_and_the_aggregate_stays_finite(tmp_path, tiny_llama):
     config = _config(tmp_path, tiny_llama, rounds=1, min_clients=2)
     config.federation.strategy = "fedavg"
     config.federation.update_norm_bound = 2.0
     with live_coordinator(config, eval_examples=sentiment_examples(20, seed=9)) as (coordinator, stub, engine):
         (bad, good), tasks = _round_one(stub, [("bad", 10), ("good", 10)])
         start = _adapter(tasks[bad.client_id])
-        push_update(stub, bad.client_id, bad.token, 1, {k: torch.full_like(v, 1e38) for k, v in start.items()})
+        # far beyond the bound, but not absurd (1e38s are left out: test_weights_and_updates.py)
+        push_update(stub, bad.client_id, bad.token, 1, {k: v + 100.0 for k, v in start.items()})
         push_update(stub, good.client_id, good.token, 1, start)
         engine.join(60)
         state = {k: coordinator.engine.state[k] for k in start}
@@ -117,7 +119,7 @@ def test_refuse_mode_turns_an_oversized_update_away_with_its_norm(tmp_path, tiny
         assert not engine.is_alive()
 
 
-def test_a_round_whose_aggregate_overflows_is_refused_and_the_global_adapter_kept(tmp_path, tiny_llama):
+def test_an_update_that_would_overflow_the_aggregate_is_left_out_and_the_global_adapter_kept(tmp_path, tiny_llama):
     config = _config(tmp_path, tiny_llama, rounds=1, min_clients=1)
     config.federation.strategy = "fedadam"  # squares the update: 3e38 ** 2 is inf in float32
     with live_coordinator(config, eval_examples=sentiment_examples(20, seed=9)) as (coordinator, stub, engine):
@@ -127,6 +129,8 @@ def test_a_round_whose_aggregate_overflows_is_refused_and_the_global_adapter_kep
         push_update(stub, client.client_id, client.token, 1, {k: torch.full_like(v, 3e38) for k, v in start.items()})
         engine.join(60)
         row = _rows(coordinator.run_dir)[0]
-        assert "not finite" in row["round_refused"]
+        # 3e38 is absurd on its own: left out before it reaches the aggregate (an aggregate that
+        # is not finite is refused all the same: test_weights_and_updates.py)
+        assert row["outlier_updates"] == 1 and row["clients"] == 0 and "round_refused" not in row
         assert all(torch.equal(coordinator.engine.state[k], v) for k, v in before.items())
         assert (coordinator.run_dir / "checkpoints" / "LATEST").is_file()  # the round closed; nothing bad stored

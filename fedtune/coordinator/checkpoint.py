@@ -23,14 +23,13 @@ import json
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedtune.durable import fsync_dir, replace_file, write_file
+from fedtune.durable import O_NOFOLLOW, fsync_dir, remove_path, replace_file, write_file
 
 log = logging.getLogger(__name__)
 
@@ -58,27 +57,47 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def round_folders(root: Path) -> list[tuple[int, Path]]:
+    """The ``round-NNNN`` entries of a checkpoints folder with their round numbers, oldest
+    first, ordered by number (``round-10000`` after ``round-9999``, which text order gets
+    wrong)."""
+    if not root.is_dir():
+        return []
+    found = ((_FOLDER.fullmatch(p.name), p) for p in root.iterdir())
+    return sorted(((int(m.group(1)), p) for m, p in found if m), key=lambda item: item[0])
+
+
 def save_checkpoint(run_dir: Path, round_number: int, state: dict[str, torch.Tensor], meta: dict) -> Path:
     root = Path(run_dir) / "checkpoints"
+    if root.is_symlink():  # written into, a link would put the checkpoints wherever it points
+        log.warning("%s is a symbolic link (to %s): replacing it with a folder of this run's own", root, os.readlink(root))
+        root.unlink()
     root.mkdir(parents=True, exist_ok=True)
     name = f"round-{round_number:04d}"
     final, tmp = root / name, root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    remove_path(tmp)
+    tmp.mkdir()  # created afresh by this call: nothing in it can be a link planted beforehand
     tensors = tmp / "state.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(tensors))
-    with open(tensors, "rb") as fh:
-        os.fsync(fh.fileno())
+    fd = os.open(tensors, os.O_RDONLY | O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     record = {**meta, "round": round_number, "sha256": _sha256(tensors)}
-    write_file(tmp / "state.json", (json.dumps(record, indent=2) + "\n").encode())
+    write_file(tmp / "state.json", (json.dumps(record, indent=2) + "\n").encode(), exclusive=True)
     fsync_dir(tmp)
-    shutil.rmtree(final, ignore_errors=True)
+    remove_path(final)  # a folder of an earlier attempt at this round, or a link (never followed)
     os.replace(tmp, final)
     fsync_dir(root)
     replace_file(root / "LATEST", (name + "\n").encode())
     fsync_dir(root)
-    for old in sorted(p for p in root.glob("round-*") if p.is_dir() and _FOLDER.fullmatch(p.name))[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
+    # Keep this checkpoint and the KEEP - 1 newest before it, by round number. The one just
+    # written is never pruned; folders of later rounds (left by a run that went further before
+    # it was resumed from an earlier checkpoint) are replaced as their rounds run again.
+    older = [p for number, p in round_folders(root) if number < round_number]
+    for old in older[: max(0, len(older) - (KEEP - 1))]:
+        remove_path(old)
     return final
 
 
@@ -113,7 +132,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return None
-    folders = sorted((p for p in root.iterdir() if _FOLDER.fullmatch(p.name)), key=lambda p: int(p.name[6:]), reverse=True)
+    folders = [p for _, p in reversed(round_folders(root))]  # newest first, by round number
     damaged: list[str] = []
     latest = root / "LATEST"
     if latest.is_file():

@@ -29,6 +29,15 @@ class ClientRecord:
     # The device declined to train for this federation (its own privacy terms): never selected
     # again under this id.
     retired: bool = False
+    # With mutual TLS: the SHA-256 fingerprint of the certificate the client registered with;
+    # its token is then accepted only on connections made with that certificate.
+    certificate: str = field(default="", repr=False)
+
+
+# The one answer to credentials that do not match: the same whether the client id exists or
+# not, so ids cannot be discovered by asking.
+BAD_CREDENTIALS = "unknown client id or bad token (or certificate) for it: register again"
+_DUMMY_TOKEN = secrets.token_urlsafe(24).encode()
 
 
 class ClientRegistry:
@@ -79,16 +88,28 @@ class ClientRegistry:
         for cid in stale:
             del self._clients[cid]
 
-    def authenticate(self, client_id: str, token: str) -> ClientRecord:
-        """The client's record, after checking its token; refreshes its last-seen time."""
+    def authenticate(self, client_id: str, token: str, certificate: str | None = None) -> ClientRecord:
+        """The client's record, after checking its token; refreshes its last-seen time. With
+        ``certificate`` (the fingerprint of the caller's TLS client certificate, "" for none), a
+        client that registered with a certificate must also call with that one. An unknown id,
+        a wrong token and a wrong certificate get the same UNAUTHENTICATED answer."""
         with self._lock:
             record = self._clients.get(client_id)
-            if record is None:
-                raise CoordinatorError("NOT_FOUND", f"unknown client id {client_id[:80]!r}: register first")
-            if not hmac.compare_digest(record.token.encode(), token.encode()):
-                raise CoordinatorError("UNAUTHENTICATED", f"bad token for client {client_id!r}")
+            # compared either way, so an unknown id takes as long to refuse as a known one
+            good = hmac.compare_digest(record.token.encode() if record is not None else _DUMMY_TOKEN, token.encode())
+            if record is None or not good:
+                raise CoordinatorError("UNAUTHENTICATED", BAD_CREDENTIALS)
+            if certificate is not None and record.certificate and not hmac.compare_digest(record.certificate, certificate):
+                raise CoordinatorError("UNAUTHENTICATED", BAD_CREDENTIALS)
             record.last_seen = self.clock()
             return record
+
+    def bind_certificate(self, client_id: str, certificate: str) -> None:
+        """Accept ``client_id``'s token only with the TLS client certificate of this
+        fingerprint from now on (called at registration, before the token is handed out)."""
+        with self._lock:
+            if client_id in self._clients:
+                self._clients[client_id].certificate = certificate
 
     def touch(self, client_id: str) -> None:
         with self._lock:

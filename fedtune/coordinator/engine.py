@@ -49,10 +49,18 @@ from fedtune.coordinator.global_model import GlobalModel
 from fedtune.coordinator.metrics import MetricsLog, personalized, plan_fields, round_row
 from fedtune.coordinator.planner import CostModel, ModelGeometry, Planner, plan_round
 from fedtune.coordinator.trust import (
+    Measure,
+    absurd,
+    aggregate_refusal,
     capped_examples,
     clip_update,
+    influence_bounds,
+    magnitude,
+    measure,
     nonfinite,
-    update_norm,
+    outliers,
+    round_weights,
+    weighted_mean_chain,
 )
 from fedtune.devices import Capabilities
 from fedtune.privacy.randomness import poisson_select
@@ -101,6 +109,12 @@ class _Round:
     dp_spent: dict[str, dict] = field(default_factory=dict)
     capped: int = 0      # updates whose example count was capped
     clipped: int = 0     # updates clipped to the norm bound
+    outliers: int = 0    # accepted updates left out of the aggregate at close (absurd, outlier)
+    # Each accepted update's claimed example count and its change, measured at submit.
+    claimed: dict[str, int] = field(default_factory=dict)
+    measured: dict[str, Measure] = field(default_factory=dict)
+    # The largest magnitude of each distinct set of start tensors (by id), measured once.
+    sent_magnitude: dict[int, float] = field(default_factory=dict)
     open: bool = True
     evaluation: bool = False  # the evaluation-only round after the last: metrics, no tensors
 
@@ -263,7 +277,10 @@ class RoundEngine:
     def submit(self, client_id: str, round_number: int, tensors: dict[str, torch.Tensor], num_examples: int, metrics: Mapping[str, float], bytes_up: int) -> None:
         """Accept an update. The round is checked and the update stored in one critical section:
         of two concurrent pushes by one client exactly one is accepted, and an update accepted
-        here is in the round's aggregate (the close takes its snapshot under the same lock)."""
+        here is in the round's snapshot at close (the close takes it under the same lock; there
+        the round's rules may still leave it out of the aggregate, see ``_screen``). The update
+        is checked and measured between two short critical sections, so heartbeats never wait
+        on tensor math."""
         if num_examples < 1:
             raise CoordinatorError("INVALID_ARGUMENT", f"num_examples must be at least 1, got {num_examples}")
         if len(metrics) > 32 or any(len(k) > 64 for k in metrics):
@@ -276,38 +293,57 @@ class RoundEngine:
             if "dp_sample_noise_multiplier" in metrics:
                 rnd.dp_spent[client_id] = dp_spent_entry(metrics)
             start = rnd.instructions[client_id].tensors
-            weight = capped_examples(num_examples, rnd.ctx.clients[client_id].num_examples, self.fed.max_examples_per_client)
-            if weight < num_examples:
-                log.warning("round %d: %s claims %d examples; counted as %d (registered count or max_examples_per_client)", round_number, client_id, num_examples, weight, extra={"round": round_number, "client_id": client_id})
-                rnd.capped += 1
-            update = ClientUpdate(client_id, tensors, weight, dict(metrics), start)
-            if rnd.evaluation:  # metrics only (the tensors were checked against an empty expect)
-                rnd.updates[client_id] = update
-                rnd.bytes_up += bytes_up
-                rnd.up_by_client[client_id] = bytes_up
-                self._cond.notify_all()
-                return
+            registered = rnd.ctx.clients[client_id].num_examples
+        weight = capped_examples(num_examples, registered, self.fed.max_examples_per_client)
+        update = ClientUpdate(client_id, tensors, weight, dict(metrics), start)
+        measured = None
+        if not rnd.evaluation:  # an evaluation sends metrics only (checked against an empty expect)
             try:
                 self.strategy.check_update(rnd.ctx, update)
             except ValueError as exc:
                 raise CoordinatorError("INVALID_ARGUMENT", str(exc)) from None
+            measured = self._measure(rnd, update)
             bound = self.fed.update_norm_bound
-            if bound > 0:
-                if self.fed.update_norm_action == "refuse":
-                    norm = update_norm(tensors, start)
-                    if norm > bound:
-                        raise CoordinatorError("INVALID_ARGUMENT", f"update norm {norm:.4g} exceeds the bound {bound:g} (federation.update_norm_bound)")
-                else:
-                    clipped, norm = clip_update(tensors, start, bound)
-                    if norm > bound:
-                        log.warning("round %d: update of %s clipped from norm %.4g to %g", round_number, client_id, norm, bound, extra={"round": round_number, "client_id": client_id})
-                        update = dataclasses.replace(update, tensors=clipped)
-                        rnd.clipped += 1
+            if bound > 0 and self.fed.update_norm_action == "refuse" and measured.norm > bound:
+                raise CoordinatorError("INVALID_ARGUMENT", f"update norm {measured.norm:.4g} exceeds the bound {bound:g} (federation.update_norm_bound)")
+        with self._cond:
+            if self._open_round_for(client_id, round_number) is not rnd:
+                raise CoordinatorError("FAILED_PRECONDITION", f"round {round_number} is not the round this update was checked for")
             rnd.updates[client_id] = update
+            rnd.claimed[client_id] = num_examples
+            if measured is not None:
+                rnd.measured[client_id] = measured
             rnd.bytes_up += bytes_up
             rnd.up_by_client[client_id] = bytes_up
             self._cond.notify_all()
+        if weight < num_examples:
+            log.warning("round %d: %s claims %d examples; counted as %d (registered count or max_examples_per_client)", round_number, client_id, num_examples, weight, extra={"round": round_number, "client_id": client_id})
         log.info("round %d: update from %s (%d examples)", round_number, client_id, num_examples, extra={"round": round_number, "client_id": client_id})
+
+    def _origin(self, update: ClientUpdate) -> Mapping[str, torch.Tensor]:
+        """What ``update``'s change is measured from: the tensors its client was sent, or
+        nothing when it sent differences (an uplink codec: the change is what it sent, which
+        ``Compress`` adds to those tensors)."""
+        return {} if self._sends_differences else update.start
+
+    @property
+    def _sends_differences(self) -> bool:
+        from fedtune.aggregation.compress import Compress
+
+        strategy = self.strategy
+        while strategy is not None:
+            if isinstance(strategy, Compress) and strategy.uplink is not None:
+                return True
+            strategy = getattr(strategy, "inner", None)
+        return False
+
+    def _measure(self, rnd: _Round, update: ClientUpdate) -> Measure:
+        """``update``'s change (norm, largest element, value ceiling); call without the lock."""
+        key = id(update.start)
+        sent = rnd.sent_magnitude.get(key)
+        if sent is None:  # clients sharing an instruction share its magnitude
+            sent = rnd.sent_magnitude[key] = magnitude(update.start.values())
+        return measure(update.tensors, self._origin(update), sent)
 
     def note_declined(self, client_id: str, round_number: int, reason: str) -> None:
         """A selected device declined its task (its own privacy terms): recorded in the round's
@@ -603,6 +639,7 @@ class RoundEngine:
         with self._cond:  # the round is closed: this snapshot is every accepted update
             rnd.open = False
             arrived = dict(rnd.updates)
+            measured, claimed = dict(rnd.measured), dict(rnd.claimed)
             traffic = {
                 "bytes_up": rnd.bytes_up, "bytes_down": rnd.bytes_down, "rejected": rnd.rejected,
                 "up_by_client": dict(rnd.up_by_client), "down_by_client": dict(rnd.down_by_client),
@@ -613,21 +650,25 @@ class RoundEngine:
         if late:
             log.warning("round %d: %s would miss the %.0f s deadline on their devices; their updates are dropped", rnd.number, late, deadline)
         contributors = [c for c in sorted(arrived) if c not in late]
-        updates = [arrived[c] for c in contributors]
+        updates, changes = self._heavy(self._screen, rnd, [arrived[c] for c in contributors], measured, claimed)
+        contributors = [u.client_id for u in updates]
         strategy_metrics: dict = {}
         refused = ""
+        exported = None
         if updates or self.strategy.poisson_sampling:  # a DP round releases noise even then
             new_state, strategy_metrics = self._heavy(self.strategy.aggregate, rnd.ctx, self.state, updates)
-            bad = nonfinite(new_state)
-            if bad:
-                refused = f"the aggregate is not finite in {len(bad)} tensors ({', '.join(bad[:3])})"
-                log.error("round %d refused: %s; the global adapter stays as it was", rnd.number, refused)
+            refused, exported = self._heavy(self._check_aggregate, new_state, changes)
+            if refused:
+                log.error("round %d refused: %s; the global adapter stays as it was", rnd.number, refused, extra={"round": rnd.number})
+                exported = None
             else:
                 self.state = new_state
+        elif arrived:
+            log.warning("round %d: no update is left to aggregate; the global adapter is unchanged", rnd.number, extra={"round": rnd.number})
         else:
             log.warning("round %d: no updates arrived; the global adapter is unchanged", rnd.number, extra={"round": rnd.number})
         eval_started = time.monotonic()
-        adapter, deltas = self._heavy(self.global_model_tensors)
+        adapter, deltas = exported if exported is not None else self._heavy(self.global_model_tensors)
         eval_metrics = self._heavy(self.global_model.evaluate, adapter, deltas)
         eval_seconds = time.monotonic() - eval_started
         row = round_row(rnd.number, len(rnd.instructions), updates, strategy_metrics, eval_metrics, traffic, time.monotonic() - rnd.started, eval_seconds)
@@ -643,8 +684,8 @@ class RoundEngine:
         unaggregated = {c: v for c, v in rnd.dp_spent.items() if c not in contributors}
         if unaggregated:
             row["dp_sample_unaggregated"] = unaggregated
-        if rnd.capped or rnd.clipped or refused:
-            row.update({"capped_examples": rnd.capped, "clipped_updates": rnd.clipped})
+        if rnd.capped or rnd.clipped or rnd.outliers or refused:
+            row.update({"capped_examples": rnd.capped, "clipped_updates": rnd.clipped, "outlier_updates": rnd.outliers})
         if refused:
             row["round_refused"] = refused
         if self.split is not None:  # the split streams' bytes, as the coordinator counted them
@@ -656,6 +697,76 @@ class RoundEngine:
         if self.on_round_end is not None:
             self.on_round_end(row)
         return row
+
+    def _screen(self, rnd: _Round, updates: list[ClientUpdate], measured: Mapping[str, Measure], claimed: Mapping[str, int]) -> tuple[list[ClientUpdate], list[tuple[float, float]]]:
+        """The round's updates as they are aggregated, and (norm, largest element) of each one's
+        change as aggregated, under the rules that need the whole round
+        (fedtune.coordinator.trust): absurd updates and outliers are left out, alone; the others
+        weigh by ``federation.weighting`` and are clipped to the norm bound on weight times
+        update. Counts go to the round's row. Runs outside the lock (on the compute threads)."""
+        if rnd.evaluation or not updates:
+            return updates, []
+        fed = self.fed
+        # Client-level DP bounds each client's influence by its own clip, and its accountant
+        # assumes that adding one client changes nothing else: rules that compare clients (the
+        # outlier median, weight-relative clipping) are off there; per-update rules stay.
+        private = self.strategy.poisson_sampling
+        sizes = {u.client_id: measured.get(u.client_id) or self._measure(rnd, u) for u in updates}
+        left_out = {u.client_id: why for u in updates if (why := absurd(sizes[u.client_id]))}
+        kept = [u for u in updates if u.client_id not in left_out]
+        if not private:
+            left_out.update(outliers({u.client_id: sizes[u.client_id].norm for u in kept}, fed.outlier_factor))
+        for cid, why in left_out.items():
+            log.warning("round %d: the update of %s (change norm %.4g) is left out of the aggregate: %s", rnd.number, cid, sizes[cid].norm, why, extra={"round": rnd.number, "client_id": cid})
+        kept = [u for u in kept if u.client_id not in left_out]
+        weights = round_weights({u.client_id: u.num_examples for u in kept}, fed.weighting, fed.weight_clip_factor)
+        bounds = {}
+        if fed.update_norm_bound > 0:
+            bounds = {c: fed.update_norm_bound for c in weights} if private else influence_bounds(weights, fed.update_norm_bound)
+        out, changes = [], []
+        capped = clipped = 0
+        for u in kept:
+            cid, norm = u.client_id, sizes[u.client_id].norm
+            weight, asked = weights[cid], claimed.get(cid, u.num_examples)
+            if fed.weighting != "equal" and weight < asked:
+                capped += 1
+                if weight < u.num_examples:
+                    log.warning("round %d: %s claims %d examples; weighs %d (federation.weighting %s: at most %g x the round's lower median claim)",
+                                rnd.number, cid, asked, weight, fed.weighting, fed.weight_clip_factor, extra={"round": rnd.number, "client_id": cid})
+            if weight != u.num_examples:
+                u = dataclasses.replace(u, num_examples=weight)
+            bound = bounds.get(cid, math.inf)
+            peak = sizes[cid].peak
+            if norm > bound:
+                tensors, _ = clip_update(u.tensors, self._origin(u), bound, norm)
+                u = dataclasses.replace(u, tensors=tensors)
+                clipped += 1
+                log.warning("round %d: update of %s clipped from norm %.4g to %.4g (federation.update_norm_bound %g on weight x update, weight %d)",
+                            rnd.number, cid, norm, bound, fed.update_norm_bound, weight, extra={"round": rnd.number, "client_id": cid})
+                norm, peak = bound, peak * bound / norm
+            out.append(u)
+            changes.append((norm, peak))
+        rnd.capped, rnd.clipped, rnd.outliers = capped, clipped, len(left_out)
+        return out, changes
+
+    def _check_aggregate(self, new_state: Mapping[str, torch.Tensor], changes: list[tuple[float, float]]) -> tuple[str, tuple[dict, dict] | None]:
+        """(why ``new_state`` must not replace the state, empty when it may; the global model it
+        exports, to evaluate). ``changes``: (norm, largest element) of each aggregated change."""
+        bad = nonfinite(new_state)
+        if bad:
+            return f"the aggregate is not finite in {len(bad)} tensors ({', '.join(bad[:3])})", None
+        try:
+            exported = self.strategy.global_model(new_state, self.global_spec)
+        except (ValueError, RuntimeError) as exc:
+            return f"its global model cannot be built ({exc})", None
+        adapter, deltas = exported
+        every = {**{f"adapter {n}": t for n, t in adapter.items()}, **{f"delta {n}": t for n, t in deltas.items()}}
+        # Under client-level DP the decision reads only the released aggregate and the state
+        # before (post-processing): no client's change enters it.
+        peak = 0.0 if self.strategy.poisson_sampling else max((p for _, p in changes), default=0.0)
+        reason = aggregate_refusal(self.state, new_state, self.strategy.server_params(new_state), [n for n, _ in changes],
+                                   peak, every, weighted_mean_chain(self.strategy))
+        return reason, exported
 
     def _modeled_seconds(self, rnd: _Round) -> dict[str, float]:
         """Each selected client's round time on its own device under the cost model (only for

@@ -20,7 +20,9 @@ not part of what the run releases.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -28,6 +30,9 @@ from typing import Mapping, Sequence
 
 from fedtune.adapters import AdapterPlan
 from fedtune.aggregation import ClientUpdate
+from fedtune.durable import append_line, fsync_dir, read_text_nofollow, replace_file
+
+log = logging.getLogger(__name__)
 
 
 def round_row(
@@ -101,9 +106,26 @@ def _mean(values) -> float | None:
     return round(sum(values) / len(values), 1) if values else None
 
 
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
+def _json_safe(value, nonfinite: list[str] | None = None, key: str = ""):
+    """``value`` as strict JSON can hold it: every float that is not finite (inf, -inf, nan),
+    at any depth of dicts and lists, becomes None, and its key path (``train_loss``,
+    ``dp_sample.<client>.epsilon``, ``rank_caps[2]``) is appended to ``nonfinite``.
+
+    Without ``nonfinite`` (``round_row``'s call on a strategy's figures) the value is returned
+    as it is: the row keeps the numbers in memory, and ``MetricsLog`` makes the whole row safe,
+    flagging each key it changed, when it writes it (``json.dumps`` would write ``Infinity``
+    and ``NaN``, which are not JSON)."""
+    if nonfinite is None:
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        nonfinite.append(key)
         return None
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v, nonfinite, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v, nonfinite, f"{key}[{i}]") for i, v in enumerate(value)]
     return value
 
 
@@ -112,9 +134,18 @@ PARTICIPATION_KEYS = ("client_ids", "dp_sample", "dp_sample_unaggregated", "plan
 PARTICIPATION_FILE = "participation.jsonl"
 
 
+NONFINITE_KEY = "nonfinite"  # the keys of a row whose numbers were not finite, written as null
+
+
 class MetricsLog:
-    """``metrics.jsonl``: appended once per closed round. With ``private_participation`` the
-    keys that name clients go to ``participation.jsonl`` (owner-only), not ``metrics.jsonl``."""
+    """``metrics.jsonl``: appended once per closed round, one strict-JSON line per row (a
+    number that is not finite is written as null and its key listed under ``nonfinite``). With
+    ``private_participation`` the keys that name clients go to ``participation.jsonl``
+    (owner-only), not ``metrics.jsonl``.
+
+    Each row is appended with one ``write`` on an ``O_APPEND`` descriptor and fsynced, and
+    ``keep_until`` rewrites a file through a temporary file renamed over it, so a crash leaves
+    every row whole; neither ever writes through a symbolic link."""
 
     def __init__(self, path: Path, private_participation: bool = False) -> None:
         self.path = Path(path)
@@ -132,23 +163,55 @@ class MetricsLog:
         their round runs again) and return the rows kept, participation merged back in."""
         kept = _keep_until(self.path, last_round)
         if self.participation is not None:
-            by_round = {r.get("round"): r for r in _keep_until(self.participation, last_round)}
-            kept = [{**r, **by_round.get(r.get("round"), {})} for r in kept]
+            by_round = {r.get("round"): r for r in _keep_until(self.participation, last_round, owner_only=True)}
+            kept = [_merge(r, by_round.get(r.get("round"))) for r in kept]
         return kept
 
 
+def _line(row: Mapping) -> bytes:
+    """One row as a line of strict JSON, non-finite numbers as null and flagged."""
+    nonfinite: list[str] = []
+    safe = {str(k): _json_safe(v, nonfinite, str(k)) for k, v in row.items() if k != NONFINITE_KEY}
+    flagged = list(row.get(NONFINITE_KEY) or []) + [k for k in nonfinite if k not in (row.get(NONFINITE_KEY) or [])]
+    if flagged:
+        safe[NONFINITE_KEY] = flagged
+    return (json.dumps(safe, allow_nan=False) + "\n").encode()
+
+
+def _merge(row: dict, private: Mapping | None) -> dict:
+    """A metrics row with its participation row merged back in (both lists of non-finite keys)."""
+    if not private:
+        return row
+    merged = {**row, **private}
+    flagged = list(row.get(NONFINITE_KEY) or []) + list(private.get(NONFINITE_KEY) or [])
+    if flagged:
+        merged[NONFINITE_KEY] = flagged
+    return merged
+
+
 def _append(path: Path, row: Mapping, owner_only: bool = False) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600 if owner_only else 0o644)
-    with os.fdopen(fd, "a") as fh:
-        fh.write(json.dumps(row) + "\n")
+    line, mode = _line(row), 0o600 if owner_only else 0o644
+    try:
+        append_line(path, line, mode=mode)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP or not path.is_symlink():
+            raise
+        # Not a file this run wrote: the link goes (its target is left as it was), a file of
+        # the run's own takes its place.
+        log.warning("%s is a symbolic link (to %s): replacing the link with this run's own file", path, os.readlink(path))
+        path.unlink()
+        append_line(path, line, mode=mode)
 
 
-def _keep_until(path: Path, last_round: int) -> list[dict]:
-    if not path.is_file():
+def _keep_until(path: Path, last_round: int, owner_only: bool = False) -> list[dict]:
+    text = read_text_nofollow(path)
+    if text is None:
+        if path.is_symlink():
+            log.warning("%s is a symbolic link (to %s), not a file this run wrote: its rows are not read, the link will be replaced", path, os.readlink(path))
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in rows if r.get("round", 0) <= last_round]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    kept = [r for r in _rows(text, path) if r.get("round", 0) <= last_round]
+    replace_file(path, b"".join(_line(r) for r in kept), mode=0o600 if owner_only else 0o644)
+    fsync_dir(path.parent)
     return kept
 
 
@@ -156,10 +219,27 @@ def read_rows(run_dir: Path) -> list[dict]:
     """A run's rows with participation merged back in (for the operator's own tools)."""
     rows = _read(Path(run_dir) / "metrics.jsonl")
     by_round = {r.get("round"): r for r in _read(Path(run_dir) / PARTICIPATION_FILE)}
-    return [{**r, **by_round.get(r.get("round"), {})} for r in rows]
+    return [_merge(r, by_round.get(r.get("round"))) for r in rows]
 
 
 def _read(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _rows(path.read_text(), path)
+
+
+def _rows(text: str, path: Path) -> list[dict]:
+    """The rows of a JSON-lines file. A last line that is not JSON is a row torn by a crash
+    while it was written (its round has no checkpoint, so it runs again): skipped with a
+    warning. (Files written before rows were strict JSON may hold ``Infinity``/``NaN``, which
+    are read as floats.)"""
+    lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    rows = []
+    for i, line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i != lines[-1][0]:
+                raise ValueError(f"{path}: line {i} is not JSON") from None
+            log.warning("%s: the last line is not JSON (a row torn by a crash), skipped", path)
+    return rows

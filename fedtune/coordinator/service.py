@@ -6,6 +6,7 @@ A bad request from one client never disturbs the others: errors end only that ca
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from typing import Iterator
@@ -16,8 +17,9 @@ from fedtune.compression import CODECS
 from fedtune.config import RunConfig
 from fedtune.coordinator.engine import Done, RoundEngine, TrainTask
 from fedtune.coordinator.errors import CoordinatorError
-from fedtune.coordinator.guard import caller
+from fedtune.coordinator.guard import CallGuard, caller, certificate_fingerprint
 from fedtune.coordinator.split_sessions import SplitSessions
+from fedtune.logs import clip
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
 from fedtune.protocol.messages import capabilities_from_proto, plan_to_proto
@@ -25,6 +27,10 @@ from fedtune.protocol.tensors import AnyFrame, CountedFrames, EncodedTensor, Pro
 from fedtune.split.wire import Receiver, frames_bytes, message_frames
 
 log = logging.getLogger(__name__)
+
+# An update's payload may come in at most one frame per this many bytes (plus one per tensor):
+# a sender cannot make the coordinator handle more frames than its bytes warrant.
+MIN_CHUNK_BYTES = 1024
 
 
 def _abort(context: grpc.ServicerContext, code: str, message: str) -> None:
@@ -45,6 +51,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.split = split
         self.config = config
         self.model_spec = pb.ModelSpec(name=model_name, task=task, labels=labels)
+        # The server's CallGuard (set when serving): throttles and logs failed enrollments and
+        # refused calls.
+        self.guard: CallGuard | None = None
         # Wire encodings of the current round's payloads: clients whose instructions share a
         # tensors mapping share one encoding (a round's instructions stay alive while it is
         # cached, so their ids are not reused).
@@ -68,14 +77,28 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     # ------------------------------------------------------------------ unary calls
 
+    def _refuse(self, context: grpc.ServicerContext, exc: CoordinatorError) -> None:
+        """End the call with ``exc``'s status; refusals of who the caller is are logged."""
+        if self.guard is not None and exc.code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+            self.guard.denied(context, exc.message)
+        _abort(context, exc.code, exc.message)
+
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
         try:
+            if self.guard is not None:  # an address that failed often lately waits first
+                self.guard.before_enrollment(context)
             caps = capabilities_from_proto(request.capabilities)
+            caps = dataclasses.replace(caps, tier=clip(caps.tier, 64))  # a free-form label, shown in logs
             record = self.engine.register(request.name, caps, request.num_examples, request.enrollment_secret)
         except ValueError as exc:
             _abort(context, "INVALID_ARGUMENT", str(exc))
         except CoordinatorError as exc:
+            if exc.code == "UNAUTHENTICATED" and self.guard is not None:
+                self.guard.enrollment_failed(context)
             _abort(context, exc.code, exc.message)
+        certificate = certificate_fingerprint(context)
+        if certificate:  # mutual TLS: the token works only with this certificate
+            self.engine.registry.bind_certificate(record.client_id, certificate)
         return pb.RegisterReply(client_id=record.client_id, token=record.token)
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
@@ -83,7 +106,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             _same_caller(context, request.client_id)
             self.engine.authenticate(request.client_id, request.token)
         except CoordinatorError as exc:
-            _abort(context, exc.code, exc.message)
+            self._refuse(context, exc)
         current, over, waiting = self.engine.heartbeat(request.client_id, request.round)
         return pb.HeartbeatReply(current_round=current, training_over=over, round_open=waiting)
 
@@ -94,7 +117,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             _same_caller(context, request.client_id)
             self.engine.authenticate(request.client_id, request.token)
         except CoordinatorError as exc:
-            _abort(context, exc.code, exc.message)
+            self._refuse(context, exc)
         task = self.engine.next_task(request.client_id, request.wait_seconds)
         if isinstance(task, Done):
             yield pb.Frame(task=pb.TaskHeader(status=pb.TASK_STATUS_DONE))
@@ -142,9 +165,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self.engine.authenticate(header.client_id, header.token)
             instruction = self.engine.instruction_for(header.client_id, header.round)
         except CoordinatorError as exc:
-            _abort(context, exc.code, exc.message)
-        if header.declined:  # the device will not train this task, and says why
-            self.engine.note_declined(header.client_id, header.round, header.declined)
+            self._refuse(context, exc)
+        if header.declined:  # the device will not train this task, and says why (clipped: it is logged)
+            self.engine.note_declined(header.client_id, header.round, clip(header.declined, 500))
             return pb.PushReply(accepted=False, message=f"decline of round {header.round} recorded")
         expected = instruction.expect
         receiver = TensorReceiver(
@@ -154,6 +177,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             max_total_bytes=self.config.server.max_update_bytes,
             require_finite=True,
             encodings=self._uplink_encodings,
+            min_chunk_bytes=MIN_CHUNK_BYTES,
         )
         try:
             if header.num_tensors != len(expected):
@@ -169,39 +193,58 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             )
         except ProtocolError as exc:
             self.engine.note_rejected(header.round, received + receiver.bytes_received)
-            log.warning("round %d: rejected update from %s: %s", header.round, header.client_id, exc, extra={"round": header.round, "client_id": header.client_id})
+            log.warning("round %d: rejected update from %s: %s", header.round, header.client_id, clip(exc, 500), extra={"round": header.round, "client_id": header.client_id})
             _abort(context, "INVALID_ARGUMENT", str(exc))
         except CoordinatorError as exc:
             self.engine.note_rejected(header.round, received + receiver.bytes_received)
-            log.warning("round %d: rejected update from %s: %s", header.round, header.client_id, exc.message, extra={"round": header.round, "client_id": header.client_id})
+            log.warning("round %d: rejected update from %s: %s", header.round, header.client_id, clip(exc.message, 500), extra={"round": header.round, "client_id": header.client_id})
             _abort(context, exc.code, exc.message)
         return pb.PushReply(accepted=True, message=f"update for round {header.round} accepted")
 
     def SplitStep(self, request_iterator: Iterator[pb.SplitFrame], context: grpc.ServicerContext) -> Iterator[pb.SplitFrame]:
         """One client's split session for one round: answer each message (activations, or the
         U-shaped split's head gradients) until the client closes its side. A bad frame ends this
-        stream only, with INVALID_ARGUMENT; other sessions go on."""
+        stream only, with INVALID_ARGUMENT; other sessions go on.
+
+        Nothing of a message's payload is read before its header is admitted: the first header
+        must speak for the caller the guard authenticated, carry its token, and name the open
+        round in which the client was selected with a split instruction (the session opens
+        then); every later header must name the same client and round. Each tensor's header is
+        then checked against the session's ``SplitAllowance`` (the run's batch size, max length
+        and the hidden size at the cut) before anything is allocated for it, and its payload may
+        come in at most one frame per ``MIN_CHUNK_BYTES`` (plus one)."""
+        from fedtune.split.wire import SplitAllowance
+
         if self.split is None:
             _abort(context, "UNIMPLEMENTED", "this coordinator runs in federated mode (split.mode = federated)")
-        receiver = Receiver(max_bytes=self.config.server.max_update_bytes)
-        key = None
+        receiver = Receiver(max_bytes=self.config.server.max_update_bytes, min_chunk_bytes=MIN_CHUNK_BYTES)
+        key = None  # the session this stream opened (None until its open succeeded)
+        session = None
+
+        def admit(header: pb.SplitHeader) -> None:
+            nonlocal key, session
+            if key is not None:
+                if (header.client_id, header.round) != key:
+                    raise ProtocolError("a split stream carries one client's session for one round")
+                return
+            _same_caller(context, header.client_id)
+            self.engine.authenticate(header.client_id, header.token)
+            session = self.split.open(header.client_id, header.round)
+            key = (header.client_id, header.round)
+            receiver.allowance = SplitAllowance(self.config.training.batch_size, self.config.model.max_length, session.channels,
+                                                labels=not session.options.head_on_client)
+
         try:
-            got = receiver.read(request_iterator)
+            got = receiver.read(request_iterator, admit)
             if got is None:
                 return
             header, tensors, nbytes = got
-            _same_caller(context, header.client_id)
-            self.engine.authenticate(header.client_id, header.token)
-            key = (header.client_id, header.round)
-            session = self.split.open(*key)
             while True:
-                if (header.client_id, header.round) != key:
-                    raise ProtocolError("a split stream carries one client's session for one round")
                 reply, out = session.handle(header, tensors)
                 frames = message_frames(reply, out, self.config.server.chunk_bytes)
                 self.split.count(key[1], up=nbytes, down=frames_bytes(frames))
                 yield from frames
-                got = receiver.read(request_iterator)
+                got = receiver.read(request_iterator, admit)
                 if got is None:
                     break
                 header, tensors, nbytes = got
@@ -212,12 +255,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         except ProtocolError as exc:
             if key is not None:
                 self.split.discard(*key)
-            log.warning("split session %s ended: %s", key, exc)
+            log.warning("split session %s ended: %s", key, clip(exc, 500))
             _abort(context, "INVALID_ARGUMENT", str(exc))
         except CoordinatorError as exc:
             if key is not None:
                 self.split.discard(*key)
-            _abort(context, exc.code, exc.message)
+            self._refuse(context, exc)
         except BaseException:
             if key is not None:  # the client went away mid-session: only its session ends
                 self.split.discard(*key)

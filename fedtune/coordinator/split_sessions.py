@@ -26,18 +26,38 @@ class SplitSessions:
         self._lock = threading.Lock()
         self._open: dict[tuple[str, int], ServerHalf] = {}
         self._done: dict[tuple[str, int], ServerHalf] = {}
+        self._opening: set[tuple[str, int]] = set()  # claimed by an open() still building its half
         self._shared: dict[int, tuple[torch.nn.Module, threading.Lock]] = {}  # round -> model, step lock
         # Wire bytes of the split streams, by round: what the coordinator received and sent.
         self.traffic: dict[int, dict[str, int]] = {}
 
     def open(self, client_id: str, round_number: int) -> ServerHalf:
+        """A new session for ``client_id`` in ``round_number``: the client must be selected in
+        the open round with a split instruction, and may open one session per round. The check
+        and the claim of the (client, round) are one critical section, so of two concurrent
+        opens exactly one gets the session; the server half is built after it, outside the lock
+        (the claim stays in ``_opening`` meanwhile and is dropped if the build fails)."""
         instruction = self.engine.instruction_for(client_id, round_number)
         if instruction.recipe != "split":
             raise CoordinatorError("FAILED_PRECONDITION", f"round {round_number} is not a split round for {client_id!r}")
         key = (client_id, round_number)
         with self._lock:
-            if key in self._open or key in self._done:
+            if key in self._open or key in self._done or key in self._opening:
                 raise CoordinatorError("FAILED_PRECONDITION", f"{client_id!r} already had its split session for round {round_number}")
+            self._opening.add(key)
+        try:
+            half = self._build(instruction, round_number)
+        except BaseException:
+            with self._lock:
+                self._opening.discard(key)
+            raise
+        with self._lock:
+            self._opening.discard(key)
+            self._open[key] = half
+        log.info("round %d: split session of %s opened (cut %d, head on the %s)", round_number, client_id, half.options.cut, half.options.head)
+        return half
+
+    def _build(self, instruction, round_number: int) -> ServerHalf:
         try:
             options = build_options(SplitOptions, dict(instruction.options), "split task")
         except (OptionsError, ValueError) as exc:  # our own instruction: a bug, not the client's
@@ -51,11 +71,7 @@ class SplitSessions:
         else:
             model = self._model(instruction)
         training = self.config.training
-        half = ServerHalf(model, options, training.learning_rate, training.weight_decay, self.global_model.pad_id, step_lock=step_lock)
-        with self._lock:
-            self._open[key] = half
-        log.info("round %d: split session of %s opened (cut %d, head on the %s)", round_number, client_id, options.cut, options.head)
-        return half
+        return ServerHalf(model, options, training.learning_rate, training.weight_decay, self.global_model.pad_id, step_lock=step_lock)
 
     def _model(self, instruction) -> torch.nn.Module:
         """The model with the round's global adapter, as the instruction hands it out."""

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from fedtune.compression import Codec, CodecError, Encoded, codec_for_encoding
+from fedtune.logs import shown
 from fedtune.protocol import fedtune_pb2 as pb
 
 # Default chunk size: measured on loopback (bench/transport.py), gRPC moves 1-4 MiB chunks fastest;
@@ -31,7 +32,15 @@ DEFAULT_CHUNK_BYTES = 3 * 1024 * 1024
 
 
 class ProtocolError(ValueError):
-    """A stream or tensor that does not follow the contract (the message says what is wrong)."""
+    """A stream or tensor that does not follow the contract (the message says what is wrong).
+    Names and shapes a peer sent appear clipped (``fedtune.logs.shown``, ``_dims``): the message
+    ends up in log lines and status details."""
+
+
+def _dims(shape: Sequence[int], limit: int = 8) -> str:
+    """A shape for a message: its first ``limit`` dimensions, and how many more there are."""
+    dims = list(shape[:limit])
+    return f"{dims} (+{len(shape) - limit} more dims)" if len(shape) > limit else str(dims)
 
 
 # torch dtype <-> wire dtype <-> little-endian numpy dtype with the same bytes.
@@ -92,7 +101,7 @@ def _decode(header: pb.TensorHeader, payload: bytes | bytearray | memoryview, st
     stream's later frames rely on (AMAQ's per-channel widths, sent only when they change)."""
     if len(payload) != header.payload_bytes:
         raise ProtocolError(
-            f"tensor {header.name!r}: payload has {len(payload)} bytes, header says {header.payload_bytes}"
+            f"tensor {shown(header.name)}: payload has {len(payload)} bytes, header says {header.payload_bytes}"
         )
     dtype, np_dtype = _FROM_WIRE[header.dtype]
     if header.encoding != pb.ENCODING_RAW:
@@ -106,7 +115,7 @@ def _decode(header: pb.TensorHeader, payload: bytes | bytearray | memoryview, st
             else:
                 decoded = codec.decode(payload, shape, params)
         except CodecError as exc:
-            raise ProtocolError(f"tensor {header.name!r}: {exc}") from None
+            raise ProtocolError(f"tensor {shown(header.name)}: {exc}") from None
         return decoded.to(dtype)
     array = np.frombuffer(payload, dtype=np_dtype).reshape(tuple(header.shape))
     if not array.flags.writeable:  # torch warns on read-only memory; copy only in that case
@@ -123,21 +132,21 @@ def check_header(header: pb.TensorHeader) -> None:
     if not header.name:
         raise ProtocolError("tensor header without a name")
     if header.dtype not in _FROM_WIRE:
-        raise ProtocolError(f"tensor {header.name!r}: unknown dtype {header.dtype}")
+        raise ProtocolError(f"tensor {shown(header.name)}: unknown dtype {header.dtype}")
     if header.encoding == pb.ENCODING_RAW:
         if header.codec_params:
-            raise ProtocolError(f"tensor {header.name!r}: raw encoding takes no codec parameters")
+            raise ProtocolError(f"tensor {shown(header.name)}: raw encoding takes no codec parameters")
         expected = decoded_bytes(header)
     else:
         if not torch_dtype(header.dtype).is_floating_point:
-            raise ProtocolError(f"tensor {header.name!r}: compressed encodings decode to floats, not {pb.DType.Name(header.dtype)}")
+            raise ProtocolError(f"tensor {shown(header.name)}: compressed encodings decode to floats, not {pb.DType.Name(header.dtype)}")
         try:
             expected = codec_for_encoding(header.encoding).payload_bytes(tuple(header.shape), dict(header.codec_params))
         except CodecError as exc:
-            raise ProtocolError(f"tensor {header.name!r}: {exc}") from None
+            raise ProtocolError(f"tensor {shown(header.name)}: {exc}") from None
     if expected != header.payload_bytes:
         raise ProtocolError(
-            f"tensor {header.name!r}: shape {list(header.shape)} of {pb.DType.Name(header.dtype)} "
+            f"tensor {shown(header.name)}: shape {_dims(header.shape)} of {pb.DType.Name(header.dtype)} "
             f"({_encoding_name(header.encoding)}) needs {expected} bytes, header says {header.payload_bytes}"
         )
 
@@ -182,7 +191,7 @@ def encode_tensor(name: str, tensor: torch.Tensor, codec: Codec | None = None) -
         view = memoryview(_raw_array(tensor)).cast("B").toreadonly()
         return EncodedTensor(make_header(name, tensor), view)
     if not tensor.is_floating_point():
-        raise ProtocolError(f"tensor {name!r}: codec {codec.name} compresses floats, not {tensor.dtype}")
+        raise ProtocolError(f"tensor {shown(name)}: codec {codec.name} compresses floats, not {tensor.dtype}")
     return encoded_tensor(name, tensor, codec, codec.encode(tensor, name))
 
 
@@ -344,7 +353,10 @@ class TensorReceiver:
     ``slots``, when given with ``expected``, are the names of the task's tensors in their
     stream order, so headers may name a tensor by slot (``TensorHeader.slot``).
     ``max_tensor_bytes`` and ``max_total_bytes`` bound what a peer can make us allocate, and
-    ``encodings`` which decoders it can make us run.
+    ``encodings`` which decoders it can make us run. ``min_chunk_bytes`` (0: no bound) bounds
+    the frames a peer can make us handle: a tensor's payload may come in at most
+    ``payload_bytes // min_chunk_bytes + 1`` chunks, so the work per stream follows its bytes,
+    not the number of frames a sender chose to cut them into.
     """
 
     def __init__(
@@ -357,8 +369,11 @@ class TensorReceiver:
         stream_state: dict | None = None,
         encodings: Collection[int] | None = None,
         slots: Sequence[str] | None = None,
+        min_chunk_bytes: int = 0,
     ) -> None:
         self.stream_state = stream_state
+        self.min_chunk_bytes = min_chunk_bytes
+        self._chunks = 0
         self.slots = list(slots) if slots is not None and expected is not None else None
         # The wire encodings this stream may use (None: any): a receiver accepts only what its
         # sender was told to use, so a peer cannot pick a codec that is costly to decode.
@@ -393,7 +408,7 @@ class TensorReceiver:
     def _start(self, header: pb.TensorHeader) -> None:
         if self._header is not None:
             raise ProtocolError(
-                f"tensor {header.name!r} started before {self._header.name!r} was complete "
+                f"tensor {shown(header.name)} started before {shown(self._header.name)} was complete "
                 f"({self._filled} of {self._header.payload_bytes} bytes)"
             )
         if header.slot:
@@ -402,29 +417,30 @@ class TensorReceiver:
         name = header.name
         if self.encodings is not None and header.encoding not in self.encodings:
             accepted = ", ".join(sorted(_encoding_name(e) for e in self.encodings))
-            raise ProtocolError(f"tensor {name!r}: encoding {_encoding_name(header.encoding)} is not accepted here (accepted: {accepted})")
+            raise ProtocolError(f"tensor {shown(name)}: encoding {_encoding_name(header.encoding)} is not accepted here (accepted: {accepted})")
         if name in self.tensors:
-            raise ProtocolError(f"tensor {name!r} sent twice")
+            raise ProtocolError(f"tensor {shown(name)} sent twice")
         if self.expected is not None:
             spec = self.expected.get(name)
             if spec is None:
-                raise ProtocolError(f"unexpected tensor {name!r}")
+                raise ProtocolError(f"unexpected tensor {shown(name)}")
             shape, dtype = tuple(header.shape), torch_dtype(header.dtype)
             if shape != spec.shape:
-                raise ProtocolError(f"tensor {name!r} has shape {list(shape)}, expected {list(spec.shape)}")
+                raise ProtocolError(f"tensor {shown(name)} has shape {_dims(shape)}, expected {list(spec.shape)}")
             if dtype != spec.dtype:
-                raise ProtocolError(f"tensor {name!r} has dtype {dtype}, expected {spec.dtype}")
+                raise ProtocolError(f"tensor {shown(name)} has dtype {dtype}, expected {spec.dtype}")
         size = max(header.payload_bytes, decoded_bytes(header))
         if size > self.max_tensor_bytes:
             raise ProtocolError(
-                f"tensor {name!r} is {size} bytes, over the limit of {self.max_tensor_bytes}"
+                f"tensor {shown(name)} is {size} bytes, over the limit of {self.max_tensor_bytes}"
             )
         if self._total + size > self.max_total_bytes:
-            raise ProtocolError(f"stream exceeds the limit of {self.max_total_bytes} bytes at tensor {name!r}")
+            raise ProtocolError(f"stream exceeds the limit of {self.max_total_bytes} bytes at tensor {shown(name)}")
         self._total += size
         self._header = header
         self._buffer = bytearray(header.payload_bytes)
         self._filled = 0
+        self._chunks = 0
         if header.payload_bytes == 0:
             self._finish()
 
@@ -434,29 +450,35 @@ class TensorReceiver:
         if self.slots is None:
             raise ProtocolError(f"tensor header with slot {header.slot}: this stream names tensors, it has no slots")
         if header.name:
-            raise ProtocolError(f"tensor {header.name!r} has both a name and slot {header.slot}")
+            raise ProtocolError(f"tensor {shown(header.name)} has both a name and slot {header.slot}")
         if header.slot > len(self.slots):
             raise ProtocolError(f"tensor slot {header.slot} is out of range: the task had {len(self.slots)} tensors")
         name = self.slots[header.slot - 1]
         spec = self.expected.get(name) if self.expected is not None else None
         if spec is None:
-            raise ProtocolError(f"tensor slot {header.slot} ({name!r}) is not expected in this update")
+            raise ProtocolError(f"tensor slot {header.slot} ({shown(name)}) is not expected in this update")
         full = pb.TensorHeader()
         full.CopyFrom(header)
         full.slot, full.name = 0, name
         if header.dtype == pb.DTYPE_UNSPECIFIED:
             if header.shape:
-                raise ProtocolError(f"tensor slot {header.slot} ({name!r}) gives a shape but no dtype")
+                raise ProtocolError(f"tensor slot {header.slot} ({shown(name)}) gives a shape but no dtype")
             full.dtype, full.shape[:] = wire_dtype(spec.dtype), spec.shape
         return full
 
     def _append(self, chunk: bytes | memoryview) -> None:
         if self._header is None or self._buffer is None:
             raise ProtocolError("payload chunk without a tensor header")
+        self._chunks += 1
+        if self.min_chunk_bytes and self._chunks > self._header.payload_bytes // self.min_chunk_bytes + 1:
+            raise ProtocolError(
+                f"tensor {shown(self._header.name)}: over {self._chunks - 1} payload frames for its {self._header.payload_bytes} bytes "
+                f"(send chunks of at least {self.min_chunk_bytes} bytes, but for the last one)"
+            )
         end = self._filled + len(chunk)
         if end > len(self._buffer):
             raise ProtocolError(
-                f"tensor {self._header.name!r}: more payload than the {len(self._buffer)} bytes announced"
+                f"tensor {shown(self._header.name)}: more payload than the {len(self._buffer)} bytes announced"
             )
         self._buffer[self._filled : end] = chunk
         self._filled = end
@@ -467,7 +489,7 @@ class TensorReceiver:
         assert self._header is not None and self._buffer is not None
         tensor = _decode(self._header, self._buffer, self.stream_state)
         if self.require_finite and tensor.is_floating_point() and not all_finite(tensor):
-            raise ProtocolError(f"tensor {self._header.name!r} contains NaN or Inf")
+            raise ProtocolError(f"tensor {shown(self._header.name)} contains NaN or Inf")
         self.tensors[self._header.name] = tensor
         self._header, self._buffer, self._filled = None, None, 0
 
@@ -475,15 +497,15 @@ class TensorReceiver:
         """Check the stream ended cleanly and return the tensors by name."""
         if self._header is not None:
             raise ProtocolError(
-                f"stream ended inside tensor {self._header.name!r} "
+                f"stream ended inside tensor {shown(self._header.name)} "
                 f"({self._filled} of {self._header.payload_bytes} bytes)"
             )
         if self.expected is not None:
             missing = sorted(set(self.expected) - set(self.tensors))
             if missing:
-                shown = ", ".join(repr(m) for m in missing[:5])
+                listed = ", ".join(repr(m) for m in missing[:5])
                 more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-                raise ProtocolError(f"missing tensors: {shown}{more}")
+                raise ProtocolError(f"missing tensors: {listed}{more}")
         return self.tensors
 
 

@@ -150,6 +150,7 @@ def run_simulation(
     *,
     on_round_end: Callable[[dict], None] | None = None,
     capabilities: Sequence[Capabilities] | None = None,
+    force: bool = False,
 ) -> SimulationResult:
     config = copy.deepcopy(config).validate()  # the caller's config is left as it was
     sim = config.simulation
@@ -179,7 +180,7 @@ def run_simulation(
     # than cores libgomp stops spinning between parallel regions for all of them: a training
     # step measured 1.5x slower when the main thread had merely summed a large tensor first.
     try:
-        coordinator = compute.submit(Coordinator, config, store=store, eval_examples=evals, on_round_end=on_round_end).result()
+        coordinator = compute.submit(Coordinator, config, store=store, eval_examples=evals, force=force, on_round_end=on_round_end).result()
     except BaseException:
         compute.shutdown(wait=False)
         torch.set_num_threads(threads_before)

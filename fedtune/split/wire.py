@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from fedtune.compression import make_codec
 from fedtune.compression.amaq import BitBudget, MixedBitQuantizer
 from fedtune.protocol import fedtune_pb2 as pb
-from fedtune.protocol.tensors import DEFAULT_CHUNK_BYTES, EncodedTensor, ProtocolError, TensorReceiver, encode_tensor, encoded_tensor
+from fedtune.logs import shown
+from fedtune.protocol.tensors import DEFAULT_CHUNK_BYTES, EncodedTensor, ProtocolError, TensorReceiver, decoded_bytes, encode_tensor, encoded_tensor
 
 SPLIT_CODECS = ("fp32", "fp16", "bf16", "uniform", "amaq")
 
@@ -98,17 +99,127 @@ class Sender:
 SPLIT_ENCODINGS = frozenset({pb.ENCODING_RAW, pb.ENCODING_FLOAT16, pb.ENCODING_BFLOAT16, pb.ENCODING_UNIFORM_INT, pb.ENCODING_AMAQ})
 
 
-class Receiver:
-    """Decodes one side's incoming messages; keeps each AMAQ stream's last widths."""
+# The float dtypes hidden states and their gradients may cross the cut as (decoded: every split
+# codec decodes to the dtype the header names, and none is wider than float32).
+ROW_DTYPES = frozenset({pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16})
 
-    def __init__(self, max_bytes: int = 1 << 30) -> None:
+
+@dataclass(frozen=True)
+class SplitAllowance:
+    """What one message of a coordinator's split session may carry, from the run's settings:
+    a step's batch is at most ``batch`` examples of at most ``length`` tokens (training.batch_size,
+    model.max_length), and the hidden states at the cut have ``channels`` channels. ``labels``:
+    activations carry the labels (the head runs on the coordinator) and no gradients come up.
+
+    ``Receiver.read`` checks each message's header (``check_message``) and each tensor's header
+    (``check_tensor``) against it before reading that tensor's payload, so what a peer can make
+    the coordinator allocate follows the run's batch, not the peer's claims. With ``T = batch *
+    length`` token rows:
+
+    - ``hidden`` (activations) and ``grad`` (gradients): ``[N, channels]`` with ``N <= T``, a float
+      dtype of at most 4 bytes; at most ``rows_bytes = 4 * T * channels + 8 * (T + channels) +
+      slack_bytes`` bytes decoded or on the wire (the compressed codecs' per-row or per-channel
+      minimum and step, 8 bytes each, and their bit maps fit the slack);
+    - ``mask``: raw uint8 ``[b, t]`` with ``b <= batch``, ``t <= length`` (at most ``T`` bytes);
+    - ``labels``: raw int64 ``[b]`` or ``[b, t]``, same bounds (at most ``8 * T`` bytes);
+    - one message at most ``message_bytes`` in all.
+    """
+
+    batch: int
+    length: int
+    channels: int
+    labels: bool
+    slack_bytes: int = 4096
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.length
+
+    @property
+    def rows_bytes(self) -> int:
+        return 4 * self.rows * self.channels + 8 * (self.rows + self.channels) + self.slack_bytes
+
+    @property
+    def message_bytes(self) -> int:
+        return self.rows_bytes + self.rows + (8 * self.rows if self.labels else 0)
+
+    def names(self, kind: int) -> frozenset[str]:
+        """The tensors a message of ``kind`` carries in this session."""
+        if kind == pb.SPLIT_KIND_ACTIVATIONS:
+            return frozenset({"hidden", "mask", "labels"} if self.labels else {"hidden", "mask"})
+        if kind == pb.SPLIT_KIND_GRADIENTS and not self.labels:
+            return frozenset({"grad"})  # the U-shaped split: the client's head gradients
+        return frozenset()
+
+    def check_message(self, header: pb.SplitHeader) -> None:
+        names = self.names(header.kind)
+        if not names:
+            raise ProtocolError(f"unexpected split message kind {_enum_name(pb.SplitKind, header.kind)} in this session")
+        if header.num_tensors != len(names):
+            raise ProtocolError(f"a {pb.SplitKind.Name(header.kind)} message carries {sorted(names)}, this one announces {header.num_tensors} tensors")
+
+    def check_tensor(self, kind: int, header: pb.TensorHeader) -> None:
+        """Refuse a tensor of a ``kind`` message whose header does not fit the session, before
+        anything is allocated for it."""
+        name = header.name
+        if header.slot or name not in self.names(kind):
+            raise ProtocolError(f"unexpected tensor {shown(name) if name else f'slot {header.slot}'} in a split message "
+                                f"(expected {sorted(self.names(kind))})")
+        shape = list(header.shape)
+        if name in ("hidden", "grad"):
+            if header.dtype not in ROW_DTYPES or len(shape) != 2 or shape[0] > self.rows or shape[1] != self.channels:
+                raise ProtocolError(
+                    f"tensor {name} must be at most [{self.rows}, {self.channels}] (batch {self.batch} x length {self.length} tokens, "
+                    f"{self.channels} channels) of float32/float16/bfloat16, got {_dims(shape)} of {_enum_name(pb.DType, header.dtype)}"
+                )
+            limit = self.rows_bytes
+        else:
+            dtype, ndims = (pb.DTYPE_UINT8, (2,)) if name == "mask" else (pb.DTYPE_INT64, (1, 2))
+            if (header.dtype != dtype or header.encoding != pb.ENCODING_RAW or len(shape) not in ndims or shape[0] > self.batch
+                    or (len(shape) == 2 and shape[1] > self.length)):
+                raise ProtocolError(
+                    f"tensor {name} must be raw {pb.DType.Name(dtype)} of at most [{self.batch}, {self.length}] "
+                    f"(batch x length), got {_enum_name(pb.Encoding, header.encoding)} {_dims(shape)} of {_enum_name(pb.DType, header.dtype)}"
+                )
+            limit = self.rows * (1 if name == "mask" else 8)
+        size = max(header.payload_bytes, decoded_bytes(header))
+        if size > limit:
+            raise ProtocolError(f"tensor {name} is {size} bytes, over this session's limit of {limit}")
+
+
+def _dims(shape: list[int]) -> str:
+    return f"{shape[:4]} (+{len(shape) - 4} more dims)" if len(shape) > 4 else str(shape)
+
+
+def _enum_name(enum, value: int) -> str:
+    try:
+        return enum.Name(value)
+    except ValueError:
+        return str(value)
+
+
+class Receiver:
+    """Decodes one side's incoming messages; keeps each AMAQ stream's last widths.
+
+    ``allowance`` (the coordinator's side): each message's header and each tensor's header are
+    checked against it before the tensor's payload is read (see ``SplitAllowance``).
+    ``min_chunk_bytes`` (0: no bound): a tensor's payload may come in at most ``payload_bytes //
+    min_chunk_bytes + 1`` chunks (``TensorReceiver``), so a message of P payload bytes in k
+    tensors is at most ``1 + 2k + P // min_chunk_bytes`` frames."""
+
+    def __init__(self, max_bytes: int = 1 << 30, allowance: SplitAllowance | None = None, min_chunk_bytes: int = 0) -> None:
         self.widths: dict[str, torch.Tensor] = {}
         self.max_bytes = max_bytes
+        self.allowance = allowance
+        self.min_chunk_bytes = min_chunk_bytes
         self.decode_seconds = 0.0
 
-    def read(self, frames: Iterator[pb.SplitFrame]) -> tuple[pb.SplitHeader, dict[str, torch.Tensor], int] | None:
+    def read(self, frames: Iterator[pb.SplitFrame], admit: Callable[[pb.SplitHeader], None] | None = None
+             ) -> tuple[pb.SplitHeader, dict[str, torch.Tensor], int] | None:
         """The next message (header, tensors, bytes on the wire), or None when the stream ended
-        cleanly between messages."""
+        cleanly between messages. ``admit(header)``, when given, is called with each message's
+        header before any of its tensor frames is read: it raises to refuse the message, and may
+        set ``allowance`` (which is checked right after it)."""
         first = next(frames, None)
         if first is None:
             return None
@@ -117,15 +228,25 @@ class Receiver:
         header = first.header
         if header.num_tensors > 8:
             raise ProtocolError(f"a split message has at most 8 tensors, this one announces {header.num_tensors}")
-        receiver = TensorReceiver(max_tensor_bytes=self.max_bytes, max_total_bytes=self.max_bytes, require_finite=True, stream_state=self.widths,
-                                  encodings=SPLIT_ENCODINGS)
+        if admit is not None:
+            admit(header)
+        allowance = self.allowance
+        max_bytes = self.max_bytes
+        if allowance is not None:
+            allowance.check_message(header)
+            max_bytes = min(max_bytes, allowance.message_bytes)
+        receiver = TensorReceiver(max_tensor_bytes=max_bytes, max_total_bytes=max_bytes, require_finite=True, stream_state=self.widths,
+                                  encodings=SPLIT_ENCODINGS, min_chunk_bytes=self.min_chunk_bytes)
         nbytes = first.ByteSize()
         while len(receiver.tensors) < header.num_tensors:
             frame = next(frames, None)
             if frame is None:
                 raise ProtocolError(f"stream ended inside a split message ({len(receiver.tensors)} of {header.num_tensors} tensors)")
-            if frame.WhichOneof("kind") == "header":
+            kind = frame.WhichOneof("kind")
+            if kind == "header":
                 raise ProtocolError("a new split message started before the last one was complete")
+            if kind == "tensor" and allowance is not None:
+                allowance.check_tensor(header.kind, frame.tensor)
             started = time.perf_counter()
             receiver.feed(frame)
             self.decode_seconds += time.perf_counter() - started

@@ -1,0 +1,314 @@
+"""Split mode checks before it allocates: a SplitStep header is admitted (caller, token, open
+round, split instruction) before any tensor frame is read; each tensor's header is checked
+against the session's allowance (the run's batch size and max length, the hidden size at the
+cut) before its payload is allocated; payload frames are bounded by the payload's bytes; and of
+two concurrent opens of one (client, round) exactly one gets the session. An honest split round
+completes while the coordinator refuses all that."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import tracemalloc
+from types import SimpleNamespace
+
+import grpc
+import pytest
+import torch
+
+from fedtune.adapters import split_task_tensors
+from fedtune.coordinator.errors import CoordinatorError
+from fedtune.coordinator.guard import credentials
+from fedtune.coordinator.split_sessions import SplitSessions
+from fedtune.protocol import fedtune_pb2 as pb
+from fedtune.protocol.tensors import ProtocolError, encode_tensor
+from fedtune.split.segments import client_side
+from fedtune.split.wire import Receiver, SplitAllowance, message_frames
+
+from conftest import fetch_task, live_coordinator, push_update, save_llama
+from test_split_e2e import HIDDEN, _split_config
+
+MiB = 1 << 20
+ALLOWANCE = SplitAllowance(batch=8, length=32, channels=HIDDEN, labels=True)
+
+
+class Feed:
+    """A request iterator that counts what was taken from it and fails the test if a frame past
+    ``stop`` (a payload chunk that must never be read) is asked for."""
+
+    def __init__(self, frames, stop: int | None = None) -> None:
+        self.frames, self.stop, self.taken = list(frames), stop, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.stop is not None and self.taken >= self.stop:
+            raise AssertionError(f"frame {self.taken} was read after the message should have been refused")
+        if self.taken >= len(self.frames):
+            raise StopIteration
+        self.taken += 1
+        return self.frames[self.taken - 1]
+
+
+def _declared(name: str, shape, dtype=pb.DTYPE_FLOAT32, item=4) -> pb.SplitFrame:
+    """A tensor header frame announcing a raw tensor (its payload never follows)."""
+    n = 1
+    for d in shape:
+        n *= d
+    return pb.SplitFrame(tensor=pb.TensorHeader(name=name, dtype=dtype, shape=list(shape), encoding=pb.ENCODING_RAW, payload_bytes=n * item))
+
+
+def _activations(client="c", token="t", round_number=1, num_tensors=3) -> pb.SplitFrame:
+    return pb.SplitFrame(header=pb.SplitHeader(client_id=client, token=token, round=round_number, step=0, kind=pb.SPLIT_KIND_ACTIVATIONS,
+                                               num_tensors=num_tensors))
+
+
+# ---------------------------------------------------------------- the receiver, frame by frame
+
+
+def test_a_256_mib_tensor_is_refused_on_its_header_before_any_payload_is_read_or_allocated():
+    rows = 256 * MiB // (4 * HIDDEN)  # 524288 token rows of 128 float32 channels: 256 MiB
+    feed = Feed([_activations(), _declared("hidden", [rows, HIDDEN]), pb.SplitFrame(chunk=b"\0" * 1024)], stop=2)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError, match=r"hidden must be at most \[256, 128\]"):
+            Receiver(allowance=ALLOWANCE, min_chunk_bytes=1024).read(feed)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert feed.taken == 2  # the message header and the tensor header, no chunk
+    assert peak < 1 * MiB, peak
+    # the same header within the shape bounds but with a payload that does not fit is refused too
+    over = pb.SplitFrame(tensor=pb.TensorHeader(name="hidden", dtype=pb.DTYPE_FLOAT32, shape=[256, HIDDEN], encoding=pb.ENCODING_RAW,
+                                                payload_bytes=256 * MiB))
+    with pytest.raises(ProtocolError, match="over this session's limit"):
+        Receiver(allowance=ALLOWANCE).read(Feed([_activations(), over], stop=2))
+
+
+def test_a_header_that_is_not_admitted_ends_the_read_before_its_tensors():
+    def admit(header):
+        raise CoordinatorError("FAILED_PRECONDITION", f"round {header.round} is not open")
+
+    feed = Feed([_activations(round_number=99), _declared("hidden", [1 << 20, HIDDEN])], stop=1)
+    with pytest.raises(CoordinatorError, match="round 99 is not open"):
+        Receiver().read(feed, admit)
+    assert feed.taken == 1
+    # admit may set the allowance, which then applies to the same message
+    receiver = Receiver()
+    feed = Feed([_activations(), _declared("hidden", [1 << 20, HIDDEN])], stop=2)
+    with pytest.raises(ProtocolError, match="at most"):
+        receiver.read(feed, lambda header: setattr(receiver, "allowance", ALLOWANCE))
+
+
+@pytest.mark.parametrize("frames, match", [
+    # 16 x 512 tokens where the run trains 8 x 32: the hidden rows come first and are refused
+    ([_declared("hidden", [16 * 512, HIDDEN])], r"hidden must be at most \[256, 128\]"),
+    # few real tokens, but a mask (or labels) of 16 x 512
+    ([_declared("hidden", [4, HIDDEN]), _declared("mask", [16, 512], pb.DTYPE_UINT8, 1)], r"mask must be raw DTYPE_UINT8 of at most \[8, 32\]"),
+    ([_declared("hidden", [4, HIDDEN]), _declared("mask", [8, 33], pb.DTYPE_UINT8, 1)], r"at most \[8, 32\]"),
+    ([_declared("hidden", [4, HIDDEN]), _declared("mask", [2, 2], pb.DTYPE_UINT8, 1), _declared("labels", [9], pb.DTYPE_INT64, 8)],
+     r"labels must be raw DTYPE_INT64 of at most \[8, 32\]"),
+    # wrong channels, a wide dtype, an unknown name
+    ([_declared("hidden", [4, HIDDEN + 1])], "channels"),
+    ([_declared("hidden", [4, HIDDEN], pb.DTYPE_FLOAT64, 8)], "DTYPE_FLOAT64"),
+    ([_declared("extra", [4])], "unexpected tensor"),
+])
+def test_tensors_larger_than_the_configured_batch_are_refused_before_allocation(frames, match):
+    stream = [_activations()]
+    for frame in frames[:-1]:  # the tensors before the refused one, with their payloads
+        stream += [frame, *_payload(frame.tensor)]
+    stream += [frames[-1], pb.SplitFrame(chunk=b"\0" * 1024)]  # the refused one's payload is never read
+    with pytest.raises(ProtocolError, match=match):
+        Receiver(allowance=ALLOWANCE).read(Feed(stream, stop=len(stream) - 1))
+
+
+def _payload(header: pb.TensorHeader) -> list[pb.SplitFrame]:
+    """A valid raw payload for ``header`` (zeros; a mask of ones)."""
+    fill = b"\1" if header.name == "mask" else b"\0"
+    return [pb.SplitFrame(chunk=fill * header.payload_bytes)]
+
+
+def test_a_well_formed_message_within_the_allowance_is_read():
+    mask = torch.ones(8, 32, dtype=torch.uint8)
+    tensors = [encode_tensor("hidden", torch.randn(256, HIDDEN)), encode_tensor("mask", mask), encode_tensor("labels", torch.zeros(8, 32, dtype=torch.long))]
+    frames = message_frames(pb.SplitHeader(kind=pb.SPLIT_KIND_ACTIVATIONS), tensors, chunk_bytes=4096)
+    header, got, _ = Receiver(allowance=ALLOWANCE, min_chunk_bytes=1024).read(iter(frames))
+    assert list(got["hidden"].shape) == [256, HIDDEN] and got["mask"].dtype == torch.uint8
+    # the U-shaped split: activations without labels, and the head's gradients
+    u = SplitAllowance(batch=8, length=32, channels=HIDDEN, labels=False)
+    frames = message_frames(pb.SplitHeader(kind=pb.SPLIT_KIND_GRADIENTS), [encode_tensor("grad", torch.randn(10, HIDDEN))])
+    assert list(Receiver(allowance=u).read(iter(frames))[1]["grad"].shape) == [10, HIDDEN]
+    # but not gradients where the head runs on the coordinator, nor a wrong tensor count
+    with pytest.raises(ProtocolError, match="unexpected split message kind SPLIT_KIND_GRADIENTS"):
+        Receiver(allowance=ALLOWANCE).read(iter(frames))
+    with pytest.raises(ProtocolError, match="announces 5 tensors"):
+        Receiver(allowance=ALLOWANCE).read(iter([_activations(num_tensors=5)]))
+
+
+def test_payload_frames_are_bounded_by_the_payload_bytes():
+    hidden = encode_tensor("hidden", torch.randn(16, HIDDEN))  # 8 KiB
+    assert len(hidden.payload) == 8192
+    header = pb.SplitHeader(kind=pb.SPLIT_KIND_GRADIENTS)
+    u = SplitAllowance(batch=8, length=32, channels=HIDDEN, labels=False)
+    grad = encode_tensor("grad", torch.randn(16, HIDDEN))
+    one_byte = message_frames(header, [grad], chunk_bytes=1)  # 8192 chunks of one byte
+    feed = Feed(one_byte)
+    with pytest.raises(ProtocolError, match="payload frames"):
+        Receiver(allowance=u, min_chunk_bytes=1024).read(feed)
+    assert feed.taken <= 2 + 8192 // 1024 + 1 + 1  # header, tensor header, at most 9 chunks, the one refused
+    # 1 KiB chunks are fine (8 of them), and so is a short last one
+    frames = message_frames(pb.SplitHeader(kind=pb.SPLIT_KIND_GRADIENTS), [grad], chunk_bytes=1000)
+    assert Receiver(allowance=u, min_chunk_bytes=1024).read(iter(frames)) is not None
+
+
+# ---------------------------------------------------------------- one session per (client, round)
+
+
+def test_of_concurrent_opens_for_one_client_and_round_exactly_one_succeeds(monkeypatch):
+    instruction = SimpleNamespace(recipe="split", options={})
+    engine = SimpleNamespace(instruction_for=lambda client_id, round_number: instruction)
+    sessions = SplitSessions(engine, SimpleNamespace(pad_id=0), SimpleNamespace())
+    built = []
+
+    def build(self, instruction, round_number):  # slow, as building a model is: widens the window
+        time.sleep(0.05)
+        half = SimpleNamespace(options=SimpleNamespace(cut=1, head="client"), close=lambda: None)
+        built.append(half)
+        return half
+
+    monkeypatch.setattr(SplitSessions, "_build", build)
+    for attempt in range(3):
+        threads, results, start = [], [], threading.Barrier(8)
+
+        def open_one():
+            start.wait()
+            try:
+                results.append(sessions.open("c", attempt))
+            except CoordinatorError as exc:
+                results.append(exc)
+
+        threads = [threading.Thread(target=open_one) for _ in range(8)]
+        [t.start() for t in threads]
+        [t.join(10) for t in threads]
+        opened = [r for r in results if not isinstance(r, CoordinatorError)]
+        refused = [r for r in results if isinstance(r, CoordinatorError)]
+        assert len(opened) == 1 and len(refused) == 7, results
+        assert all(r.code == "FAILED_PRECONDITION" and "already had its split session" in r.message for r in refused)
+        assert sessions._open[("c", attempt)] is opened[0] and not sessions._opening
+    assert len(built) == 3
+
+    # a build that fails gives the claim back: the client may try again
+    def broken(self, instruction, round_number):
+        raise CoordinatorError("INTERNAL", "bad split instruction")
+
+    monkeypatch.setattr(SplitSessions, "_build", broken)
+    with pytest.raises(CoordinatorError, match="bad split instruction"):
+        sessions.open("d", 1)
+    assert not sessions._opening
+    monkeypatch.setattr(SplitSessions, "_build", build)
+    assert sessions.open("d", 1) is built[-1]
+
+
+# ---------------------------------------------------------------- the live coordinator
+
+
+@pytest.fixture(scope="module")
+def three_block_llama(tmp_path_factory) -> str:
+    return save_llama(tmp_path_factory.mktemp("llama3-attacks"), HIDDEN, 256, 3)
+
+
+def test_attacks_are_refused_before_allocation_while_an_honest_split_round_completes(tmp_path, three_block_llama):
+    config = _split_config(tmp_path, three_block_llama, rounds=1, head="server")
+    config.federation.min_clients = 2
+    config.split.act_codec = config.split.grad_codec = "fp32"
+    config.model.labels = ["negative", "positive"]
+    config.training.batch_size, config.model.max_length = 8, 32
+    with live_coordinator(config) as (coordinator, stub, engine):
+        a, b = [(r.client_id, r.token) for r in (stub.Register(pb.RegisterRequest(name=n, num_examples=10)) for n in ("a", "b"))]
+        tasks = {}
+        threads = [threading.Thread(target=lambda who=who: tasks.__setitem__(who, fetch_task(stub, *who))) for who in (a, b)]
+        [t.start() for t in threads]
+        [t.join(30) for t in threads]
+        assert tasks[a][0].options["recipe"] == "split" and tasks[a][0].round == 1
+        mask = torch.ones(2, 4, dtype=torch.uint8)
+
+        def step(who, number):
+            msg = pb.SplitHeader(client_id=who[0], token=who[1], round=1, step=number, kind=pb.SPLIT_KIND_ACTIVATIONS)
+            tensors = {"hidden": torch.randn(8, HIDDEN), "mask": mask, "labels": torch.tensor([0, 1])}
+            return message_frames(msg, [encode_tensor(n, t) for n, t in tensors.items()])
+
+        def session(who):
+            outbox: queue.Queue = queue.Queue()
+            call = stub.SplitStep(iter(lambda: outbox.get(timeout=30), None), timeout=60, metadata=credentials(*who))
+            return outbox, call, Receiver()
+
+        def refused(who, frames) -> grpc.RpcError:
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.SplitStep(iter(frames), timeout=30, metadata=credentials(*who)))
+            return err.value
+
+        # b's honest session is under way
+        b_out, b_call, b_rx = session(b)
+        [b_out.put(f) for f in step(b, 0)]
+        assert b_rx.read(b_call)[0].kind == pb.SPLIT_KIND_GRADIENTS
+
+        # a 256 MiB tensor for a round that does not exist: refused on the header, nothing allocated
+        rows = 256 * MiB // (4 * HIDDEN)
+        attack = [pb.SplitFrame(header=pb.SplitHeader(client_id=a[0], token=a[1], round=99, kind=pb.SPLIT_KIND_ACTIVATIONS, num_tensors=3)),
+                  _declared("hidden", [rows, HIDDEN]), pb.SplitFrame(chunk=b"\0" * 4096)]
+        tracemalloc.start()
+        try:
+            err = refused(a, attack)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "round 99 is not open" in err.details()
+        assert peak < 32 * MiB, peak
+        # the same in the open round: the session opens, the tensor's header is refused
+        attack[0].header.round = 1
+        tracemalloc.start()
+        try:
+            err = refused(a, attack)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "hidden must be at most [256, 128]" in err.details()
+        assert peak < 128 * MiB, peak  # building the session's model copy, never the 256 MiB
+        # a batch of 16 x 512 tokens where the run trains 8 x 32
+        big = {"hidden": torch.randn(16 * 512, HIDDEN), "mask": torch.ones(16, 512, dtype=torch.uint8), "labels": torch.zeros(16, dtype=torch.long)}
+        msg = pb.SplitHeader(client_id=a[0], token=a[1], round=1, kind=pb.SPLIT_KIND_ACTIVATIONS)
+        err = refused(a, message_frames(msg, [encode_tensor(n, t) for n, t in big.items()], chunk_bytes=1 << 20))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "batch 8 x length 32" in err.details()
+        # a header speaking for b on a's call, and a second stream of b's open session
+        err = refused(a, step(b, 0))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        err = refused(b, step(b, 5))
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "already had its split session" in err.details()
+
+        # b's session went on through all that (the refused second stream did not end it)
+        [b_out.put(f) for f in step(b, 1)]
+        reply, got, _ = b_rx.read(b_call)
+        assert reply.kind == pb.SPLIT_KIND_GRADIENTS and reply.step == 1 and list(got["grad"].shape) == [8, HIDDEN]
+        b_out.put(None)
+        assert b_rx.read(b_call) is None
+        # a's refused sessions were discarded, so a runs its own honest session now
+        a_out, a_call, a_rx = session(a)
+        for number in (0, 1):
+            [a_out.put(f) for f in step(a, number)]
+            assert a_rx.read(a_call)[0].step == number
+        a_out.put(None)
+        assert a_rx.read(a_call) is None
+
+        for who in (a, b):
+            cut = int(tasks[who][0].options["cut"])
+            adapter, _, _ = split_task_tensors(tasks[who][1])
+            push_update(stub, *who, 1, {k: v for k, v in adapter.items() if client_side(k, cut, False)})
+        engine.join(60)
+        assert not engine.is_alive()
+        rows = [json.loads(line) for line in (coordinator.engine.run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [(r["round"], r["clients"]) for r in rows] == [(1, 2)]
+        assert rows[0]["split_steps"] == 4
+        assert not coordinator.service.split._open and not coordinator.service.split._opening
