@@ -212,3 +212,23 @@ def test_a_target_epsilon_fixes_the_devices_sigma_and_the_device_declines_past_i
     assert 2.9 < metrics["dp_sample_epsilon"] <= 3.0 and privacy["history"][0][0] == privacy["sigma"]
     with pytest.raises(BudgetSpent, match="would spend epsilon"):
         make_recipe(options, {}, privacy).run(model, start, {}, task, items, settings, pad)
+
+
+def test_the_report_counts_fedlcs_noised_prior_once_and_takes_the_larger_epsilon():
+    """A device under FedLC released its label histogram once (noise 10, q = 1) before its
+    rounds: the recomputed history starts with it; a device that reported more than the
+    coordinator saw (an earlier federation, a lost push) is reported at its own figure."""
+    from fedtune.privacy.report import sample_level_entries
+
+    step = {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 20, "prior_noise": 10.0, "secret": 1.0}
+    rows = [
+        {"round": 1, "dp_sample": {"a": {**step, "epsilon": 1.0}, "b": {**step, "epsilon": 50.0}}},
+        {"round": 2, "dp_sample_unaggregated": {"a": {**step, "epsilon": 1.0}}},  # refused, but spent
+    ]
+    entries = sample_level_entries(rows, 1e-5)
+    a, b = entries["a"], entries["b"]
+    want = epsilon([(10.0, 1.0, 1), (1.0, 0.1, 20), (1.0, 0.1, 20)], 1e-5)
+    assert a["epsilon_recomputed"] == pytest.approx(want, rel=1e-12) and a["rounds"] == [1, 2]
+    assert a["epsilon"] == max(want, 1.0) and a["label_prior_noise"] == 10.0
+    assert a["epsilon_by_round"]["1"] == pytest.approx(epsilon([(10.0, 1.0, 1), (1.0, 0.1, 20)], 1e-5), rel=1e-12)
+    assert b["epsilon"] == 50.0 > b["epsilon_recomputed"]

@@ -101,6 +101,7 @@ class SampleDP(Wrapper):
                 "noise_multiplier": u.metrics["dp_sample_noise_multiplier"], "sample_rate": u.metrics["dp_sample_rate"],
                 "steps": int(u.metrics["dp_sample_steps"]), "epsilon": u.metrics.get("dp_sample_epsilon"),
                 "rounds_trained": u.metrics.get("dp_sample_rounds"), "secret": u.metrics.get("dp_sample_secret"),
+                **({"prior_noise": u.metrics["dp_sample_prior_noise"]} if "dp_sample_prior_noise" in u.metrics else {}),
             }
             for u in updates
         }

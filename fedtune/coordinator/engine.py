@@ -815,7 +815,8 @@ def _difference(key: str, saved, now) -> str:
 def dp_spent_entry(metrics: Mapping[str, float]) -> dict:
     """A device's reported DP-SGD spending of one round, as the privacy report reads it."""
     keys = {"noise_multiplier": "dp_sample_noise_multiplier", "sample_rate": "dp_sample_rate", "steps": "dp_sample_steps",
-            "epsilon": "dp_sample_epsilon", "rounds_trained": "dp_sample_rounds", "secret": "dp_sample_secret"}
+            "epsilon": "dp_sample_epsilon", "rounds_trained": "dp_sample_rounds", "secret": "dp_sample_secret",
+            "prior_noise": "dp_sample_prior_noise"}
     return {k: metrics[m] for k, m in keys.items() if m in metrics}
 
 

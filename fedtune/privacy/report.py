@@ -85,6 +85,7 @@ def sample_level_entries(rows: list[dict], delta: float) -> dict[str, dict[str, 
     recomputed by the accountant, and the larger of that and what the device itself reported
     (its history may hold rounds the coordinator never saw: earlier federations, lost pushes)."""
     histories: dict[str, list[tuple[float, float, int]]] = {}
+    priors: dict[str, list[tuple[float, float, int]]] = {}  # FedLC's noised label prior, released once
     rounds: dict[str, list[int]] = {}
     reported: dict[str, float] = {}
     trained: dict[str, int] = {}
@@ -92,6 +93,8 @@ def sample_level_entries(rows: list[dict], delta: float) -> dict[str, dict[str, 
     for row in rows:
         seen = {**(row.get("dp_sample_unaggregated") or {}), **(row.get("dp_sample") or {})}
         for cid, entry in seen.items():
+            if entry.get("prior_noise") is not None and cid not in priors:
+                priors[cid] = [(float(entry["prior_noise"]), 1.0, 1)]
             histories.setdefault(cid, []).append((float(entry["noise_multiplier"]), float(entry["sample_rate"]), int(entry["steps"])))
             rounds.setdefault(cid, []).append(int(row["round"]))
             if entry.get("epsilon") is not None:
@@ -102,7 +105,8 @@ def sample_level_entries(rows: list[dict], delta: float) -> dict[str, dict[str, 
                 secret[cid] = secret.get(cid, True) and bool(entry["secret"])
     out = {}
     for cid in sorted(histories):
-        history = histories[cid]
+        history = [*priors.get(cid, []), *histories[cid]]
+        start = len(priors.get(cid, []))
         recomputed = epsilon(history, delta)
         out[cid] = {
             "accountant": "rdp",
@@ -110,10 +114,11 @@ def sample_level_entries(rows: list[dict], delta: float) -> dict[str, dict[str, 
             "epsilon_recomputed": recomputed,
             "epsilon_reported": reported.get(cid),
             "epsilon": max(recomputed, reported.get(cid, 0.0)),
-            "epsilon_by_round": {str(r): epsilon(history[: i + 1], delta) for i, r in enumerate(rounds[cid])},
+            "epsilon_by_round": {str(r): epsilon(history[: start + i + 1], delta) for i, r in enumerate(rounds[cid])},
             "rounds": rounds[cid],
             "rounds_trained_reported": trained.get(cid),
             "noise_secret": secret.get(cid),
+            "label_prior_noise": priors[cid][0][0] if cid in priors else None,
         }
     return out
 
@@ -225,6 +230,10 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             "- Mechanism: on each device every example's gradient (of that example's own loss) was clipped and Gaussian noise added to the batch's sum (DP-SGD), with batches drawn by Poisson sampling of the device's examples.",
             "- What it covers: adding or removing any single training example of a device; a device's epsilon is the larger of what the coordinator recomputes from every round the device reported spending on, and what the device itself reported (which also counts rounds the coordinator never saw).",
+        ]
+        if any(e.get("label_prior_noise") for e in sl.values()):
+            lines.append("- FedLC's label prior: each device released its label histogram once with Gaussian noise (sigma per count in the history's first entry, q = 1), counted in its epsilon.")
+        lines += [
             "",
             "| client | rounds spent on | history (sigma, q, steps) | recomputed | reported by device | epsilon | noise secret |",
             "|---|---|---|---|---|---|---|",

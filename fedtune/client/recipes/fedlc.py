@@ -91,6 +91,14 @@ class FedLCRecipe(Recipe):
             counts = torch.bincount(torch.tensor([it.target for it in items], dtype=torch.long), minlength=classes)
         self.counts = counts.to(next(model.parameters()).device)
 
+    def finish(self, model, state):
+        """Under DP-SGD, report the noised prior's noise multiplier with every update, so the
+        coordinator's privacy report counts its one-time cost in the device's history."""
+        more, metrics = super().finish(model, state)
+        if self.options.dp_clip > 0:
+            metrics = {**metrics, "dp_sample_prior_noise": float(self.options.prior_noise)}
+        return more, metrics
+
     def private_counts(self, items, classes: int) -> torch.Tensor:
         """The device's noised label histogram: drawn (and its cost recorded) at the first DP
         round, read back from the privacy state at every later one."""
