@@ -194,6 +194,20 @@ class ServerSection:
     registrations_per_second: float = 20.0
     registration_burst: int = 100
     evict_after_s: float = 86_400.0
+    # Identities (fedtune.coordinator.clients). A registering party is identified by its TLS
+    # client certificate (mutual TLS), else its per-device secret, else its address; parties on
+    # loopback without a certificate or per-device secret (simulations) are exempt. A name held by
+    # another party's live client is refused (never renamed "name-2"), the same party
+    # re-registering a name replaces its record, and one party holds at most
+    # max_clients_per_credential records (0: no limit).
+    max_clients_per_credential: int = 4
+    # Per-device enrollment secrets: a file of `name secret` lines (secrets of at least 16
+    # characters); when set, a client registers only under a name whose secret it presents, and
+    # the shared enrollment secret is not accepted. Re-read when it changes.
+    enrollment_secrets_file: str = ""
+    # "cert": with mutual TLS, a client registers only under its certificate's common name, or
+    # that name followed by "-" and a suffix ("c1", "c1-gpu"). "" (default): names are free.
+    bind_names: str = ""
 
 
 @dataclass
@@ -424,6 +438,15 @@ class RunConfig:
         _check(0 <= self.server.max_streams < self.server.max_workers, "server.max_streams", "must be in [0, max_workers)")
         _check(self.server.max_clients >= 1 and self.server.registration_burst >= 1, "server.max_clients", "max_clients and registration_burst must be at least 1")
         _check(self.server.registrations_per_second > 0 and self.server.evict_after_s > 0, "server.registrations_per_second", "registrations_per_second and evict_after_s must be positive")
+        _check(self.server.max_clients_per_credential >= 0, "server.max_clients_per_credential", "must be >= 0 (0: no limit)")
+        _check(self.server.bind_names in ("", "cert"), "server.bind_names", f"must be \"\" or \"cert\", got {self.server.bind_names!r}")
+        _check(not self.server.bind_names or bool(self.server.tls_client_ca), "server.bind_names", "\"cert\" needs mutual TLS (server.tls_client_ca)")
+        if self.server.enrollment_secrets_file:
+            from fedtune.coordinator.clients import load_enrollment_secrets
+            try:
+                load_enrollment_secrets(self.server.enrollment_secrets_file)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"server.enrollment_secrets_file: {exc}") from None
         _check(self.server.per_client_calls >= 1, "server.per_client_calls", "must be at least 1")
         _check(self.server.stream_deadline_s > 0, "server.stream_deadline_s", "must be positive")
         _check(self.server.request_timeout_s > 0, "server.request_timeout_s", "must be positive")

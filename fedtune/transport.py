@@ -71,7 +71,9 @@ def make_server(address: str, *, tls_cert: str = "", tls_key: str = "", tls_clie
     if tls_client_ca and not tls_cert:
         raise TransportError("mutual TLS (tls_client_ca) needs the server's own tls_cert and tls_key")
     pool = thread_pool or futures.ThreadPoolExecutor(max_workers=max_workers)
-    server = grpc.server(pool, options=GRPC_OPTIONS, interceptors=list(interceptors),
+    # No SO_REUSEPORT (gRPC's default): a second coordinator started on a port already in use
+    # would otherwise share it silently, the kernel handing each new connection to either one.
+    server = grpc.server(pool, options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)], interceptors=list(interceptors),
                          maximum_concurrent_rpcs=maximum_concurrent_rpcs or 4 * max_workers)
     try:
         if tls_cert:

@@ -292,7 +292,7 @@ class Coordinator:
             srv.address, tls_cert=srv.tls_cert, tls_key=srv.tls_key, tls_client_ca=srv.tls_client_ca, insecure=srv.insecure, max_workers=srv.max_workers,
             interceptors=[self.guard], thread_pool=self.guard.pool, maximum_concurrent_rpcs=4 * (srv.max_workers + srv.open_workers)
         )
-        if not srv.enrollment_secret and not is_loopback(split_address(srv.address)[0]):
+        if not (srv.enrollment_secret or srv.enrollment_secrets_file) and not is_loopback(split_address(srv.address)[0]):
             if not srv.open_enrollment:
                 self.server.stop(None)
                 self.server = None
@@ -339,3 +339,5 @@ class Coordinator:
             self.health.enter_graceful_shutdown()
             self.server.stop(grace_s).wait()
             self.server = None
+        if getattr(self, "guard", None) is not None:  # its deadline thread and worker pools end with the server
+            self.guard.close()

@@ -219,11 +219,45 @@ class RoundEngine:
 
     # ------------------------------------------------------------------ calls from clients
 
-    def register(self, name: str, capabilities: Capabilities, num_examples: int, secret: str = "") -> ClientRecord:
-        expected = self.config.server.enrollment_secret
-        if expected and not hmac.compare_digest(secret.encode(), expected.encode()):
-            raise CoordinatorError("UNAUTHENTICATED", "wrong or missing enrollment secret")
-        record = self.registry.register(name, capabilities, num_examples)
+    def register(self, name: str, capabilities: Capabilities, num_examples: int, secret: str = "", *, peer: str | None = None,
+                 certificate: str = "", common_name: str = "") -> ClientRecord:
+        """Enroll a client. ``peer`` (the caller's address without its port), ``certificate``
+        (its TLS client certificate's fingerprint) and ``common_name`` (that certificate's CN)
+        come from the gRPC service; in-process callers (the Flower bridge) leave ``peer`` None
+        and enroll without a credential. See ServerSection's identity keys."""
+        import secrets
+
+        from fedtune.coordinator.clients import is_local_peer, load_enrollment_secrets
+
+        srv = self.config.server
+        name = name or "client"
+        credential: str | None = None
+        if srv.enrollment_secrets_file:  # per-device secrets: the secret of the very name
+            try:
+                table = load_enrollment_secrets(srv.enrollment_secrets_file)
+            except (OSError, ValueError) as exc:
+                log.error("server.enrollment_secrets_file: %s", exc)
+                raise CoordinatorError("UNAVAILABLE", "the coordinator cannot read its enrollment secrets; try again later") from None
+            expected = table.get(name)
+            good = hmac.compare_digest(secret.encode(), (expected if expected is not None else secrets.token_urlsafe(24)).encode())
+            if expected is None or not good:
+                raise CoordinatorError("UNAUTHENTICATED", "wrong or missing enrollment secret for this client name")
+            credential = f"secret:{name}"
+        else:
+            expected = srv.enrollment_secret
+            if expected and not hmac.compare_digest(secret.encode(), expected.encode()):
+                raise CoordinatorError("UNAUTHENTICATED", "wrong or missing enrollment secret")
+        if peer is not None:
+            if srv.bind_names == "cert":
+                if not common_name or not (name == common_name or name.startswith(common_name + "-")):
+                    raise CoordinatorError("PERMISSION_DENIED", f"client name {name[:80]!r} is not bound to this certificate: register as "
+                                           f"{common_name[:64]!r} or {common_name[:64] + '-<suffix>'!r} (server.bind_names = \"cert\")")
+            if certificate:
+                credential = f"cert:{certificate}"  # the strongest identity wins
+            elif credential is None and not is_local_peer(peer):
+                credential = f"address:{peer}"
+        record = self.registry.register(name, capabilities, num_examples, credential=credential, limit=srv.max_clients_per_credential,
+                                        live_s=self.fed.client_timeout_s)
         log.info("registered %s (tier=%s, examples=%d)", record.client_id, capabilities.tier or "-", num_examples, extra={"client_id": record.client_id})
         with self._cond:
             self._cond.notify_all()
@@ -429,6 +463,15 @@ class RoundEngine:
                 self.close_round()
             else:
                 self.evaluation_round(self.fed.rounds + 1)
+        except BaseException:
+            # The engine failed: training is not over. Clients are told to wait, so that they
+            # are still there when the run is resumed from its last checkpoint (telling them
+            # it was over made them exit, and a resumed coordinator then waited for clients
+            # that never came back).
+            with self._cond:
+                self._suspended = True
+            log.exception("the round engine failed; clients are told to wait for a resumed run")
+            raise
         finally:
             with self._cond:
                 self._done = True

@@ -17,7 +17,7 @@ from fedtune.compression import CODECS
 from fedtune.config import RunConfig
 from fedtune.coordinator.engine import Done, RoundEngine, TrainTask
 from fedtune.coordinator.errors import CoordinatorError
-from fedtune.coordinator.guard import CallGuard, caller, certificate_fingerprint
+from fedtune.coordinator.guard import CallGuard, caller, certificate_fingerprint, peer_host
 from fedtune.coordinator.split_sessions import SplitSessions
 from fedtune.logs import clip
 from fedtune.protocol import fedtune_pb2 as pb
@@ -89,14 +89,20 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 self.guard.before_enrollment(context)
             caps = capabilities_from_proto(request.capabilities)
             caps = dataclasses.replace(caps, tier=clip(caps.tier, 64))  # a free-form label, shown in logs
-            record = self.engine.register(request.name, caps, request.num_examples, request.enrollment_secret)
+            certificate = certificate_fingerprint(context)  # mutual TLS: identifies the party
+            try:
+                names = (context.auth_context() or {}).get("x509_common_name") or [b""]
+                common_name = names[0].decode("utf-8", "replace")
+            except Exception:  # noqa: BLE001 - a context without TLS details
+                common_name = ""
+            record = self.engine.register(request.name, caps, request.num_examples, request.enrollment_secret, peer=peer_host(context),
+                                          certificate=certificate, common_name=common_name)
         except ValueError as exc:
             _abort(context, "INVALID_ARGUMENT", str(exc))
         except CoordinatorError as exc:
             if exc.code == "UNAUTHENTICATED" and self.guard is not None:
                 self.guard.enrollment_failed(context)
             _abort(context, exc.code, exc.message)
-        certificate = certificate_fingerprint(context)
         if certificate:  # mutual TLS: the token works only with this certificate
             self.engine.registry.bind_certificate(record.client_id, certificate)
         return pb.RegisterReply(client_id=record.client_id, token=record.token)

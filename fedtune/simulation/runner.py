@@ -163,6 +163,8 @@ def run_simulation(
     # heartbeat on the server.
     workers = min(max(config.federation.clients_per_round or sim.clients, sim.parallel) + 2, 256)
     config.server.max_workers = max(config.server.max_workers, 2 * workers + 16)
+    # Registrations and health checks of a simulated fleet on loopback: a few threads serve them.
+    config.server.open_workers = min(config.server.open_workers, 8)
     config.server.registration_burst = max(config.server.registration_burst, sim.clients)  # they all register at once
     parts = client_shares(config, train, labels, sim.clients)
     sizes = sorted(len(p) for p in parts)
