@@ -9,7 +9,6 @@ import errno
 import json
 import os
 import stat
-import threading
 
 import pytest
 import torch
@@ -22,10 +21,10 @@ from fedtune.coordinator.metrics import MetricsLog, read_rows
 from fedtune.durable import append_line, replace_file, write_file
 from fedtune.simulation.runner import run_simulation
 
-from fedtune.adapters import split_task_tensors
 from fedtune.protocol import fedtune_pb2 as pb
 
-from conftest import fetch_task, live_coordinator, push_update, sentiment_examples
+from conftest import live_coordinator, push_update, sentiment_examples
+from test_trust import _adapter, _round_one
 from test_end_to_end import _write_jsonl
 
 LABELS = ["negative", "positive"]
@@ -54,19 +53,6 @@ def _snapshot(folder) -> dict[str, bytes | str]:
     return out
 
 
-def _round_one(stub, registered):
-    """Register raw wire clients and fetch each one's round-1 task."""
-    clients = [stub.Register(pb.RegisterRequest(name=n, num_examples=k)) for n, k in registered]
-    tasks = {}
-    threads = [threading.Thread(target=lambda c=c: tasks.__setitem__(c.client_id, fetch_task(stub, c.client_id, c.token))) for c in clients]
-    [t.start() for t in threads]
-    [t.join(60) for t in threads]
-    return clients, tasks
-
-
-def _adapter(task):
-    adapter, _, _ = split_task_tensors(task[1])
-    return adapter
 
 
 def _sim_config(tmp_path, model: str, run_dir) -> RunConfig:
