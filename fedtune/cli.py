@@ -211,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "or would take its epsilon (all rounds it ever trained, kept in --state-dir) past this")
     cli.add_argument("--min-noise-multiplier", type=float, default=None, help="policy: refuse DP-SGD tasks with less noise than this")
     cli.add_argument("--delta", type=float, default=None, help="policy: the delta this device accounts at; tasks with a larger delta are refused")
-    cli.add_argument("--allow-known-seed", action="store_true", help="policy: accept research-mode DP (noise from the coordinator's seed; no guarantee against it)")
+    cli.add_argument("--allow-known-seed", action="store_true", default=None, help="policy: accept research-mode DP (noise from the coordinator's seed; no guarantee against it)")
+    cli.add_argument("--config", type=Path, default=None, help="TOML file with this device's privacy policy as a [privacy] table "
+                     "(max_epsilon, min_noise_multiplier, delta, allow_known_seed); the flags above override it")
     cli.add_argument("-v", "--verbose", action="count", default=0)
     _add_log_format(cli)
 
@@ -420,6 +422,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 def cmd_client(args: argparse.Namespace) -> int:
     import socket
 
+    policy = _client_policy(args)  # a bad policy file is refused before anything is loaded
     from fedtune.client.agent import AgentOptions, ClientAgent
     from fedtune.credentials import read_secret
     from fedtune.data import load_examples
@@ -464,7 +467,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         enrollment_secret=secret,
         state_dir=args.state_dir,
         give_up_after_seconds=args.give_up_after,
-        privacy_policy=_client_policy(args),
+        privacy_policy=policy,
     )
     report = ClientAgent(options, examples, source).run()
     print(f"{report.client_id}: trained rounds {report.rounds}; refused updates: {len(report.rejected)}")
@@ -478,14 +481,17 @@ def _client_policy(args: argparse.Namespace):
     when no policy flag is given."""
     from fedtune.client.policy import PrivacyPolicy
 
-    given = {"max_epsilon": args.max_epsilon, "min_noise_multiplier": args.min_noise_multiplier, "delta": args.delta}
+    given = {"max_epsilon": args.max_epsilon, "min_noise_multiplier": args.min_noise_multiplier, "delta": args.delta,
+             "allow_known_seed": args.allow_known_seed}
     given = {k: v for k, v in given.items() if v is not None}
-    if not given and not args.allow_known_seed:
+    config = getattr(args, "config", None)
+    if not given and config is None:
         return None
     try:
-        return PrivacyPolicy(**given, allow_known_seed=args.allow_known_seed)
+        base = PrivacyPolicy.from_toml(config) if config is not None else PrivacyPolicy()
+        return PrivacyPolicy(**{**base.to_dict(), **given})
     except ValueError as exc:
-        raise SystemExit(f"fedtune client: {exc}") from None
+        raise ConfigError(f"client privacy policy: {exc}") from None
 
 
 def _print_registry(registry) -> None:

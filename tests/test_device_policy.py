@@ -148,3 +148,22 @@ def test_the_privacy_plot_starts_at_zero_and_draws_the_budget_and_target(tmp_pat
     drew = plot(report, tmp_path / "p.png")
     assert drew["ylim"][0] == 0 and drew["ylim"][1] >= 10.0
     assert "budget = 10" in drew["labels"] and "target = 8" in drew["labels"]
+
+
+def test_the_policy_comes_from_the_device_config_file_and_flags_override_it(tmp_path, capsys):
+    from fedtune.cli import build_parser, _client_policy, main
+
+    good = tmp_path / "device.toml"
+    good.write_text("[privacy]\nmax_epsilon = 4\nmin_noise_multiplier = 0.8\ndelta = 1e-6\n")
+    assert PrivacyPolicy.from_toml(good) == PrivacyPolicy(max_epsilon=4.0, min_noise_multiplier=0.8, delta=1e-6)
+    args = build_parser().parse_args(["client", "--coordinator", "127.0.0.1:9", "--data", "x.jsonl", "--config", str(good), "--max-epsilon", "2"])
+    assert _client_policy(args) == PrivacyPolicy(max_epsilon=2.0, min_noise_multiplier=0.8, delta=1e-6)
+    bad = tmp_path / "bad.toml"
+    for text, message in (("[privacy]\nmax_epsilonn = 4\n", "unknown key privacy.max_epsilonn"),
+                          ("[privacy]\nmax_epsilon = \"four\"\n", "privacy.max_epsilon must be a number"),
+                          ("[privacy]\ndelta = 2.0\n", "delta must be in"),
+                          ("[privacy\n", "bad.toml")):
+        bad.write_text(text)
+        assert main(["client", "--coordinator", "127.0.0.1:9", "--data", "x.jsonl", "--config", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1

@@ -3,8 +3,8 @@
 The coordinator chooses a run's DP settings, and it could simply switch DP off, lower the
 noise, raise delta, or ask for research mode (noise from a seed it knows). A device owner who
 wants a guarantee that holds against the coordinator sets a policy
-(``fedtune client --max-epsilon E --min-noise-multiplier S --delta D``, or ``[privacy]`` in the
-client's config file), and the device refuses any task that would:
+(``fedtune client --max-epsilon E --min-noise-multiplier S --delta D``, or a ``[privacy]`` table
+in the file given with ``fedtune client --config FILE``; flags override the file), and the device refuses any task that would:
 
 - train without sample-level DP-SGD;
 - use a noise multiplier below ``min_noise_multiplier``;
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from fedtune.privacy.accounting import epsilon
@@ -60,6 +61,33 @@ class PrivacyPolicy:
     def from_dict(cls, data: Mapping[str, Any] | None) -> "PrivacyPolicy":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in (data or {}).items() if k in names})
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "PrivacyPolicy":
+        """The policy in a device's config file: its ``[privacy]`` table (keys as the fields of
+        this class). A missing file, bad TOML, an unknown key or a bad value is a ValueError
+        naming the file and the key."""
+        import tomllib
+
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        table = data.get("privacy", {})
+        names = {f.name: f.type for f in dataclasses.fields(cls)}
+        if not isinstance(table, dict):
+            raise ValueError(f"{path}: [privacy] must be a table")
+        unknown = sorted(set(table) - set(names))
+        if unknown:
+            raise ValueError(f"{path}: unknown key privacy.{unknown[0]} (valid keys: {', '.join(names)})")
+        for key, value in table.items():
+            want = bool if key == "allow_known_seed" else (int, float)
+            if isinstance(value, bool) != (want is bool) or not isinstance(value, want):
+                raise ValueError(f"{path}: privacy.{key} must be {'true or false' if want is bool else 'a number'}, got {value!r}")
+        try:
+            return cls(**{k: (v if k == "allow_known_seed" else float(v)) for k, v in table.items()})
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
     def check_task(self, dp_clip: float, dp_delta: float, dp_repeatable: bool) -> None:
         """Refuse a task that is weaker than the policy before anything is trained."""
