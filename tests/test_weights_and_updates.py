@@ -284,8 +284,10 @@ def test_clients_that_send_back_what_they_got_leave_the_model_unchanged(tmp_path
 
 
 class Amplified(FedAvg):
-    """FedAvg whose aggregate moves 100 times as far as the mean (its name still says fedavg,
-    so the weighted-mean bound applies)."""
+    """FedAvg whose aggregate moves 100 times as far as the mean, while declaring a weighted
+    mean (a buggy strategy): the weighted-mean bound applies and catches it."""
+
+    weighted_mean = True
 
     def aggregate(self, ctx, state, updates):
         new, metrics = super().aggregate(ctx, state, updates)
@@ -384,6 +386,28 @@ def test_which_chains_are_weighted_means():
     assert weighted_mean_chain(build_strategy("fedavg")) and weighted_mean_chain(build_strategy("fedprox", {"inner": "hetlora"}))
     assert not weighted_mean_chain(build_strategy("fedadam")) and not weighted_mean_chain(build_strategy("flexlora"))
     assert not weighted_mean_chain(build_strategy("scaffold"))
+    from fedtune.aggregation.ffa import FedSVD, FFALoRA
+
+    assert weighted_mean_chain(FFALoRA(build_strategy("fedavg"))) and not weighted_mean_chain(FedSVD(build_strategy("fedavg")))
+
+
+def test_a_subclass_with_its_own_aggregate_does_not_inherit_the_declaration():
+    # The weighted-mean bound is declared by each class, never inherited by code that changes
+    # the aggregate: an outside strategy built on FedAvg gets only the sanity ceiling.
+    from fedtune.aggregation.fedavg import FedAvg
+
+    class Doubled(FedAvg):
+        name = "doubled"
+
+        def aggregate(self, ctx, state, updates):
+            new, metrics = super().aggregate(ctx, state, updates)
+            return {k: 2 * v for k, v in new.items()}, metrics
+
+    class Declared(Doubled):
+        weighted_mean = True
+
+    assert FedAvg().aggregates_weighted_mean and not Doubled().aggregates_weighted_mean
+    assert Declared().aggregates_weighted_mean
 
 
 # ---------------------------------------------------------------- configuration

@@ -124,6 +124,19 @@ class Strategy:
     # Clients are selected by Poisson sampling, and rounds are aggregated even when no update
     # arrived (client-level DP: its accountant assumes both).
     poisson_sampling: ClassVar[bool] = False
+    # The aggregate sets each model element to a weighted mean of the values the senders sent
+    # for it (or leaves it where nobody sent it); for a wrapper: it hands the inner strategy's
+    # aggregate on unchanged. The coordinator then bounds the aggregate's change by what such a
+    # mean can do (coordinator/trust.py); server optimizers, noise, re-factorizations and
+    # control variates leave it False and get only the sanity ceiling.
+    weighted_mean: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A subclass that brings its own aggregate says again what it is: a declaration is
+        # never inherited by code that changes what it declares.
+        if "aggregate" in cls.__dict__ and "weighted_mean" not in cls.__dict__:
+            cls.weighted_mean = False
 
     def __init__(self, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
         self.options = options if options is not None else self.Options()
@@ -179,6 +192,11 @@ class Strategy:
         """Name and options, for the run's records."""
         return {"name": self.name, "options": dataclasses.asdict(self.options)}
 
+    @property
+    def aggregates_weighted_mean(self) -> bool:
+        """Whether the whole chain's aggregate is a weighted mean (see ``weighted_mean``)."""
+        return self.weighted_mean
+
 
 class Wrapper(Strategy):
     """A strategy around another one: by default every call goes to ``inner``, with the state
@@ -194,6 +212,10 @@ class Wrapper(Strategy):
         """The part of ``state`` that belongs to the inner strategy."""
         own = tuple(ns + "/" for ns in self.namespaces)
         return {n: t for n, t in state.items() if not (own and n.startswith(own))}
+
+    @property
+    def aggregates_weighted_mean(self) -> bool:
+        return self.weighted_mean and self.inner.aggregates_weighted_mean
 
     @property
     def heterogeneous(self) -> bool:  # type: ignore[override]

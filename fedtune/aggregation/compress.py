@@ -52,6 +52,7 @@ class Compress(Wrapper):
     """Compressed updates (and optionally weights) around ``inner``; see the module docstring."""
 
     name = "compress"
+    weighted_mean = True
 
     def __init__(self, inner: Strategy, uplink: Codec | None, downlink: Codec | None = None, *, error_feedback: bool = True) -> None:
         super().__init__(inner, None, scale=inner.scale, seed=inner.seed)

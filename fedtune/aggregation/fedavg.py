@@ -48,6 +48,7 @@ class FedAvg(Strategy):
     """Example-weighted mean; with per-device plans, each rank slot over the clients that trained it."""
 
     name = "fedavg"
+    weighted_mean = True
     Options = FedAvgOptions
     sliced = True
 

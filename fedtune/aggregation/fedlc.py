@@ -35,6 +35,7 @@ class FedLC(RecipeWrapper):
     """Clients train on logits calibrated by their own label distribution (Zhang et al., 2022)."""
 
     name = "fedlc"
+    weighted_mean = True
     Options = FedLCOptions
     recipe_name = "fedlc"
     client_options = ("tau", "calibration")

@@ -24,6 +24,7 @@ class FedProx(RecipeWrapper):
     """Clients add a proximal term (mu / 2) ||w - w_global||^2 to their loss (Li et al., 2020)."""
 
     name = "fedprox"
+    weighted_mean = True
     Options = FedProxOptions
     recipe_name = "fedprox"
     client_options = ("mu",)

@@ -37,6 +37,7 @@ class FedSA(Wrapper):
     evaluated in an evaluation-only round that follows it (``configure_evaluation``)."""
 
     name = "fedsa"
+    weighted_mean = True
     Options = FedSAOptions
 
     def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:

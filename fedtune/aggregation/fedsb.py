@@ -32,6 +32,7 @@ class FedSB(Wrapper):
     """Fed-SB: B and A frozen, the cores R (and heads) trained and averaged by the inner strategy."""
 
     name = "fedsb"
+    weighted_mean = True
 
     def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
         if inner.heterogeneous:

@@ -32,6 +32,7 @@ class FFALoRA(Wrapper):
     """FFA-LoRA: A frozen at its initialization, only B trained and sent."""
 
     name = "ffa"
+    weighted_mean = True
 
     def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
         if inner.freeze_a_refusal:
@@ -57,6 +58,7 @@ class FedSVD(FFALoRA):
     the product's row space and B carries the singular values."""
 
     name = "fedsvd"
+    weighted_mean = False  # its B and A are re-factorized from the mean product
 
     def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
         if inner.heterogeneous:

@@ -67,6 +67,7 @@ class HetLoRA(FedAvg):
     """Heterogeneous ranks: slot-wise means, norm weighting, rank self-pruning (Cho et al., 2024)."""
 
     name = "hetlora"
+    weighted_mean = True  # zero-padded ranks: still a mean of what was sent, element by element
     Options = HetLoRAOptions
     heterogeneous = True
 

@@ -59,6 +59,7 @@ class SampleDP(Wrapper):
     """Clients train with DP-SGD and report their accountant (see the module docstring)."""
 
     name = "sample-dp"
+    weighted_mean = True
     Options = SampleDPOptions
 
     def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:

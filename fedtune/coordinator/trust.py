@@ -56,13 +56,6 @@ WEIGHTINGS = ("clipped", "equal", "claimed")
 # was sent (at least 1) is absurd: no training step moves a weight by 10^4 times the largest one.
 VALUE_CEILING = 1e4
 
-# Strategies whose aggregate sets each model element to a weighted mean of the values the
-# senders sent for it (or leaves it where nobody sent it), and wrappers that hand the inner
-# aggregate on unchanged. A chain of only these names gets the weighted-mean bound on its
-# aggregate; anything else (server optimizers, client-level DP noise, SVD re-factorizations,
-# stacking, control variates, a new strategy) gets the sanity ceiling only.
-WEIGHTED_MEAN_STRATEGIES = frozenset({"fedavg", "hetlora", "fedprox", "fedlc", "ffa", "fedsb", "fedsa", "sample-dp", "compress"})
-
 # Slack of the weighted-mean bound: the mean is computed in float32 (a few ulps per element).
 _MEAN_SLACK, _ROUNDING = 1e-3, 1e-5
 
@@ -190,13 +183,9 @@ def nonfinite_float32(tensors: Mapping[str, torch.Tensor]) -> list[str]:
 
 
 def weighted_mean_chain(strategy: Any) -> bool:
-    """Whether every link of ``strategy``'s chain (it and its ``inner``s) is one of
-    ``WEIGHTED_MEAN_STRATEGIES``."""
-    while strategy is not None:
-        if getattr(strategy, "name", "") not in WEIGHTED_MEAN_STRATEGIES:
-            return False
-        strategy = getattr(strategy, "inner", None)
-    return True
+    """Whether ``strategy``'s chain declares a weighted-mean aggregate (``Strategy.weighted_mean``
+    on every link); an object that declares nothing (an outside driver's) does not."""
+    return bool(getattr(strategy, "aggregates_weighted_mean", False))
 
 
 def aggregate_refusal(
