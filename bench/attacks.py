@@ -8,8 +8,10 @@ The coordinator runs in this process (its gRPC server, guard and round engine th
 20 ms): coordinator and attacker together, an upper bound on the coordinator's own.
 ``honest_round_seconds`` is, for attacks on calls, the slowest honest Heartbeat made from a
 separate connection while the attack ran; for attacks on rounds, the honest round's wall time
-(first task fetched to round closed). ``accepted``/``refused`` count the attacker's calls or
-updates. ``global_change_cosine_with_attacker`` is set for the weight takeover only.
+(first task fetched to round closed); for resumed-stall, the scenario's wall seconds per round.
+``accepted``/``refused`` count the attacker's calls or updates (identities: its registrations and
+streams; resumed-stall: the bad updates). ``global_change_cosine_with_attacker`` is set for the
+weight takeover only.
 
 Rules (``held``):
 - stalled-unary-calls: 100 Register calls (plus 10 with a squatter's credentials) that never
@@ -36,6 +38,18 @@ Rules (``held``):
   after fewer than 65536 frames read, and the same update in ordinary chunks accepted.
 - stolen-token-other-cert: alice's token used over mallory's mTLS certificate; Heartbeat and
   FetchTask refused UNAUTHENTICATED, alice's own call still works.
+- identities: on the default server settings (24 stream slots, 3 per client, a party's budget
+  max(3, 24 // 4) = 6, max_clients_per_credential 4) with mutual TLS, erin registers and round 1
+  opens for her; mallory, one certificate, registers 8 names and then "erin", and opens 3 idle
+  streams (2 task long-polls, 1 silent upload) on every name it got. Held: exactly 4 of its names
+  accepted, the other 4 RESOURCE_EXHAUSTED and "erin" FAILED_PRECONDITION; at most 6 of its
+  streams admitted, the rest RESOURCE_EXHAUSTED; erin's task fetch and update are accepted and
+  her round closes meanwhile; her id is "erin", again when she registers anew, and the registry
+  holds erin and mallory's 4 names only.
+- resumed-stall: bench/faults.py's all-faults scenario once (20 devices, 6 rounds; quick: 8
+  devices, 4 rounds): 20 % dropouts, 10 % bad updates, the coordinator killed mid-round 3 and
+  resumed from its run folder. Held: every configured round completed within faults.py's time
+  limit (180 s), 0 accepted updates lost, 0 bad rounds stored and no bad update accepted.
 
 Exit status 1 when a row does not hold (a row that raised counts as not held).
 """
@@ -59,6 +73,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the test harnesses: live_coordinator, fetch_task, push_update, save_llama
+sys.path.insert(0, str(ROOT / "bench"))  # sibling benches (faults), also when this file is loaded from a test
 
 import grpc  # noqa: E402
 import psutil  # noqa: E402
@@ -80,7 +95,7 @@ REGISTER = "/fedtune.v1.Coordinator/Register"
 HEARTBEAT = "/fedtune.v1.Coordinator/Heartbeat"
 ATTACKS = ["stalled-unary-calls", "short-call-memory", "weight-takeover", "one-update-destroys", "colluding-overflow",
            "run-folder-reuse", "split-unchecked-allocation", "failed-auth-invisible", "huge-tensor-name", "one-byte-frames",
-           "stolen-token-other-cert"]
+           "stolen-token-other-cert", "identities", "resumed-stall"]
 
 
 # ---------------------------------------------------------------------------------- measuring
@@ -627,6 +642,110 @@ def stolen_token_other_cert(tmp: Path, quick: bool) -> dict:
                 note=f"mallory got {codes}; alice got {own}")
 
 
+# ---------------------------------------------------------------------------------- identities, restarts
+
+
+def identities(tmp: Path, quick: bool) -> dict:
+    """One party (mallory's certificate) against an honest device (erin's), on the default
+    server settings: 24 stream slots, 3 per client, max_clients_per_credential 4."""
+    from fedtune.certs import make_test_pki
+    from fedtune.transport import make_channel
+
+    pki = make_test_pki(tmp / "pki", ["localhost", "127.0.0.1"], ["erin", "mallory"])
+    config = _config(tmp, min_clients=1, tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca=str(pki.ca_cert))
+    config.federation.round_timeout_s = 60.0
+    names = [f"m{i}" for i in range(8)]
+    register_codes: dict[str, str] = {}
+    stream_calls: list = []
+    erin_codes: list[str] = []
+    release = threading.Event()
+    still_admitted = None
+
+    def idle():
+        release.wait(60)
+        yield from ()
+
+    with PeakRss() as peak, live_coordinator(config, global_model=Scored(_start())) as (coordinator, _, engine):
+        channels = {who: make_channel(f"localhost:{coordinator.port}", tls_ca=str(pki.ca_cert), tls_cert=str(pki.clients[who][0]),
+                                      tls_key=str(pki.clients[who][1])) for who in ("erin", "mallory")}
+        erin_stub, mallory = (pb_grpc.CoordinatorStub(channels[who]) for who in ("erin", "mallory"))
+        try:
+            erin = erin_stub.Register(pb.RegisterRequest(name="erin", num_examples=10), timeout=10)
+            opened = _wait_for(lambda: erin.client_id in coordinator.engine.open_tasks(), 10.0)  # round 1 selects erin alone
+            got = {}
+            for name in names + ["erin"]:  # 8 names of its own, then the honest device's
+                try:
+                    got[name] = mallory.Register(pb.RegisterRequest(name=name, num_examples=10), timeout=10)
+                    register_codes[name] = "OK"
+                except grpc.RpcError as exc:
+                    register_codes[name] = exc.code().name
+            party = next((r.credential for r in coordinator.engine.registry.all() if r.client_id in got), None)  # "cert:<fingerprint>"
+            for reply in got.values():  # every name it got: 2 idle task long-polls and 1 upload that never sends
+                meta = credentials(reply.client_id, reply.token)
+                poll = pb.FetchTaskRequest(client_id=reply.client_id, token=reply.token, wait_seconds=60)
+                stream_calls += [mallory.FetchTask(poll, timeout=90, metadata=meta) for _ in range(2)]
+                stream_calls.append(mallory.PushUpdate.future(idle(), timeout=90, metadata=meta))
+            guard = coordinator.guard
+            _wait_for(lambda: guard.party_streams(party) + sum(c.done() for c in stream_calls) >= len(stream_calls), 5.0)
+            admitted = guard.party_streams(party)
+            stream_codes = [c.code().name for c in stream_calls if c.done()]
+            # the honest device's round, while mallory's streams are open
+            started = time.monotonic()
+            try:
+                header, state = fetch_task(erin_stub, erin.client_id, erin.token)
+                still_admitted = guard.party_streams(party)
+                erin_codes.append("OK" if header.status == pb.TASK_STATUS_TRAIN else pb.TaskStatus.Name(header.status))
+                moved = _moved(_direction(5, 0.1))(state)
+                erin_codes.append("OK" if push_update(erin_stub, erin.client_id, erin.token, header.round, moved).accepted else "not accepted")
+            except grpc.RpcError as exc:
+                erin_codes.append(exc.code().name)
+            closed = _wait_for(lambda: any(r.get("round") == 1 for r in coordinator.engine.history), 30.0)
+            honest_s = round(time.monotonic() - started, 3)
+            # a restarted erin registers again: still "erin", never "erin-2"
+            again = _code(lambda: erin_stub.Register(pb.RegisterRequest(name="erin", num_examples=10), timeout=10))
+            ids = sorted(r.client_id for r in coordinator.engine.registry.all())
+        finally:
+            release.set()
+            for call in stream_calls:
+                call.cancel()
+            coordinator.engine.stop()
+            for channel in channels.values():
+                channel.close()
+    accepted_names = [n for n, c in register_codes.items() if c == "OK"]
+    limit = config.server.max_clients_per_credential
+    refused_streams = sum(c == "RESOURCE_EXHAUSTED" for c in stream_codes)
+    held = (opened and closed and erin_codes == ["OK", "OK"] and len(accepted_names) == limit and register_codes["erin"] == "FAILED_PRECONDITION"
+            and all(register_codes[n] == "RESOURCE_EXHAUSTED" for n in names[limit:]) and erin.client_id == "erin" and again == "OK"
+            and ids == sorted(["erin", *accepted_names]) and admitted <= guard.per_party and refused_streams == len(stream_calls) - admitted)
+    accepted = len(accepted_names) + admitted
+    return _row("identities", honest_s=honest_s, peak=peak, accepted=accepted, refused=len(register_codes) + len(stream_calls) - accepted, held=held,
+                note=f"one certificate, 9 names: {len(accepted_names)} accepted (max_clients_per_credential {limit}), 'erin' "
+                     f"{register_codes['erin']}, the rest {sorted(set(register_codes[n] for n in names[limit:]))}; idle streams on its names: "
+                     f"{admitted} of {len(stream_calls)} admitted (per party {guard.per_party}, pool {guard.max_streams}; {still_admitted} still "
+                     f"open when erin's task arrived), {refused_streams} RESOURCE_EXHAUSTED; erin's fetch and push {erin_codes}, her id "
+                     f"{erin.client_id!r} (again after re-registering: {again}); registry {ids}")
+
+
+def resumed_stall(tmp: Path, quick: bool) -> dict:
+    """bench/faults.py's all-faults scenario once (quick: 8 devices, 4 rounds)."""
+    import faults  # bench/faults.py
+
+    clients, rounds = (8, 4) if quick else (20, 6)
+    scenario = faults.Scenario("all-faults", dropout=0.2, bad=0.1, restart=True)
+    with PeakRss() as peak:
+        row = faults.run_scenario(scenario, clients, rounds, 0, tmp, faults.TIME_LIMIT_S)
+    bad_accepted = row["bad_updates_sent"] - row["bad_updates_refused"]
+    held = (row["completed"] and row["rounds_completed"] == row["rounds_configured"] and row["accepted_updates_lost"] == 0
+            and row["bad_rounds_stored"] == 0 and bad_accepted == 0)
+    return _row("resumed-stall", honest_s=round(row["wall_seconds"] / row["rounds_configured"], 3), peak=peak, accepted=bad_accepted,
+                refused=row["bad_updates_refused"], held=held,
+                note=f"{clients} devices, dropout 0.2, bad 0.1, coordinator killed mid-round 3 and resumed: {row['rounds_completed']} of "
+                     f"{row['rounds_configured']} rounds in {row['wall_seconds']} s (limit {faults.TIME_LIMIT_S:g} s); updates accepted "
+                     f"{row['updates_accepted']}, lost {row['accepted_updates_lost']}, redone after the restart {row['redone_after_restart']}; "
+                     f"bad rounds stored {row['bad_rounds_stored']}; restart overhead {row['restart_overhead_seconds']} s; "
+                     f"unexpected errors {row['unexpected_errors']}")
+
+
 RUNNERS = {name: globals()[name.replace("-", "_")] for name in ATTACKS}
 
 
@@ -637,14 +756,16 @@ def write_json(path: Path, rows: list[dict], args, seconds: float) -> None:
     path.write_text(json.dumps({
         "rows": rows, "quick": args.quick, "short_calls": 4000 if args.quick else 20_000, "stalled_calls": 110,
         "peak_rss_of": "this process (the coordinator runs in it, beside the attacking clients), psutil RSS sampled every 20 ms",
-        "honest_round_seconds_is": "slowest honest Heartbeat during the attack (call attacks) or the honest round's wall time (round attacks)",
+        "honest_round_seconds_is": "slowest honest Heartbeat during the attack (call attacks), the honest round's wall time (round attacks, "
+                                   "identities) or the wall seconds per round (resumed-stall)",
+        "resumed_stall": {"clients": 8 if args.quick else 20, "rounds": 4 if args.quick else 6, "dropout": 0.2, "bad": 0.1, "seed": 0},
         "wall_seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(),
     }, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer short calls (4000); for the smoke test")
+    parser.add_argument("--quick", action="store_true", help="fewer short calls (4000), a smaller resumed-stall (8 devices, 4 rounds); for the smoke test")
     parser.add_argument("--only", nargs="+", choices=ATTACKS, metavar="NAME", help="run only these rows")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)

@@ -278,3 +278,198 @@ def test_example_app_runs_on_flowers_deployment_engine(tmp_path, tiny_bert):
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+# ---------------------------------------------------------------------- run folders, names, metrics
+
+
+class EchoGrid(FakeGrid):
+    """A grid whose nodes answer: a train message with the arrays it carried (an unchanged
+    update of 5 examples), a query with ``hellos[node]`` (name, example count) if given.
+    ``queried`` counts the queries each node got."""
+
+    def __init__(self, node_ids, hellos=None):
+        super().__init__(node_ids)
+        self.hellos, self.queried = hellos or {}, {}
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import ConfigRecord, MessageType
+
+        from fedtune.flower.strategy import HELLO_KEY
+        from fedtune.protocol.messages import capabilities_to_proto
+
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if msg.metadata.message_type == MessageType.QUERY:
+                self.queried[node] = self.queried.get(node, 0) + 1
+                if node in self.hellos:
+                    name, examples = self.hellos[node]
+                    caps = capabilities_to_proto(Capabilities(tier="same")).SerializeToString()
+                    replies.append(_reply(msg, RecordDict({HELLO_KEY: ConfigRecord({"name": name, "num-examples": examples, "capabilities": caps})})))
+            elif msg.metadata.message_type == MessageType.TRAIN:
+                replies.append(_reply(msg, RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"num-examples": 5})})))
+        return replies
+
+
+def _context(run_config: dict):
+    from flwr.app import Context
+
+    return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+
+
+def _rounds(run_dir) -> list[int]:
+    return [json.loads(line)["round"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_used_run_folder_is_refused_in_one_line_and_resume_continues_it(tmp_path, tiny_bert, task_identity):
+    from fedtune.coordinator.app import RunDirError
+    from fedtune.flower import server_app
+
+    config = _config(tmp_path, tiny_bert, "fedavg", rounds=2)
+    first = FedtuneStrategy(config, eval_examples=[])
+    grid = EchoGrid([1, 2, 3])
+    first.aggregate_train(1, grid.send_and_receive(list(first.configure_train(1, first.initial_arrays(), None, grid))))
+    assert _rounds(config.run_dir) == [1]  # a run stopped after round 1 of 2, its checkpoint written
+
+    with pytest.raises(RunDirError) as err:  # the strategy: the coordinator's own refusal
+        FedtuneStrategy(config, eval_examples=[])
+    message = str(err.value)
+    assert "\n" not in message and f"run directory {config.run_dir} is not empty" in message and "--resume" in message and "--force" in message
+    with pytest.raises(RunDirError) as err:  # the ServerApp, run config without resume/force: the same line, Flower's spelling added
+        server_app(config)(grid, _context({}))
+    assert "\n" not in str(err.value) and str(err.value).startswith(message) and "resume=true" in str(err.value) and "force=true" in str(err.value)
+    with pytest.raises(RunDirError, match="one or the other"):
+        server_app(config)(grid, _context({"resume": True, "force": True}))
+    assert _rounds(config.run_dir) == [1] and not list(tmp_path.glob("run.old-*"))  # refused: left as it was
+
+    resumed = FedtuneStrategy(config, eval_examples=[], resume=True)
+    assert resumed.engine.start_round == 2 and resumed.rounds_left == 1 and [r["round"] for r in resumed.history] == [1]
+    messages = list(resumed.configure_train(1, resumed.initial_arrays(), None, grid))  # Flower's round 1 is the run's round 2
+    record, metrics = resumed.aggregate_train(1, grid.send_and_receive(messages))
+    assert metrics["round"] == 2 and _rounds(config.run_dir) == [1, 2] and [r["round"] for r in resumed.history] == [1, 2]
+
+    server = server_app(config)  # resume=true through the run config: nothing left to run, the adapter is exported
+    server(grid, _context({"resume": "true"}))
+    assert [r["round"] for r in server.fedtune_history] == [1, 2] and _rounds(config.run_dir) == [1, 2]
+    assert (Path(config.run_dir) / "adapter" / "adapter_config.json").is_file()
+
+
+def test_force_through_the_run_config_moves_the_used_run_folder_aside(tmp_path, tiny_bert, task_identity):
+    from fedtune.config import ConfigError
+    from fedtune.flower import server_app
+
+    config = _config(tmp_path, tiny_bert, "fedavg", rounds=1)
+    grid = EchoGrid([1, 2, 3])
+    server_app(config)(grid, _context({}))
+    assert _rounds(config.run_dir) == [1]
+    old = (Path(config.run_dir) / "metrics.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match="'force'"):
+        server_app(config)(grid, _context({"force": "maybe"}))
+    server = server_app(config)
+    server(grid, _context({"force": True, "num-rounds": 2}))
+    assert [r["round"] for r in server.fedtune_history] == [1, 2] and _rounds(config.run_dir) == [1, 2]
+    (aside,) = tmp_path.glob("run.old-*")
+    assert (aside / "metrics.jsonl").read_bytes() == old  # nothing deleted
+
+
+def test_a_node_keeps_its_own_name_and_no_other_node_takes_it_or_is_renamed(tmp_path, tiny_bert, task_identity):
+    from fedtune.coordinator.errors import CoordinatorError
+
+    # through Flower's queries: two nodes say the same name; the first (lowest id) keeps it, the
+    # other is not enrolled (no "sim-000-2") and not asked again
+    config = _config(tmp_path, tiny_bert, "fedavg")
+    flower = FedtuneStrategy(config, eval_examples=[])
+    grid = EchoGrid([5, 6, 7], hellos={5: ("sim-000", 10), 6: ("sim-000", 10), 7: ("sim-001", 10)})
+    messages = list(flower.configure_train(1, flower.initial_arrays(), None, grid))
+    assert sorted(r.client_id for r in flower.engine.registry.all()) == ["sim-000", "sim-001"]
+    assert flower.client_of == {5: "sim-000", 7: "sim-001"} and 6 in flower.refused
+    assert {m.metadata.dst_node_id for m in messages} <= {5, 7}
+    flower.aggregate_train(1, grid.send_and_receive(messages))
+    list(flower.configure_train(2, flower.initial_arrays(), None, grid))
+    assert grid.queried == {5: 1, 6: 1, 7: 1}
+
+    flower = FedtuneStrategy(config, eval_examples=[], force=True)
+    registry = flower.engine.registry
+    caps = Capabilities(tier="same")
+    mine = flower.enroll(11, "dev", caps, 10)
+    assert mine.client_id == "dev"
+    assert flower.enroll(11, "dev", caps, 10) is mine  # registering again: its own record, same token
+    assert flower.enroll(11, "renamed", caps, 10) is mine
+    with pytest.raises(CoordinatorError) as err:
+        flower.enroll(22, "dev", caps, 10)  # another node asking for a taken name: refused, not renamed
+    assert err.value.code == "FAILED_PRECONDITION"
+    registry.clock = lambda: time.monotonic() + 20 * 86_400.0  # the holder long silent: still not taken over
+    with pytest.raises(CoordinatorError):
+        flower.enroll(22, "dev", caps, 10)
+    with pytest.raises(CoordinatorError):
+        flower.enroll(33, "node-44", caps, 10)  # the fallback name of node 44 is node 44's
+    assert flower.enroll(44, "node-44", caps, 10).client_id == "node-44"
+    assert [r.client_id for r in registry.all()] == ["dev", "node-44"]
+    assert registry.authenticate("dev", mine.token) is mine and flower.node_of["dev"] == 11
+
+
+def test_flower_gets_only_finite_round_metrics(tmp_path, tiny_bert, task_identity):
+    import math
+
+    config = _config(tmp_path, tiny_bert, "fedavg")
+    seen = []
+    flower = FedtuneStrategy(config, eval_examples=[], on_round_end=seen.append)
+    close = flower.engine.close_round
+
+    def close_with_a_diverged_round():
+        row = close()
+        row.update(eval_loss=float("nan"), grad_norm=float("inf"))
+        return row
+
+    flower.engine.close_round = close_with_a_diverged_round
+    grid = EchoGrid([1, 2, 3])
+    _, metrics = flower.aggregate_train(1, grid.send_and_receive(list(flower.configure_train(1, flower.initial_arrays(), None, grid))))
+    assert "eval_loss" not in metrics and "grad_norm" not in metrics and metrics["nonfinite"] == 2 and metrics["clients"] == 3
+    assert all(math.isfinite(v) for v in metrics.values())
+    (got,) = seen
+    assert got["eval_loss"] is None and got["grad_norm"] is None and set(got["nonfinite"]) == {"eval_loss", "grad_norm"}
+    json.dumps(got, allow_nan=False)  # plain JSON code does not choke
+    written = json.loads((Path(config.run_dir) / "metrics.jsonl").read_text().splitlines()[0])
+    assert {k: v for k, v in got.items() if k not in ("eval_loss", "grad_norm", "nonfinite")} == \
+        {k: v for k, v in written.items() if k not in ("eval_loss", "grad_norm", "nonfinite")}
+
+    from fedtune.flower.strategy import finite_row, flower_metrics
+
+    row = {"round": 3, "clients": 2, "train_loss": float("nan"), "eval_loss": float("inf"), "ok": 0.5, "flag": True,
+           "dp_sample": {"c1": {"epsilon": float("-inf"), "steps": 3}}, "rank_caps": [1.0, float("inf")], "name": "x"}
+    assert dict(flower_metrics(row)) == {"round": 3.0, "clients": 2.0, "ok": 0.5, "nonfinite": 2}
+    safe = finite_row(row)
+    json.dumps(safe, allow_nan=False)
+    assert safe["train_loss"] is None and safe["eval_loss"] is None and safe["rank_caps"] == [1.0, None]
+    assert safe["dp_sample"] == {"c1": {"epsilon": None, "steps": 3}} and safe["flag"] is True and safe["name"] == "x"
+    assert safe["nonfinite"] == ["train_loss", "eval_loss", "dp_sample.c1.epsilon", "rank_caps[1]"]
+
+
+def test_a_nan_or_malformed_metric_in_a_reply_costs_the_metric_not_the_round(tmp_path, tiny_bert, task_identity, caplog):
+    config = _config(tmp_path, tiny_bert, "fedavg")
+    flower = FedtuneStrategy(config, eval_examples=[])
+    messages = list(flower.configure_train(1, flower.initial_arrays(), None, FakeGrid([1, 2, 3])))
+    assert len(messages) == 3
+    sent = [{"num-examples": 5, "train_loss": float("nan"), "extra": [1.0, 2.0], "acc": float("inf")},  # bad figures: left out
+            {"num-examples": float("nan"), "train_loss": 0.5},  # no example count to weigh it by: rejected
+            {"num-examples": 7, "train_loss": 0.25}]
+    replies = [_reply(m, RecordDict({"arrays": m.content["arrays"], "metrics": MetricRecord(s)})) for m, s in zip(messages, sent)]
+    with caplog.at_level("WARNING", logger="fedtune.flower.strategy"):
+        _, metrics = flower.aggregate_train(1, replies)
+    assert metrics["clients"] == 2 and metrics["rejected_updates"] == 1
+    # the NaN figure is left out: a round where not every client reports a loss has none (as in fedtune's engine)
+    assert flower.history[-1]["train_loss"] is None and "train_loss" not in metrics
+    first = flower.client_of[messages[0].metadata.dst_node_id]
+    assert any(first in r.getMessage() and "train_loss" in r.getMessage() and "acc" in r.getMessage() for r in caplog.records)
+    row = flower.history[-1]
+    assert sorted(row["client_ids"]) == sorted(flower.client_of[m.metadata.dst_node_id] for m in (messages[0], messages[2]))
+
+    from fedtune.coordinator.errors import CoordinatorError
+    from fedtune.flower.strategy import reply_metrics
+
+    assert reply_metrics({"num-examples": 5.0, "loss": 1}) == (5, {"loss": 1.0}, [])
+    for bad in ({"num-examples": float("inf")}, {"num-examples": 2.5}, {"num-examples": 0}, {}, {"num-examples": [5]},
+                {"num-examples": 5, "dp_sample_epsilon": float("nan")}):
+        with pytest.raises(CoordinatorError):
+            reply_metrics(bad)

@@ -85,6 +85,65 @@ def test_forty_idle_streams_do_not_starve_a_real_clients_heartbeat(tmp_path):
         coordinator.engine.stop()
 
 
+def _until(predicate, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_two_parties_with_four_names_each_cannot_fill_the_stream_slots(tmp_path):
+    from fedtune.devices import Capabilities
+
+    config = _config(tmp_path)  # max_workers 32: 24 stream slots, 3 per client, 6 per party
+    config.federation.min_clients = 50  # no round opens: every FetchTask answers WAIT
+    release = threading.Event()
+
+    def idle():
+        release.wait(60)
+        yield from ()
+
+    with live_coordinator(config, global_model=FixedTensors({"w": torch.zeros(2)})) as (coordinator, stub, _):
+        guard = coordinator.guard
+        assert (guard.max_streams, guard.per_client, guard.per_party) == (24, 3, 6)
+        honest = stub.Register(pb.RegisterRequest(name="honest", num_examples=1), timeout=10)
+        # two remote parties (their address is their credential), each with the 4 names it may hold
+        parties = {f"address:ipv4:203.0.113.{n}": [coordinator.engine.register(f"p{n}-{i}", Capabilities(), 1, peer=f"ipv4:203.0.113.{n}")
+                                                   for i in range(4)] for n in (5, 6)}
+        assert all(r.credential == party for party, records in parties.items() for r in records)
+        calls = {party: [stub.PushUpdate.future(idle(), timeout=60, metadata=credentials(r.client_id, r.token)) for r in records for _ in range(3)]
+                 for party, records in parties.items()}
+        everything = [f for fs in calls.values() for f in fs]
+        try:
+            # 4 names x 3 streams = 12 per party (24 together: the whole pool without a party budget)
+            assert _until(lambda: sum(f.done() for f in everything) >= 12)
+            time.sleep(0.3)
+            for party, futures in calls.items():
+                refused = [f for f in futures if f.done()]
+                assert len(refused) == 6 and {f.exception().code() for f in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+                assert "already have 6 calls open" in refused[0].exception().details()
+                assert party.rpartition(":")[2] not in refused[0].exception().details()  # the credential is not echoed
+                assert guard.party_streams(party) == 6
+            assert guard.open_streams == 12
+            # clients enrolled without a credential (a loopback simulation) have the per-client limit only
+            sims = [stub.Register(pb.RegisterRequest(name="sim", num_examples=1), timeout=10) for _ in range(3)]
+            sim_calls = [stub.PushUpdate.future(idle(), timeout=60, metadata=credentials(s.client_id, s.token)) for s in sims for _ in range(3)]
+            everything += sim_calls
+            assert _until(lambda: guard.open_streams == 21) and not any(f.done() for f in sim_calls)
+            # the honest client's task long-poll and heartbeat are served meanwhile
+            request = pb.FetchTaskRequest(client_id=honest.client_id, token=honest.token, wait_seconds=0)
+            for _ in range(3):
+                frames = list(stub.FetchTask(request, timeout=10, metadata=credentials(honest.client_id, honest.token)))
+                assert frames[0].task.status == pb.TASK_STATUS_WAIT
+            assert _heartbeat_seconds(stub, honest) < 2.0
+        finally:
+            release.set()
+            for f in everything:
+                f.cancel()
+        assert _until(lambda: guard.open_streams == 0) and guard.party_streams(next(iter(calls))) == 0
+        coordinator.engine.stop()
+
+
 def test_an_idle_authenticated_stream_is_cut_at_the_server_deadline_and_frees_its_slot(tmp_path):
     config = _config(tmp_path, stream_deadline_s=1.0)
     with live_coordinator(config, global_model=FixedTensors({"w": torch.zeros(2)})) as (coordinator, stub, _):

@@ -3,7 +3,12 @@ round, split instruction) before any tensor frame is read; each tensor's header 
 against the session's allowance (the run's batch size and max length, the hidden size at the
 cut) before its payload is allocated; payload frames are bounded by the payload's bytes; and of
 two concurrent opens of one (client, round) exactly one gets the session. An honest split round
-completes while the coordinator refuses all that."""
+completes while the coordinator refuses all that.
+
+A client starts at most ``training.local_steps`` steps per round, all its sessions together;
+the step past that is refused before anything is computed. The device, for its part, reads each
+answer of the coordinator against what it sent: one tensor of the rows it sent, refused on its
+header before anything is allocated for it."""
 
 from __future__ import annotations
 
@@ -18,16 +23,23 @@ import grpc
 import pytest
 import torch
 
-from fedtune.adapters import split_task_tensors
+import fedtune.split.server as server_module
+from fedtune.adapters import AdapterPlan, adapter_state, split_task_tensors
+from fedtune.client.recipes import TrainSettings, make_recipe
+from fedtune.client.recipes.split import SplitOptions
 from fedtune.coordinator.errors import CoordinatorError
 from fedtune.coordinator.guard import credentials
 from fedtune.coordinator.split_sessions import SplitSessions
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.tensors import ProtocolError, encode_tensor
+from fedtune.split.link import GrpcLink, LocalLink
 from fedtune.split.segments import client_side
-from fedtune.split.wire import Receiver, SplitAllowance, message_frames
+from fedtune.split.server import ServerHalf
+from fedtune.split.wire import Receiver, ReplyAllowance, SplitAllowance, message_frames
+from fedtune.tasks import get_task
 
 from conftest import fetch_task, live_coordinator, push_update, save_llama
+from test_split import PAD, adapted, bert, data
 from test_split_e2e import HIDDEN, _split_config
 
 MiB = 1 << 20
@@ -170,10 +182,10 @@ def test_payload_frames_are_bounded_by_the_payload_bytes():
 def test_of_concurrent_opens_for_one_client_and_round_exactly_one_succeeds(monkeypatch):
     instruction = SimpleNamespace(recipe="split", options={})
     engine = SimpleNamespace(instruction_for=lambda client_id, round_number: instruction)
-    sessions = SplitSessions(engine, SimpleNamespace(pad_id=0), SimpleNamespace())
+    sessions = SplitSessions(engine, SimpleNamespace(pad_id=0), SimpleNamespace(training=SimpleNamespace(local_steps=10)))
     built = []
 
-    def build(self, instruction, round_number):  # slow, as building a model is: widens the window
+    def build(self, instruction, round_number, steps_started=0):  # slow, as building a model is: widens the window
         time.sleep(0.05)
         half = SimpleNamespace(options=SimpleNamespace(cut=1, head="client"), close=lambda: None)
         built.append(half)
@@ -201,7 +213,7 @@ def test_of_concurrent_opens_for_one_client_and_round_exactly_one_succeeds(monke
     assert len(built) == 3
 
     # a build that fails gives the claim back: the client may try again
-    def broken(self, instruction, round_number):
+    def broken(self, instruction, round_number, steps_started=0):
         raise CoordinatorError("INTERNAL", "bad split instruction")
 
     monkeypatch.setattr(SplitSessions, "_build", broken)
@@ -210,6 +222,199 @@ def test_of_concurrent_opens_for_one_client_and_round_exactly_one_succeeds(monke
     assert not sessions._opening
     monkeypatch.setattr(SplitSessions, "_build", build)
     assert sessions.open("d", 1) is built[-1]
+
+
+# ---------------------------------------------------------------- steps per client and round
+
+BERT_PLAN = AdapterPlan(rank=2, alpha=4, target_modules=("query", "value"), modules_to_save=("classifier",))
+ACT, GRAD = pb.SPLIT_KIND_ACTIVATIONS, pb.SPLIT_KIND_GRADIENTS
+
+
+def _half(head="server", **limits) -> ServerHalf:
+    model, _ = adapted(bert, BERT_PLAN)
+    return ServerHalf(model, SplitOptions(cut=2, head=head, act_codec="fp32", grad_codec="fp32"), 1e-3, 0.0, PAD, **limits)
+
+
+@pytest.fixture
+def computed(monkeypatch) -> dict[str, int]:
+    """The coordinator's forward passes, counted: ``top`` (blocks and head, the plain split),
+    ``middle`` (blocks only, the U-shaped split)."""
+    calls = {"top": 0, "middle": 0}
+
+    def counted(name, fn):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(server_module, "top_forward", counted("top", server_module.top_forward))
+    monkeypatch.setattr(server_module, "middle_forward", counted("middle", server_module.middle_forward))
+    return calls
+
+
+def test_a_step_past_the_step_limit_is_refused_before_anything_is_computed(computed):
+    half = _half(step_limit=2)
+    good = {"hidden": torch.randn(10, 32), "mask": torch.ones(2, 5, dtype=torch.uint8), "labels": torch.tensor([0, 1])}
+    for step in (0, 1):
+        assert half.handle(pb.SplitHeader(step=step, kind=ACT), good)[0].kind == GRAD
+    assert computed["top"] == 2 and half.started == half.steps == 2
+    before = {k: v.clone() for k, v in half.tensors().items()}
+    over = pb.SplitHeader(step=2, kind=ACT)
+    with pytest.raises(CoordinatorError, match=r"over the split step limit, at most 2 steps per client and round \(training.local_steps\)") as err:
+        half.admit(over)  # on the header alone: a caller may refuse before reading the tensors
+    assert err.value.code == "FAILED_PRECONDITION"
+    with pytest.raises(CoordinatorError, match="at most 2 steps") as err:
+        half.handle(over, good)
+    assert err.value.code == "FAILED_PRECONDITION"
+    assert computed["top"] == 2 and half.started == half.steps == 2
+    assert all(torch.equal(v, before[k]) for k, v in half.tensors().items())  # no optimizer step either
+    # a session that goes on from the client's earlier sessions of the round has what is left
+    half = _half(step_limit=3, steps_started=2)
+    half.handle(pb.SplitHeader(step=2, kind=ACT), good)
+    with pytest.raises(CoordinatorError, match="at most 3 steps"):
+        half.handle(pb.SplitHeader(step=3, kind=ACT), good)
+    assert computed["top"] == 3
+    # U-shaped: a step is its activations and the head's gradients; the gradients of a started
+    # step complete it, the next activations are refused
+    half = _half("client", step_limit=1)
+    mask = torch.ones(2, 5, dtype=torch.uint8)
+    assert half.handle(pb.SplitHeader(step=0, kind=ACT), {"hidden": torch.randn(10, 32), "mask": mask})[0].kind == ACT
+    assert half.handle(pb.SplitHeader(step=0, kind=GRAD), {"grad": torch.randn(10, 32)})[0].kind == GRAD
+    with pytest.raises(CoordinatorError, match="at most 1 steps"):
+        half.handle(pb.SplitHeader(step=1, kind=ACT), {"hidden": torch.randn(10, 32), "mask": mask})
+    assert computed["middle"] == 1 and half.steps == 1
+
+
+@pytest.mark.parametrize("head", ["server", "client"], ids=["plain", "u-shaped"])
+def test_an_honest_device_runs_exactly_local_steps_steps_with_its_evaluation(head):
+    """The limit is exactly what the split recipe runs: ``local_steps`` steps, its personalized
+    evaluation on the device, never over the link. One step fewer would refuse an honest run."""
+    settings = TrainSettings(local_steps=4, batch_size=8, learning_rate=1e-3, seed=3)
+    items = data("seq-cls")
+
+    def run(limit):
+        client, task_name = adapted(bert, BERT_PLAN)
+        server_model, _ = adapted(bert, BERT_PLAN)
+        recipe = make_recipe({"recipe": "split", "cut": "2", "head": head, "act_codec": "fp32", "grad_codec": "fp32"}, {})
+        server = ServerHalf(server_model, recipe.options, settings.learning_rate, settings.weight_decay, PAD, step_limit=limit)
+        recipe.link = LocalLink(server)
+        _, metrics = recipe.run(client, adapter_state(client), {}, get_task(task_name), items[8:], settings, PAD, eval_items=items[:8])
+        return server, metrics
+
+    server, metrics = run(settings.local_steps)
+    assert metrics["steps"] == settings.local_steps == server.started == server.steps
+    assert any(k.startswith("personal_") for k in metrics)  # the evaluation ran, on the device
+    with pytest.raises(CoordinatorError, match="at most 3 steps"):
+        run(settings.local_steps - 1)
+
+
+def test_a_client_cannot_open_new_sessions_for_more_steps_in_a_round(monkeypatch):
+    instruction = SimpleNamespace(recipe="split", options={})
+    engine = SimpleNamespace(instruction_for=lambda client_id, round_number: instruction)
+    sessions = SplitSessions(engine, SimpleNamespace(pad_id=0), SimpleNamespace(training=SimpleNamespace(local_steps=3)))
+    given = []
+
+    def build(self, instruction, round_number, steps_started=0):
+        given.append(steps_started)
+        return SimpleNamespace(options=SimpleNamespace(cut=1, head="server"), close=lambda: None, started=steps_started, steps=0, tensors=dict)
+
+    monkeypatch.setattr(SplitSessions, "_build", build)
+    assert sessions.step_limit == 3
+    sessions.open("c", 1).started += 2  # two steps, then a bad frame ends the session
+    sessions.discard("c", 1)
+    sessions.open("c", 1).started += 1  # the next session goes on from 2
+    sessions.discard("c", 1)
+    assert given == [0, 2]
+    with pytest.raises(CoordinatorError, match=r"'c' already started all 3 split steps of round 1 \(the limit per client and round: training.local_steps\)") as err:
+        sessions.open("c", 1)
+    assert err.value.code == "FAILED_PRECONDITION" and given == [0, 2]  # refused before a model is built
+    # a session that ended cleanly and whose update was taken counts as well
+    sessions.open("d", 1).started = 3
+    sessions.finish("d", 1)
+    sessions.take("d", 1)
+    with pytest.raises(CoordinatorError, match="'d' already started all 3"):
+        sessions.open("d", 1)
+    # the next round starts from zero, and the counts of the closed round are dropped
+    sessions.open("c", 2)
+    assert given[-1] == 0 and not sessions._started
+
+
+# ---------------------------------------------------------------- the device's receiver
+
+
+class AnsweringStub:
+    """A coordinator whose SplitStep stream answers with ``feed``, whatever the device sends."""
+
+    def __init__(self, feed) -> None:
+        self.feed = feed
+
+    def SplitStep(self, requests, timeout=None, metadata=None):
+        return self.feed
+
+
+def _sent(labels=True):
+    """What a device sends for one step: 10 real tokens of a 2 x 5 batch (and the labels when
+    the coordinator runs the head)."""
+    tensors = {"hidden": torch.randn(10, HIDDEN), "mask": torch.ones(2, 5, dtype=torch.uint8)}
+    if labels:
+        tensors["labels"] = torch.tensor([0, 1])
+    return [encode_tensor(n, t) for n, t in tensors.items()]
+
+
+def _answer(kind=GRAD, step=0, num_tensors=1) -> pb.SplitFrame:
+    return pb.SplitFrame(header=pb.SplitHeader(step=step, kind=kind, num_tensors=num_tensors))
+
+
+def test_the_device_refuses_a_256_mib_answer_on_its_header_before_allocating():
+    rows = 256 * MiB // (4 * HIDDEN)
+    feed = Feed([_answer(), _declared("grad", [rows, HIDDEN]), pb.SplitFrame(chunk=b"\0" * 4096)], stop=2)
+    link = GrpcLink(AnsweringStub(feed), "c", "t", 1)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError, match=r"the coordinator's answer must be 'grad' \[10, 128\] \(the rows this device sent\)"):
+            link.exchange(pb.SplitHeader(step=0, kind=ACT), _sent())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert feed.taken == 2 and peak < 1 * MiB, (feed.taken, peak)
+
+
+@pytest.mark.parametrize("frames, match", [
+    # the answer's header: a kind, step or tensor count that does not answer what was sent
+    ([_answer(kind=ACT)], r"SPLIT_KIND_ACTIVATIONS message for step 0 of 1 tensors, expected SPLIT_KIND_GRADIENTS \['grad'\]"),
+    ([_answer(step=7)], "for step 7"),
+    ([_answer(num_tensors=2)], "of 2 tensors"),
+    # its tensor's header: rows, channels, dtype or name other than what was sent
+    ([_answer(), _declared("grad", [11, HIDDEN])], r"got 'grad' \[11, 128\]"),
+    ([_answer(), _declared("grad", [10, HIDDEN, 2])], r"must be 'grad' \[10, 128\]"),
+    ([_answer(), _declared("grad", [10, HIDDEN], pb.DTYPE_FLOAT64, 8)], "DTYPE_FLOAT64"),
+    ([_answer(), _declared("hidden", [10, HIDDEN])], "got 'hidden'"),
+    # the right shape with a payload larger than the tensor
+    ([_answer(), pb.SplitFrame(tensor=pb.TensorHeader(name="grad", dtype=pb.DTYPE_FLOAT32, shape=[10, HIDDEN], encoding=pb.ENCODING_RAW,
+                                                      payload_bytes=256 * MiB))], "over the limit of 10320"),
+])
+def test_the_device_refuses_answers_that_do_not_fit_what_it_sent_before_reading_their_payload(frames, match):
+    feed = Feed([*frames, pb.SplitFrame(chunk=b"\0" * 4096)], stop=len(frames))
+    link = GrpcLink(AnsweringStub(feed), "c", "t", 1)
+    with pytest.raises(ProtocolError, match=match):
+        link.exchange(pb.SplitHeader(step=0, kind=ACT), _sent())
+    assert feed.taken == len(frames)
+
+
+def test_the_device_reads_a_fitting_answer_in_chunks_of_at_least_1_kib():
+    grad = encode_tensor("grad", torch.randn(10, HIDDEN))  # 5 KiB
+    ok = message_frames(pb.SplitHeader(step=0, kind=GRAD), [grad], chunk_bytes=1024)
+    reply, got = GrpcLink(AnsweringStub(iter(ok)), "c", "t", 1).exchange(pb.SplitHeader(step=0, kind=ACT), _sent())
+    assert reply.kind == GRAD and list(got["grad"].shape) == [10, HIDDEN]
+    feed = Feed(message_frames(pb.SplitHeader(step=0, kind=GRAD), [grad], chunk_bytes=1))  # 5120 frames of one byte
+    with pytest.raises(ProtocolError, match="payload frames"):
+        GrpcLink(AnsweringStub(feed), "c", "t", 1).exchange(pb.SplitHeader(step=0, kind=ACT), _sent())
+    assert feed.taken <= 2 + 5120 // 1024 + 1 + 1
+    # what each message of the device is answered with
+    assert ReplyAllowance.answering(pb.SplitHeader(step=4, kind=ACT), _sent()) == ReplyAllowance(GRAD, "grad", 4, 10, HIDDEN)
+    assert ReplyAllowance.answering(pb.SplitHeader(step=4, kind=ACT), _sent(labels=False)) == ReplyAllowance(ACT, "hidden", 4, 10, HIDDEN)
+    head_grad = [encode_tensor("grad", torch.randn(10, HIDDEN))]
+    assert ReplyAllowance.answering(pb.SplitHeader(step=4, kind=GRAD), head_grad) == ReplyAllowance(GRAD, "grad", 4, 10, HIDDEN)
 
 
 # ---------------------------------------------------------------- the live coordinator
@@ -311,4 +516,76 @@ def test_attacks_are_refused_before_allocation_while_an_honest_split_round_compl
         rows = [json.loads(line) for line in (coordinator.engine.run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [(r["round"], r["clients"]) for r in rows] == [(1, 2)]
         assert rows[0]["split_steps"] == 4
+        assert not coordinator.service.split._open and not coordinator.service.split._opening
+
+
+def test_a_client_past_its_local_steps_is_refused_while_an_honest_one_completes_the_round(tmp_path, three_block_llama, computed):
+    config = _split_config(tmp_path, three_block_llama, rounds=1, head="server")
+    config.federation.min_clients, config.federation.quorum = 2, 0.5  # the round closes on b's update
+    config.split.act_codec = config.split.grad_codec = "fp32"
+    config.model.labels = ["negative", "positive"]
+    config.training.local_steps, config.training.batch_size, config.model.max_length = 3, 8, 32
+    with live_coordinator(config) as (coordinator, stub, engine):
+        a, b = [(r.client_id, r.token) for r in (stub.Register(pb.RegisterRequest(name=n, num_examples=10)) for n in ("a", "b"))]
+        tasks = {}
+        threads = [threading.Thread(target=lambda who=who: tasks.__setitem__(who, fetch_task(stub, *who))) for who in (a, b)]
+        [t.start() for t in threads]
+        [t.join(30) for t in threads]
+        assert tasks[b][0].training.local_steps == 3
+        mask = torch.ones(2, 4, dtype=torch.uint8)
+
+        def step(who, number, hidden=None):
+            msg = pb.SplitHeader(client_id=who[0], token=who[1], round=1, step=number, kind=ACT)
+            tensors = {"hidden": torch.randn(8, HIDDEN) if hidden is None else hidden, "mask": mask, "labels": torch.tensor([0, 1])}
+            return message_frames(msg, [encode_tensor(n, t) for n, t in tensors.items()])
+
+        def session(who):
+            outbox: queue.Queue = queue.Queue()
+            call = stub.SplitStep(iter(lambda: outbox.get(timeout=30), None), timeout=60, metadata=credentials(*who))
+            return outbox, call, Receiver()
+
+        # a: one step, then a frame that cannot be decoded ends the session
+        a_out, a_call, a_rx = session(a)
+        [a_out.put(f) for f in step(a, 0)]
+        assert a_rx.read(a_call)[0].step == 0
+        corrupt = step(a, 1)
+        corrupt[1].tensor.encoding = 99
+        [a_out.put(f) for f in corrupt]
+        with pytest.raises(grpc.RpcError) as err:
+            a_rx.read(a_call)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # a new session goes on from there: two steps more, and the fourth is refused uncomputed
+        a_out, a_call, a_rx = session(a)
+        for number in (1, 2):
+            [a_out.put(f) for f in step(a, number)]
+            assert a_rx.read(a_call)[0].step == number
+        assert computed["top"] == 3
+        [a_out.put(f) for f in step(a, 3)]
+        with pytest.raises(grpc.RpcError) as err:
+            a_rx.read(a_call)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "over the split step limit, at most 3 steps per client and round (training.local_steps)" in err.value.details()
+        assert computed["top"] == 3
+        # and no further session for a in this round
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.SplitStep(iter(step(a, 3)), timeout=30, metadata=credentials(*a)))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "already started all 3 split steps of round 1" in err.value.details()
+        assert computed["top"] == 3
+
+        # b runs the round's three steps, all of them served, and completes the round
+        b_out, b_call, b_rx = session(b)
+        for number in range(3):
+            [b_out.put(f) for f in step(b, number)]
+            reply, got, _ = b_rx.read(b_call)
+            assert reply.kind == GRAD and reply.step == number and list(got["grad"].shape) == [8, HIDDEN]
+        b_out.put(None)
+        assert b_rx.read(b_call) is None
+        cut = int(tasks[b][0].options["cut"])
+        adapter, _, _ = split_task_tensors(tasks[b][1])
+        push_update(stub, *b, 1, {k: v for k, v in adapter.items() if client_side(k, cut, False)})
+        engine.join(60)
+        assert not engine.is_alive()
+        rows = [json.loads(line) for line in (coordinator.engine.run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [(r["round"], r["clients"]) for r in rows] == [(1, 1)]
+        assert rows[0]["split_steps"] == 3 and computed["top"] == 6
         assert not coordinator.service.split._open and not coordinator.service.split._opening

@@ -18,6 +18,7 @@ from typing import Mapping
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
+from fedtune.durable import fresh_folder, write_file
 from fedtune.names import A_SUFFIX, B_SUFFIX, BASE_DELTA, CORE_SUFFIX, FROZEN_A, FROZEN_B, is_frozen_update
 from fedtune.rng import seeded
 
@@ -294,13 +295,23 @@ def split_task_tensors(tensors: Mapping[str, torch.Tensor], scale: float = 1.0) 
 
 def export_adapter(model: PeftModel, folder: str | Path, metadata: Mapping | None = None) -> Path:
     """Write a standard PEFT adapter folder (adapter_config.json + adapter_model.safetensors),
-    plus ``fedtune.json`` with what is needed to rebuild the base (task, labels, model)."""
+    plus ``fedtune.json`` with what is needed to rebuild the base (task, labels, model).
+
+    The folder is written afresh and renamed into place whole (``fedtune.durable.fresh_folder``):
+    a symbolic link planted at ``folder``, or at a file in it, is replaced, never written
+    through (peft's ``save_pretrained`` follows links)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    with fresh_folder(folder) as staged:
+        write_adapter(model, staged, metadata)
+    return folder
+
+
+def write_adapter(model: PeftModel, folder: str | Path, metadata: Mapping | None = None) -> None:
+    """``export_adapter``'s files, into ``folder``, a new empty folder of the caller's (from
+    ``fresh_folder``; peft follows links, so not a folder others can write into)."""
     model.save_pretrained(str(folder))
     if metadata is not None:
-        (folder / "fedtune.json").write_text(json.dumps(dict(metadata), indent=2) + "\n")
-    return folder
+        write_file(Path(folder) / "fedtune.json", (json.dumps(dict(metadata), indent=2) + "\n").encode(), exclusive=True)
 
 
 def load_exported_adapter(base: torch.nn.Module, folder: str | Path) -> PeftModel:

@@ -11,10 +11,12 @@ from typing import Sequence
 import torch
 
 from fedtune.allocator import release_free_memory
-from fedtune.adapters import AdapterError, AdapterPlan, adapter_state, export_adapter, fold_cores, inject_lora, load_adapter_state
+from fedtune.adapters import AdapterError, AdapterPlan, adapter_state, fold_cores, inject_lora, load_adapter_state
+from fedtune.adapters.lora import write_adapter
 from fedtune.aggregation.lora_math import low_rank, product
 from fedtune.names import A_SUFFIX, B_SUFFIX, lora_modules
 from fedtune.data import Example
+from fedtune.durable import fresh_folder
 from fedtune.models import ModelSource, ModelStore
 from fedtune.protocol.tensors import TensorSpec, specs_of
 from fedtune.tasks import get_task
@@ -118,13 +120,20 @@ class GlobalModel:
         else:
             self._load(state, {})
             model = self.model
-        folder = export_adapter(model, folder, metadata)
-        if merged_folder is not None:
-            from peft import PeftModel
+        # Each folder is written afresh and renamed into place whole (fresh_folder): peft and
+        # transformers follow symbolic links, and the run folder may hold links planted since
+        # the run started. The merged model is built from the adapter just written (the staged
+        # copy, not whatever stands at ``folder``), and renamed into place before it.
+        folder = Path(folder)
+        with fresh_folder(folder) as staged:
+            write_adapter(model, staged, metadata)
+            if merged_folder is not None:
+                from peft import PeftModel
 
-            merged = PeftModel.from_pretrained(self.store.instance(self.source, self.task_name, self.labels), str(folder)).merge_and_unload()
-            merged.save_pretrained(str(merged_folder))
-            self.store.tokenizer(self.source).save_pretrained(str(merged_folder))
+                merged = PeftModel.from_pretrained(self.store.instance(self.source, self.task_name, self.labels), str(staged)).merge_and_unload()
+                with fresh_folder(merged_folder) as merged_staged:
+                    merged.save_pretrained(str(merged_staged))
+                    self.store.tokenizer(self.source).save_pretrained(str(merged_staged))
         return folder
 
 
@@ -176,6 +185,7 @@ class FixedTensors:
     def export(self, state: dict[str, torch.Tensor], folder: Path, base_delta: dict[str, torch.Tensor] | None = None, **_: object) -> Path:
         from safetensors.torch import save_file
 
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "tensors.safetensors"))
+        folder = Path(folder)
+        with fresh_folder(folder) as staged:  # as GlobalModel.export: never through a planted link
+            save_file({k: v.contiguous() for k, v in state.items()}, str(staged / "tensors.safetensors"))
         return folder

@@ -26,9 +26,20 @@ request-streaming one, and the wrapper reads the request itself, under watch:
 
 An authenticated streaming call (a task long-poll, an update upload, a split session) also
 needs a free slot: at most ``max_streams`` at once overall, leaving the rest of the worker pool
-to unary calls such as heartbeats, and ``per_client`` at once per client. A call over either
-limit ends with RESOURCE_EXHAUSTED, which clients retry with backoff. Every admitted stream is
-cancelled after ``stream_deadline_s`` seconds, whatever deadline the client asked for, so an
+to unary calls such as heartbeats, ``per_client`` at once per client, and ``per_party`` at once
+per party. A party is the credential its client registered with (``ClientRecord.credential``,
+fedtune.coordinator.clients: a TLS client certificate, a per-device enrollment secret, a remote
+address), which may hold up to ``max_clients_per_credential`` client ids (4 by default): without
+a party budget one party would hold 4 x 3 = 12 slots and two parties the whole default pool of
+24. ``per_party`` defaults to ``max(per_client, max_streams // 4)`` (6 of the default 24): one
+party takes at most a quarter of the pool, two or three together still leave an honest client
+its slots, and filling the pool takes four parties that each hold a credential the operator let
+in (a certificate, a device secret, an address of their own). Devices of one party share its
+budget (say, a fleet behind one NAT address without certificates); a refused stream is retried
+with backoff like any other. Clients enrolled without a credential (in-process, and on loopback
+without a certificate or device secret: simulations) have the per-client limit only. A call over
+any limit ends with RESOURCE_EXHAUSTED, which clients retry with backoff. Every admitted stream
+is cancelled after ``stream_deadline_s`` seconds, whatever deadline the client asked for, so an
 idle upload cannot keep its slot. Unary handlers never wait on the caller once the request is
 read.
 
@@ -345,14 +356,17 @@ class _Reaper:
 
 class CallGuard(grpc.ServerInterceptor):
     """The interceptor (see the module's docstring). ``authenticate(client_id, token,
-    certificate)`` returns the caller's record or raises CoordinatorError. The guard owns the
-    worker pools: ``pool`` (give it to the server) and ``open_pool`` for the open methods."""
+    certificate)`` returns the caller's record (its ``credential`` attribute names the party;
+    None or missing: no party budget) or raises CoordinatorError. ``per_party`` 0 means
+    ``max(per_client, max_streams // 4)``. The guard owns the worker pools: ``pool`` (give it to
+    the server) and ``open_pool`` for the open methods."""
 
-    def __init__(self, authenticate: Callable[[str, str, str], object], *, max_streams: int, per_client: int = 3,
+    def __init__(self, authenticate: Callable[[str, str, str], object], *, max_streams: int, per_client: int = 3, per_party: int = 0,
                  stream_deadline_s: float = 900.0, request_timeout_s: float = 10.0, max_workers: int = 32, open_workers: int = 64,
                  read_grace_s: float = 0.5, auth_delay_max_s: float = 2.0, log_every_s: float = 10.0) -> None:
         self.authenticate = authenticate
         self.max_streams, self.per_client, self.stream_deadline_s = max_streams, per_client, stream_deadline_s
+        self.per_party = per_party if per_party > 0 else max(per_client, max_streams // 4)
         self.request_timeout_s = request_timeout_s
         self.pool = futures.ThreadPoolExecutor(max_workers, thread_name_prefix="fedtune-rpc")
         self.open_pool = futures.ThreadPoolExecutor(open_workers, thread_name_prefix="fedtune-open")
@@ -367,10 +381,16 @@ class CallGuard(grpc.ServerInterceptor):
         self._lock = threading.Lock()
         self._streams = 0
         self._by_client: dict[str, int] = {}
+        self._by_party: dict[str, int] = {}
 
     @property
     def open_streams(self) -> int:
         return self._streams
+
+    def party_streams(self, party: str) -> int:
+        """Streams open now for clients of ``party`` (a registry record's credential)."""
+        with self._lock:
+            return self._by_party.get(party, 0)
 
     @property
     def tracked_calls(self) -> int:
@@ -421,9 +441,9 @@ class CallGuard(grpc.ServerInterceptor):
             behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
 
         def admit(request_iterator, context):
-            guard._authenticate(context, client_id, token)
+            record = guard._authenticate(context, client_id, token)
             if streaming:
-                guard._enter(client_id, context)
+                guard._enter(client_id, context, getattr(record, "credential", None))
             if handler.request_streaming:
                 return request_iterator
             return guard._read(request_iterator, context, guard.pool, client_id)
@@ -468,12 +488,13 @@ class CallGuard(grpc.ServerInterceptor):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "this method takes exactly one request message")
         return request
 
-    def _authenticate(self, context: grpc.ServicerContext, client_id: str, token: str) -> None:
+    def _authenticate(self, context: grpc.ServicerContext, client_id: str, token: str) -> object:
+        """The caller's record (what ``authenticate`` returned), or the call ends here."""
         host = peer_host(context)
         key = ("token", host, client_id[:200])
         try:
             self._slow_down(key, self._token_waits, context)
-            self.authenticate(client_id, token, certificate_fingerprint(context))
+            return self.authenticate(client_id, token, certificate_fingerprint(context))
         except CoordinatorError as exc:
             if exc.code == "UNAUTHENTICATED":
                 failures = self.failures.failed(key)
@@ -508,18 +529,25 @@ class CallGuard(grpc.ServerInterceptor):
         finally:
             waits.release()
 
-    def _enter(self, client_id: str, context: grpc.ServicerContext) -> None:
-        """Take a stream slot for the call, or end it with RESOURCE_EXHAUSTED. The slot and the
-        call's deadline entry are given back when the call terminates, however it ends: gRPC runs
-        the callback even for a call whose handler never ran its body (a request that failed to
+    def _enter(self, client_id: str, context: grpc.ServicerContext, party: str | None = None) -> None:
+        """Take a stream slot for the call, or end it with RESOURCE_EXHAUSTED; ``party`` is the
+        credential the client registered with (None: no party budget). The slot and the call's
+        deadline entry are given back when the call terminates, however it ends: gRPC runs the
+        callback even for a call whose handler never ran its body (a request that failed to
         parse, a caller that cancelled first), where a ``finally`` in the handler would never run."""
         with self._lock:
             if self._streams >= self.max_streams:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the coordinator is at its limit of concurrent streams; retry shortly")
             if self._by_client.get(client_id, 0) >= self.per_client:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"client {clip(client_id, 80)!r} already has {self.per_client} calls open")
+            if party is not None and self._by_party.get(party, 0) >= self.per_party:
+                # the credential itself (a fingerprint, a device name, an address) is not echoed
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the clients registered with the credential of {clip(client_id, 80)!r} "
+                              f"already have {self.per_party} calls open; retry shortly")
             self._streams += 1
             self._by_client[client_id] = self._by_client.get(client_id, 0) + 1
+            if party is not None:
+                self._by_party[party] = self._by_party.get(party, 0) + 1
         released = False
         watched = self._reaper.watch(context, self.stream_deadline_s)
 
@@ -535,6 +563,12 @@ class CallGuard(grpc.ServerInterceptor):
                     self._by_client[client_id] = left
                 else:
                     self._by_client.pop(client_id, None)
+                if party is not None:
+                    left = self._by_party.get(party, 1) - 1
+                    if left:
+                        self._by_party[party] = left
+                    else:
+                        self._by_party.pop(party, None)
             self._reaper.unwatch(watched, self.stream_deadline_s)
 
         if not context.add_callback(release):  # already over

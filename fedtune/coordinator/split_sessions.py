@@ -2,7 +2,13 @@
 the client's instruction when its ``SplitStep`` stream opens, kept after the stream ends until
 the client pushes its bottom half, which the server half's tensors then complete. With
 ``split.server_adapter = "shared"`` the sessions of a round share one model and one step lock
-(fedtune.split.server says why copies are the default)."""
+(fedtune.split.server says why copies are the default).
+
+A client may start at most ``training.local_steps`` steps per round, what an honest device runs
+(``ServerHalf.step_limit``), in all its sessions of the round together: the steps a session
+started are kept when it ends (``_started``) and a new session of the same client and round
+goes on from there, or is refused before its model is built when none are left. Without that,
+a client could end a session by a bad frame and open a new one for a fresh allowance."""
 
 from __future__ import annotations
 
@@ -28,6 +34,8 @@ class SplitSessions:
         self._done: dict[tuple[str, int], ServerHalf] = {}
         self._opening: set[tuple[str, int]] = set()  # claimed by an open() still building its half
         self._shared: dict[int, tuple[torch.nn.Module, threading.Lock]] = {}  # round -> model, step lock
+        # Steps started by the client's sessions of the round that ended (open round only).
+        self._started: dict[tuple[str, int], int] = {}
         # Wire bytes of the split streams, by round: what the coordinator received and sent.
         self.traffic: dict[int, dict[str, int]] = {}
 
@@ -36,17 +44,26 @@ class SplitSessions:
         the open round with a split instruction, and may open one session per round. The check
         and the claim of the (client, round) are one critical section, so of two concurrent
         opens exactly one gets the session; the server half is built after it, outside the lock
-        (the claim stays in ``_opening`` meanwhile and is dropped if the build fails)."""
+        (the claim stays in ``_opening`` meanwhile and is dropped if the build fails). A client
+        that already started all the round's steps (``step_limit``) in earlier sessions is
+        refused."""
         instruction = self.engine.instruction_for(client_id, round_number)
         if instruction.recipe != "split":
             raise CoordinatorError("FAILED_PRECONDITION", f"round {round_number} is not a split round for {client_id!r}")
         key = (client_id, round_number)
+        limit = self.step_limit
         with self._lock:
+            for old in [k for k in self._started if k[1] < round_number]:  # counts of closed rounds
+                del self._started[old]
             if key in self._open or key in self._done or key in self._opening:
                 raise CoordinatorError("FAILED_PRECONDITION", f"{client_id!r} already had its split session for round {round_number}")
+            started = self._started.get(key, 0)
+            if started >= limit:
+                raise CoordinatorError("FAILED_PRECONDITION", f"{client_id!r} already started all {limit} split steps of round {round_number} "
+                                                              f"(the limit per client and round: training.local_steps)")
             self._opening.add(key)
         try:
-            half = self._build(instruction, round_number)
+            half = self._build(instruction, round_number, started)
         except BaseException:
             with self._lock:
                 self._opening.discard(key)
@@ -57,7 +74,13 @@ class SplitSessions:
         log.info("round %d: split session of %s opened (cut %d, head on the %s)", round_number, client_id, half.options.cut, half.options.head)
         return half
 
-    def _build(self, instruction, round_number: int) -> ServerHalf:
+    @property
+    def step_limit(self) -> int:
+        """Steps a client may start per round: the ``local_steps`` its task header tells it to
+        train (fedtune.coordinator.service, ``task_header``), each one activations message."""
+        return int(self.config.training.local_steps)
+
+    def _build(self, instruction, round_number: int, steps_started: int = 0) -> ServerHalf:
         try:
             options = build_options(SplitOptions, dict(instruction.options), "split task")
         except (OptionsError, ValueError) as exc:  # our own instruction: a bug, not the client's
@@ -71,7 +94,8 @@ class SplitSessions:
         else:
             model = self._model(instruction)
         training = self.config.training
-        return ServerHalf(model, options, training.learning_rate, training.weight_decay, self.global_model.pad_id, step_lock=step_lock)
+        return ServerHalf(model, options, training.learning_rate, training.weight_decay, self.global_model.pad_id, step_lock=step_lock,
+                          step_limit=self.step_limit, steps_started=steps_started)
 
     def _model(self, instruction) -> torch.nn.Module:
         """The model with the round's global adapter, as the instruction hands it out."""
@@ -100,12 +124,15 @@ class SplitSessions:
             if half is not None:
                 half.close()
                 self._done[(client_id, round_number)] = half
+                self._started[(client_id, round_number)] = half.started
 
     def discard(self, client_id: str, round_number: int) -> None:
         """The stream broke (bad frame, or the client went away): the session ends, its half-done
         step is dropped and the other sessions go on."""
         with self._lock:
             half = self._open.pop((client_id, round_number), None)
+            if half is not None:  # a later session of the client in this round goes on from here
+                self._started[(client_id, round_number)] = half.started
         if half is not None:
             half.close()
 

@@ -5,7 +5,10 @@ Both read the same fedtune configuration: the ``config`` given to the factory, e
 file named by the run config key ``fedtune-config`` (``flwr run -c fedtune-config=run.toml``,
 or ``[tool.flwr.app.config]``), else the embedded defaults; a few run config keys override it
 (``num-rounds``, ``strategy``, ``clients-per-round``, ``local-steps``, ``min-nodes``,
-``run-dir``). Each
+``run-dir``; an empty string is no override). The run config keys ``resume`` and ``force`` say
+what the ServerApp does with a run folder that already holds files, as ``fedtune coordinator
+--resume`` / ``--force`` do: continue the run in it from its last checkpoint, or move it aside to
+``<run_dir>.old-<timestamp>``; with neither it is refused (RunDirError, one line). Each
 node trains on its share of the data, cut as ``fedtune simulate`` cuts it: partition
 ``partition-id`` of ``num-partitions`` (Flower's node config), the held-out evaluation examples
 set aside first, so the coordinator's evaluation never sees training data.
@@ -24,7 +27,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedtune.client.agent import AgentOptions, ClientAgent
 from fedtune.client.policy import PrivacyPolicy
 from fedtune.client.state import state_from_bytes, state_to_bytes
-from fedtune.config import RunConfig, config_to_toml, load_config
+from fedtune.config import ConfigError, RunConfig, config_to_toml, load_config
+from fedtune.coordinator.app import RunDirError
 from fedtune.flower.records import record_to_tensors, tensors_to_record
 from fedtune.devices import Capabilities
 from fedtune.flower.strategy import EXAMPLES_KEY, HELLO_KEY, TASK_KEY, FedtuneStrategy
@@ -60,27 +64,56 @@ def resolve_config(run_config: Mapping[str, Any], given: RunConfig | None = None
     else:
         config = RunConfig()
     for key, (section, field, kind) in _OVERRIDES.items():
-        if key in run_config:
+        if key in run_config and run_config[key] != "":
             setattr(getattr(config, section) if section else config, field, kind(run_config[key]))
     return config.validate()
+
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0", ""}
+
+
+def run_config_flag(run_config: Mapping[str, Any], key: str) -> bool:
+    """A yes/no run config key (a TOML boolean; also 0/1 and "true"/"false"), False where absent."""
+    value = run_config.get(key, False)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigError(f"run config key {key!r}: expected true or false, got {str(value)[:40]!r}")
+
+
+def run_dir_choice(run_config: Mapping[str, Any]) -> tuple[bool, bool]:
+    """(resume, force) from the run config keys ``resume`` and ``force``."""
+    return run_config_flag(run_config, "resume"), run_config_flag(run_config, "force")
 
 
 # ---------------------------------------------------------------------- server
 
 
 def server_app(config: RunConfig | None = None, **strategy_options: Any) -> ServerApp:
-    """A ServerApp running ``FedtuneStrategy`` for ``federation.rounds`` rounds, then exporting
-    the global adapter into the run directory."""
+    """A ServerApp running ``FedtuneStrategy`` for ``federation.rounds`` rounds (on ``resume``,
+    the rounds after the last checkpoint), then exporting the global adapter into the run
+    directory. ``strategy_options`` go to ``FedtuneStrategy`` (``on_round_end``, ...); the run
+    config keys ``resume`` / ``force`` choose what happens to a used run folder."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = resolve_config(context.run_config, config)
+        resume, force = run_dir_choice(context.run_config)
         _, evals, labels = prepare_data(cfg)
         cfg.model.labels = labels
-        strategy = FedtuneStrategy(cfg, eval_examples=evals, **strategy_options)
-        strategy.start(grid=grid, initial_arrays=strategy.initial_arrays(), num_rounds=cfg.federation.rounds,
-                       timeout=cfg.federation.round_timeout_s)
+        try:
+            strategy = FedtuneStrategy(cfg, eval_examples=evals, resume=resume, force=force, **strategy_options)
+        except RunDirError as exc:  # the coordinator's one line, with Flower's way to answer it
+            raise RunDirError(f"{exc}; with Flower, as run config keys: -c resume=true or -c force=true") from None
+        if strategy.rounds_left:
+            strategy.start(grid=grid, initial_arrays=strategy.initial_arrays(), num_rounds=strategy.rounds_left,
+                           timeout=cfg.federation.round_timeout_s)
+        else:
+            log.info("the resumed run in %s has no round left to run: exporting its adapter", strategy.engine.run_dir)
         folder = strategy.finish()
         rows = strategy.history
         last = rows[-1] if rows else {}

@@ -3,6 +3,13 @@
 ``GrpcLink`` speaks the ``SplitStep`` stream (one bidirectional stream per client session and
 round); ``LocalLink`` hands the same frames to an in-process ``ServerHalf``, so tests exercise
 the codecs, framing and byte counts without a network. Both count the bytes each way.
+
+Both read each answer with a ``ReplyAllowance`` derived from the message it answers
+(fedtune.split.wire): one tensor of exactly the rows and channels the device sent, checked on
+its header before its payload is allocated, so a broken or hostile coordinator cannot make the
+device allocate more than the answer's own size; and its payload in chunks of at least
+``REPLY_MIN_CHUNK_BYTES`` (but the last), so the frames it can make the device handle follow
+the bytes.
 """
 
 from __future__ import annotations
@@ -13,14 +20,18 @@ import torch
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.tensors import EncodedTensor
 from fedtune.coordinator.guard import credentials
-from fedtune.split.wire import Receiver, frames_bytes, message_frames
+from fedtune.split.wire import Receiver, ReplyAllowance, frames_bytes, message_frames
+
+# The coordinator sends its answers in chunks of server.chunk_bytes, which its configuration
+# keeps at 1024 bytes or more (fedtune.config).
+REPLY_MIN_CHUNK_BYTES = 1024
 
 
 class Link:
     """Byte and time accounting shared by both links."""
 
     def __init__(self) -> None:
-        self.receiver = Receiver()
+        self.receiver = Receiver(min_chunk_bytes=REPLY_MIN_CHUNK_BYTES)
         self.bytes_up = 0
         self.bytes_down = 0
         self._bits: list[float] = []
@@ -33,6 +44,10 @@ class Link:
     def bits_down(self) -> float:
         """Mean bits per element of what the coordinator sent (0 before any message)."""
         return sum(self._bits) / len(self._bits) if self._bits else 0.0
+
+    def _expect(self, header: pb.SplitHeader, tensors: list[EncodedTensor]) -> None:
+        """Bound the answer to the message about to be sent by what it carries."""
+        self.receiver.allowance = ReplyAllowance.answering(header, tensors)
 
     def _received(self, header: pb.SplitHeader) -> None:
         if "bits" in header.metrics:
@@ -54,6 +69,7 @@ class LocalLink(Link):
         self._server_receiver = Receiver()
 
     def exchange(self, header, tensors):
+        self._expect(header, tensors)
         frames = message_frames(header, tensors)
         self.bytes_up += frames_bytes(frames)
         got = self._server_receiver.read(iter(frames))
@@ -80,6 +96,7 @@ class GrpcLink(Link):
 
     def exchange(self, header, tensors):
         header.client_id, header.token, header.round = self.client_id, self.token, self.round
+        self._expect(header, tensors)
         frames = message_frames(header, tensors, self.chunk_bytes)
         self.bytes_up += frames_bytes(frames)
         for frame in frames:
@@ -96,8 +113,9 @@ class GrpcLink(Link):
         """End the session: the coordinator keeps this session's server-side tensors for the
         update the client pushes next."""
         self._requests.put(None)
-        for _ in self._responses:  # drain until the coordinator closes its side
-            pass
+        for _ in self._responses:  # the coordinator answers the close by closing its side, with
+            self._responses.cancel()  # no frame: one that sends more is not read further
+            break
 
     def abort(self) -> None:
         self._requests.put(None)

@@ -11,6 +11,13 @@ so the clients' steps serialize and the result depends on their arrival order; e
 update then carries the shared copy as it stood when the client pushed. Copies cost one
 adapter per session (the frozen base weights are shared, fedtune.models.ModelStore) and let
 sessions run in parallel; bench/split.py measures both (rows ``amaq4`` and ``amaq4-shared``).
+
+Steps are bounded: an honest device runs exactly ``training.local_steps`` steps a round (the split
+recipe's loop; its evaluation runs on the device and never crosses the link), each opened by one
+activations message. ``step_limit`` is that number, counted per client and round across the
+client's sessions (fedtune.coordinator.split_sessions carries the count from a session that
+ended to the next): the activations message that would start one more step is refused with
+FAILED_PRECONDITION before anything is computed for it.
 """
 
 from __future__ import annotations
@@ -30,7 +37,6 @@ from fedtune.protocol.tensors import EncodedTensor, ProtocolError
 from fedtune.split.segments import anatomy, client_side, middle_forward, top_forward
 from fedtune.split.wire import Sender, check_rows, scatter
 
-MAX_TOKENS = 1 << 20  # batch x length of one step's mask
 STEP_LOCK_WAIT_SECONDS = 300.0  # shared server adapter: longest wait for another client's step
 
 
@@ -38,8 +44,15 @@ class ServerHalf:
     """Runs blocks ``[cut, L)`` (and the head in the plain split) for one client's session."""
 
     def __init__(self, model: torch.nn.Module, options: SplitOptions, learning_rate: float, weight_decay: float, pad_id: int, device: str = "cpu",
-                 step_lock: threading.Lock | None = None) -> None:
+                 step_lock: threading.Lock | None = None, step_limit: int | None = None, steps_started: int = 0) -> None:
+        """``step_limit``: the steps the client may start in the round, its earlier sessions'
+        ``steps_started`` included (None: no bound, for in-process use such as tests, where the
+        caller is the device itself; the coordinator always sets it)."""
         self.model, self.options, self.pad_id = model, options, pad_id
+        if step_limit is not None and step_limit < 1:
+            raise ValueError(f"step_limit must be at least 1, got {step_limit}")
+        self.step_limit = step_limit
+        self.started = steps_started  # steps the client started in this round (every session)
         # Shared server adapter: the lock this session holds for the length of one step.
         self.step_lock, self._holding = step_lock, False
         self.device = torch.device(device)
@@ -59,13 +72,24 @@ class ServerHalf:
         self._pending: tuple | None = None  # U-shaped: the step between its two messages
         self.steps = 0
 
+    def admit(self, header: pb.SplitHeader) -> None:
+        """Refuse (CoordinatorError FAILED_PRECONDITION) a message that would start a step past
+        ``step_limit``. Only reads the header: a caller may call it before reading the message's
+        tensors, and ``handle`` calls it before anything else."""
+        if header.kind == pb.SPLIT_KIND_ACTIVATIONS and self._pending is None and self.step_limit is not None and self.started >= self.step_limit:
+            raise CoordinatorError("FAILED_PRECONDITION", f"step {header.step} refused: over the split step limit, at most {self.step_limit} steps "
+                                                          f"per client and round (training.local_steps), all started already")
+
     def handle(self, header: pb.SplitHeader, tensors: Mapping[str, torch.Tensor]) -> tuple[pb.SplitHeader, list[EncodedTensor]]:
-        """Answer one message of the client; ProtocolError for anything that does not fit."""
+        """Answer one message of the client; ProtocolError for anything that does not fit,
+        CoordinatorError for a step over the limit (``admit``)."""
+        self.admit(header)
         started = time.perf_counter()
         try:
             if header.kind == pb.SPLIT_KIND_ACTIVATIONS:
                 if self._pending is None:
                     self._lock_step()
+                    self.started += 1  # counted once started: a step that fails still cost its work
                 kind, out, metrics = self._activations(header.step, tensors)
             elif header.kind == pb.SPLIT_KIND_GRADIENTS:
                 kind, out, metrics = self._gradients(header.step, tensors)
@@ -85,7 +109,9 @@ class ServerHalf:
         if set(tensors) != names:
             raise ProtocolError(f"activations message has tensors {sorted(tensors)}, expected {sorted(names)}")
         mask = tensors["mask"]
-        if mask.dim() != 2 or mask.dtype != torch.uint8 or mask.numel() > MAX_TOKENS or ((mask != 0) & (mask != 1)).any():
+        # Its size is bounded before it is read, by the session's SplitAllowance (the run's batch
+        # size x max length, fedtune.split.wire): here only its form and values.
+        if mask.dim() != 2 or mask.dtype != torch.uint8 or ((mask != 0) & (mask != 1)).any():
             raise ProtocolError(f"the mask must be a batch x length uint8 matrix of 0 and 1, got {list(mask.shape)} {mask.dtype}")
         mask = mask.bool().to(self.device)
         check_rows(tensors["hidden"], mask, self.channels, "hidden")

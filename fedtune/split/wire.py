@@ -187,6 +187,70 @@ class SplitAllowance:
             raise ProtocolError(f"tensor {name} is {size} bytes, over this session's limit of {limit}")
 
 
+@dataclass(frozen=True)
+class ReplyAllowance:
+    """What the coordinator's answer to one message of the device may carry, from what the
+    device sent (``answering``): exactly one tensor of the rows the device sent, ``[rows,
+    channels]`` of a float dtype of at most 4 bytes, in a message of ``kind`` for ``step``.
+
+    The answer to activations is the gradient of the hidden rows sent (``grad``, a GRADIENTS
+    message) or, in the U-shaped split where no labels travel, the top blocks' hidden states at
+    the same tokens (``hidden``, an ACTIVATIONS message); the answer to the head's gradients is
+    the gradient at the cut (``grad``). Each has the shape of the rows the device sent (hidden
+    states keep their width through the blocks). ``Receiver.read`` checks the answer's header and
+    its tensor's header against this before reading the payload, so what a coordinator can make
+    the device allocate is at most ``message_bytes = 4 * rows * channels + 8 * (rows + channels)
+    + slack_bytes`` (the compressed codecs' per-row or per-channel minimum and step, 8 bytes
+    each, and their bit maps fit the slack), whatever it claims."""
+
+    kind: int
+    name: str
+    step: int
+    rows: int
+    channels: int
+    slack_bytes: int = 4096
+
+    @classmethod
+    def answering(cls, header: pb.SplitHeader, tensors: list[EncodedTensor]) -> ReplyAllowance:
+        """The allowance for the coordinator's answer to the message ``header`` + ``tensors``
+        that the device is about to send."""
+        sent = {t.header.name: t.header for t in tensors}
+        if header.kind == pb.SPLIT_KIND_ACTIVATIONS:
+            # labels travel when the coordinator runs the head: it answers with the gradient
+            kind, name = (pb.SPLIT_KIND_GRADIENTS, "grad") if "labels" in sent else (pb.SPLIT_KIND_ACTIVATIONS, "hidden")
+            rows = sent.get("hidden")
+        elif header.kind == pb.SPLIT_KIND_GRADIENTS:
+            kind, name, rows = pb.SPLIT_KIND_GRADIENTS, "grad", sent.get("grad")
+        else:
+            raise ValueError(f"the device does not send {_enum_name(pb.SplitKind, header.kind)} messages")
+        if rows is None or len(rows.shape) != 2:
+            raise ValueError(f"a {pb.SplitKind.Name(header.kind)} message of the device carries an N x C matrix, got {sorted(sent)}")
+        return cls(kind, name, int(header.step), int(rows.shape[0]), int(rows.shape[1]))
+
+    @property
+    def message_bytes(self) -> int:
+        return 4 * self.rows * self.channels + 8 * (self.rows + self.channels) + self.slack_bytes
+
+    def check_message(self, header: pb.SplitHeader) -> None:
+        if header.kind != self.kind or header.step != self.step or header.num_tensors != 1:
+            raise ProtocolError(f"the coordinator answered step {self.step} with a {_enum_name(pb.SplitKind, header.kind)} message for step "
+                                f"{header.step} of {header.num_tensors} tensors, expected {pb.SplitKind.Name(self.kind)} [{self.name!r}]")
+
+    def check_tensor(self, kind: int, header: pb.TensorHeader) -> None:
+        """Refuse the answer's tensor unless its header fits what was sent, before anything is
+        allocated for it."""
+        shape = list(header.shape)
+        if header.slot or header.name != self.name or header.dtype not in ROW_DTYPES or shape != [self.rows, self.channels]:
+            raise ProtocolError(
+                f"the coordinator's answer must be {self.name!r} [{self.rows}, {self.channels}] (the rows this device sent) of "
+                f"float32/float16/bfloat16, got {shown(header.name) if header.name else f'slot {header.slot}'} {_dims(shape)} of "
+                f"{_enum_name(pb.DType, header.dtype)}"
+            )
+        size = max(header.payload_bytes, decoded_bytes(header))
+        if size > self.message_bytes:
+            raise ProtocolError(f"the coordinator's {self.name} is {size} bytes, over the limit of {self.message_bytes} for [{self.rows}, {self.channels}]")
+
+
 def _dims(shape: list[int]) -> str:
     return f"{shape[:4]} (+{len(shape) - 4} more dims)" if len(shape) > 4 else str(shape)
 
@@ -201,13 +265,14 @@ def _enum_name(enum, value: int) -> str:
 class Receiver:
     """Decodes one side's incoming messages; keeps each AMAQ stream's last widths.
 
-    ``allowance`` (the coordinator's side): each message's header and each tensor's header are
-    checked against it before the tensor's payload is read (see ``SplitAllowance``).
+    ``allowance``: each message's header and each tensor's header are checked against it before
+    the tensor's payload is read: on the coordinator's side the session's ``SplitAllowance``, on
+    the device's side a ``ReplyAllowance`` for each answer (fedtune.split.link).
     ``min_chunk_bytes`` (0: no bound): a tensor's payload may come in at most ``payload_bytes //
     min_chunk_bytes + 1`` chunks (``TensorReceiver``), so a message of P payload bytes in k
     tensors is at most ``1 + 2k + P // min_chunk_bytes`` frames."""
 
-    def __init__(self, max_bytes: int = 1 << 30, allowance: SplitAllowance | None = None, min_chunk_bytes: int = 0) -> None:
+    def __init__(self, max_bytes: int = 1 << 30, allowance: SplitAllowance | ReplyAllowance | None = None, min_chunk_bytes: int = 0) -> None:
         self.widths: dict[str, torch.Tensor] = {}
         self.max_bytes = max_bytes
         self.allowance = allowance
