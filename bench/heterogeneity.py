@@ -44,6 +44,7 @@ TIER_ORDER = ("phone", "laptop", "server")
 def base_config(rounds: int, clients_per_tier: int, lr: float, run_dir: str) -> RunConfig:
     config = RunConfig()
     config.federation.rounds = rounds
+    config.federation.client_correction = "none"  # the rows compare aggregation rules alone
     config.training.learning_rate = lr
     config.simulation.tiers = [t for t in TIER_ORDER for _ in range(clients_per_tier)]
     config.simulation.clients = len(config.simulation.tiers)

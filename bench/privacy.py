@@ -42,7 +42,7 @@ from fedtune.simulation.runner import run_simulation
 
 def run(level: str, variant: str, eps: float, args, tmp: str) -> dict:
     config = RunConfig()
-    config.federation.strategy = "fedavg"
+    config.federation.strategy, config.federation.client_correction = "fedavg", "none"
     config.federation.rounds = args.rounds
     config.lora.variant = variant
     config.simulation.eval_examples = 1000

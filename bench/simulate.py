@@ -32,6 +32,7 @@ def workload_config(rounds: int, run_dir: str):
     config.lora.target_modules = ["query", "value"]
     config.training.local_steps, config.training.batch_size, config.training.learning_rate = 20, 16, 1e-3
     config.federation.rounds, config.federation.strategy = rounds, "fedavg"  # the plain loop below is FedAvg
+    config.federation.client_correction = "none"
     config.simulation.clients, config.simulation.partition, config.simulation.alpha = 5, "dirichlet", 0.5
     config.simulation.eval_examples = 1000
     config.run_dir = run_dir

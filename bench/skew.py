@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedtune.aggregation import STRATEGIES
 from fedtune.config import RunConfig
 from fedtune.options import parse_scalar
 from fedtune.simulation.runner import run_simulation
@@ -67,6 +68,8 @@ def federated(strategy: str, setting: str, rounds: int, tmp: str, eval_examples:
     config = config_for(setting, rounds, str(Path(tmp) / f"{strategy}-{setting}".replace(":", "_")), eval_examples)
     config.federation.strategy = name
     config.federation.options = options
+    if STRATEGIES.get(name).axis != "client-correction":  # a row names one method: no default correction beside it
+        config.federation.client_correction = "none"
     if lr:
         config.training.learning_rate = lr
     result = run_simulation(config)

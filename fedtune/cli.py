@@ -31,6 +31,9 @@ COMMON_KEYS = {
     "rounds": "federation.rounds",
     "clients_per_round": "federation.clients_per_round",
     "strategy": "federation.strategy",
+    "aggregation": "federation.aggregation",
+    "server_opt": "federation.server_opt",
+    "client_correction": "federation.client_correction",
     "round_timeout": "federation.round_timeout_s",
     "max_rank": "planner.max_rank",
     "min_rank": "planner.min_rank",
@@ -63,6 +66,9 @@ COORDINATOR_KEYS = {
     "tls_key": "server.tls_key",
     "tls_client_ca": "server.tls_client_ca",
     "enrollment_secret_file": "server.enrollment_secret_file",
+    "enrollment_secrets_file": "server.enrollment_secrets_file",
+    "max_clients_per_credential": "server.max_clients_per_credential",
+    "bind_names": "server.bind_names",
 }
 SIMULATION_KEYS = {
     "clients": "simulation.clients",
@@ -88,8 +94,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (the update is scaled by alpha/rank)")
     p.add_argument("--rounds", type=int, help="federated rounds")
     p.add_argument("--clients-per-round", type=int, help="clients trained per round (0: all)")
-    p.add_argument("--strategy", help="strategy by name (`fedtune strategies` lists them with their options); default: fedlc for seq-cls, fedavg for causal-lm")
-    p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="a strategy option, e.g. -o server_lr=0.01 -o inner=hetlora (repeatable)")
+    p.add_argument("--aggregation", help="the aggregation rule: fedavg (default), hetlora, flexlora, flora, fedkseed")
+    p.add_argument("--server-opt", help="a server optimizer around it: fedavgm, fedadam, fedyogi, or none (default)")
+    p.add_argument("--client-correction", help="a change of the clients' objective: fedlc, fedprox, scaffold, or none; "
+                                               "default: fedlc for seq-cls where the run can take it, none for causal-lm")
+    p.add_argument("--strategy", help="shorthand: one name that sets the choice it belongs to (--strategy hetlora is --aggregation hetlora); "
+                                      "`fedtune strategies` lists them with their options")
+    p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="an option of the chosen strategies, e.g. -o server_lr=0.01 -o tau=0.5 (repeatable)")
     p.add_argument("--codec", help="codec of the clients' updates (`fedtune codecs` lists them): fp16, bf16, int8, int4, compeft, randsign, projection, ...")
     p.add_argument("--codec-option", action="append", metavar="KEY=VALUE", help="an option of the uplink codec, e.g. --codec-option density=0.05 (repeatable)")
     p.add_argument("--k", type=int, help="directions per block of --codec projection (shorthand for --codec-option k=K)")
@@ -150,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--clients", type=int, help="number of simulated clients")
     sim.add_argument("--data", help="training data (JSONL/CSV/text); default: the embedded tweet corpus")
     sim.add_argument("--partition", help="iid or dirichlet")
-    sim.add_argument("--alpha", dest="dirichlet_alpha", type=float, help="Dirichlet concentration of --partition dirichlet (smaller = more skewed)")
+    sim.add_argument("--dirichlet-alpha", dest="dirichlet_alpha", type=float, help="Dirichlet concentration of --partition dirichlet (smaller = more skewed)")
     sim.add_argument("--eval-examples", type=int, help="examples held out for evaluation when --eval-data is not given")
     sim.add_argument("--parallel", type=int, help="clients training at the same time")
     sim.add_argument("--tiers", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], help="device tiers cycled over the clients, e.g. phone,laptop,server")
@@ -169,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--insecure", action="store_true", default=None, help="allow plaintext on a non-loopback address")
     coord.add_argument("--enrollment-secret-file", help="file holding the secret a client must present to register (or set FEDTUNE_ENROLLMENT_SECRET)")
     coord.add_argument("--enrollment-secret", action=_RefuseSecret, help=argparse.SUPPRESS)
+    coord.add_argument("--enrollment-secrets-file", help="per-device enrollment secrets: a file of `name secret` lines; a client registers only under "
+                       "a name whose secret it presents (the shared secret is then not accepted); re-read when it changes")
+    coord.add_argument("--max-clients-per-credential", type=int, help="client records one party (client certificate, per-device secret or "
+                       "remote address) may hold (default 4; 0: no limit)")
+    coord.add_argument("--bind-names", metavar="cert", help="cert: with mutual TLS, a client registers only as its certificate's common name "
+                       "or CN-<suffix>; \"\" (default): names are free")
     coord.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     coord.add_argument("--force", action="store_true", help="a --run-dir that is not empty: move its contents aside to <run-dir>.old-<timestamp> and start afresh")
 
@@ -281,7 +298,9 @@ def _config_from_args(args: argparse.Namespace, keys: dict[str, str]) -> RunConf
                 setattr(config.privacy, client_key, value)
             if mode in ("sample", "both"):
                 setattr(config.privacy, sample_key, value)
-    return config.validate()
+    from fedtune.compose import checked
+
+    return checked(config)
 
 
 def _setup_logging(verbose: int, command: str, fmt: str | None) -> None:
@@ -506,9 +525,24 @@ def _print_registry(registry) -> None:
 
 
 def cmd_strategies(args: argparse.Namespace) -> int:
-    from fedtune.aggregation import STRATEGIES
+    """The strategies by the choice each is made for (aggregation rule, client correction,
+    server optimizer), with their options."""
+    import dataclasses
 
-    _print_registry(STRATEGIES)
+    from fedtune.aggregation import STRATEGIES
+    from fedtune.compose import AXES, AXIS_KEYS
+
+    for axis in AXES:
+        print(f"{axis} ({AXIS_KEYS[axis]}, --{axis}):")
+        for name in STRATEGIES.names():
+            cls = STRATEGIES.get(name)
+            if cls.axis != axis:
+                continue
+            doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+            print(f"  {name}: {doc}")
+            for f in dataclasses.fields(cls.Options):
+                if f.name != "inner":
+                    print(f"      {f.name} = {f.default!r}")
     return 0
 
 

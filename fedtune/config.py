@@ -32,10 +32,6 @@ DP_MODES = ("", "client", "sample", "both")
 # pretrained weight's SVD, a rank x rank core trained and sent).
 LORA_VARIANTS = ("lora", "ffa", "fedsvd", "fedsb")
 
-# The strategy a run uses when the config names none, by task (chosen from bench/skew.py).
-DEFAULT_STRATEGY = {"seq-cls": "fedlc", "causal-lm": "fedavg"}
-
-
 @dataclass
 class ModelConfig:
     # An embedded model name ("minilm", "smollm2"), a transformers model folder, or a .gguf file.
@@ -86,15 +82,27 @@ class FederationSection:
     round_timeout_s: float = 600.0
     # A selected client silent for this long (no call, no heartbeat) is counted as dropped.
     client_timeout_s: float = 120.0
-    # Strategy by name (`fedtune strategies` lists them). Empty: the task's default, fedlc for
-    # seq-cls (label skew is the rule with real clients; bench/skew.py), fedavg for causal-lm.
+    # Three independent choices (`fedtune strategies` lists them by kind), each empty for its
+    # default:
+    # - aggregation: the rule that folds the clients' updates: fedavg (default), hetlora,
+    #   flexlora, flora (heterogeneous ranks), fedkseed (zeroth-order, seeds and scalars);
+    # - server_opt: a server optimizer around it: fedavgm, fedadam, fedyogi ("none": default);
+    # - client_correction: a change of the clients' objective: fedlc, fedprox, scaffold
+    #   ("none"). Default: fedlc for seq-cls (label skew is the rule with real clients;
+    #   bench/skew.py) wherever the rest of the run can take it, none for causal-lm.
+    aggregation: str = ""
+    server_opt: str = ""
+    client_correction: str = ""
+    # Shorthand: one name that sets the choice it belongs to (`strategy = "hetlora"` is
+    # `aggregation = "hetlora"`, `strategy = "fedadam"` is `server_opt = "fedadam"`); the
+    # other two keep their defaults.
     strategy: str = ""
-    # The strategy's options, checked against its options dataclass (`fedtune strategies` lists
-    # them). Wrapping strategies take `inner`, the strategy they wrap, and pass the options they
-    # do not know to it. Example:
+    # The options of the chosen parts in one table, each key going to the part that has it
+    # (`fedtune strategies` lists them), for example:
     #   [federation.options]
-    #   server_lr = 0.01
-    #   inner = "hetlora"
+    #   server_lr = 0.01   # fedadam's
+    #   tau = 0.5          # fedlc's
+    # `inner = NAME` (older configs: the strategy a wrapper wraps) sets that name's choice too.
     options: dict[str, Any] = field(default_factory=dict)
     # FedSA-LoRA: only the A matrices (and trained heads) are shared; each client keeps its B.
     # Refused at start by strategies that need B (flexlora, flora).
@@ -341,89 +349,21 @@ class RunConfig:
     run_dir: str = ""
     seed: int = 0
 
-    def build_strategy(self, scale: float | None = None):
-        """The configured strategy (wrapped for FedSA-LoRA when ``share_a``, and for update
-        codecs when ``[compression]`` names one); raises OptionsError naming the option that is
-        wrong."""
-        from fedtune.aggregation import build_strategy
-        from fedtune.aggregation.fedsa import FedSA, FedSAOptions
-
-        scale = self.lora.alpha / self.lora.rank if scale is None else scale
-        name = self.federation.strategy or ("fedavg" if self.split.mode == "split" else DEFAULT_STRATEGY.get(self.model.task, "fedavg"))
-        strategy = build_strategy(name, self.federation.options, scale=scale, seed=self.seed)
-        # The adapter variant wraps the strategy first, so client-level DP (outside it) clips and
-        # noises only the tensors clients train (not FFA's frozen A, not Fed-SB's fixed factors).
-        if self.lora.variant != "lora":
-            from fedtune.aggregation.fedsb import FedSB
-            from fedtune.aggregation.ffa import FedSVD, FFALoRA
-
-            strategy = {"ffa": FFALoRA, "fedsvd": FedSVD, "fedsb": FedSB}[self.lora.variant](strategy, scale=scale, seed=self.seed)
-        # Client-level DP sits inside sample-level DP: the latter reads each real update's
-        # accountant figures before the former folds them into one noised mean.
-        p = self.privacy
-        if p.dp in ("client", "both"):
-            from fedtune.aggregation.dp_fedavg import ClientDP, ClientDPOptions
-            from fedtune.options import build_options
-
-            options = build_options(ClientDPOptions, {
-                "clip": p.clip, "noise_multiplier": p.noise_multiplier, "delta": p.delta, "accountant": p.accountant,
-                "adaptive": p.adaptive_clip, "target_quantile": p.target_quantile, "repeatable": p.repeatable,
-                "epsilon_budget": p.epsilon_budget, "target_epsilon": p.target_epsilon, "rounds": self.federation.rounds,
-            }, "privacy")
-            strategy = ClientDP(strategy, options, scale=scale, seed=self.seed)
-        if p.dp in ("sample", "both"):
-            from fedtune.aggregation.sample_dp import SampleDP, SampleDPOptions
-            from fedtune.options import build_options
-
-            options = build_options(SampleDPOptions, {"clip": p.sample_clip, "noise_multiplier": p.sample_noise_multiplier, "delta": p.delta, "budget": p.epsilon_budget,
-                                                     "target_epsilon": p.target_epsilon, "total_steps": self.federation.rounds * self.training.local_steps,
-                                                     "repeatable": p.repeatable, "allow_large_delta": p.allow_large_delta}, "privacy (sample level)")
-            strategy = SampleDP(strategy, options, scale=scale, seed=self.seed)
-        if self.federation.share_a:
-            strategy = FedSA(strategy, FedSAOptions(self.federation.personal_eval), scale=scale, seed=self.seed)
-        if self.split.mode == "split":
-            from fedtune.aggregation.splitfed import SplitFed, SplitFedOptions
-            from fedtune.options import build_options
-
-            sp = self.split
-            anneal = sp.anneal_steps or max(1, self.federation.rounds * self.training.local_steps // 2)
-            fields = {k: v for k, v in dataclasses.asdict(sp).items() if k not in ("mode", "server_adapter", "server_gflops")}
-            options = build_options(SplitFedOptions, {**fields, "anneal_steps": anneal, "local_steps": self.training.local_steps}, "split")
-            strategy = SplitFed(strategy, options, scale=scale, seed=self.seed)
-        c = self.compression
-        if c.uplink or c.downlink:
-            from fedtune.aggregation.compress import Compress
-            from fedtune.compression import make_codec
-
-            uplink = make_codec(c.uplink, c.uplink_options) if c.uplink else None
-            downlink = make_codec(c.downlink, c.downlink_options) if c.downlink else None
-            strategy = Compress(strategy, uplink, downlink, error_feedback=c.error_feedback)
-        return strategy
-
     def validate(self) -> "RunConfig":
-        """Check value ranges and names; raise ConfigError naming the key."""
-        from fedtune.aggregation import STRATEGIES
-        from fedtune.options import OptionsError
-        from fedtune.simulation.partition import PARTITIONS
-        from fedtune.tasks import TASKS
-
-        _check(self.model.task in TASKS, "model.task", f"unknown task {self.model.task!r}; choose one of: {', '.join(TASKS.names())}")
+        """Check value ranges; raise ConfigError naming the key. The schema alone: the names
+        of registered parts (tasks, strategies, codecs, partitions) and whether the chosen parts
+        work together are checked by ``fedtune.compose.checked``, which every command runs."""
         _check(self.model.max_length >= 8, "model.max_length", "must be at least 8")
         _check(len(set(self.model.labels)) == len(self.model.labels), "model.labels", "labels must be distinct")
         _check(self.lora.rank >= 1, "lora.rank", "must be at least 1")
         _check(self.lora.alpha > 0, "lora.alpha", "must be positive")
         _check(0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
         _check(self.lora.variant in LORA_VARIANTS, "lora.variant", f"unknown variant {self.lora.variant!r}; choose one of: {', '.join(LORA_VARIANTS)}")
-        _check(not (self.lora.variant in ("ffa", "fedsvd") and self.federation.share_a), "lora.variant", f"{self.lora.variant} sends only B and federation.share_a only A: nothing LoRA would be shared")
-        _check(not (self.lora.variant == "fedsb" and self.federation.share_a), "lora.variant", "fedsb sends only the cores R and federation.share_a only A: nothing LoRA would be shared")
         _check(self.split.mode in ("federated", "split"), "split.mode", f"must be federated or split, got {self.split.mode!r}")
         _check(self.split.cut >= 1, "split.cut", "must be at least 1")
         _check(self.split.head in ("client", "server"), "split.head", f"must be client or server, got {self.split.head!r}")
         _check(self.split.server_gflops >= 0, "split.server_gflops", "must be >= 0")
         _check(self.split.server_adapter in ("copies", "shared"), "split.server_adapter", f"must be copies or shared, got {self.split.server_adapter!r}")
-        if self.split.mode == "split":
-            _check(not self.privacy.dp and not (self.compression.uplink or self.compression.downlink) and not self.federation.share_a and self.lora.variant == "lora",
-                   "split.mode", "split training does not combine with dp, update codecs, share_a or lora variants yet")
         _check(all(i >= 0 for i in self.lora.layers), "lora.layers", "layer indices must be >= 0")
         _check(self.training.local_steps >= 1, "training.local_steps", "must be at least 1")
         _check(self.training.batch_size >= 1, "training.batch_size", "must be at least 1")
@@ -441,12 +381,6 @@ class RunConfig:
         _check(self.server.max_clients_per_credential >= 0, "server.max_clients_per_credential", "must be >= 0 (0: no limit)")
         _check(self.server.bind_names in ("", "cert"), "server.bind_names", f"must be \"\" or \"cert\", got {self.server.bind_names!r}")
         _check(not self.server.bind_names or bool(self.server.tls_client_ca), "server.bind_names", "\"cert\" needs mutual TLS (server.tls_client_ca)")
-        if self.server.enrollment_secrets_file:
-            from fedtune.coordinator.clients import load_enrollment_secrets
-            try:
-                load_enrollment_secrets(self.server.enrollment_secrets_file)
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"server.enrollment_secrets_file: {exc}") from None
         _check(self.server.per_client_calls >= 1, "server.per_client_calls", "must be at least 1")
         _check(self.server.stream_deadline_s > 0, "server.stream_deadline_s", "must be positive")
         _check(self.server.request_timeout_s > 0, "server.request_timeout_s", "must be positive")
@@ -460,24 +394,10 @@ class RunConfig:
         _check(self.federation.update_norm_bound >= 0, "federation.update_norm_bound", "must be >= 0 (0: no bound)")
         _check(self.federation.update_norm_action in ("clip", "refuse"), "federation.update_norm_action", f"must be clip or refuse, got {self.federation.update_norm_action!r}")
         _check(self.federation.client_timeout_s > 0, "federation.client_timeout_s", "must be positive")
-        if not self.federation.strategy:  # split mode trains with plain FedAvg on both halves
-            self.federation.strategy = "fedavg" if self.split.mode == "split" else DEFAULT_STRATEGY.get(self.model.task, "fedavg")
-        _check(
-            self.federation.strategy in STRATEGIES,
-            "federation.strategy",
-            f"unknown strategy {self.federation.strategy!r}; choose one of: {', '.join(STRATEGIES.names())}",
-        )
-        self._check_compression()
         _check(self.privacy.dp in DP_MODES, "privacy.dp", f"unknown mode {self.privacy.dp!r}; choose one of: {', '.join(repr(m) for m in DP_MODES)}")
-        try:
-            self.build_strategy()
-        except OptionsError as exc:
-            text = str(exc)
-            if text.startswith(("client-level DP", "sample-level DP")):
-                text = f"privacy.dp: {text}"
-            elif not text.startswith(("privacy", "compression.", "lora.", "federation.", "split")):
-                text = f"federation.options: {text}"
-            raise ConfigError(text) from None
+        for direction in ("uplink", "downlink"):
+            _check(bool(getattr(self.compression, direction)) or not getattr(self.compression, direction + "_options"),
+                   f"compression.{direction}_options", f"given without compression.{direction}")
         _check(0 <= self.federation.personal_eval < 1, "federation.personal_eval", "must be in [0, 1)")
         _check(self.export.rank >= 0, "export.rank", "must be >= 0")
         _check(1 <= self.planner.min_rank <= self.planner.max_rank, "planner.min_rank", "must be between 1 and planner.max_rank")
@@ -496,34 +416,12 @@ class RunConfig:
         _check(self.server.chunk_bytes >= 1024, "server.chunk_bytes", "must be at least 1024")
         _check(self.server.chunk_bytes <= 4 * 1024**2 - 4096, "server.chunk_bytes", "must stay under gRPC's 4 MiB message cap")
         _check(self.server.max_update_bytes >= 1, "server.max_update_bytes", "must be positive")
-        _check(self.server.max_workers >= 4, "server.max_workers", "must be at least 4")
         _check(self.simulation.clients >= 1, "simulation.clients", "must be at least 1")
-        _check(
-            self.simulation.partition in PARTITIONS,
-            "simulation.partition",
-            f"unknown partition {self.simulation.partition!r}; choose one of: {', '.join(PARTITIONS.names())}",
-        )
         _check(self.simulation.alpha > 0, "simulation.alpha", "must be positive")
         _check(self.simulation.eval_examples >= 0, "simulation.eval_examples", "must be >= 0")
         _check(self.simulation.parallel >= 1, "simulation.parallel", "must be at least 1")
         _check(self.seed >= 0, "seed", "must be >= 0")
         return self
-
-
-    def _check_compression(self) -> None:
-        from fedtune.compression import make_codec
-        from fedtune.options import OptionsError
-        from fedtune.registry import UnknownNameError
-
-        for direction in ("uplink", "downlink"):
-            name = getattr(self.compression, direction)
-            if name:
-                try:
-                    make_codec(name, getattr(self.compression, direction + "_options"))
-                except (OptionsError, UnknownNameError) as exc:
-                    raise ConfigError(f"compression.{direction}: {exc}") from None
-            elif getattr(self.compression, direction + "_options"):
-                raise ConfigError(f"compression.{direction}_options: given without compression.{direction}")
 
 
 def _check(ok: bool, key: str, message: str) -> None:

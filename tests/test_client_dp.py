@@ -9,10 +9,11 @@ import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 
+from fedtune.contract.properties import CompositionError
+from fedtune.compose import check_chain, checked
 from fedtune.aggregation import ClientUpdate, build_strategy
 from fedtune.aggregation.dp_fedavg import CLIP, HISTORY, ClientDP, ClientDPOptions
 from fedtune.config import ConfigError, RunConfig
-from fedtune.options import OptionsError
 from fedtune.privacy import clip_update, epsilon, update_norm
 from fedtune.privacy.client_level import noise_split
 
@@ -119,18 +120,18 @@ def test_bad_settings_and_unwrappable_strategies_are_refused_at_start():
         with pytest.raises(ValueError, match=message):
             ClientDPOptions(**kwargs)
     for name in ("hetlora", "flexlora", "flora", "scaffold", "fedkseed"):
-        with pytest.raises(OptionsError, match=f"cannot wrap strategy {name}"):
-            ClientDP(build_strategy(name), ClientDPOptions())
+        with pytest.raises(CompositionError, match=f"strategy client-dp cannot be combined with strategy {name}"):
+            check_chain(ClientDP(build_strategy(name), ClientDPOptions()))
     config = RunConfig()
     config.privacy.dp, config.privacy.noise_multiplier = "client", -0.5
     with pytest.raises(ConfigError, match="privacy: option 'noise_multiplier'|noise_multiplier must be >= 0"):
-        config.validate()
+        checked(config)
     config.privacy.noise_multiplier, config.federation.strategy = 1.0, "flexlora"
-    with pytest.raises(ConfigError, match="privacy.dp: client-level DP cannot wrap strategy flexlora"):
-        config.validate()
+    with pytest.raises(ConfigError, match="privacy.dp client \\(client level\\) cannot be combined with federation.strategy flexlora \\(mixed-shapes\\)"):
+        checked(config)
     config.federation.strategy, config.privacy.dp = "fedavg", "sample-level"
     with pytest.raises(ConfigError, match="unknown mode 'sample-level'"):
-        config.validate()
+        checked(config)
 
 
 def test_adaptive_clipping_accounts_the_combined_mechanism_found_by_brute_force():
@@ -197,7 +198,7 @@ def test_client_level_dp_over_grpc_samples_the_poisson_way_learns_and_counts_eve
     config.federation.round_timeout_s = 60
     config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(800, seed=1))
     config.eval.data = _write_jsonl(tmp_path / "eval.jsonl", sentiment_examples(200, seed=2))
-    result = run_simulation(config.validate())
+    result = run_simulation(checked(config))
     assert not result.client_errors
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
@@ -242,7 +243,7 @@ def test_a_run_without_dp_says_so_and_a_bad_directory_is_named(tmp_path, tiny_ll
 
     config = _config(tmp_path, tiny_llama, "seq-cls", rounds=1)
     config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(120, seed=1))
-    result = run_simulation(config.validate())
+    result = run_simulation(checked(config))
     assert main(["privacy-report", str(result.run_dir)]) == 0
     report = json.loads((result.run_dir / "privacy.json").read_text())
     assert report["client_level"] is None and report["sample_level"] == {}
@@ -279,7 +280,7 @@ def test_a_run_configured_past_its_budget_stops_at_the_right_round(tmp_path, tin
     config.federation.strategy = "fedavg"
     config.privacy.dp, config.privacy.noise_multiplier, config.privacy.epsilon_budget = "client", 2.0, 3.0
     config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(120, seed=1))
-    result = run_simulation(config.validate())
+    result = run_simulation(checked(config))
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     expected = next(n for n in range(1, 100) if epsilon([(2.0, 1.0, n)], 1e-5) > 3.0) - 1
     assert 0 < expected < 10 and len(rows) == expected

@@ -9,6 +9,7 @@ import grpc
 import pytest
 import torch
 
+from fedtune.compose import checked
 from fedtune.compression import make_codec
 from fedtune.coordinator.guard import credentials
 from fedtune.protocol import fedtune_pb2 as pb
@@ -30,7 +31,7 @@ def _run(tmp_path, small_llama, uplink: str, options: dict | None = None, downli
     config.eval.data = _write_jsonl(tmp_path / "eval.jsonl", sentiment_examples(200, seed=2))
     config.compression.uplink, config.compression.uplink_options = uplink, options or {}
     config.compression.downlink = downlink
-    result = run_simulation(config.validate())
+    result = run_simulation(checked(config))
     assert not result.client_errors
     return [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -102,7 +103,7 @@ def test_bad_compressed_updates_get_invalid_argument_and_the_round_goes_on(tmp_p
     else:
         config.federation.strategy = "fedavg"
         config.compression.uplink, config.compression.uplink_options = "projection", {"k": 4, "block": 64}
-    with live_coordinator(config.validate(), eval_examples=[]) as (coordinator, stub, engine):
+    with live_coordinator(checked(config), eval_examples=[]) as (coordinator, stub, engine):
         reply = stub.Register(pb.RegisterRequest(name="rogue", num_examples=10), timeout=10)
         cid, token = reply.client_id, reply.token
         header, received = fetch_task(stub, cid, token)

@@ -6,12 +6,13 @@ import tomllib
 
 import pytest
 
+from fedtune.compose import checked, compose
 from fedtune.cli import main
 from fedtune.config import ConfigError, RunConfig, config_from_dict, config_to_toml, load_config
 
 
 def test_defaults_are_valid_and_survive_a_toml_round_trip():
-    config = RunConfig().validate()
+    config = checked(RunConfig())
     assert config_from_dict(tomllib.loads(config_to_toml(config))) == config
 
 
@@ -32,9 +33,9 @@ def test_a_file_only_needs_the_keys_it_changes(tmp_path):
         ("[training]\nlocal_steps = 0\n", "training.local_steps: must be at least 1"),
         ("[federation]\nstrategy = 'fedavgg'\n", "federation.strategy: unknown strategy 'fedavgg'; choose one of: fedadam, fedavg"),
         ("[federation]\nquorum = 1.5\n", "federation.quorum: must be in (0, 1]"),
-        ("[federation]\nstrategy = 'fedadam'\n[federation.options]\nserver_lr = 'big'\n", "federation.options: strategy fedadam: option 'server_lr': expected a number, got 'big'"),
-        ("[federation]\nstrategy = 'hetlora'\n[federation.options]\nweightng = 'norm'\n", "federation.options: strategy hetlora: unknown option 'weightng'"),
-        ("[federation]\nstrategy = 'flexlora'\nshare_a = true\n", "federation.share_a: flexlora averages the products"),
+        ("[federation]\nstrategy = 'fedadam'\n[federation.options]\nserver_lr = 'big'\n", "federation.options (fedadam): option 'server_lr': expected a number, got 'big'"),
+        ("[federation]\nstrategy = 'hetlora'\n[federation.options]\nweightng = 'norm'\n", "federation.options: unknown option 'weightng' for this run's strategies (valid options: hetlora: "),
+        ("[federation]\nstrategy = 'flexlora'\nshare_a = true\n", "federation.strategy flexlora cannot be combined with federation.share_a (b-kept-on-device): flexlora averages the products"),
         ("[federation]\noptions = 3\n", "federation.options: expected a table"),
         ("[model]\ntask = 'seq2seq'\n", "model.task: unknown task 'seq2seq'"),
         ("[lora]\nlayers = [1, 'x']\n", "lora.layers[1]: expected an integer"),
@@ -47,7 +48,7 @@ def test_bad_config_files_name_the_key(tmp_path, text, message):
     path = tmp_path / "run.toml"
     path.write_text(text)
     with pytest.raises(ConfigError) as info:
-        load_config(path)
+        checked(load_config(path))
     assert message in str(info.value)
 
 
@@ -57,20 +58,21 @@ def test_strategy_options_from_a_file_and_from_flags(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text("[federation]\nstrategy = 'fedadam'\n[federation.options]\ninner = 'hetlora'\nserver_lr = 0.05\n")
     config = load_config(path)
-    strategy = config.build_strategy()
-    assert strategy.options.server_lr == 0.05 and strategy.inner.name == "hetlora" and strategy.heterogeneous
+    strategy = compose(config)
+    assert [link.name for link in strategy.chain()] == ["fedadam", "fedlc", "hetlora"]  # the task's default correction stays
+    assert strategy.options.server_lr == 0.05 and strategy.heterogeneous
     assert config_from_dict(tomllib.loads(config_to_toml(config))) == config  # survives config.toml
     args = build_parser().parse_args(["simulate", "--config", str(path), "-o", "server_lr=0.2", "-o", "weighting=norm", "--strategy", "fedadam"])
     config = _config_from_args(args, COMMON_KEYS)
-    strategy = config.build_strategy()
-    assert strategy.options.server_lr == 0.2 and strategy.inner.options.weighting == "norm"
+    strategy = compose(config)
+    assert strategy.options.server_lr == 0.2 and strategy.chain()[-1].options.weighting == "norm"
 
 
 def test_cli_rejects_a_malformed_option(capsys):
     err = _cli_error(capsys, ["simulate", "-o", "server_lr"])
     assert err == "fedtune simulate: error: --option 'server_lr': expected KEY=VALUE"
     err = _cli_error(capsys, ["simulate", "--strategy", "fedprox", "-o", "nu=1"])
-    assert "federation.options: strategy fedprox: unknown option 'nu' (valid options: inner, mu; and those of its inner strategy fedavg: freeze_remainder)" in err
+    assert "federation.options: unknown option 'nu' for this run's strategies (valid options: fedavg: freeze_remainder; fedprox: mu)" in err
 
 
 def _cli_error(capsys, argv) -> str:
@@ -111,3 +113,31 @@ def test_cli_rejects_malformed_flags(capsys):
 def test_plaintext_on_a_public_address_is_refused(capsys, tiny_bert, tmp_path):
     err = _cli_error(capsys, ["coordinator", "--model", tiny_bert, "--labels", "a,b", "--address", "0.0.0.0:0", "--run-dir", str(tmp_path / "run")])
     assert "refusing to serve plaintext" in err
+
+
+def test_coordinator_identity_flags_reach_the_config(tmp_path, capsys):
+    from fedtune.cli import COMMON_KEYS, COORDINATOR_KEYS, _config_from_args, build_parser
+
+    table = tmp_path / "devices.secrets"
+    table.write_text("erin erin-secret-0123456789\n")
+    path = tmp_path / "run.toml"
+    mtls = "tls_cert = 'server.pem'\ntls_key = 'server-key.pem'\ntls_client_ca = 'ca.pem'\n"
+    path.write_text("[server]\nmax_clients_per_credential = 9\nbind_names = 'cert'\n" + mtls)
+    keys = {**COMMON_KEYS, **COORDINATOR_KEYS}
+    argv = ["coordinator", "--tls-cert", "server.pem", "--tls-key", "server-key.pem", "--tls-client-ca", "ca.pem", "--enrollment-secrets-file", str(table), "--max-clients-per-credential", "2", "--bind-names", "cert"]
+    server = _config_from_args(build_parser().parse_args(argv), keys).server
+    assert (server.enrollment_secrets_file, server.max_clients_per_credential, server.bind_names) == (str(table), 2, "cert")
+    # flags override the file; without them the file's values (or the defaults) stay
+    argv = ["coordinator", "--config", str(path), "--max-clients-per-credential", "0", "--bind-names", ""]
+    server = _config_from_args(build_parser().parse_args(argv), keys).server
+    assert (server.enrollment_secrets_file, server.max_clients_per_credential, server.bind_names) == ("", 0, "")
+    server = _config_from_args(build_parser().parse_args(["coordinator", "--config", str(path)]), keys).server
+    assert (server.max_clients_per_credential, server.bind_names) == (9, "cert")
+    assert RunConfig().server.max_clients_per_credential == _config_from_args(build_parser().parse_args(["coordinator"]), keys).server.max_clients_per_credential == 4
+    # mistakes name the key, in one line
+    assert "server.bind_names: must be" in _cli_error(capsys, ["coordinator", "--bind-names", "name"])
+    assert "server.bind_names: \"cert\" needs mutual TLS" in _cli_error(capsys, ["coordinator", "--bind-names", "cert"])
+    assert "server.max_clients_per_credential: must be >= 0" in _cli_error(capsys, ["coordinator", "--max-clients-per-credential", "-1"])
+    assert "invalid int value" in _cli_error(capsys, ["coordinator", "--max-clients-per-credential", "many"])
+    (tmp_path / "bad.secrets").write_text("erin short\n")
+    assert "server.enrollment_secrets_file: line 1" in _cli_error(capsys, ["coordinator", "--enrollment-secrets-file", str(tmp_path / "bad.secrets")])

@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+from fedtune.compose import checked
 from fedtune.adapters import adapter_state
 from fedtune.client.agent import AgentOptions, ClientAgent
 from fedtune.client.policy import PrivacyPolicy
@@ -134,10 +135,10 @@ def test_a_simulation_refuses_a_delta_of_one_over_n_or_more_unless_allowed(tmp_p
     config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(60, seed=1))
     config.federation.strategy, config.privacy.dp, config.privacy.delta = "fedavg", "client", 0.4
     with pytest.raises(ConfigError, match=r"privacy.delta: client-level delta 0.4 is not below 1/N = 0.333 for 3 clients"):
-        run_simulation(config.validate())
+        run_simulation(checked(config))
     config.privacy.dp, config.privacy.delta = "sample", 0.1  # 60 examples, a fifth held out: 16 per device
     with pytest.raises(ConfigError, match=r"sample-level delta 0.1 is not below 1/n = 0.0625 for the smallest device's 16 examples"):
-        run_simulation(config.validate())
+        run_simulation(checked(config))
 
 
 def test_the_privacy_plot_starts_at_zero_and_draws_the_budget_and_target(tmp_path):

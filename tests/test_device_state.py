@@ -10,6 +10,7 @@ import threading
 import pytest
 import torch
 
+from fedtune.compose import checked
 from fedtune.client.agent import AgentOptions, ClientAgent
 from fedtune.client.state import DeviceState, StateError, load_state, save_state
 from fedtune.config import RunConfig
@@ -76,7 +77,7 @@ def test_a_restarted_client_rejoins_as_itself_with_its_b_and_its_privacy_spent(t
     config.training.local_steps, config.training.batch_size = 2, 8
     config.privacy.dp, config.privacy.sample_clip, config.privacy.sample_noise_multiplier = "sample", 1.0, 1.0
     config.server.address, config.run_dir = "127.0.0.1:0", str(tmp_path / "run")
-    coordinator = Coordinator(config.validate(), eval_examples=[])
+    coordinator = Coordinator(checked(config), eval_examples=[])
     port = coordinator.start()
     engine = threading.Thread(target=coordinator.engine.run, daemon=True)
     engine.start()

@@ -152,7 +152,7 @@ def test_cli_simulate_prints_rounds_and_writes_the_run_dir(tmp_path, tiny_llama,
     code = main([
         "simulate", "--model", tiny_llama, "--data", data, "--clients", "2", "--rounds", "2",
         "--local-steps", "2", "--eval-examples", "20", "--max-length", "16", "--partition", "dirichlet",
-        "--alpha", "1.0", "--run-dir", str(tmp_path / "cli-run"),
+        "--dirichlet-alpha", "1.0", "--run-dir", str(tmp_path / "cli-run"),
     ])
     out = capsys.readouterr().out
     assert code == 0

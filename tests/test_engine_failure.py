@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 
+from fedtune.compose import compose
 from fedtune.config import RunConfig
 from fedtune.coordinator.engine import Done, RoundEngine, Wait
 from fedtune.coordinator.global_model import FixedTensors
@@ -20,7 +21,7 @@ def test_an_engine_that_fails_tells_its_clients_to_wait_not_that_training_is_ove
     config = RunConfig()
     config.run_dir = str(tmp_path / "run")
     config.federation.rounds, config.federation.min_clients = 2, 1
-    engine = RoundEngine(config, FixedTensors({"w": torch.zeros(4)}), config.build_strategy(), tmp_path / "run")
+    engine = RoundEngine(config, FixedTensors({"w": torch.zeros(4)}), compose(config), tmp_path / "run")
     me = engine.register("a", Capabilities(), 10)
 
     def broken_close():

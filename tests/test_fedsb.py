@@ -8,6 +8,8 @@ import dataclasses
 import pytest
 import torch
 
+from fedtune.contract.properties import CompositionError
+from fedtune.compose import check_chain, checked
 from fedtune.adapters import AdapterPlan, adapter_parameters, adapter_state, fold_cores, inject_lora, load_adapter_state
 from fedtune.aggregation import build_strategy
 from fedtune.aggregation.dp_fedavg import ClientDP, ClientDPOptions
@@ -89,14 +91,14 @@ def test_client_level_dp_noises_the_cores_and_never_the_fixed_factors():
 
 def test_fedsb_refuses_what_it_cannot_average_exactly():
     for name in ("hetlora", "flexlora", "flora"):
-        with pytest.raises(OptionsError, match="lora.variant fedsb"):
-            FedSB(build_strategy(name))
+        with pytest.raises(CompositionError, match="strategy fedsb cannot be combined|cannot be combined with strategy fedsb"):
+            check_chain(FedSB(build_strategy(name)))
     with pytest.raises(OptionsError, match="no cores"):
         FedSB(build_strategy("fedavg")).initial_state(random_adapter(torch.Generator().manual_seed(0)))
     config = RunConfig()
     config.lora.variant, config.federation.share_a = "fedsb", True
-    with pytest.raises(ConfigError, match="fedsb sends only the cores R"):
-        config.validate()
+    with pytest.raises(ConfigError, match="it sends only the cores R"):
+        checked(config)
 
 
 def test_lora_sb_model_starts_at_the_base_model_trains_only_cores_and_folds_to_plain_lora(tiny_llama):

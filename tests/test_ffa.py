@@ -8,12 +8,13 @@ import json
 import pytest
 import torch
 
+from fedtune.contract.properties import CompositionError
+from fedtune.compose import check_chain, checked
 from fedtune.adapters import AdapterPlan, adapter_parameters, inject_lora
 from fedtune.aggregation import build_strategy
 from fedtune.aggregation.ffa import FFALoRA
 from fedtune.config import ConfigError, RunConfig
 from fedtune.models import ModelStore, resolve_source
-from fedtune.options import OptionsError
 from fedtune.simulation.runner import run_simulation
 from safetensors.torch import load_file
 
@@ -67,15 +68,15 @@ def test_frozen_a_is_not_trainable_on_the_model(tiny_llama):
 
 def test_strategies_that_rebuild_a_and_share_a_conflicts_are_refused():
     for name in ("flexlora", "flora"):
-        with pytest.raises(OptionsError, match="lora.variant ffa"):
-            FFALoRA(build_strategy(name))
+        with pytest.raises(CompositionError, match=f"strategy {name} cannot be combined with strategy ffa \\(a-frozen\\)"):
+            check_chain(FFALoRA(build_strategy(name)))
     config = RunConfig()
     config.lora.variant, config.federation.share_a = "ffa", True
     with pytest.raises(ConfigError, match="nothing LoRA would be shared"):
-        config.validate()
+        checked(config)
     config.federation.share_a, config.lora.variant = False, "ffa-lora"
     with pytest.raises(ConfigError, match="unknown variant 'ffa-lora'; choose one of: lora, ffa, fedsvd, fedsb"):
-        config.validate()
+        checked(config)
 
 
 def variant_run(tmp_path, model: str, variant: str) -> tuple[list[dict], dict, dict]:
@@ -86,7 +87,7 @@ def variant_run(tmp_path, model: str, variant: str) -> tuple[list[dict], dict, d
     config.training.learning_rate = 5e-3
     config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(600, seed=1))
     config.eval.data = _write_jsonl(tmp_path / "eval.jsonl", sentiment_examples(200, seed=2))
-    result = run_simulation(config.validate())
+    result = run_simulation(checked(config))
     assert not result.client_errors
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     states = [load_file(str(result.run_dir / "checkpoints" / f"round-000{n}" / "state.safetensors")) for n in (1, 2)]
@@ -129,5 +130,5 @@ def test_fedsvd_keeps_the_product_and_makes_a_orthonormal():
         if name.endswith(A):
             module = name[: -len(A)]
             torch.testing.assert_close(again[module + B] @ again[name], new[module + B] @ new[name], atol=1e-5, rtol=1e-5)
-    with pytest.raises(OptionsError, match="lora.variant fedsvd"):
-        FedSVD(build_strategy("hetlora"))
+    with pytest.raises(CompositionError, match="fedsvd cannot be combined with strategy hetlora \\(mixed-shapes\\)"):
+        check_chain(FedSVD(build_strategy("hetlora")))

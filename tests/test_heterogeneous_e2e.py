@@ -140,7 +140,7 @@ def test_a_client_that_prunes_its_rank_gets_smaller_plans(tmp_path, tiny_llama):
             update = {**state, "hetlora/rank_cap": torch.tensor(2)}
             assert push_update(stub, reply.client_id, reply.token, header.round, update).accepted
         engine.join(timeout=60)
-    assert headers[0].options["recipe"] == "hetlora" and float(headers[0].options["tail_penalty"]) == pytest.approx(0.1)
+    assert headers[0].options["recipe"] == "fedlc+hetlora+local" and float(headers[0].options["tail_penalty"]) == pytest.approx(0.1)
     assert max(headers[0].plan.rank_per_layer.values()) == 8
     assert max(headers[1].plan.rank_per_layer.values()) == 2 and headers[1].plan.rank == 2
     assert coordinator.engine.history[0]["rank_caps"] == {"pruner": 2}
@@ -192,7 +192,7 @@ def test_share_a_is_refused_at_start_where_b_is_needed(tmp_path, tiny_llama, cap
     code = main(["simulate", "--model", tiny_llama, "--strategy", "flora", "--share-a", "--labels", "negative,positive", "--run-dir", str(tmp_path / "x")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0
-    assert "federation.share_a: flora stacks every client's B next to its A, so B must be sent" in err
+    assert "federation.strategy flora cannot be combined with federation.share_a (b-kept-on-device): flora stacks every client's B next to its A, so B must be sent" in err
 
 
 def test_coverage_adjust_extends_the_strongest_plan(tmp_path, tiny_llama):

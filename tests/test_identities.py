@@ -9,9 +9,11 @@ import grpc
 import pytest
 import torch
 
+from fedtune.compose import checked
 from fedtune.config import ConfigError, RunConfig
 from fedtune.coordinator.clients import ClientRegistry, is_local_peer
 from fedtune.coordinator.errors import CoordinatorError
+from fedtune.coordinator.app import Coordinator
 from fedtune.coordinator.global_model import FixedTensors
 from fedtune.coordinator.guard import credentials
 from fedtune.devices import Capabilities
@@ -99,15 +101,15 @@ def test_loopback_peers_are_recognised():
 def test_config_keys_are_checked(tmp_path):
     config = _config(tmp_path, bind_names="name")
     with pytest.raises(ConfigError, match="server.bind_names"):
-        config.validate()
+        checked(config)
     with pytest.raises(ConfigError, match="needs mutual TLS"):
-        _config(tmp_path, bind_names="cert").validate()
+        checked(_config(tmp_path, bind_names="cert"))
     with pytest.raises(ConfigError, match="max_clients_per_credential"):
-        _config(tmp_path, max_clients_per_credential=-1).validate()
+        checked(_config(tmp_path, max_clients_per_credential=-1))
     bad = tmp_path / "secrets.txt"
     bad.write_text("erin short\n")
     with pytest.raises(ConfigError, match="enrollment_secrets_file: line 1"):
-        _config(tmp_path, enrollment_secrets_file=str(bad)).validate()
+        Coordinator(_config(tmp_path, enrollment_secrets_file=str(bad)), global_model=FixedTensors({"w": torch.zeros(2)}))
 
 
 # ------------------------------------------------------------------ the engine and the service

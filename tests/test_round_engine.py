@@ -9,6 +9,7 @@ import grpc
 import pytest
 import torch
 
+from fedtune.compose import compose
 from fedtune.config import RunConfig
 from fedtune.coordinator.engine import RoundEngine, TrainTask
 from fedtune.coordinator.errors import CoordinatorError
@@ -64,7 +65,7 @@ def test_a_push_racing_the_close_is_aggregated_or_refused_never_lost(tmp_path, t
     config = _config(tmp_path / str(trial))
     config.federation.quorum = 0.3          # the round closes while most pushes are in flight
     n = 12
-    engine = RoundEngine(config, FixedTensors({"w": torch.zeros(4)}), config.build_strategy(), tmp_path / str(trial))
+    engine = RoundEngine(config, FixedTensors({"w": torch.zeros(4)}), compose(config), tmp_path / str(trial))
     ids = [engine.register(f"c{i}", Capabilities(), 1).client_id for i in range(n)]
     config.federation.min_clients = n
     driver = threading.Thread(target=engine.run)
@@ -104,7 +105,7 @@ def test_a_stop_to_resume_later_tells_waiting_clients_to_wait_not_that_training_
 
     config = _config(tmp_path, rounds=3)
     config.federation.min_clients = 2  # round 1 never opens: the engine waits for a second client
-    engine = RoundEngine(config, FixedTensors({"w": torch.zeros(4)}), config.build_strategy(), tmp_path)
+    engine = RoundEngine(config, FixedTensors({"w": torch.zeros(4)}), compose(config), tmp_path)
     cid = engine.register("only", Capabilities(), 1).client_id
     driver = threading.Thread(target=engine.run)
     driver.start()
@@ -120,7 +121,7 @@ def test_heartbeat_says_whether_the_round_still_waits_for_the_client(tmp_path):
     its round is open and has no update from it."""
     config = _config(tmp_path)
     config.federation.quorum = 0.5
-    engine = RoundEngine(config, FixedTensors({"w": torch.zeros(4)}), config.build_strategy(), tmp_path)
+    engine = RoundEngine(config, FixedTensors({"w": torch.zeros(4)}), compose(config), tmp_path)
     a, b = (engine.register(name, Capabilities(), 1).client_id for name in ("a", "b"))
     config.federation.min_clients = 2
     driver = threading.Thread(target=engine.run)
@@ -138,7 +139,7 @@ def test_heartbeat_says_whether_the_round_still_waits_for_the_client(tmp_path):
 def test_wait_for_round_names_the_selected_clients_and_ends_with_the_run(tmp_path):
     config = _config(tmp_path, rounds=2)
     config.federation.clients_per_round = 2
-    engine = RoundEngine(config, FixedTensors({"w": torch.zeros(4)}), config.build_strategy(), tmp_path)
+    engine = RoundEngine(config, FixedTensors({"w": torch.zeros(4)}), compose(config), tmp_path)
     ids = [engine.register(f"c{i}", Capabilities(), 1).client_id for i in range(5)]
     config.federation.min_clients = 5
     assert engine.wait_for_round(0, 0.05) == (0, [])          # nothing open yet: times out
@@ -161,7 +162,7 @@ def test_wait_for_round_names_the_selected_clients_and_ends_with_the_run(tmp_pat
 def test_a_rounds_deadline_grows_with_the_waves_of_a_simulation(tmp_path, slots, waves):
     config = _config(tmp_path / str(slots))
     config.federation.round_timeout_s = 100.0
-    engine = RoundEngine(config, FixedTensors({"w": torch.zeros(4)}), config.build_strategy(), tmp_path / str(slots))
+    engine = RoundEngine(config, FixedTensors({"w": torch.zeros(4)}), compose(config), tmp_path / str(slots))
     engine.training_slots = slots
     for i in range(6):
         engine.register(f"c{i}", Capabilities(), 1)

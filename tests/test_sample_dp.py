@@ -11,13 +11,14 @@ from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 
+from fedtune.contract.properties import CompositionError
+from fedtune.compose import check_chain, checked
 from fedtune.adapters import AdapterPlan, adapter_parameters, adapter_state, inject_lora
 from fedtune.aggregation import ClientUpdate, build_strategy
 from fedtune.aggregation.sample_dp import SampleDP, SampleDPOptions
 from fedtune.client.recipes import TrainSettings, make_recipe
 from fedtune.config import ConfigError, RunConfig
 from fedtune.models import ModelStore, resolve_source
-from fedtune.options import OptionsError
 from fedtune.privacy import epsilon
 from fedtune.privacy.sample_level import BudgetSpent, SampleDPSettings, check_budget
 from fedtune.tasks import get_task
@@ -150,15 +151,15 @@ def test_updates_are_checked_and_unfit_strategies_refused():
         with pytest.raises(ValueError, match=message):
             strategy.check_update(ctx, ClientUpdate("a", {}, 1, bad))
     for name in ("fedprox", "scaffold", "fedkseed"):
-        with pytest.raises(OptionsError, match=f"sample-level DP cannot wrap strategy {name}"):
-            SampleDP(build_strategy(name), SampleDPOptions())
+        with pytest.raises(CompositionError, match=f"strategy sample-dp cannot be combined with strategy {name}"):
+            check_chain(SampleDP(build_strategy(name), SampleDPOptions()))
     config = RunConfig()
     config.privacy.dp, config.federation.strategy = "sample", "fedprox"
-    with pytest.raises(ConfigError, match="privacy.dp: sample-level DP cannot wrap strategy fedprox"):
-        config.validate()
+    with pytest.raises(ConfigError, match="privacy.dp sample \\(sample level\\) cannot be combined with federation.strategy fedprox \\(penalty\\)"):
+        checked(config)
     config.federation.strategy, config.privacy.delta = "fedavg", 0.0
     with pytest.raises(ConfigError, match="delta must be in"):
-        config.validate()
+        checked(config)
 
 
 def test_both_levels_over_grpc_learn_and_the_report_has_every_clients_epsilon(tmp_path, small_llama):
@@ -169,13 +170,14 @@ def test_both_levels_over_grpc_learn_and_the_report_has_every_clients_epsilon(tm
 
     config = _config(tmp_path, small_llama, "seq-cls", rounds=3)
     config.federation.strategy, config.lora.rank, config.training.learning_rate = "fedavg", 8, 1e-2
+    config.federation.client_correction = "none"  # plain DP-SGD clients: the history holds their steps only
     config.privacy.dp = "both"
     config.privacy.sample_noise_multiplier, config.privacy.sample_clip = 0.5, 1.0
     config.privacy.noise_multiplier, config.privacy.clip = 0.01, 1.0
     config.privacy.repeatable = True  # research mode: a repeatable run, so "it learns" is a stable assertion
     config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(600, seed=1))
     config.eval.data = _write_jsonl(tmp_path / "eval.jsonl", sentiment_examples(200, seed=2))
-    result = run_simulation(config.validate())
+    result = run_simulation(checked(config))
     assert not result.client_errors
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]

@@ -12,6 +12,7 @@ import grpc
 import pytest
 import torch
 
+from fedtune.compose import checked
 from fedtune.adapters import split_task_tensors
 from fedtune.coordinator.guard import credentials
 from fedtune.protocol import fedtune_pb2 as pb
@@ -50,7 +51,7 @@ def test_two_clients_with_different_cuts_learn_with_amaq_and_both_sides_count_th
     profiles.write_text(f"[[device]]\nmemory_gb = {small_gb:.9f}\ngflops = 50\n\n[[device]]\nmemory_gb = 8\ngflops = 50\n")
     config = _split_config(tmp_path, three_block_llama)
     config.simulation.profiles = str(profiles)
-    result = run_simulation(config.validate())
+    result = run_simulation(checked(config))
     assert not result.client_errors
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2] and all(r["clients"] == 2 for r in rows)
@@ -106,7 +107,7 @@ def test_bad_frames_end_only_their_own_session(tmp_path, three_block_llama):
         [t.start() for t in threads]
         [t.join(30) for t in threads]
         header = tasks[a][0]
-        assert header.options["recipe"] == "split" and header.round == 1
+        assert header.options["recipe"] == "fedlc+split" and header.round == 1  # the classification default correction composes with split
         mask = torch.ones(2, 4, dtype=torch.uint8)
 
         def stream(who, tensors, kind=pb.SPLIT_KIND_ACTIVATIONS):

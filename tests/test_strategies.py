@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from fedtune.compose import check_chain
+from fedtune.contract.properties import CompositionError
 from fedtune.aggregation import STRATEGIES, ClientUpdate, build_strategy
 from fedtune.aggregation.fedsa import FedSA
 from fedtune.aggregation.lora_math import blockwise_mean, low_rank, stack, weighted_average
@@ -187,7 +189,7 @@ def test_hetlora_rank_caps_narrow_the_plan_and_are_validated():
     assert metrics["rank_caps"] == {"a": 4}
     nxt = strategy.configure(context({"a": plan(8), "b": plan(8)}, number=2), state)
     assert nxt["a"].plan.rank == 4 and nxt["a"].expect[M + A].shape == (4, IN) and nxt["b"].plan.rank == 8
-    assert nxt["a"].options == {"recipe": "hetlora", "tail_penalty": "0.1", "tail_fraction": "0.5"}
+    assert nxt["a"].options == {"recipe": "hetlora+local", "tail_penalty": "0.1", "tail_fraction": "0.5"}
 
 
 # ---------------------------------------------------------------- FlexLoRA and FLoRA
@@ -354,10 +356,10 @@ def test_unknown_names_and_options_are_refused_with_the_valid_ones():
         build_strategy("fedadam", {"server_lr": "fast"})
     with pytest.raises(UnknownNameError, match="unknown strategy 'hetlroa'"):
         build_strategy("fedadam", {"inner": "hetlroa"})
-    with pytest.raises(OptionsError, match="scaffold: control variates need"):
-        build_strategy("scaffold", {"inner": "flora"})
-    with pytest.raises(OptionsError, match="cannot wrap hetlora with recipe 'hetlora'"):
-        build_strategy("fedprox", {"inner": "hetlora", "rank_pruning": 0.5})
+    with pytest.raises(CompositionError, match="strategy scaffold needs sliced-state"):
+        check_chain(build_strategy("scaffold", {"inner": "flora"}))
+    with pytest.raises(OptionsError, match="strategy fedprox cannot be combined with strategy fedlc \\(loss-correction\\)"):
+        build_strategy("fedprox", {"inner": "fedlc"})
     # options the wrapper does not know go to the inner strategy
     chained = build_strategy("fedadam", {"inner": "hetlora", "weighting": "norm", "server_lr": 0.1})
     assert chained.options.server_lr == 0.1 and chained.inner.options.weighting == "norm"
@@ -365,10 +367,9 @@ def test_unknown_names_and_options_are_refused_with_the_valid_ones():
 
 @pytest.mark.parametrize("name", ["flexlora", "flora"])
 def test_share_a_is_refused_where_b_is_needed(name):
-    with pytest.raises(OptionsError, match=f"federation.share_a: {name}"):
-        FedSA(build_strategy(name))
-    with pytest.raises(OptionsError, match=f"federation.share_a: {name}"):
-        FedSA(build_strategy("fedadam", {"inner": name}))
+    for chain in (FedSA(build_strategy(name)), FedSA(build_strategy("fedadam", {"inner": name}))):
+        with pytest.raises(CompositionError, match=f"strategy {name} cannot be combined with strategy fedsa \\(b-kept-on-device\\): {name}"):
+            check_chain(chain)
 
 
 @pytest.mark.parametrize("name,options,share_a", variants(), ids=lambda v: str(v))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fedtune.contract.properties import CompositionError
+from fedtune.compose import check_chain, checked, compose
 from fedtune.aggregation import ClientUpdate, build_strategy
 from fedtune.aggregation.compress import Compress
 from fedtune.client.recipes import make_recipe
@@ -160,8 +162,8 @@ def test_sparse_and_projected_codecs_cannot_carry_weights_down():
 
 
 def test_fedkseed_uploads_are_not_compressed_again():
-    with pytest.raises(OptionsError, match="fedkseed already uploads only seed indices"):
-        Compress(build_strategy("fedkseed"), make_codec("int8"))
+    with pytest.raises(CompositionError, match="strategy compress cannot be combined with strategy fedkseed \\(scalar-update\\): these clients already upload only seed indices"):
+        check_chain(Compress(build_strategy("fedkseed"), make_codec("int8")))
     assert Compress(build_strategy("fedkseed"), None, make_codec("fp16")).downlink.name == "fp16"
 
 
@@ -170,17 +172,17 @@ def test_config_names_codecs_and_rejects_unknown_ones():
 
     config = RunConfig()
     config.compression.uplink, config.compression.uplink_options = "compeft", {"density": 0.05}
-    strategy = config.validate().build_strategy()
+    strategy = compose(checked(config))
     assert isinstance(strategy, Compress) and strategy.uplink.options.density == 0.05
     config.compression.uplink = "int3"
     with pytest.raises(ConfigError, match="compression.uplink: unknown codec 'int3'; choose one of: amaq, bf16, compeft"):
-        config.validate()
+        checked(config)
     config.compression.uplink, config.compression.uplink_options = "int8", {"density": 0.1}
     with pytest.raises(ConfigError, match="unknown option 'density'"):
-        config.validate()
+        checked(config)
     config.compression.uplink_options, config.compression.downlink = {}, "projection"
     with pytest.raises(ConfigError, match="compresses updates, not weights"):
-        config.validate()
+        checked(config)
 
 
 def test_plans_with_different_ranks_send_differences_of_their_own_shapes():

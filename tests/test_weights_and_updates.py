@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from fedtune.compose import checked, compose
 from fedtune.aggregation import build_strategy
 from fedtune.aggregation.dp_fedavg import ClientDP, ClientDPOptions
 from fedtune.aggregation.fedavg import FedAvg
@@ -57,9 +58,9 @@ def _engine(tmp_path, custom=None, *, uplink: str = "", dp: str = "", **federati
         setattr(config.federation, key, value)
     config.compression.uplink = uplink
     config.privacy.dp = dp
-    config.validate()
+    checked(config)
     (tmp_path / "run").mkdir(parents=True, exist_ok=True)
-    return RoundEngine(config, Scored(_start()), custom or config.build_strategy(), tmp_path / "run")
+    return RoundEngine(config, Scored(_start()), custom or compose(config), tmp_path / "run")
 
 
 def _clients(engine, registered: dict[str, int]) -> dict[str, str]:
@@ -422,7 +423,7 @@ def test_the_new_keys_are_validated(key, value, message):
     config = RunConfig()
     setattr(config.federation, key, value)
     with pytest.raises(ConfigError, match=message):
-        config.validate()
+        checked(config)
 
 
 def test_the_defaults_are_the_safe_ones():

@@ -34,6 +34,7 @@ import torch
 
 from fedtune.adapters.lora import AdapterPlan
 from fedtune.aggregation.lora_math import blockwise_mean
+from fedtune.contract.properties import NOTHING, Declaration, chain_parts, conflicts, declare
 from fedtune.devices import Capabilities
 from fedtune.options import NoOptions, OptionsError, build_options, option_names, options_to_wire
 from fedtune.protocol.tensors import TensorSpec
@@ -92,6 +93,11 @@ class Instruction:
     def recipe(self) -> str:
         return self.options.get("recipe", "local")
 
+    @property
+    def procedure(self) -> str:
+        """How the client trains: "local", "split" or "fedkseed" (see ``procedure_of``)."""
+        return procedure_of(self.recipe)
+
 
 @dataclass
 class ClientUpdate:
@@ -112,15 +118,14 @@ class Strategy:
 
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
-    # Clients may train adapters of different shapes in one round (the planner sizes them).
-    heterogeneous: ClassVar[bool] = False
-    # A client's adapter tensors are leading blocks of state tensors of the same names (FedAvg,
-    # HetLoRA), so per-tensor client state such as control variates is well defined.
-    sliced: ClassVar[bool] = False
-    # Why FedSA-LoRA (share only A) cannot work with this strategy; empty when it can.
-    share_a_refusal: ClassVar[str] = ""
-    # Why FFA-LoRA (A frozen, only B sent) cannot work with this strategy; empty when it can.
-    freeze_a_refusal: ClassVar[str] = ""
+    # What this part of a run provides, refuses and needs (fedtune.contract.properties): the
+    # composer (fedtune.compose) checks a run's parts against each other with these, never by
+    # name. A wrapper declares only its own; ``chain`` walks the whole.
+    declares: ClassVar[Declaration] = NOTHING
+    # The independent choice this strategy is made for: "aggregation" (the rule that folds
+    # updates), "server-opt" (a server optimizer around it), "client-correction" (a change of
+    # the clients' objective); empty for parts the composer adds itself (variants, DP, codecs).
+    axis: ClassVar[str] = ""
     # Clients are selected by Poisson sampling, and rounds are aggregated even when no update
     # arrived (client-level DP: its accountant assumes both).
     poisson_sampling: ClassVar[bool] = False
@@ -197,6 +202,23 @@ class Strategy:
         """Whether the whole chain's aggregate is a weighted mean (see ``weighted_mean``)."""
         return self.weighted_mean
 
+    def chain(self) -> list["Strategy"]:
+        """This strategy and the ones it wraps, outermost first."""
+        links, link = [], self
+        while link is not None:
+            links.append(link)
+            link = getattr(link, "inner", None)
+        return links
+
+    def chain_provides(self, prop: str) -> bool:
+        """Whether any link of the chain declares that it provides ``prop``."""
+        return any(prop in link.declares.provides for link in self.chain())
+
+    @property
+    def heterogeneous(self) -> bool:
+        """Clients may train adapters of different shapes in one round (the planner sizes them)."""
+        return self.chain_provides("mixed-shapes")
+
 
 class Wrapper(Strategy):
     """A strategy around another one: by default every call goes to ``inner``, with the state
@@ -216,22 +238,6 @@ class Wrapper(Strategy):
     @property
     def aggregates_weighted_mean(self) -> bool:
         return self.weighted_mean and self.inner.aggregates_weighted_mean
-
-    @property
-    def heterogeneous(self) -> bool:  # type: ignore[override]
-        return self.inner.heterogeneous
-
-    @property
-    def sliced(self) -> bool:  # type: ignore[override]
-        return self.inner.sliced
-
-    @property
-    def share_a_refusal(self) -> str:  # type: ignore[override]
-        return self.inner.share_a_refusal
-
-    @property
-    def freeze_a_refusal(self) -> str:  # type: ignore[override]
-        return self.inner.freeze_a_refusal
 
     @property
     def poisson_sampling(self) -> bool:  # type: ignore[override]
@@ -356,31 +362,46 @@ def build_strategy(name: str, options: Mapping[str, Any] | None = None, *, scale
                 f"and those of its inner strategy {inner_name}: {inner_valid})"
             )
         inner = build_strategy(inner_name, rest, scale=scale, seed=seed)
-        return cls(inner, parsed, scale=scale, seed=seed)
+        chain = cls(inner, parsed, scale=scale, seed=seed)
+        found = conflicts(chain_parts(chain), needs=False)  # needs may be met by the task; the engine checks those
+        if found:
+            raise OptionsError(found[0])
+        return chain
     return cls(build_options(cls.Options, options, f"strategy {name}"), scale=scale, seed=seed)
 
 
 class RecipeWrapper(Wrapper):
     """A wrapper whose clients train with its own recipe (FedProx, FedLC, SCAFFOLD): the inner
-    strategy's instructions, with the recipe and its options replaced. The inner strategy must
-    use the plain recipe, since one client trains with one recipe."""
+    strategy's instructions, with its correction put in front of the inner recipe ("fedlc" in
+    front of "hetlora": "fedlc+hetlora"; see fedtune.client.recipes.base.recipe_class) and its
+    client options added."""
 
     recipe_name: ClassVar[str] = ""
     # The wrapper's options its clients need (sent in the instruction); the rest stay here.
     client_options: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
-        super().__init__(inner, options, scale=scale, seed=seed)
-        if inner.recipe() != "local":
-            raise OptionsError(f"strategy {self.name} trains clients with its own recipe and cannot wrap {inner.name} with recipe {inner.recipe()!r}")
+    axis = "client-correction"
+    declares = declare(provides={"loss-correction"}, refuses={"loss-correction": "a client trains with one correction of its objective"})
 
     def recipe(self) -> str:
-        return self.recipe_name
+        return stack_recipe(self.recipe_name, self.inner.recipe())
 
     def recipe_options(self) -> dict[str, str]:
         own = {k: v for k, v in options_to_wire(self.options).items() if k in self.client_options}
-        return {"recipe": self.recipe_name, **own}
+        return {**self.inner.recipe_options(), **own, "recipe": self.recipe()}
 
     def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
-        options = self.recipe_options()
-        return map_instructions(super().configure(ctx, state), lambda ins: dataclasses.replace(ins, options=options))
+        own = {k: v for k, v in options_to_wire(self.options).items() if k in self.client_options}
+        return map_instructions(super().configure(ctx, state), lambda ins: dataclasses.replace(
+            ins, options={**ins.options, **own, "recipe": stack_recipe(self.recipe_name, ins.recipe)}))
+
+
+def stack_recipe(correction: str, recipe: str) -> str:
+    """``correction`` in front of ``recipe``: "fedlc" before "local" is "fedlc+local". A spec
+    the coordinator writes always ends with its training procedure."""
+    return f"{correction}+{recipe or 'local'}"
+
+
+def procedure_of(recipe: str) -> str:
+    """The training procedure a recipe spec ends with ("split" in "fedlc+split"). The client
+    side composes the spec (fedtune.client.recipes.base.recipe_class)."""
+    return recipe.split("+")[-1] or "local"

@@ -27,6 +27,7 @@ import torch
 
 from fedtune.aggregation.base import ClientUpdate, Instruction, RoundContext, State, Strategy, Wrapper, map_instructions
 from fedtune.compression import Codec
+from fedtune.contract.properties import declare
 from fedtune.options import OptionsError, options_to_wire
 
 # Instruction options the agent reads for its uplink (the recipe never sees them).
@@ -56,8 +57,10 @@ class Compress(Wrapper):
 
     def __init__(self, inner: Strategy, uplink: Codec | None, downlink: Codec | None = None, *, error_feedback: bool = True) -> None:
         super().__init__(inner, None, scale=inner.scale, seed=inner.seed)
-        if uplink is not None and inner.recipe() == "fedkseed":
-            raise OptionsError("compression.uplink: fedkseed already uploads only seed indices and scalars; use no uplink codec with it")
+        self.declares = declare(
+            provides=[prop for prop, codec in (("update-codec", uplink), ("weight-codec", downlink)) if codec is not None],
+            refuses={"scalar-update": "these clients already upload only seed indices and scalars"} if uplink is not None else {},
+        )
         if downlink is not None and not downlink.carries_weights:
             raise OptionsError(
                 f"compression.downlink: codec {downlink.name} compresses updates, not weights; "

@@ -41,12 +41,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
-from fedtune.aggregation.base import ClientUpdate, RoundContext, State, Strategy, Wrapper, weighted_train_loss
-from fedtune.options import OptionsError
+from fedtune.aggregation.base import ClientUpdate, RoundContext, State, Wrapper, weighted_train_loss
+from fedtune.contract.properties import declare
 from fedtune.privacy.accounting import ACCOUNTANTS, epsilon, history_from_tensor, history_tensor, noise_for_target
 from fedtune.privacy.client_level import COUNT_SENSITIVITY, adaptive_clip, clip_update, gaussian_like, noise_split
 from fedtune.privacy.randomness import dp_generator
@@ -104,17 +104,12 @@ class ClientDP(Wrapper):
     Options = ClientDPOptions
     namespaces = (NAMESPACE,)
 
-    def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
-        reason = ""
-        if inner.heterogeneous:
-            reason = f"{inner.name} aggregates adapters of different shapes"
-        elif inner.share_a_refusal and inner.name in ("flexlora", "flora"):
-            reason = f"{inner.name} does not average updates linearly"
-        elif inner.recipe() in ("scaffold", "fedkseed"):
-            reason = f"{inner.name}'s clients send tensors other than their adapter"
-        if reason:
-            raise OptionsError(f"client-level DP cannot wrap strategy {inner.name}: {reason}; use fedavg, fedprox, fedlc or a server optimizer around them")
-        super().__init__(inner, options, scale=scale, seed=seed)
+    declares = declare(provides={"client-noise"}, refuses={
+        "mixed-shapes": "it clips and noises updates of one shape",
+        "nonlinear-aggregate": "its sensitivity bound holds for a weighted sum of clipped updates only",
+        "extra-update-tensors": "it clips the adapter update; other tensors clients send would leave unclipped",
+        "scalar-update": "it clips tensor updates, and these clients send scalars",
+    })
 
     @property
     def poisson_sampling(self) -> bool:  # type: ignore[override]

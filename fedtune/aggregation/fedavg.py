@@ -34,6 +34,7 @@ from fedtune.aggregation.base import (
     weights_by_client,
 )
 from fedtune.aggregation.lora_math import tail, truncate
+from fedtune.contract.properties import declare
 from fedtune.names import FROZEN_A, FROZEN_B
 
 
@@ -50,7 +51,8 @@ class FedAvg(Strategy):
     name = "fedavg"
     weighted_mean = True
     Options = FedAvgOptions
-    sliced = True
+    axis = "aggregation"
+    declares = declare(provides={"sliced-state"})
 
     def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
         adapter = {n: state[n] for n in ctx.global_spec}

@@ -23,6 +23,7 @@ import torch
 
 from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Instruction, RoundContext, State, Strategy, example_weights, share_by_plan, weighted_train_loss
 from fedtune.compression.seeds import pool_seeds, replay, seed_probabilities
+from fedtune.contract.properties import declare
 from fedtune.names import namespaced
 from fedtune.protocol.tensors import TensorSpec
 
@@ -58,8 +59,13 @@ class FedKSeed(Strategy):
 
     name = "fedkseed"
     Options = FedKSeedOptions
-    share_a_refusal = "fedkseed trains A and B together by zeroth-order steps; it has no update of A alone to share"
-    freeze_a_refusal = "fedkseed perturbs every adapter tensor; it has no frozen-A variant"
+    axis = "aggregation"
+    declares = declare(provides={"own-procedure", "zeroth-order", "scalar-update"}, refuses={
+        "b-kept-on-device": "fedkseed trains A and B together by zeroth-order steps; it has no update of A alone to share",
+        "a-frozen": "fedkseed perturbs every adapter tensor; it has no frozen-A variant",
+        "b-frozen": "fedkseed perturbs every adapter tensor; it has no frozen-factor variant",
+        "loss-correction": "fedkseed's clients take zeroth-order steps of the plain task loss; a correction has no hook there",
+    })
 
     def __init__(self, options=None, *, scale: float = 1.0, seed: int = 0) -> None:
         super().__init__(options, scale=scale, seed=seed)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedtune.aggregation.base import STRATEGIES, RecipeWrapper
+from fedtune.contract.properties import declare
 
 
 @dataclass(frozen=True)
@@ -38,4 +39,8 @@ class FedLC(RecipeWrapper):
     weighted_mean = True
     Options = FedLCOptions
     recipe_name = "fedlc"
+    declares = RecipeWrapper.declares | declare(
+        needs={"class-logits": "fedlc calibrates class logits; it needs a sequence-classification task"},
+        refuses={"server-side-loss": "fedlc calibrates the loss on the device, and here the coordinator computes it"},
+    )
     client_options = ("tau", "calibration")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedtune.aggregation.base import STRATEGIES, RecipeWrapper
+from fedtune.contract.properties import declare
 
 
 @dataclass(frozen=True)
@@ -27,4 +28,5 @@ class FedProx(RecipeWrapper):
     weighted_mean = True
     Options = FedProxOptions
     recipe_name = "fedprox"
+    declares = RecipeWrapper.declares | declare(provides={"penalty"})
     client_options = ("mu",)

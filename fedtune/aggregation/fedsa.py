@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 
-from fedtune.aggregation.base import Instruction, RoundContext, Strategy, Wrapper, map_instructions
+from fedtune.aggregation.base import Instruction, RoundContext, Wrapper, map_instructions
+from fedtune.contract.properties import declare
 from fedtune.names import B_SUFFIX
-from fedtune.options import OptionsError
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,7 @@ class FedSA(Wrapper):
     weighted_mean = True
     Options = FedSAOptions
 
-    def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
-        if inner.share_a_refusal:
-            raise OptionsError(f"federation.share_a: {inner.share_a_refusal}")
-        super().__init__(inner, options, scale=scale, seed=seed)
+    declares = declare(provides={"b-kept-on-device"})
 
     def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
         def keep_b(ins: Instruction) -> Instruction:

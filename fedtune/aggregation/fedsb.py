@@ -19,11 +19,12 @@ client trains around the same factors whatever its linear-algebra library. Turne
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 
-from fedtune.aggregation.base import Instruction, RoundContext, Strategy, Wrapper, map_instructions
+from fedtune.aggregation.base import Instruction, RoundContext, Wrapper, map_instructions
+from fedtune.contract.properties import declare
 from fedtune.names import A_SUFFIX, B_SUFFIX, CORE_SUFFIX
 from fedtune.options import OptionsError
 
@@ -34,12 +35,10 @@ class FedSB(Wrapper):
     name = "fedsb"
     weighted_mean = True
 
-    def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
-        if inner.heterogeneous:
-            raise OptionsError(f"lora.variant fedsb: {inner.name} aggregates adapters of different ranks; fedsb averages one global rank's cores")
-        if inner.freeze_a_refusal:
-            raise OptionsError(f"lora.variant fedsb: {inner.freeze_a_refusal}")
-        super().__init__(inner, options, scale=scale, seed=seed)
+    declares = declare(provides={"a-frozen", "b-frozen"}, refuses={
+        "mixed-shapes": "fedsb averages the cores of one global rank",
+        "b-kept-on-device": "it sends only the cores R and federation.share_a only A: nothing LoRA would be shared",
+    })
 
     def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not any(n.endswith(CORE_SUFFIX) for n in adapter):

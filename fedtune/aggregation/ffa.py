@@ -19,13 +19,13 @@ post-processing of the released aggregate and costs no privacy.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 
-from fedtune.aggregation.base import Instruction, RoundContext, Strategy, Wrapper, map_instructions
+from fedtune.aggregation.base import Instruction, RoundContext, Wrapper, map_instructions
+from fedtune.contract.properties import declare
 from fedtune.names import A_SUFFIX, B_SUFFIX, lora_modules
-from fedtune.options import OptionsError
 
 
 class FFALoRA(Wrapper):
@@ -33,11 +33,8 @@ class FFALoRA(Wrapper):
 
     name = "ffa"
     weighted_mean = True
-
-    def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
-        if inner.freeze_a_refusal:
-            raise OptionsError(f"lora.variant ffa: {inner.freeze_a_refusal}")
-        super().__init__(inner, options, scale=scale, seed=seed)
+    declares = declare(provides={"a-frozen"}, refuses={
+        "b-kept-on-device": "it sends only B and federation.share_a only A: nothing LoRA would be shared"})
 
     def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
         def freeze_a(ins: Instruction) -> Instruction:
@@ -59,11 +56,7 @@ class FedSVD(FFALoRA):
 
     name = "fedsvd"
     weighted_mean = False  # its B and A are re-factorized from the mean product
-
-    def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
-        if inner.heterogeneous:
-            raise OptionsError(f"lora.variant fedsvd: {inner.name} aggregates adapters of different ranks; fedsvd re-factorizes one global rank")
-        super().__init__(inner, options, scale=scale, seed=seed)
+    declares = FFALoRA.declares | declare(refuses={"mixed-shapes": "fedsvd re-factorizes one global rank"})
 
     def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates):
         new_state, metrics = self.inner.aggregate(ctx, state, updates)

@@ -25,6 +25,7 @@ import torch
 
 from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Instruction, RoundContext, State, Strategy, mean_over_senders, share_by_plan, weighted_train_loss, weights_by_client
 from fedtune.aggregation.lora_math import low_rank, truncate, weighted_average
+from fedtune.contract.properties import declare
 from fedtune.names import A_SUFFIX, B_SUFFIX, DENSE_DELTA, FROZEN_A, FROZEN_B, INIT_A, is_lora, lora_modules
 
 
@@ -39,9 +40,11 @@ class FlexLoRA(Strategy):
 
     name = "flexlora"
     Options = FlexLoRAOptions
-    heterogeneous = True
-    share_a_refusal = "flexlora averages the products B·A of the clients, which needs every client's B"
-    freeze_a_refusal = "flexlora re-factorizes the mean product B·A every round, which gives every client a new A"
+    axis = "aggregation"
+    declares = declare(provides={"mixed-shapes", "nonlinear-aggregate"}, refuses={
+        "b-kept-on-device": "flexlora averages the products B·A of the clients, which needs every client's B",
+        "a-frozen": "flexlora re-factorizes the mean product B·A every round, which gives every client a new A",
+    })
 
     def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> State:
         state = {k: v.clone() for k, v in adapter.items() if not is_lora(k)}

@@ -18,6 +18,7 @@ import torch
 
 from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Instruction, RoundContext, State, Strategy, mean_over_senders, share_by_plan, weighted_train_loss, weights_by_client
 from fedtune.aggregation.lora_math import kaiming_rows, stack, truncate
+from fedtune.contract.properties import declare
 from fedtune.names import A_SUFFIX, B_SUFFIX, BASE_DELTA, is_lora, lora_modules
 
 
@@ -26,9 +27,11 @@ class FLoRA(Strategy):
     """Stacked adapters, exact aggregate folded into the base weights (Wang et al., 2024)."""
 
     name = "flora"
-    heterogeneous = True
-    share_a_refusal = "flora stacks every client's B next to its A, so B must be sent"
-    freeze_a_refusal = "flora stacks the clients' A matrices into a fresh adapter every round"
+    axis = "aggregation"
+    declares = declare(provides={"mixed-shapes", "nonlinear-aggregate"}, refuses={
+        "b-kept-on-device": "flora stacks every client's B next to its A, so B must be sent",
+        "a-frozen": "flora stacks the clients' A matrices into a fresh adapter every round",
+    })
 
     def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> State:
         state = {k: v.clone() for k, v in adapter.items()}

@@ -23,6 +23,7 @@ from fedtune.adapters.lora import AdapterPlan
 from fedtune.aggregation.base import STRATEGIES, ClientUpdate, RoundContext, State, mean_over_senders, weighted_train_loss, weights_by_client
 from fedtune.aggregation.fedavg import FedAvg
 from fedtune.aggregation.lora_math import blockwise_mean, product
+from fedtune.contract.properties import declare
 from fedtune.names import A_SUFFIX, B_SUFFIX, is_lora, lora_modules, namespaced, strip_namespace
 from fedtune.protocol.tensors import TensorSpec
 
@@ -69,7 +70,12 @@ class HetLoRA(FedAvg):
     name = "hetlora"
     weighted_mean = True  # zero-padded ranks: still a mean of what was sent, element by element
     Options = HetLoRAOptions
-    heterogeneous = True
+    declares = declare(provides={"sliced-state", "mixed-shapes"})
+
+    def __init__(self, options=None, *, scale: float = 1.0, seed: int = 0) -> None:
+        super().__init__(options, scale=scale, seed=seed)
+        if self.options.rank_pruning > 0:  # the clients' tail penalty is outside the per-example losses
+            self.declares = declare(provides={"sliced-state", "mixed-shapes", "penalty"})
 
     # ---------------------------------------------------------------- configure
 
@@ -78,7 +84,7 @@ class HetLoRA(FedAvg):
         return cap_plan(ctx.clients[client_id].plan, int(cap) if cap is not None else None)
 
     def recipe(self) -> str:
-        return "hetlora" if self.options.rank_pruning > 0 else "local"
+        return "hetlora+local" if self.options.rank_pruning > 0 else "local"
 
     def recipe_options(self) -> dict[str, str]:
         options = super().recipe_options()

@@ -16,15 +16,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
-from fedtune.aggregation.base import ClientUpdate, Instruction, RoundContext, State, Strategy, Wrapper, map_instructions
-from fedtune.options import OptionsError
-
-# Recipes whose training DP-SGD can clip per example: they change only the loss.
-DP_RECIPES = ("local", "fedlc")
+from fedtune.aggregation.base import ClientUpdate, Instruction, RoundContext, State, Wrapper, map_instructions
+from fedtune.contract.properties import declare
 
 
 @dataclass(frozen=True)
@@ -62,13 +59,12 @@ class SampleDP(Wrapper):
     weighted_mean = True
     Options = SampleDPOptions
 
-    def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
-        if inner.recipe() not in DP_RECIPES:
-            raise OptionsError(
-                f"sample-level DP cannot wrap strategy {inner.name}: its clients' recipe {inner.recipe()!r} edits gradients or adds a penalty, "
-                f"which DP-SGD cannot clip per example (use one of the strategies training with {', '.join(DP_RECIPES)})"
-            )
-        super().__init__(inner, options, scale=scale, seed=seed)
+    declares = declare(provides={"sample-noise"}, refuses={
+        "penalty": "DP-SGD clips per-example gradients, and a penalty outside the per-example losses escapes the clip",
+        "gradient-edit": "DP-SGD clips per-example gradients, and gradients edited after the backward pass escape the clip",
+        "zeroth-order": "DP-SGD clips per-example gradients, and zeroth-order clients compute none",
+        "split-model": "the split recipe does not run DP-SGD",
+    })
 
     def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
         o = self.options

@@ -21,14 +21,14 @@ round and a variate of them means nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
-from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Instruction, RecipeWrapper, RoundContext, State, Strategy, map_instructions
+from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Instruction, RecipeWrapper, RoundContext, State, map_instructions
 from fedtune.aggregation.lora_math import blockwise_mean, truncate
+from fedtune.contract.properties import declare
 from fedtune.names import namespaced, strip_namespace
-from fedtune.options import OptionsError
 
 CONTROL = "scaffold.c"       # server state, and what a client receives: c of each tensor
 CONTROL_DELTA = "scaffold.dc"  # what a client sends back: c_i+ - c_i of each tensor
@@ -53,10 +53,11 @@ class Scaffold(RecipeWrapper):
     recipe_name = "scaffold"
     namespaces = (CONTROL,)
 
-    def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
-        super().__init__(inner, options, scale=scale, seed=seed)
-        if not inner.sliced:
-            raise OptionsError(f"strategy scaffold: control variates need an inner strategy whose clients train slices of the global tensors (fedavg, hetlora), not {inner.name}")
+    declares = RecipeWrapper.declares | declare(
+        provides={"gradient-edit", "extra-update-tensors"},
+        needs={"sliced-state": "its control variates are kept per global tensor, so clients must train slices of them"},
+        refuses={"split-model": "its control variates cover the whole adapter, and a split device trains the part below its cut"},
+    )
 
     def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> State:
         state = self.inner.initial_state(adapter)

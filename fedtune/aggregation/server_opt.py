@@ -60,6 +60,7 @@ class ServerOptimizer(Wrapper):
 
     second_moment = False
     namespaces = (M, V)
+    axis = "server-opt"
 
     def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> State:
         state = self.inner.initial_state(adapter)

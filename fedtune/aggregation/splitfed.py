@@ -23,8 +23,8 @@ from typing import Any, Mapping
 import torch
 
 from fedtune.aggregation.base import Instruction, RoundContext, Strategy, Wrapper
+from fedtune.contract.properties import declare
 from fedtune.devices import Capabilities
-from fedtune.options import OptionsError
 from fedtune.split.planning import CutChoice, SplitCost, SplitGeometry, choose_cut
 from fedtune.split.segments import client_side
 
@@ -50,10 +50,21 @@ class SplitFed(Wrapper):
     name = "splitfed"
     Options = SplitFedOptions
 
+    declares = declare(provides={"split-model", "own-procedure"}, refuses={
+        "own-procedure": "split learning is the clients' training procedure; they cannot also train by another",
+        "mixed-shapes": "a split client's cut comes from its device and its adapter from the one global plan",
+        "b-kept-on-device": "the coordinator trains the blocks above each cut for the round only",
+        "a-frozen": "the split recipe trains every LoRA factor below the cut",
+        "b-frozen": "the split recipe trains every LoRA factor below the cut",
+        "update-codec": "split clients stream activations each step; their update codec is AMAQ on that stream (split.act_codec)",
+        "weight-codec": "split clients stream activations each step; their codec is AMAQ on that stream (split.act_codec)",
+        "client-noise": "client-level DP would clip the device's half only, while the coordinator's half learns from every batch",
+    })
+
     def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
-        if inner.recipe() != "local" or inner.heterogeneous:
-            raise OptionsError(f"split.mode split: strategy {inner.name} needs its own client recipe or different ranks per client; use fedavg")
         super().__init__(inner, options, scale=scale, seed=seed)
+        if self.options.head == "server":  # the labels travel with the activations
+            self.declares = type(self).declares | declare(provides={"server-side-loss"})
         from fedtune.client.recipes.split import SplitOptions
 
         SplitOptions(**self._recipe_fields(self.options.cut))  # checks head and codecs now, not at round 1
@@ -88,7 +99,9 @@ class SplitFed(Wrapper):
                 log.warning("round %d: %s gets cut %d although it does not fit the device (modeled %.0f MB, %.1f s a round)",
                             ctx.number, cid, cut, choice.memory_bytes / 1e6, choice.round_seconds)
             fields = self._recipe_fields(cut, step0)
-            options = {**ins.options, **{k: str(v) for k, v in fields.items()}, "recipe": "split"}
+            # The split procedure replaces local training; corrections in front of it stay ("fedlc+split").
+            corrections = ins.recipe.split("+")[:-1]
+            options = {**ins.options, **{k: str(v) for k, v in fields.items()}, "recipe": "+".join([*corrections, "split"])}
             expect = {n: s for n, s in ins.expect.items() if client_side(n, cut, self.options.head == "client")}
             out[cid] = dataclasses.replace(ins, options=options, expect=expect)
         return out

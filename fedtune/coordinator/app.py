@@ -18,7 +18,9 @@ from typing import Callable, Sequence
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedtune.adapters import AdapterPlan
+from fedtune.compose import checked, compose
 from fedtune.config import ConfigError, RunConfig, config_from_dict, config_to_toml
+from fedtune.coordinator.clients import load_enrollment_secrets
 from fedtune.coordinator.engine import RoundEngine, _difference
 from fedtune.coordinator.errors import CoordinatorError
 from fedtune.coordinator.guard import CallGuard
@@ -124,7 +126,12 @@ class Coordinator:
         A run directory that already holds files is refused (RunDirError) unless ``resume``
         continues the run in it or ``force`` moves its contents aside (when the run directory
         is prepared, at start); nothing is ever deleted."""
-        config = copy.deepcopy(config).validate()  # the caller's config stays as it was
+        config = checked(copy.deepcopy(config))  # the caller's config stays as it was
+        if config.server.enrollment_secrets_file:
+            try:
+                load_enrollment_secrets(config.server.enrollment_secrets_file)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"server.enrollment_secrets_file: {exc}") from None
         if not config.server.enrollment_secret:
             try:
                 config.server.enrollment_secret = read_secret(config.server.enrollment_secret_file)
@@ -157,7 +164,7 @@ class Coordinator:
                 if config.planner.enabled:
                     raise ConfigError(f"planner.enabled: cannot model this architecture: {exc}") from None
                 log.info("no cost model for this architecture (%s); modeled round times are off", exc)
-            if config.planner.enabled and config.build_strategy().heterogeneous:
+            if config.planner.enabled and compose(config).heterogeneous:
                 self.planner = Planner(
                     geometry,
                     CostModel(config.training.batch_size, config.model.max_length, config.training.local_steps),
@@ -180,7 +187,7 @@ class Coordinator:
                 seed=config.seed,
             )
         self.global_model = global_model
-        self.strategy = config.build_strategy(scale=self.global_model.plan.scale)
+        self.strategy = compose(config, scale=self.global_model.plan.scale)
         self.engine = RoundEngine(
             config,
             self.global_model,
@@ -247,7 +254,7 @@ class Coordinator:
             "plan": (dataclasses.asdict(saved.lora), dataclasses.asdict(now.lora)),
         }
         try:
-            pairs["strategy"] = (saved.build_strategy(scale=self.global_model.plan.scale).describe(), self.strategy.describe())
+            pairs["strategy"] = (compose(saved, scale=self.global_model.plan.scale).describe(), self.strategy.describe())
         except Exception as exc:  # an old strategy that no longer builds: the other keys still tell
             log.debug("strategy of %s not compared: %s", path, exc)
         for key, (old, new) in pairs.items():
@@ -324,12 +331,11 @@ class Coordinator:
         try:
             history = self.engine.run()
             self.engine.wait_until_clients_told(shutdown_grace_s)
-            return history
         except BaseException:  # Ctrl-C or a crash: the run is to be resumed, clients keep waiting
             self.stop(final=False)
             raise
-        finally:
-            self.stop()
+        self.stop()
+        return history
 
     def stop(self, grace_s: float = 2.0, final: bool = True) -> None:
         """Stop serving. ``final`` tells waiting clients training is over; ``final=False``

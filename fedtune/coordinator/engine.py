@@ -37,6 +37,7 @@ from fedtune.aggregation import (
     RoundContext,
     Strategy,
 )
+from fedtune.compose import check_chain
 from fedtune.config import RunConfig
 from fedtune.coordinator.checkpoint import (
     CheckpointError,
@@ -141,6 +142,7 @@ class RoundEngine:
         self.global_model = global_model
         self.plan = global_model.plan
         self.global_spec = global_model.spec(self.plan)
+        check_chain(strategy, config.model.task)  # a chain built by hand gets the composer's check
         self.strategy = strategy
         self.planner = planner
         self.geometry = geometry
@@ -362,14 +364,7 @@ class RoundEngine:
 
     @property
     def _sends_differences(self) -> bool:
-        from fedtune.aggregation.compress import Compress
-
-        strategy = self.strategy
-        while strategy is not None:
-            if isinstance(strategy, Compress) and strategy.uplink is not None:
-                return True
-            strategy = getattr(strategy, "inner", None)
-        return False
+        return self.strategy.chain_provides("update-codec")
 
     def _measure(self, rnd: _Round, update: ClientUpdate) -> Measure:
         """``update``'s change (norm, largest element, value ceiling); call without the lock."""
@@ -641,7 +636,8 @@ class RoundEngine:
 
     def _wait_for_close(self) -> None:
         rnd = self._round
-        assert rnd is not None
+        if rnd is None:
+            raise RuntimeError("no round is open to wait for")
         selected = list(rnd.instructions)
         needed = max(1, math.ceil(self.fed.quorum * len(selected)))
         with self._cond:
@@ -678,7 +674,8 @@ class RoundEngine:
         evaluate, log and checkpoint; returns the round's metrics row. ``run`` calls it when a
         round's quorum, silence or deadline says so; an outside driver calls it directly."""
         rnd = self._round
-        assert rnd is not None, "no round was opened"
+        if rnd is None:
+            raise RuntimeError("close_round: no round was opened")
         with self._cond:  # the round is closed: this snapshot is every accepted update
             rnd.open = False
             arrived = dict(rnd.updates)
@@ -833,13 +830,8 @@ class RoundEngine:
         return out
 
     def split_strategy(self):
-        """The SplitFed wrapper in the strategy chain, or None in federated mode."""
-        from fedtune.aggregation.splitfed import SplitFed
-
-        strategy = self.strategy
-        while strategy is not None and not isinstance(strategy, SplitFed):
-            strategy = getattr(strategy, "inner", None)
-        return strategy
+        """The link of the strategy chain that cuts the model (SplitFed), or None in federated mode."""
+        return next((link for link in self.strategy.chain() if "split-model" in link.declares.provides), None)
 
 
 def _difference(key: str, saved, now) -> str:

@@ -191,7 +191,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             for frame in request_iterator:
                 receiver.feed(frame)
             tensors = receiver.finish()
-            if self.split is not None and self.engine.instruction_for(header.client_id, header.round).recipe == "split":
+            if self.split is not None and self.engine.instruction_for(header.client_id, header.round).procedure == "split":
                 tensors.update(self.split.take(header.client_id, header.round))
             self.engine.submit(
                 header.client_id, header.round, tensors, header.num_examples, dict(header.metrics),

@@ -20,7 +20,7 @@ import torch
 from fedtune.adapters import apply_base_delta, inject_lora, load_adapter_state, split_task_tensors
 from fedtune.client.recipes.split import SplitOptions
 from fedtune.coordinator.errors import CoordinatorError
-from fedtune.options import OptionsError, build_options
+from fedtune.options import OptionsError, build_options, option_names
 from fedtune.split.server import ServerHalf
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class SplitSessions:
         that already started all the round's steps (``step_limit``) in earlier sessions is
         refused."""
         instruction = self.engine.instruction_for(client_id, round_number)
-        if instruction.recipe != "split":
+        if instruction.procedure != "split":
             raise CoordinatorError("FAILED_PRECONDITION", f"round {round_number} is not a split round for {client_id!r}")
         key = (client_id, round_number)
         limit = self.step_limit
@@ -82,7 +82,9 @@ class SplitSessions:
 
     def _build(self, instruction, round_number: int, steps_started: int = 0) -> ServerHalf:
         try:
-            options = build_options(SplitOptions, dict(instruction.options), "split task")
+            # The split half's own options (a correction in front of it, such as FedLC's, is the device's).
+            fields = set(option_names(SplitOptions))
+            options = build_options(SplitOptions, {k: v for k, v in instruction.options.items() if k in fields}, "split task")
         except (OptionsError, ValueError) as exc:  # our own instruction: a bug, not the client's
             raise CoordinatorError("INTERNAL", f"bad split instruction: {exc}") from None
         step_lock = None

@@ -23,12 +23,15 @@ def tensors_to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
 
 
 def record_to_tensors(record: ArrayRecord, like: Mapping[str, TensorSpec] | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of ``record``; with ``like``, cast to the dtypes it names."""
+    """The tensors of ``record``. NumPy has no bfloat16, so ``tensors_to_record`` sends those as
+    float32: with ``like``, a float32 tensor whose spec says bfloat16 is cast back. Any other
+    dtype stays as sent, for ``check_update`` to judge."""
     out = {}
     for name in record.keys():
         tensor = torch.from_numpy(np.array(record[name].numpy(), copy=True))
         spec = like.get(name) if like else None
-        out[name] = tensor.to(spec.dtype) if spec is not None and tensor.dtype != spec.dtype else tensor
+        bf16 = spec is not None and spec.dtype == torch.bfloat16 and tensor.dtype == torch.float32
+        out[name] = tensor.to(torch.bfloat16) if bf16 else tensor
     return out
 
 

@@ -27,13 +27,14 @@ import torch
 
 from fedtune.client.agent import AgentOptions, AgentReport, ClientAgent
 from fedtune.client.policy import PrivacyPolicy
+from fedtune.compose import checked
 from fedtune.config import ConfigError, RunConfig
 from fedtune.coordinator.app import Coordinator
 from fedtune.data import TWEETS_LABELS, Example, embedded_tweets, label_ids, load_examples, resolve_labels
 from fedtune.devices import Capabilities, load_profiles, tier
 from fedtune.models import ModelStore, resolve_source
 from fedtune.simulation.fleet import Fleet
-from fedtune.simulation.partition import partition
+from fedtune.simulation.partition import PARTITIONS, partition
 from fedtune.transport import make_channel
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,9 @@ def run_simulation(
     capabilities: Sequence[Capabilities] | None = None,
     force: bool = False,
 ) -> SimulationResult:
-    config = copy.deepcopy(config).validate()  # the caller's config is left as it was
+    config = checked(copy.deepcopy(config))  # the caller's config is left as it was
+    if config.simulation.partition not in PARTITIONS:
+        raise ConfigError(f"simulation.partition: unknown partition {config.simulation.partition!r}; choose one of: {', '.join(PARTITIONS.names())}")
     sim = config.simulation
     capabilities = capabilities or fleet(config)
     train, evals, labels = prepare_data(config)

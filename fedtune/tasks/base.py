@@ -9,6 +9,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from fedtune.contract.properties import NOTHING, Declaration
 from fedtune.data import Example
 from fedtune.registry import Registry
 
@@ -34,6 +35,8 @@ class Task:
     """What differs between tasks: encoding, collation, and the evaluation metrics."""
 
     name: str = ""
+    # What the task brings to a run (fedtune.contract.properties), for the composer.
+    declares: Declaration = NOTHING
 
     def encode(self, examples: Sequence[Example], tokenizer, max_length: int, labels: Sequence[str]) -> list[EncodedExample]:
         raise NotImplementedError

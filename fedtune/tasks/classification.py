@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fedtune.data import Example, label_ids
+from fedtune.contract.properties import declare
 from fedtune.tasks.base import TASKS, EncodedExample, Task, attention_mask, pad, token_array
 
 # Examples per tokenizer call when encoding a dataset.
@@ -17,6 +18,7 @@ ENCODE_SLICE = 1024
 @TASKS.register("seq-cls")
 class SequenceClassification(Task):
     name = "seq-cls"
+    declares = declare(provides={"class-logits"})
 
     def encode(self, examples: Sequence[Example], tokenizer, max_length: int, labels: Sequence[str]) -> list[EncodedExample]:
         ids = label_ids(examples, labels)

@@ -15,6 +15,8 @@ whatever other clients train beside it in the process.
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -89,6 +91,11 @@ class Recipe:
 
     name: ClassVar[str] = "local"
     Options: ClassVar[type] = LocalOptions
+    # A procedure trains (local steps, split steps, zeroth-order steps). A correction
+    # (``procedure = False``: FedLC's calibration, FedProx's proximal term, SCAFFOLD's control
+    # variates, HetLoRA's tail penalty) overrides hooks only, calling ``super()`` in each, so it
+    # composes with whichever procedure it is put in front of: "fedlc+split" (see make_recipe).
+    procedure: ClassVar[bool] = True
 
     def __init__(self, options: Any, memory: dict, privacy: dict | None = None) -> None:
         self.options = options
@@ -106,6 +113,11 @@ class Recipe:
 
     def loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], task: Task) -> torch.Tensor:
         return model(**inputs).loss
+
+    def output_loss(self, outputs: Any, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of a model output computed elsewhere (the head of a split model): the
+        model's own by default; a correction of the loss changes this too."""
+        return outputs.loss
 
     def example_losses(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], task: Task) -> torch.Tensor:
         """The loss of each example of the batch, computed from that example alone (DP-SGD
@@ -260,9 +272,40 @@ class Recipe:
 RECIPES: Registry[type[Recipe]] = Registry("recipe")
 RECIPES.register("local")(Recipe)
 
+_COMPOSED: dict[str, type[Recipe]] = {}
+_COMPOSED_LOCK = threading.Lock()
+
+
+def recipe_class(spec: str) -> type[Recipe]:
+    """The recipe class of ``spec``: one registered name, or corrections joined by "+" in
+    front of one procedure ("fedlc+split"; a procedure left out is plain local training,
+    "fedlc" = "fedlc+local"). A composition is a class whose bases are the parts in that
+    order, with one options dataclass holding every part's options. ValueError for an unknown
+    name or a spec that is not corrections before one procedure."""
+    names = [n for n in spec.split("+") if n] or ["local"]
+    classes = [RECIPES.get(n) for n in names]
+    if not classes[-1].procedure:
+        classes.append(Recipe)
+    if any(c.procedure for c in classes[:-1]) or len(set(classes)) != len(classes):
+        raise ValueError(f"recipe {spec!r}: corrections go before one training procedure, each once "
+                         f"(procedures: {', '.join(n for n in RECIPES.names() if RECIPES.get(n).procedure)})")
+    if len(classes) == 1:
+        return classes[0]
+    key = "+".join(c.name for c in classes)
+    with _COMPOSED_LOCK:
+        if key not in _COMPOSED:
+            # One options dataclass over every part's (a base that another base extends is left
+            # out, so the dataclasses' MRO is consistent).
+            options = [o for o in dict.fromkeys(c.Options for c in classes)]
+            options = [o for o in options if not any(o is not p and issubclass(p, o) for p in options)]
+            merged = options[0] if len(options) == 1 else dataclasses.make_dataclass(
+                key.replace("+", "_") + "_options", [], bases=tuple(options), frozen=True)
+            _COMPOSED[key] = type(key, tuple(classes), {"name": key, "Options": merged})
+        return _COMPOSED[key]
+
 
 def make_recipe(options: Mapping[str, str], memory: dict, privacy: dict | None = None) -> Recipe:
     """The recipe an instruction names, with its options checked (ValueError naming the
     problem for an unknown recipe or option). ``privacy`` is the device's accounting state."""
-    cls = RECIPES.get(options.get("recipe", "local"))
+    cls = recipe_class(options.get("recipe", "local"))
     return cls(build_options(cls.Options, options, f"recipe {cls.name}"), memory, privacy)

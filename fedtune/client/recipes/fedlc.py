@@ -72,6 +72,7 @@ def calibrated_loss(logits: torch.Tensor, labels: torch.Tensor, counts: torch.Te
 class FedLCRecipe(Recipe):
     name = "fedlc"
     Options = FedLCRecipeOptions
+    procedure = False
 
     # The round's seed (research mode draws the noised prior from it); set by ``run``.
     round_seed: int | None = None
@@ -126,6 +127,10 @@ class FedLCRecipe(Recipe):
         labels = inputs["labels"]
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         return calibrated_loss(logits.float(), labels, self.counts, self.options.tau, self.options.calibration)
+
+    def output_loss(self, outputs, labels) -> torch.Tensor:
+        """The calibrated loss of logits computed elsewhere (the client's head in split learning)."""
+        return calibrated_loss(outputs.logits.float(), labels, self.counts, self.options.tau, self.options.calibration)
 
     def example_losses(self, model, inputs, task) -> torch.Tensor:
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits

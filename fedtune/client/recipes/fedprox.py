@@ -26,6 +26,7 @@ def proximal_term(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tenso
 class FedProxRecipe(Recipe):
     name = "fedprox"
     Options = FedProxRecipeOptions
+    procedure = False
 
     def begin(self, model, extras, items, task) -> None:
         super().begin(model, extras, items, task)
@@ -33,4 +34,8 @@ class FedProxRecipe(Recipe):
         self.anchor = {n: p.detach().clone() for n, p in self.params.items()}
 
     def penalty(self, model) -> torch.Tensor | None:
-        return proximal_term(self.params, self.anchor, self.options.mu) if self.options.mu > 0 else None
+        other = super().penalty(model)
+        if self.options.mu <= 0:
+            return other
+        term = proximal_term(self.params, self.anchor, self.options.mu)
+        return term if other is None else term + other

@@ -59,17 +59,21 @@ def should_prune(history: tuple[int, float] | None, rank: int, tail: float) -> b
 class HetLoRARecipe(Recipe):
     name = "hetlora"
     Options = HetLoRARecipeOptions
+    procedure = False
 
     def begin(self, model, extras, items, task) -> None:
         super().begin(model, extras, items, task)
         self.pairs = lora_pairs(model)
 
     def penalty(self, model) -> torch.Tensor | None:
+        other = super().penalty(model)
         if self.options.tail_penalty <= 0 or not self.pairs:
-            return None
-        return self.options.tail_penalty * tail_norm(self.pairs, self.options.tail_fraction)
+            return other
+        term = self.options.tail_penalty * tail_norm(self.pairs, self.options.tail_fraction)
+        return term if other is None else term + other
 
     def finish(self, model, state):
+        out, metrics = super().finish(model, state)
         rank = max((a.shape[0] for a, _ in self.pairs), default=1)
         with torch.no_grad():
             tail = float(tail_norm(self.pairs, self.options.tail_fraction))
@@ -77,4 +81,4 @@ class HetLoRARecipe(Recipe):
         if should_prune(self.memory.get("tail"), rank, tail):
             cap = pruned_rank(rank, self.options.tail_fraction)
         self.memory["tail"] = (rank, tail)
-        return {RANK_CAP_TENSOR: torch.tensor(cap, dtype=torch.int64)}, {"tail_norm": tail, "rank_cap": float(cap)}
+        return {**out, RANK_CAP_TENSOR: torch.tensor(cap, dtype=torch.int64)}, {**metrics, "tail_norm": tail, "rank_cap": float(cap)}

@@ -141,7 +141,7 @@ class SplitRecipe(Recipe):
                 top_rows = _rows(got, "hidden", mask, rows.shape[1], pb.SPLIT_KIND_ACTIVATIONS, reply)
                 top = scatter(top_rows.to(device, rows.dtype), mask).requires_grad_(True)
                 with thread_draws(derive_seed(settings.seed, "top", step)):
-                    loss = top_forward(model, top, inputs["attention_mask"], inputs["labels"], blocks, pad_id).loss
+                    loss = self.output_loss(top_forward(model, top, inputs["attention_mask"], inputs["labels"], blocks, pad_id), inputs["labels"])
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"training loss became {loss.item()}; lower the learning rate")
                 loss.backward()
@@ -161,6 +161,10 @@ class SplitRecipe(Recipe):
                     raise FloatingPointError(f"the coordinator's loss became {value}; lower the learning rate")
             grad = _rows(got, "grad", mask, rows.shape[1], pb.SPLIT_KIND_GRADIENTS, reply).to(device, rows.dtype)
             rows_hat.backward(grad)
+            extra = self.penalty(model)  # a correction's term on the device's own tensors (FedProx)
+            if extra is not None:
+                extra.backward()
+            self.after_backward(model)
             up_act.learn(rows, grad)
             optimizer.step()
             compute += time.perf_counter() - t2
