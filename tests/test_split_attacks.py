@@ -180,7 +180,7 @@ def test_payload_frames_are_bounded_by_the_payload_bytes():
 
 
 def test_of_concurrent_opens_for_one_client_and_round_exactly_one_succeeds(monkeypatch):
-    instruction = SimpleNamespace(recipe="split", options={})
+    instruction = SimpleNamespace(recipe="split", procedure="split", options={})
     engine = SimpleNamespace(instruction_for=lambda client_id, round_number: instruction)
     sessions = SplitSessions(engine, SimpleNamespace(pad_id=0), SimpleNamespace(training=SimpleNamespace(local_steps=10)))
     built = []
@@ -309,7 +309,7 @@ def test_an_honest_device_runs_exactly_local_steps_steps_with_its_evaluation(hea
 
 
 def test_a_client_cannot_open_new_sessions_for_more_steps_in_a_round(monkeypatch):
-    instruction = SimpleNamespace(recipe="split", options={})
+    instruction = SimpleNamespace(recipe="split", procedure="split", options={})
     engine = SimpleNamespace(instruction_for=lambda client_id, round_number: instruction)
     sessions = SplitSessions(engine, SimpleNamespace(pad_id=0), SimpleNamespace(training=SimpleNamespace(local_steps=3)))
     given = []

@@ -232,6 +232,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             if key is not None:
                 if (header.client_id, header.round) != key:
                     raise ProtocolError("a split stream carries one client's session for one round")
+                session.admit(header)  # a step over the limit is refused before its payload is read
                 return
             _same_caller(context, header.client_id)
             self.engine.authenticate(header.client_id, header.token)
