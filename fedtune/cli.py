@@ -534,8 +534,12 @@ def cmd_strategies(args: argparse.Namespace) -> int:
 
     for axis in AXES:
         print(f"{axis} ({AXIS_KEYS[axis]}, --{axis}):")
-        for name in STRATEGIES.names():
-            cls = STRATEGIES.get(name)
+        for name in STRATEGIES.available():  # installed plugins too
+            try:
+                cls = STRATEGIES.get(name)
+            except ValueError as exc:  # a plugin that does not load: say so, list the rest
+                print(f"  {name}: does not load: {exc}")
+                continue
             if cls.axis != axis:
                 continue
             doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]

@@ -11,7 +11,9 @@ A run is made of independent choices:
 - the LoRA variant (``lora.variant``), DP (``privacy.dp``), FedSA (``federation.share_a``), split
   learning (``split.mode``) and the update codecs (``[compression]``).
 
-``federation.strategy`` is a shorthand that sets the one choice its name belongs to. Each part
+``federation.strategy`` is a shorthand that sets the one choice its name belongs to. A name may
+also be an installed plugin's (entry point group ``fedtune.strategies``) or a
+``package.module:Name`` spec, which ``STRATEGIES`` loads on first use (``fedtune.registry``). Each part
 declares what it provides, refuses and needs (``fedtune.contract.properties``); the composer
 collects the parts, checks them against each other and builds the chain, innermost first:
 aggregation, correction, server optimizer, variant, client-level DP, sample-level DP, FedSA,
@@ -127,15 +129,17 @@ def _build(config: RunConfig, picked: Mapping[str, Choice], scale: float, task_p
     options = _split_options(config.federation.options, named)
     labels: dict[int, str] = {}
     strategy: Strategy | None = None
+    inner_name = ""  # the name the inner link was chosen by (a plugin's spec, not its class's name)
     for choice in named:
         cls = STRATEGIES.get(choice.name)
         where = f"federation.options ({choice.name})"
         if issubclass(cls, Wrapper):
-            own = {**options[choice.name], **({"inner": strategy.name} if "inner" in option_names(cls.Options) else {})}
+            own = {**options[choice.name], **({"inner": inner_name} if "inner" in option_names(cls.Options) else {})}
             strategy = cls(strategy, _options(cls, own, where), scale=scale, seed=seed)
         else:
             strategy = cls(_options(cls, options[choice.name], where), scale=scale, seed=seed)
         labels[id(strategy)] = choice.label
+        inner_name = choice.name
     if strategy is None:
         raise ConfigError("federation.aggregation: no aggregation rule chosen")
 

@@ -236,7 +236,7 @@ class SimulationSection:
     tiers: list[str] = field(default_factory=list)
     profiles: str = ""
     # Emulated deadline: an update whose modeled round time on its device (cost model in
-    # fedtune.coordinator.planner) exceeds this many seconds is dropped as late. 0: no deadline.
+    # fedtune.contract.cost) exceeds this many seconds is dropped as late. 0: no deadline.
     deadline_s: float = 0.0
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from fedtune.client.calibrate import backward_factor, calibrate
-from fedtune.coordinator.planner import CostModel, model_geometry
+from fedtune.contract.cost import CostModel, model_geometry
 from fedtune.adapters import AdapterPlan
 from fedtune.models import ModelStore, resolve_source
 

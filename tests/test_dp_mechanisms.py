@@ -19,7 +19,6 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from fedtune.adapters import AdapterPlan, adapter_parameters, adapter_state, inject_lora
-from fedtune.aggregation.sample_dp import DP_RECIPES
 from fedtune.client.recipes import RECIPES, TrainSettings, make_recipe
 from fedtune.client.recipes.base import LocalOptions, Recipe
 from fedtune.client.state import DeviceState, state_from_bytes, state_to_bytes
@@ -186,6 +185,24 @@ def _grad_samples(model: torch.nn.Module, params: dict, reduction: str, batch_lo
 
 
 CASES = [("seq-cls", "local"), ("seq-cls", "fedlc"), ("causal-lm", "local")]
+
+
+def _composer_allows_sample_dp(correction: str) -> bool:
+    from fedtune.compose import compose
+    from fedtune.config import ConfigError, RunConfig
+
+    config = RunConfig()
+    config.privacy.dp, config.federation.client_correction = "sample", correction
+    try:
+        compose(config)
+        return True
+    except ConfigError:
+        return False
+
+
+# The recipes the coordinator may send under sample-level DP, from the parts' declarations:
+# plain local training, and each client correction the composer lets DP-SGD wrap.
+DP_RECIPES = ("local", *(c for c in ("fedlc", "fedprox", "scaffold") if _composer_allows_sample_dp(c)))
 
 
 def test_the_cases_cover_every_recipe_dp_sgd_accepts():

@@ -169,3 +169,66 @@ def test_a_rounds_deadline_grows_with_the_waves_of_a_simulation(tmp_path, slots,
     assert engine.open_round(1)
     rnd = engine._round
     assert rnd.deadline - rnd.started == pytest.approx(100.0 * waves, abs=0.5)
+
+
+def _deadline_round(tmp_path, n: int = 3) -> tuple[RoundEngine, list[str], threading.Thread]:
+    """A round of ``n`` clients with quorum 1, a long deadline and a short liveness window: it
+    closes early only once no missing client is owed a wait."""
+    config = _config(tmp_path)
+    config.federation.round_timeout_s, config.federation.client_timeout_s = 120.0, 2.0
+    engine = RoundEngine(config, FixedTensors({"w": torch.zeros(4)}), compose(config), tmp_path)
+    ids = [engine.register(f"c{i}", Capabilities(), 1).client_id for i in range(n)]
+    config.federation.min_clients = n
+    driver = threading.Thread(target=engine.run)
+    driver.start()
+    return engine, ids, driver
+
+
+def test_a_client_that_keeps_asking_and_never_delivers_is_given_up_not_waited_for(tmp_path):
+    """The all-faults stall: a device that asks for its task again and again, never sending an
+    update, stays alive and held the round to its deadline (600 s by default)."""
+    from fedtune.coordinator.engine import MAX_DELIVERIES, Wait
+
+    engine, (good, other, looping), driver = _deadline_round(tmp_path)
+    for cid in (good, other):
+        task = engine.next_task(cid, 30)
+        engine.submit(cid, task.round, {"w": torch.ones(4)}, 1, {}, 16)
+    for _ in range(MAX_DELIVERIES):  # the task again each time it asks: it may have lost its work
+        assert isinstance(engine.next_task(looping, 30), TrainTask)
+    assert isinstance(engine.next_task(looping, 0), Wait)  # asking once more: given up
+    driver.join(timeout=20)
+    assert not driver.is_alive(), "the round waited for a client that will not deliver"
+    row = engine.history[0]
+    assert row["clients"] == 2 and row["seconds"] < 20
+
+
+def test_a_client_whose_updates_are_refused_gets_its_task_again_until_it_is_given_up(tmp_path):
+    """The bench's bad devices: each update refused, then asking again; the round stops
+    waiting for them after MAX_DELIVERIES deliveries (not at its deadline)."""
+    from fedtune.coordinator.engine import MAX_DELIVERIES, Wait
+
+    engine, (good, bad, late), driver = _deadline_round(tmp_path)
+    task = engine.next_task(good, 30)
+    engine.submit(good, task.round, {"w": torch.ones(4)}, 1, {}, 16)
+    engine.next_task(late, 30)
+    engine.submit(late, task.round, {"w": torch.ones(4)}, 1, {}, 16)
+    for _ in range(MAX_DELIVERIES):
+        assert isinstance(engine.next_task(bad, 30), TrainTask)
+        engine.note_rejected(task.round, 100)  # the service refused its update (NaN, say)
+    assert isinstance(engine.next_task(bad, 0), Wait)
+    driver.join(timeout=20)
+    assert not driver.is_alive() and engine.history[0]["clients"] == 2
+
+
+def test_a_given_up_client_may_still_send_a_valid_update(tmp_path):
+    from fedtune.coordinator.engine import MAX_DELIVERIES
+
+    engine, (a, b, c), driver = _deadline_round(tmp_path)
+    for _ in range(MAX_DELIVERIES + 1):
+        engine.next_task(a, 1)
+    engine.submit(a, 1, {"w": torch.ones(4)}, 1, {}, 16)  # given up, yet its update is valid: accepted
+    for cid in (b, c):
+        engine.next_task(cid, 30)
+        engine.submit(cid, 1, {"w": torch.ones(4)}, 1, {}, 16)
+    driver.join(timeout=20)
+    assert engine.history[0]["clients"] == 3

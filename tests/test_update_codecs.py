@@ -139,7 +139,7 @@ def test_instruction_options_carry_the_codec_and_the_recipe_never_sees_them():
     assert ins.options["codec"] == "compeft" and ins.options["codec.density"] == "0.02" and ins.options["error_feedback"] == "false"
     uplink, rest = Uplink.from_options(dict(ins.options), seed=5)
     assert uplink.codec.options.density == 0.02 and not uplink.error_feedback
-    assert rest == {"recipe": "fedprox", "mu": "0.1"} and make_recipe(rest, {}).name == "fedprox"
+    assert rest == {"recipe": "fedprox+local", "mu": "0.1"} and make_recipe(rest, {}).name == "fedprox+local"
 
 
 def test_projection_draws_each_clients_directions_from_its_round_seed():

@@ -1,9 +1,10 @@
 """LoRA adapters on transformers models, through peft.
 
-An ``AdapterPlan`` says where LoRA goes (target modules, which blocks) and how big it is (rank,
-optionally per block). peft does the injection; this module adds what federated training needs
-on top: the adapter as a flat dict of named tensors (what crosses the wire and gets averaged),
-loading such a dict back strictly, and exporting a standard PEFT adapter folder.
+An ``AdapterPlan`` (defined in ``fedtune.contract.plans``, re-exported here) says where LoRA goes
+(target modules, which blocks) and how big it is (rank, optionally per block). peft does the
+injection; this module adds what federated training needs on top: the adapter as a flat dict of
+named tensors (what crosses the wire and gets averaged), loading such a dict back strictly, and
+exporting a standard PEFT adapter folder.
 """
 
 from __future__ import annotations
@@ -11,75 +12,18 @@ from __future__ import annotations
 import json
 import re
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
+from fedtune.contract.plans import AdapterError, AdapterPlan
 from fedtune.durable import fresh_folder, write_file
-from fedtune.names import A_SUFFIX, B_SUFFIX, BASE_DELTA, CORE_SUFFIX, FROZEN_A, FROZEN_B, is_frozen_update
+from fedtune.names import A_SUFFIX, BASE_DELTA, CORE_SUFFIX, FROZEN_A, FROZEN_B, is_frozen_update
 from fedtune.rng import seeded
 
 PEFT_TASK_TYPES = {"seq-cls": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM}
-
-
-class AdapterError(ValueError):
-    """An adapter plan that does not fit the model, or a state that does not fit the adapter."""
-
-
-@dataclass(frozen=True)
-class AdapterPlan:
-    """Where LoRA goes and how large it is. Empty tuples mean "peft's default"/"every block"."""
-
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ()
-    layers: tuple[int, ...] = ()
-    modules_to_save: tuple[str, ...] = ()
-    # block index -> rank, overriding `rank` for those blocks
-    rank_per_layer: Mapping[int, int] = field(default_factory=dict)
-    # FFA-LoRA: every A stays frozen at the value it is given; only B (and heads) train.
-    freeze_a: bool = False
-    # Fed-SB (LoRA-SB): B and A frozen (initialized from the truncated SVD of the pretrained
-    # weight), a rank x rank core R between them trained (update scale * B @ R @ A).
-    core: bool = False
-
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise AdapterError(f"rank must be at least 1, got {self.rank}")
-        if any(r < 1 for r in self.rank_per_layer.values()):
-            raise AdapterError(f"every per-layer rank must be at least 1, got {dict(self.rank_per_layer)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise AdapterError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    @property
-    def scale(self) -> float:
-        """The LoRA scale alpha / rank, the same on every layer: a layer of rank r gets alpha
-        ``scale * r``, so products B @ A of different ranks add up directly."""
-        return self.alpha / self.rank
-
-    @property
-    def frozen_factors(self) -> tuple[str, ...]:
-        """Name suffixes of the LoRA factors this plan keeps frozen (never trained, never sent
-        back): A with ``freeze_a``, A and B with ``core``."""
-        if self.core:
-            return (A_SUFFIX, B_SUFFIX)
-        return (A_SUFFIX,) if self.freeze_a else ()
-
-    def key(self) -> tuple:
-        """A hashable identity (plans with equal keys build identical adapters)."""
-        return (
-            self.rank, self.alpha, self.dropout, self.target_modules, self.layers,
-            self.modules_to_save, tuple(sorted(self.rank_per_layer.items())), self.freeze_a, self.core,
-        )
-
-    def to_json(self) -> dict:
-        data = asdict(self)
-        data["rank_per_layer"] = {str(k): v for k, v in self.rank_per_layer.items()}
-        return data
 
 
 def _block_count_attr(config) -> str:

@@ -32,12 +32,12 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 
-from fedtune.adapters.lora import AdapterPlan
 from fedtune.aggregation.lora_math import blockwise_mean
+from fedtune.contract.plans import AdapterPlan
 from fedtune.contract.properties import NOTHING, Declaration, chain_parts, conflicts, declare
+from fedtune.contract.specs import TensorSpec
 from fedtune.devices import Capabilities
 from fedtune.options import NoOptions, OptionsError, build_options, option_names, options_to_wire
-from fedtune.protocol.tensors import TensorSpec
 from fedtune.registry import Registry
 
 State = dict[str, torch.Tensor]

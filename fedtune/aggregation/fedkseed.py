@@ -23,14 +23,12 @@ import torch
 
 from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Instruction, RoundContext, State, Strategy, example_weights, share_by_plan, weighted_train_loss
 from fedtune.compression.seeds import pool_seeds, replay, seed_probabilities
+from fedtune.contract.names import FEDKSEED, GRADS, PROBS, SEEDS
 from fedtune.contract.properties import declare
+from fedtune.contract.specs import TensorSpec
 from fedtune.names import namespaced
-from fedtune.protocol.tensors import TensorSpec
 
-NAMESPACE = "fedkseed"
-PROBS = namespaced(NAMESPACE, "probs")      # instruction: the pool's sampling probabilities
-SEEDS = namespaced(NAMESPACE, "seeds")      # update: the seed index of each step (int32)
-GRADS = namespaced(NAMESPACE, "grads")      # update: the scalar measured at each step (float32)
+NAMESPACE = FEDKSEED  # PROBS (instruction), SEEDS and GRADS (update) are in fedtune.contract.names
 ABS_SUM = namespaced(NAMESPACE, "abs_sum")  # state: per seed, sum of |clipped scalar|
 COUNT = namespaced(NAMESPACE, "count")      # state: per seed, number of scalars
 

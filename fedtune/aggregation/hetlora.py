@@ -13,23 +13,22 @@ narrows its plan from then on.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import torch
 
-from fedtune.adapters.lora import AdapterPlan
 from fedtune.aggregation.base import STRATEGIES, ClientUpdate, RoundContext, State, mean_over_senders, weighted_train_loss, weights_by_client
 from fedtune.aggregation.fedavg import FedAvg
 from fedtune.aggregation.lora_math import blockwise_mean, product
+from fedtune.contract.names import RANK_CAP_TENSOR
+from fedtune.contract.plans import AdapterPlan
 from fedtune.contract.properties import declare
+from fedtune.contract.specs import TensorSpec
 from fedtune.names import A_SUFFIX, B_SUFFIX, is_lora, lora_modules, namespaced, strip_namespace
-from fedtune.protocol.tensors import TensorSpec
 
 WEIGHTINGS = ("examples", "norm")
 CAP = "hetlora.rank_cap"          # state: namespaced(CAP, client id) -> int64 scalar
-RANK_CAP_TENSOR = "hetlora/rank_cap"  # what a pruning client sends back: its largest rank from now on
 
 
 @dataclass(frozen=True)
@@ -134,8 +133,3 @@ class HetLoRA(FedAvg):
         if caps:
             metrics["rank_caps"] = dict(sorted(caps.items()))
         return new_state, metrics
-
-
-def pruned_rank(rank: int, keep: float) -> int:
-    """The rank a client keeps when it prunes: ``keep`` of it, at least 1."""
-    return max(1, math.ceil(keep * rank))

@@ -27,11 +27,9 @@ import torch
 
 from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Instruction, RecipeWrapper, RoundContext, State, map_instructions
 from fedtune.aggregation.lora_math import blockwise_mean, truncate
+from fedtune.contract.names import CONTROL, CONTROL_DELTA
 from fedtune.contract.properties import declare
 from fedtune.names import namespaced, strip_namespace
-
-CONTROL = "scaffold.c"       # server state, and what a client receives: c of each tensor
-CONTROL_DELTA = "scaffold.dc"  # what a client sends back: c_i+ - c_i of each tensor
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,11 @@ class Scaffold(RecipeWrapper):
     declares = RecipeWrapper.declares | declare(
         provides={"gradient-edit", "extra-update-tensors"},
         needs={"sliced-state": "its control variates are kept per global tensor, so clients must train slices of them"},
-        refuses={"split-model": "its control variates cover the whole adapter, and a split device trains the part below its cut"},
+        refuses={
+            "split-model": "its control variates cover the whole adapter, and a split device trains the part below its cut",
+            "a-frozen": "it keeps a control variate for every adapter tensor, and a frozen factor has no gradient to correct",
+            "b-frozen": "it keeps a control variate for every adapter tensor, and a frozen factor has no gradient to correct",
+        },
     )
 
     def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> State:

@@ -24,6 +24,7 @@ import torch
 
 from fedtune.aggregation.base import Instruction, RoundContext, Strategy, Wrapper
 from fedtune.contract.properties import declare
+from fedtune.contract.split_options import SplitOptions
 from fedtune.devices import Capabilities
 from fedtune.split.planning import CutChoice, SplitCost, SplitGeometry, choose_cut
 from fedtune.split.segments import client_side
@@ -65,8 +66,6 @@ class SplitFed(Wrapper):
         super().__init__(inner, options, scale=scale, seed=seed)
         if self.options.head == "server":  # the labels travel with the activations
             self.declares = type(self).declares | declare(provides={"server-side-loss"})
-        from fedtune.client.recipes.split import SplitOptions
-
         SplitOptions(**self._recipe_fields(self.options.cut))  # checks head and codecs now, not at round 1
         # Set by the coordinator from the model (fedtune.split.planning).
         self.geometry: SplitGeometry | None = None

@@ -27,7 +27,7 @@ from fedtune.client.recipes import TrainSettings, make_recipe
 from fedtune.client.recipes.split import SplitRecipe
 from fedtune.client.state import DeviceState, load_state, save_state
 from fedtune.client.uplink import Uplink
-from fedtune.coordinator.guard import credentials
+from fedtune.contract.credentials import credentials
 from fedtune.data import Example
 from fedtune.devices import Capabilities
 from fedtune.models import ModelSource, ModelStore

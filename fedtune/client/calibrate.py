@@ -20,7 +20,7 @@ from typing import Sequence
 
 from fedtune.adapters import AdapterPlan, adapter_state, inject_lora
 from fedtune.client.recipes.base import LocalOptions, Recipe, TrainSettings
-from fedtune.coordinator.planner import CostModel, model_geometry
+from fedtune.contract.cost import CostModel, model_geometry
 from fedtune.data import Example
 from fedtune.models import ModelSource, ModelStore
 from fedtune.tasks import EncodedExample, Task, get_task

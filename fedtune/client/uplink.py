@@ -21,8 +21,8 @@ from typing import Mapping
 
 import torch
 
-from fedtune.aggregation.compress import CODEC_KEY, CODEC_OPTION_PREFIX, ERROR_FEEDBACK_KEY
 from fedtune.compression import Codec, make_codec
+from fedtune.contract.option_keys import CODEC_KEY, CODEC_OPTION_PREFIX, ERROR_FEEDBACK_KEY
 from fedtune.options import parse_scalar
 from fedtune.protocol.tensors import EncodedTensor, encode_tensor, encoded_tensor
 from fedtune.rng import derive_seed

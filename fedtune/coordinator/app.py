@@ -20,12 +20,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from fedtune.adapters import AdapterPlan
 from fedtune.compose import checked, compose
 from fedtune.config import ConfigError, RunConfig, config_from_dict, config_to_toml
+from fedtune.contract.cost import CostModel, model_geometry
 from fedtune.coordinator.clients import load_enrollment_secrets
 from fedtune.coordinator.engine import RoundEngine, _difference
 from fedtune.coordinator.errors import CoordinatorError
 from fedtune.coordinator.guard import CallGuard
 from fedtune.coordinator.global_model import FixedTensors, GlobalModel
-from fedtune.coordinator.planner import CostModel, Planner, model_geometry  # noqa: F401 (model_geometry is re-exported)
+from fedtune.coordinator.planner import Planner
 from fedtune.coordinator.service import CoordinatorService
 from fedtune.credentials import SecretError, read_secret
 from fedtune.durable import fsync_dir, read_text_nofollow, replace_file

@@ -39,6 +39,8 @@ from fedtune.aggregation import (
 )
 from fedtune.compose import check_chain
 from fedtune.config import RunConfig
+from fedtune.contract.cost import CostModel, ModelGeometry
+from fedtune.contract.specs import TensorSpec, specs_of
 from fedtune.coordinator.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -48,7 +50,7 @@ from fedtune.coordinator.clients import ClientRecord, ClientRegistry
 from fedtune.coordinator.errors import CoordinatorError
 from fedtune.coordinator.global_model import GlobalModel
 from fedtune.coordinator.metrics import MetricsLog, personalized, plan_fields, round_row
-from fedtune.coordinator.planner import CostModel, ModelGeometry, Planner, plan_round
+from fedtune.coordinator.planner import Planner, plan_round
 from fedtune.coordinator.trust import (
     Measure,
     absurd,
@@ -65,9 +67,12 @@ from fedtune.coordinator.trust import (
 )
 from fedtune.devices import Capabilities
 from fedtune.privacy.randomness import poisson_select
-from fedtune.protocol.tensors import TensorSpec, specs_of
 
 log = logging.getLogger(__name__)
+
+# How many times one round's task is handed to one client that sends no update (a device that
+# lost its work gets it again; see RoundEngine.next_task).
+MAX_DELIVERIES = 3
 T = TypeVar("T")
 
 
@@ -105,6 +110,11 @@ class _Round:
     down_by_client: dict[str, int] = field(default_factory=dict)
     rejected: int = 0
     declined: dict[str, str] = field(default_factory=dict)  # client id -> why its device declined
+    # Selected clients the round no longer waits for, with why: they asked for work again after
+    # their task was handed out MAX_DELIVERIES times with no update (see next_task). A later
+    # valid update from them is still accepted; the round just does not hold its close for them.
+    given_up: dict[str, str] = field(default_factory=dict)
+    delivered: dict[str, int] = field(default_factory=dict)  # client id -> times its task was handed out
     # What each device reported spending on DP-SGD this round, whether or not its update is
     # aggregated (refused, late): the privacy report counts every round a device spent on.
     dp_spent: dict[str, dict] = field(default_factory=dict)
@@ -269,7 +279,13 @@ class RoundEngine:
         return self.registry.authenticate(client_id, token)
 
     def next_task(self, client_id: str, wait_s: float) -> TrainTask | Wait | Done:
-        """Work for ``client_id``: blocks up to ``wait_s`` seconds for a round that selects it."""
+        """Work for ``client_id``: blocks up to ``wait_s`` seconds for a round that selects it.
+
+        A device asks for work only when it has none, so a selected client asking again for a
+        round it got but sent nothing for has lost that work (a restart, a broken stream): it
+        gets the task again, up to MAX_DELIVERIES times. Asking once more after that, it is given
+        up for the round: otherwise a device that keeps asking and never delivers keeps itself
+        alive and holds the round until its deadline."""
         deadline = time.monotonic() + max(0.0, min(wait_s, 60.0))
         with self._cond:
             while True:
@@ -281,7 +297,14 @@ class RoundEngine:
                     return Done()
                 rnd = self._round
                 if rnd is not None and rnd.open and client_id in rnd.instructions and client_id not in rnd.updates:
-                    return self._task(rnd, client_id)
+                    given = rnd.delivered.get(client_id, 0)
+                    if given < MAX_DELIVERIES:
+                        rnd.delivered[client_id] = given + 1
+                        return self._task(rnd, client_id)
+                    if client_id not in rnd.given_up:
+                        rnd.given_up[client_id] = f"asked for work again after {given} deliveries of its task, with no update"
+                        log.warning("round %d: %s given up: %s", rnd.number, client_id, rnd.given_up[client_id], extra={"round": rnd.number, "client_id": client_id})
+                        self._cond.notify_all()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self.registry.touch(client_id)
@@ -386,10 +409,13 @@ class RoundEngine:
         log.warning("round %d: %s declined its task: %s", round_number, client_id, reason, extra={"round": round_number, "client_id": client_id})
 
     def note_rejected(self, round_number: int, bytes_up: int) -> None:
+        """An update refused for round ``round_number`` (its client may ask for the task again:
+        see ``next_task``)."""
         with self._cond:
-            if self._round is not None and self._round.number == round_number:
-                self._round.rejected += 1
-                self._round.bytes_up += bytes_up
+            rnd = self._round
+            if rnd is not None and rnd.number == round_number:
+                rnd.rejected += 1
+                rnd.bytes_up += bytes_up
 
     def note_sent(self, round_number: int, nbytes: int, client_id: str = "") -> None:
         with self._cond:
@@ -648,9 +674,9 @@ class RoundEngine:
                 if now >= rnd.deadline:
                     log.warning("round %d: deadline passed with %d of %d updates", rnd.number, len(rnd.updates), len(selected), extra={"round": rnd.number})
                     break
-                missing = [c for c in selected if c not in rnd.updates and c not in rnd.declined]
+                missing = [c for c in selected if c not in rnd.updates and c not in rnd.declined and c not in rnd.given_up]
                 if not missing:
-                    break  # every selected client answered or declined
+                    break  # every selected client answered, declined or was given up
                 if missing and not any(self.registry.is_alive(c, self.fed.client_timeout_s) for c in missing):
                     log.warning("round %d: closing early, %s went silent", rnd.number, ", ".join(missing), extra={"round": rnd.number})
                     break

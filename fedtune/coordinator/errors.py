@@ -1,15 +1,6 @@
-"""Errors the coordinator reports to a client. ``code`` is the name of the gRPC status the
-service answers with; the round logic itself does not depend on gRPC."""
+"""Errors the coordinator reports to a client: defined in ``fedtune.contract.errors`` (the split
+server half raises them too, below the coordinator) and re-exported here."""
 
-from __future__ import annotations
+from fedtune.contract.errors import CODES, CoordinatorError
 
-CODES = {"INVALID_ARGUMENT", "UNAUTHENTICATED", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE"}
-
-
-class CoordinatorError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        if code not in CODES:
-            raise ValueError(f"unknown status code {code}")
-        super().__init__(message)
-        self.code = code
-        self.message = message
+__all__ = ["CODES", "CoordinatorError"]

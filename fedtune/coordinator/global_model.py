@@ -10,15 +10,15 @@ from typing import Sequence
 
 import torch
 
-from fedtune.allocator import release_free_memory
 from fedtune.adapters import AdapterError, AdapterPlan, adapter_state, fold_cores, inject_lora, load_adapter_state
 from fedtune.adapters.lora import write_adapter
 from fedtune.aggregation.lora_math import low_rank, product
-from fedtune.names import A_SUFFIX, B_SUFFIX, lora_modules
+from fedtune.allocator import release_free_memory
+from fedtune.contract.specs import TensorSpec, specs_of
 from fedtune.data import Example
 from fedtune.durable import fresh_folder
 from fedtune.models import ModelSource, ModelStore
-from fedtune.protocol.tensors import TensorSpec, specs_of
+from fedtune.names import A_SUFFIX, B_SUFFIX, lora_modules
 from fedtune.tasks import get_task
 
 log = logging.getLogger(__name__)

@@ -67,22 +67,16 @@ from typing import Callable, Hashable
 
 import grpc
 
-from fedtune.coordinator.errors import CoordinatorError
+from fedtune.contract.credentials import CLIENT_ID_KEY, TOKEN_KEY, credentials  # noqa: F401 (credentials is re-exported)
+from fedtune.contract.errors import CoordinatorError
 from fedtune.logs import clip
 
 log = logging.getLogger(__name__)
 
-CLIENT_ID_KEY = "x-fedtune-client-id"
-TOKEN_KEY = "x-fedtune-token"
 REGISTER = "/fedtune.v1.Coordinator/Register"
 # Full method names callable without a token: registration, and the standard health check
 # (a load balancer or orchestrator probes it; it reveals only SERVING / NOT_SERVING).
 OPEN_METHODS = frozenset({REGISTER, "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/List"})
-
-
-def credentials(client_id: str, token: str) -> tuple[tuple[str, str], ...]:
-    """The call metadata that authenticates ``client_id`` (what the agent sends on every call)."""
-    return ((CLIENT_ID_KEY, client_id), (TOKEN_KEY, token))
 
 
 def caller(context: grpc.ServicerContext) -> str:

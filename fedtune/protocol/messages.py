@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from fedtune.adapters import AdapterPlan
+from fedtune.contract.plans import AdapterPlan
 from fedtune.devices import Capabilities
 from fedtune.protocol import fedtune_pb2 as pb
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from fedtune.compression import Codec, CodecError, Encoded, codec_for_encoding
+from fedtune.contract.specs import TensorSpec, specs_of  # noqa: F401 (specs_of is re-exported)
 from fedtune.logs import shown
 from fedtune.protocol import fedtune_pb2 as pb
 
@@ -337,14 +338,6 @@ class CountedFrames:
                 yield Chunk(chunk)
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """What a receiver expects of one tensor."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-
 class TensorReceiver:
     """Reassembles tensors from frames, validating each header before allocating its payload.
 
@@ -515,7 +508,3 @@ def all_finite(tensor: torch.Tensor) -> bool:
     if tensor.dtype == torch.bfloat16:
         tensor = tensor.float()
     return bool(np.isfinite(tensor.detach().cpu().numpy()).all())
-
-
-def specs_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
-    return {name: TensorSpec(tuple(t.shape), t.dtype) for name, t in tensors.items()}

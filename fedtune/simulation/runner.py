@@ -33,6 +33,7 @@ from fedtune.coordinator.app import Coordinator
 from fedtune.data import TWEETS_LABELS, Example, embedded_tweets, label_ids, load_examples, resolve_labels
 from fedtune.devices import Capabilities, load_profiles, tier
 from fedtune.models import ModelStore, resolve_source
+from fedtune.registry import UnknownNameError
 from fedtune.simulation.fleet import Fleet
 from fedtune.simulation.partition import PARTITIONS, partition
 from fedtune.transport import make_channel
@@ -154,8 +155,10 @@ def run_simulation(
     force: bool = False,
 ) -> SimulationResult:
     config = checked(copy.deepcopy(config))  # the caller's config is left as it was
-    if config.simulation.partition not in PARTITIONS:
-        raise ConfigError(f"simulation.partition: unknown partition {config.simulation.partition!r}; choose one of: {', '.join(PARTITIONS.names())}")
+    try:  # a partition of an installed package (entry point) or a module:Name spec is loaded here
+        PARTITIONS.get(config.simulation.partition)
+    except UnknownNameError as exc:
+        raise ConfigError(f"simulation.partition: {exc}") from None
     sim = config.simulation
     capabilities = capabilities or fleet(config)
     train, evals, labels = prepare_data(config)

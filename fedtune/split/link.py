@@ -17,9 +17,9 @@ from __future__ import annotations
 import queue
 import torch
 
+from fedtune.contract.credentials import credentials
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.tensors import EncodedTensor
-from fedtune.coordinator.guard import credentials
 from fedtune.split.wire import Receiver, ReplyAllowance, frames_bytes, message_frames
 
 # The coordinator sends its answers in chunks of server.chunk_bytes, which its configuration

@@ -8,7 +8,7 @@ the hidden width, ``P_b`` a block's frozen parameters and ``R_b`` its LoRA param
 - Device memory: frozen weights ``4 * (P_embed + k * P_b [+ P_head])``, the adapter with its
   gradient and AdamW moments ``16 * (k * R_b [+ head])``, and activations
   ``A * (activation_scale * k + activation_overhead_blocks)`` with the per-block ``A`` and the
-  constants of the federated cost model (fedtune.coordinator.planner), which were calibrated
+  constants of the federated cost model (fedtune.contract.cost), which were calibrated
   on the same models.
 - Device compute per step: ``(1 + backward_factor) * 2 * P_b * k * T + 6 * R_b * k * T``;
   the coordinator's the same for ``L - k`` blocks, shared by every session of the round.
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedtune.adapters import AdapterPlan
-from fedtune.coordinator.planner import CostModel, activation_bytes_per_block, model_geometry, plan_ranks
+from fedtune.contract.cost import CostModel, activation_bytes_per_block, model_geometry, plan_ranks
+from fedtune.contract.plans import AdapterPlan
 from fedtune.devices import Capabilities
 from fedtune.split.segments import anatomy
 

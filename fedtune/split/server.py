@@ -30,8 +30,8 @@ from typing import Mapping
 import torch
 
 from fedtune.adapters import adapter_parameters, adapter_state
-from fedtune.client.recipes.split import SplitOptions
-from fedtune.coordinator.errors import CoordinatorError
+from fedtune.contract.errors import CoordinatorError
+from fedtune.contract.split_options import SplitOptions
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.tensors import EncodedTensor, ProtocolError
 from fedtune.split.segments import anatomy, client_side, middle_forward, top_forward

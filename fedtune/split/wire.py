@@ -23,38 +23,10 @@ import torch
 
 from fedtune.compression import make_codec
 from fedtune.compression.amaq import BitBudget, MixedBitQuantizer
+from fedtune.contract.split_options import DirectionCodec
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.logs import shown
 from fedtune.protocol.tensors import DEFAULT_CHUNK_BYTES, EncodedTensor, ProtocolError, TensorReceiver, decoded_bytes, encode_tensor, encoded_tensor
-
-SPLIT_CODECS = ("fp32", "fp16", "bf16", "uniform", "amaq")
-
-
-@dataclass(frozen=True)
-class DirectionCodec:
-    """How one direction is compressed. ``bits``: uniform's width, AMAQ's target mean width."""
-
-    codec: str = "amaq"
-    bits: float = 4.0
-    start_bits: float = 8.0
-    anneal_steps: int = 0          # AMAQ: steps from start_bits to bits (0: no annealing)
-    b_min: int = 2
-    b_max: int = 8
-    reg_weight: float = 0.01       # AMAQ: weight of the mean width in the bit regularization
-    layer_weight: float = 1.0      # AMAQ: layer-wise importance of this cut
-    gate_lr: float = 0.05
-
-    def __post_init__(self) -> None:
-        if self.codec not in SPLIT_CODECS:
-            raise ValueError(f"unknown split codec {self.codec!r} (valid: {', '.join(SPLIT_CODECS)})")
-        if self.codec == "uniform" and (self.bits != int(self.bits) or not 1 <= self.bits <= 8):
-            raise ValueError(f"uniform needs whole bits in 1..8, got {self.bits}")
-        if self.codec == "amaq" and not self.b_min <= self.bits <= self.start_bits <= self.b_max:
-            raise ValueError(f"amaq needs b_min <= bits <= start_bits <= b_max, got {self.b_min}, {self.bits}, {self.start_bits}, {self.b_max}")
-
-    @property
-    def lossless(self) -> bool:
-        return self.codec == "fp32"
 
 
 class Sender:

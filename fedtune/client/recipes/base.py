@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 
 from fedtune.adapters import adapter_state, load_adapter_state
+from fedtune.contract.local_options import LocalOptions
 from fedtune.options import build_options
 from fedtune.registry import Registry
 from fedtune.rng import step_seed, thread_draws
@@ -37,53 +38,6 @@ class TrainSettings:
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     seed: int = 0
-
-
-@dataclass(frozen=True)
-class LocalOptions:
-    """Options every recipe understands."""
-
-    recipe: str = "local"
-    # Comma-separated name suffixes of adapter tensors the device keeps for itself between
-    # rounds and does not send (FedSA-LoRA: ".lora_B.weight").
-    keep: str = ""
-    # Fraction of the device's examples held out to evaluate its personalized model (the
-    # starting adapter with its kept tensors) before training; 0: no personalized evaluation.
-    personal_eval: float = 0.0
-    # Train nothing: evaluate the personalized model on the held-out share and send back only
-    # the metrics (the evaluation round after the last training round).
-    evaluate_only: bool = False
-    # Sample-level DP-SGD (fedtune.privacy.sample_level): on when dp_clip > 0. Per-example
-    # gradients clipped to dp_clip, noise std dp_noise_multiplier * dp_clip, Poisson batches;
-    # the device declines a round that would take its epsilon (at dp_delta) past dp_budget.
-    dp_clip: float = 0.0
-    dp_noise_multiplier: float = 0.0
-    dp_delta: float = 1e-5
-    dp_budget: float = 0.0
-    # Instead of dp_noise_multiplier: the smallest sigma that spends at most this epsilon over
-    # dp_total_steps steps at this device's sample rate (fixed at its first round).
-    dp_target_epsilon: float = 0.0
-    dp_total_steps: int = 0
-    # Research mode: batch masks and noise drawn from the round's seed, which the coordinator
-    # knows, so the run repeats; no guarantee against whoever knows the seed. Off: secrets of
-    # the device. A device accepts it only when its own policy allows (fedtune.client.policy).
-    dp_repeatable: bool = False
-    # Proceed although dp_delta >= 1/n for this device's n examples (the run says why).
-    dp_allow_large_delta: bool = False
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.personal_eval < 1.0:
-            raise ValueError("personal_eval must be in [0, 1)")
-        if self.evaluate_only and self.personal_eval <= 0:
-            raise ValueError("evaluate_only needs personal_eval > 0 (the held-out share it evaluates on)")
-        if self.dp_clip < 0 or self.dp_noise_multiplier < 0 or not 0.0 < self.dp_delta < 1.0 or self.dp_budget < 0:
-            raise ValueError("dp_clip and dp_noise_multiplier must be >= 0, dp_delta in (0, 1), dp_budget >= 0")
-        if self.dp_target_epsilon < 0 or (self.dp_target_epsilon and self.dp_total_steps < 1):
-            raise ValueError("dp_target_epsilon must be >= 0 and needs dp_total_steps")
-
-    @property
-    def kept_suffixes(self) -> tuple[str, ...]:
-        return tuple(s for s in self.keep.split(",") if s)
 
 
 class Recipe:

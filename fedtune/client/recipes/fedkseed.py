@@ -18,9 +18,9 @@ from typing import Sequence
 import torch
 
 from fedtune.adapters import adapter_parameters, load_adapter_state
-from fedtune.aggregation.fedkseed import GRADS, PROBS, SEEDS
 from fedtune.client.recipes.base import RECIPES, LocalOptions, Recipe, TrainSettings
 from fedtune.compression.seeds import apply_step, perturbation, pool_seeds
+from fedtune.contract.names import GRADS, PROBS, SEEDS
 from fedtune.tasks import EncodedExample, Task
 from fedtune.tasks.base import sample_batches
 

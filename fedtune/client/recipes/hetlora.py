@@ -16,8 +16,8 @@ from typing import Sequence
 
 import torch
 
-from fedtune.aggregation.hetlora import RANK_CAP_TENSOR, pruned_rank
 from fedtune.client.recipes.base import RECIPES, LocalOptions, Recipe
+from fedtune.contract.names import RANK_CAP_TENSOR
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,11 @@ def tail_norm(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], fraction: floa
 def should_prune(history: tuple[int, float] | None, rank: int, tail: float) -> bool:
     """Prune when the previous round at the same rank ended with a larger tail norm."""
     return history is not None and history[0] == rank and tail < history[1]
+
+
+def pruned_rank(rank: int, keep: float) -> int:
+    """The rank a client keeps when it prunes: ``keep`` of it, at least 1."""
+    return max(1, math.ceil(keep * rank))
 
 
 @RECIPES.register("hetlora")

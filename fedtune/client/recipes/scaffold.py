@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from fedtune.adapters import adapter_parameters
-from fedtune.aggregation.scaffold import CONTROL, CONTROL_DELTA
 from fedtune.client.recipes.base import RECIPES, LocalOptions, Recipe
+from fedtune.contract.names import CONTROL, CONTROL_DELTA
 from fedtune.names import namespaced, strip_namespace
 
 

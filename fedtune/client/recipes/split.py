@@ -4,75 +4,31 @@ and backpropagates the gradient it gets back. In the U-shaped split (``head = "c
 default) it also runs the head: the coordinator returns the activations after the last block,
 the client computes the loss and sends their gradient, so labels never leave the device.
 
-The options are shared with the coordinator's half (fedtune.split.server), which reads them from
-the same task options. The agent gives the recipe its ``link`` (a gRPC stream, or an in-process
-server half in tests) before ``run``; the update sent at the end holds the client's tensors only.
+The options (``SplitOptions``, in fedtune.contract.split_options) are shared with the
+coordinator's half (fedtune.split.server), which reads them from the same task options. The
+agent gives the recipe its ``link`` (a gRPC stream, or an in-process server half in tests)
+before ``run``; the update sent at the end holds the client's tensors only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 
 from fedtune.adapters import adapter_parameters
 from fedtune.adapters.lora import AdapterPlan
-from fedtune.client.recipes.base import RECIPES, LocalOptions, Recipe, TrainSettings
+from fedtune.client.recipes.base import RECIPES, Recipe, TrainSettings
+from fedtune.contract.split_options import SplitOptions
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.tensors import ProtocolError, encode_tensor
 from fedtune.rng import derive_seed, step_seed, thread_draws
 from fedtune.split.segments import anatomy, below_cut, bottom_forward, client_side, top_forward
-from fedtune.split.wire import DirectionCodec, Sender, check_rows, scatter
+from fedtune.split.wire import Sender, check_rows, scatter
 from fedtune.tasks import EncodedExample, Task
 from fedtune.tasks.base import sample_batches
-
-HEAD_PLACES = ("client", "server")
-
-
-@dataclass(frozen=True)
-class SplitOptions(LocalOptions):
-    recipe: str = "split"
-    # The client runs the embeddings and blocks [0, cut); the coordinator blocks [cut, L).
-    cut: int = 0
-    # "client": U-shaped split, the client also runs the head, so labels never leave the device
-    # (two round trips per step). "server": the coordinator runs the head; labels travel with
-    # the activations.
-    head: str = "client"
-    # The first step of this round in the whole run (AMAQ's budget schedule counts from it).
-    step0: int = 0
-    act_codec: str = "amaq"
-    act_bits: float = 4.0
-    grad_codec: str = "amaq"
-    grad_bits: float = 4.0
-    start_bits: float = 8.0
-    anneal_steps: int = 0
-    b_min: int = 2
-    b_max: int = 8
-    reg_weight: float = 0.01
-    gate_lr: float = 0.05
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.cut < 1:
-            raise ValueError(f"cut must be a block index of at least 1, got {self.cut}")
-        if self.head not in HEAD_PLACES:
-            raise ValueError(f"head must be one of {HEAD_PLACES}, got {self.head!r}")
-        if self.keep or self.dp_clip:
-            raise ValueError("split training does not combine with keep (FedSA) or sample-level DP")
-        self.direction("act"), self.direction("grad")  # validates both codecs
-
-    @property
-    def head_on_client(self) -> bool:
-        return self.head == "client"
-
-    def direction(self, prefix: str) -> DirectionCodec:
-        """The codec settings of activations (``act``) or gradients (``grad``)."""
-        codec, bits = getattr(self, f"{prefix}_codec"), getattr(self, f"{prefix}_bits")
-        start = max(self.start_bits, bits) if codec == "amaq" else self.start_bits
-        return DirectionCodec(codec, bits, start, self.anneal_steps, self.b_min, self.b_max, self.reg_weight, 1.0, self.gate_lr)
 
 
 @RECIPES.register("split")
