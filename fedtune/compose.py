@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from fedtune.aggregation import STRATEGIES, Strategy, Wrapper
+from fedtune.aggregation.base import variant_class
 from fedtune.config import ConfigError, RunConfig
 from fedtune.contract.properties import CompositionError, Part, chain_parts, check, conflicts
 from fedtune.options import OptionsError, build_options, option_names
@@ -150,17 +151,14 @@ def _build(config: RunConfig, picked: Mapping[str, Choice], scale: float, task_p
     # The adapter variant wraps the strategy first, so client-level DP (outside it) clips and
     # noises only the tensors clients train (not FFA's frozen A, not Fed-SB's fixed factors).
     lora = config.lora
-    if lora.variant != "lora":
-        from fedtune.aggregation.fedsb import FedSB
-        from fedtune.aggregation.ffa import FedSVD, FFALoRA
-
-        variant = {"ffa": FFALoRA, "fedsvd": FedSVD, "fedsb": FedSB}[lora.variant]
+    variant = _variant(lora.variant)
+    if variant is not None:
         strategy = wrap(variant(strategy, scale=scale, seed=seed), f"lora.variant {lora.variant}")
     # Client-level DP sits inside sample-level DP: the latter reads each real update's
     # accountant figures before the former folds them into one noised mean.
     p = config.privacy
     if p.dp in ("client", "both"):
-        from fedtune.aggregation.dp_fedavg import ClientDP, ClientDPOptions
+        from fedtune.methods.client_dp.strategy import ClientDP, ClientDPOptions
 
         dp_options = _options(ClientDPOptions, {
             "clip": p.clip, "noise_multiplier": p.noise_multiplier, "delta": p.delta, "accountant": p.accountant,
@@ -169,7 +167,8 @@ def _build(config: RunConfig, picked: Mapping[str, Choice], scale: float, task_p
         }, "privacy")
         strategy = wrap(ClientDP(strategy, dp_options, scale=scale, seed=seed), f"privacy.dp {p.dp} (client level)")
     if p.dp in ("sample", "both"):
-        from fedtune.aggregation.sample_dp import SampleDP, SampleDPOptions
+        from fedtune.methods.sample_dp.options import SampleDPOptions
+        from fedtune.methods.sample_dp.strategy import SampleDP
 
         dp_options = _options(SampleDPOptions, {
             "clip": p.sample_clip, "noise_multiplier": p.sample_noise_multiplier, "delta": p.delta, "budget": p.epsilon_budget,
@@ -178,11 +177,13 @@ def _build(config: RunConfig, picked: Mapping[str, Choice], scale: float, task_p
         }, "privacy (sample level)")
         strategy = wrap(SampleDP(strategy, dp_options, scale=scale, seed=seed), f"privacy.dp {p.dp} (sample level)")
     if config.federation.share_a:
-        from fedtune.aggregation.fedsa import FedSA, FedSAOptions
+        from fedtune.methods.fedsa.options import FedSAOptions
+        from fedtune.methods.fedsa.strategy import FedSA
 
         strategy = wrap(FedSA(strategy, FedSAOptions(config.federation.personal_eval), scale=scale, seed=seed), "federation.share_a")
     if config.split.mode == "split":
-        from fedtune.aggregation.splitfed import SplitFed, SplitFedOptions
+        from fedtune.methods.split.options import SplitFedOptions
+        from fedtune.methods.split.strategy import SplitFed
 
         sp = config.split
         anneal = sp.anneal_steps or max(1, config.federation.rounds * config.training.local_steps // 2)
@@ -222,6 +223,15 @@ def checked(config: RunConfig) -> RunConfig:
     names of registered parts and the composition. Returns ``config``."""
     compose(config.validate())
     return config
+
+
+def _variant(name: str) -> type | None:
+    """The LoRA variant class ``lora.variant`` names (None for plain LoRA); ConfigError listing
+    the valid names for an unknown one."""
+    try:
+        return variant_class(name)
+    except UnknownNameError as exc:
+        raise ConfigError(f"lora.variant: {exc}") from None
 
 
 def _split_options(options: Mapping[str, Any], named: list[Choice]) -> dict[str, dict[str, Any]]:

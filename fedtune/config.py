@@ -27,10 +27,6 @@ class ConfigError(ValueError):
 # DP-SGD on the devices, or both.
 DP_MODES = ("", "client", "sample", "both")
 
-# Adapter variants: plain LoRA, FFA-LoRA (A frozen, only B trained and sent), FedSVD (as FFA,
-# with A re-factorized from B @ A by SVD after every round), Fed-SB (B and A fixed from the
-# pretrained weight's SVD, a rank x rank core trained and sent).
-LORA_VARIANTS = ("lora", "ffa", "fedsvd", "fedsb")
 
 @dataclass
 class ModelConfig:
@@ -55,7 +51,8 @@ class LoraSection:
     # "lora"; "ffa" (FFA-LoRA: every A frozen at its initialization, only B trained and sent);
     # "fedsvd" (as ffa, and the coordinator re-factorizes B @ A by SVD after every round);
     # "fedsb" (Fed-SB: B and A fixed from the truncated SVD of each pretrained weight, only a
-    # rank x rank core R between them trained and sent).
+    # rank x rank core R between them trained and sent). Variants are registered in
+    # fedtune.aggregation.VARIANTS (fedtune.methods); the composer checks the name.
     variant: str = "lora"
 
 
@@ -358,7 +355,6 @@ class RunConfig:
         _check(self.lora.rank >= 1, "lora.rank", "must be at least 1")
         _check(self.lora.alpha > 0, "lora.alpha", "must be positive")
         _check(0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
-        _check(self.lora.variant in LORA_VARIANTS, "lora.variant", f"unknown variant {self.lora.variant!r}; choose one of: {', '.join(LORA_VARIANTS)}")
         _check(self.split.mode in ("federated", "split"), "split.mode", f"must be federated or split, got {self.split.mode!r}")
         _check(self.split.cut >= 1, "split.cut", "must be at least 1")
         _check(self.split.head in ("client", "server"), "split.head", f"must be client or server, got {self.split.head!r}")

@@ -22,6 +22,17 @@ class OptionsError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class MethodOptions:
+    """Base of option dataclasses that combine by inheritance: a method's options (read by its
+    strategy on the coordinator and its recipe on the device) and the options every recipe
+    understands (``fedtune.contract.local_options``). Each ``__post_init__`` checks its own
+    fields and then calls ``super().__post_init__()``, so a combination runs every check."""
+
+    def __post_init__(self) -> None:
+        pass
+
+
+@dataclasses.dataclass(frozen=True)
 class NoOptions:
     """For strategies and recipes without options."""
 

@@ -7,7 +7,7 @@ names, never fall back to a default silently.
 A name that is not registered is looked for, in this order, among:
 
 1. the installed entry points of the registry's group (``fedtune.strategies``,
-   ``fedtune.recipes``, ``fedtune.codecs``, ``fedtune.tasks``, ``fedtune.partitions``): a
+   ``fedtune.recipes``, ``fedtune.variants``, ``fedtune.codecs``, ``fedtune.tasks``, ``fedtune.partitions``): a
    package declares ``median = "fedtune_median:Median"`` under
    ``[project.entry-points."fedtune.strategies"]`` and ``--aggregation median`` finds it. Only the
    entry point named is loaded, on first use, so an installed plugin costs nothing until chosen;
@@ -57,6 +57,7 @@ class PluginPolicy:
 POLICIES: dict[str, PluginPolicy] = {
     "strategy": PluginPolicy("fedtune.strategies", "fedtune.aggregation.base:Strategy", specs=True),
     "recipe": PluginPolicy("fedtune.recipes", "fedtune.client.recipes.base:Recipe"),
+    "variant": PluginPolicy("fedtune.variants", "fedtune.aggregation.base:Variant"),
     "codec": PluginPolicy("fedtune.codecs", "fedtune.compression.base:Codec"),
     "task": PluginPolicy("fedtune.tasks", "fedtune.tasks.base:Task"),
     "partition": PluginPolicy("fedtune.partitions", specs=True),
@@ -73,11 +74,31 @@ def is_spec(name: str) -> bool:
 class Registry(Generic[T]):
     """A small mapping from names to objects (usually classes or factories)."""
 
-    def __init__(self, kind: str, policy: PluginPolicy | None = None) -> None:
+    def __init__(self, kind: str, policy: PluginPolicy | None = None, discover: Callable[[], None] | None = None) -> None:
         self.kind = kind
         self.policy = policy or POLICIES.get(kind) or PluginPolicy(f"fedtune.{kind}s")
         self._items: dict[str, T] = {}
         self._lock = threading.RLock()  # lookups that load plugins (clients train on threads)
+        # Imports the modules that register fedtune's own items, once, at the first lookup
+        # (fedtune.methods.discover): a registry costs nothing until it is used.
+        self._discover = discover
+        self._discovered = discover is None
+        self._discovering = False
+
+    def discover(self) -> None:
+        """Register fedtune's own items now (done by the first lookup)."""
+        if self._discovered:
+            return
+        with self._lock:
+            if self._discovered or self._discovering:  # done, or a re-entrant call from the discovery itself
+                return
+            self._discovering = True
+            try:
+                assert self._discover is not None
+                self._discover()
+                self._discovered = True
+            finally:
+                self._discovering = False
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator: ``@REGISTRY.register("fedavg")``."""
@@ -100,6 +121,7 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             pass
+        self.discover()
         with self._lock:
             if name in self._items:
                 return self._items[name]
@@ -113,14 +135,17 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         """The registered names (fedtune's own, and plugins loaded so far)."""
+        self.discover()
         return sorted(self._items)
 
     def available(self) -> list[str]:
         """The registered names and the names of installed entry points not loaded yet."""
+        self.discover()
         return sorted(set(self._items) | {ep.name for ep in self._entry_points()})
 
     def __contains__(self, name: object) -> bool:
         """Registered now (``get`` also loads plugins)."""
+        self.discover()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:

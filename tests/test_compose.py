@@ -64,7 +64,7 @@ def test_the_default_correction_is_left_out_where_the_run_cannot_take_it():
     ({"strategy": "hetlora", "aggregation": "flora"}, "federation.aggregation flora and federation.strategy hetlora both choose an aggregation rule"),
     ({"aggregation": "fedavgg"}, "federation.aggregation: unknown strategy 'fedavgg'"),
     ({"client_correction": "scaffold", "aggregation": "flora"}, "needs sliced-state"),
-    ({"options": {"tau": 0.5, "mu": 1.0}}, "federation.options: unknown option 'mu' for this run's strategies (valid options: fedavg: freeze_remainder; fedlc: tau, calibration)"),
+    ({"options": {"tau": 0.5, "mu": 1.0}}, "federation.options: unknown option 'mu' for this run's strategies (valid options: fedavg: freeze_remainder; fedlc: tau, calibration, prior_noise)"),
 ])
 def test_wrong_choices_are_refused_in_one_line_naming_the_setting(settings, message):
     config = RunConfig()
@@ -107,8 +107,8 @@ def test_declarations_use_the_vocabulary_and_conflicts_are_symmetric_in_effect()
 
 def test_correction_recipes_compose_with_any_procedure():
     from fedtune.client.recipes.base import Recipe, make_recipe, recipe_class
-    from fedtune.client.recipes.fedlc import FedLCRecipe
-    from fedtune.client.recipes.split import SplitRecipe
+    from fedtune.methods.fedlc.recipe import FedLCRecipe
+    from fedtune.methods.split.recipe import SplitRecipe
 
     cls = recipe_class("fedlc+split")
     assert cls.__mro__[1:3] == (FedLCRecipe, SplitRecipe) and cls is recipe_class("fedlc+split")

@@ -9,20 +9,20 @@ import threading
 
 import pytest
 
-from fedtune.compose import checked
 from fedtune.adapters import adapter_state
 from fedtune.client.agent import AgentOptions, ClientAgent
 from fedtune.client.policy import PrivacyPolicy
 from fedtune.client.recipes.base import TrainSettings, make_recipe
 from fedtune.client.state import DeviceState, load_state, save_state
+from fedtune.compose import checked
 from fedtune.coordinator.app import Coordinator
+from fedtune.methods.sample_dp.test_sample_dp import _model_and_items
 from fedtune.models import ModelStore, resolve_source
 from fedtune.privacy.accounting import epsilon
 from fedtune.privacy.sample_level import BudgetSpent, PrivacyRefusal
 
 from conftest import sentiment_examples
 from test_bad_input import _config
-from test_sample_dp import _model_and_items
 
 DP = {"recipe": "local", "dp_clip": "1.0", "dp_noise_multiplier": "1.0", "dp_delta": "1e-5"}
 

@@ -140,7 +140,7 @@ def test_a_client_that_prunes_its_rank_gets_smaller_plans(tmp_path, tiny_llama):
             update = {**state, "hetlora/rank_cap": torch.tensor(2)}
             assert push_update(stub, reply.client_id, reply.token, header.round, update).accepted
         engine.join(timeout=60)
-    assert headers[0].options["recipe"] == "fedlc+hetlora+local" and float(headers[0].options["tail_penalty"]) == pytest.approx(0.1)
+    assert headers[0].options["recipe"] == "fedlc+hetlora+local" and float(headers[0].options["rank_pruning"]) == pytest.approx(0.1)
     assert max(headers[0].plan.rank_per_layer.values()) == 8
     assert max(headers[1].plan.rank_per_layer.values()) == 2 and headers[1].plan.rank == 2
     assert coordinator.engine.history[0]["rank_caps"] == {"pruner": 2}

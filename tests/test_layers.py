@@ -6,13 +6,16 @@ layer or of lower ones, never a higher one.
        (fedtune.protocol, .fedtune_pb2, .fedtune_pb2_grpc, .messages, .generate)
     2  building blocks: tasks, adapters, models, data, compression, privacy (the math), split,
        protocol.tensors and protocol.stubs (tensors on the wire go through the codecs)
-    3  the two sides of a round, side by side: aggregation (the coordinator's strategies) and
-       client (the device); neither imports the other
+    3  the two sides of a round, side by side: aggregation and every method's strategy.py (the
+       coordinator's strategies), and client and every method's recipe.py (the device); neither
+       imports the other. A method's folder (fedtune.methods.<method>) and its options.py are
+       layer 1: both sides read them
     4  coordinator, compose (never the device side: a coordinator runs without device code)
     5  simulation, flower, privacy.audit, privacy.report (they drive both sides)
     6  cli, api
 
-The root package (``fedtune/__init__.py``) imports its public names lazily and belongs to no layer.
+The root package (``fedtune/__init__.py``) imports its public names lazily and belongs to no layer;
+the tests kept beside the methods (``test_*.py``, ``conftest.py``) are no part of it.
 
 Two checks: for each layer (each side of layer 3 on its own), a fresh interpreter imports every
 module of it and must not have loaded a module it may not import (``sys.modules``; the message
@@ -60,6 +63,7 @@ PLACES = {
     "fedtune.compression": 2,
     "fedtune.privacy": 2,
     "fedtune.split": 2,
+    "fedtune.methods": 1,
     "fedtune.aggregation": 3,
     "fedtune.client": 3,
     "fedtune.coordinator": 4,
@@ -72,6 +76,13 @@ PLACES = {
     "fedtune.api": 6,
 }
 SIDES = {"fedtune.aggregation": "coordinator side", "fedtune.client": "device side"}
+# The modules of a method's folder (fedtune.methods.<method>.<part>) that are not layer 1, by part.
+METHOD_PARTS = {"strategy": (3, "coordinator side"), "recipe": (3, "device side")}
+
+
+def _method_part(module: str) -> tuple[int, str] | None:
+    parts = module.split(".")
+    return METHOD_PARTS.get(parts[3]) if len(parts) >= 4 and parts[:2] == ["fedtune", "methods"] else None
 
 
 def _within(module: str, prefix: str) -> bool:
@@ -79,11 +90,15 @@ def _within(module: str, prefix: str) -> bool:
 
 
 def layer(module: str) -> int | None:
+    if part := _method_part(module):
+        return part[0]
     best = max((p for p in PLACES if _within(module, p)), key=len, default=None)
     return PLACES[best] if best else None
 
 
 def side(module: str) -> str | None:
+    if part := _method_part(module):
+        return part[1]
     return next((s for p, s in SIDES.items() if _within(module, p)), None)
 
 
@@ -107,6 +122,8 @@ def package_modules() -> dict[str, Path]:
     """Every module of the package -> its file."""
     modules = {}
     for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name.startswith("test_") or path.name == "conftest.py":
+            continue  # tests kept beside the code they test
         parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
         modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return modules
@@ -255,3 +272,30 @@ def test_a_layer_loads_nothing_it_may_not_import(path, step, probes):
     # one line per place where a chain of imports crosses the rule (its loader is allowed)
     bad = [f"{target} ({rule}): {_chain(target, loaded_by)}" for target, rule in forbidden.items() if loaded_by.get(target) not in forbidden]
     assert not bad, f"importing {group} loads modules it may not import:\n" + "\n".join(bad)
+
+
+# ------------------------------------------------------------------ the registries' discovery
+
+DISCOVERY = r"""
+import json, sys
+from fedtune.{package} import {registry}
+names = {registry}.names()
+print(json.dumps({{"names": names, "loaded": sorted(m for m in sys.modules if m.startswith("fedtune"))}}))
+"""
+
+
+@pytest.mark.parametrize(("package", "registry", "own", "other"), [
+    ("client.recipes", "RECIPES", "recipe", "strategy"),
+    ("aggregation", "STRATEGIES", "strategy", "recipe"),
+], ids=["a device imports every recipe and no strategy", "a coordinator imports every strategy and no recipe"])
+def test_a_registry_imports_its_own_side_of_every_method_folder_and_nothing_else(package, registry, own, other):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", DISCOVERY.format(package=package, registry=registry)],
+                         capture_output=True, text=True, timeout=300, cwd=PACKAGE.parent, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    loaded = set(json.loads(run.stdout.strip().splitlines()[-1])["loaded"])
+    folders = sorted(p.parent.name for p in (PACKAGE / "methods").glob(f"*/{own}.py"))
+    assert folders and {f"fedtune.methods.{f}.{own}" for f in folders} <= loaded
+    wrong = sorted(m for m in loaded if m.endswith("." + other) and m.startswith("fedtune.methods.")
+                   or side(m) not in (None, side(f"fedtune.methods.x.{own}")))
+    assert not wrong, f"{registry} loaded modules of the other side: {wrong}"

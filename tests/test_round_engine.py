@@ -232,3 +232,55 @@ def test_a_given_up_client_may_still_send_a_valid_update(tmp_path):
         engine.submit(cid, 1, {"w": torch.ones(4)}, 1, {}, 16)
     driver.join(timeout=20)
     assert engine.history[0]["clients"] == 3
+
+
+def test_a_round_hook_is_called_at_each_point_outside_the_lock_and_can_refuse_the_aggregate(tmp_path):
+    """The engine keeps time; features plug in through hooks (fedtune.coordinator.hooks). A
+    hook sees each point of a round in order, never under the engine's lock (but ``accepted``),
+    and its verdict refuses an aggregate like the trust rules do."""
+    from fedtune.coordinator.hooks import RoundHook
+
+    class Recorder(RoundHook):
+        def __init__(self, engine):
+            self.engine, self.calls = engine, []
+
+        def _note(self, point):
+            self.calls.append((point, self.engine._cond._is_owned()))
+
+        def arrived(self, rnd, update):
+            self._note("arrived")
+
+        def admit(self, rnd, update, registered):
+            self._note("admit")
+            return update
+
+        def accepted(self, rnd, update, claimed):
+            self._note("accepted")
+
+        def screen(self, rnd, updates):
+            self._note("screen")
+            return list(updates)
+
+        def verdict(self, rnd, before, after, exported):
+            self._note("verdict")
+            return "the recorder refuses it"
+
+        def row(self, rnd, contributors):
+            self._note("row")
+            return {"recorded": len(contributors)}
+
+        def closed(self, rnd):
+            self._note("closed")
+
+    config = _config(tmp_path)
+    engine = RoundEngine(config, FixedTensors({"w": torch.zeros(4)}), compose(config), tmp_path)
+    recorder = Recorder(engine)
+    engine.hooks.append(recorder)
+    cid = engine.register("a", Capabilities(), 1).client_id
+    assert engine.open_round(1)
+    engine.submit(cid, 1, {"w": torch.ones(4)}, 1, {}, 16)
+    row = engine.close_round()
+    assert recorder.calls == [("arrived", False), ("admit", False), ("accepted", True), ("screen", False),
+                              ("verdict", False), ("row", False), ("closed", False)]
+    assert row["recorded"] == 1 and row["round_refused"] == "the recorder refuses it"
+    assert torch.equal(engine.state["w"], torch.zeros(4))  # refused: the state stays

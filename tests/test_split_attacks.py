@@ -26,10 +26,11 @@ import torch
 import fedtune.split.server as server_module
 from fedtune.adapters import AdapterPlan, adapter_state, split_task_tensors
 from fedtune.client.recipes import TrainSettings, make_recipe
-from fedtune.client.recipes.split import SplitOptions
 from fedtune.coordinator.errors import CoordinatorError
 from fedtune.coordinator.guard import credentials
 from fedtune.coordinator.split_sessions import SplitSessions
+from fedtune.methods.split.options import SplitOptions
+from fedtune.methods.split.test_split import PAD, adapted, bert, data
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.tensors import ProtocolError, encode_tensor
 from fedtune.split.link import GrpcLink, LocalLink
@@ -39,7 +40,6 @@ from fedtune.split.wire import Receiver, ReplyAllowance, SplitAllowance, message
 from fedtune.tasks import get_task
 
 from conftest import fetch_task, live_coordinator, push_update, save_llama
-from test_split import PAD, adapted, bert, data
 from test_split_e2e import HIDDEN, _split_config
 
 MiB = 1 << 20

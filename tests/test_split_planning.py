@@ -8,9 +8,9 @@ import pytest
 
 from fedtune.adapters import AdapterPlan
 from fedtune.devices import Capabilities
+from fedtune.methods.split.test_split import bert
 from fedtune.split.planning import SplitCost, SplitGeometry, choose_cut
 
-from test_split import bert
 
 G = SplitGeometry(num_blocks=6, hidden=384, heads=12, embed_params=12_000_000, block_params=1_800_000, lora_per_block=12_288, head_params=1_155)
 COST = SplitCost(batch_size=16, seq_len=64, local_steps=20, act_bits=4, grad_bits=4, head_on_client=True)

@@ -13,14 +13,14 @@ import math
 import pytest
 import torch
 
-from fedtune.compose import checked, compose
 from fedtune.aggregation import build_strategy
-from fedtune.aggregation.dp_fedavg import ClientDP, ClientDPOptions
-from fedtune.aggregation.fedavg import FedAvg
+from fedtune.compose import checked, compose
 from fedtune.config import ConfigError, RunConfig
-from fedtune.coordinator import engine as engine_module
+from fedtune.coordinator import trust_checks as trust_checks_module
 from fedtune.coordinator.engine import RoundEngine
 from fedtune.coordinator.global_model import FixedTensors
+from fedtune.methods.client_dp.strategy import ClientDP, ClientDPOptions
+from fedtune.methods.fedavg.strategy import FedAvg
 from fedtune.coordinator.trust import (
     aggregate_refusal,
     influence_bounds,
@@ -251,13 +251,13 @@ def test_an_outlier_is_left_out_where_the_round_has_three_updates(tmp_path):
 def test_norms_are_measured_outside_the_engines_lock(tmp_path, monkeypatch):
     engine = _engine(tmp_path)
     held = []
-    real = engine_module.measure
+    real = trust_checks_module.measure
 
     def watched(*args, **kwargs):
         held.append(engine._cond._is_owned())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "measure", watched)
+    monkeypatch.setattr(trust_checks_module, "measure", watched)
     ids = _clients(engine, {"a": 10, "b": 10})
     _round(engine, 1, {cid: (10, _moved(_direction(60 + i, 0.1))) for i, cid in enumerate(ids.values())})
     assert held == [False, False]
@@ -387,7 +387,7 @@ def test_which_chains_are_weighted_means():
     assert weighted_mean_chain(build_strategy("fedavg")) and weighted_mean_chain(build_strategy("fedprox", {"inner": "hetlora"}))
     assert not weighted_mean_chain(build_strategy("fedadam")) and not weighted_mean_chain(build_strategy("flexlora"))
     assert not weighted_mean_chain(build_strategy("scaffold"))
-    from fedtune.aggregation.ffa import FedSVD, FFALoRA
+    from fedtune.methods.ffa.strategy import FedSVD, FFALoRA
 
     assert weighted_mean_chain(FFALoRA(build_strategy("fedavg"))) and not weighted_mean_chain(FedSVD(build_strategy("fedavg")))
 
@@ -395,7 +395,7 @@ def test_which_chains_are_weighted_means():
 def test_a_subclass_with_its_own_aggregate_does_not_inherit_the_declaration():
     # The weighted-mean bound is declared by each class, never inherited by code that changes
     # the aggregate: an outside strategy built on FedAvg gets only the sanity ceiling.
-    from fedtune.aggregation.fedavg import FedAvg
+    from fedtune.methods.fedavg.strategy import FedAvg
 
     class Doubled(FedAvg):
         name = "doubled"

@@ -21,7 +21,10 @@ with plain tensors. A ``Wrapper`` strategy wraps another (server optimizers, Fed
 and changes one side of the conversation.
 
 Strategies are chosen by name through ``STRATEGIES``; each declares a typed ``Options``
-dataclass that ``build_strategy`` fills from the config file or the command line.
+dataclass that ``build_strategy`` fills from the config file or the command line. LoRA variants
+(wrappers that change the adapter clients train) are chosen by ``lora.variant`` through
+``VARIANTS``. Both registries import every method folder's ``strategy`` module at their first
+lookup (``fedtune.methods``).
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ from fedtune.contract.plans import AdapterPlan
 from fedtune.contract.properties import NOTHING, Declaration, chain_parts, conflicts, declare
 from fedtune.contract.specs import TensorSpec
 from fedtune.devices import Capabilities
-from fedtune.options import NoOptions, OptionsError, build_options, option_names, options_to_wire
-from fedtune.registry import Registry
+from fedtune.methods import discover
+from fedtune.options import MethodOptions, NoOptions, OptionsError, build_options, option_names, options_to_wire
+from fedtune.registry import PluginError, Registry, UnknownNameError
 
 State = dict[str, torch.Tensor]
 
@@ -334,7 +338,41 @@ def weighted_train_loss(updates: Sequence[ClientUpdate]) -> float | None:
 
 # ---------------------------------------------------------------- registry
 
-STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
+STRATEGIES: Registry[type[Strategy]] = Registry("strategy", discover=lambda: discover("strategy"))
+
+
+class Variant(Wrapper):
+    """A LoRA variant (``lora.variant``): a wrapper that changes the adapter clients train.
+    ``global_plan``: the fields of the global adapter plan it sets (Fed-SB: ``core``), applied
+    by the coordinator when it builds the run's plan."""
+
+    global_plan: ClassVar[Mapping[str, Any]] = {}
+
+
+# Plain LoRA is no variant: the name that turns every variant off.
+PLAIN_LORA = "lora"
+VARIANTS: Registry[type[Variant]] = Registry("variant", discover=lambda: discover("strategy"))
+
+
+def variant_class(name: str) -> type[Variant] | None:
+    """The variant registered as ``name``; None for plain LoRA. UnknownNameError (a ValueError)
+    listing the valid names, plain LoRA first, for any other name."""
+    if name == PLAIN_LORA:
+        return None
+    try:
+        return VARIANTS.get(name)
+    except PluginError:  # an installed variant that cannot be used says why
+        raise
+    except UnknownNameError:
+        raise UnknownNameError(f"unknown variant {name!r}; choose one of: {', '.join([PLAIN_LORA, *VARIANTS.available()])}") from None
+
+
+@dataclass(frozen=True)
+class InnerOption(MethodOptions):
+    """The option every wrapper on a strategy axis has besides its method's: the strategy it
+    wraps (only the coordinator needs it, so it is not part of the method's options)."""
+
+    inner: str = "fedavg"
 
 
 def build_strategy(name: str, options: Mapping[str, Any] | None = None, *, scale: float = 1.0, seed: int = 0) -> Strategy:

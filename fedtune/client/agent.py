@@ -23,15 +23,15 @@ import torch
 
 from fedtune.adapters import AdapterError, apply_base_delta, inject_lora, split_task_tensors
 from fedtune.allocator import release_free_memory
+from fedtune.client.policy import PrivacyPolicy
 from fedtune.client.recipes import TrainSettings, make_recipe
-from fedtune.client.recipes.split import SplitRecipe
 from fedtune.client.state import DeviceState, load_state, save_state
 from fedtune.client.uplink import Uplink
 from fedtune.contract.credentials import credentials
 from fedtune.data import Example
 from fedtune.devices import Capabilities
+from fedtune.methods.split.recipe import SplitRecipe
 from fedtune.models import ModelSource, ModelStore
-from fedtune.client.policy import PrivacyPolicy
 from fedtune.privacy.sample_level import PrivacyRefusal
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.messages import capabilities_to_proto, plan_from_proto

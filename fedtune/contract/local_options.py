@@ -1,15 +1,17 @@
 """The options every recipe understands (``LocalOptions``): what the coordinator's strategies
 ask of a device's training by option key in an instruction (``keep`` for FedSA, ``dp_*`` for
 sample-level DP, ``personal_eval``), and what the device's recipes read. Each recipe's options
-extend them (``fedtune.client.recipes``; the split's in ``fedtune.contract.split_options``)."""
+extend them with the method's own options dataclass (``fedtune.methods.<method>.options``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedtune.options import MethodOptions
+
 
 @dataclass(frozen=True)
-class LocalOptions:
+class LocalOptions(MethodOptions):
     """Options every recipe understands."""
 
     recipe: str = "local"
@@ -41,6 +43,7 @@ class LocalOptions:
     dp_allow_large_delta: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 <= self.personal_eval < 1.0:
             raise ValueError("personal_eval must be in [0, 1)")
         if self.evaluate_only and self.personal_eval <= 0:

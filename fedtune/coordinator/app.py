@@ -18,19 +18,20 @@ from typing import Callable, Sequence
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedtune.adapters import AdapterPlan
+from fedtune.aggregation.base import variant_class
 from fedtune.compose import checked, compose
 from fedtune.config import ConfigError, RunConfig, config_from_dict, config_to_toml
 from fedtune.contract.cost import CostModel, model_geometry
 from fedtune.coordinator.clients import load_enrollment_secrets
 from fedtune.coordinator.engine import RoundEngine, _difference
 from fedtune.coordinator.errors import CoordinatorError
-from fedtune.coordinator.guard import CallGuard
 from fedtune.coordinator.global_model import FixedTensors, GlobalModel
+from fedtune.coordinator.guard import CallGuard
 from fedtune.coordinator.planner import Planner
 from fedtune.coordinator.service import CoordinatorService
 from fedtune.credentials import SecretError, read_secret
-from fedtune.durable import fsync_dir, read_text_nofollow, replace_file
 from fedtune.data import Example, load_examples
+from fedtune.durable import fsync_dir, read_text_nofollow, replace_file
 from fedtune.models import ModelStore, resolve_source
 from fedtune.protocol.stubs import add_coordinator_to_server
 from fedtune.transport import is_loopback, make_server, split_address
@@ -42,13 +43,14 @@ HEALTH_SERVICES = ("", "fedtune.v1.Coordinator")
 
 def plan_from_config(config: RunConfig) -> AdapterPlan:
     lora = config.lora
+    variant = variant_class(lora.variant)  # what the LoRA variant sets in the plan (Fed-SB: core)
     return AdapterPlan(
         rank=lora.rank,
         alpha=lora.alpha,
         dropout=lora.dropout,
         target_modules=tuple(lora.target_modules),
         layers=tuple(lora.layers),
-        core=lora.variant == "fedsb",
+        **(dict(variant.global_plan) if variant is not None else {}),
     )
 
 

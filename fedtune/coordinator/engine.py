@@ -10,11 +10,17 @@ One round:
 4. accept updates until a quorum of the selected clients has answered, every client still
    missing has gone silent, or the deadline passes;
 5. aggregate, evaluate on held-out data, append a row to metrics.jsonl, checkpoint.
+
+The engine keeps time and state (round lifecycle, selection, checkpoints). The features that take
+part in every round plug in as hooks (``fedtune.coordinator.hooks``) called at fixed points: the
+trust rules (``trust_checks``: weights, norms, outliers, the aggregate's sanity), the DP ledger
+(``dp_ledger``: what devices report spending, the budget check on resume) and the device times
+of a simulation (``device_times``: modeled round times, the deadline). Their tensor math runs
+outside the engine's lock.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hmac
 import json
 import logging
@@ -48,23 +54,13 @@ from fedtune.coordinator.checkpoint import (
 )
 from fedtune.coordinator.clients import ClientRecord, ClientRegistry
 from fedtune.coordinator.errors import CoordinatorError
+from fedtune.coordinator.device_times import DeviceTimes
+from fedtune.coordinator.dp_ledger import DPLedger
 from fedtune.coordinator.global_model import GlobalModel
+from fedtune.coordinator.hooks import RoundHook
 from fedtune.coordinator.metrics import MetricsLog, personalized, plan_fields, round_row
 from fedtune.coordinator.planner import Planner, plan_round
-from fedtune.coordinator.trust import (
-    Measure,
-    absurd,
-    aggregate_refusal,
-    capped_examples,
-    clip_update,
-    influence_bounds,
-    magnitude,
-    measure,
-    nonfinite,
-    outliers,
-    round_weights,
-    weighted_mean_chain,
-)
+from fedtune.coordinator.trust_checks import TrustChecks
 from fedtune.devices import Capabilities
 from fedtune.privacy.randomness import poisson_select
 
@@ -115,17 +111,7 @@ class _Round:
     # valid update from them is still accepted; the round just does not hold its close for them.
     given_up: dict[str, str] = field(default_factory=dict)
     delivered: dict[str, int] = field(default_factory=dict)  # client id -> times its task was handed out
-    # What each device reported spending on DP-SGD this round, whether or not its update is
-    # aggregated (refused, late): the privacy report counts every round a device spent on.
-    dp_spent: dict[str, dict] = field(default_factory=dict)
-    capped: int = 0      # updates whose example count was capped
-    clipped: int = 0     # updates clipped to the norm bound
-    outliers: int = 0    # accepted updates left out of the aggregate at close (absurd, outlier)
-    # Each accepted update's claimed example count and its change, measured at submit.
-    claimed: dict[str, int] = field(default_factory=dict)
-    measured: dict[str, Measure] = field(default_factory=dict)
-    # The largest magnitude of each distinct set of start tensors (by id), measured once.
-    sent_magnitude: dict[int, float] = field(default_factory=dict)
+    refused: str = ""    # why the round's aggregate was refused (set at close)
     open: bool = True
     evaluation: bool = False  # the evaluation-only round after the last: metrics, no tensors
 
@@ -183,6 +169,14 @@ class RoundEngine:
         # the calling thread. A simulation passes its training threads, so that one set of
         # threads does all of a process's large torch operations (fedtune.simulation.runner).
         self.compute: Executor | None = None
+        # The features that take part in every round (fedtune.coordinator.hooks), in the order
+        # they screen a round's updates: device times drop the late ones, then the trust rules.
+        self.trust = TrustChecks(self.fed, strategy)
+        self.hooks: list[RoundHook] = [
+            DeviceTimes(config.simulation.deadline_s, self.cost, lambda: self.geometry, self.split_strategy),
+            DPLedger(strategy),
+            self.trust,
+        ]
         self.state = strategy.initial_state(global_model.initial_state())
         if resume:
             self._resume()
@@ -220,13 +214,11 @@ class RoundEngine:
         self.start_round = ckpt.round + 1
         self.history = self.metrics.keep_until(ckpt.round)
         self.resumed_from = ckpt
-        # A run whose privacy budget is spent has nothing left to resume: say so at start
-        # rather than open a coordinator that ends before its first round.
-        rate = next((row["dp_sample_rate"] for row in reversed(self.history) if row.get("dp_sample_rate")), None)
-        if rate is not None and self.start_round <= self.fed.rounds:
-            reason = self.strategy.stop_reason(self.state, float(rate))
-            if reason:
-                raise CoordinatorError("FAILED_PRECONDITION", f"cannot resume round {self.start_round} of {self.run_dir}: the privacy budget is already spent ({reason})")
+        if self.start_round <= self.fed.rounds:
+            for hook in self.hooks:
+                reason = hook.resumed(self.history, self.state)
+                if reason:
+                    raise CoordinatorError("FAILED_PRECONDITION", f"cannot resume round {self.start_round} of {self.run_dir}: {reason}")
         log.info("resumed from the checkpoint of round %d", ckpt.round)
 
     # ------------------------------------------------------------------ calls from clients
@@ -349,53 +341,28 @@ class RoundEngine:
             raise CoordinatorError("INVALID_ARGUMENT", f"metrics {bad} are not finite numbers")
         with self._cond:
             rnd = self._open_round_for(client_id, round_number)
-            if "dp_sample_noise_multiplier" in metrics:
-                rnd.dp_spent[client_id] = dp_spent_entry(metrics)
             start = rnd.instructions[client_id].tensors
             registered = rnd.ctx.clients[client_id].num_examples
-        weight = capped_examples(num_examples, registered, self.fed.max_examples_per_client)
-        update = ClientUpdate(client_id, tensors, weight, dict(metrics), start)
-        measured = None
+        update = ClientUpdate(client_id, tensors, num_examples, dict(metrics), start)
+        for hook in self.hooks:
+            hook.arrived(rnd, update)
         if not rnd.evaluation:  # an evaluation sends metrics only (checked against an empty expect)
             try:
                 self.strategy.check_update(rnd.ctx, update)
             except ValueError as exc:
                 raise CoordinatorError("INVALID_ARGUMENT", str(exc)) from None
-            measured = self._measure(rnd, update)
-            bound = self.fed.update_norm_bound
-            if bound > 0 and self.fed.update_norm_action == "refuse" and measured.norm > bound:
-                raise CoordinatorError("INVALID_ARGUMENT", f"update norm {measured.norm:.4g} exceeds the bound {bound:g} (federation.update_norm_bound)")
+        for hook in self.hooks:  # outside the lock: the trust rules measure the change here
+            update = hook.admit(rnd, update, registered)
         with self._cond:
             if self._open_round_for(client_id, round_number) is not rnd:
                 raise CoordinatorError("FAILED_PRECONDITION", f"round {round_number} is not the round this update was checked for")
             rnd.updates[client_id] = update
-            rnd.claimed[client_id] = num_examples
-            if measured is not None:
-                rnd.measured[client_id] = measured
+            for hook in self.hooks:
+                hook.accepted(rnd, update, num_examples)
             rnd.bytes_up += bytes_up
             rnd.up_by_client[client_id] = bytes_up
             self._cond.notify_all()
-        if weight < num_examples:
-            log.warning("round %d: %s claims %d examples; counted as %d (registered count or max_examples_per_client)", round_number, client_id, num_examples, weight, extra={"round": round_number, "client_id": client_id})
         log.info("round %d: update from %s (%d examples)", round_number, client_id, num_examples, extra={"round": round_number, "client_id": client_id})
-
-    def _origin(self, update: ClientUpdate) -> Mapping[str, torch.Tensor]:
-        """What ``update``'s change is measured from: the tensors its client was sent, or
-        nothing when it sent differences (an uplink codec: the change is what it sent, which
-        ``Compress`` adds to those tensors)."""
-        return {} if self._sends_differences else update.start
-
-    @property
-    def _sends_differences(self) -> bool:
-        return self.strategy.chain_provides("update-codec")
-
-    def _measure(self, rnd: _Round, update: ClientUpdate) -> Measure:
-        """``update``'s change (norm, largest element, value ceiling); call without the lock."""
-        key = id(update.start)
-        sent = rnd.sent_magnitude.get(key)
-        if sent is None:  # clients sharing an instruction share its magnitude
-            sent = rnd.sent_magnitude[key] = magnitude(update.start.values())
-        return measure(update.tensors, self._origin(update), sent)
 
     def note_declined(self, client_id: str, round_number: int, reason: str) -> None:
         """A selected device declined its task (its own privacy terms): recorded in the round's
@@ -705,27 +672,21 @@ class RoundEngine:
         with self._cond:  # the round is closed: this snapshot is every accepted update
             rnd.open = False
             arrived = dict(rnd.updates)
-            measured, claimed = dict(rnd.measured), dict(rnd.claimed)
             traffic = {
                 "bytes_up": rnd.bytes_up, "bytes_down": rnd.bytes_down, "rejected": rnd.rejected,
                 "up_by_client": dict(rnd.up_by_client), "down_by_client": dict(rnd.down_by_client),
             }
-        modeled = self._modeled_seconds(rnd)
-        deadline = self.config.simulation.deadline_s
-        late = sorted(c for c, t in modeled.items() if deadline and t > deadline and c in arrived)
-        if late:
-            log.warning("round %d: %s would miss the %.0f s deadline on their devices; their updates are dropped", rnd.number, late, deadline)
-        contributors = [c for c in sorted(arrived) if c not in late]
-        updates, changes = self._heavy(self._screen, rnd, [arrived[c] for c in contributors], measured, claimed)
+        updates = [arrived[c] for c in sorted(arrived)]
+        for hook in self.hooks:  # on the compute threads: the trust rules do tensor math
+            updates = self._heavy(hook.screen, rnd, updates)
         contributors = [u.client_id for u in updates]
         strategy_metrics: dict = {}
-        refused = ""
         exported = None
         if updates or self.strategy.poisson_sampling:  # a DP round releases noise even then
             new_state, strategy_metrics = self._heavy(self.strategy.aggregate, rnd.ctx, self.state, updates)
-            refused, exported = self._heavy(self._check_aggregate, new_state, changes)
-            if refused:
-                log.error("round %d refused: %s; the global adapter stays as it was", rnd.number, refused, extra={"round": rnd.number})
+            rnd.refused, exported = self._heavy(self._verdict, rnd, new_state)
+            if rnd.refused:
+                log.error("round %d refused: %s; the global adapter stays as it was", rnd.number, rnd.refused, extra={"round": rnd.number})
                 exported = None
             else:
                 self.state = new_state
@@ -738,122 +699,40 @@ class RoundEngine:
         eval_metrics = self._heavy(self.global_model.evaluate, adapter, deltas)
         eval_seconds = time.monotonic() - eval_started
         row = round_row(rnd.number, len(rnd.instructions), updates, strategy_metrics, eval_metrics, traffic, time.monotonic() - rnd.started, eval_seconds)
-        times = [modeled[c] for c in arrived if c in modeled]
-        if times:
-            # The emulated round lasts as long as its slowest accepted client, or the deadline.
-            row["sim_seconds"] = round(min(max(times), deadline) if deadline else max(times), 3)
-            row["late_updates"] = len(late)
+        for hook in self.hooks[:1]:  # device times come right after the common fields
+            row.update(hook.row(rnd, contributors))
         row.update(plan_fields({c: ins.plan for c, ins in rnd.instructions.items()}, rnd.coverage))
         row["client_ids"] = contributors  # whose updates this round aggregated (an audit trail)
         if rnd.declined:
             row["declined"] = dict(rnd.declined)
-        unaggregated = {c: v for c, v in rnd.dp_spent.items() if c not in contributors}
-        if unaggregated:
-            row["dp_sample_unaggregated"] = unaggregated
-        if rnd.capped or rnd.clipped or rnd.outliers or refused:
-            row.update({"capped_examples": rnd.capped, "clipped_updates": rnd.clipped, "outlier_updates": rnd.outliers})
-        if refused:
-            row["round_refused"] = refused
+        for hook in self.hooks[1:]:
+            row.update(hook.row(rnd, contributors))
+        if rnd.refused:
+            row["round_refused"] = rnd.refused
         if self.split is not None:  # the split streams' bytes, as the coordinator counted them
             row.update(self.split.traffic.pop(rnd.number, {}))
         self.metrics.append(row)
         save_checkpoint(self.run_dir, rnd.number, self.state, self._run_identity())
         self.history.append(row)
         log.info("round %d closed: %s", rnd.number, {k: row[k] for k in ("clients", "train_loss", "eval_loss", "seconds")}, extra={"round": rnd.number})
+        for hook in self.hooks:
+            hook.closed(rnd)
         if self.on_round_end is not None:
             self.on_round_end(row)
         return row
 
-    def _screen(self, rnd: _Round, updates: list[ClientUpdate], measured: Mapping[str, Measure], claimed: Mapping[str, int]) -> tuple[list[ClientUpdate], list[tuple[float, float]]]:
-        """The round's updates as they are aggregated, and (norm, largest element) of each one's
-        change as aggregated, under the rules that need the whole round
-        (fedtune.coordinator.trust): absurd updates and outliers are left out, alone; the others
-        weigh by ``federation.weighting`` and are clipped to the norm bound on weight times
-        update. Counts go to the round's row. Runs outside the lock (on the compute threads)."""
-        if rnd.evaluation or not updates:
-            return updates, []
-        fed = self.fed
-        # Client-level DP bounds each client's influence by its own clip, and its accountant
-        # assumes that adding one client changes nothing else: rules that compare clients (the
-        # outlier median, weight-relative clipping) are off there; per-update rules stay.
-        private = self.strategy.poisson_sampling
-        sizes = {u.client_id: measured.get(u.client_id) or self._measure(rnd, u) for u in updates}
-        left_out = {u.client_id: why for u in updates if (why := absurd(sizes[u.client_id]))}
-        kept = [u for u in updates if u.client_id not in left_out]
-        if not private:
-            left_out.update(outliers({u.client_id: sizes[u.client_id].norm for u in kept}, fed.outlier_factor))
-        for cid, why in left_out.items():
-            log.warning("round %d: the update of %s (change norm %.4g) is left out of the aggregate: %s", rnd.number, cid, sizes[cid].norm, why, extra={"round": rnd.number, "client_id": cid})
-        kept = [u for u in kept if u.client_id not in left_out]
-        weights = round_weights({u.client_id: u.num_examples for u in kept}, fed.weighting, fed.weight_clip_factor)
-        bounds = {}
-        if fed.update_norm_bound > 0:
-            bounds = {c: fed.update_norm_bound for c in weights} if private else influence_bounds(weights, fed.update_norm_bound)
-        out, changes = [], []
-        capped = clipped = 0
-        for u in kept:
-            cid, norm = u.client_id, sizes[u.client_id].norm
-            weight, asked = weights[cid], claimed.get(cid, u.num_examples)
-            if fed.weighting != "equal" and weight < asked:
-                capped += 1
-                if weight < u.num_examples:
-                    log.warning("round %d: %s claims %d examples; weighs %d (federation.weighting %s: at most %g x the round's lower median claim)",
-                                rnd.number, cid, asked, weight, fed.weighting, fed.weight_clip_factor, extra={"round": rnd.number, "client_id": cid})
-            if weight != u.num_examples:
-                u = dataclasses.replace(u, num_examples=weight)
-            bound = bounds.get(cid, math.inf)
-            peak = sizes[cid].peak
-            if norm > bound:
-                tensors, _ = clip_update(u.tensors, self._origin(u), bound, norm)
-                u = dataclasses.replace(u, tensors=tensors)
-                clipped += 1
-                log.warning("round %d: update of %s clipped from norm %.4g to %.4g (federation.update_norm_bound %g on weight x update, weight %d)",
-                            rnd.number, cid, norm, bound, fed.update_norm_bound, weight, extra={"round": rnd.number, "client_id": cid})
-                norm, peak = bound, peak * bound / norm
-            out.append(u)
-            changes.append((norm, peak))
-        rnd.capped, rnd.clipped, rnd.outliers = capped, clipped, len(left_out)
-        return out, changes
-
-    def _check_aggregate(self, new_state: Mapping[str, torch.Tensor], changes: list[tuple[float, float]]) -> tuple[str, tuple[dict, dict] | None]:
+    def _verdict(self, rnd: _Round, new_state: Mapping[str, torch.Tensor]) -> tuple[str, tuple[dict, dict] | None]:
         """(why ``new_state`` must not replace the state, empty when it may; the global model it
-        exports, to evaluate). ``changes``: (norm, largest element) of each aggregated change."""
-        bad = nonfinite(new_state)
-        if bad:
-            return f"the aggregate is not finite in {len(bad)} tensors ({', '.join(bad[:3])})", None
+        exports, to evaluate): its global model must build, and every hook may refuse it."""
         try:
             exported = self.strategy.global_model(new_state, self.global_spec)
         except (ValueError, RuntimeError) as exc:
             return f"its global model cannot be built ({exc})", None
-        adapter, deltas = exported
-        every = {**{f"adapter {n}": t for n, t in adapter.items()}, **{f"delta {n}": t for n, t in deltas.items()}}
-        # Under client-level DP the decision reads only the released aggregate and the state
-        # before (post-processing): no client's change enters it.
-        peak = 0.0 if self.strategy.poisson_sampling else max((p for _, p in changes), default=0.0)
-        reason = aggregate_refusal(self.state, new_state, self.strategy.server_params(new_state), [n for n, _ in changes],
-                                   peak, every, weighted_mean_chain(self.strategy))
-        return reason, exported
-
-    def _modeled_seconds(self, rnd: _Round) -> dict[str, float]:
-        """Each selected client's round time on its own device under the cost model (only for
-        clients that reported their compute speed, and when the model geometry is known). In
-        split mode the split cost model applies: the device's blocks up to its cut, the
-        coordinator's share of the other blocks with every session of the round, and the
-        per-step activation and gradient traffic."""
-        split = self.split_strategy()
-        if split is not None and split.geometry is not None and split.cost is not None:
-            cost = dataclasses.replace(split.cost, sessions=len(rnd.instructions))
-            return {cid: cost.round_seconds(split.geometry, int(ins.options["cut"]), rnd.ctx.clients[cid].capabilities)
-                    for cid, ins in rnd.instructions.items()
-                    if rnd.ctx.clients[cid].capabilities.flops_per_second > 0 and "cut" in ins.options}
-        if self.geometry is None:
-            return {}
-        out = {}
-        for cid, ins in rnd.instructions.items():
-            caps = rnd.ctx.clients[cid].capabilities
-            if caps.flops_per_second > 0:
-                out[cid] = self.cost.round_seconds(self.geometry, ins.plan, caps)
-        return out
+        for hook in self.hooks:
+            reason = hook.verdict(rnd, self.state, new_state, exported)
+            if reason:
+                return reason, None
+        return "", exported
 
     def split_strategy(self):
         """The link of the strategy chain that cuts the model (SplitFed), or None in federated mode."""
@@ -871,14 +750,6 @@ def _difference(key: str, saved, now) -> str:
         detail = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
         return f"the {'LoRA plan' if key == 'plan' else key} changed ({detail})"
     return f"{key} changed from {saved!r} to {now!r}"
-
-
-def dp_spent_entry(metrics: Mapping[str, float]) -> dict:
-    """A device's reported DP-SGD spending of one round, as the privacy report reads it."""
-    keys = {"noise_multiplier": "dp_sample_noise_multiplier", "sample_rate": "dp_sample_rate", "steps": "dp_sample_steps",
-            "epsilon": "dp_sample_epsilon", "rounds_trained": "dp_sample_rounds", "secret": "dp_sample_secret",
-            "prior_noise": "dp_sample_prior_noise"}
-    return {k: metrics[m] for k, m in keys.items() if m in metrics}
 
 
 def _client_seed(seed: int, round_number: int, client_id: str) -> int:

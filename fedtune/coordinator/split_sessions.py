@@ -18,8 +18,8 @@ import threading
 import torch
 
 from fedtune.adapters import apply_base_delta, inject_lora, load_adapter_state, split_task_tensors
-from fedtune.contract.split_options import SplitOptions
 from fedtune.coordinator.errors import CoordinatorError
+from fedtune.methods.split.options import SplitOptions
 from fedtune.options import OptionsError, build_options, option_names
 from fedtune.split.server import ServerHalf
 

@@ -388,7 +388,7 @@ def audit_client_level(target_epsilon: float, mode: str = "correct", settings: A
     """Rounds of DP-FedAvg (``ClientDP`` around fedavg) with Dirac canary clients; the bound
     against ``ClientDP.epsilon`` after the rounds (module docstring)."""
     from fedtune.aggregation import ClientUpdate, RoundContext, build_strategy
-    from fedtune.aggregation.dp_fedavg import SIGMA, ClientDP, ClientDPOptions
+    from fedtune.methods.client_dp.strategy import SIGMA, ClientDP, ClientDPOptions
     from fedtune.privacy.accounting import epsilon
     from fedtune.privacy.randomness import poisson_select
     from fedtune.protocol.tensors import TensorSpec

@@ -136,7 +136,7 @@ def released_outside(config, rows: list[dict], participation_public: bool) -> li
 
 
 def build_report(run_dir: Path, delta: float | None = None) -> dict[str, Any]:
-    from fedtune.aggregation.dp_fedavg import HISTORY
+    from fedtune.methods.client_dp.strategy import HISTORY
     from fedtune.config import ConfigError, load_config
     from fedtune.coordinator.checkpoint import CheckpointError, load_checkpoint
     from fedtune.coordinator.metrics import PARTICIPATION_FILE, read_rows

@@ -8,7 +8,7 @@ for the duration of a call: the block list is replaced by the slice to run, and 
 module by one that returns the received hidden states. The bottom ends with a hook on its last
 block that stops the forward pass there. Every slice computes exactly what the whole model
 computes for those blocks, so split training with a lossless codec reproduces ordinary training
-(tests/test_split.py checks it step for step).
+(fedtune/methods/split/test_split.py checks it step for step).
 
 Works for models whose blocks are one ``ModuleList`` (``layer``/``layers``/``h``) and whose
 embeddings are one module (BERT-style ``embeddings``, Llama-style ``embed_tokens``).

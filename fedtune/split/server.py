@@ -31,7 +31,7 @@ import torch
 
 from fedtune.adapters import adapter_parameters, adapter_state
 from fedtune.contract.errors import CoordinatorError
-from fedtune.contract.split_options import SplitOptions
+from fedtune.methods.split.options import SplitOptions
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.tensors import EncodedTensor, ProtocolError
 from fedtune.split.segments import anatomy, client_side, middle_forward, top_forward

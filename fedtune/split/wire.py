@@ -23,9 +23,9 @@ import torch
 
 from fedtune.compression import make_codec
 from fedtune.compression.amaq import BitBudget, MixedBitQuantizer
-from fedtune.contract.split_options import DirectionCodec
-from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.logs import shown
+from fedtune.methods.split.options import DirectionCodec
+from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.tensors import DEFAULT_CHUNK_BYTES, EncodedTensor, ProtocolError, TensorReceiver, decoded_bytes, encode_tensor, encoded_tensor
 
 

@@ -24,6 +24,7 @@ import torch
 
 from fedtune.adapters import adapter_state, load_adapter_state
 from fedtune.contract.local_options import LocalOptions
+from fedtune.methods import discover
 from fedtune.options import build_options
 from fedtune.registry import Registry
 from fedtune.rng import step_seed, thread_draws
@@ -223,7 +224,7 @@ class Recipe:
         }
 
 
-RECIPES: Registry[type[Recipe]] = Registry("recipe")
+RECIPES: Registry[type[Recipe]] = Registry("recipe", discover=lambda: discover("recipe"))
 RECIPES.register("local")(Recipe)
 
 _COMPOSED: dict[str, type[Recipe]] = {}
