@@ -17,12 +17,11 @@ from __future__ import annotations
 import functools
 import itertools
 
-import pytest
 import torch
 
 from fedtune.compose import checked
 from fedtune.config import ConfigError, RunConfig
-from fedtune.devices import Capabilities, tier
+from fedtune.devices import tier
 from fedtune.names import A_SUFFIX, B_SUFFIX, CORE_SUFFIX
 from fedtune.protocol.tensors import decode_tensors, encode_tensors
 
