@@ -1,0 +1,101 @@
+"""Several seeds per benchmark row: means with 95% confidence intervals, and paired comparisons
+that say "no difference measured" when the interval of the difference contains zero.
+
+A benchmark that trains takes ``--seeds N`` (seeds 0..N-1, or ``--seed-list 3 7 11``); each seed
+sets ``RunConfig.seed``, from which the data partition, the initialization and every dropout mask
+derive. Rows report each figure's mean under its usual key (``eval_loss``), the half-width of its
+95% interval as ``<key>_ci95`` and each seed's value as ``<key>_per_seed`` (in seed order); the
+JSON's settings list the seeds under ``seeds``.
+
+Rows are compared paired: both rows ran the same seeds, so the difference is taken seed by seed
+and its interval comes from the spread of those differences (Student's t with n - 1 degrees of
+freedom). A single run, or an interval containing zero, is never printed as a win.
+
+Why not scipy.stats directly: its ``ttest_rel`` gives a p-value, and the tables want the interval
+itself; the one number needed from scipy is the t quantile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from scipy.stats import t as student_t
+
+
+def add_arguments(parser: argparse.ArgumentParser, default: int = 1) -> None:
+    """``--seeds N`` and ``--seed-list S [S ...]`` on a benchmark's parser."""
+    parser.add_argument("--seeds", type=int, default=default, help=f"run every row with seeds 0..N-1 (default {default})")
+    parser.add_argument("--seed-list", type=int, nargs="+", metavar="S", help="run every row with exactly these seeds")
+
+
+def seeds_of(args: argparse.Namespace) -> list[int]:
+    """The seeds the arguments ask for (``--seed-list`` wins over ``--seeds``)."""
+    if getattr(args, "seed_list", None):
+        seeds = list(args.seed_list)
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"--seed-list repeats a seed: {seeds}")
+        return seeds
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    return list(range(args.seeds))
+
+
+def ci95(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95% interval of the mean); the half-width is nan for one value
+    (one run says nothing about its own spread)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, math.nan
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, float(student_t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+
+
+def summarize(per_seed: Mapping[str, Sequence[float]]) -> dict:
+    """Row fields for each figure: ``key`` (mean), ``key_ci95`` and ``key_per_seed``."""
+    out: dict = {}
+    for key, values in per_seed.items():
+        mean, half = ci95(list(values))
+        out[key] = mean
+        out[f"{key}_ci95"] = half
+        out[f"{key}_per_seed"] = list(values)
+    return out
+
+
+@dataclass(frozen=True)
+class Difference:
+    """``a - b`` over paired seeds: its mean, the interval's half-width, and what it says."""
+
+    mean: float
+    ci95: float
+    n: int
+
+    @property
+    def measured(self) -> bool:
+        """Whether the interval excludes zero (with one seed: never)."""
+        return self.n > 1 and not math.isnan(self.ci95) and abs(self.mean) > self.ci95
+
+    def verdict(self, a: str, b: str, lower_is_better: bool = True) -> str:
+        """One line: which row is better with the interval, or "no difference measured"."""
+        if not self.measured:
+            return f"{a} vs {b}: no difference measured ({self.mean:+.4g} ± {self.ci95:.2g}, {self.n} seeds)"
+        better = a if (self.mean < 0) == lower_is_better else b
+        return f"{a} vs {b}: {better} better by {abs(self.mean):.4g} ± {self.ci95:.2g} ({self.n} paired seeds)"
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> Difference:
+    """The paired difference ``a - b`` (the same seeds, in the same order)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired rows need the same seeds: {len(a)} values against {len(b)}")
+    mean, half = ci95([x - y for x, y in zip(a, b)])
+    return Difference(mean, half, len(a))
+
+
+def format_mean(mean: float, half: float, spec: str = ".4f") -> str:
+    """``0.7444 ± 0.0123`` (or the mean alone for one seed)."""
+    return format(mean, spec) if math.isnan(half) else f"{format(mean, spec)} ± {format(half, spec)}"
