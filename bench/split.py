@@ -48,6 +48,7 @@ def run(name: str, args, tmp: str) -> dict:
     config.simulation.eval_examples = 1000
     config.simulation.partition = args.partition
     config.split.mode, config.split.cut, config.split.head = "split", args.cut, args.head
+    config.federation.client_correction = "none"  # FedAvg of both halves: the codec alone differs between rows
     config.split.act_codec = config.split.grad_codec = codec
     config.split.act_bits = config.split.grad_bits = bits
     config.split.server_adapter = server_adapter
