@@ -58,3 +58,60 @@ def test_rows_keep_mean_interval_and_each_seed_and_the_flags_give_the_seeds():
     assert seeds_of(parser.parse_args(["--seed-list", "3", "7"])) == [3, 7]
     with pytest.raises(ValueError, match="repeats"):
         seeds_of(parser.parse_args(["--seed-list", "3", "3"]))
+
+
+def test_a_seed_changes_the_partition_the_initialization_and_the_dropout_and_repeats_bit_for_bit(tmp_path, tiny_llama):
+    """What ``--seeds`` relies on: RunConfig.seed alone decides the data partition, the initial
+    adapter and every dropout mask, so one seed repeats a run exactly and another seed is
+    another sample."""
+    import torch
+
+    from fedtune.config import RunConfig
+    from fedtune.coordinator.checkpoint import load_checkpoint
+    from fedtune.coordinator.engine import _client_seed
+    from fedtune.models import ModelStore
+    from fedtune.rng import step_seed, thread_draws
+    from fedtune.simulation.runner import client_shares, prepare_data, run_simulation
+
+    from conftest import sentiment_examples
+    from test_end_to_end import _write_jsonl
+
+    def config(seed: int, name: str) -> RunConfig:
+        c = RunConfig()
+        c.model.source, c.model.max_length, c.seed = tiny_llama, 32, seed
+        c.federation.rounds, c.simulation.clients, c.simulation.partition = 1, 3, "dirichlet"
+        c.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(300, seed=1))
+        c.simulation.eval_examples = 60
+        c.training.local_steps, c.training.batch_size, c.lora.dropout = 3, 8, 0.1
+        c.run_dir = str(tmp_path / name)
+        return c
+
+    # the partition
+    shares = {}
+    for seed in (0, 1):
+        c = config(seed, f"p{seed}")
+        train, _, labels = prepare_data(c)
+        shares[seed] = client_shares(c, train, labels, 3)
+    assert shares[0] != shares[1]
+    # the initial adapter (LoRA's A) and the dropout masks
+    from fedtune.adapters import AdapterPlan
+    from fedtune.coordinator.global_model import GlobalModel
+    from fedtune.models import resolve_source
+
+    store = ModelStore()
+    initial = {seed: GlobalModel(store, resolve_source(tiny_llama), "seq-cls", ["a", "b", "c"], AdapterPlan(rank=4, alpha=8.0),
+                                 max_length=32, seed=seed).initial_state() for seed in (0, 1)}
+    a_factors = [n for n in initial[0] if n.endswith("lora_A.weight")]
+    assert a_factors and all(not torch.equal(initial[0][n], initial[1][n]) for n in a_factors)
+    masks = {}
+    for seed in (0, 1):
+        with thread_draws(step_seed(_client_seed(seed, 1, "sim-000"), 0)):
+            masks[seed] = torch.nn.functional.dropout(torch.ones(64), 0.5)
+    assert not torch.equal(masks[0], masks[1])
+    # whole runs: the same seed bit for bit, another seed another run
+    runs = {name: run_simulation(config(seed, name)) for name, seed in (("a", 0), ("b", 0), ("c", 1))}
+    adapters = {name: load_checkpoint(r.run_dir).state for name, r in runs.items()}
+    assert runs["a"].history[0]["eval_loss"] == runs["b"].history[0]["eval_loss"]
+    assert adapters["a"].keys() == adapters["b"].keys() and all(torch.equal(adapters["a"][n], adapters["b"][n]) for n in adapters["a"])
+    assert runs["a"].history[0]["eval_loss"] != runs["c"].history[0]["eval_loss"]
+    assert any(not torch.equal(adapters["a"][n], adapters["c"][n]) for n in adapters["a"])
