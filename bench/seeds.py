@@ -62,7 +62,7 @@ def summarize(per_seed: Mapping[str, Sequence[float]]) -> dict:
     for key, values in per_seed.items():
         mean, half = ci95(list(values))
         out[key] = mean
-        out[f"{key}_ci95"] = half
+        out[f"{key}_ci95"] = None if math.isnan(half) else half  # JSON has no NaN: one seed gives no interval
         out[f"{key}_per_seed"] = list(values)
     return out
 
@@ -96,6 +96,6 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> Difference:
     return Difference(mean, half, len(a))
 
 
-def format_mean(mean: float, half: float, spec: str = ".4f") -> str:
+def format_mean(mean: float, half: float | None, spec: str = ".4f") -> str:
     """``0.7444 ± 0.0123`` (or the mean alone for one seed)."""
-    return format(mean, spec) if math.isnan(half) else f"{format(mean, spec)} ± {format(half, spec)}"
+    return format(mean, spec) if half is None or math.isnan(half) else f"{format(mean, spec)} ± {format(half, spec)}"

@@ -2,7 +2,8 @@
 bytes per step and step time.
 
     python bench/split.py [--rows fp32,fp16,uniform8,uniform4,uniform3,amaq4,amaq3,amaq4-shared] [--rounds 4]
-                          [--clients 3] [--cut 3] [--head client|server] [--partition iid|dirichlet] [--out FILE]
+                          [--clients 3] [--cut 3] [--head client|server] [--partition iid|dirichlet]
+                          [--seeds N | --seed-list S ...] [--out FILE]
 
 Every row is one split run over loopback gRPC of the demo task (MiniLM, 6 blocks, LoRA r=8 on
 query/value + head, 3-class tweets, 1000 held-out tweets, FedAvg of both halves), with the same
@@ -19,6 +20,12 @@ same averaged over all rounds, annealing included), ``mean_bits`` (payload bits 
 both directions, last round),
 ``codec_share`` (codec time / step time on the client), ``step_ms`` and its parts
 (``client_ms``, ``wire_ms``, ``server_ms``).
+
+With ``--seeds N`` every row runs once per seed (the seed decides the partition, the initial
+adapter and every dropout mask; ``bench/seeds.py``): each figure is the mean, with
+``<key>_ci95`` and ``<key>_per_seed`` in the JSON, and each row's eval loss is compared with
+fp32's, and each AMAQ row with the uniform row of its bits, paired by seed: a difference whose
+95% interval contains zero is printed as "no difference measured".
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from pathlib import Path
 from fedtune.config import RunConfig
 from fedtune.simulation.runner import run_simulation
 
+from seeds import add_arguments, format_mean, paired_difference, seeds_of, summarize
+
 ROWS = {  # name: (codec, bits, server adapter)
     "fp32": ("fp32", 32, "copies"), "fp16": ("fp16", 16, "copies"), "uniform8": ("uniform", 8, "copies"),
     "uniform4": ("uniform", 4, "copies"), "uniform3": ("uniform", 3, "copies"), "amaq4": ("amaq", 4, "copies"),
@@ -40,9 +49,10 @@ ROWS = {  # name: (codec, bits, server adapter)
 }
 
 
-def run(name: str, args, tmp: str) -> dict:
+def run(name: str, args, tmp: str, seed: int = 0) -> dict:
     codec, bits, server_adapter = ROWS[name]
     config = RunConfig()
+    config.seed = seed
     config.federation.rounds = args.rounds
     config.simulation.clients = args.clients
     config.simulation.eval_examples = 1000
@@ -52,7 +62,7 @@ def run(name: str, args, tmp: str) -> dict:
     config.split.act_codec = config.split.grad_codec = codec
     config.split.act_bits = config.split.grad_bits = bits
     config.split.server_adapter = server_adapter
-    config.run_dir = str(Path(tmp) / name)
+    config.run_dir = str(Path(tmp) / f"{name}-seed{seed}")
     started = time.monotonic()
     result = run_simulation(config.validate())
     rows = result.history
@@ -80,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head", default="client", choices=["client", "server"])
     parser.add_argument("--partition", default="iid", choices=["iid", "dirichlet"])
     parser.add_argument("--out", type=Path)
+    add_arguments(parser)
     args = parser.parse_args(argv)
+    seeds = seeds_of(args)
     names = [n for n in args.rows.split(",") if n]
     unknown = [n for n in names if n not in ROWS]
     if unknown:
@@ -88,18 +100,34 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            print(f"running {name} ...", file=sys.stderr, flush=True)
-            rows.append(run(name, args, tmp))
+            runs = []
+            for seed in seeds:
+                print(f"running {name} (seed {seed}) ...", file=sys.stderr, flush=True)
+                runs.append(run(name, args, tmp, seed))
+            figures = {k: [r[k] for r in runs] for k, v in runs[0].items() if isinstance(v, (int, float)) and v is not None}
+            rows.append({"name": name, **summarize(figures)})
     base = next((r for r in rows if r["name"] == "fp32"), None)
-    print(f"{'row':<13}{'eval loss':>10}{'vs fp32':>9}{'acc':>7}{'up B/step':>11}{'down B/step':>12}{'x fewer':>8}{'run x':>6}{'bits':>6}{'codec':>7}{'step ms':>9}{'client':>8}{'wire':>7}{'server':>8}{'wall s':>8}")
+    print(f"{'row':<13}{'eval loss':>20}{'vs fp32':>9}{'acc':>7}{'up B/step':>11}{'down B/step':>12}{'x fewer':>8}{'run x':>6}{'bits':>6}{'codec':>7}{'step ms':>9}{'client':>8}{'wire':>7}{'server':>8}{'wall s':>8}")
     for r in rows:
         rel = f"{100 * (r['eval_loss'] / base['eval_loss'] - 1):+.2f}%" if base else "-"
         fewer = f"{(base['bytes_up_per_step'] + base['bytes_down_per_step']) / (r['bytes_up_per_step'] + r['bytes_down_per_step']):.1f}" if base else "-"
         run_fewer = f"{(base['run_bytes_up_per_step'] + base['run_bytes_down_per_step']) / (r['run_bytes_up_per_step'] + r['run_bytes_down_per_step']):.1f}" if base else "-"
-        print(f"{r['name']:<13}{r['eval_loss']:>10.4f}{rel:>9}{r['eval_accuracy']:>7.3f}{r['bytes_up_per_step']:>11.0f}{r['bytes_down_per_step']:>12.0f}{fewer:>8}{run_fewer:>6}"
+        print(f"{r['name']:<13}{format_mean(r['eval_loss'], r['eval_loss_ci95']):>20}{rel:>9}{r['eval_accuracy']:>7.3f}{r['bytes_up_per_step']:>11.0f}{r['bytes_down_per_step']:>12.0f}{fewer:>8}{run_fewer:>6}"
               f"{r['mean_bits']:>6.2f}{100 * r['codec_share']:>6.1f}%{r['step_ms']:>9.1f}{r['client_ms']:>8.1f}{r['wire_ms']:>7.1f}{r['server_ms']:>8.1f}{r['wall_seconds']:>8.1f}")
+    comparisons = []
+    for r in rows:  # paired by seed: each row against fp32, each AMAQ row against uniform at its bits
+        others = ["fp32"] if r["name"] != "fp32" else []
+        if r["name"].startswith("amaq") and r["name"].replace("amaq", "uniform").split("-")[0] in {x["name"] for x in rows}:
+            others.append(r["name"].replace("amaq", "uniform").split("-")[0])
+        for other in others:
+            o = next((x for x in rows if x["name"] == other), None)
+            if o is not None:
+                d = paired_difference(r["eval_loss_per_seed"], o["eval_loss_per_seed"])
+                comparisons.append({"row": r["name"], "against": other, "eval_loss_difference": d.mean, "eval_loss_difference_ci95": d.ci95,
+                                    "measured": d.measured, "verdict": d.verdict(r["name"], other)})
+                print(comparisons[-1]["verdict"])
     if args.out:
-        args.out.write_text(json.dumps({"rows": rows, "rounds": args.rounds, "clients": args.clients, "cut": args.cut, "head": args.head, "partition": args.partition,
+        args.out.write_text(json.dumps({"rows": rows, "comparisons": comparisons, "seeds": seeds, "rounds": args.rounds, "clients": args.clients, "cut": args.cut, "head": args.head, "partition": args.partition,
                                         "model": "minilm", "task": "demo tweets (3 classes)"}, indent=2) + "\n")
     return 0
 
