@@ -2,7 +2,7 @@
 training of the same number of steps.
 
     python bench/skew.py [--rounds 6] [--settings dir0.1x3,dir0.5x3,iidx3,dir0.1x10,dir0.5x10,iidx10]
-                         [--strategies fedavg,fedavgm,...] [--out FILE]
+                         [--strategies fedavg,fedavgm,...] [--seeds N | --seed-list S ...] [--out FILE]
 
 The demo task (MiniLM + LoRA r=8 on query/value + head, 3-class tweets, 1000 held-out tweets)
 with every fedtune default except the strategy. A setting ``dirAxN`` is N clients with a
@@ -11,6 +11,13 @@ round. A strategy is a registry name, optionally with options: ``fedadam:server_
 The ``centralized`` row trains one adapter on the pooled training data with the same
 optimizer, batch size and learning rate, for N x local_steps steps per "round", and is evaluated
 at the same points. Columns: accuracy after round 3 and after the last round.
+
+A row names one method alone: a strategy that is not a client correction runs without the
+classification default correction (``client_correction = "none"``). With ``--seeds N`` every cell
+runs once per seed (partition, initial adapter and dropout all follow it; ``bench/seeds.py``): a
+cell is the mean ± its 95% interval, the JSON keeps ``<key>_ci95`` and ``<key>_per_seed``, and
+each row's final accuracy is compared with fedavg's, paired by seed ("no difference measured"
+when the interval contains zero).
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from fedtune.aggregation import STRATEGIES
 from fedtune.config import RunConfig
 from fedtune.options import parse_scalar
 from fedtune.simulation.runner import run_simulation
+
+from seeds import add_arguments, format_mean, paired_difference, seeds_of, summarize
 
 DEFAULT_STRATEGIES = "fedavg,fedavgm,fedadam,fedyogi,fedprox,scaffold,fedlc,hetlora,flexlora"
 DEFAULT_SETTINGS = "dir0.1x3,dir0.5x3,iidx3,dir0.1x10,dir0.5x10,iidx10"
@@ -50,9 +59,10 @@ def parse_strategy(text: str) -> tuple[str, dict]:
     return name, options
 
 
-def config_for(setting: str, rounds: int, run_dir: str, eval_examples: int) -> RunConfig:
+def config_for(setting: str, rounds: int, run_dir: str, eval_examples: int, seed: int = 0) -> RunConfig:
     partition, alpha, clients = parse_setting(setting)
     config = RunConfig()
+    config.seed = seed
     config.federation.rounds = rounds
     config.simulation.clients = clients
     config.simulation.partition = partition
@@ -63,9 +73,9 @@ def config_for(setting: str, rounds: int, run_dir: str, eval_examples: int) -> R
     return config
 
 
-def federated(strategy: str, setting: str, rounds: int, tmp: str, eval_examples: int, lr: float | None) -> list[float]:
+def federated(strategy: str, setting: str, rounds: int, tmp: str, eval_examples: int, lr: float | None, seed: int = 0) -> list[float]:
     name, options = parse_strategy(strategy)
-    config = config_for(setting, rounds, str(Path(tmp) / f"{strategy}-{setting}".replace(":", "_")), eval_examples)
+    config = config_for(setting, rounds, str(Path(tmp) / f"{strategy}-{setting}-seed{seed}".replace(":", "_")), eval_examples, seed)
     config.federation.strategy = name
     config.federation.options = options
     if STRATEGIES.get(name).axis != "client-correction":  # a row names one method: no default correction beside it
@@ -76,7 +86,7 @@ def federated(strategy: str, setting: str, rounds: int, tmp: str, eval_examples:
     return [r["eval_accuracy"] for r in result.history]
 
 
-def centralized(setting: str, rounds: int, eval_examples: int, lr: float | None) -> list[float]:
+def centralized(setting: str, rounds: int, eval_examples: int, lr: float | None, seed: int = 0) -> list[float]:
     """One adapter on the pooled data, N x local_steps steps per round, evaluated per round."""
     import torch
 
@@ -88,7 +98,7 @@ def centralized(setting: str, rounds: int, eval_examples: int, lr: float | None)
     from fedtune.simulation.runner import prepare_data
     from fedtune.tasks import get_task
 
-    config = config_for(setting, rounds, "", eval_examples)
+    config = config_for(setting, rounds, "", eval_examples, seed)
     t = config.training
     train, evals, labels = prepare_data(config)
     store, source, task = ModelStore(seed=config.seed), resolve_source(config.model.source), get_task("seq-cls")
@@ -103,7 +113,7 @@ def centralized(setting: str, rounds: int, eval_examples: int, lr: float | None)
     # restarts each round, as a client's does; the data order continues from a per-round seed.
     for r in range(1, rounds + 1):
         steps = config.simulation.clients * t.local_steps
-        state, _ = recipe.run(model, state, {}, task, items, TrainSettings(steps, t.batch_size, lr or t.learning_rate, t.weight_decay, seed=r), pad)
+        state, _ = recipe.run(model, state, {}, task, items, TrainSettings(steps, t.batch_size, lr or t.learning_rate, t.weight_decay, seed=1000 * seed + r), pad)
         out.append(task.evaluate(model, eval_items, pad, 64)["eval_accuracy"])
     return out
 
@@ -117,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-examples", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=None, help="client learning rate (default: fedtune's)")
     parser.add_argument("--out", type=Path)
+    add_arguments(parser)
     args = parser.parse_args(argv)
+    seeds = seeds_of(args)
     settings = args.settings.split(",")
     strategies = args.strategies.split(",") + ([] if args.no_centralized else ["centralized"])
     mid = min(3, args.rounds)
@@ -127,27 +139,44 @@ def main(argv: list[str] | None = None) -> int:
             row: dict = {"name": strategy}
             for setting in settings:
                 started = time.monotonic()
-                print(f"running {strategy} on {setting} ...", file=sys.stderr, flush=True)
-                accs = centralized(setting, args.rounds, args.eval_examples, args.lr) if strategy == "centralized" else federated(strategy, setting, args.rounds, tmp, args.eval_examples, args.lr)
-                row[f"{setting}_acc_round{mid}"] = accs[mid - 1]
-                row[f"{setting}_acc_round{args.rounds}"] = accs[-1]
-                row[f"{setting}_acc_by_round"] = accs
+                by_seed = []
+                for seed in seeds:
+                    print(f"running {strategy} on {setting} (seed {seed}) ...", file=sys.stderr, flush=True)
+                    accs = (centralized(setting, args.rounds, args.eval_examples, args.lr, seed) if strategy == "centralized"
+                            else federated(strategy, setting, args.rounds, tmp, args.eval_examples, args.lr, seed))
+                    by_seed.append(accs)
+                    print(f"  {strategy} {setting} seed {seed}: " + " ".join(f"{a:.3f}" for a in accs), file=sys.stderr, flush=True)
+                row.update(summarize({f"{setting}_acc_round{mid}": [a[mid - 1] for a in by_seed],
+                                      f"{setting}_acc_round{args.rounds}": [a[-1] for a in by_seed]}))
+                row[f"{setting}_acc_by_round"] = [sum(a[i] for a in by_seed) / len(by_seed) for i in range(args.rounds)]
                 row[f"{setting}_wall_seconds"] = round(time.monotonic() - started, 1)
-                print(f"  {strategy} {setting}: " + " ".join(f"{a:.3f}" for a in accs), file=sys.stderr, flush=True)
             rows.append(row)
             if args.out:  # after every row, so a run cut short still leaves what it measured
-                write_json(args.out, rows, args, settings)
-    header = f"{'strategy':<28}" + "".join(f"{s + ' r' + str(mid):>14}{s + ' r' + str(args.rounds):>14}" for s in settings)
+                write_json(args.out, rows, args, settings, seeds)
+    header = f"{'strategy':<28}" + "".join(f"{s + ' r' + str(mid):>20}{s + ' r' + str(args.rounds):>20}" for s in settings)
     print(header)
     for row in rows:
-        print(f"{row['name']:<28}" + "".join(f"{row[f'{s}_acc_round{mid}']:>14.3f}{row[f'{s}_acc_round{args.rounds}']:>14.3f}" for s in settings))
+        cell = lambda key: format_mean(row[key], row[f"{key}_ci95"], ".3f")  # noqa: E731
+        print(f"{row['name']:<28}" + "".join(f"{cell(f'{s}_acc_round{mid}'):>20}{cell(f'{s}_acc_round{args.rounds}'):>20}" for s in settings))
+    base = next((r for r in rows if r["name"] == "fedavg"), None)
+    comparisons = []
+    for row in rows:  # each row's final accuracy against fedavg's, paired by seed
+        if base is None or row is base:
+            continue
+        for s in settings:
+            key = f"{s}_acc_round{args.rounds}_per_seed"
+            d = paired_difference(row[key], base[key])
+            comparisons.append({"row": row["name"], "setting": s, "accuracy_difference": d.mean, "accuracy_difference_ci95": d.ci95,
+                                "measured": d.measured, "verdict": f"{s}: " + d.verdict(row["name"], "fedavg", lower_is_better=False)})
+            print(comparisons[-1]["verdict"])
     if args.out:
-        write_json(args.out, rows, args, settings)
+        write_json(args.out, rows, args, settings, seeds, comparisons)
     return 0
 
 
-def write_json(path: Path, rows: list[dict], args: argparse.Namespace, settings: list[str]) -> None:
-    out = {"rows": rows, "rounds": args.rounds, "settings": settings, "eval_examples": args.eval_examples, "lr": args.lr}
+def write_json(path: Path, rows: list[dict], args: argparse.Namespace, settings: list[str], seeds: list[int], comparisons: list[dict] | None = None) -> None:
+    out = {"rows": rows, "comparisons": comparisons or [], "seeds": seeds, "rounds": args.rounds, "settings": settings,
+           "eval_examples": args.eval_examples, "lr": args.lr}
     path.write_text(json.dumps(out, indent=2) + "\n")
 
 
