@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedtune.contract.local_options import LocalOptions
+from fedtune.options import MethodOptions
 
 SPLIT_CODECS = ("fp32", "fp16", "bf16", "uniform", "amaq")
 
@@ -44,26 +45,33 @@ HEAD_PLACES = ("client", "server")
 
 
 @dataclass(frozen=True)
-class SplitOptions(LocalOptions):
-    recipe: str = "split"
-    # The client runs the embeddings and blocks [0, cut); the coordinator blocks [cut, L).
-    cut: int = 0
+class SplitStream(MethodOptions):
+    """Where the head runs and how each direction of the stream is compressed: the settings the
+    ``[split]`` table (``SplitFedOptions``) hands on to every split task (``SplitOptions``)."""
+
     # "client": U-shaped split, the client also runs the head, so labels never leave the device
     # (two round trips per step). "server": the coordinator runs the head; labels travel with
     # the activations.
     head: str = "client"
-    # The first step of this round in the whole run (AMAQ's budget schedule counts from it).
-    step0: int = 0
     act_codec: str = "amaq"
     act_bits: float = 4.0
     grad_codec: str = "amaq"
     grad_bits: float = 4.0
     start_bits: float = 8.0
     anneal_steps: int = 0
-    b_min: int = 2
-    b_max: int = 8
     reg_weight: float = 0.01
     gate_lr: float = 0.05
+
+
+@dataclass(frozen=True)
+class SplitOptions(LocalOptions, SplitStream):
+    recipe: str = "split"
+    # The client runs the embeddings and blocks [0, cut); the coordinator blocks [cut, L).
+    cut: int = 0
+    # The first step of this round in the whole run (AMAQ's budget schedule counts from it).
+    step0: int = 0
+    b_min: int = 2
+    b_max: int = 8
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -87,15 +95,6 @@ class SplitOptions(LocalOptions):
 
 
 @dataclass(frozen=True)
-class SplitFedOptions:
+class SplitFedOptions(SplitStream):
     cut: int = 1
-    head: str = "client"
-    act_codec: str = "amaq"
-    act_bits: float = 4.0
-    grad_codec: str = "amaq"
-    grad_bits: float = 4.0
-    start_bits: float = 8.0
-    anneal_steps: int = 0
-    reg_weight: float = 0.01
-    gate_lr: float = 0.05
     local_steps: int = 1          # to number steps across rounds (AMAQ's schedule)
