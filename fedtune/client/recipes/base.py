@@ -41,6 +41,13 @@ class TrainSettings:
     seed: int = 0
 
 
+def add_terms(*terms: "torch.Tensor | None") -> "torch.Tensor | None":
+    """The sum of the terms that are there (None when none is): corrections composed on one
+    recipe each add their penalty to the others'."""
+    present = [t for t in terms if t is not None]
+    return sum(present[1:], present[0]) if present else None
+
+
 class Recipe:
     """Plain local training: AdamW on the adapter's trainable tensors, the task's loss."""
 

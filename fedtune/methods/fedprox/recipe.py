@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from fedtune.adapters import adapter_parameters
-from fedtune.client.recipes.base import RECIPES, LocalOptions, Recipe
+from fedtune.client.recipes.base import RECIPES, LocalOptions, Recipe, add_terms
 from fedtune.methods.fedprox.options import FedProxOptions
 
 
@@ -35,8 +35,5 @@ class FedProxRecipe(Recipe):
         self.anchor = {n: p.detach().clone() for n, p in self.params.items()}
 
     def penalty(self, model) -> torch.Tensor | None:
-        other = super().penalty(model)
-        if self.options.mu <= 0:
-            return other
-        term = proximal_term(self.params, self.anchor, self.options.mu)
-        return term if other is None else term + other
+        own = proximal_term(self.params, self.anchor, self.options.mu) if self.options.mu > 0 else None
+        return add_terms(own, super().penalty(model))

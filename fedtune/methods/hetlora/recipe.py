@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from fedtune.client.recipes.base import RECIPES, LocalOptions, Recipe
+from fedtune.client.recipes.base import RECIPES, LocalOptions, Recipe, add_terms
 from fedtune.methods.hetlora.options import RANK_CAP_TENSOR, HetLoRAOptions
 
 
@@ -71,11 +71,9 @@ class HetLoRARecipe(Recipe):
         self.pairs = lora_pairs(model)
 
     def penalty(self, model) -> torch.Tensor | None:
-        other = super().penalty(model)
-        if self.options.rank_pruning <= 0 or not self.pairs:
-            return other
-        term = self.options.rank_pruning * tail_norm(self.pairs, self.options.rank_pruning_keep)
-        return term if other is None else term + other
+        pruning = self.options.rank_pruning > 0 and self.pairs
+        own = self.options.rank_pruning * tail_norm(self.pairs, self.options.rank_pruning_keep) if pruning else None
+        return add_terms(own, super().penalty(model))
 
     def finish(self, model, state):
         out, metrics = super().finish(model, state)
