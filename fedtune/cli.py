@@ -90,7 +90,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], help="comma-separated label names (seq-cls)")
     p.add_argument("--max-length", type=int, help="tokens per example")
     p.add_argument("--rank", type=int, help="LoRA rank")
-    p.add_argument("--lora-variant", help="lora; ffa (FFA-LoRA: A frozen at its initialization, only B trained and sent); fedsvd (as ffa, A re-factorized by SVD each round); fedsb (Fed-SB: B and A fixed from the pretrained weight's SVD, only an r x r core trained and sent)")
+    p.add_argument("--lora-variant", help="lora (plain LoRA, the default) or a variant: ffa, fedsvd, fedsb, loha, ...; "
+                                          "`fedtune strategies` lists every variant installed")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (the update is scaled by alpha/rank)")
     p.add_argument("--rounds", type=int, help="federated rounds")
     p.add_argument("--clients-per-round", type=int, help="clients trained per round (0: all)")
@@ -526,7 +527,7 @@ def _print_registry(registry) -> None:
 
 def cmd_strategies(args: argparse.Namespace) -> int:
     """The strategies by the choice each is made for (aggregation rule, client correction,
-    server optimizer), with their options."""
+    server optimizer), with their options, then the LoRA variants."""
     import dataclasses
 
     from fedtune.aggregation import STRATEGIES
@@ -547,6 +548,18 @@ def cmd_strategies(args: argparse.Namespace) -> int:
             for f in dataclasses.fields(cls.Options):
                 if f.name != "inner":
                     print(f"      {f.name} = {f.default!r}")
+    from fedtune.aggregation.base import PLAIN_LORA, VARIANTS
+
+    print("variant (lora.variant, --lora-variant):")
+    print(f"  {PLAIN_LORA}: plain LoRA (the default)")
+    for name in VARIANTS.available():
+        try:
+            cls = VARIANTS.get(name)
+        except ValueError as exc:
+            print(f"  {name}: does not load: {exc}")
+            continue
+        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"  {name}: {doc}")
     return 0
 
 

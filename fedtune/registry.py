@@ -7,7 +7,8 @@ names, never fall back to a default silently.
 A name that is not registered is looked for, in this order, among:
 
 1. the installed entry points of the registry's group (``fedtune.strategies``,
-   ``fedtune.recipes``, ``fedtune.variants``, ``fedtune.codecs``, ``fedtune.tasks``, ``fedtune.partitions``): a
+   ``fedtune.recipes``, ``fedtune.variants``, ``fedtune.codecs``, ``fedtune.tasks``, ``fedtune.partitions``,
+   ``fedtune.adapter_kinds``): a
    package declares ``median = "fedtune_median:Median"`` under
    ``[project.entry-points."fedtune.strategies"]`` and ``--aggregation median`` finds it. Only the
    entry point named is loaded, on first use, so an installed plugin costs nothing until chosen;
@@ -51,7 +52,7 @@ class PluginPolicy:
     specs: bool = False
 
 
-# fedtune's registries, by kind. Recipes, codecs and tasks are named by the coordinator in what it
+# fedtune's registries, by kind. Recipes, codecs, tasks and adapter kinds are named by the coordinator in what it
 # sends a device, so they resolve only what is installed on the device (never a module a remote
 # party names). A Registry may also be given its policy directly.
 POLICIES: dict[str, PluginPolicy] = {
@@ -61,6 +62,7 @@ POLICIES: dict[str, PluginPolicy] = {
     "codec": PluginPolicy("fedtune.codecs", "fedtune.compression.base:Codec"),
     "task": PluginPolicy("fedtune.tasks", "fedtune.tasks.base:Task"),
     "partition": PluginPolicy("fedtune.partitions", specs=True),
+    "adapter kind": PluginPolicy("fedtune.adapter_kinds", "fedtune.contract.adapter_kinds:AdapterKind"),
 }
 
 _SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")

@@ -19,15 +19,17 @@ import itertools
 
 import torch
 
+from fedtune.aggregation.base import VARIANTS
 from fedtune.compose import checked
 from fedtune.config import ConfigError, RunConfig
 from fedtune.devices import tier
+from fedtune.contract.adapter_kinds import adapter_kind
 from fedtune.names import A_SUFFIX, B_SUFFIX, CORE_SUFFIX
 from fedtune.protocol.tensors import decode_tensors, encode_tensors
 
 FACTORS: dict[str, list] = {
     "strategy": ["fedavg", "hetlora", "flexlora", "flora", "fedkseed", "fedprox", "scaffold", "fedadam"],
-    "variant": ["lora", "ffa", "fedsvd", "fedsb"],
+    "variant": ["lora", *sorted(VARIANTS.available())],  # every variant, a new one included
     "uplink": ["", "int8", "projection"],
     "downlink": ["", "fp16"],
     "dp": ["", "client", "sample", "both"],
@@ -118,20 +120,21 @@ def verdicts(model: str) -> tuple[tuple[dict, str], ...]:
 
 
 def function(engine) -> dict[str, torch.Tensor]:
-    """What the global model computes, tensor by tensor: scale * B (R) A per LoRA module plus
-    its dense delta, and every other tensor (heads) as it is. Re-factorizations (FedSVD, FLoRA)
-    change the factors, never this."""
+    """What the global model computes, tensor by tensor: scale * B (R) A per LoRA module (or
+    the update of the plan's adapter kind) plus its dense delta, and every other tensor (heads)
+    as it is. Re-factorizations (FedSVD, FLoRA) change the factors, never this."""
     adapter, deltas = engine.strategy.global_model(engine.state, engine.global_spec)
-    scale = engine.plan.scale
+    scale, kind = engine.plan.scale, adapter_kind(engine.plan.kind)
     out = {}
-    for name, a in adapter.items():
-        if name.endswith(A_SUFFIX):
-            module = name[: -len(A_SUFFIX)]
-            core = adapter.get(module + CORE_SUFFIX)
-            inner = a.double() if core is None else core.double() @ a.double()
-            out[module] = scale * adapter[module + B_SUFFIX].double() @ inner
-        elif not name.endswith((B_SUFFIX, CORE_SUFFIX)):
-            out[name] = adapter[name].double()
+    for module in kind.modules(adapter):
+        core = adapter.get(module + CORE_SUFFIX)
+        if core is None:
+            out[module] = scale * kind.delta(adapter, module)
+        else:
+            out[module] = scale * adapter[module + B_SUFFIX].double() @ core.double() @ adapter[module + A_SUFFIX].double()
+    for name, t in adapter.items():
+        if not kind.is_factor(name) and not name.endswith(CORE_SUFFIX):
+            out[name] = t.double()
     for module, delta in deltas.items():
         out[module] = out.get(module, 0) + delta.double()
     return out
@@ -174,7 +177,7 @@ def echo_update(engine, client_id: str, round_number: int) -> tuple[dict, dict]:
         encoded = encode_tensors(update)
     tensors = decode_tensors(encoded)
     if ins.procedure == "split":  # the coordinator's half: the adapter tensors above the cut, as sent
-        tensors.update({n: t.clone() for n, t in ins.tensors.items() if n not in ins.expect and "/" not in n and n.endswith((A_SUFFIX, B_SUFFIX, ".weight"))
+        tensors.update({n: t.clone() for n, t in ins.tensors.items() if n not in ins.expect and "/" not in n and (n.endswith(".weight") or adapter_kind(ins.plan.kind).is_factor(n))
                         and n in engine.global_spec})
     if "dp_clip" in ins.options and float(ins.options["dp_clip"]) > 0:  # a DP-SGD device's accountant figures
         metrics.update({"dp_sample_noise_multiplier": SIGMA, "dp_sample_rate": 0.25, "dp_sample_steps": 2.0, "dp_sample_epsilon": 1.0,

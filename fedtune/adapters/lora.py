@@ -1,7 +1,8 @@
-"""LoRA adapters on transformers models, through peft.
+"""LoRA adapters (and the other adapter kinds) on transformers models, through peft.
 
-An ``AdapterPlan`` (defined in ``fedtune.contract.plans``, re-exported here) says where LoRA goes
-(target modules, which blocks) and how big it is (rank, optionally per block). peft does the
+An ``AdapterPlan`` (defined in ``fedtune.contract.plans``, re-exported here) says where the
+adapter goes (target modules, which blocks), its form (``kind``: LoRA by default, see
+``fedtune.contract.adapter_kinds``) and how big it is (rank, optionally per block). peft does the
 injection; this module adds what federated training needs on top: the adapter as a flat dict of
 named tensors (what crosses the wire and gets averaged), loading such a dict back strictly, and
 exporting a standard PEFT adapter folder.
@@ -16,8 +17,9 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
+from fedtune.contract.adapter_kinds import adapter_kind
 from fedtune.contract.plans import AdapterError, AdapterPlan
 from fedtune.durable import fresh_folder, write_file
 from fedtune.names import A_SUFFIX, BASE_DELTA, CORE_SUFFIX, FROZEN_A, FROZEN_B, is_frozen_update
@@ -48,7 +50,10 @@ def keep_first_blocks(config, blocks: int) -> None:
     setattr(config, attr, blocks)
 
 
-def lora_config(plan: AdapterPlan, task: str, model: torch.nn.Module) -> LoraConfig:
+def peft_config(plan: AdapterPlan, task: str, model: torch.nn.Module):
+    """The peft config of ``plan``'s adapter kind on ``model`` (AdapterError when it does not fit)."""
+    kind = adapter_kind(plan.kind)
+    kind.check(plan)
     blocks = num_blocks(model)
     bad = [i for i in (*plan.layers, *plan.rank_per_layer) if not 0 <= i < blocks]
     if bad:
@@ -57,29 +62,20 @@ def lora_config(plan: AdapterPlan, task: str, model: torch.nn.Module) -> LoraCon
     # out block i in every architecture whose block list is a numbered ModuleList.
     rank_pattern = {rf".*\.{i}\..*": r for i, r in plan.rank_per_layer.items()}
     alpha_pattern = {key: plan.scale * r for key, r in rank_pattern.items()}
-    return LoraConfig(
-        task_type=PEFT_TASK_TYPES[task],
-        r=plan.rank,
-        lora_alpha=plan.alpha,
-        lora_dropout=plan.dropout,
-        target_modules=list(plan.target_modules) or None,
-        layers_to_transform=sorted(plan.layers) or None,
-        modules_to_save=list(plan.modules_to_save) or None,
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
-    )
+    return kind.peft_config(plan, task_type=PEFT_TASK_TYPES[task], rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
 
 
 def inject_lora(model: torch.nn.Module, plan: AdapterPlan, task: str, seed: int | None = None) -> PeftModel:
-    """Wrap ``model`` with LoRA modules as the plan says. Base weights stay frozen (and, with
-    ``freeze_a``, the A matrices; with ``core``, both factors, around a trained core).
+    """Wrap ``model`` with the plan's adapter (LoRA, or the plan's ``kind``). Base weights stay
+    frozen (and, with ``freeze_a``, LoRA's A matrices; with ``core``, both factors, around a
+    trained core).
 
     peft draws the initial A matrices from torch's default generator; with ``seed`` they are
     drawn under the process's RNG lock from that seed (``fedtune.rng.seeded``), the same
     whatever other threads do."""
     try:
         with seeded(seed) if seed is not None else nullcontext():
-            peft_model = get_peft_model(model, lora_config(plan, task, model))
+            peft_model = get_peft_model(model, peft_config(plan, task, model))
             if plan.freeze_a:
                 for name, param in peft_model.named_parameters():
                     if ".lora_A." in name:

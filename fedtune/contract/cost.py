@@ -8,7 +8,8 @@ For a plan with LoRA on the top ``depth`` blocks (counted from the output side, 
 recommends: layers near the output matter most and need no backward pass below them) and rank
 ``r_l`` on block ``l``, with ``T = batch_size * seq_len`` tokens per step:
 
-- LoRA parameters: ``P = sum over LoRA modules of r_l * (in + out)``.
+- LoRA parameters: ``P = sum over LoRA modules of r_l * (in + out)`` (times the adapter kind's
+  ``params_per_rank``: 2 for LoHa's two products).
 - Memory (bytes, fp32):
     frozen weights ``4 * N_base``
   + adapter, its gradient and AdamW's two moments ``16 * P``
@@ -38,6 +39,7 @@ from typing import Sequence
 
 import torch
 
+from fedtune.contract.adapter_kinds import adapter_kind
 from fedtune.contract.plans import AdapterPlan
 from fedtune.devices import Capabilities
 
@@ -106,10 +108,12 @@ class CostModel:
         return activation_bytes_per_block(self.batch_size, self.seq_len, g.hidden, g.heads)
 
     def lora_params(self, g: ModelGeometry, plan: AdapterPlan) -> int:
-        """Adapter parameters on the device: A and B of every LoRA module (plus Fed-SB's cores)."""
+        """Adapter parameters on the device: A and B of every LoRA module (plus Fed-SB's cores),
+        or what the plan's adapter kind puts there per unit of rank (LoHa: two such pairs)."""
         ranks = plan_ranks(plan, g.num_blocks)
         cores = sum(ranks[b] ** 2 for b, _, _, _ in g.modules if b in ranks) if plan.core else 0
-        return sum(ranks[b] * (i + o) for b, _, i, o in g.modules if b in ranks) + cores
+        per_rank = adapter_kind(plan.kind).params_per_rank
+        return per_rank * sum(ranks[b] * (i + o) for b, _, i, o in g.modules if b in ranks) + cores
 
     def trained_params(self, g: ModelGeometry, plan: AdapterPlan) -> int:
         """The adapter parameters the device trains and sends back: all of them, B only

@@ -17,7 +17,8 @@ class AdapterError(ValueError):
 
 @dataclass(frozen=True)
 class AdapterPlan:
-    """Where LoRA goes and how large it is. Empty tuples mean "peft's default"/"every block"."""
+    """Where the adapter goes, its form and how large it is. Empty tuples mean "peft's
+    default"/"every block"."""
 
     rank: int = 8
     alpha: float = 16.0
@@ -32,8 +33,13 @@ class AdapterPlan:
     # Fed-SB (LoRA-SB): B and A frozen (initialized from the truncated SVD of the pretrained
     # weight), a rank x rank core R between them trained (update scale * B @ R @ A).
     core: bool = False
+    # The adapter's form (``fedtune.contract.adapter_kinds``): "lora", or a kind a method folder
+    # registers, such as "loha" (FedPara's Hadamard product of two low-rank products).
+    kind: str = "lora"
 
     def __post_init__(self) -> None:
+        if not self.kind or not self.kind.replace("_", "").replace("-", "").isalnum():
+            raise AdapterError(f"adapter kind must be a plain name, got {self.kind!r}")
         if self.rank < 1:
             raise AdapterError(f"rank must be at least 1, got {self.rank}")
         if any(r < 1 for r in self.rank_per_layer.values()):
@@ -59,7 +65,7 @@ class AdapterPlan:
         """A hashable identity (plans with equal keys build identical adapters)."""
         return (
             self.rank, self.alpha, self.dropout, self.target_modules, self.layers,
-            self.modules_to_save, tuple(sorted(self.rank_per_layer.items())), self.freeze_a, self.core,
+            self.modules_to_save, tuple(sorted(self.rank_per_layer.items())), self.freeze_a, self.core, self.kind,
         )
 
     def to_json(self) -> dict:

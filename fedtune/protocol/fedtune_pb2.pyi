@@ -122,7 +122,7 @@ class FetchTaskRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., token: _Optional[str] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
 
 class AdapterPlan(_message.Message):
-    __slots__ = ("rank", "alpha", "dropout", "target_modules", "layers", "modules_to_save", "rank_per_layer", "freeze_a", "core")
+    __slots__ = ("rank", "alpha", "dropout", "target_modules", "layers", "modules_to_save", "rank_per_layer", "freeze_a", "core", "kind")
     class RankPerLayerEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +139,7 @@ class AdapterPlan(_message.Message):
     RANK_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     FREEZE_A_FIELD_NUMBER: _ClassVar[int]
     CORE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     rank: int
     alpha: float
     dropout: float
@@ -148,7 +149,8 @@ class AdapterPlan(_message.Message):
     rank_per_layer: _containers.ScalarMap[int, int]
     freeze_a: bool
     core: bool
-    def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., layers: _Optional[_Iterable[int]] = ..., modules_to_save: _Optional[_Iterable[str]] = ..., rank_per_layer: _Optional[_Mapping[int, int]] = ..., freeze_a: _Optional[bool] = ..., core: _Optional[bool] = ...) -> None: ...
+    kind: str
+    def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., layers: _Optional[_Iterable[int]] = ..., modules_to_save: _Optional[_Iterable[str]] = ..., rank_per_layer: _Optional[_Mapping[int, int]] = ..., freeze_a: _Optional[bool] = ..., core: _Optional[bool] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class TrainingSettings(_message.Message):
     __slots__ = ("local_steps", "batch_size", "learning_rate", "weight_decay", "max_length", "seed", "tail_penalty", "tail_fraction")

@@ -20,6 +20,7 @@ def plan_to_proto(plan: AdapterPlan) -> pb.AdapterPlan:
         rank_per_layer=dict(plan.rank_per_layer),
         freeze_a=plan.freeze_a,
         core=plan.core,
+        kind=plan.kind,
     )
 
 
@@ -35,6 +36,7 @@ def plan_from_proto(msg: pb.AdapterPlan) -> AdapterPlan:
         rank_per_layer=dict(msg.rank_per_layer),
         freeze_a=msg.freeze_a,
         core=msg.core,
+        kind=msg.kind or "lora",  # a coordinator older than adapter kinds sends none: LoRA
     )
 
 

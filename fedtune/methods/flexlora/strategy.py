@@ -39,6 +39,7 @@ class FlexLoRA(Strategy):
     declares = declare(provides={"mixed-shapes", "nonlinear-aggregate"}, refuses={
         "b-kept-on-device": "flexlora averages the products B·A of the clients, which needs every client's B",
         "a-frozen": "flexlora re-factorizes the mean product B·A every round, which gives every client a new A",
+        "non-lora-adapter": "flexlora re-factorizes the mean update into LoRA's B·A by SVD",
     })
 
     def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> State:

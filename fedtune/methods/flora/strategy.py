@@ -31,6 +31,7 @@ class FLoRA(Strategy):
     declares = declare(provides={"mixed-shapes", "nonlinear-aggregate"}, refuses={
         "b-kept-on-device": "flora stacks every client's B next to its A, so B must be sent",
         "a-frozen": "flora stacks the clients' A matrices into a fresh adapter every round",
+        "non-lora-adapter": "flora stacks the clients' LoRA factors B and A",
     })
 
     def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> State:

@@ -3,7 +3,8 @@
 The global adapter holds every LoRA module at the largest rank; a client of rank r trains the
 leading r rows of A and columns of B. Aggregation is FedAvg's exact slot-wise mean (see
 ``fedavg``), weighted by example counts or, as the paper's sparsity-weighted aggregation does,
-by the Frobenius norm of each client's update B_k A_k of that module (``weighting = "norm"``).
+by the Frobenius norm of each client's update B_k A_k of that module (``weighting = "norm"``; for
+another adapter kind, the norm of the update its tensors stand for).
 
 Rank self-pruning (``rank_pruning > 0``): clients train with a penalty on the update carried by
 their tail ranks and, when the tail shrinks from one round to the next at the same rank, report
@@ -19,13 +20,14 @@ from typing import Mapping, Sequence
 import torch
 
 from fedtune.aggregation.base import STRATEGIES, ClientUpdate, RoundContext, State, mean_over_senders, weighted_train_loss, weights_by_client
-from fedtune.aggregation.lora_math import blockwise_mean, product
+from fedtune.aggregation.lora_math import blockwise_mean
+from fedtune.contract.adapter_kinds import adapter_kind
 from fedtune.contract.plans import AdapterPlan
 from fedtune.contract.properties import declare
 from fedtune.contract.specs import TensorSpec
 from fedtune.methods.fedavg.strategy import FedAvg
 from fedtune.methods.hetlora.options import RANK_CAP_TENSOR, HetLoRAOptions
-from fedtune.names import A_SUFFIX, B_SUFFIX, is_lora, lora_modules, namespaced, strip_namespace
+from fedtune.names import namespaced, strip_namespace
 
 CAP = "hetlora.rank_cap"          # state: namespaced(CAP, client id) -> int64 scalar
 
@@ -54,7 +56,8 @@ class HetLoRA(FedAvg):
     def __init__(self, options=None, *, scale: float = 1.0, seed: int = 0) -> None:
         super().__init__(options, scale=scale, seed=seed)
         if self.options.rank_pruning > 0:  # the clients' tail penalty is outside the per-example losses
-            self.declares = declare(provides={"sliced-state", "mixed-shapes", "penalty"})
+            self.declares = declare(provides={"sliced-state", "mixed-shapes", "penalty"}, refuses={
+                "non-lora-adapter": "hetlora's rank pruning penalizes the tail ranks of LoRA's B·A"})
 
     # ---------------------------------------------------------------- configure
 
@@ -92,17 +95,18 @@ class HetLoRA(FedAvg):
             new_state, metrics = super().aggregate(ctx, state, updates)
         else:  # heads by examples, each LoRA module by the norm of each client's update of it
             by_examples = weights_by_client(updates)
-            heads = [n for n in ctx.global_spec if not is_lora(n)]
+            kind = adapter_kind(ctx.global_plan.kind)  # LoRA's B·A, or another kind's update
+            heads = [n for n in ctx.global_spec if not kind.is_factor(n)]
             new_state = {**state, **mean_over_senders(state, updates, heads, by_examples)}
             metrics = {"train_loss": weighted_train_loss(updates)}
-            for module in lora_modules(ctx.global_spec):
-                senders = [u for u in updates if module + A_SUFFIX in u.tensors]
+            for module in kind.modules(ctx.global_spec):
+                senders = [u for u in updates if all(module + s in u.tensors for s in kind.factors)]
                 if not senders:
                     continue
-                weights = [float(torch.linalg.matrix_norm(product(u.tensors, module))) for u in senders]
+                weights = [float(torch.linalg.matrix_norm(kind.delta(u.tensors, module))) for u in senders]
                 if sum(weights) == 0:
                     weights = [by_examples[u.client_id] for u in senders]
-                for suffix in (A_SUFFIX, B_SUFFIX):
+                for suffix in kind.factors:
                     name = module + suffix
                     new_state[name] = blockwise_mean(state[name], [u.tensors[name] for u in senders], weights)
         for u in updates:
