@@ -45,7 +45,8 @@ from seeds import add_arguments, format_mean, paired_difference, seeds_of, summa
 ROWS = {  # name: (codec, bits, server adapter)
     "fp32": ("fp32", 32, "copies"), "fp16": ("fp16", 16, "copies"), "uniform8": ("uniform", 8, "copies"),
     "uniform4": ("uniform", 4, "copies"), "uniform3": ("uniform", 3, "copies"), "amaq4": ("amaq", 4, "copies"),
-    "amaq3": ("amaq", 3, "copies"), "amaq4-shared": ("amaq", 4, "shared"),
+    "amaq3": ("amaq", 3, "copies"), "uniform2": ("uniform", 2, "copies"), "amaq2": ("amaq", 2, "copies"),
+    "amaq4-shared": ("amaq", 4, "shared"),
 }
 
 
