@@ -1,0 +1,222 @@
+"""Which tables of bench/RESULTS.md no longer describe the code: exit 1 when one is stale.
+
+    python bench/stale.py [--results bench/RESULTS.md] [--json]
+
+Every table is headed by the commit it was measured on and the command that measured it, in one
+line of this form (the stamp)::
+
+    Measured on commit `c497243`: `python bench/split.py --rows fp32,amaq3 --seeds 5`
+
+A table is **stale** when a file its script exercises changed between that commit and the
+working tree (committed or not), and **unstamped** when its section has no stamp; both make
+the exit status 1, so a stale table is visible at a glance (and a CI step can refuse one).
+
+What a script exercises is read from the source, not guessed: the script, the bench modules it
+imports, and every ``fedtune`` module reachable from it through import statements, module level
+or inside functions (fedtune imports many modules lazily), with the method folders that
+fedtune's registries import by discovery (``fedtune/methods/<method>/``) counted whenever the
+registries are. Tests (``test_*.py``, ``conftest.py``) are never counted. This over-counts a
+little (a lazily imported module the run never reaches), never under-counts an import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import re
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STAMP = re.compile(r"Measured on commit `([0-9a-f]{7,40})`[^`\n]*`(python (bench/[\w/]+\.py)[^`]*)`")
+HEADING = re.compile(r"^(#{2,3}) (.+)$")
+
+
+@dataclass
+class Table:
+    """One section of RESULTS.md that holds a table, and what stale.py found about it."""
+
+    heading: str
+    line: int
+    commit: str = ""
+    command: str = ""
+    script: str = ""
+    status: str = "unstamped"       # fresh, stale, unstamped or unknown-commit
+    changed: list[str] = field(default_factory=list)
+
+
+def sections(text: str) -> list[Table]:
+    """The sections (## and ###) that contain a markdown table, with their first stamp."""
+    out: list[Table] = []
+    current: Table | None = None
+    has_table = False
+    body: list[str] = []
+
+    def close() -> None:
+        if current is not None and has_table:
+            found = STAMP.search("\n".join(body))
+            if found:
+                current.commit, current.command, current.script = found.group(1), found.group(2), found.group(3)
+            out.append(current)
+
+    for number, line in enumerate(text.splitlines(), 1):
+        heading = HEADING.match(line)
+        if heading:
+            close()
+            current, has_table, body = Table(heading.group(2).strip(), number), False, []
+            continue
+        body.append(line)
+        if line.startswith("|") and line.rstrip().endswith("|"):
+            has_table = True
+    close()
+    return out
+
+
+# ---------------------------------------------------------------- what a script exercises
+
+
+def _module_file(module: str, root: Path) -> Path | None:
+    """The source file of a module under ``root`` (a package's ``__init__.py``), or None."""
+    base = root.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imports(path: Path, module: str) -> set[str]:
+    """Every module named by an import statement in ``path`` (relative imports resolved), at any
+    depth of the file, plus the modules ``importlib.import_module("...")`` names literally."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1])
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            found.add(target)
+            found.update(f"{target}.{alias.name}" for alias in node.names)  # "from pkg import module"
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module" and node.args:
+            if isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+                found.add(node.args[0].value)
+    return found
+
+
+def _method_modules(root: Path) -> set[str]:
+    """Every module of every method folder (what the registries' discovery imports), tests aside."""
+    out = set()
+    for path in sorted((root / "fedtune" / "methods").glob("*/*.py")):
+        if not _is_test(path):
+            out.add(".".join(path.relative_to(root).with_suffix("").parts))
+    return out
+
+
+def _is_test(path: Path) -> bool:
+    return path.name.startswith("test_") or path.name == "conftest.py"
+
+
+def exercised(script: Path, root: Path = ROOT) -> list[str]:
+    """The files (relative to ``root``) that ``script`` reaches through imports: itself, the bench
+    modules beside it that it imports, and fedtune's modules (see the module docstring)."""
+    files: set[Path] = {script.resolve()}
+    queue: list[tuple[Path, str]] = [(script.resolve(), script.stem)]
+    seen_modules: set[str] = set()
+    bench = script.resolve().parent
+    while queue:
+        path, module = queue.pop()
+        for name in sorted(_imports(path, module)):
+            candidates = []
+            if name.split(".")[0] == "fedtune":
+                # the module and each package above it (importing a.b.c runs a and a.b too)
+                parts = name.split(".")
+                candidates = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+                if name.startswith("fedtune.methods") or name == "fedtune.registry":
+                    candidates += sorted(_method_modules(root))
+                where = root
+            elif (bench / f"{name.split('.')[0]}.py").is_file():
+                candidates, where = [name.split(".")[0]], bench
+            for candidate in candidates:
+                if candidate in seen_modules:
+                    continue
+                seen_modules.add(candidate)
+                file = _module_file(candidate, where)
+                if file is not None and not _is_test(file):
+                    files.add(file.resolve())
+                    queue.append((file, candidate))
+    return sorted(str(f.relative_to(root)) for f in files)
+
+
+# ---------------------------------------------------------------- against git
+
+
+def _git(*args: str, root: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+
+
+def changed_since(commit: str, files: list[str], root: Path = ROOT) -> list[str] | None:
+    """The files among ``files`` that differ between ``commit`` and the working tree (None when
+    git does not know the commit)."""
+    if _git("cat-file", "-e", f"{commit}^{{commit}}", root=root).returncode != 0:
+        return None
+    diff = _git("diff", "--name-only", commit, "--", *files, root=root)
+    untracked = _git("ls-files", "--others", "--exclude-standard", "--", *files, root=root)
+    return sorted(set(diff.stdout.split()) | set(untracked.stdout.split()))
+
+
+def check(results: Path, root: Path = ROOT) -> list[Table]:
+    """Every table of ``results`` with its status."""
+    tables = sections(results.read_text())
+    for table in tables:
+        if not table.commit:
+            continue
+        script = root / table.script
+        if not script.is_file():
+            table.status, table.changed = "stale", [f"{table.script} (no longer exists)"]
+            continue
+        changed = changed_since(table.commit, exercised(script, root), root)
+        if changed is None:
+            table.status = "unknown-commit"
+        else:
+            table.status, table.changed = ("stale", changed) if changed else ("fresh", [])
+    return tables
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    parser.add_argument("--json", action="store_true", help="print the tables as JSON instead of a list")
+    args = parser.parse_args(argv)
+    if not args.results.is_file():
+        print(f"stale.py: no such file {args.results}", file=sys.stderr)
+        return 2
+    tables = check(args.results, args.results.resolve().parent.parent)
+    if args.json:
+        print(json.dumps([asdict(t) for t in tables], indent=2))
+    else:
+        for t in tables:
+            where = f"line {t.line}: {t.heading}"
+            if t.status == "fresh":
+                print(f"fresh      {where} (commit {t.commit})")
+            elif t.status == "stale":
+                more = f" and {len(t.changed) - 3} more" if len(t.changed) > 3 else ""
+                print(f"STALE      {where} (commit {t.commit}): {', '.join(t.changed[:3])}{more} changed since")
+            elif t.status == "unknown-commit":
+                print(f"STALE      {where}: commit {t.commit} is not in this repository")
+            else:
+                print(f"UNSTAMPED  {where}: no 'Measured on commit `...`: `python bench/...`' line")
+        bad = sum(t.status != "fresh" for t in tables)
+        print(f"{len(tables) - bad} of {len(tables)} tables fresh")
+    return 1 if any(t.status != "fresh" for t in tables) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

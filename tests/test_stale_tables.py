@@ -1,0 +1,73 @@
+"""bench/stale.py: a RESULTS.md table is stale when a module its script reaches through imports
+(lazy ones included) changed since the commit it was measured on; an unstamped table is never
+taken as fresh."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+import stale  # noqa: E402
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def make_repo(root: Path) -> str:
+    (root / "fedtune" / "inner").mkdir(parents=True)
+    (root / "bench").mkdir()
+    (root / "fedtune" / "__init__.py").write_text("")
+    (root / "fedtune" / "inner" / "__init__.py").write_text("")
+    (root / "fedtune" / "inner" / "used.py").write_text("from . import helper\nVALUE = 1\n")
+    (root / "fedtune" / "inner" / "helper.py").write_text("X = 2\n")
+    (root / "fedtune" / "unrelated.py").write_text("Y = 3\n")
+    (root / "bench" / "table.py").write_text("def main():\n    from fedtune.inner.used import VALUE  # a lazy import counts\n    return VALUE\n")
+    (root / "bench" / "test_table.py").write_text("")
+    git(root, "init", "-q")
+    git(root, "-c", "user.name=t", "-c", "user.email=t@t", "add", ".")
+    git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    commit = git(root, "rev-parse", "--short", "HEAD")
+    (root / "bench" / "RESULTS.md").write_text(
+        "# Results\n\n## Stamped\n\n"
+        f"Measured on commit `{commit}`: `python bench/table.py --seeds 5`\n\n| row | x |\n|---|---|\n| a | 1 |\n\n"
+        "## Prose only\n\nno table here\n\n"
+        "## Unstamped\n\nMeasured 2026-11-25.\n\n| row | x |\n|---|---|\n| b | 2 |\n")
+    return commit
+
+
+def test_a_table_is_stale_exactly_when_a_module_its_script_reaches_changed(tmp_path):
+    commit = make_repo(tmp_path)
+    results = tmp_path / "bench" / "RESULTS.md"
+    assert stale.exercised(tmp_path / "bench" / "table.py", tmp_path) == [
+        "bench/table.py", "fedtune/__init__.py", "fedtune/inner/__init__.py", "fedtune/inner/helper.py", "fedtune/inner/used.py"]
+    tables = {t.heading: t for t in stale.check(results, tmp_path)}
+    assert set(tables) == {"Stamped", "Unstamped"}  # a section without a table is no table
+    assert tables["Stamped"].status == "fresh" and tables["Stamped"].commit == commit
+    assert tables["Stamped"].command == "python bench/table.py --seeds 5"
+    assert tables["Unstamped"].status == "unstamped"
+    (tmp_path / "fedtune" / "unrelated.py").write_text("Y = 4\n")  # not reached by the script
+    assert {t.heading: t.status for t in stale.check(results, tmp_path)}["Stamped"] == "fresh"
+    (tmp_path / "fedtune" / "inner" / "helper.py").write_text("X = 5\n")  # reached through used.py, uncommitted
+    found = {t.heading: t for t in stale.check(results, tmp_path)}["Stamped"]
+    assert found.status == "stale" and found.changed == ["fedtune/inner/helper.py"]
+
+
+def test_the_exit_status_says_whether_every_table_is_fresh(tmp_path, capsys):
+    make_repo(tmp_path)
+    results = tmp_path / "bench" / "RESULTS.md"
+    assert stale.main(["--results", str(results)]) == 1  # the unstamped table
+    assert "UNSTAMPED  line" in capsys.readouterr().out
+    text = results.read_text()
+    results.write_text(text[: text.index("## Unstamped")])
+    assert stale.main(["--results", str(results)]) == 0
+    fresh = text[: text.index("## Unstamped")]
+    commit = stale.sections(fresh)[0].commit
+    results.write_text(fresh.replace(f"`{commit}`", "`abcdef0`"))
+    assert stale.main(["--results", str(results)]) == 1  # a commit git does not know is not fresh
+    assert "is not in this repository" in capsys.readouterr().out
