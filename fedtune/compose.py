@@ -171,9 +171,9 @@ def _build(config: RunConfig, picked: Mapping[str, Choice], scale: float, task_p
         from fedtune.methods.sample_dp.strategy import SampleDP
 
         dp_options = _options(SampleDPOptions, {
-            "clip": p.sample_clip, "noise_multiplier": p.sample_noise_multiplier, "delta": p.delta, "budget": p.epsilon_budget,
-            "target_epsilon": p.target_epsilon, "total_steps": config.federation.rounds * config.training.local_steps,
-            "repeatable": p.repeatable, "allow_large_delta": p.allow_large_delta,
+            "dp_clip": p.sample_clip, "dp_noise_multiplier": p.sample_noise_multiplier, "dp_delta": p.delta, "dp_budget": p.epsilon_budget,
+            "dp_target_epsilon": p.target_epsilon, "dp_total_steps": config.federation.rounds * config.training.local_steps if p.target_epsilon else 0,
+            "dp_repeatable": p.repeatable, "dp_allow_large_delta": p.allow_large_delta,
         }, "privacy (sample level)")
         strategy = wrap(SampleDP(strategy, dp_options, scale=scale, seed=seed), f"privacy.dp {p.dp} (sample level)")
     if config.federation.share_a:

@@ -22,7 +22,7 @@ def setup(tiny_bert):
 def test_unknown_recipes_and_options_are_refused():
     with pytest.raises(UnknownNameError, match="unknown recipe 'fedpox'"):
         make_recipe({"recipe": "fedpox"}, {})
-    with pytest.raises(OptionsError, match=r"recipe fedprox\+local: unknown option 'nu' \(valid options: recipe, keep, personal_eval, evaluate_only, dp_clip, dp_noise_multiplier, dp_delta, dp_budget, dp_target_epsilon, dp_total_steps, dp_repeatable, dp_allow_large_delta, mu\)"):
+    with pytest.raises(OptionsError, match=r"recipe fedprox\+local: unknown option 'nu' \(valid options: dp_clip, dp_noise_multiplier, dp_delta, dp_budget, dp_target_epsilon, dp_total_steps, dp_repeatable, dp_allow_large_delta, recipe, keep, personal_eval, evaluate_only, mu\)"):
         make_recipe({"recipe": "fedprox", "nu": "1"}, {})
     with pytest.raises(OptionsError, match="option 'mu': expected a number"):
         make_recipe({"recipe": "fedprox", "mu": "lots"}, {})

@@ -11,22 +11,14 @@ from fedtune.options import MethodOptions
 
 
 @dataclass(frozen=True)
-class LocalOptions(MethodOptions):
-    """Options every recipe understands."""
+class DPSGDOptions(MethodOptions):
+    """Sample-level DP-SGD as a device runs it (``fedtune.privacy.sample_level``), off while
+    ``dp_clip`` is 0. The coordinator's SampleDP wrapper is configured with this same dataclass
+    (``fedtune.methods.sample_dp.options``) and sends its fields under these names: one schema,
+    one set of checks, on both sides."""
 
-    recipe: str = "local"
-    # Comma-separated name suffixes of adapter tensors the device keeps for itself between
-    # rounds and does not send (FedSA-LoRA: ".lora_B.weight").
-    keep: str = ""
-    # Fraction of the device's examples held out to evaluate its personalized model (the
-    # starting adapter with its kept tensors) before training; 0: no personalized evaluation.
-    personal_eval: float = 0.0
-    # Train nothing: evaluate the personalized model on the held-out share and send back only
-    # the metrics (the evaluation round after the last training round).
-    evaluate_only: bool = False
-    # Sample-level DP-SGD (fedtune.privacy.sample_level): on when dp_clip > 0. Per-example
-    # gradients clipped to dp_clip, noise std dp_noise_multiplier * dp_clip, Poisson batches;
-    # the device declines a round that would take its epsilon (at dp_delta) past dp_budget.
+    # Per-example gradients clipped to dp_clip, noise std dp_noise_multiplier * dp_clip, Poisson
+    # batches; the device declines a round that would take its epsilon (at dp_delta) past dp_budget.
     dp_clip: float = 0.0
     dp_noise_multiplier: float = 0.0
     dp_delta: float = 1e-5
@@ -44,14 +36,37 @@ class LocalOptions(MethodOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name in ("dp_clip", "dp_noise_multiplier", "dp_budget"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.dp_delta < 1.0:
+            raise ValueError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
+        if self.dp_target_epsilon < 0 or (self.dp_target_epsilon and self.dp_total_steps < 1):
+            raise ValueError("dp_target_epsilon must be >= 0 and needs dp_total_steps")
+
+
+@dataclass(frozen=True)
+class LocalOptions(DPSGDOptions):
+    """Options every recipe understands."""
+
+    recipe: str = "local"
+    # Comma-separated name suffixes of adapter tensors the device keeps for itself between
+    # rounds and does not send (FedSA-LoRA: ".lora_B.weight").
+    keep: str = ""
+    # Fraction of the device's examples held out to evaluate its personalized model (the
+    # starting adapter with its kept tensors) before training; 0: no personalized evaluation.
+    personal_eval: float = 0.0
+    # Train nothing: evaluate the personalized model on the held-out share and send back only
+    # the metrics (the evaluation round after the last training round).
+    evaluate_only: bool = False
+    # and sample-level DP-SGD's dp_* fields (DPSGDOptions)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 <= self.personal_eval < 1.0:
             raise ValueError("personal_eval must be in [0, 1)")
         if self.evaluate_only and self.personal_eval <= 0:
             raise ValueError("evaluate_only needs personal_eval > 0 (the held-out share it evaluates on)")
-        if self.dp_clip < 0 or self.dp_noise_multiplier < 0 or not 0.0 < self.dp_delta < 1.0 or self.dp_budget < 0:
-            raise ValueError("dp_clip and dp_noise_multiplier must be >= 0, dp_delta in (0, 1), dp_budget >= 0")
-        if self.dp_target_epsilon < 0 or (self.dp_target_epsilon and self.dp_total_steps < 1):
-            raise ValueError("dp_target_epsilon must be >= 0 and needs dp_total_steps")
 
     @property
     def kept_suffixes(self) -> tuple[str, ...]:

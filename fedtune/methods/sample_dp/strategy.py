@@ -1,8 +1,8 @@
 """Sample-level differential privacy: every client trains with DP-SGD (per-example clipping and
 noise, Poisson batches; ``fedtune.privacy.sample_level``) and keeps its own accountant.
 
-The wrapper only tells clients how (the recipe options ``dp_clip``, ``dp_noise_multiplier``,
-``dp_delta``, ``dp_budget``) and checks that what comes back was trained that way: an update
+The wrapper only tells clients how (its options, the ``dp_*`` fields every recipe reads under
+the same names) and checks that what comes back was trained that way: an update
 whose reported noise multiplier is not the one asked for is refused. Each client reports its
 round's (sigma, q, steps) and its epsilon so far; the round's row keeps them per client
 (``dp_sample``), from which ``fedtune privacy-report`` recomputes every client's epsilon.
@@ -21,6 +21,7 @@ import torch
 
 from fedtune.aggregation.base import ClientUpdate, Instruction, RoundContext, State, Wrapper, map_instructions
 from fedtune.contract.properties import declare
+from fedtune.contract.local_options import DPSGDOptions
 from fedtune.methods.sample_dp.options import SampleDPOptions
 
 
@@ -39,14 +40,9 @@ class SampleDP(Wrapper):
     })
 
     def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
-        o = self.options
-        dp = {"dp_clip": str(o.clip), "dp_noise_multiplier": str(o.noise_multiplier), "dp_delta": str(o.delta), "dp_budget": str(o.budget)}
-        if o.target_epsilon:
-            dp.update({"dp_target_epsilon": str(o.target_epsilon), "dp_total_steps": str(o.total_steps)})
-        if o.repeatable:
-            dp["dp_repeatable"] = "true"
-        if o.allow_large_delta:
-            dp["dp_allow_large_delta"] = "true"
+        # every field of the devices' DP-SGD settings, under its own name (the devices read the
+        # same dataclass: fedtune.contract.local_options.DPSGDOptions)
+        dp = {f.name: str(getattr(self.options, f.name)) for f in dataclasses.fields(DPSGDOptions)}
         return map_instructions(self.inner.configure(ctx, state), lambda ins: dataclasses.replace(ins, options={**ins.options, **dp}))
 
     def check_update(self, ctx: RoundContext, update: ClientUpdate) -> None:
@@ -55,12 +51,12 @@ class SampleDP(Wrapper):
         if sigma is None or q is None or steps is None:
             raise ValueError("sample-level DP: the update does not report its noise multiplier, sample rate and steps")
         o = self.options
-        if o.target_epsilon:  # each device chose its own sigma: check what it spent instead
+        if o.dp_target_epsilon:  # each device chose its own sigma: check what it spent instead
             eps = m.get("dp_sample_epsilon")
-            if sigma <= 0 or eps is None or not 0 < q <= 1 or steps < 1 or eps > o.target_epsilon:
-                raise ValueError(f"sample-level DP: the update reports sigma {sigma}, q {q}, {steps} steps, epsilon {eps}; the target is {o.target_epsilon}")
-        elif not math.isclose(sigma, o.noise_multiplier, rel_tol=1e-9) or not 0 < q <= 1 or steps < 1:
-            raise ValueError(f"sample-level DP: the update reports sigma {sigma}, q {q}, {steps} steps; sigma {o.noise_multiplier} was asked for")
+            if sigma <= 0 or eps is None or not 0 < q <= 1 or steps < 1 or eps > o.dp_target_epsilon:
+                raise ValueError(f"sample-level DP: the update reports sigma {sigma}, q {q}, {steps} steps, epsilon {eps}; the target is {o.dp_target_epsilon}")
+        elif not math.isclose(sigma, o.dp_noise_multiplier, rel_tol=1e-9) or not 0 < q <= 1 or steps < 1:
+            raise ValueError(f"sample-level DP: the update reports sigma {sigma}, q {q}, {steps} steps; sigma {o.dp_noise_multiplier} was asked for")
         self.inner.check_update(ctx, update)
 
     def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
@@ -75,7 +71,7 @@ class SampleDP(Wrapper):
             for u in updates
         }
         eps = [v["epsilon"] for v in per_client.values() if v["epsilon"] is not None]
-        extra = {"dp_sample": per_client, "dp_sample_delta": self.options.delta}
+        extra = {"dp_sample": per_client, "dp_sample_delta": self.options.dp_delta}
         if eps:
             extra["dp_sample_epsilon_max"] = max(eps)
         return {**state, **new_state}, {**metrics, **extra}

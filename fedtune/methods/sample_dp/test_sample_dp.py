@@ -140,7 +140,7 @@ def test_budget_declines_the_round_that_would_exceed_it():
 
 
 def test_updates_are_checked_and_unfit_strategies_refused():
-    strategy = SampleDP(build_strategy("fedavg"), SampleDPOptions(noise_multiplier=1.0))
+    strategy = SampleDP(build_strategy("fedavg"), SampleDPOptions(dp_noise_multiplier=1.0))
     state = strategy.initial_state(random_adapter(torch.Generator().manual_seed(0)))
     ctx = context({"a": GLOBAL_PLAN})
     ins = strategy.configure(ctx, state)["a"]
@@ -234,3 +234,23 @@ def test_the_report_counts_fedlcs_noised_prior_once_and_takes_the_larger_epsilon
     assert a["epsilon"] == max(want, 1.0) and a["label_prior_noise"] == 10.0
     assert a["epsilon_by_round"]["1"] == pytest.approx(epsilon([(10.0, 1.0, 1), (1.0, 0.1, 20)], 1e-5), rel=1e-12)
     assert b["epsilon"] == 50.0 > b["epsilon_recomputed"]
+
+
+def test_the_devices_read_the_wrappers_options_under_the_same_names():
+    """One dataclass on both sides: the wrapper's options are the devices' DP-SGD settings, sent
+    under their own names, so nothing is renamed or checked twice in between."""
+    import dataclasses
+
+    from fedtune.contract.local_options import DPSGDOptions, LocalOptions
+    from fedtune.options import build_options, option_names
+
+    assert issubclass(SampleDPOptions, DPSGDOptions) and issubclass(LocalOptions, DPSGDOptions)
+    o = SampleDPOptions(dp_clip=0.7, dp_noise_multiplier=1.3, dp_delta=1e-6, dp_budget=5.0, dp_target_epsilon=2.0,
+                        dp_total_steps=40, dp_repeatable=True, dp_allow_large_delta=True)
+    strategy = SampleDP(build_strategy("fedavg"), o)
+    ins = strategy.configure(context({"a": GLOBAL_PLAN}), strategy.initial_state(random_adapter(torch.Generator().manual_seed(0))))["a"]
+    device = build_options(LocalOptions, {k: v for k, v in ins.options.items() if k in option_names(LocalOptions)}, "device")
+    for f in dataclasses.fields(DPSGDOptions):
+        assert getattr(device, f.name) == getattr(o, f.name), f.name
+    with pytest.raises(ValueError, match="dp_clip must be positive"):
+        SampleDPOptions(dp_clip=0.0)
