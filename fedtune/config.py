@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedtune.methods.split.options import SplitStream
 from fedtune.options import coerce_scalar
 
 
@@ -298,27 +299,15 @@ class PrivacySection:
 
 
 @dataclass
-class SplitSection:
+class SplitPlacement:
+    """Where a split run cuts the model and how the coordinator serves its half."""
+
     # "federated" (every client trains the whole adapter) or "split": devices run the
     # embeddings and blocks below their cut layer, the coordinator the rest (SplitFed).
     mode: str = "federated"
     # The deepest cut handed out; a device reporting its memory gets the deepest cut whose
     # bottom fits in it. Clamped to the model's blocks minus one.
     cut: int = 3
-    # "client": U-shaped split, labels never leave the device (default); "server": the
-    # coordinator runs the head and receives the labels with the activations.
-    head: str = "client"
-    # Codec of each direction: fp32, fp16, bf16, uniform (bits) or amaq (bits = mean budget).
-    act_codec: str = "amaq"
-    act_bits: float = 4.0
-    grad_codec: str = "amaq"
-    grad_bits: float = 4.0
-    # AMAQ: the budget falls from start_bits to the bits above over anneal_steps steps (0: half
-    # of the run's steps); reg_weight weighs the mean width in the bit regularization.
-    start_bits: float = 8.0
-    anneal_steps: int = 0
-    reg_weight: float = 0.01
-    gate_lr: float = 0.05
     # The coordinator's side when several clients train at once: "copies" (each session trains
     # its own copy of the server-side adapter, averaged with the round; sessions run in
     # parallel) or "shared" (one copy per round, stepped by one client step at a time).
@@ -326,6 +315,21 @@ class SplitSection:
     # The coordinator's training throughput in GFLOP/s, shared by the round's sessions; with it
     # the cut planner counts the coordinator's time per step. 0: not counted.
     server_gflops: float = 0.0
+
+
+def _fields_of(options: type) -> list[tuple[str, Any, Any]]:
+    """``options``' fields as ``make_dataclass`` takes them: name, type, default."""
+    hints = typing.get_type_hints(options)
+    return [(f.name, hints[f.name], field(default=f.default)) for f in dataclasses.fields(options)]
+
+
+# The [split] table: the placement above, then the split method's own stream settings (where the
+# head runs, each direction's codec, AMAQ's schedule: fedtune.methods.split.options.SplitStream,
+# which the SplitFed wrapper and every split device read), taken from that dataclass with their
+# names, types and defaults rather than written out again, so the table cannot drift from it.
+SplitSection = dataclasses.make_dataclass(
+    "SplitSection", _fields_of(SplitStream), bases=(SplitPlacement,), namespace={"__module__": __name__},
+)
 
 
 @dataclass

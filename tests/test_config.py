@@ -141,3 +141,26 @@ def test_coordinator_identity_flags_reach_the_config(tmp_path, capsys):
     assert "invalid int value" in _cli_error(capsys, ["coordinator", "--max-clients-per-credential", "many"])
     (tmp_path / "bad.secrets").write_text("erin short\n")
     assert "server.enrollment_secrets_file: line 1" in _cli_error(capsys, ["coordinator", "--enrollment-secrets-file", str(tmp_path / "bad.secrets")])
+
+
+def test_the_split_table_takes_the_split_methods_own_stream_settings():
+    """[split]'s stream keys are the fields of the split method's dataclass (names, types and
+    defaults), not a copy written out again in the schema that could drift from it."""
+    import dataclasses
+    import inspect
+    import typing
+
+    import fedtune.config as config_module
+    from fedtune.config import SplitSection
+    from fedtune.methods.split.options import SplitFedOptions, SplitOptions, SplitStream
+
+    section = {f.name: f for f in dataclasses.fields(SplitSection)}
+    hints = typing.get_type_hints(SplitSection)
+    for f in dataclasses.fields(SplitStream):
+        assert f.name in section and section[f.name].default == f.default and hints[f.name] == typing.get_type_hints(SplitStream)[f.name]
+        assert f"    {f.name}:" not in inspect.getsource(config_module), f"config.py declares {f.name} itself"
+    assert issubclass(SplitFedOptions, SplitStream) and issubclass(SplitOptions, SplitStream)
+    loaded = config_from_dict({"split": {"mode": "split", "act_codec": "uniform", "act_bits": 3.0, "head": "server"}})
+    assert (loaded.split.act_codec, loaded.split.act_bits, loaded.split.head) == ("uniform", 3.0, "server")
+    with pytest.raises(ConfigError, match="split.act_bits"):
+        config_from_dict({"split": {"act_bits": "four"}})

@@ -46,17 +46,22 @@ HEAD_PLACES = ("client", "server")
 
 @dataclass(frozen=True)
 class SplitStream(MethodOptions):
-    """Where the head runs and how each direction of the stream is compressed: the settings the
-    ``[split]`` table (``SplitFedOptions``) hands on to every split task (``SplitOptions``)."""
+    """Where the head runs and how each direction of the stream is compressed: the settings of
+    the ``[split]`` table (``fedtune.config.SplitSection`` takes these fields), which the SplitFed
+    wrapper (``SplitFedOptions``) hands on to every split task (``SplitOptions``)."""
 
     # "client": U-shaped split, the client also runs the head, so labels never leave the device
     # (two round trips per step). "server": the coordinator runs the head; labels travel with
     # the activations.
     head: str = "client"
+    # Codec of each direction: fp32, fp16, bf16, uniform (bits) or amaq (bits = mean budget).
     act_codec: str = "amaq"
     act_bits: float = 4.0
     grad_codec: str = "amaq"
     grad_bits: float = 4.0
+    # AMAQ: the budget falls from start_bits to the bits above over anneal_steps steps (0: half
+    # of the run's steps); reg_weight weighs the mean width in the bit regularization, gate_lr
+    # is the step size of the gates that choose each channel's width.
     start_bits: float = 8.0
     anneal_steps: int = 0
     reg_weight: float = 0.01
