@@ -1,7 +1,7 @@
 """Communication-efficient updates on the demo task: every update codec and seed method, side
 by side in one run.
 
-    python bench/projection.py [--clients 3] [--rounds 4] [--rows fp32,int8,...] [--out FILE]
+    python bench/projection.py [--clients 3] [--rounds 4] [--rows fp32,int8,...] [--seeds N | --seed-list S ...] [--out FILE]
 
 The demo task (MiniLM + LoRA r=8 on query/value + head, 3-class tweets, held-out tweets) with
 fedtune's defaults except the method: each row is one federated run over loopback gRPC.
@@ -17,6 +17,11 @@ over the row's), ``eval_loss_vs_fp32`` (relative difference of the final eval lo
 ``mean_gap_vs_fp32`` (that difference averaged over every round), ``local_seconds`` (a client's
 training time per round) and ``encode_seconds``. ``--table a.json b.json`` prints the table of
 earlier runs' ``--out`` files again, each compared with its own fp32 row.
+
+With ``--seeds N`` every row runs once per seed (``bench/seeds.py``): each figure is the mean,
+with ``<key>_ci95`` and ``<key>_per_seed`` in the JSON, and each row's final eval loss is
+compared with fp32's paired by seed; a difference whose 95% interval contains zero is printed as
+"no difference measured".
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from pathlib import Path
 
 from fedtune.config import RunConfig
 from fedtune.simulation.runner import run_simulation
+
+from seeds import add_arguments, compare as compare_paired, format_mean, measure, seeds_of
 
 DEFAULT_ROWS = "fp32,int8,int4,compeft-0.1,compeft-0.01,ferret-64,ferret-256,ferret-1024,fedkseed-256,fedkseed-4096"
 # Zeroth-order settings (fedtune's fedkseed defaults except these): steps per round, step size.
@@ -55,14 +62,15 @@ def configure(row: str, config: RunConfig) -> None:
         raise SystemExit(f"unknown row {row!r}")
 
 
-def run_row(row: str, args, tmp: str) -> dict:
+def run_row(row: str, args, tmp: str, seed: int = 0) -> dict:
     config = RunConfig()
+    config.seed = seed
     config.federation.rounds = args.rounds
     config.simulation.clients = args.clients
     config.simulation.eval_examples = args.eval_examples
     if args.strategy:
         config.federation.strategy = args.strategy
-    config.run_dir = str(Path(tmp) / row)
+    config.run_dir = str(Path(tmp) / f"{row}-seed{seed}")
     configure(row, config)
     started = time.monotonic()
     result = run_simulation(config.validate())
@@ -100,12 +108,12 @@ def compare(rows: list[dict]) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'row':<16}{'eval loss':>10}{'acc':>7}{'vs fp32':>9}{'mean gap':>10}{'up B/round':>12}{'down B/round':>14}{'up ratio':>10}{'local s':>9}{'encode s':>10}")
+    print(f"{'row':<16}{'eval loss':>20}{'acc':>7}{'vs fp32':>9}{'mean gap':>10}{'up B/round':>12}{'down B/round':>14}{'up ratio':>10}{'local s':>9}{'encode s':>10}")
     for r in rows:
         vs = f"{100 * r['eval_loss_vs_fp32']:+.2f}%" if "eval_loss_vs_fp32" in r else "-"
         gap = f"{100 * r['mean_gap_vs_fp32']:+.2f}%" if "mean_gap_vs_fp32" in r else "-"
         ratio = f"{r['upload_ratio']:.1f}x" if "upload_ratio" in r else "-"
-        print(f"{r['name']:<16}{r['eval_loss']:>10.4f}{r['eval_accuracy'] or 0:>7.3f}{vs:>9}{gap:>10}{r['bytes_up_per_client_round']:>12.0f}{r['bytes_down_per_client_round']:>14.0f}{ratio:>10}{r['local_seconds']:>9.2f}{r['encode_seconds']:>10.3f}")
+        print(f"{r['name']:<16}{format_mean(r['eval_loss'], r.get('eval_loss_ci95')):>20}{r['eval_accuracy'] or 0:>7.3f}{vs:>9}{gap:>10}{r['bytes_up_per_client_round']:>12.0f}{r['bytes_down_per_client_round']:>14.0f}{ratio:>10}{r['local_seconds']:>9.2f}{r['encode_seconds']:>10.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default=DEFAULT_ROWS)
     parser.add_argument("--strategy", default="", help="strategy of the first-order rows (default: the demo's)")
     parser.add_argument("--eval-examples", type=int, default=1000)
+    add_arguments(parser)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--table", type=Path, nargs="+", metavar="JSON",
                         help="print the table of earlier runs' --out files instead of running (each compared with its own fp32 row)")
@@ -129,18 +138,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# {path}")
             print_table(rows)
         return 0
-    rows = []
+    seeds = seeds_of(args)
+
+    def one(name: str, seed: int) -> dict:
+        r = run_row(name, args, tmp, seed)
+        print(f"  {name} seed {seed}: eval loss {r['eval_loss']:.4f}, up {r['bytes_up_per_client_round']:.0f} B/client/round", file=sys.stderr, flush=True)
+        return r
+
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.rows.split(","):
-            print(f"running {name} ...", file=sys.stderr, flush=True)
-            rows.append(run_row(name, args, tmp))
-            r = rows[-1]
-            print(f"  {name}: eval loss {r['eval_loss']:.4f}, up {r['bytes_up_per_client_round']:.0f} B/client/round", file=sys.stderr, flush=True)
+        rows = measure([n for n in args.rows.split(",") if n], seeds, one)
     compare(rows)
     print_table(rows)
+    comparisons = compare_paired(rows, [(r["name"], "fp32") for r in rows if r["name"] != "fp32"])
+    for c in comparisons:
+        print(c["verdict"])
     if args.out:
         settings = {"clients": args.clients, "rounds": args.rounds, "strategy": args.strategy or "demo default", "eval_examples": args.eval_examples, "fedkseed": FEDKSEED}
-        args.out.write_text(json.dumps({"rows": rows, **settings}, indent=2) + "\n")
+        args.out.write_text(json.dumps({"rows": rows, "comparisons": comparisons, "seeds": seeds, **settings}, indent=2) + "\n")
     return 0
 
 

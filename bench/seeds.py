@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from scipy.stats import t as student_t
 
@@ -99,3 +100,57 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> Difference:
 def format_mean(mean: float, half: float | None, spec: str = ".4f") -> str:
     """``0.7444 ± 0.0123`` (or the mean alone for one seed)."""
     return format(mean, spec) if half is None or math.isnan(half) else f"{format(mean, spec)} ± {format(half, spec)}"
+
+
+def measure(names: Sequence[str], seeds: Sequence[int], run: Callable[[str, int], Mapping[str, Any]]) -> list[dict]:
+    """Every row of ``names`` run once per seed (``run(name, seed)`` returns one run's figures),
+    each row's runs combined by ``combine``."""
+    rows = []
+    for name in names:
+        runs = []
+        for seed in seeds:
+            print(f"running {name} (seed {seed}) ...", file=sys.stderr, flush=True)
+            runs.append(dict(run(name, seed)))
+        rows.append(combine(name, runs))
+    return rows
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def combine(name: str, runs: Sequence[Mapping[str, Any]]) -> dict:
+    """One row from one run per seed (in seed order). Each numeric figure becomes
+    ``key``/``key_ci95``/``key_per_seed`` (``summarize``); a figure some seeds lack (None: a
+    target never reached) keeps its per-seed list, with mean and interval None; a list of numbers
+    (a figure per round) becomes its element-wise mean; anything else is kept from the first seed."""
+    row: dict = {"name": name}
+    numbers = {}
+    for key, value in runs[0].items():
+        if key == "name":
+            continue
+        values = [r.get(key) for r in runs]
+        if all(_number(v) or v is None for v in values) and any(_number(v) for v in values):
+            if all(_number(v) for v in values):
+                numbers[key] = [float(v) for v in values]
+            else:
+                row.update({key: None, f"{key}_ci95": None, f"{key}_per_seed": values})
+        elif isinstance(value, list) and value and all(isinstance(v, list) and len(v) == len(value) and all(_number(x) for x in v) for v in values):
+            row[key] = [sum(v[i] for v in values) / len(values) for i in range(len(value))]
+        else:
+            row[key] = value
+    row.update(summarize(numbers))
+    return row
+
+
+def compare(rows: Sequence[Mapping], pairs: Sequence[tuple[str, str]], key: str = "eval_loss", lower_is_better: bool = True) -> list[dict]:
+    """Each ``(a, b)`` of ``pairs`` whose rows both exist, compared on ``key`` paired by seed:
+    ``{"row", "against", "<key>_difference", "<key>_difference_ci95", "measured", "verdict"}``."""
+    by_name = {r["name"]: r for r in rows}
+    out = []
+    for a, b in pairs:
+        if a in by_name and b in by_name:
+            d = paired_difference(by_name[a][f"{key}_per_seed"], by_name[b][f"{key}_per_seed"])
+            out.append({"row": a, "against": b, f"{key}_difference": d.mean, f"{key}_difference_ci95": None if math.isnan(d.ci95) else d.ci95,
+                        "measured": d.measured, "verdict": d.verdict(a, b, lower_is_better)})
+    return out

@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from seeds import add_arguments, ci95, format_mean, paired_difference, seeds_of, summarize  # noqa: E402
+from seeds import add_arguments, ci95, combine, compare, format_mean, measure, paired_difference, seeds_of, summarize  # noqa: E402
 
 
 def test_the_interval_matches_a_hand_computation():
@@ -58,6 +58,29 @@ def test_rows_keep_mean_interval_and_each_seed_and_the_flags_give_the_seeds():
     assert seeds_of(parser.parse_args(["--seed-list", "3", "7"])) == [3, 7]
     with pytest.raises(ValueError, match="repeats"):
         seeds_of(parser.parse_args(["--seed-list", "3", "3"]))
+
+
+def test_measure_runs_every_row_per_seed_and_compare_pairs_rows_by_seed():
+    calls = []
+
+    def run(name: str, seed: int) -> dict:
+        calls.append((name, seed))
+        loss = {"a": 0.70, "b": 0.75}[name] + 0.01 * seed
+        return {"eval_loss": loss, "by_round": [1.0 + seed, 2.0 + seed], "codec": "x", "ok": True}
+
+    rows = measure(["a", "b"], [0, 2], run)
+    assert calls == [("a", 0), ("a", 2), ("b", 0), ("b", 2)]
+    a = rows[0]
+    assert a["name"] == "a" and a["eval_loss_per_seed"] == pytest.approx([0.70, 0.72]) and a["eval_loss"] == pytest.approx(0.71)
+    assert a["by_round"] == [2.0, 3.0] and a["codec"] == "x" and a["ok"] is True  # lists averaged, the rest kept
+    (found,) = compare(rows, [("a", "b"), ("a", "missing")])
+    # the same offset on every seed: the difference is exact, its interval zero wide
+    assert found["eval_loss_difference"] == pytest.approx(-0.05) and found["eval_loss_difference_ci95"] == pytest.approx(0.0, abs=1e-12)
+    assert found["row"] == "a" and found["against"] == "b"
+    partial = combine("c", [{"rounds_to_target": 3}, {"rounds_to_target": None}])
+    assert partial == {"name": "c", "rounds_to_target": None, "rounds_to_target_ci95": None, "rounds_to_target_per_seed": [3, None]}
+    single = compare(measure(["a", "b"], [0], run), [("a", "b")])[0]
+    assert single["eval_loss_difference_ci95"] is None and not single["measured"] and "no difference measured" in single["verdict"]
 
 
 def test_a_seed_changes_the_partition_the_initialization_and_the_dropout_and_repeats_bit_for_bit(tmp_path, tiny_llama):
