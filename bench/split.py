@@ -3,7 +3,8 @@ bytes per step and step time.
 
     python bench/split.py [--rows fp32,fp16,uniform8,uniform4,uniform3,amaq4,amaq3,amaq4-shared] [--rounds 4]
                           [--clients 3] [--cut 3] [--head client|server] [--partition iid|dirichlet]
-                          [--seeds N | --seed-list S ...] [--out FILE]
+                          [--seeds N | --seed-list S ...] [--out FILE] [--markdown]
+    python bench/split.py --table a.json b.json [--markdown]
 
 Every row is one split run over loopback gRPC of the demo task (MiniLM, 6 blocks, LoRA r=8 on
 query/value + head, 3-class tweets, 1000 held-out tweets, FedAvg of both halves), with the same
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -91,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head", default="client", choices=["client", "server"])
     parser.add_argument("--partition", default="iid", choices=["iid", "dirichlet"])
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--table", type=Path, nargs="+", metavar="JSON",
+                        help="print the table of earlier runs' --out files (same seeds and settings) instead of running, compared paired")
+    parser.add_argument("--markdown", action="store_true", help="also print the table and the comparisons as markdown")
     add_arguments(parser)
     args = parser.parse_args(argv)
     seeds = seeds_of(args)
@@ -98,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    if args.table:
+        rows, _ = load_tables(args.table)
+        report(rows, markdown=args.markdown)
+        return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -107,14 +116,56 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(run(name, args, tmp, seed))
             figures = {k: [r[k] for r in runs] for k, v in runs[0].items() if isinstance(v, (int, float)) and v is not None}
             rows.append({"name": name, **summarize(figures)})
+    comparisons = report(rows, markdown=args.markdown)
+    if args.out:
+        args.out.write_text(json.dumps({"rows": rows, "comparisons": comparisons, "seeds": seeds, "rounds": args.rounds, "clients": args.clients, "cut": args.cut, "head": args.head, "partition": args.partition,
+                                        "model": "minilm", "task": "demo tweets (3 classes)"}, indent=2) + "\n")
+    return 0
+
+
+def load_tables(paths: list[Path]) -> tuple[list[dict], list[int]]:
+    """The rows of earlier ``--out`` files, as one table; they must share their seeds (and
+    so can be compared paired) and their settings."""
+    rows, seeds, settings = [], None, None
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+            found = data["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(f"{path}: not a bench/split.py --out file ({exc})") from None
+        these = {k: data.get(k) for k in ("rounds", "clients", "cut", "head", "partition")}
+        if seeds is not None and (data.get("seeds") != seeds or these != settings):
+            raise SystemExit(f"{path}: other seeds or settings than {paths[0]} ({data.get('seeds')} {these} against {seeds} {settings})")
+        seeds, settings = data.get("seeds"), these
+        rows += [r for r in found if r["name"] not in {x["name"] for x in rows}]
+    return rows, seeds or []
+
+
+def report(rows: list[dict], markdown: bool = False) -> list[dict]:
+    """Print the table (and, with ``markdown``, a RESULTS.md table) and the paired comparisons:
+    each row against fp32, each AMAQ row against uniform at its bits. ``run bits``: payload bits
+    per element over the whole run (annealing included), from the bytes against fp32's."""
     base = next((r for r in rows if r["name"] == "fp32"), None)
-    print(f"{'row':<13}{'eval loss':>20}{'vs fp32':>9}{'acc':>7}{'up B/step':>11}{'down B/step':>12}{'x fewer':>8}{'run x':>6}{'bits':>6}{'codec':>7}{'step ms':>9}{'client':>8}{'wire':>7}{'server':>8}{'wall s':>8}")
+
+    def ratio(r: dict, prefix: str = "") -> float | None:
+        if base is None:
+            return None
+        return (base[f"{prefix}bytes_up_per_step"] + base[f"{prefix}bytes_down_per_step"]) / (r[f"{prefix}bytes_up_per_step"] + r[f"{prefix}bytes_down_per_step"])
+
+    def text(x: float | None, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+
+    print(f"{'row':<13}{'eval loss':>20}{'vs fp32':>9}{'acc':>15}{'up B/step':>11}{'down B/step':>12}{'x fewer':>8}{'run x':>6}{'bits':>6}{'run bits':>9}{'codec':>7}{'step ms':>9}{'client':>8}{'wire':>7}{'server':>8}{'wall s':>8}")
+    lines = []
     for r in rows:
         rel = f"{100 * (r['eval_loss'] / base['eval_loss'] - 1):+.2f}%" if base else "-"
-        fewer = f"{(base['bytes_up_per_step'] + base['bytes_down_per_step']) / (r['bytes_up_per_step'] + r['bytes_down_per_step']):.1f}" if base else "-"
-        run_fewer = f"{(base['run_bytes_up_per_step'] + base['run_bytes_down_per_step']) / (r['run_bytes_up_per_step'] + r['run_bytes_down_per_step']):.1f}" if base else "-"
-        print(f"{r['name']:<13}{format_mean(r['eval_loss'], r['eval_loss_ci95']):>20}{rel:>9}{r['eval_accuracy']:>7.3f}{r['bytes_up_per_step']:>11.0f}{r['bytes_down_per_step']:>12.0f}{fewer:>8}{run_fewer:>6}"
-              f"{r['mean_bits']:>6.2f}{100 * r['codec_share']:>6.1f}%{r['step_ms']:>9.1f}{r['client_ms']:>8.1f}{r['wire_ms']:>7.1f}{r['server_ms']:>8.1f}{r['wall_seconds']:>8.1f}")
+        run_x = ratio(r, "run_")
+        run_bits = 32 / run_x if run_x else None
+        acc = format_mean(r["eval_accuracy"], r.get("eval_accuracy_ci95"), ".3f")
+        print(f"{r['name']:<13}{format_mean(r['eval_loss'], r.get('eval_loss_ci95')):>20}{rel:>9}{acc:>15}{r['bytes_up_per_step']:>11.0f}{r['bytes_down_per_step']:>12.0f}"
+              f"{text(ratio(r), '.1f'):>8}{text(run_x, '.1f'):>6}{r['mean_bits']:>6.2f}{text(run_bits, '.2f'):>9}{100 * r['codec_share']:>6.1f}%{r['step_ms']:>9.1f}{r['client_ms']:>8.1f}{r['wire_ms']:>7.1f}{r['server_ms']:>8.1f}{r['wall_seconds']:>8.1f}")
+        lines.append(f"| {r['name']} | {format_mean(r['eval_loss'], r.get('eval_loss_ci95'))} | {rel} | {acc} | {text(ratio(r), '.1f')} | {text(run_x, '.1f')} | "
+                     f"{r['mean_bits']:.2f} | {text(run_bits, '.2f')} | {100 * r['codec_share']:.1f}% | {r['step_ms']:.0f} |")
     comparisons = []
     for r in rows:  # paired by seed: each row against fp32, each AMAQ row against uniform at its bits
         others = ["fp32"] if r["name"] != "fp32" else []
@@ -124,13 +175,23 @@ def main(argv: list[str] | None = None) -> int:
             o = next((x for x in rows if x["name"] == other), None)
             if o is not None:
                 d = paired_difference(r["eval_loss_per_seed"], o["eval_loss_per_seed"])
-                comparisons.append({"row": r["name"], "against": other, "eval_loss_difference": d.mean, "eval_loss_difference_ci95": d.ci95,
+                comparisons.append({"row": r["name"], "against": other, "eval_loss_difference": d.mean,
+                                    "eval_loss_difference_ci95": None if math.isnan(d.ci95) else d.ci95,
                                     "measured": d.measured, "verdict": d.verdict(r["name"], other)})
                 print(comparisons[-1]["verdict"])
-    if args.out:
-        args.out.write_text(json.dumps({"rows": rows, "comparisons": comparisons, "seeds": seeds, "rounds": args.rounds, "clients": args.clients, "cut": args.cut, "head": args.head, "partition": args.partition,
-                                        "model": "minilm", "task": "demo tweets (3 classes)"}, indent=2) + "\n")
-    return 0
+    if markdown:
+        print()
+        print("| row | eval loss | vs fp32 | acc | x fewer | run x | bits | run bits | codec | step ms |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("\n".join(lines))
+        print()
+        print("| comparison (eval loss, paired by seed) | difference | 95% interval | verdict |")
+        print("|---|---|---|---|")
+        for c in comparisons:
+            half = c["eval_loss_difference_ci95"]
+            verdict = c["verdict"].split(": ", 1)[1]
+            print(f"| {c['row']} - {c['against']} | {c['eval_loss_difference']:+.4f} | {'-' if half is None else f'± {half:.4f}'} | {verdict} |")
+    return comparisons
 
 
 if __name__ == "__main__":
