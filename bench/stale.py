@@ -3,7 +3,7 @@
     python bench/stale.py [--results bench/RESULTS.md] [--json]
 
 Every table is headed by the commit it was measured on and the command that measured it, in one
-line of this form (the stamp)::
+line of this form (the stamp), anywhere between the table and the heading or table before it::
 
     Measured on commit `c497243`: `python bench/split.py --rows fp32,amaq3 --seeds 5`
 
@@ -37,7 +37,7 @@ HEADING = re.compile(r"^(#{2,3}) (.+)$")
 
 @dataclass
 class Table:
-    """One section of RESULTS.md that holds a table, and what stale.py found about it."""
+    """One table of RESULTS.md (its section's heading, its first line), and what stale.py found."""
 
     heading: str
     line: int
@@ -49,29 +49,26 @@ class Table:
 
 
 def sections(text: str) -> list[Table]:
-    """The sections (## and ###) that contain a markdown table, with their first stamp."""
+    """Every markdown table, under the heading (## or ###) it sits in, with the stamp written
+    between it and the heading or table before it (a section may hold tables of several runs,
+    each after its own stamp; a table without one is unstamped)."""
     out: list[Table] = []
-    current: Table | None = None
-    has_table = False
-    body: list[str] = []
-
-    def close() -> None:
-        if current is not None and has_table:
-            found = STAMP.search("\n".join(body))
-            if found:
-                current.commit, current.command, current.script = found.group(1), found.group(2), found.group(3)
-            out.append(current)
-
+    heading, stamp, in_table = "", None, False
     for number, line in enumerate(text.splitlines(), 1):
-        heading = HEADING.match(line)
-        if heading:
-            close()
-            current, has_table, body = Table(heading.group(2).strip(), number), False, []
+        found = HEADING.match(line)
+        if found:
+            heading, stamp, in_table = found.group(2).strip(), None, False
             continue
-        body.append(line)
-        if line.startswith("|") and line.rstrip().endswith("|"):
-            has_table = True
-    close()
+        stamp = STAMP.search(line) or stamp
+        is_row = line.startswith("|") and line.rstrip().endswith("|")
+        if is_row and not in_table and heading:
+            table = Table(heading, number)
+            if stamp:
+                table.commit, table.command, table.script = stamp.group(1), stamp.group(2), stamp.group(3)
+            out.append(table)
+        if in_table and not is_row:
+            stamp = None  # a stamp heads the next table only
+        in_table = is_row
     return out
 
 

@@ -36,6 +36,7 @@ def make_repo(root: Path) -> str:
     (root / "bench" / "RESULTS.md").write_text(
         "# Results\n\n## Stamped\n\n"
         f"Measured on commit `{commit}`: `python bench/table.py --seeds 5`\n\n| row | x |\n|---|---|\n| a | 1 |\n\n"
+        "An older table in the same section, without a stamp of its own:\n\n| row | x |\n|---|---|\n| old | 0 |\n\n"
         "## Prose only\n\nno table here\n\n"
         "## Unstamped\n\nMeasured 2026-11-25.\n\n| row | x |\n|---|---|\n| b | 2 |\n")
     return commit
@@ -46,15 +47,17 @@ def test_a_table_is_stale_exactly_when_a_module_its_script_reaches_changed(tmp_p
     results = tmp_path / "bench" / "RESULTS.md"
     assert stale.exercised(tmp_path / "bench" / "table.py", tmp_path) == [
         "bench/table.py", "fedtune/__init__.py", "fedtune/inner/__init__.py", "fedtune/inner/helper.py", "fedtune/inner/used.py"]
-    tables = {t.heading: t for t in stale.check(results, tmp_path)}
-    assert set(tables) == {"Stamped", "Unstamped"}  # a section without a table is no table
+    found = stale.check(results, tmp_path)
+    assert [t.heading for t in found] == ["Stamped", "Stamped", "Unstamped"]  # a section without a table is no table
+    assert found[1].status == "unstamped"  # a stamp heads the next table only
+    tables = {t.heading: t for t in found[::2]}
     assert tables["Stamped"].status == "fresh" and tables["Stamped"].commit == commit
     assert tables["Stamped"].command == "python bench/table.py --seeds 5"
     assert tables["Unstamped"].status == "unstamped"
     (tmp_path / "fedtune" / "unrelated.py").write_text("Y = 4\n")  # not reached by the script
-    assert {t.heading: t.status for t in stale.check(results, tmp_path)}["Stamped"] == "fresh"
+    assert stale.check(results, tmp_path)[0].status == "fresh"
     (tmp_path / "fedtune" / "inner" / "helper.py").write_text("X = 5\n")  # reached through used.py, uncommitted
-    found = {t.heading: t for t in stale.check(results, tmp_path)}["Stamped"]
+    found = stale.check(results, tmp_path)[0]
     assert found.status == "stale" and found.changed == ["fedtune/inner/helper.py"]
 
 
@@ -64,9 +67,9 @@ def test_the_exit_status_says_whether_every_table_is_fresh(tmp_path, capsys):
     assert stale.main(["--results", str(results)]) == 1  # the unstamped table
     assert "UNSTAMPED  line" in capsys.readouterr().out
     text = results.read_text()
-    results.write_text(text[: text.index("## Unstamped")])
+    fresh = text[: text.index("An older table")] + text[text.index("## Prose only"): text.index("## Unstamped")]
+    results.write_text(fresh)
     assert stale.main(["--results", str(results)]) == 0
-    fresh = text[: text.index("## Unstamped")]
     commit = stale.sections(fresh)[0].commit
     results.write_text(fresh.replace(f"`{commit}`", "`abcdef0`"))
     assert stale.main(["--results", str(results)]) == 1  # a commit git does not know is not fresh
