@@ -1,6 +1,6 @@
 """Heterogeneous devices on the demo task: one uniform adapter for all versus a plan per device.
 
-    python bench/heterogeneity.py [--rounds 3] [--clients-per-tier 2] [--out FILE]
+    python bench/heterogeneity.py [--rounds 3] [--clients-per-tier 2] [--seeds N | --seed-list S ...] [--out FILE]
 
 The demo task (MiniLM + LoRA on the 3-class tweet corpus, Dirichlet(0.5) split) on a fleet of
 phones, laptops and servers (``fedtune.devices.TIERS``). Rows:
@@ -19,6 +19,12 @@ uniform-largest-no-deadline (the target), summed over the rounds it took.
 Simulated seconds come from the cost model (``fedtune.coordinator.planner``) applied to each
 tier's compute and link speed: a round lasts as long as its slowest accepted client, capped by
 the deadline. Wall seconds are this machine's real time, where every client trains in turn.
+
+With ``--seeds N`` every row runs once per seed (``bench/seeds.py``); the target and the time to
+reach it are taken within each seed (against that seed's uniform-largest-no-deadline run), then
+each figure is the mean with ``<key>_ci95`` and ``<key>_per_seed``; a row that misses the target
+in some seed has no mean for it (its per-seed list says which). Each row's final accuracy is
+compared with uniform-largest-no-deadline's, paired by seed.
 """
 
 from __future__ import annotations
@@ -38,11 +44,14 @@ from fedtune.devices import TIERS
 from fedtune.models import ModelStore, resolve_source
 from fedtune.simulation.runner import run_simulation
 
+from seeds import add_arguments, combine, compare, format_mean, seeds_of
+
 TIER_ORDER = ("phone", "laptop", "server")
 
 
-def base_config(rounds: int, clients_per_tier: int, lr: float, run_dir: str) -> RunConfig:
+def base_config(rounds: int, clients_per_tier: int, lr: float, run_dir: str, seed: int = 0) -> RunConfig:
     config = RunConfig()
+    config.seed = seed
     config.federation.rounds = rounds
     config.federation.client_correction = "none"  # the rows compare aggregation rules alone
     config.training.learning_rate = lr
@@ -86,6 +95,54 @@ def run_row(name: str, config: RunConfig) -> dict:
     }
 
 
+def settings_for(args: argparse.Namespace, tmp: str, seed: int) -> list[tuple[str, RunConfig]]:
+    """The rows of one seed: (name, config)."""
+    def cfg(name: str) -> RunConfig:
+        return base_config(args.rounds, args.clients_per_tier, args.lr, str(Path(tmp) / name), seed)
+
+    weakest = cfg("uniform-weakest")
+    plan = phone_plan(weakest)
+    weakest.federation.strategy = "fedavg"
+    weakest.lora.layers = list(plan.layers)
+    weakest.lora.rank = plan.rank
+    weakest.lora.alpha = plan.alpha
+    largest = cfg("uniform-largest")
+    largest.federation.strategy = "fedavg"
+    largest.lora.rank = largest.planner.max_rank
+    largest.lora.alpha = largest.lora.rank * 2.0
+    patient = cfg("uniform-largest-no-deadline")
+    patient.federation.strategy = "fedavg"
+    patient.lora.rank, patient.lora.alpha = largest.lora.rank, largest.lora.alpha
+    patient.simulation.deadline_s = 0.0
+    settings = [("uniform-weakest", weakest), ("uniform-largest", largest), ("uniform-largest-no-deadline", patient)]
+    for strategy in ("hetlora", "flexlora", "flora"):
+        c = cfg(strategy)
+        c.federation.strategy = strategy
+        settings.append((strategy, c))
+    if args.no_freeze_rows:
+        for strategy in ("hetlora", "flexlora"):
+            c = cfg(strategy + "-no-freeze")
+            c.federation.strategy = strategy
+            c.federation.options = {"freeze_remainder": False}
+            settings.append((strategy + "-no-freeze", c))
+    return settings
+
+
+def add_targets(results: list[dict]) -> None:
+    """LEGEND's measure within one seed: simulated time (and traffic) until the accuracy the
+    uniform-largest plan ends with when nobody is dropped."""
+    baseline = next((r for r in results if r["name"] == "uniform-largest-no-deadline"), None)
+    target = baseline["final_eval_accuracy"] if baseline else None
+    for r in results:
+        hit = next((i + 1 for i, acc in enumerate(r["eval_accuracy_by_round"]) if target is not None and acc >= target - 1e-9), None)
+        r["rounds_to_target"] = hit
+        r["sim_seconds_to_target"] = sum(r["sim_seconds_by_round"][:hit]) if hit else None
+        r["mb_to_target"] = hit * (r["mb_up_per_round"] + r["mb_down_per_round"]) if hit else None
+    for r in results:
+        reached = baseline is not None and baseline["sim_seconds_to_target"] and r["sim_seconds_to_target"]
+        r["speedup_vs_uniform_largest"] = baseline["sim_seconds_to_target"] / r["sim_seconds_to_target"] if reached else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -94,67 +151,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", help="run only these settings")
     parser.add_argument("--no-freeze-rows", action="store_true", help="also run hetlora and flexlora without the frozen remainder")
     parser.add_argument("--out", type=Path)
+    add_arguments(parser)
     args = parser.parse_args(argv)
-    results = []
+    seeds = seeds_of(args)
+    by_name: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        def cfg(name: str) -> RunConfig:
-            return base_config(args.rounds, args.clients_per_tier, args.lr, str(Path(tmp) / name))
-
-        weakest = cfg("uniform-weakest")
-        plan = phone_plan(weakest)
-        weakest.federation.strategy = "fedavg"
-        weakest.lora.layers = list(plan.layers)
-        weakest.lora.rank = plan.rank
-        weakest.lora.alpha = plan.alpha
-        largest = cfg("uniform-largest")
-        largest.federation.strategy = "fedavg"
-        largest.lora.rank = largest.planner.max_rank
-        largest.lora.alpha = largest.lora.rank * 2.0
-        patient = cfg("uniform-largest-no-deadline")
-        patient.federation.strategy = "fedavg"
-        patient.lora.rank, patient.lora.alpha = largest.lora.rank, largest.lora.alpha
-        patient.simulation.deadline_s = 0.0
-        settings = [("uniform-weakest", weakest), ("uniform-largest", largest), ("uniform-largest-no-deadline", patient)]
-        for strategy in ("hetlora", "flexlora", "flora"):
-            c = cfg(strategy)
-            c.federation.strategy = strategy
-            settings.append((strategy, c))
-        if args.no_freeze_rows:
-            for strategy in ("hetlora", "flexlora"):
-                c = cfg(strategy + "-no-freeze")
-                c.federation.strategy = strategy
-                c.federation.options = {"freeze_remainder": False}
-                settings.append((strategy + "-no-freeze", c))
-        for name, config in settings:
-            if args.only and name not in args.only:
-                continue
-            print(f"running {name} ...", file=sys.stderr, flush=True)
-            results.append(run_row(name, config))
-    # LEGEND's measure: simulated time (and traffic) until the accuracy the uniform-largest plan
-    # ends with when nobody is dropped.
-    baseline = next((r for r in results if r["name"] == "uniform-largest-no-deadline"), None)
-    target = baseline["final_eval_accuracy"] if baseline else None
-    for r in results:
-        hit = next((i + 1 for i, acc in enumerate(r["eval_accuracy_by_round"]) if target is not None and acc >= target - 1e-9), None)
-        r["rounds_to_target"] = hit
-        r["sim_seconds_to_target"] = sum(r["sim_seconds_by_round"][:hit]) if hit else None
-        r["mb_to_target"] = hit * (r["mb_up_per_round"] + r["mb_down_per_round"]) if hit else None
-    if baseline and baseline["sim_seconds_to_target"]:
-        for r in results:
-            r["speedup_vs_uniform_largest"] = baseline["sim_seconds_to_target"] / r["sim_seconds_to_target"] if r["sim_seconds_to_target"] else None
+        for seed in seeds:
+            runs = []
+            for name, config in settings_for(args, str(Path(tmp) / f"seed{seed}"), seed):
+                if args.only and name not in args.only:
+                    continue
+                print(f"running {name} (seed {seed}) ...", file=sys.stderr, flush=True)
+                runs.append(run_row(name, config))
+            add_targets(runs)
+            for r in runs:
+                by_name.setdefault(r["name"], []).append(r)
+    results = [combine(name, runs) for name, runs in by_name.items()]
+    target = next((r["final_eval_accuracy"] for r in results if r["name"] == "uniform-largest-no-deadline"), None)
+    comparisons = compare(results, [(r["name"], "uniform-largest-no-deadline") for r in results if r["name"] != "uniform-largest-no-deadline"],
+                          key="final_eval_accuracy", lower_is_better=False)
 
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
 
-    print(f"target eval accuracy (uniform-largest-no-deadline after {args.rounds} rounds): {f(target, '.4f')}")
-    print(f"{'setting':<28} {'eval loss':>9} {'eval acc':>8} {'MB up/rd':>9} {'MB down/rd':>10} {'sim s/rd':>9} {'clients/rd':>10} {'wall s':>7} {'rds to tgt':>10} {'sim s to tgt':>12} {'speedup':>7}")
+    print(f"target eval accuracy (uniform-largest-no-deadline after {args.rounds} rounds, mean over {len(seeds)} seed(s)): {f(target, '.4f')}")
+    print(f"{'setting':<28} {'eval loss':>17} {'eval acc':>13} {'MB up/rd':>9} {'MB down/rd':>10} {'sim s/rd':>9} {'clients/rd':>10} {'wall s':>7} {'rds to tgt':>10} {'sim s to tgt':>12} {'speedup':>7}")
     for r in results:
         print(
-            f"{r['name']:<28} {r['final_eval_loss']:>9.4f} {r['final_eval_accuracy']:>8.3f} {r['mb_up_per_round']:>9.2f} "
+            f"{r['name']:<28} {format_mean(r['final_eval_loss'], r['final_eval_loss_ci95']):>17} {format_mean(r['final_eval_accuracy'], r['final_eval_accuracy_ci95'], '.3f'):>13} {r['mb_up_per_round']:>9.2f} "
             f"{r['mb_down_per_round']:>10.2f} {r['sim_seconds_per_round']:>9.1f} {r['clients_per_round']:>10.1f} {r['wall_seconds']:>7.0f} "
-            f"{f(r['rounds_to_target'], 'd'):>10} {f(r['sim_seconds_to_target'], '.0f'):>12} {f(r.get('speedup_vs_uniform_largest'), '.2f'):>7}"
+            f"{f(r['rounds_to_target'], '.1f'):>10} {f(r['sim_seconds_to_target'], '.0f'):>12} {f(r.get('speedup_vs_uniform_largest'), '.2f'):>7}"
         )
-    out = {"target_eval_accuracy": target, "rounds": args.rounds, "clients_per_tier": args.clients_per_tier, "lr": args.lr, "tiers": {k: vars(v) for k, v in TIERS.items()}, "rows": results}
+    for c in comparisons:
+        print(c["verdict"])
+    out = {"target_eval_accuracy": target, "seeds": seeds, "comparisons": comparisons, "rounds": args.rounds, "clients_per_tier": args.clients_per_tier, "lr": args.lr, "tiers": {k: vars(v) for k, v in TIERS.items()}, "rows": results}
     if args.out:
         args.out.write_text(json.dumps(out, indent=2) + "\n")
     return 0
