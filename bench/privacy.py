@@ -3,7 +3,8 @@ sample-level DP on the demo's clients and client-level DP with 100 simulated cli
 
     python bench/privacy.py [--levels sample,client] [--variants lora,ffa,fedsb,fedsvd]
                             [--epsilons 1,4,8,inf] [--rounds 4] [--partition iid]
-                            [--batch-size B] [--local-steps S] [--sample-clip C] [--out FILE]
+                            [--batch-size B] [--local-steps S] [--sample-clip C]
+                            [--seeds N | --seed-list S ...] [--out FILE]
 
 Every row is one federated run over loopback gRPC of the demo task (MiniLM, LoRA r=8 on
 query/value + head, 3-class tweets, strategy fedavg, 1000 held-out tweets), split IID by default
@@ -24,6 +25,11 @@ pretrained weight's SVD, only the r x r cores trained and sent) and ``fedsvd`` (
 re-factorized by SVD on the coordinator after every round). ``--variant-lr`` sets a variant's
 local learning rate (default: fedsb 2e-2, as LoRA-SB/LoRA-XS train their few parameters with a
 larger step; the others fedtune's default, 3e-3).
+
+With ``--seeds N`` every row runs once per seed (``bench/seeds.py``; the DP noise itself comes
+from secret randomness, as in production, so its spread is part of each interval): each figure is the mean with ``<key>_ci95`` and
+``<key>_per_seed``, and each DP row's final accuracy is compared with the same variant's run
+without DP, paired by seed.
 """
 
 from __future__ import annotations
@@ -39,9 +45,12 @@ from pathlib import Path
 from fedtune.config import RunConfig
 from fedtune.simulation.runner import run_simulation
 
+from seeds import add_arguments, combine, format_mean, paired_difference, seeds_of
 
-def run(level: str, variant: str, eps: float, args, tmp: str) -> dict:
+
+def run(level: str, variant: str, eps: float, args, tmp: str, seed: int = 0) -> dict:
     config = RunConfig()
+    config.seed = seed
     config.federation.strategy, config.federation.client_correction = "fedavg", "none"
     config.federation.rounds = args.rounds
     config.lora.variant = variant
@@ -64,7 +73,7 @@ def run(level: str, variant: str, eps: float, args, tmp: str) -> dict:
         config.privacy.dp, config.privacy.target_epsilon, config.privacy.delta = level, eps, 1e-5
         config.privacy.clip, config.privacy.sample_clip = args.client_clip, args.sample_clip
     name = f"{variant}-eps{'inf' if not math.isfinite(eps) else f'{eps:g}'}"
-    config.run_dir = str(Path(tmp) / f"{level}-{name}")
+    config.run_dir = str(Path(tmp) / f"{level}-{name}-seed{seed}")
     started = time.monotonic()
     result = run_simulation(config.validate())
     rows = result.history
@@ -85,8 +94,8 @@ def run(level: str, variant: str, eps: float, args, tmp: str) -> dict:
     }
 
 
-def write_json(args, rows: list[dict]) -> None:
-    args.out.write_text(json.dumps({"rows": rows, "rounds": args.rounds, "sample_clients": args.clients, "client_level_clients": 100,
+def write_json(args, rows: list[dict], seeds: list[int], comparisons: list[dict] | None = None) -> None:
+    args.out.write_text(json.dumps({"rows": rows, "comparisons": comparisons or [], "seeds": seeds, "rounds": args.rounds, "sample_clients": args.clients, "client_level_clients": 100,
                                     "client_level_per_round": 10, "partition": args.partition, "variant_lr": args.variant_lr, "sample_clip": args.sample_clip,
                                     "client_clip": args.client_clip, "delta": 1e-5,
                                     "batch_size": args.batch_size or "default", "lr": args.lr or "default",
@@ -120,26 +129,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.0, help="local learning rate (default: fedtune's)")
     parser.add_argument("--local-steps", type=int, default=0, help="local steps per round (default: fedtune's)")
     parser.add_argument("--out", type=Path)
+    add_arguments(parser)
     args = parser.parse_args(argv)
+    seeds = seeds_of(args)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for level in args.levels.split(","):
             for variant in args.variants.split(","):
                 for text in args.epsilons.split(","):
                     eps = float(text)
-                    print(f"running {level} {variant} eps={text} ...", file=sys.stderr, flush=True)
-                    rows.append(run(level, variant, eps, args, tmp))
-                    r = rows[-1]
+                    runs = []
+                    for seed in seeds:
+                        print(f"running {level} {variant} eps={text} (seed {seed}) ...", file=sys.stderr, flush=True)
+                        runs.append(run(level, variant, eps, args, tmp, seed))
+                        r = runs[-1]
+                        print(f"  acc {r['eval_accuracy']:.3f} loss {r['eval_loss']:.4f} eps {r['epsilon']} sigma {r['noise_multiplier']}", file=sys.stderr, flush=True)
+                    rows.append(combine(runs[0]["name"], runs))
                     if args.out:  # after every row, so an interrupted run keeps what it measured
-                        write_json(args, rows)
-                    print(f"  acc {r['eval_accuracy']:.3f} loss {r['eval_loss']:.4f} eps {r['epsilon']} sigma {r['noise_multiplier']}", file=sys.stderr, flush=True)
+                        write_json(args, rows, seeds)
+    comparisons = []
+    for r in rows:  # each DP row against the same variant without DP, paired by seed
+        plain = next((x for x in rows if x["level"] == r["level"] and x["variant"] == r["variant"] and x["target_epsilon"] is None), None)
+        if plain is not None and r is not plain:
+            d = paired_difference(r["eval_accuracy_per_seed"], plain["eval_accuracy_per_seed"])
+            comparisons.append({"level": r["level"], "row": r["name"], "against": plain["name"], "eval_accuracy_difference": d.mean,
+                                "eval_accuracy_difference_ci95": None if d.ci95 != d.ci95 else d.ci95, "measured": d.measured,
+                                "verdict": f"{r['level']} level: " + d.verdict(r["name"], plain["name"], lower_is_better=False)})
+    if args.out:
+        write_json(args, rows, seeds, comparisons)
     for level in args.levels.split(","):
         print(f"\n{level} level")
-        print(f"{'row':<14}{'eval loss':>10}{'accuracy':>10}{'epsilon':>10}{'sigma':>8}{'up B/round':>12}")
+        print(f"{'row':<14}{'eval loss':>20}{'accuracy':>16}{'epsilon':>10}{'sigma':>8}{'up B/round':>12}")
         for r in (r for r in rows if r["level"] == level):
             eps = f"{r['epsilon']:.3g}" if r["epsilon"] is not None else "inf"
             sigma = f"{r['noise_multiplier']:.3g}" if r["noise_multiplier"] is not None else "-"
-            print(f"{r['name']:<14}{r['eval_loss']:>10.4f}{r['eval_accuracy']:>10.3f}{eps:>10}{sigma:>8}{r['bytes_up_per_client_round']:>12.0f}")
+            print(f"{r['name']:<14}{format_mean(r['eval_loss'], r['eval_loss_ci95']):>20}{format_mean(r['eval_accuracy'], r['eval_accuracy_ci95'], '.3f'):>16}{eps:>10}{sigma:>8}{r['bytes_up_per_client_round']:>12.0f}")
+    for c in comparisons:
+        print(c["verdict"])
     return 0
 
 
