@@ -45,6 +45,7 @@ COMMON_KEYS = {
     "run_dir": "run_dir",
     "seed": "seed",
     "lora_variant": "lora.variant",
+    "target_modules": "lora.target_modules",
     "dp": "privacy.dp",
 
     "delta": "privacy.delta",
@@ -83,6 +84,16 @@ SIMULATION_KEYS = {
 }
 
 
+def target_modules_arg(text: str) -> list[str]:
+    """``--target-modules``: a comma-separated list of module names, or ``all-linear``."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected module names separated by commas (e.g. q_proj,v_proj) or all-linear")
+    if "all-linear" in names and len(names) > 1:
+        raise argparse.ArgumentTypeError("all-linear (every linear layer but the output head) stands alone, not among module names")
+    return names
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML run configuration (flags override it)")
     p.add_argument("--model", help="embedded model name (minilm, smollm2), model folder or .gguf file")
@@ -92,6 +103,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, help="LoRA rank")
     p.add_argument("--lora-variant", help="lora (plain LoRA, the default) or a variant: ffa, fedsvd, fedsb, loha, ...; "
                                           "`fedtune strategies` lists every variant installed")
+    p.add_argument("--target-modules", type=target_modules_arg, metavar="NAMES",
+                   help="comma-separated names of the modules that get LoRA (e.g. q_proj,v_proj), or all-linear; "
+                        "default: peft's choice for the model type, else the attention's query and value projections")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (the update is scaled by alpha/rank)")
     p.add_argument("--rounds", type=int, help="federated rounds")
     p.add_argument("--clients-per-round", type=int, help="clients trained per round (0: all)")

@@ -45,7 +45,9 @@ class LoraSection:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    # Module name suffixes that get LoRA. Empty: peft's default for the architecture.
+    # Module name suffixes that get LoRA, or ["all-linear"] (peft's: every linear layer but the
+    # output head). Empty: peft's default for the architecture, or, for a model type peft has
+    # none for, the attention's query and value projections found by name.
     target_modules: list[str] = field(default_factory=list)
     # Transformer block indices that carry LoRA. Empty: all blocks.
     layers: list[int] = field(default_factory=list)
@@ -365,6 +367,10 @@ class RunConfig:
         _check(self.split.server_gflops >= 0, "split.server_gflops", "must be >= 0")
         _check(self.split.server_adapter in ("copies", "shared"), "split.server_adapter", f"must be copies or shared, got {self.split.server_adapter!r}")
         _check(all(i >= 0 for i in self.lora.layers), "lora.layers", "layer indices must be >= 0")
+        targets = self.lora.target_modules
+        _check(all(isinstance(t, str) and t.strip() for t in targets), "lora.target_modules", "module names must be non-empty strings")
+        _check("all-linear" not in targets or len(targets) == 1, "lora.target_modules",
+               "'all-linear' (every linear layer but the output head) stands alone, not among module names")
         _check(self.training.local_steps >= 1, "training.local_steps", "must be at least 1")
         _check(self.training.batch_size >= 1, "training.batch_size", "must be at least 1")
         _check(self.training.learning_rate > 0, "training.learning_rate", "must be positive")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Mapping
 
@@ -20,6 +21,7 @@ import torch
 from peft import PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from fedtune.contract.adapter_kinds import adapter_kind
+from fedtune.contract.cost import default_target_modules, is_conv1d
 from fedtune.contract.plans import AdapterError, AdapterPlan
 from fedtune.durable import fresh_folder, write_file
 from fedtune.names import A_SUFFIX, BASE_DELTA, CORE_SUFFIX, FROZEN_A, FROZEN_B, is_frozen_update
@@ -30,7 +32,7 @@ PEFT_TASK_TYPES = {"seq-cls": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM}
 
 def _block_count_attr(config) -> str:
     """The config attribute that holds the number of transformer blocks."""
-    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+    for attr in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
         if isinstance(getattr(config, attr, None), int):
             return attr
     raise AdapterError("cannot tell how many transformer blocks the model has")
@@ -54,6 +56,13 @@ def peft_config(plan: AdapterPlan, task: str, model: torch.nn.Module):
     """The peft config of ``plan``'s adapter kind on ``model`` (AdapterError when it does not fit)."""
     kind = adapter_kind(plan.kind)
     kind.check(plan)
+    if not plan.target_modules:
+        # peft's own default covers only the model types it lists; fedtune's also finds the
+        # query and value projections of others by name (and is peft's where peft has one).
+        try:
+            plan = replace(plan, target_modules=default_target_modules(model))
+        except ValueError as exc:
+            raise AdapterError(str(exc)) from None
     blocks = num_blocks(model)
     bad = [i for i in (*plan.layers, *plan.rank_per_layer) if not 0 <= i < blocks]
     if bad:
@@ -121,7 +130,7 @@ def insert_cores(model: PeftModel) -> None:
     for module in model.modules():
         if not isinstance(module, LoraLayer):
             continue
-        weight = module.get_base_layer().weight
+        weight = out_in_weight(module)
         u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
         for name in list(module.lora_A.keys()):
             a = module.lora_A[name].weight
@@ -133,6 +142,32 @@ def insert_cores(model: PeftModel) -> None:
             with torch.no_grad():
                 b.copy_((u[:, :rank] * s[:rank]).to(b.dtype))
             b.requires_grad_(False)
+
+
+def is_transposed(module: torch.nn.Module) -> bool:
+    """Whether the (base) weight of ``module`` is stored in x out: transformers' Conv1D (GPT-2's
+    attention and MLP), which peft adapts with ``fan_in_fan_out``."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    return bool(getattr(module, "fan_in_fan_out", False)) or is_conv1d(base)
+
+
+def out_in_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The base weight of ``module`` as the out x in matrix LoRA's ``B @ A`` adds to, whatever
+    its storage (a Conv1D keeps it transposed)."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    return base.weight.T if is_transposed(module) else base.weight
+
+
+def add_to_weight(module: torch.nn.Module, delta: torch.Tensor, original: torch.Tensor | None = None) -> None:
+    """Replace the base weight of ``module`` by ``original`` (default: its weight) plus the out x
+    in ``delta``, stored in the layer's own layout (transposed for a Conv1D). Replaced, not
+    modified in place: base weights may be shared with other models in this process."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    start = base.weight if original is None else original
+    step = delta.T if is_transposed(module) else delta
+    if tuple(step.shape) != tuple(start.shape):
+        raise AdapterError(f"a {list(delta.shape)} update does not fit a weight of shape {list(out_in_weight(module).shape)} (out x in)")
+    base.weight = torch.nn.Parameter(start.detach() + step.to(start.dtype), requires_grad=False)
 
 
 def fold_cores(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -207,11 +242,11 @@ def apply_base_delta(model: PeftModel, deltas: Mapping[str, torch.Tensor]) -> No
     for name, delta in deltas.items():
         module = modules.get(name)
         base = getattr(module, "base_layer", module)
-        if not isinstance(base, torch.nn.Linear):
+        if not isinstance(base, torch.nn.Linear) and not is_conv1d(base):
             raise AdapterError(f"base delta for {name!r}: no such Linear module in the model")
-        if tuple(delta.shape) != tuple(base.weight.shape):
-            raise AdapterError(f"base delta for {name!r} has shape {list(delta.shape)}, the weight is {list(base.weight.shape)}")
-        base.weight = torch.nn.Parameter(base.weight.detach() + delta.to(base.weight.dtype), requires_grad=False)
+        if tuple(delta.shape) != tuple(out_in_weight(module).shape):
+            raise AdapterError(f"base delta for {name!r} has shape {list(delta.shape)}, the weight is {list(out_in_weight(module).shape)} (out x in)")
+        add_to_weight(module, delta)
 
 
 def split_task_tensors(tensors: Mapping[str, torch.Tensor], scale: float = 1.0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -45,6 +45,107 @@ from fedtune.devices import Capabilities
 
 _BLOCK = re.compile(r"\.(\d+)\.")
 
+# Config attribute names, across families, of the block count, the width and the head count
+# (configs with an ``attribute_map`` answer the first name too; these cover the others).
+_BLOCKS_ATTRS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+_HIDDEN_ATTRS = ("hidden_size", "n_embd", "d_model", "dim", "n_embed")
+_HEADS_ATTRS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "encoder_attention_heads")
+
+# Leaf names of an attention's query and value projections (separate), and of fused
+# query-key-value projections, across families: the default LoRA targets of a model type peft
+# has no default for (LoRA's paper adapts W_q and W_v; peft's defaults do the same).
+_QUERY = re.compile(r"^(q|query|q_proj|query_proj|q_lin|wq|Wq)$")
+_VALUE = re.compile(r"^(v|value|v_proj|value_proj|v_lin|wv|Wv)$")
+_FUSED = re.compile(r"^(query_key_value|c_attn|qkv_proj|qkv|Wqkv|in_proj|in_proj_weight|qkv_lin)$")
+
+
+def _config_int(config, names: Sequence[str], what: str) -> int:
+    for attr in names:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    raise ValueError(f"the model's config ({type(config).__name__}) names no {what} (looked for {', '.join(names)})")
+
+
+def linear_shape(module: torch.nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a layer LoRA can adapt as a matrix: ``nn.Linear`` (weight out x in) or
+    transformers' ``Conv1D`` (GPT-2 and kin: a linear layer whose weight is stored transposed,
+    in x out); None for anything else."""
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if is_conv1d(module):
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    return None
+
+
+def is_conv1d(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (a Linear with its weight transposed)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency; kept importable without it
+        return False
+    return isinstance(module, Conv1D)
+
+
+def block_linears(model: torch.nn.Module, num_blocks: int) -> list[tuple[int, str, int, int]]:
+    """(block, name, in, out) of every matrix layer inside the numbered blocks of ``model``."""
+    out = []
+    for name, module in model.named_modules():
+        match = _BLOCK.search(name + ".")
+        if match is None or int(match.group(1)) >= num_blocks:
+            continue
+        shape = linear_shape(module)
+        if shape is not None:
+            out.append((int(match.group(1)), name, *shape))
+    return out
+
+
+def default_target_modules(model: torch.nn.Module) -> tuple[str, ...]:
+    """LoRA's target modules for ``model`` when the config names none: peft's default for the
+    model type where it has one (and the model has those modules), else the attention's query
+    and value projections found by name (or its fused query-key-value projection).
+
+    peft keeps a default only for the model types it lists; a user's DistilBERT (``q_lin``,
+    ``v_lin``) or any newer family would otherwise need its module names spelled out. Raises
+    ValueError naming the setting when no projection is found."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
+
+    config = model.config
+    model_type = getattr(config, "model_type", "")
+    leaves = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if linear_shape(m) is not None}
+    known = DEFAULT_TARGETS.get(model_type)
+    if isinstance(known, (list, tuple)) and any(t in leaves for t in known):
+        return tuple(t for t in known if t in leaves)
+    query = sorted(n for n in leaves if _QUERY.match(n))
+    value = sorted(n for n in leaves if _VALUE.match(n))
+    if query and value:
+        return (query[0], value[0])
+    fused = sorted(n for n in leaves if _FUSED.match(n))
+    if fused:
+        return (fused[0],)
+    raise ValueError(f"lora.target_modules: no default for model type {model_type!r} and no attention query/value projection found by name; "
+                     f"name the modules (--target-modules, or all-linear); its matrix layers are named: {', '.join(sorted(leaves)) or 'none'}")
+
+
+def check_target_modules(model: torch.nn.Module, targets: Sequence[str]) -> None:
+    """Refuse (ValueError naming ``lora.target_modules``) a target name no matrix layer of
+    ``model`` carries; ``all-linear`` (peft's: every linear layer but the output head) passes."""
+    if tuple(targets) == ("all-linear",):
+        return
+    leaves = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if linear_shape(m) is not None}
+    names = {name for name, m in model.named_modules() if linear_shape(m) is not None}
+    missing = [t for t in targets if t not in leaves and not any(n.endswith("." + t) or n == t for n in names)]
+    if missing:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ValueError(f"lora.target_modules: the model ({model_type}) has no Linear module named {', '.join(repr(m) for m in missing)}; "
+                         f"its matrix layers are named: {', '.join(sorted(leaves))}")
+
+
+def _targeted(name: str, targets: tuple[str, ...], head_names: frozenset[str]) -> bool:
+    if targets == ("all-linear",):  # peft's every-linear-layer shorthand
+        return name.rsplit(".", 1)[-1] not in head_names
+    return name.rsplit(".", 1)[-1] in targets or any(name.endswith("." + t) for t in targets)
+
 
 @dataclass(frozen=True)
 class ModelGeometry:
@@ -60,25 +161,24 @@ class ModelGeometry:
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, target_modules: Sequence[str], head_params: int = 0) -> "ModelGeometry":
+        """The geometry of ``model`` with LoRA on ``target_modules``: Linear layers (weight out
+        x in), transformers' Conv1D (GPT-2's, weight in x out) and fused attention projections
+        (GPT-NeoX's and Falcon's ``query_key_value``, GPT-2's ``c_attn``: one matrix, out = 3
+        x hidden) all count by their (in, out)."""
         config = model.config
-        num_blocks = next(getattr(config, a) for a in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(config, a))
-        hidden = next(getattr(config, a) for a in ("hidden_size", "n_embd", "d_model") if hasattr(config, a))
-        heads = next(getattr(config, a) for a in ("num_attention_heads", "n_head") if hasattr(config, a))
+        num_blocks = _config_int(config, _BLOCKS_ATTRS, "block count")
+        hidden = _config_int(config, _HIDDEN_ATTRS, "hidden width")
+        heads = _config_int(config, _HEADS_ATTRS, "attention head count")
         targets = tuple(target_modules)
-        modules, per_block = [], [0] * num_blocks
-        for name, module in model.named_modules():
-            match = _BLOCK.search(name + ".")
-            if match is None or int(match.group(1)) >= num_blocks:
-                continue
-            block = int(match.group(1))
-            if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in targets:
-                modules.append((block, name, module.in_features, module.out_features))
+        per_block = [0] * num_blocks
+        heads_out = frozenset({"lm_head", "score", "classifier", "out_proj", "embed_out"})
+        modules = [m for m in block_linears(model, num_blocks) if _targeted(m[1], targets, heads_out)]
         for name, p in model.named_parameters():
             match = _BLOCK.search(name)
             if match is not None and int(match.group(1)) < num_blocks:
                 per_block[int(match.group(1))] += p.numel()
         if not modules:
-            raise ValueError(f"no Linear modules named {list(targets)} inside numbered blocks")
+            raise ValueError(f"no Linear or Conv1D modules named {list(targets)} inside numbered blocks")
         return cls(
             num_blocks=num_blocks,
             hidden=hidden,
@@ -163,16 +263,22 @@ class CostModel:
         return seconds
 
 
+def resolve_targets(base: torch.nn.Module, plan: AdapterPlan) -> AdapterPlan:
+    """``plan`` with its target modules made explicit: the config's, checked against ``base``,
+    or the default for the architecture (``default_target_modules``). ValueError naming
+    ``lora.target_modules`` when they do not fit."""
+    if plan.target_modules:
+        check_target_modules(base, plan.target_modules)
+        return plan
+    return replace(plan, target_modules=default_target_modules(base))
+
+
 def model_geometry(base, plan: AdapterPlan) -> tuple[ModelGeometry, AdapterPlan]:
     """The cost model's view of ``base``, and ``plan`` with its target modules made explicit
-    (peft's default for the architecture when the config names none)."""
-    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
-
-    targets = plan.target_modules or tuple(DEFAULT_TARGETS.get(base.config.model_type, ()))
-    if not targets:
-        raise ValueError(f"lora.target_modules: no default for model type {base.config.model_type!r}; name the modules")
+    (``resolve_targets``)."""
+    plan = resolve_targets(base, plan)
     head = sum(p.numel() for n, p in base.named_parameters() if n.split(".")[0] in ("classifier", "score"))
-    return ModelGeometry.from_model(base, targets, head_params=head), replace(plan, target_modules=tuple(targets))
+    return ModelGeometry.from_model(base, plan.target_modules, head_params=head), plan
 
 
 def plan_ranks(plan: AdapterPlan, num_blocks: int) -> dict[int, int]:

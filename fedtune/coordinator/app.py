@@ -21,7 +21,7 @@ from fedtune.adapters import AdapterPlan
 from fedtune.aggregation.base import variant_class
 from fedtune.compose import checked, compose
 from fedtune.config import ConfigError, RunConfig, config_from_dict, config_to_toml
-from fedtune.contract.cost import CostModel, model_geometry
+from fedtune.contract.cost import CostModel, model_geometry, resolve_targets
 from fedtune.coordinator.clients import load_enrollment_secrets
 from fedtune.coordinator.engine import RoundEngine, _difference
 from fedtune.coordinator.errors import CoordinatorError
@@ -161,13 +161,29 @@ class Coordinator:
             if config.eval.max_examples:
                 eval_examples = list(eval_examples)[: config.eval.max_examples]
             source = resolve_source(config.model.source)
+            base = self.store.base(source, task, labels)
+            try:  # the targets every client's adapter uses: named in the config, or the default
+                plan = resolve_targets(base, plan)
+            except ValueError as exc:
+                raise ConfigError(str(exc) if str(exc).startswith("lora.") else f"lora.target_modules: {exc}") from None
+            # Only the planner (with a heterogeneous strategy) needs the geometry; the delay
+            # model uses it when it has it.
+            plans_per_client = config.planner.enabled and compose(config).heterogeneous
             try:
-                geometry, plan = model_geometry(self.store.base(source, task, labels), plan)
-            except ValueError as exc:  # only the planner and the delay model need the geometry
-                if config.planner.enabled:
-                    raise ConfigError(f"planner.enabled: cannot model this architecture: {exc}") from None
+                geometry, plan = model_geometry(base, plan)
+            except ValueError as exc:
+                if plans_per_client:
+                    raise ConfigError(f"planner.enabled (strategy {config.federation.aggregation or config.federation.strategy}): "
+                                      f"cannot model this architecture ({getattr(base.config, 'model_type', '?')}): {exc}; "
+                                      "set planner.enabled = false (--no-planner) to give every client the [lora] plan") from None
                 log.info("no cost model for this architecture (%s); modeled round times are off", exc)
-            if config.planner.enabled and compose(config).heterogeneous:
+            if plans_per_client:
+                bare = sorted(set(range(geometry.num_blocks)) - {b for b, _, _, _ in geometry.modules})
+                if bare:  # ALBERT: one set of weights computes every block; no block is its own
+                    raise ConfigError(f"planner.enabled (strategy {config.federation.aggregation or config.federation.strategy}): "
+                                      f"{getattr(base.config, 'model_type', '?')} has no LoRA modules of its own in blocks {bare} "
+                                      "(its blocks share weights, or those blocks hold none of the target modules), so per-block plans cannot apply; "
+                                      "set planner.enabled = false (--no-planner)")
                 self.planner = Planner(
                     geometry,
                     CostModel(config.training.batch_size, config.model.max_length, config.training.local_steps),

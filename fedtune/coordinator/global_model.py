@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from fedtune.adapters import AdapterError, AdapterPlan, adapter_state, fold_cores, inject_lora, load_adapter_state
-from fedtune.adapters.lora import write_adapter
+from fedtune.adapters.lora import add_to_weight, write_adapter
 from fedtune.aggregation.lora_math import low_rank, product
 from fedtune.allocator import release_free_memory
 from fedtune.contract.specs import TensorSpec, specs_of
@@ -71,9 +71,8 @@ class GlobalModel:
         # the original weights each time so deltas do not accumulate twice.
         modules = dict(self.model.named_modules())
         for name, delta in base_delta.items():
-            layer = modules[name].base_layer
-            original = self._original_weights.setdefault(name, layer.weight)
-            layer.weight = torch.nn.Parameter(original.detach() + delta.to(original.dtype), requires_grad=False)
+            original = self._original_weights.setdefault(name, modules[name].base_layer.weight)
+            add_to_weight(modules[name], delta, original)  # in the layer's layout (Conv1D: transposed)
         load_adapter_state(self.model, state)
 
     def evaluate(self, state: dict[str, torch.Tensor], base_delta: dict[str, torch.Tensor] | None = None) -> dict[str, float]:

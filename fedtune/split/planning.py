@@ -59,8 +59,25 @@ class SplitGeometry:
         parts = anatomy(model)
         ranks = plan_ranks(plan, g.num_blocks)
         per_block = [sum(ranks[b] * (i + o) for b, _, i, o in g.modules if b == block and b in ranks) for block in range(g.num_blocks)]
-        embed = getattr(parts.embed_owner, parts.embed_attr)
+        embed = _embedding_stage(model, parts.embed, parts.blocks)
         return cls(g.num_blocks, g.hidden, g.heads, sum(p.numel() for p in embed.parameters()), g.block_params, max(per_block), g.head_params)
+
+
+def _embedding_stage(model: torch.nn.Module, embed: torch.nn.Module, blocks: torch.nn.Module) -> torch.nn.Module:
+    """The largest module around the input embeddings that holds no block (BERT's
+    ``embeddings``, with positions and norm; Llama's ``embed_tokens`` alone)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    paths = {id(m): n for n, m in base.named_modules()}
+    path, blocks_path = paths.get(id(embed)), paths.get(id(blocks))
+    if path is None or blocks_path is None:
+        return embed
+    stage = path
+    while "." in stage:
+        parent = stage.rsplit(".", 1)[0]
+        if blocks_path == parent or blocks_path.startswith(parent + "."):
+            break
+        stage = parent
+    return base.get_submodule(stage)
 
 
 @dataclass(frozen=True)

@@ -3,15 +3,19 @@ middle or top (blocks ``[cut, L)``, fed the hidden states at the cut) and, for t
 split, the head alone.
 
 Why not rewrite each architecture's forward: the model's own ``forward`` keeps doing what only it
-knows (attention masks, rotary positions, pooling, the loss), and fedtune only changes two things
-for the duration of a call: the block list is replaced by the slice to run, and the embedding
-module by one that returns the received hidden states. The bottom ends with a hook on its last
-block that stops the forward pass there. Every slice computes exactly what the whole model
-computes for those blocks, so split training with a lossless codec reproduces ordinary training
+knows (embeddings with their positions, scales and norms, attention masks, rotary positions,
+pooling, the loss), and fedtune only changes two things for the duration of a call: the block
+list is replaced by the slice to run, and the hidden states entering the slice's first block are
+replaced by the received ones (a forward pre-hook; what the embeddings computed from stand-in
+ids is dropped). The bottom ends with a hook on its last block that stops the forward pass
+there. Every slice computes exactly what the whole model computes for those blocks, so split
+training with a lossless codec reproduces ordinary training
 (fedtune/methods/split/test_split.py checks it step for step).
 
-Works for models whose blocks are one ``ModuleList`` (``layer``/``layers``/``h``) and whose
-embeddings are one module (BERT-style ``embeddings``, Llama-style ``embed_tokens``).
+Works for models whose blocks are one ``ModuleList`` of same-class blocks, as many as the
+config's block count, whose first argument is the hidden states (every decoder and encoder
+family transformers builds: ``layer``/``layers``/``h``/``blocks``...). Encoder-decoder models
+(two block stacks) and models whose block list is not found are refused with a SplitError.
 """
 
 from __future__ import annotations
@@ -32,12 +36,11 @@ class SplitError(ValueError):
 
 @dataclass(frozen=True)
 class Anatomy:
-    """Where a model keeps its block list and its embedding module."""
+    """Where a model keeps its block list, and its input embedding module."""
 
     blocks_owner: nn.Module
     blocks_attr: str
-    embed_owner: nn.Module
-    embed_attr: str
+    embed: nn.Module
     num_blocks: int
 
     @property
@@ -50,33 +53,53 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def anatomy(model: nn.Module) -> Anatomy:
-    """Find the block list and the embedding module of ``model`` (peft-wrapped or not)."""
+    """Find the block list and the input embeddings of ``model`` (peft-wrapped or not).
+
+    The block list is the outermost ``ModuleList`` with as many modules of one class as the
+    config has blocks (an MoE layer's experts, inside a block, do not count)."""
     base = _unwrap(model)
-    count = num_blocks(base)
-    modules = dict(base.named_modules())
-    lists = [n for n, m in modules.items() if isinstance(m, nn.ModuleList) and len(m) == count and n.rsplit(".", 1)[-1] in ("layer", "layers", "h")]
+    name = getattr(base.config, "model_type", type(base).__name__)
+    if getattr(base.config, "is_encoder_decoder", False):
+        raise SplitError(f"split learning: {name} is an encoder-decoder model (two block stacks); split needs one stack of blocks")
+    try:
+        count = num_blocks(base)
+    except AdapterError as exc:
+        raise SplitError(f"split learning: {name}: {exc}") from None
+    lists = [n for n, m in base.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) == count and count > 0 and len({type(b) for b in m}) == 1]
+    lists = [n for n in lists if not any(n.startswith(other + ".") for other in lists if other != n)]
     if len(lists) != 1:
-        raise SplitError(f"cannot find the block list of {type(base).__name__} (candidates: {lists})")
-    blocks_path = lists[0]
-    owner_path, _, blocks_attr = blocks_path.rpartition(".")
-    backbone = owner_path.rsplit(".encoder", 1)[0] if owner_path.endswith(".encoder") or owner_path == "encoder" else owner_path
-    for attr in ("embeddings", "embed_tokens"):
-        path = f"{backbone}.{attr}" if backbone else attr
-        if path in modules:
-            embed_owner_path, _, embed_attr = path.rpartition(".")
-            return Anatomy(modules[owner_path], blocks_attr, modules[embed_owner_path], embed_attr, count)
-    raise SplitError(f"cannot find the embedding module of {type(base).__name__} next to its blocks ({blocks_path})")
+        raise SplitError(f"split learning: cannot find the block list of {name} ({type(base).__name__}; candidates: {lists})")
+    owner_path, _, blocks_attr = lists[0].rpartition(".")
+    embed = base.get_input_embeddings()
+    if embed is None:
+        raise SplitError(f"split learning: {name} has no input embedding module")
+    return Anatomy(base.get_submodule(owner_path), blocks_attr, embed, count)
 
 
-class _Received(nn.Module):
-    """Stands in for the embedding module: returns the hidden states that came over the wire."""
+class _Emit(nn.Module):
+    """Stands in for the blocks of an empty slice (the U-shaped client's head part): returns
+    the received hidden states in the form the model's blocks return them (a tensor, or a
+    tuple led by it, learned once per block class by running one real block), and answers
+    attribute lookups (``attention_type``...) as the block it stands for."""
 
-    def __init__(self, hidden: torch.Tensor) -> None:
+    def __init__(self, hidden: torch.Tensor, template: nn.Module, width: int) -> None:
         super().__init__()
-        self.hidden = hidden
+        self.__dict__["_template"] = template  # not a submodule: no parameters of its own
+        self.hidden, self.width = hidden, width
 
-    def forward(self, *args, **kwargs) -> torch.Tensor:
-        return self.hidden
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_template"], name)
+
+    def forward(self, *args, **kwargs):
+        # the other members (attention weights...) are only read when the caller asks for them
+        return (self.hidden, *[None] * (self.width - 1)) if self.width else self.hidden
+
+
+_TUPLE_OUTPUT: dict[type, int] = {}  # block class -> length of the tuple its forward returns (0: a tensor)
 
 
 class _Stop(Exception):
@@ -88,24 +111,43 @@ class _Stop(Exception):
 def _slice(model: nn.Module, start: int, stop: int, hidden: torch.Tensor | None, capture: bool) -> Iterator[None]:
     parts = anatomy(model)
     blocks = parts.blocks
-    embed = getattr(parts.embed_owner, parts.embed_attr)
-    hook = None
+    part = nn.ModuleList(list(blocks)[start:stop])
+    hooks = []
+    last = blocks[len(blocks) - 1]
+    if not len(part) and hidden is not None and type(last) in _TUPLE_OUTPUT:
+        part = nn.ModuleList([_Emit(hidden, last, _TUPLE_OUTPUT[type(last)])])
+        hidden = None
+    elif not len(part) and hidden is not None:
+        # First empty slice of this block class: run one real block, replace its output by
+        # the received hidden states, and remember the output's form.
+        part, arrived = nn.ModuleList([last]), hidden
+
+        def emit(module, args, output):
+            _TUPLE_OUTPUT[type(module)] = len(output) if isinstance(output, tuple) else 0
+            return (arrived, *output[1:]) if isinstance(output, tuple) else arrived
+        hooks.append(last.register_forward_hook(emit))
+        hidden = None
     # Assigning plain attributes: nn.Module.__setattr__ re-registers the submodules, and the
     # finally block puts the originals back even when the forward pass raises.
-    setattr(parts.blocks_owner, parts.blocks_attr, nn.ModuleList(list(blocks)[start:stop]))
+    setattr(parts.blocks_owner, parts.blocks_attr, part)
     if hidden is not None:
-        setattr(parts.embed_owner, parts.embed_attr, _Received(hidden))
+        def received(module, args, kwargs):
+            if args:
+                return (hidden, *args[1:]), kwargs
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": hidden}
+            raise SplitError(f"split learning: cannot tell the hidden states among the arguments of {type(module).__name__}")
+        hooks.append(part[0].register_forward_pre_hook(received, with_kwargs=True))
     if capture:
         def stop_here(module, args, output):
             raise _Stop(output[0] if isinstance(output, tuple) else output)
-        hook = blocks[stop - 1].register_forward_hook(stop_here)
+        hooks.append(blocks[stop - 1].register_forward_hook(stop_here))
     try:
         yield
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
         setattr(parts.blocks_owner, parts.blocks_attr, blocks)
-        setattr(parts.embed_owner, parts.embed_attr, embed)
 
 
 def keep_bottom(model: nn.Module, blocks: int) -> nn.Module:
@@ -174,10 +216,11 @@ def top_forward(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Te
 
 def block_of(name: str) -> int | None:
     """The block index in an adapter tensor's name (``...layer.3.attention...`` -> 3), or None
-    for tensors outside the blocks (the classification head)."""
+    for tensors outside the blocks (the classification head): the first numbered part, as
+    blocks are the outermost numbered modules of every family split learning takes."""
     parts = name.split(".")
     for i, part in enumerate(parts[:-1]):
-        if part in ("layer", "layers", "h") and parts[i + 1].isdigit():
+        if parts[i + 1].isdigit() and i > 0:
             return int(parts[i + 1])
     return None
 
