@@ -82,7 +82,11 @@ class NotAStrategy:
 
 @pytest.fixture(autouse=True)
 def registries(monkeypatch):
-    """Whatever a test registers is gone after it (other tests list every registered name)."""
+    """Whatever a test registers is gone after it (other tests list every registered name).
+    fedtune's own items are discovered first: discovered into a copy, they would vanish with it
+    while the registry still counted itself discovered (this file run alone lost them)."""
+    STRATEGIES.discover()
+    RECIPES.discover()
     monkeypatch.setattr(STRATEGIES, "_items", dict(STRATEGIES._items))
     monkeypatch.setattr(RECIPES, "_items", dict(RECIPES._items))
 
