@@ -42,6 +42,9 @@ COMMON_KEYS = {
     "batch_size": "training.batch_size",
     "lr": "training.learning_rate",
     "eval_data": "eval.data",
+    "chat_template": "model.chat_template",
+    "eval_generate": "eval.generate",
+    "eval_max_new_tokens": "eval.max_new_tokens",
     "run_dir": "run_dir",
     "seed": "seed",
     "lora_variant": "lora.variant",
@@ -145,6 +148,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="local batch size")
     p.add_argument("--lr", type=float, help="local learning rate")
     p.add_argument("--eval-data", help="held-out data evaluated centrally after each round")
+    p.add_argument("--chat-template", choices=["auto", "none"], help="causal-lm: format prompt/response examples with the tokenizer's chat template "
+                   "when it has one (auto, the default) or never (none)")
+    p.add_argument("--eval-generate", type=int, metavar="N", help="causal-lm: answer the first N held-out prompts by greedy generation and report "
+                   "the exact-match rate against their responses (0: off, the default)")
+    p.add_argument("--eval-max-new-tokens", type=int, metavar="N", help="causal-lm: new tokens each --eval-generate answer may take (default 32)")
     p.add_argument("--run-dir", help="output folder (default: a new folder under runs/)")
     p.add_argument("--seed", type=int, help="seed of every random choice")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
@@ -350,7 +358,22 @@ def _round_table(task: str):
     return table
 
 
-def _row_cells(row: dict, task: str) -> list[str]:
+# Evaluation metrics some runs have (causal LM: --eval-generate, questions with choices):
+# (row key, column title, format); a column appears when the first row holds its metric.
+OPTIONAL_COLUMNS = (
+    ("eval_generate_exact_match", "gen EM", ".3f"),
+    ("eval_choice_accuracy", "choice acc", ".3f"),
+    ("eval_choice_accuracy_norm", "choice acc norm", ".3f"),
+)
+
+
+def _optional_columns(row: dict) -> list[tuple[str, str, str]]:
+    """The optional evaluation columns whose metric ``row`` holds."""
+    return [col for col in OPTIONAL_COLUMNS if col[0] in row]
+
+
+def _row_cells(row: dict, task: str, optional: Sequence[tuple[str, str, str]] = ()) -> list[str]:
+    """A round's row as table cells; ``optional``: the optional columns the table has."""
     def f(x: Any, fmt: str) -> str:
         return "-" if x is None else format(x, fmt)
 
@@ -365,6 +388,7 @@ def _row_cells(row: dict, task: str) -> list[str]:
         f(row["bytes_down"] / 1e6, ".2f"),
         f(row["seconds"], ".1f"),
         f(row.get("sim_seconds"), ".1f"),
+        *(f(row.get(key), fmt) for key, _, fmt in optional),
     ]
 
 
@@ -408,8 +432,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )
     started = time.monotonic()
     with Live(table, console=console, refresh_per_second=2, transient=False) as live:
+        optional: list[tuple[str, str, str]] = []
+
         def on_round(row: dict) -> None:
-            table.add_row(*_row_cells(row, task))
+            if not table.rows:  # the first row says which optional metrics this run reports
+                optional.extend(_optional_columns(row))
+                for _, title, _ in optional:
+                    table.add_column(title, justify="right", no_wrap=True)
+            table.add_row(*_row_cells(row, task, optional))
             live.refresh()
 
         result = run_simulation(config, on_round_end=on_round, force=args.force)
@@ -433,7 +463,14 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     _check_inputs(config)
     task = config.model.task
     console = _console()
-    coordinator = Coordinator(config, resume=args.resume, force=args.force, on_round_end=lambda row: console.print(" | ".join(_row_cells(row, task))))
+    def on_round(row: dict) -> None:
+        # the header line names the fixed columns; optional metrics carry their name
+        optional = _optional_columns(row)
+        cells = _row_cells(row, task, optional)
+        fixed = len(cells) - len(optional)
+        console.print(" | ".join(cells[:fixed] + [f"{title} {cell}" for (_, title, _), cell in zip(optional, cells[fixed:])]))
+
+    coordinator = Coordinator(config, resume=args.resume, force=args.force, on_round_end=on_round)
     redact([coordinator.config.server.enrollment_secret])
     port = coordinator.start()
     host = config.server.address.rpartition(":")[0]

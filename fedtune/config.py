@@ -38,6 +38,10 @@ class ModelConfig:
     # seq-cls label names (index = class id). Empty: taken from the training data.
     labels: list[str] = field(default_factory=list)
     max_length: int = 64
+    # causal-lm: "auto" formats prompt/response examples (training and held-out alike) with the
+    # tokenizer's chat template when it has one; "none" uses the prompt's own tokens. Plain text
+    # examples are never templated.
+    chat_template: str = "auto"
 
 
 @dataclass
@@ -157,6 +161,11 @@ class EvalSection:
     batch_size: int = 64
     # Use at most this many evaluation examples (0: all).
     max_examples: int = 0
+    # causal-lm: answer the first `generate` held-out prompt/response examples by greedy
+    # generation and report the exact-match rate (eval_generate_exact_match; 0: off), each
+    # answer at most `max_new_tokens` tokens long.
+    generate: int = 0
+    max_new_tokens: int = 32
 
 
 @dataclass
@@ -416,6 +425,9 @@ class RunConfig:
         _check(self.simulation.deadline_s >= 0, "simulation.deadline_s", "must be >= 0")
         _check(self.eval.batch_size >= 1, "eval.batch_size", "must be at least 1")
         _check(self.eval.max_examples >= 0, "eval.max_examples", "must be >= 0")
+        _check(self.model.chat_template in ("auto", "none"), "model.chat_template", f"must be auto or none, got {self.model.chat_template!r}")
+        _check(self.eval.generate >= 0, "eval.generate", "must be >= 0 (0: no generation)")
+        _check(1 <= self.eval.max_new_tokens <= 4096, "eval.max_new_tokens", "must be between 1 and 4096")
         _check(":" in self.server.address, "server.address", "must be HOST:PORT")
         _check(bool(self.server.tls_cert) == bool(self.server.tls_key), "server.tls_key", "tls_cert and tls_key go together")
         _check(not self.server.tls_client_ca or bool(self.server.tls_cert), "server.tls_client_ca", "mutual TLS needs the server's tls_cert and tls_key")

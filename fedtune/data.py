@@ -2,7 +2,10 @@
 
 Supported inputs, all untrusted:
 - JSONL: one object per line. Classification uses a text field and a label field;
-  causal LM uses a text field, or a prompt field plus a response field (loss on the response).
+  causal LM uses a text field, or a prompt field plus a response field (loss on the response),
+  or a prompt field plus ``choices`` (a list of strings) and ``answer`` (the index of the right
+  choice): a multiple-choice question, trained on the right choice as the response and scored
+  by the log-likelihood of each choice.
 - CSV with a header row (UTF-8, or Latin-1 when the bytes are not valid UTF-8).
 - Anything else is plain text: one example per non-empty line (causal LM only).
 
@@ -27,16 +30,23 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class Example:
     """One training example. ``label`` is a class name or index (classification only);
-    ``prompt`` is text the model sees but is not trained to produce (causal LM only)."""
+    ``prompt`` is text the model sees but is not trained to produce (causal LM only);
+    ``choices`` and ``answer`` make it a multiple-choice question (causal LM only): ``text`` is
+    then the right choice, ``choices[answer]`` unless the record gave a response of its own."""
 
     text: str
     label: str | int | None = None
     prompt: str = ""
+    choices: tuple[str, ...] = ()
+    answer: int | None = None
 
 
 TEXT_FIELDS = ("text", "sentence", "content", "response", "output", "completion")
 PROMPT_FIELDS = ("prompt", "instruction", "input", "question")
 LABEL_FIELDS = ("label", "labels", "sentiment", "class", "category")
+# Multiple-choice records (causal LM, JSONL only): the options and the index of the right one.
+CHOICES_FIELD = "choices"
+ANSWER_FIELD = "answer"
 
 
 def load_examples(
@@ -68,7 +78,8 @@ def load_examples(
         if not examples:
             raise DataError(f"{path}: no examples (the file is empty)")
         return examples
-    examples = rows_to_examples(rows, path, task=task, text_field=text_field, label_field=label_field, prompt_field=prompt_field)
+    examples = rows_to_examples(rows, path, task=task, text_field=text_field, label_field=label_field, prompt_field=prompt_field,
+                                choices=suffix in (".jsonl", ".json"))
     if not examples:
         raise DataError(f"{path}: no examples (the file has no data rows)")
     return examples
@@ -114,12 +125,18 @@ def rows_to_examples(
     text_field: str | None = None,
     label_field: str | None = None,
     prompt_field: str | None = None,
+    choices: bool = False,
 ) -> list[Example]:
+    """Examples from parsed rows ((line number, record) pairs). With ``choices`` (JSON records),
+    a causal-LM record may be a multiple-choice question (``choices`` and ``answer``)."""
     if not rows:
         return []
     keys = list(rows[0][1].keys())
+    multiple_choice = choices and task != "seq-cls" and any(CHOICES_FIELD in row for _, row in rows)
+    if multiple_choice:  # a question's record may have no response field where other records have one
+        keys = list(dict.fromkeys(k for _, row in rows for k in row))
     text_key = _pick(keys, text_field, TEXT_FIELDS, "text", path)
-    if text_key is None:
+    if text_key is None and not multiple_choice:
         raise DataError(f"{path}: no text field; expected one of {', '.join(TEXT_FIELDS)} (fields: {', '.join(keys)})")
     examples = []
     if task == "seq-cls":
@@ -136,14 +153,38 @@ def rows_to_examples(
     else:
         prompt_key = _pick(keys, prompt_field, PROMPT_FIELDS, "prompt", path)
         for number, row in rows:
-            text = row.get(text_key)
             prompt = row.get(prompt_key, "") if prompt_key else ""
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{path}:{number}: field {text_key!r} must be a non-empty string")
             if not isinstance(prompt, str):
                 raise DataError(f"{path}:{number}: field {prompt_key!r} must be a string")
-            examples.append(Example(text=text, prompt=prompt))
+            options, answer = (), None
+            if multiple_choice and CHOICES_FIELD in row:
+                options, answer = _multiple_choice(row, number, path)
+                if not prompt.strip():
+                    where = repr(prompt_key) if prompt_key else f"one of {', '.join(PROMPT_FIELDS)}"
+                    raise DataError(f"{path}:{number}: a record with {CHOICES_FIELD!r} needs a non-empty prompt field ({where})")
+            text = row.get(text_key) if text_key is not None and (text_key in row or not options) else options[answer] if options else None
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{path}:{number}: field {text_key or TEXT_FIELDS[0]!r} must be a non-empty string")
+            examples.append(Example(text=text, prompt=prompt, choices=options, answer=answer))
     return examples
+
+
+def _multiple_choice(row: dict, number: int, path: Path) -> tuple[tuple[str, ...], int]:
+    """The checked (choices, answer index) of a multiple-choice record."""
+    options = row.get(CHOICES_FIELD)
+    if not isinstance(options, list) or len(options) < 2:
+        raise DataError(f"{path}:{number}: field {CHOICES_FIELD!r} must be a list of at least 2 strings, got {options!r:.80}")
+    for i, option in enumerate(options):
+        if not isinstance(option, str) or not option.strip():
+            raise DataError(f"{path}:{number}: field {CHOICES_FIELD!r}: choice {i} must be a non-empty string, got {option!r:.80}")
+    if ANSWER_FIELD not in row:
+        raise DataError(f"{path}:{number}: field {ANSWER_FIELD!r} (the index of the right choice) is missing")
+    answer = row[ANSWER_FIELD]
+    if isinstance(answer, bool) or not isinstance(answer, int):
+        raise DataError(f"{path}:{number}: field {ANSWER_FIELD!r} must be the index of the right choice (an integer), got {answer!r:.80}")
+    if not 0 <= answer < len(options):
+        raise DataError(f"{path}:{number}: field {ANSWER_FIELD!r} is {answer}, out of range for {len(options)} choices (0..{len(options) - 1})")
+    return tuple(options), answer
 
 
 def resolve_labels(examples: Sequence[Example], declared: Sequence[str] = ()) -> list[str]:

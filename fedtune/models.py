@@ -179,11 +179,27 @@ class ModelStore:
     def pad_id(self, source: ModelSource) -> int:
         return int(self.tokenizer(source).pad_token_id)
 
-    def encode(self, source: ModelSource, task, examples, max_length: int, labels: Sequence[str] = ()) -> list:
-        """``task.encode`` with this source's tokenizer, serialized across threads."""
+    def encode(self, source: ModelSource, task, examples, max_length: int, labels: Sequence[str] = (), chat_template: str = "auto") -> list:
+        """``task.encode`` with this source's tokenizer, serialized across threads.
+        ``chat_template`` ("auto" or "none") says whether prompts take the tokenizer's chat
+        template (fedtune.tasks.causal_lm)."""
         tokenizer = self.tokenizer(source)
         with self._tokenizer_lock:
-            return task.encode(examples, tokenizer, max_length, labels)
+            return task.encode(examples, tokenizer, max_length, labels, chat_template=chat_template)
+
+    def prepare_eval(self, source: ModelSource, task, examples, max_length: int, options) -> object:
+        """``task.prepare_eval`` (the held-out material of a task's extra evaluations, e.g.
+        generation prompts) with this source's tokenizer, serialized across threads."""
+        tokenizer = self.tokenizer(source)
+        with self._tokenizer_lock:
+            return task.prepare_eval(examples, tokenizer, max_length, options)
+
+    def decode(self, source: ModelSource, sequences: Sequence[Sequence[int]]) -> list[str]:
+        """Token id sequences back to text (special tokens left out), serialized across threads
+        as ``encode`` is."""
+        tokenizer = self.tokenizer(source)
+        with self._tokenizer_lock:
+            return tokenizer.batch_decode([list(s) for s in sequences], skip_special_tokens=True)
 
     def base(self, source: ModelSource, task: str, labels: Sequence[str] = (), blocks: int = 0) -> torch.nn.Module:
         key = (source, task, tuple(labels), blocks)

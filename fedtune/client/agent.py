@@ -48,7 +48,7 @@ from fedtune.protocol.tensors import (
     slot_table,
 )
 from fedtune.split.link import GrpcLink
-from fedtune.tasks import get_task
+from fedtune.tasks import CHAT_TEMPLATE_MODES, CHAT_TEMPLATE_OPTION, get_task
 from fedtune.transport import make_channel
 
 log = logging.getLogger(__name__)
@@ -368,7 +368,11 @@ class ClientAgent:
         settings = header.training
         try:
             plan = plan_from_proto(header.plan)
-            uplink, options = Uplink.from_options(dict(header.options), settings.seed)
+            sent = dict(header.options)
+            chat_template = sent.pop(CHAT_TEMPLATE_OPTION, "auto")  # how prompts are encoded, not a recipe option
+            if chat_template not in CHAT_TEMPLATE_MODES:
+                raise ValueError(f"unknown chat template mode {chat_template[:40]!r}")
+            uplink, options = Uplink.from_options(sent, settings.seed)
             options = options or {"recipe": "local"}
             recipe = make_recipe(options, self._memory.setdefault(options.get("recipe", "local"), {}), self._privacy)
         except ValueError as exc:  # unknown recipe or option, unusable plan
@@ -376,9 +380,9 @@ class ClientAgent:
         if not recipe.options.evaluate_only:  # the device's own privacy terms, before any work
             o = recipe.options
             PrivacyPolicy.from_dict(self._privacy.get("policy")).check_task(o.dp_clip, o.dp_delta, o.dp_repeatable)
-        key = (task_name, tuple(labels), settings.max_length)
+        key = (task_name, tuple(labels), settings.max_length, chat_template)
         if key not in self._encoded:
-            self._encoded[key] = self.store.encode(self.source, task, self.examples, settings.max_length, labels)
+            self._encoded[key] = self.store.encode(self.source, task, self.examples, settings.max_length, labels, chat_template=chat_template)
             if not self._encoded[key]:
                 raise AgentError("no usable training examples after tokenization")
         items, eval_items = self._split(key, recipe.options.personal_eval)

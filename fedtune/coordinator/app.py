@@ -34,6 +34,7 @@ from fedtune.data import Example, load_examples
 from fedtune.durable import fsync_dir, read_text_nofollow, replace_file
 from fedtune.models import ModelStore, resolve_source
 from fedtune.protocol.stubs import add_coordinator_to_server
+from fedtune.tasks import EvalOptions
 from fedtune.transport import is_loopback, make_server, split_address
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,7 @@ class Coordinator:
                 eval_examples=eval_examples,
                 eval_batch_size=config.eval.batch_size,
                 seed=config.seed,
+                eval_options=EvalOptions(config.model.chat_template, config.eval.generate, config.eval.max_new_tokens),
             )
         self.global_model = global_model
         self.strategy = compose(config, scale=self.global_model.plan.scale)

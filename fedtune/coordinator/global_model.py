@@ -19,7 +19,7 @@ from fedtune.data import Example
 from fedtune.durable import fresh_folder
 from fedtune.models import ModelSource, ModelStore
 from fedtune.names import A_SUFFIX, B_SUFFIX, lora_modules
-from fedtune.tasks import get_task
+from fedtune.tasks import EvalOptions, get_task
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,13 @@ class GlobalModel:
         eval_examples: Sequence[Example] = (),
         eval_batch_size: int = 64,
         seed: int = 0,
+        eval_options: EvalOptions | None = None,
     ) -> None:
+        """``eval_options``: the chat template mode the held-out data is encoded with (the
+        clients' training data takes the same) and the task's extra evaluations (causal LM:
+        generation, multiple choice); default: the template when the tokenizer has one, no
+        generation."""
+        eval_options = eval_options or EvalOptions()
         self.source, self.task_name, self.labels, self.plan = source, task, list(labels), plan
         self.store = store
         self.task = get_task(task)
@@ -48,7 +54,8 @@ class GlobalModel:
         self.model = inject_lora(base, plan, task, seed=seed)  # LoRA's A matrices drawn here: the run's initial adapter
         self.model.eval()
         self.pad_id = store.pad_id(source)
-        self.eval_items = store.encode(source, self.task, eval_examples, max_length, self.labels) if eval_examples else []
+        self.eval_items = store.encode(source, self.task, eval_examples, max_length, self.labels, chat_template=eval_options.chat_template) if eval_examples else []
+        self.eval_cases = store.prepare_eval(source, self.task, eval_examples, max_length, eval_options) if eval_examples else None
         if eval_examples:
             log.info("central evaluation on %d held-out examples", len(self.eval_items))
 
@@ -76,11 +83,16 @@ class GlobalModel:
         load_adapter_state(self.model, state)
 
     def evaluate(self, state: dict[str, torch.Tensor], base_delta: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
-        """Metrics of ``state`` on the held-out data ({} when there is none)."""
-        if not self.eval_items:
+        """Metrics of ``state`` on the held-out data ({} when there is none): the task's loss
+        metrics, and those of its extra evaluations (causal LM: generation exact match,
+        multiple-choice accuracy) when they were asked for and the data has what they need."""
+        if not self.eval_items and self.eval_cases is None:
             return {}
         self._load(state, base_delta or {})
-        metrics = self.task.evaluate(self.model, self.eval_items, self.pad_id, self.eval_batch_size)
+        metrics = self.task.evaluate(self.model, self.eval_items, self.pad_id, self.eval_batch_size) if self.eval_items else {}
+        if self.eval_cases is not None:
+            metrics.update(self.task.evaluate_prepared(self.model, self.eval_cases, self.pad_id, self.eval_batch_size,
+                                                       lambda ids: self.store.decode(self.source, ids)))
         release_free_memory()
         return metrics
 

@@ -25,6 +25,7 @@ from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
 from fedtune.protocol.messages import capabilities_from_proto, plan_to_proto
 from fedtune.protocol.tensors import AnyFrame, CountedFrames, EncodedTensor, ProtocolError, TensorReceiver, encode_tensors
 from fedtune.split.wire import Receiver, frames_bytes, message_frames
+from fedtune.tasks import CHAT_TEMPLATE_OPTION
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.split = split
         self.config = config
         self.model_spec = pb.ModelSpec(name=model_name, task=task, labels=labels)
+        # Told to every causal-LM client with its task: how its prompts are encoded (the chat
+        # template mode the coordinator's held-out data is encoded with).
+        self._task_options = {CHAT_TEMPLATE_OPTION: config.model.chat_template} if task == "causal-lm" else {}
         # The server's CallGuard (set when serving): throttles and logs failed enrollments and
         # refused calls.
         self.guard: CallGuard | None = None
@@ -157,7 +161,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             ),
             num_tensors=num_tensors,
             deadline_unix=task.deadline_unix,
-            options=dict(instruction.options),
+            options={**dict(instruction.options), **self._task_options},
         )
 
     def PushUpdate(self, request_iterator: Iterator[AnyFrame], context: grpc.ServicerContext) -> pb.PushReply:

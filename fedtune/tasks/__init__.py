@@ -4,7 +4,7 @@ Each task is a small class registered by name ("seq-cls", "causal-lm"); the coor
 client and the simulation only talk to the ``Task`` interface.
 """
 
-from fedtune.tasks.base import TASKS, EncodedExample, Task, get_task
+from fedtune.tasks.base import CHAT_TEMPLATE_MODES, CHAT_TEMPLATE_OPTION, TASKS, EncodedExample, EvalOptions, Task, get_task
 from fedtune.tasks import causal_lm, classification  # noqa: F401  (registers the tasks)
 
-__all__ = ["TASKS", "EncodedExample", "Task", "get_task"]
+__all__ = ["CHAT_TEMPLATE_MODES", "CHAT_TEMPLATE_OPTION", "TASKS", "EncodedExample", "EvalOptions", "Task", "get_task"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from array import array
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -31,6 +31,27 @@ def token_array(ids: Iterable[int]) -> array:
     return array("i", ids)
 
 
+CHAT_TEMPLATE_MODES = ("auto", "none")
+# The task option (a TaskHeader option) that tells a causal-LM client the run's chat template
+# mode, so its training data is encoded as the coordinator encodes the held-out data.
+CHAT_TEMPLATE_OPTION = "chat_template"
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How held-out data is read and scored beyond the task's own loss (config keys
+    ``model.chat_template``, ``eval.generate``, ``eval.max_new_tokens``).
+
+    ``chat_template``: "auto" formats prompt/response examples with the tokenizer's chat
+    template when it has one, "none" never does. ``generate``: how many held-out prompt/response
+    examples are answered by greedy generation and scored by exact match (0: off), each with at
+    most ``max_new_tokens`` new tokens. Tasks without such evaluations ignore them."""
+
+    chat_template: str = "auto"
+    generate: int = 0
+    max_new_tokens: int = 32
+
+
 class Task:
     """What differs between tasks: encoding, collation, and the evaluation metrics."""
 
@@ -38,8 +59,21 @@ class Task:
     # What the task brings to a run (fedtune.contract.properties), for the composer.
     declares: Declaration = NOTHING
 
-    def encode(self, examples: Sequence[Example], tokenizer, max_length: int, labels: Sequence[str]) -> list[EncodedExample]:
+    def encode(self, examples: Sequence[Example], tokenizer, max_length: int, labels: Sequence[str], chat_template: str = "auto") -> list[EncodedExample]:
+        """Token ids and targets of ``examples``, at most ``max_length`` tokens each.
+        ``chat_template`` ("auto" or "none") matters only to tasks that format prompts."""
         raise NotImplementedError
+
+    def prepare_eval(self, examples: Sequence[Example], tokenizer, max_length: int, options: EvalOptions) -> Any:
+        """What the task's extra evaluations (``evaluate_prepared``) need from the held-out
+        ``examples``, tokenized once (None: the task has none)."""
+        return None
+
+    def evaluate_prepared(self, model: torch.nn.Module, prepared: Any, pad_id: int, batch_size: int,
+                          decode: Callable[[list[list[int]]], list[str]]) -> dict[str, float]:
+        """Metrics of the extra evaluations ``prepare_eval`` prepared; ``decode`` turns token
+        ids back into text (the caller's tokenizer, used safely across threads)."""
+        return {}
 
     def collate(self, items: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError

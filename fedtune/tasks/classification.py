@@ -20,7 +20,9 @@ class SequenceClassification(Task):
     name = "seq-cls"
     declares = declare(provides={"class-logits"})
 
-    def encode(self, examples: Sequence[Example], tokenizer, max_length: int, labels: Sequence[str]) -> list[EncodedExample]:
+    def encode(self, examples: Sequence[Example], tokenizer, max_length: int, labels: Sequence[str], chat_template: str = "auto") -> list[EncodedExample]:
+        """Texts truncated to ``max_length`` tokens, with their class index (no chat template: a
+        classifier reads the text alone)."""
         ids = label_ids(examples, labels)
         out = []
         # In slices: the tokenizer's Python output for a whole device's data at once (three
