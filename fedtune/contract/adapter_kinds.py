@@ -38,6 +38,20 @@ class AdapterKind:
         ``alpha_pattern``: peft's per-module overrides, computed from the plan's per-block ranks)."""
         raise NotImplementedError
 
+    @staticmethod
+    def placement(plan: AdapterPlan, *, task_type: Any, rank_pattern: Mapping[str, int], alpha_pattern: Mapping[str, float]) -> dict[str, Any]:
+        """The peft config arguments every kind shares: where the adapter goes, its rank (per block
+        too) and the task; a kind's ``peft_config`` adds its own (alpha, dropout) to them."""
+        return dict(
+            task_type=task_type,
+            r=plan.rank,
+            target_modules=list(plan.target_modules) or None,
+            layers_to_transform=sorted(plan.layers) or None,
+            modules_to_save=list(plan.modules_to_save) or None,
+            rank_pattern=dict(rank_pattern),
+            alpha_pattern=dict(alpha_pattern),
+        )
+
     def check(self, plan: AdapterPlan) -> None:
         """Refuse (AdapterError) a plan this kind cannot build. ``freeze_a`` and ``core`` are
         options of LoRA's two factors: other kinds have neither."""
@@ -87,17 +101,8 @@ class LoRA(AdapterKind):
     def peft_config(self, plan: AdapterPlan, *, task_type: Any, rank_pattern: Mapping[str, int], alpha_pattern: Mapping[str, float]) -> Any:
         from peft import LoraConfig
 
-        return LoraConfig(
-            task_type=task_type,
-            r=plan.rank,
-            lora_alpha=plan.alpha,
-            lora_dropout=plan.dropout,
-            target_modules=list(plan.target_modules) or None,
-            layers_to_transform=sorted(plan.layers) or None,
-            modules_to_save=list(plan.modules_to_save) or None,
-            rank_pattern=dict(rank_pattern),
-            alpha_pattern=dict(alpha_pattern),
-        )
+        where = self.placement(plan, task_type=task_type, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+        return LoraConfig(lora_alpha=plan.alpha, lora_dropout=plan.dropout, **where)
 
     def check(self, plan: AdapterPlan) -> None:
         return None  # LoRA has every option of a plan

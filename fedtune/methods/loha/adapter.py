@@ -33,18 +33,9 @@ class LoHa(AdapterKind):
     def peft_config(self, plan: AdapterPlan, *, task_type: Any, rank_pattern: Mapping[str, int], alpha_pattern: Mapping[str, float]) -> Any:
         from peft import LoHaConfig
 
-        return LoHaConfig(
-            task_type=task_type,
-            r=plan.rank,
-            alpha=plan.alpha,
-            # peft's LoHa has no dropout on its input (LoRA's); it drops rank slots of the update
-            rank_dropout=plan.dropout,
-            target_modules=list(plan.target_modules) or None,
-            layers_to_transform=sorted(plan.layers) or None,
-            modules_to_save=list(plan.modules_to_save) or None,
-            rank_pattern=dict(rank_pattern),
-            alpha_pattern=dict(alpha_pattern),
-        )
+        where = self.placement(plan, task_type=task_type, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+        # peft's LoHa has no dropout on its input (LoRA's); it drops rank slots of the update
+        return LoHaConfig(alpha=plan.alpha, rank_dropout=plan.dropout, **where)
 
     def delta(self, tensors: Mapping[str, torch.Tensor], module: str) -> torch.Tensor:
         first = tensors[module + W1_A].double() @ tensors[module + W1_B].double()
