@@ -61,7 +61,7 @@ from fedtune.coordinator.guard import credentials
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
 from fedtune.protocol.tensors import TensorReceiver, encode_tensors, tensor_frames
-from fedtune.transport import GRPC_OPTIONS
+from fedtune.transport import make_channel
 
 SHAPES = {"layer.lora_A": (8, 64), "layer.lora_B": (64, 8), "head": (2, 64)}
 BAD_KINDS = ("nan", "inf", "huge", "shape", "name")
@@ -123,12 +123,16 @@ class Device:
         self.done_rounds: set[tuple[int, int]] = set()  # (life, round) this device has acted in
         self.started = time.monotonic()
         self.events: deque[str] = deque(maxlen=8)  # its last steps, printed when a scenario stalls
+        self.thread_id: int | None = None  # the thread running it, whose stack a stall prints
 
     def note(self, text: str) -> None:
         self.events.append(f"{time.monotonic() - self.started:7.2f}s {text}")
 
     def run(self) -> None:
-        channel = grpc.insecure_channel(f"127.0.0.1:{self.port_box['port']}", options=GRPC_OPTIONS)
+        self.thread_id = threading.get_ident()
+        # fedtune's own channel: its watchdog ends a call gRPC lets run past its deadline, as a
+        # real device's would (fedtune.transport.CallWatchdog)
+        channel = make_channel(f"127.0.0.1:{self.port_box['port']}")
         stub = pb_grpc.CoordinatorStub(channel)
         while not self.stop.is_set():
             try:
@@ -159,7 +163,7 @@ class Device:
 
     def _one(self, stub) -> bool:
         meta = credentials(self.client_id, self.token)
-        frames = iter(stub.FetchTask(pb.FetchTaskRequest(client_id=self.client_id, token=self.token, wait_seconds=1.0), timeout=30, metadata=meta))
+        frames = iter(stub.FetchTask(pb.FetchTaskRequest(client_id=self.client_id, token=self.token, wait_seconds=1.0), timeout=10, metadata=meta))
         header = next(frames).task
         if header.status == pb.TASK_STATUS_DONE:
             return True
@@ -378,11 +382,14 @@ def _report_stall(report, scenario: Scenario, time_limit: float, coord: Coordina
     report(f"{scenario.name}: each device's last steps:")
     for d in devices:
         report(f"  {d.name} ({d.client_id or 'unregistered'}): " + " | ".join(list(d.events)[-4:]))
-    frame = sys._current_frames().get(engine.ident)
-    if frame is not None:
-        report(f"{scenario.name}: where the round engine waits:")
-        for line in traceback.format_stack(frame)[-6:]:
-            report("  " + line.rstrip().replace("\n", "\n  "))
+    frames = sys._current_frames()
+    waiting = [("the round engine", engine.ident)] + [(d.name, d.thread_id) for d in devices]
+    for who, ident in waiting:
+        frame = frames.get(ident) if ident is not None else None
+        if frame is not None:
+            report(f"{scenario.name}: where {who} waits:")
+            for line in traceback.format_stack(frame)[-6:]:
+                report("  " + line.rstrip().replace("\n", "\n  "))
 
 
 SCENARIOS = {

@@ -1,14 +1,23 @@
 """gRPC channels and server ports, with the security rule fedtune enforces: plaintext only on
-loopback, unless the operator asks for it explicitly; TLS otherwise."""
+loopback, unless the operator asks for it explicitly; TLS otherwise. Every streaming call made
+on a channel from ``make_channel`` is bounded by its deadline even where gRPC lets it overrun
+(``CallWatchdog``)."""
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
+import itertools
+import logging
+import threading
+import time
 from concurrent import futures
 from pathlib import Path
 from typing import Sequence
 
 import grpc
+
+log = logging.getLogger(__name__)
 
 # Chunks stay under 4 MiB, but headers with long tensor lists should not hit the cap either.
 MESSAGE_LIMIT = 16 * 1024 * 1024
@@ -23,6 +32,72 @@ GRPC_OPTIONS = [
 
 class TransportError(ValueError):
     """A misconfigured address or TLS setting."""
+
+
+class CallWatchdog(grpc.UnaryStreamClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Cancels a streaming call still unfinished ``grace_s`` seconds after its deadline.
+
+    gRPC enforces deadlines itself, yet a response stream begun while its server was being
+    stopped (a coordinator killed and restarted on the same port) was seen waiting past its
+    deadline with nothing to end it: a device would then wait for ever for a coordinator that
+    had come back. The cancelled call raises ``CANCELLED`` in the waiting thread, which the
+    caller's retry path handles like any lost connection. One thread watches every call of the
+    process; a call that ends on time is forgotten when it ends."""
+
+    def __init__(self, grace_s: float = 5.0) -> None:
+        self.grace_s = grace_s
+        self.cancelled = 0  # calls this watchdog had to cancel
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int]] = []
+        self._calls: dict[int, grpc.Future] = {}
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return self._watch(continuation(client_call_details, request), client_call_details)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return self._watch(continuation(client_call_details, request_iterator), client_call_details)
+
+    def _watch(self, call, details):
+        if details.timeout is None or not hasattr(call, "add_done_callback"):
+            return call
+        key = next(self._ids)
+        with self._cond:
+            self._calls[key] = call
+            heapq.heappush(self._heap, (time.monotonic() + details.timeout + self.grace_s, key))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="fedtune-call-watchdog", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        call.add_done_callback(lambda _: self._forget(key))
+        return call
+
+    def _forget(self, key: int) -> None:
+        with self._cond:
+            self._calls.pop(key, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap:
+                    self._cond.wait()
+                due, key = self._heap[0]
+                if key not in self._calls:  # ended on time
+                    heapq.heappop(self._heap)
+                    continue
+                if due > time.monotonic():
+                    self._cond.wait(due - time.monotonic())
+                    continue
+                heapq.heappop(self._heap)
+                call = self._calls.pop(key)
+                self.cancelled += 1
+            log.warning("a call ran %.0f s past its deadline with no answer; cancelled it", self.grace_s)
+            call.cancel()
+
+
+# The watchdog of every channel ``make_channel`` makes.
+WATCHDOG = CallWatchdog()
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -111,8 +186,9 @@ def make_channel(address: str, *, tls_ca: str = "", tls_cert: str = "", tls_key:
             private_key=_read(tls_key, "TLS client key") if tls_key else None,
             certificate_chain=_read(tls_cert, "TLS client certificate") if tls_cert else None,
         )
-        return grpc.secure_channel(address, creds, options=GRPC_OPTIONS)
-    if is_loopback(host) or insecure:
-        return grpc.insecure_channel(address, options=GRPC_OPTIONS)
-    # A remote coordinator without an explicit CA: TLS with the system's roots.
-    return grpc.secure_channel(address, grpc.ssl_channel_credentials(), options=GRPC_OPTIONS)
+        channel = grpc.secure_channel(address, creds, options=GRPC_OPTIONS)
+    elif is_loopback(host) or insecure:
+        channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+    else:  # a remote coordinator without an explicit CA: TLS with the system's roots
+        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(), options=GRPC_OPTIONS)
+    return grpc.intercept_channel(channel, WATCHDOG)

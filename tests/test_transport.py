@@ -3,6 +3,8 @@ coordinator's own download and upload paths, bit for bit."""
 
 from __future__ import annotations
 
+import threading
+import time
 
 import grpc
 import pytest
@@ -155,3 +157,69 @@ def test_the_fast_path_refuses_what_the_protobuf_path_refuses(tmp_path):
     assert torch.equal(coordinator.engine.state["w"], good * 2)
     # every refusal but the first (no header: no round to count it in) is in the round's row
     assert coordinator.engine.history[0]["rejected_updates"] == len(cases) - 1
+
+
+class _Call:
+    """A streaming call as the watchdog sees it: done callbacks and cancel()."""
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+        self._callbacks = []
+
+    def add_done_callback(self, fn) -> None:
+        self._callbacks.append(fn)
+
+    def finish(self) -> None:
+        for fn in self._callbacks:
+            fn(self)
+
+    def cancel(self) -> bool:
+        self.cancelled.set()
+        self.finish()
+        return True
+
+
+class _Details:
+    def __init__(self, timeout):
+        self.timeout = timeout
+
+
+def test_the_watchdog_cancels_a_stream_left_running_past_its_deadline_and_only_that():
+    """gRPC let a response stream begun while its server was stopping run past its deadline;
+    fedtune's channels cancel such a call ``grace_s`` after the deadline, so the caller's retry
+    path runs instead of a device waiting for ever."""
+    from fedtune.transport import CallWatchdog
+
+    watchdog = CallWatchdog(grace_s=0.2)
+    stuck, answered, unbounded = _Call(), _Call(), _Call()
+    started = time.monotonic()
+    assert watchdog.intercept_unary_stream(lambda d, r: stuck, _Details(0.1), None) is stuck
+    watchdog.intercept_stream_stream(lambda d, r: answered, _Details(0.1), iter(()))
+    watchdog.intercept_unary_stream(lambda d, r: unbounded, _Details(None), None)
+    answered.finish()  # ends on time: forgotten
+    assert stuck.cancelled.wait(5)
+    assert time.monotonic() - started >= 0.3 - 0.02
+    time.sleep(0.3)
+    assert not answered.cancelled.is_set() and not unbounded.cancelled.is_set()
+    assert watchdog.cancelled == 1
+
+
+def test_fedtune_channels_carry_the_watchdog(tmp_path):
+    from fedtune.transport import WATCHDOG, make_channel
+
+    config = RunConfig()
+    config.run_dir, config.federation.min_clients = str(tmp_path / "run"), 1
+    with live_coordinator(config, global_model=FixedTensors({"w": torch.zeros(2)})) as (coordinator, _, _engine):
+        channel = make_channel(f"127.0.0.1:{coordinator.port}")
+        stub = coordinator_stub(channel)
+        reply = stub.Register(pb.RegisterRequest(name="dev"), timeout=10)
+        before = len(WATCHDOG._calls)
+        frames = stub.FetchTask(pb.FetchTaskRequest(client_id=reply.client_id, token=reply.token, wait_seconds=0.1), timeout=30,
+                                metadata=credentials(reply.client_id, reply.token))
+        assert len(WATCHDOG._calls) == before + 1  # watched while it runs
+        list(frames)
+        deadline = time.monotonic() + 5
+        while len(WATCHDOG._calls) > before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(WATCHDOG._calls) == before  # forgotten once it ended
+        channel.close()
