@@ -20,6 +20,10 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (a few ms
 
 __version__ = "0.1.0"
 
+from fedtune.logs import quiet_offline_kernel_lookup  # noqa: E402  (logging only: no torch)
+
+quiet_offline_kernel_lookup()
+
 # name -> module that defines it
 _EXPORTS = {
     "simulate": "fedtune.api",

@@ -43,6 +43,7 @@ COMMON_KEYS = {
     "lr": "training.learning_rate",
     "eval_data": "eval.data",
     "chat_template": "model.chat_template",
+    "base_precision": "model.base_precision",
     "eval_generate": "eval.generate",
     "eval_max_new_tokens": "eval.max_new_tokens",
     "run_dir": "run_dir",
@@ -150,6 +151,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", help="held-out data evaluated centrally after each round")
     p.add_argument("--chat-template", choices=["auto", "none"], help="causal-lm: format prompt/response examples with the tokenizer's chat template "
                    "when it has one (auto, the default) or never (none)")
+    p.add_argument("--base-precision", choices=["fp32", "int8", "4bit"], help="how devices and the coordinator hold the frozen base weights: "
+                   "fp32 (the default), int8 or 4bit (NF4, through bitsandbytes); LoRA trains on top in fp32")
     p.add_argument("--eval-generate", type=int, metavar="N", help="causal-lm: answer the first N held-out prompts by greedy generation and report "
                    "the exact-match rate against their responses (0: off, the default)")
     p.add_argument("--eval-max-new-tokens", type=int, metavar="N", help="causal-lm: new tokens each --eval-generate answer may take (default 32)")
@@ -405,7 +408,7 @@ def _check_inputs(config: RunConfig) -> None:
     from fedtune.data import DataError
     from fedtune.models import resolve_source
 
-    resolve_source(config.model.source)
+    resolve_source(config.model.source, config.model.base_precision)
     for key, value in (("--data", config.simulation.data), ("--eval-data", config.eval.data), ("--profiles", config.simulation.profiles)):
         if value and not Path(value).is_file():
             raise DataError(f"{key}: file {value!r} does not exist")

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 from fedtune.aggregation import STRATEGIES, Strategy, Wrapper
 from fedtune.aggregation.base import variant_class
 from fedtune.config import ConfigError, RunConfig
-from fedtune.contract.properties import CompositionError, Part, chain_parts, check, conflicts
+from fedtune.contract.properties import CompositionError, Part, chain_parts, check, conflicts, declare
 from fedtune.options import OptionsError, build_options, option_names
 from fedtune.registry import UnknownNameError
 
@@ -107,21 +107,25 @@ def compose(config: RunConfig, scale: float | None = None) -> Strategy:
     picked = choices(config)
     picked.setdefault("aggregation", Choice("fedavg", "the default aggregation fedavg"))
     picked.setdefault("server-opt", Choice("", ""))
-    task_part = Part(f"model.task {config.model.task}", task.declares)
+    # The model's parts: its task, and how the frozen base is held (a quantized base is read
+    # through bitsandbytes' layers, which not every adapter kind can wrap).
+    model_parts = [Part(f"model.task {config.model.task}", task.declares)]
+    if config.model.base_precision != "fp32":
+        model_parts.append(Part(f"model.base_precision {config.model.base_precision}", declare(provides={"quantized-base"})))
     default = DEFAULT_CORRECTION.get(config.model.task, "")
     if "client-correction" not in picked and default:
         try:
-            return _build(config, {**picked, "client-correction": Choice(default, f"the default client correction {default}")}, scale, task_part)
+            return _build(config, {**picked, "client-correction": Choice(default, f"the default client correction {default}")}, scale, model_parts)
         except CompositionError as exc:
             log.info("the default client correction %s is left out: %s", default, exc)
     picked.setdefault("client-correction", Choice("", ""))
     try:
-        return _build(config, picked, scale, task_part)
+        return _build(config, picked, scale, model_parts)
     except CompositionError as exc:
         raise ConfigError(str(exc)) from None
 
 
-def _build(config: RunConfig, picked: Mapping[str, Choice], scale: float, task_part: Part) -> Strategy:
+def _build(config: RunConfig, picked: Mapping[str, Choice], scale: float, model_parts: list[Part]) -> Strategy:
     """Build the chain for ``picked`` and check every part; CompositionError (a ConfigError)
     when two parts conflict."""
     seed = config.seed
@@ -201,7 +205,7 @@ def _build(config: RunConfig, picked: Mapping[str, Choice], scale: float, task_p
             strategy = wrap(Compress(strategy, uplink, downlink, error_feedback=c.error_feedback), label)
         except OptionsError as exc:
             raise ConfigError(str(exc)) from None
-    check([*chain_parts(strategy, labels), task_part])
+    check([*chain_parts(strategy, labels), *model_parts])
     return strategy
 
 

@@ -42,6 +42,9 @@ class ModelConfig:
     # tokenizer's chat template when it has one; "none" uses the prompt's own tokens. Plain text
     # examples are never templated.
     chat_template: str = "auto"
+    # How every device (and the coordinator) holds the frozen base weights: "fp32", "int8" or
+    # "4bit" (NF4, through bitsandbytes; see fedtune.quantized_base). LoRA trains on top in fp32.
+    base_precision: str = "fp32"
 
 
 @dataclass
@@ -426,6 +429,12 @@ class RunConfig:
         _check(self.eval.batch_size >= 1, "eval.batch_size", "must be at least 1")
         _check(self.eval.max_examples >= 0, "eval.max_examples", "must be >= 0")
         _check(self.model.chat_template in ("auto", "none"), "model.chat_template", f"must be auto or none, got {self.model.chat_template!r}")
+        from fedtune.quantized_base import PrecisionError, check_precision
+
+        try:
+            check_precision(self.model.base_precision)
+        except PrecisionError as exc:
+            raise ConfigError(str(exc)) from None
         _check(self.eval.generate >= 0, "eval.generate", "must be >= 0 (0: no generation)")
         _check(1 <= self.eval.max_new_tokens <= 4096, "eval.max_new_tokens", "must be between 1 and 4096")
         _check(":" in self.server.address, "server.address", "must be HOST:PORT")

@@ -22,6 +22,26 @@ LOG_FORMATS = ("rich", "plain", "json")
 MAX_MESSAGE_CHARS = 8000
 
 
+class _OfflineKernelLookup(logging.Filter):
+    """Drops the two warnings importing bitsandbytes prints on CPUs with AVX512-BF16: it asks the
+    ``kernels`` package for an optional fused kernel from the Hugging Face Hub, which fails
+    offline (fedtune always runs offline) and falls back to bitsandbytes' own kernels. peft
+    imports bitsandbytes whenever it is installed, so every run would print them."""
+
+    NOISE = ("Failed to load CPU gemm_4bit_forward", "Skipping publisher trust check")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+
+
+def quiet_offline_kernel_lookup() -> None:
+    """Install ``_OfflineKernelLookup`` on the two loggers concerned (once)."""
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OfflineKernelLookup) for f in logger.filters):
+            logger.addFilter(_OfflineKernelLookup())
+
+
 def clip(value: object, limit: int = 200) -> str:
     """``value`` as text fit for one log line: at most ``limit`` characters (the rest counted),
     with line breaks and other unprintable characters escaped. For whatever a peer controls

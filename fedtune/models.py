@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import itertools
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from fedtune.adapters.lora import keep_first_blocks
+from fedtune.quantized_base import PrecisionError, check_precision, quantize_base, shared_tensors
 from fedtune.rng import seeded
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,12 @@ class ModelSource:
     name: str                   # what the user asked for, for logs and reports
     path: Path                  # a folder with config/tokenizer files
     gguf_file: str | None = None
+    # How the frozen base weights are held once loaded: fp32, int8 or 4bit (fedtune.quantized_base).
+    precision: str = "fp32"
+
+    def held_at(self, precision: str) -> "ModelSource":
+        """The same model, its base held at ``precision``."""
+        return replace(self, precision=check_precision(precision))
 
 
 def _package_dir(package: str) -> Path | None:
@@ -56,21 +62,26 @@ EMBEDDED = {
 }
 
 
-def resolve_source(spec: str) -> ModelSource:
-    """Turn a user's model argument into a ModelSource, or raise ModelError saying why not."""
+def resolve_source(spec: str, precision: str = "fp32") -> ModelSource:
+    """Turn a user's model argument into a ModelSource whose base is held at ``precision``, or
+    raise ModelError saying why not."""
+    try:
+        check_precision(precision)
+    except PrecisionError as exc:
+        raise ModelError(str(exc)) from None
     if spec in EMBEDDED:
         package, sub, gguf, hint = EMBEDDED[spec]
         root = _package_dir(package)
         if root is None:
             raise ModelError(f"embedded model {spec!r} needs its package: {hint}")
-        return ModelSource(spec, (root / sub).resolve(), gguf)
+        return ModelSource(spec, (root / sub).resolve(), gguf, precision)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return ModelSource(spec, path.parent.resolve(), path.name)
+        return ModelSource(spec, path.parent.resolve(), path.name, precision)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"model folder {spec!r} has no config.json")
-        return ModelSource(spec, path.resolve())
+        return ModelSource(spec, path.resolve(), precision=precision)
     known = ", ".join(sorted(EMBEDDED))
     raise ModelError(f"model {spec!r} is neither an embedded model ({known}) nor an existing folder or .gguf file")
 
@@ -98,7 +109,8 @@ def load_tokenizer(source: ModelSource):
 
 
 def load_base_model(source: ModelSource, task: str, labels: Sequence[str] = (), seed: int = 0, blocks: int = 0) -> torch.nn.Module:
-    """Load a base model for ``task`` on the CPU, in fp32, in eval mode.
+    """Load a base model for ``task`` on the CPU, in eval mode, its frozen weights held at the
+    source's precision (fp32, or quantized by ``fedtune.quantized_base``).
 
     Newly created weights (a classification head) are drawn from a CPU generator seeded with
     ``seed`` inside ``fork_rng``, so every process builds the same model and the caller's
@@ -141,17 +153,23 @@ def load_base_model(source: ModelSource, task: str, labels: Sequence[str] = (), 
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    if source.precision != "fp32":
+        try:
+            quantize_base(model, source.precision)
+        except Exception as exc:  # bitsandbytes raises many types; report them as one
+            raise ModelError(f"cannot hold model {source.name!r} at {source.precision}: {exc}") from exc
     return model
 
 
 def share_base(model: torch.nn.Module) -> torch.nn.Module:
     """A new module tree whose parameters and buffers are the same tensors as ``model``'s.
 
-    deepcopy with a pre-filled memo copies the modules but not the tensors. The base weights
+    deepcopy with a pre-filled memo copies the modules but not the tensors (nor the scales of a
+    quantized base, ``fedtune.quantized_base.shared_tensors``). The base weights
     are frozen and only read, so sharing them between threads is safe; LoRA modules and
     trainable heads that peft adds to the copy are the copy's own.
     """
-    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    memo = {id(t): t for t in shared_tensors(model)}
     return copy.deepcopy(model, memo)
 
 

@@ -1,7 +1,7 @@
 """The combination matrix: every pair (and chosen triples) of the features that meet in a run.
 
 Factors: strategy, LoRA variant, uplink codec, downlink codec, DP level, split mode, update norm
-bound, FedSA. For every combination:
+bound, FedSA, and how the frozen base is held (fp32 or 4-bit). For every combination:
 
 - the composer refuses it at start in one line naming both parts and the property, or
 - it keeps the echo invariant: clients that return what they got leave the global model's
@@ -36,6 +36,7 @@ FACTORS: dict[str, list] = {
     "split": ["federated", "split"],
     "bound": [0.0, 0.5],
     "share_a": [False, True],
+    "base": ["fp32", "4bit"],
 }
 DEFAULT = {name: levels[0] for name, levels in FACTORS.items()}
 # Triples where three features meet in one place (the aggregate, the client's update, the clip).
@@ -50,6 +51,8 @@ TRIPLES = [
     {"share_a": True, "dp": "sample", "downlink": "fp16"},
     {"strategy": "fedkseed", "dp": "client", "downlink": "fp16"},
     {"split": "split", "downlink": "fp16", "strategy": "fedavg"},
+    {"base": "4bit", "strategy": "flora", "dp": "sample"},      # folds into a quantized base, per-example gradients over it
+    {"base": "4bit", "variant": "fedsb", "split": "split"},
 ]
 LABELS = ["negative", "neutral", "positive"]
 TIERS = ["phone", "laptop", "server"]
@@ -97,6 +100,7 @@ def config_for(combo: dict, model: str, run_dir: str) -> RunConfig:
     config.split.mode = combo["split"]
     config.federation.update_norm_bound = combo["bound"]
     config.federation.share_a = combo["share_a"]
+    config.model.base_precision = combo["base"]
     config.training.local_steps, config.training.batch_size = 2, 4
     config.simulation.clients, config.simulation.tiers = 3, list(TIERS)
     config.eval.max_examples = 0

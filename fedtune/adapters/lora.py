@@ -25,6 +25,7 @@ from fedtune.contract.cost import default_target_modules, is_conv1d
 from fedtune.contract.plans import AdapterError, AdapterPlan
 from fedtune.durable import fresh_folder, write_file
 from fedtune.names import A_SUFFIX, BASE_DELTA, CORE_SUFFIX, FROZEN_A, FROZEN_B, is_frozen_update
+from fedtune.quantized_base import dense_weight, is_quantized, set_dense_weight
 from fedtune.rng import seeded
 
 PEFT_TASK_TYPES = {"seq-cls": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM}
@@ -155,14 +156,23 @@ def out_in_weight(module: torch.nn.Module) -> torch.Tensor:
     """The base weight of ``module`` as the out x in matrix LoRA's ``B @ A`` adds to, whatever
     its storage (a Conv1D keeps it transposed)."""
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    if is_quantized(base):  # held in 8 or 4 bits (fedtune.quantized_base): read dequantized
+        return dense_weight(base)
     return base.weight.T if is_transposed(module) else base.weight
 
 
 def add_to_weight(module: torch.nn.Module, delta: torch.Tensor, original: torch.Tensor | None = None) -> None:
     """Replace the base weight of ``module`` by ``original`` (default: its weight) plus the out x
-    in ``delta``, stored in the layer's own layout (transposed for a Conv1D). Replaced, not
+    in ``delta``, stored in the layer's own layout (transposed for a Conv1D; quantized again
+    for a quantized layer, from ``original``, so rounding does not accumulate). Replaced, not
     modified in place: base weights may be shared with other models in this process."""
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    if is_quantized(base):
+        start = dense_weight(base, original)
+        if tuple(delta.shape) != tuple(start.shape):
+            raise AdapterError(f"a {list(delta.shape)} update does not fit a weight of shape {list(start.shape)} (out x in)")
+        set_dense_weight(base, start + delta.to(start.dtype))
+        return
     start = base.weight if original is None else original
     step = delta.T if is_transposed(module) else delta
     if tuple(step.shape) != tuple(start.shape):

@@ -47,6 +47,7 @@ from fedtune.protocol.tensors import (
     encode_tensors,
     slot_table,
 )
+from fedtune.quantized_base import BASE_PRECISION_OPTION
 from fedtune.split.link import GrpcLink
 from fedtune.tasks import CHAT_TEMPLATE_MODES, CHAT_TEMPLATE_OPTION, get_task
 from fedtune.transport import make_channel
@@ -372,6 +373,8 @@ class ClientAgent:
             chat_template = sent.pop(CHAT_TEMPLATE_OPTION, "auto")  # how prompts are encoded, not a recipe option
             if chat_template not in CHAT_TEMPLATE_MODES:
                 raise ValueError(f"unknown chat template mode {chat_template[:40]!r}")
+            # how the run holds the frozen base (fp32 unless told): the adapter trains on that base
+            held = self.source.held_at(sent.pop(BASE_PRECISION_OPTION, "fp32")[:40])
             uplink, options = Uplink.from_options(sent, settings.seed)
             options = options or {"recipe": "local"}
             recipe = make_recipe(options, self._memory.setdefault(options.get("recipe", "local"), {}), self._privacy)
@@ -399,7 +402,7 @@ class ClientAgent:
                 raise RoundClosed(header.round)
             started = time.perf_counter()
             # peft's initial A (replaced by the task's below) drawn under the process's RNG lock
-            model = inject_lora(self.store.instance(self.source, task_name, labels, blocks), model_plan, task_name, seed=settings.seed)
+            model = inject_lora(self.store.instance(held, task_name, labels, blocks), model_plan, task_name, seed=settings.seed)
             try:
                 apply_base_delta(model, frozen)
                 update, metrics = recipe.run(model, adapter, extras, task, items, train_settings, self.store.pad_id(self.source), self.options.device, eval_items)

@@ -42,6 +42,7 @@ import torch
 from fedtune.contract.adapter_kinds import adapter_kind
 from fedtune.contract.plans import AdapterPlan
 from fedtune.devices import Capabilities
+from fedtune.quantized_base import held_bytes, logical_numel
 
 _BLOCK = re.compile(r"\.(\d+)\.")
 
@@ -158,6 +159,7 @@ class ModelGeometry:
     block_params: int                                 # parameters of one transformer block
     modules: tuple[tuple[int, str, int, int], ...]    # (block, name, in, out) of each LoRA target
     head_params: int = 0                              # trained head (modules_to_save)
+    base_bytes: int = 0                               # bytes the frozen base occupies as held (0: fp32)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, target_modules: Sequence[str], head_params: int = 0) -> "ModelGeometry":
@@ -176,17 +178,18 @@ class ModelGeometry:
         for name, p in model.named_parameters():
             match = _BLOCK.search(name)
             if match is not None and int(match.group(1)) < num_blocks:
-                per_block[int(match.group(1))] += p.numel()
+                per_block[int(match.group(1))] += logical_numel(p)
         if not modules:
             raise ValueError(f"no Linear or Conv1D modules named {list(targets)} inside numbered blocks")
         return cls(
             num_blocks=num_blocks,
             hidden=hidden,
             heads=heads,
-            base_params=sum(p.numel() for p in model.parameters()),
+            base_params=sum(logical_numel(p) for p in model.parameters()),
             block_params=max(per_block),
             modules=tuple(modules),
             head_params=head_params,
+            base_bytes=held_bytes(model),  # what the device holds: fewer bytes when quantized
         )
 
 
@@ -235,7 +238,8 @@ class CostModel:
         # trained parameters: weight, gradient and two AdamW moments; frozen adapter factors: weight
         trained = self.trained_params(g, plan) + g.head_params
         frozen = self.lora_params(g, plan) - self.trained_params(g, plan)
-        return int(4 * g.base_params + 16 * trained + 4 * frozen + activations)
+        base = g.base_bytes or 4 * g.base_params  # the base as held (int8, 4-bit) or in fp32
+        return int(base + 16 * trained + 4 * frozen + activations)
 
     def flops_per_step(self, g: ModelGeometry, plan: AdapterPlan, backward_factor: float | None = None) -> float:
         tokens = self.batch_size * self.seq_len

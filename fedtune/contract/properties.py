@@ -30,6 +30,7 @@ PROPERTIES: dict[str, str] = {
     "b-frozen": "the B factors stay fixed; clients train and send only what lies between the factors",
     "b-kept-on-device": "each client keeps its B factors for itself; only A (and heads) are shared",
     "sliced-state": "each client's tensors are leading blocks of global tensors of the same names",
+    "quantized-base": "the frozen base weights are held in 8 or 4 bits (bitsandbytes layers), not as dense float matrices",
     "non-lora-adapter": "the adapter is not LoRA's B·A (another kind, such as LoHa's Hadamard product): no part may read, freeze or rebuild B and A",
     # what clients send and how it is aggregated
     "nonlinear-aggregate": "the aggregate is not a weighted sum of the clients' updates (SVD, stacking)",

@@ -161,7 +161,7 @@ class Coordinator:
                 eval_examples = load_examples(config.eval.data, task=task) if config.eval.data else []
             if config.eval.max_examples:
                 eval_examples = list(eval_examples)[: config.eval.max_examples]
-            source = resolve_source(config.model.source)
+            source = resolve_source(config.model.source, config.model.base_precision)
             base = self.store.base(source, task, labels)
             try:  # the targets every client's adapter uses: named in the config, or the default
                 plan = resolve_targets(base, plan)

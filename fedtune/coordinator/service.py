@@ -25,6 +25,7 @@ from fedtune.protocol import fedtune_pb2_grpc as pb_grpc
 from fedtune.protocol.messages import capabilities_from_proto, plan_to_proto
 from fedtune.protocol.tensors import AnyFrame, CountedFrames, EncodedTensor, ProtocolError, TensorReceiver, encode_tensors
 from fedtune.split.wire import Receiver, frames_bytes, message_frames
+from fedtune.quantized_base import BASE_PRECISION_OPTION
 from fedtune.tasks import CHAT_TEMPLATE_OPTION
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         # Told to every causal-LM client with its task: how its prompts are encoded (the chat
         # template mode the coordinator's held-out data is encoded with).
         self._task_options = {CHAT_TEMPLATE_OPTION: config.model.chat_template} if task == "causal-lm" else {}
+        # ... and to every client, when the run holds the frozen base in fewer bits: how to hold it.
+        if config.model.base_precision != "fp32":
+            self._task_options[BASE_PRECISION_OPTION] = config.model.base_precision
         # The server's CallGuard (set when serving): throttles and logs failed enrollments and
         # refused calls.
         self.guard: CallGuard | None = None

@@ -34,6 +34,7 @@ class LoHaVariant(Variant):
     declares = declare(provides={"non-lora-adapter"}, refuses={
         "b-kept-on-device": "a LoHa adapter has no LoRA B to keep on the device",
         "sample-noise": "peft keeps LoHa's factors in parameter dicts outside any forward call, so Opacus cannot compute their per-example gradients",
+        "quantized-base": "peft's LoHa layers multiply by the base weight as a dense matrix; they have no bitsandbytes (8/4-bit) support",
     })
 
     def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:

@@ -1,0 +1,296 @@
+"""Frozen base weights held in fewer bits: 8-bit or 4-bit (NF4), for devices short of memory.
+
+LoRA trains only the adapter; the base model is frozen and only read, so it can be held
+quantized, as QLoRA does: a device then needs a quarter (int8) or an eighth (4-bit) of the fp32
+bytes for the base, which is the largest thing it holds. ``quantize_base`` replaces, in place,
+every matrix layer of a loaded model (``nn.Linear`` and transformers' ``Conv1D``) and every large
+embedding table by its bitsandbytes counterpart; the trained head (``classifier``/``score``)
+stays in fp32.
+
+Why bitsandbytes: peft has LoRA layers of its own for bitsandbytes' ``Linear8bitLt`` and
+``Linear4bit`` (so injection, training and merging work unchanged), bitsandbytes runs on the CPU
+as well as on CUDA, and NF4 is the data type QLoRA introduced for normally distributed weights.
+Why fedtune replaces the modules itself rather than passing a ``BitsAndBytesConfig`` to
+``from_pretrained``: transformers' integration leaves the embedding tables in fp32, and on the
+small models edge devices run they are the largest tensors (MiniLM: 45 of its 87 MiB); a GGUF
+file arrives already dequantized from transformers' GGUF loader; and GPT-2's ``Conv1D`` layers
+are turned into plain matrix layers here, in the layout bitsandbytes expects.
+
+Everything that reads or writes a base weight goes through ``dense_weight`` / ``set_dense_weight``
+(the weight as an out x in float matrix; a new weight quantized from one), so a method that
+folds a dense update into the base (FLoRA, the frozen remainder of a smaller plan) works on a
+quantized base too: the sum is quantized again, from the original weight each time, so the
+rounding does not accumulate over rounds.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+from typing import Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# How a base model's frozen weights may be held: name -> what it means.
+PRECISIONS = {
+    "fp32": "every weight in 32-bit floats, as loaded",
+    "int8": "matrix layers and embedding tables in 8-bit integers with a scale per row (LLM.int8 storage)",
+    "4bit": "matrix layers and embedding tables in 4-bit NF4 with a scale per block of 64 (QLoRA storage)",
+}
+# Modules a task trains in full (peft's modules_to_save for classification): never quantized.
+TRAINED_HEADS = frozenset({"classifier", "score"})
+# Embedding tables smaller than this stay in fp32 (token types, a few positions): the saving is
+# nothing and their rows are not multiples of a quantization block.
+MIN_EMBEDDING_ELEMENTS = 1 << 16
+NF4_BLOCK = 64
+# The task option that tells a client how the run holds the base (absent: fp32).
+BASE_PRECISION_OPTION = "base_precision"
+
+
+class PrecisionError(ValueError):
+    """A base precision that is unknown or that this installation cannot provide."""
+
+
+def check_precision(name: str, where: str = "model.base_precision") -> str:
+    """``name`` if it is a known precision whose backend is installed, else PrecisionError naming
+    ``where``, the choices and what to install."""
+    if name not in PRECISIONS:
+        raise PrecisionError(f"{where}: unknown base precision {name!r}; choose one of {', '.join(PRECISIONS)}")
+    if name != "fp32":
+        try:
+            _bnb()
+        except ImportError:
+            raise PrecisionError(f"{where} {name}: needs bitsandbytes (pip install bitsandbytes)") from None
+    return name
+
+
+def _bnb():
+    """bitsandbytes (its import's offline-kernel warnings are filtered by fedtune.logs)."""
+    import bitsandbytes as bnb
+
+    return bnb
+
+
+def is_quantized(module: torch.nn.Module) -> bool:
+    """Whether ``module`` (or the base layer peft wrapped around it) holds a quantized weight."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    weight = getattr(base, "weight", None)
+    return weight is not None and weight.dtype in (torch.int8, torch.uint8) and _kind(base) is not None
+
+
+def _kind(module: torch.nn.Module) -> str | None:
+    try:
+        bnb = _bnb()
+    except ImportError:
+        return None
+    if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Embedding4bit)):
+        return "4bit"
+    if isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Embedding8bit)):
+        return "int8"
+    return None
+
+
+def _int8_weight(dense: torch.Tensor) -> torch.nn.Parameter:
+    bnb = _bnb()
+    weight = bnb.nn.Int8Params(dense.detach().to("cpu", torch.float32).contiguous(), requires_grad=False, has_fp16_weights=False)
+    return weight.to("cpu")  # bitsandbytes quantizes when the parameter is first placed on a device
+
+
+def _nf4_weight(dense: torch.Tensor, module: torch.nn.Module, double_quant: bool) -> torch.nn.Parameter:
+    bnb = _bnb()
+    weight = bnb.nn.Params4bit(dense.detach().to("cpu", torch.float32).contiguous(), requires_grad=False, quant_type="nf4",
+                               blocksize=NF4_BLOCK, compress_statistics=double_quant, module=module)
+    return weight.to("cpu")
+
+
+def _install_int8(module: torch.nn.Module, weight: torch.nn.Parameter) -> None:
+    """Give a Linear8bitLt its weight and move the row scales where its forward reads them, now
+    (bitsandbytes moves them on the first forward, which would change a weight other module
+    trees share). The weight keeps a reference to its scales so that it can be read back."""
+    module.weight = weight
+    if hasattr(module, "init_8bit_state"):
+        module.init_8bit_state()
+        module.weight.SCB = module.state.SCB
+
+
+def _matrix_layer(module: torch.nn.Module, dense: torch.Tensor, bias: torch.Tensor | None, precision: str) -> torch.nn.Module:
+    out_features, in_features = dense.shape
+    if precision == "4bit":
+        layer = _matrix_classes()[1](in_features, out_features, bias=bias is not None, compute_dtype=torch.float32,
+                                  compress_statistics=True, quant_type="nf4", device="meta")
+        layer.weight = _nf4_weight(dense, layer, double_quant=True)
+    else:
+        layer = _matrix_classes()[0](in_features, out_features, bias=bias is not None, has_fp16_weights=False, device="meta")
+        _install_int8(layer, _int8_weight(dense))
+    if bias is not None:
+        layer.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return layer
+
+
+@functools.cache
+def _matrix_classes() -> tuple[type, type]:
+    """bitsandbytes' 8-bit and 4-bit matrix layers, computing on the CPU with their weight
+    dequantized to fp32, in evaluation as in training. bitsandbytes' own CPU paths differ between
+    the two: in eval mode its 8-bit layer quantizes the activations to 8 bits as well, and on CPUs
+    with AVX512-BF16 its 4-bit layer repacks its weight in place (a weight other module trees
+    share) and computes in bfloat16. A model must be evaluated as it was trained, whatever the
+    CPU. On CUDA, bitsandbytes' own kernels run unchanged."""
+    bnb = _bnb()
+
+    class Linear8bit(bnb.nn.Linear8bitLt):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.device.type == "cpu":
+                return torch.nn.functional.linear(x, dense_weight(self).to(x.dtype), self.bias)
+            return super().forward(x)
+
+    class Linear4bit(bnb.nn.Linear4bit):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.device.type == "cpu":
+                return torch.nn.functional.linear(x, dense_weight(self).to(x.dtype), self.bias)
+            return super().forward(x)
+
+    return Linear8bit, Linear4bit
+
+
+@functools.cache
+def _embedding_classes() -> tuple[type, type]:
+    """bitsandbytes' quantized embedding tables with a state dict: theirs refuse to be saved,
+    which would break every ``state_dict()`` of a model holding one (peft calls it to read the
+    adapter). The state dict holds the table as stored (packed codes), like a quantized Linear's."""
+    bnb = _bnb()
+
+    class Embedding4bit(bnb.nn.Embedding4bit):
+        def _save_to_state_dict(self, destination, prefix, keep_vars):
+            torch.nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+
+    class Embedding8bit(bnb.nn.Embedding8bit):
+        def _save_to_state_dict(self, destination, prefix, keep_vars):
+            torch.nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+
+    return Embedding4bit, Embedding8bit
+
+
+def _embedding(module: torch.nn.Embedding, precision: str) -> torch.nn.Module:
+    embedding4bit, embedding8bit = _embedding_classes()
+    if precision == "4bit":
+        table = embedding4bit(module.num_embeddings, module.embedding_dim, dtype=torch.float32, quant_type="nf4", device="meta")
+        # no double quantization: the table is read a row at a time, with each row's block scales
+        table.weight = _nf4_weight(module.weight, table, double_quant=False)
+    else:
+        table = embedding8bit(module.num_embeddings, module.embedding_dim, device="meta")
+        table.weight = _int8_weight(module.weight)
+    table.padding_idx = module.padding_idx
+    return table
+
+
+def quantize_base(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """Hold ``model``'s frozen weights at ``precision`` (in place; returns ``model``). Matrix
+    layers and embedding tables of at least ``MIN_EMBEDDING_ELEMENTS`` are replaced; the trained
+    heads (``TRAINED_HEADS``), norms and biases stay in fp32. A tied output layer gets its own
+    quantized copy of the embedding table, so the fp32 table is not kept alive through it."""
+    check_precision(precision)
+    if precision == "fp32":
+        return model
+    from transformers.pytorch_utils import Conv1D  # GPT-2's matrix layer, its weight stored in x out
+
+    replaced = 0
+    for parent_name, parent in list(model.named_modules()):
+        if parent_name.split(".")[0] in TRAINED_HEADS or parent_name in TRAINED_HEADS:
+            continue
+        for name, child in list(parent.named_children()):
+            if not parent_name and name in TRAINED_HEADS:
+                continue
+            if type(child) is torch.nn.Linear:
+                new = _matrix_layer(child, child.weight, child.bias, precision)
+            elif isinstance(child, Conv1D):
+                new = _matrix_layer(child, child.weight.T, child.bias, precision)
+            elif type(child) is torch.nn.Embedding and child.weight.numel() >= MIN_EMBEDDING_ELEMENTS and child.embedding_dim % NF4_BLOCK == 0:
+                new = _embedding(child, precision)
+            else:
+                continue
+            setattr(parent, name, new)
+            replaced += 1
+    if hasattr(model, "config"):
+        # the model no longer ties its output layer to its input embeddings: each is its own table
+        model.config.tie_word_embeddings = False
+    log.info("base weights held at %s: %d layers quantized, %.1f MiB held", precision, replaced, held_bytes(model) / 2**20)
+    return model
+
+
+def dense_weight(module: torch.nn.Module, weight: torch.nn.Parameter | None = None) -> torch.Tensor:
+    """The base weight of a matrix layer as an out x in float32 matrix: dequantized when it is
+    held quantized. ``weight``: read this (an earlier weight of the same layer) instead of the
+    current one."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    w = base.weight if weight is None else weight
+    kind = _kind(base)
+    if kind == "4bit":
+        return _bnb().functional.dequantize_4bit(w.data, w.quant_state).to(torch.float32)
+    if kind == "int8":
+        scales = w.SCB if getattr(w, "SCB", None) is not None else base.state.SCB
+        return w.data.to(torch.float32) * (scales.to(torch.float32)[:, None] / 127.0)
+    return w
+
+
+def set_dense_weight(module: torch.nn.Module, dense: torch.Tensor) -> None:
+    """Give a matrix layer a new base weight made from the out x in matrix ``dense``, held as the
+    layer holds its weight (quantized again when it is quantized). The weight is replaced, never
+    written in place: base weights are shared between module trees (``fedtune.models.share_base``)."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    kind = _kind(base)
+    if kind == "4bit":
+        base.weight = _nf4_weight(dense, base, double_quant=bool(base.weight.compress_statistics))
+    elif kind == "int8":
+        base.state = type(base.state)()
+        base.state.threshold, base.state.has_fp16_weights = 0.0, False
+        _install_int8(base, _int8_weight(dense))
+    else:
+        base.weight = torch.nn.Parameter(dense.detach().to(base.weight.dtype), requires_grad=False)
+
+
+def shared_tensors(model: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """Every tensor a module tree of ``model`` holds for its frozen weights: parameters, buffers
+    and the quantization statistics bitsandbytes keeps beside them (scales, code books), which a
+    copy of the tree must share rather than duplicate."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        yield t
+        for extra in (getattr(t, "SCB", None), getattr(t, "CB", None)):
+            if isinstance(extra, torch.Tensor):
+                yield extra
+        state = getattr(t, "quant_state", None)
+        while state is not None:
+            for extra in (state.absmax, state.code, getattr(state, "offset", None)):
+                if isinstance(extra, torch.Tensor):
+                    yield extra
+            state = getattr(state, "state2", None)
+    for m in model.modules():
+        state = getattr(m, "state", None)
+        for attr in ("CB", "SCB"):
+            extra = getattr(state, attr, None)
+            if isinstance(extra, torch.Tensor):
+                yield extra
+
+
+def held_bytes(model: torch.nn.Module) -> int:
+    """Bytes ``model``'s weights occupy as held: every distinct tensor of ``shared_tensors``
+    (a tied weight, or one shared by two layers, counts once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for t in shared_tensors(model):
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) if t.device.type != "meta" else (id(t), 0)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes() if t.device.type != "meta" else 0
+    return total
+
+
+def logical_numel(param: torch.Tensor) -> int:
+    """The number of weights ``param`` stands for (a 4-bit parameter packs two per byte)."""
+    state = getattr(param, "quant_state", None)
+    if state is not None and getattr(state, "shape", None) is not None:
+        return int(torch.Size(state.shape).numel())
+    return param.numel()

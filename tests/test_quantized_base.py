@@ -1,0 +1,232 @@
+"""A frozen base held in 8 or 4 bits (fedtune.quantized_base, ``--base-precision``): the bytes
+really shrink, the model's outputs stay close to fp32, LoRA trains on top while the base stays
+untouched, module trees share one quantized copy, a dense update folded into a quantized
+weight is quantized again from the original, the planner counts the bytes held, and a run
+trains, exports and reloads with every method that reads or writes base weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedtune.adapters import AdapterPlan, inject_lora, load_exported_adapter
+from fedtune.adapters.lora import add_to_weight, out_in_weight
+from fedtune.config import ConfigError, RunConfig
+from fedtune.contract.cost import CostModel, model_geometry
+from fedtune.models import ModelError, ModelStore, load_base_model, load_tokenizer, resolve_source
+from fedtune.quantized_base import PrecisionError, dense_weight, held_bytes, is_quantized
+from fedtune.simulation.runner import run_simulation
+
+from conftest import sentiment_examples
+from test_end_to_end import _write_jsonl
+
+pytest.importorskip("bitsandbytes")
+
+LABELS = ["negative", "neutral", "positive"]
+SENTENCES = ["I love this phone, it is wonderful", "the service was slow and the food cold", "meeting moved to 3pm",
+             "what a terrible day", "best concert of my life", "the bus is late again"]
+
+
+@pytest.fixture(scope="module")
+def store():
+    return ModelStore(seed=0)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    tokenizer = load_tokenizer(resolve_source("minilm"))
+    return dict(tokenizer(SENTENCES, return_tensors="pt", padding=True))
+
+
+def _base(store, precision):
+    return store.base(resolve_source("minilm", precision), "seq-cls", LABELS)
+
+
+@pytest.mark.parametrize("precision,at_most", [("int8", 0.30), ("4bit", 0.25)])
+def test_the_base_really_takes_fewer_bytes(store, precision, at_most):
+    fp32, quantized = held_bytes(_base(store, "fp32")), held_bytes(_base(store, precision))
+    assert fp32 == pytest.approx(sum(p.numel() * 4 for p in _base(store, "fp32").parameters()), rel=0.01)
+    assert quantized <= at_most * fp32, f"{precision}: {quantized / 2**20:.1f} MiB held of {fp32 / 2**20:.1f} MiB in fp32"
+    model = _base(store, precision)
+    # every matrix layer and the word embeddings are quantized; the trained head is not
+    assert is_quantized(model.bert.encoder.layer[0].attention.self.query) and is_quantized(model.bert.encoder.layer[5].output.dense)
+    assert model.bert.embeddings.word_embeddings.weight.dtype in (torch.int8, torch.uint8)
+    assert type(model.classifier) is torch.nn.Linear and model.classifier.weight.dtype == torch.float32
+
+
+def test_int8_weights_are_the_rows_rounded_to_127_steps_of_their_largest_magnitude(store):
+    """LLM.int8's storage: each row scaled by its largest magnitude and rounded to an integer in
+    [-127, 127] (bitsandbytes rounds the weight's float16 value)."""
+    dense, held = _base(store, "fp32"), _base(store, "int8")
+    for name in ("bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.3.intermediate.dense", "bert.pooler.dense"):
+        w = dense.get_submodule(name).weight.detach().half().float()
+        largest = w.abs().amax(dim=1, keepdim=True)
+        want = (w * (127.0 / largest)).round() * (largest / 127.0)
+        assert torch.allclose(dense_weight(held.get_submodule(name)), want, rtol=1e-5, atol=1e-7), name
+
+
+@pytest.mark.parametrize("precision,per_layer,output", [("int8", 0.03, 0.2), ("4bit", 0.12, 0.4)])
+def test_the_quantization_error_is_that_of_the_format(store, batch, precision, per_layer, output):
+    """NF4 rounds a Gaussian weight with about 10% relative error, int8 rows with 1-2%; the
+    encoder's output then moves by what six such layers add up to, and no more."""
+    dense, held = _base(store, "fp32"), _base(store, precision)
+    errors = [float((dense_weight(m) - dense.get_submodule(n).weight).norm() / dense.get_submodule(n).weight.norm())
+              for n, m in held.named_modules() if isinstance(m, torch.nn.Linear) and is_quantized(m)]
+    assert len(errors) == 6 * 6 + 1 and 0 < max(errors) < per_layer, (precision, max(errors))
+    with torch.no_grad():
+        want, got = dense.bert(**batch).last_hidden_state, held.bert(**batch).last_hidden_state
+    assert 0 < (got - want).norm() / want.norm() < output
+
+
+@pytest.mark.parametrize("precision", ["int8", "4bit"])
+def test_a_quantized_model_computes_the_same_in_training_and_in_evaluation(store, batch, precision):
+    model = store.instance(resolve_source("minilm", precision), "seq-cls", LABELS)
+    model.bert.embeddings.dropout.p = 0.0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    with torch.no_grad():
+        evaluated = model.eval().bert(**batch).last_hidden_state
+        trained = model.train().bert(**batch).last_hidden_state
+    assert torch.allclose(evaluated, trained, atol=1e-5)
+
+
+def test_lora_trains_on_a_4bit_base_and_the_base_stays_untouched(store, batch):
+    model = inject_lora(store.instance(resolve_source("minilm", "4bit"), "seq-cls", LABELS), AdapterPlan(rank=4, alpha=8.0), "seq-cls", seed=0)
+    query = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    before = dense_weight(query).clone()
+    labels = torch.tensor([2, 0, 1, 0, 2, 0])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    model.train()
+    losses = []
+    for _ in range(15):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert torch.equal(dense_weight(query), before)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n or "classifier" in n for n in trained)
+
+
+@pytest.mark.parametrize("precision", ["int8", "4bit"])
+def test_module_trees_share_one_quantized_copy(store, batch, precision):
+    source = resolve_source("minilm", precision)
+    first, second = store.instance(source, "seq-cls", LABELS), store.instance(source, "seq-cls", LABELS)
+    assert first is not second
+    assert held_bytes(torch.nn.ModuleList([first, second])) == held_bytes(first)
+    with torch.no_grad():
+        assert torch.equal(first(**batch).logits, second(**batch).logits)
+
+
+@pytest.mark.parametrize("precision", ["int8", "4bit"])
+def test_a_folded_update_is_quantized_again_from_the_original(store, precision):
+    source = resolve_source("minilm", precision)
+    model, other = store.instance(source, "seq-cls", LABELS), store.instance(source, "seq-cls", LABELS)
+    layer, untouched = model.bert.encoder.layer[1].attention.self.value, other.bert.encoder.layer[1].attention.self.value
+    original_weight, original = layer.weight, dense_weight(layer).clone()
+    delta = 0.02 * torch.randn(original.shape, generator=torch.Generator().manual_seed(0))
+    add_to_weight(layer, delta, original_weight)
+    once = dense_weight(layer).clone()
+    add_to_weight(layer, delta, original_weight)  # the same fold again, from the original: no accumulation
+    assert torch.equal(dense_weight(layer), once)
+    step = (once - original - delta).abs().mean() / delta.abs().mean()
+    assert step < 0.5, f"the fold is lost in the rounding: {step:.3f}"
+    assert is_quantized(layer) and torch.equal(dense_weight(untouched), original)
+    assert torch.equal(out_in_weight(layer), once)
+
+
+@pytest.mark.parametrize("precision", ["int8", "4bit"])
+def test_gpt2s_transposed_conv1d_layers_are_held_as_out_x_in_matrices_and_take_lora(precision):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fedtune.quantized_base import quantize_base
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=32, vocab_size=128)).eval()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    stored = model.transformer.h[0].attn.c_attn.weight.detach().clone()  # Conv1D: in x out
+    quantize_base(model, precision)
+    layer = model.transformer.h[0].attn.c_attn
+    assert is_quantized(layer) and dense_weight(layer).shape == (3 * 64, 64)
+    assert (dense_weight(layer) - stored.T).norm() / stored.norm() < (0.03 if precision == "int8" else 0.12)
+    with torch.no_grad():
+        assert (model(ids).logits - want).norm() / want.norm() < (0.05 if precision == "int8" else 0.3)
+    adapted = inject_lora(model, AdapterPlan(rank=4, alpha=8.0, target_modules=("c_attn",)), "causal-lm", seed=0)
+    adapted.train()
+    adapted(input_ids=ids, labels=ids).loss.backward()
+    grads = {n for n, p in adapted.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+
+
+def test_the_planner_counts_the_bytes_a_device_holds(store):
+    plan = AdapterPlan(rank=8, alpha=16.0)
+    dense, _ = model_geometry(_base(store, "fp32"), plan)
+    small, _ = model_geometry(_base(store, "4bit"), plan)
+    assert small.base_params == dense.base_params and small.block_params == dense.block_params  # weights counted, not bytes
+    assert small.base_bytes == held_bytes(_base(store, "4bit")) and small.base_bytes <= dense.base_bytes / 4
+    cost = CostModel(batch_size=8, seq_len=64, local_steps=4)
+    assert cost.memory_bytes(dense, plan) - cost.memory_bytes(small, plan) == dense.base_bytes - small.base_bytes
+
+
+def test_an_unknown_precision_is_refused_with_one_line_naming_the_setting():
+    config = RunConfig()
+    config.model.base_precision = "fp16"
+    with pytest.raises(ConfigError, match=r"model\.base_precision: unknown base precision 'fp16'; choose one of fp32, int8, 4bit"):
+        config.validate()
+    with pytest.raises(ModelError, match="unknown base precision '3bit'"):
+        resolve_source("minilm", "3bit")
+    with pytest.raises(PrecisionError):
+        resolve_source("minilm").held_at("nf2")
+
+
+def test_the_command_line_sets_the_base_precision():
+    from fedtune.cli import COMMON_KEYS, _config_from_args, build_parser
+
+    config = _config_from_args(build_parser().parse_args(["simulate", "--base-precision", "4bit"]), COMMON_KEYS)
+    assert config.model.base_precision == "4bit"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["simulate", "--base-precision", "fp8"])
+
+
+def _config(tmp_path, precision, **settings):
+    config = RunConfig()
+    config.model.labels, config.model.base_precision = list(LABELS), precision
+    config.federation.rounds, config.simulation.clients, config.simulation.partition = 2, 2, "iid"
+    config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(48, seed=1))
+    config.eval.data = _write_jsonl(tmp_path / "eval.jsonl", sentiment_examples(24, seed=2))
+    config.training.local_steps, config.training.batch_size = 2, 8
+    config.run_dir, config.seed = str(tmp_path / "run"), 0
+    for key, value in settings.items():
+        section, name = key.split("__")
+        setattr(getattr(config, section), name, value)
+    return config
+
+
+def test_a_run_on_a_4bit_base_exports_an_adapter_that_reproduces_its_evaluation(tmp_path):
+    result = run_simulation(_config(tmp_path, "4bit"))
+    assert not result.client_errors and len(result.history) == 2
+    from fedtune.data import load_examples
+    from fedtune.tasks import get_task
+
+    source = resolve_source("minilm", "4bit")
+    model = load_exported_adapter(load_base_model(source, "seq-cls", LABELS), result.run_dir / "adapter").eval()
+    task, tokenizer = get_task("seq-cls"), load_tokenizer(source)
+    items = task.encode(load_examples(str(tmp_path / "eval.jsonl"), task="seq-cls"), tokenizer, 64, LABELS)
+    assert task.evaluate(model, items, tokenizer.pad_token_id)["eval_loss"] == pytest.approx(result.history[-1]["eval_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("settings", [
+    {"privacy__dp": "sample"},                  # Opacus' per-example gradients over a quantized base
+    {"split__mode": "split"},                   # both halves of the model quantized
+    {"federation__aggregation": "flora"},       # dense updates folded into the base every round
+    {"lora__variant": "fedsb"},                 # the adapter built from an SVD of the base weight
+], ids=["dp-sample", "split", "flora", "fedsb"])
+def test_methods_that_read_or_write_base_weights_run_on_an_int8_base(tmp_path, settings):
+    result = run_simulation(_config(tmp_path, "int8", **settings))
+    assert not result.client_errors, result.client_errors
+    assert len(result.history) == 2 and all(torch.isfinite(torch.tensor(r["eval_loss"])) for r in result.history)
