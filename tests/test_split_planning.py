@@ -65,3 +65,36 @@ def test_a_slow_link_is_reported_not_fitting_whatever_the_cut():
     choice = choose_cut(G, COST, dialup, max_cut=5, round_budget_s=60)
     assert choice.cut == 1 and not choice.fits
     assert choice.round_seconds > 20 * 2 * COST.bytes_per_step(G)[0] / 1e4
+
+
+def test_a_cut_never_leaves_the_device_without_a_lora_block():
+    """Hybrid stacks (Nemotron-H) have blocks without attention: however small the device, its
+    cut keeps at least the first block that carries LoRA."""
+    hybrid = dataclasses.replace(G, first_lora_block=2)
+    tiny = Capabilities(memory_bytes=1, flops_per_second=1e12, uplink_bytes_per_second=1e9, downlink_bytes_per_second=1e9)
+    cost = SplitCost(batch_size=8, seq_len=64, local_steps=4)
+    assert choose_cut(G, cost, tiny, 5, float("inf")).cut == 1
+    choice = choose_cut(hybrid, cost, tiny, 5, float("inf"))
+    assert choice.cut == 3 and not choice.fits
+
+
+@pytest.mark.parametrize("family,why", [
+    ("gemma4", r"split\.mode split: split learning: gemma4_text feeds every block an embedding of the input tokens \(per_layer_input\)"),
+    ("nemotron_h", r"split\.cut 1: blocks 0-0 of nemotron_h hold none of the LoRA target modules \(the first is in block 1\)"),
+])
+def test_models_that_cannot_be_cut_are_refused_at_start_in_one_line(tmp_path, family, why):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import families  # bench/families.py: tiny random models of each family, saved with save_pretrained
+
+    from fedtune.config import ConfigError
+    from fedtune.coordinator.app import Coordinator
+
+    fam = families.build_family(family, tmp_path / "model")
+    config = families._config(fam, tmp_path, "split")
+    config.split.mode, config.split.cut = "split", 1
+    with pytest.raises(ConfigError, match=why) as refused:
+        Coordinator(config, eval_examples=[])
+    assert "\n" not in str(refused.value)

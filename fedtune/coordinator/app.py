@@ -225,10 +225,20 @@ class Coordinator:
         if config.split.mode == "split":
             from fedtune.coordinator.split_sessions import SplitSessions
             from fedtune.split.planning import SplitCost, SplitGeometry
+            from fedtune.split.segments import SplitError
 
             splitfed, sp = self.strategy_split(), config.split
             gm = self.global_model
-            splitfed.geometry = SplitGeometry.from_model(gm.store.base(gm.source, gm.task_name, gm.labels), gm.plan)
+            whole = gm.store.base(gm.source, gm.task_name, gm.labels)
+            try:
+                g = splitfed.geometry = SplitGeometry.from_model(whole, gm.plan)
+            except SplitError as exc:
+                raise ConfigError(f"split.mode split: {exc}") from None
+            if sp.cut <= g.first_lora_block:
+                fix = (f"set split.cut to {g.first_lora_block + 1} or more" if g.first_lora_block + 1 < g.num_blocks
+                       else "no cut leaves one on the device; name other lora.target_modules")
+                raise ConfigError(f"split.cut {sp.cut}: blocks 0-{sp.cut - 1} of {getattr(whole.config, 'model_type', 'the model')} hold none of the "
+                                  f"LoRA target modules (the first is in block {g.first_lora_block}), so a device would train nothing; {fix}")
             splitfed.cost = SplitCost(config.training.batch_size, config.model.max_length, config.training.local_steps, sp.act_bits, sp.grad_bits,
                                       sp.head == "client", sp.server_gflops * 1e9)
             splitfed.round_budget_s = config.planner.round_budget_s

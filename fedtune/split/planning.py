@@ -52,6 +52,7 @@ class SplitGeometry:
     block_params: int
     lora_per_block: int   # LoRA parameters of one block under the plan (the largest block)
     head_params: int
+    first_lora_block: int = 0  # the lowest block holding a LoRA target: a cut must lie above it
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, plan: AdapterPlan) -> "SplitGeometry":
@@ -60,7 +61,9 @@ class SplitGeometry:
         ranks = plan_ranks(plan, g.num_blocks)
         per_block = [sum(ranks[b] * (i + o) for b, _, i, o in g.modules if b == block and b in ranks) for block in range(g.num_blocks)]
         embed = _embedding_stage(model, parts.embed, parts.blocks)
-        return cls(g.num_blocks, g.hidden, g.heads, sum(p.numel() for p in embed.parameters()), g.block_params, max(per_block), g.head_params)
+        first = min(b for b, _, _, _ in g.modules)  # hybrid stacks (Nemotron-H): not every block has attention
+        return cls(g.num_blocks, g.hidden, g.heads, sum(p.numel() for p in embed.parameters()), g.block_params, max(per_block), g.head_params,
+                   first_lora_block=first)
 
 
 def _embedding_stage(model: torch.nn.Module, embed: torch.nn.Module, blocks: torch.nn.Module) -> torch.nn.Module:
@@ -147,17 +150,19 @@ class CutChoice:
 
 def choose_cut(g: SplitGeometry, cost: SplitCost, caps: Capabilities, max_cut: int, round_budget_s: float) -> CutChoice:
     """The deepest cut in ``[1, max_cut]`` (and below the last block) that fits ``caps``; see the
-    module docstring. Unknown memory (0) is not a limit."""
-    ceiling = max(1, min(max_cut, g.num_blocks - 1))
+    module docstring. Unknown memory (0) is not a limit. A cut leaves at least one block with
+    LoRA targets on the device (``first_lora_block``): below that the device trains nothing."""
+    floor = g.first_lora_block + 1
+    ceiling = max(floor, min(max_cut, g.num_blocks - 1))
 
     def choice(cut: int) -> CutChoice:
         memory, seconds = cost.client_memory_bytes(g, cut), cost.round_seconds(g, cut, caps)
         fits = (not caps.memory_bytes or memory <= caps.memory_bytes) and seconds <= round_budget_s
         return CutChoice(cut, fits, memory, seconds)
 
-    for cut in range(ceiling, 0, -1):
+    for cut in range(ceiling, floor - 1, -1):
         candidate = choice(cut)
         if candidate.fits:
             return candidate
-    return choice(1)
+    return choice(floor)
 

@@ -15,12 +15,14 @@ training with a lossless codec reproduces ordinary training
 Works for models whose blocks are one ``ModuleList`` of same-class blocks, as many as the
 config's block count, whose first argument is the hidden states (every decoder and encoder
 family transformers builds: ``layer``/``layers``/``h``/``blocks``...). Encoder-decoder models
-(two block stacks) and models whose block list is not found are refused with a SplitError.
+(two block stacks), models whose blocks also take the input tokens (Gemma 4's per-layer
+inputs) and models whose block list is not found are refused with a SplitError.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -32,6 +34,12 @@ from fedtune.adapters.lora import AdapterError, keep_first_blocks, num_blocks
 
 class SplitError(ValueError):
     """The model cannot be split as asked (the message says why)."""
+
+
+# Block arguments that carry the input tokens themselves (Gemma 3n's and Gemma 4's per-layer
+# token embeddings): a model whose blocks take one cannot be cut, since the coordinator's blocks
+# would need the tokens the split keeps on the device.
+PER_BLOCK_TOKEN_INPUTS = frozenset({"per_layer_input", "per_layer_inputs"})
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,11 @@ def anatomy(model: nn.Module) -> Anatomy:
     if len(lists) != 1:
         raise SplitError(f"split learning: cannot find the block list of {name} ({type(base).__name__}; candidates: {lists})")
     owner_path, _, blocks_attr = lists[0].rpartition(".")
+    block = base.get_submodule(lists[0])[0]
+    token_inputs = sorted(set(inspect.signature(type(block).forward).parameters) & PER_BLOCK_TOKEN_INPUTS)
+    if token_inputs:
+        raise SplitError(f"split learning: {name} feeds every block an embedding of the input tokens ({', '.join(token_inputs)}), "
+                         f"so the blocks above the cut would need the tokens themselves; split needs blocks that see only the hidden states")
     embed = base.get_input_embeddings()
     if embed is None:
         raise SplitError(f"split learning: {name} has no input embedding module")
