@@ -208,16 +208,29 @@ def _config(tmp_path, precision, **settings):
 
 
 def test_a_run_on_a_4bit_base_exports_an_adapter_that_reproduces_its_evaluation(tmp_path):
-    result = run_simulation(_config(tmp_path, "4bit"))
-    assert not result.client_errors and len(result.history) == 2
+    """The adapter, loaded on a base held as the run held it, gives the run's last evaluation;
+    the merged model is a plain fp32 transformers folder."""
+    import json
+
+    from transformers import AutoModelForSequenceClassification
+
     from fedtune.data import load_examples
     from fedtune.tasks import get_task
 
+    config = _config(tmp_path, "4bit")
+    config.export.merged = True
+    result = run_simulation(config)
+    assert not result.client_errors and len(result.history) == 2
+    assert json.loads((result.run_dir / "adapter" / "fedtune.json").read_text())["base_precision"] == "4bit"
     source = resolve_source("minilm", "4bit")
     model = load_exported_adapter(load_base_model(source, "seq-cls", LABELS), result.run_dir / "adapter").eval()
     task, tokenizer = get_task("seq-cls"), load_tokenizer(source)
     items = task.encode(load_examples(str(tmp_path / "eval.jsonl"), task="seq-cls"), tokenizer, 64, LABELS)
-    assert task.evaluate(model, items, tokenizer.pad_token_id)["eval_loss"] == pytest.approx(result.history[-1]["eval_loss"], rel=1e-5)
+    want = result.history[-1]["eval_loss"]
+    assert task.evaluate(model, items, tokenizer.pad_token_id)["eval_loss"] == pytest.approx(want, rel=1e-5)
+    merged = AutoModelForSequenceClassification.from_pretrained(str(result.run_dir / "merged")).eval()
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    assert task.evaluate(merged, items, tokenizer.pad_token_id)["eval_loss"] == pytest.approx(want, rel=0.05)  # the same adapter on the fp32 base
 
 
 @pytest.mark.parametrize("settings", [

@@ -112,9 +112,14 @@ class GlobalModel:
         dense mean), each LoRA module's whole update ``scale * B @ A + delta`` is refactored by
         truncated SVD into a LoRA adapter of rank ``rank`` (0: the numerical rank, exact to
         rounding); the relative error is recorded in ``fedtune.json``. With ``merged_folder``,
-        the merged model (base weights + update) is also written as a transformers folder.
+        the merged model (base weights + update) is also written as a transformers folder, in
+        fp32 whatever the precision the run held its base at (a merged quantized model would be
+        a bitsandbytes checkpoint that plain transformers cannot load); ``fedtune.json`` records
+        that precision (``base_precision``): the adapter reproduces the run's evaluation on a base
+        held the same way.
         """
-        metadata = {"model": self.source.name, "task": self.task_name, "labels": self.labels, "plan": self.plan.to_json()}
+        metadata = {"model": self.source.name, "task": self.task_name, "labels": self.labels, "plan": self.plan.to_json(),
+                    "base_precision": self.source.precision}
         if base_delta:
             plan, state, errors = fold_deltas(self.plan, state, base_delta, rank)
             model = inject_lora(self.store.instance(self.source, self.task_name, self.labels), plan, self.task_name)
@@ -141,7 +146,8 @@ class GlobalModel:
             if merged_folder is not None:
                 from peft import PeftModel
 
-                merged = PeftModel.from_pretrained(self.store.instance(self.source, self.task_name, self.labels), str(staged)).merge_and_unload()
+                dense = self.source.held_at("fp32")
+                merged = PeftModel.from_pretrained(self.store.instance(dense, self.task_name, self.labels), str(staged)).merge_and_unload()
                 with fresh_folder(merged_folder) as merged_staged:
                     merged.save_pretrained(str(merged_staged))
                     self.store.tokenizer(self.source).save_pretrained(str(merged_staged))
