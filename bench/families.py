@@ -5,11 +5,12 @@ real tiny run through fedtune's own code paths.
 
 The families are every model type in peft's default LoRA target map
 (``peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``) that transformers
-can build for sequence classification or causal LM from a config, plus DistilBERT (which peft
-has no default for). Each is built here from a tiny random config (hidden 32, 2 blocks, 2
-heads, a 60-word vocabulary) and saved with ``save_pretrained`` next to a word-level tokenizer
-built from the same words: no download. Encoders (and encoder-decoders) train ``seq-cls``,
-decoders ``causal-lm``. A model type transformers or its tokenizer cannot build offline is
+can build for sequence classification, causal LM or seq2seq LM from a config, plus DistilBERT
+(which peft has no default for). Each is built here from a tiny random config (hidden 32, 2
+blocks, 2 heads, a 60-word vocabulary) and saved with ``save_pretrained`` next to a word-level
+tokenizer built from the same words: no download. Encoders train ``seq-cls``, encoder-decoders
+``seq2seq`` (the target: the source's sentiment word, a copy), decoders ``causal-lm``. A model
+type transformers or its tokenizer cannot build offline is
 listed as ``skipped: <why>``.
 
 Columns, each ``ok``, ``refused: <reason>`` (fedtune said no at start, with one line) or
@@ -103,7 +104,7 @@ NOT_BUILT = {
 @dataclass(frozen=True)
 class Family:
     name: str
-    task: str      # "seq-cls" or "causal-lm"
+    task: str      # "seq-cls", "causal-lm" or "seq2seq"
     folder: str
 
 
@@ -136,22 +137,28 @@ def _tokenizer(framed: bool):
 
 
 def task_of(model_type: str, config) -> str:
-    """seq-cls for encoders and encoder-decoders (their causal-LM class, where there is one, is
-    a decoder bolted on), causal-lm for decoders."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    """seq2seq for encoder-decoders (what they are pretrained for), seq-cls for encoders (and
+    encoder-decoders without a seq2seq LM class; a causal-LM class of either is a decoder bolted
+    on), causal-lm for decoders."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
 
+    if getattr(config, "is_encoder_decoder", False) and model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        return "seq2seq"
     encoder = getattr(config, "is_encoder_decoder", False) or model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not encoder:
         return "causal-lm"
     if model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
         return "seq-cls"
-    raise Skip("transformers has no sequence-classification or causal-LM class for it")
+    raise Skip("transformers has no sequence-classification, causal-LM or seq2seq-LM class for it")
 
 
 def build_family(name: str, folder: str | Path) -> Family:
     """Save a tiny random ``name`` model (seed 0) and its tokenizer in ``folder``."""
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     if name in NOT_BUILT:
         raise Skip(NOT_BUILT[name])
@@ -166,7 +173,7 @@ def build_family(name: str, folder: str | Path) -> Family:
     task = task_of(config.model_type, config)
     if task == "seq-cls":
         tokenizer = _tokenizer(framed=True)
-    factory = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    factory = {"causal-lm": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}.get(task, AutoModelForSequenceClassification)
     torch.manual_seed(0)
     try:
         model = factory.from_config(config)
@@ -186,13 +193,20 @@ def build_family(name: str, folder: str | Path) -> Family:
 
 
 def examples(n: int, seed: int, task: str) -> list[dict]:
-    """Sentences whose label is their last word (seq-cls), or the same sentences as text."""
+    """Sentences whose label is their last word (seq-cls), the same sentences as text
+    (causal-lm), or as sources whose target is that last word (seq2seq: a copy)."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         label = rng.choice(LABELS)
-        text = " ".join(rng.sample(FILLER, 5) + [rng.choice(POSITIVE if label == "positive" else NEGATIVE)])
-        out.append({"text": text, "label": label} if task == "seq-cls" else {"text": text})
+        word = rng.choice(POSITIVE if label == "positive" else NEGATIVE)
+        text = " ".join(rng.sample(FILLER, 5) + [word])
+        if task == "seq-cls":
+            out.append({"text": text, "label": label})
+        elif task == "seq2seq":
+            out.append({"prompt": text, "text": word})
+        else:
+            out.append({"text": text})
     return out
 
 

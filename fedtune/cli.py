@@ -101,7 +101,7 @@ def target_modules_arg(text: str) -> list[str]:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML run configuration (flags override it)")
     p.add_argument("--model", help="embedded model name (minilm, smollm2), model folder or .gguf file")
-    p.add_argument("--task", help="seq-cls or causal-lm")
+    p.add_argument("--task", help="seq-cls, causal-lm or seq2seq (encoder-decoder models: source text to target text)")
     p.add_argument("--labels", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], help="comma-separated label names (seq-cls)")
     p.add_argument("--max-length", type=int, help="tokens per example")
     p.add_argument("--rank", type=int, help="LoRA rank")
@@ -153,7 +153,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    "when it has one (auto, the default) or never (none)")
     p.add_argument("--base-precision", choices=["fp32", "int8", "4bit"], help="how devices and the coordinator hold the frozen base weights: "
                    "fp32 (the default), int8 or 4bit (NF4, through bitsandbytes); LoRA trains on top in fp32")
-    p.add_argument("--eval-generate", type=int, metavar="N", help="causal-lm: answer the first N held-out prompts by greedy generation and report "
+    p.add_argument("--eval-generate", type=int, metavar="N", help="causal-lm and seq2seq: answer the first N held-out prompts by greedy generation and report "
                    "the exact-match rate against their responses (0: off, the default)")
     p.add_argument("--eval-max-new-tokens", type=int, metavar="N", help="causal-lm: new tokens each --eval-generate answer may take (default 32)")
     p.add_argument("--run-dir", help="output folder (default: a new folder under runs/)")
@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--coordinator", required=True, help="coordinator HOST:PORT")
     cli.add_argument("--data", required=True, help="this device's training data (JSONL/CSV/text)")
     cli.add_argument("--model", default="minilm", help="the base model the coordinator serves (embedded name, folder or .gguf)")
-    cli.add_argument("--task", default="seq-cls", choices=["seq-cls", "causal-lm"], help="how to read --data")
+    cli.add_argument("--task", default="seq-cls", choices=["seq-cls", "causal-lm", "seq2seq"], help="how to read --data")
     cli.add_argument("--name", default=None, help="name shown in the coordinator's logs (default: host name)")
     cli.add_argument("--tier", default="", help="device tier label")
     cli.add_argument("--memory-gb", type=float, default=0.0, help="memory the device can give to training")

@@ -33,7 +33,8 @@ DP_MODES = ("", "client", "sample", "both")
 class ModelConfig:
     # An embedded model name ("minilm", "smollm2"), a transformers model folder, or a .gguf file.
     source: str = "minilm"
-    # "seq-cls" (sequence classification) or "causal-lm".
+    # "seq-cls" (sequence classification), "causal-lm" or "seq2seq" (encoder-decoder models:
+    # source text to target text, the loss on the target).
     task: str = "seq-cls"
     # seq-cls label names (index = class id). Empty: taken from the training data.
     labels: list[str] = field(default_factory=list)
@@ -164,7 +165,8 @@ class EvalSection:
     batch_size: int = 64
     # Use at most this many evaluation examples (0: all).
     max_examples: int = 0
-    # causal-lm: answer the first `generate` held-out prompt/response examples by greedy
+    # causal-lm and seq2seq: answer the first `generate` held-out prompt/response (seq2seq:
+    # source/target) examples by greedy
     # generation and report the exact-match rate (eval_generate_exact_match; 0: off), each
     # answer at most `max_new_tokens` tokens long.
     generate: int = 0

@@ -6,6 +6,8 @@ Supported inputs, all untrusted:
   or a prompt field plus ``choices`` (a list of strings) and ``answer`` (the index of the right
   choice): a multiple-choice question, trained on the right choice as the response and scored
   by the log-likelihood of each choice.
+  Seq2seq uses a prompt field as the source (also ``source``) and a text field as the target
+  (also ``target``); every record needs both.
 - CSV with a header row (UTF-8, or Latin-1 when the bytes are not valid UTF-8).
 - Anything else is plain text: one example per non-empty line (causal LM only).
 
@@ -47,6 +49,9 @@ LABEL_FIELDS = ("label", "labels", "sentiment", "class", "category")
 # Multiple-choice records (causal LM, JSONL only): the options and the index of the right one.
 CHOICES_FIELD = "choices"
 ANSWER_FIELD = "answer"
+# Seq2seq (source -> target) also takes its two texts from these names.
+SOURCE_FIELDS = (*PROMPT_FIELDS, "source")
+TARGET_FIELDS = (*TEXT_FIELDS, "target")
 
 
 def load_examples(
@@ -57,7 +62,8 @@ def load_examples(
     label_field: str | None = None,
     prompt_field: str | None = None,
 ) -> list[Example]:
-    """Read a JSONL, CSV or text file into examples for ``task`` ("seq-cls" or "causal-lm")."""
+    """Read a JSONL, CSV or text file into examples for ``task`` ("seq-cls", "causal-lm" or
+    "seq2seq")."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
@@ -73,7 +79,8 @@ def load_examples(
         rows = list(_csv_rows(text, path, delimiter="\t" if suffix == ".tsv" else ","))
     else:
         if task != "causal-lm":
-            raise DataError(f"{path}: plain-text data has no labels; use JSONL or CSV for {task}")
+            what = "source/target pairs" if task == "seq2seq" else "labels"
+            raise DataError(f"{path}: plain-text data has no {what}; use JSONL or CSV for {task}")
         examples = [Example(text=line.strip()) for line in text.splitlines() if line.strip()]
         if not examples:
             raise DataError(f"{path}: no examples (the file is empty)")
@@ -132,12 +139,13 @@ def rows_to_examples(
     if not rows:
         return []
     keys = list(rows[0][1].keys())
-    multiple_choice = choices and task != "seq-cls" and any(CHOICES_FIELD in row for _, row in rows)
+    multiple_choice = choices and task not in ("seq-cls", "seq2seq") and any(CHOICES_FIELD in row for _, row in rows)
     if multiple_choice:  # a question's record may have no response field where other records have one
         keys = list(dict.fromkeys(k for _, row in rows for k in row))
-    text_key = _pick(keys, text_field, TEXT_FIELDS, "text", path)
+    text_fields = TARGET_FIELDS if task == "seq2seq" else TEXT_FIELDS
+    text_key = _pick(keys, text_field, text_fields, "text", path)
     if text_key is None and not multiple_choice:
-        raise DataError(f"{path}: no text field; expected one of {', '.join(TEXT_FIELDS)} (fields: {', '.join(keys)})")
+        raise DataError(f"{path}: no text field; expected one of {', '.join(text_fields)} (fields: {', '.join(keys)})")
     examples = []
     if task == "seq-cls":
         label_key = _pick(keys, label_field, LABEL_FIELDS, "label", path)
@@ -151,11 +159,14 @@ def rows_to_examples(
                 raise DataError(f"{path}:{number}: field {label_key!r} must be a class name or index, got {label!r}")
             examples.append(Example(text=text, label=label.strip() if isinstance(label, str) else label))
     else:
-        prompt_key = _pick(keys, prompt_field, PROMPT_FIELDS, "prompt", path)
+        prompt_key = _pick(keys, prompt_field, SOURCE_FIELDS if task == "seq2seq" else PROMPT_FIELDS, "prompt", path)
         for number, row in rows:
             prompt = row.get(prompt_key, "") if prompt_key else ""
             if not isinstance(prompt, str):
                 raise DataError(f"{path}:{number}: field {prompt_key!r} must be a string")
+            if task == "seq2seq" and not prompt.strip():  # the encoder's input: every record needs one
+                where = f"field {prompt_key!r}" if prompt_key else f"a source field (one of {', '.join(SOURCE_FIELDS)})"
+                raise DataError(f"{path}:{number}: seq2seq needs a non-empty source text: {where}")
             options, answer = (), None
             if multiple_choice and CHOICES_FIELD in row:
                 options, answer = _multiple_choice(row, number, path)

@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from fedtune.adapters.lora import keep_first_blocks
+from fedtune.allocator import release_free_memory
 from fedtune.quantized_base import PrecisionError, check_precision, quantize_base, shared_tensors
 from fedtune.rng import seeded
 
@@ -118,7 +119,7 @@ def load_base_model(source: ModelSource, task: str, labels: Sequence[str] = (), 
     blocks are built and read (with the embeddings and the head): a split-learning device
     never holds the blocks above its cut.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     quiet_transformers()
     kwargs: dict = {"gguf_file": source.gguf_file} if source.gguf_file else {}
@@ -131,6 +132,12 @@ def load_base_model(source: ModelSource, task: str, labels: Sequence[str] = (), 
             config.id2label = dict(enumerate(labels))
             config.label2id = {name: i for i, name in enumerate(labels)}
             factory = AutoModelForSequenceClassification
+        elif task == "seq2seq":
+            if not getattr(config, "is_encoder_decoder", False):
+                raise ModelError(f"task seq2seq needs an encoder-decoder model (T5, mT5, BART...); {source.name!r} is a "
+                                 f"{getattr(config, 'model_type', '') or type(config).__name__} model, not an encoder-decoder: "
+                                 "train it with --task causal-lm or seq-cls")
+            factory = AutoModelForSeq2SeqLM
         else:
             factory = AutoModelForCausalLM
         if blocks:
@@ -158,6 +165,7 @@ def load_base_model(source: ModelSource, task: str, labels: Sequence[str] = (), 
             quantize_base(model, source.precision)
         except Exception as exc:  # bitsandbytes raises many types; report them as one
             raise ModelError(f"cannot hold model {source.name!r} at {source.precision}: {exc}") from exc
+        release_free_memory()  # the fp32 weights just replaced go back to the system
     return model
 
 

@@ -28,7 +28,7 @@ from fedtune.names import A_SUFFIX, BASE_DELTA, CORE_SUFFIX, FROZEN_A, FROZEN_B,
 from fedtune.quantized_base import dense_weight, is_quantized, set_dense_weight
 from fedtune.rng import seeded
 
-PEFT_TASK_TYPES = {"seq-cls": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM}
+PEFT_TASK_TYPES = {"seq-cls": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM, "seq2seq": TaskType.SEQ_2_SEQ_LM}
 
 
 def _block_count_attr(config) -> str:

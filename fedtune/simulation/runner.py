@@ -58,7 +58,7 @@ def prepare_data(config: RunConfig) -> tuple[list[Example], list[Example], list[
         examples = load_examples(sim.data, task=task)
     else:
         if task != "seq-cls":
-            raise ValueError("the embedded corpus is for seq-cls; give --data for causal-lm")
+            raise ValueError(f"the embedded corpus is for seq-cls; give --data for {task}")
         examples = embedded_tweets()
     labels = list(config.model.labels)
     if task == "seq-cls":
