@@ -37,7 +37,7 @@ def test_a_file_only_needs_the_keys_it_changes(tmp_path):
         ("[federation]\nstrategy = 'hetlora'\n[federation.options]\nweightng = 'norm'\n", "federation.options: unknown option 'weightng' for this run's strategies (valid options: hetlora: "),
         ("[federation]\nstrategy = 'flexlora'\nshare_a = true\n", "federation.strategy flexlora cannot be combined with federation.share_a (b-kept-on-device): flexlora averages the products"),
         ("[federation]\noptions = 3\n", "federation.options: expected a table"),
-        ("[model]\ntask = 'seq2seq'\n", "model.task: unknown task 'seq2seq'"),
+        ("[model]\ntask = 'translation'\n", "model.task: unknown task 'translation'"),
         ("[lora]\nlayers = [1, 'x']\n", "lora.layers[1]: expected an integer"),
         ("[server]\ninsecure = 'yes'\n", "server.insecure: expected true or false"),
         ("training = 3\n", "training: expected a table"),
