@@ -130,6 +130,23 @@ def _matrix_layer(module: torch.nn.Module, dense: torch.Tensor, bias: torch.Tens
     return layer
 
 
+class _DequantizedLinear(torch.autograd.Function):
+    """``x @ W.T + b`` with ``W`` the layer's weight dequantized for the product and dropped
+    after it: the backward pass dequantizes it again. (``F.linear`` on the dequantized weight
+    would keep every layer's fp32 weight alive for the backward pass, the whole fp32 model a
+    quantized base exists to avoid.) The base is frozen: no gradient for the weight or bias."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: torch.nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.layer = layer
+        return torch.nn.functional.linear(x, dense_weight(layer).to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight = dense_weight(ctx.layer).to(grad.dtype)
+        return grad @ weight, None, None
+
+
 @functools.cache
 def _matrix_classes() -> tuple[type, type]:
     """bitsandbytes' 8-bit and 4-bit matrix layers, computing on the CPU with their weight
@@ -143,13 +160,13 @@ def _matrix_classes() -> tuple[type, type]:
     class Linear8bit(bnb.nn.Linear8bitLt):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if x.device.type == "cpu":
-                return torch.nn.functional.linear(x, dense_weight(self).to(x.dtype), self.bias)
+                return _DequantizedLinear.apply(x, self, self.bias)
             return super().forward(x)
 
     class Linear4bit(bnb.nn.Linear4bit):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if x.device.type == "cpu":
-                return torch.nn.functional.linear(x, dense_weight(self).to(x.dtype), self.bias)
+                return _DequantizedLinear.apply(x, self, self.bias)
             return super().forward(x)
 
     return Linear8bit, Linear4bit

@@ -53,6 +53,7 @@ PLACES = {
     "fedtune.allocator": 1,
     "fedtune.logs": 1,
     "fedtune.transport": 1,
+    "fedtune.quantized_base": 1,
     "fedtune.protocol": 1,
     "fedtune.protocol.tensors": 2,
     "fedtune.protocol.stubs": 2,

@@ -243,3 +243,19 @@ def test_methods_that_read_or_write_base_weights_run_on_an_int8_base(tmp_path, s
     result = run_simulation(_config(tmp_path, "int8", **settings))
     assert not result.client_errors, result.client_errors
     assert len(result.history) == 2 and all(torch.isfinite(torch.tensor(r["eval_loss"])) for r in result.history)
+
+
+@pytest.mark.parametrize("precision", ["int8", "4bit"])
+def test_training_keeps_no_dequantized_weight_for_the_backward_pass(store, batch, precision):
+    """A quantized layer dequantizes its weight for the product and again in the backward pass:
+    the autograd graph holds activations, never an fp32 copy of a base weight (which would
+    rebuild the whole fp32 model in memory during training)."""
+    model = inject_lora(store.instance(resolve_source("minilm", precision), "seq-cls", LABELS), AdapterPlan(rank=4, alpha=8.0), "seq-cls", seed=0)
+    weight_shapes = {tuple(dense_weight(m).shape) for m in model.modules() if isinstance(m, torch.nn.Linear) and is_quantized(m)}
+    saved = []
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        loss = model(**batch, labels=torch.tensor([2, 0, 1, 0, 2, 0])).loss
+    loss.backward()
+    assert saved and not weight_shapes & set(saved), weight_shapes & set(saved)
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
