@@ -76,14 +76,9 @@ def _bnb():
 
 def is_quantized(module: torch.nn.Module) -> bool:
     """Whether ``module`` (or the base layer peft wrapped around it) holds a quantized weight."""
-    base = _base_layer(module)
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
     weight = getattr(base, "weight", None)
     return weight is not None and weight.dtype in (torch.int8, torch.uint8) and _kind(base) is not None
-
-
-def _base_layer(module: torch.nn.Module) -> torch.nn.Module:
-    """The layer itself, or the base layer peft wrapped an adapter around."""
-    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
 
 
 def _kind(module: torch.nn.Module) -> str | None:
@@ -162,30 +157,19 @@ def _matrix_classes() -> tuple[type, type]:
     CPU. On CUDA, bitsandbytes' own kernels run unchanged."""
     bnb = _bnb()
 
-    class Linear8bit(_DequantizedOnCPU, bnb.nn.Linear8bitLt):
-        pass
+    class Linear8bit(bnb.nn.Linear8bitLt):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.device.type == "cpu":
+                return _DequantizedLinear.apply(x, self, self.bias)
+            return super().forward(x)
 
-    class Linear4bit(_DequantizedOnCPU, bnb.nn.Linear4bit):
-        pass
+    class Linear4bit(bnb.nn.Linear4bit):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.device.type == "cpu":
+                return _DequantizedLinear.apply(x, self, self.bias)
+            return super().forward(x)
 
     return Linear8bit, Linear4bit
-
-
-class _DequantizedOnCPU:
-    """Mixin for a bitsandbytes matrix layer: on the CPU, ``_DequantizedLinear``; elsewhere the
-    layer's own forward."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
-            return _DequantizedLinear.apply(x, self, self.bias)
-        return super().forward(x)
-
-
-class _SavedAsStored:
-    """Mixin for a bitsandbytes embedding table: the state dict holds its parameters as stored."""
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        torch.nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
 
 
 @functools.cache
@@ -195,11 +179,13 @@ def _embedding_classes() -> tuple[type, type]:
     adapter). The state dict holds the table as stored (packed codes), like a quantized Linear's."""
     bnb = _bnb()
 
-    class Embedding4bit(_SavedAsStored, bnb.nn.Embedding4bit):
-        pass
+    class Embedding4bit(bnb.nn.Embedding4bit):
+        def _save_to_state_dict(self, destination, prefix, keep_vars):
+            torch.nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
 
-    class Embedding8bit(_SavedAsStored, bnb.nn.Embedding8bit):
-        pass
+    class Embedding8bit(bnb.nn.Embedding8bit):
+        def _save_to_state_dict(self, destination, prefix, keep_vars):
+            torch.nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
 
     return Embedding4bit, Embedding8bit
 
@@ -255,7 +241,7 @@ def dense_weight(module: torch.nn.Module, weight: torch.nn.Parameter | None = No
     """The base weight of a matrix layer as an out x in float32 matrix: dequantized when it is
     held quantized. ``weight``: read this (an earlier weight of the same layer) instead of the
     current one."""
-    base = _base_layer(module)
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
     w = base.weight if weight is None else weight
     kind = _kind(base)
     if kind == "4bit":
@@ -270,7 +256,7 @@ def set_dense_weight(module: torch.nn.Module, dense: torch.Tensor) -> None:
     """Give a matrix layer a new base weight made from the out x in matrix ``dense``, held as the
     layer holds its weight (quantized again when it is quantized). The weight is replaced, never
     written in place: base weights are shared between module trees (``fedtune.models.share_base``)."""
-    base = _base_layer(module)
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
     kind = _kind(base)
     if kind == "4bit":
         base.weight = _nf4_weight(dense, base, double_quant=bool(base.weight.compress_statistics))
@@ -308,8 +294,15 @@ def shared_tensors(model: torch.nn.Module) -> Iterator[torch.Tensor]:
 def held_bytes(model: torch.nn.Module) -> int:
     """Bytes ``model``'s weights occupy as held: every distinct tensor of ``shared_tensors``
     (a tied weight, or one shared by two layers, counts once)."""
-    storages = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in shared_tensors(model) if t.device.type != "meta"}
-    return sum(nbytes for _, nbytes in storages)
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for t in shared_tensors(model):
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) if t.device.type != "meta" else (id(t), 0)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes() if t.device.type != "meta" else 0
+    return total
 
 
 def logical_numel(param: torch.Tensor) -> int:
