@@ -1,7 +1,7 @@
 """Split learning on the demo task: what each activation/gradient codec costs in eval loss,
 bytes per step and step time.
 
-    python bench/split.py [--rows fp32,fp16,uniform8,uniform4,uniform3,amaq4,amaq3,amaq4-shared] [--rounds 4]
+    python bench/split.py [--rows fp32,uniform3,amaq3,uniform3-anneal,amaq3.13,...] [--rounds 4]
                           [--clients 3] [--cut 3] [--head client|server] [--partition iid|dirichlet]
                           [--seeds N | --seed-list S ...] [--out FILE] [--markdown]
     python bench/split.py --table a.json b.json [--markdown]
@@ -11,7 +11,10 @@ query/value + head, 3-class tweets, 1000 held-out tweets, FedAvg of both halves)
 codec on both directions. The clients' data is split IID by default (``--partition``): with
 three Dirichlet(0.5) clients FedAvg itself collapses to the majority class (bench/skew.py), and
 a codec's effect on the loss cannot be read off a run that does not learn. ``amaqB`` anneals the budget from 8 bits per
-element to B (scales and bit map included) over the first half of the run's steps.
+element to B (scales and bit map included) over the first half of the run's steps;
+``uniformB-anneal`` is uniform on that schedule, in whole bits (the control that separates
+AMAQ's schedule from its mixed widths); ``amaq3.13`` is AMAQ at uniform3's measured bits per
+element (codes plus scales), so the two send the same bytes in the last round.
 ``amaq4-shared`` is ``amaq4`` with one server-side adapter per round stepped by one client at a
 time (``split.server_adapter = "shared"``) instead of a copy per client session.
 Columns: ``eval_loss`` (final), ``eval_accuracy``, ``bytes_up_per_step`` and
@@ -25,7 +28,8 @@ both directions, last round),
 With ``--seeds N`` every row runs once per seed (the seed decides the partition, the initial
 adapter and every dropout mask; ``bench/seeds.py``): each figure is the mean, with
 ``<key>_ci95`` and ``<key>_per_seed`` in the JSON, and each row's eval loss is compared with
-fp32's, and each AMAQ row with the uniform row of its bits, paired by seed: a difference whose
+fp32's, each AMAQ row with the uniform rows of its bits (plain and scheduled) and each scheduled
+uniform row with the plain one, paired by seed: a difference whose
 95% interval contains zero is printed as "no difference measured".
 """
 
@@ -44,16 +48,23 @@ from fedtune.simulation.runner import run_simulation
 
 from seeds import add_arguments, format_mean, paired_difference, seeds_of, summarize
 
-ROWS = {  # name: (codec, bits, server adapter)
-    "fp32": ("fp32", 32, "copies"), "fp16": ("fp16", 16, "copies"), "uniform8": ("uniform", 8, "copies"),
-    "uniform4": ("uniform", 4, "copies"), "uniform3": ("uniform", 3, "copies"), "amaq4": ("amaq", 4, "copies"),
-    "amaq3": ("amaq", 3, "copies"), "uniform2": ("uniform", 2, "copies"), "amaq2": ("amaq", 2, "copies"),
-    "amaq4-shared": ("amaq", 4, "shared"),
+ROWS = {  # name: (codec, bits, server adapter, uniform on AMAQ's schedule)
+    "fp32": ("fp32", 32, "copies", False), "fp16": ("fp16", 16, "copies", False), "uniform8": ("uniform", 8, "copies", False),
+    "uniform4": ("uniform", 4, "copies", False), "uniform3": ("uniform", 3, "copies", False), "uniform2": ("uniform", 2, "copies", False),
+    "amaq4": ("amaq", 4, "copies", False), "amaq3": ("amaq", 3, "copies", False), "amaq2": ("amaq", 2, "copies", False),
+    # AMAQ at uniform3's measured bits per element (3-bit codes plus a float32 minimum and step
+    # per channel: 3.13 on this task), so the two spend the same bytes in the last round
+    "amaq3.13": ("amaq", 3.13, "copies", False),
+    # uniform on AMAQ's schedule (8 bits down to B over the first half, in whole bits): what
+    # AMAQ's schedule alone buys, apart from its mixed widths
+    "uniform4-anneal": ("uniform", 4, "copies", True), "uniform3-anneal": ("uniform", 3, "copies", True),
+    "uniform2-anneal": ("uniform", 2, "copies", True),
+    "amaq4-shared": ("amaq", 4, "shared", False),
 }
 
 
 def run(name: str, args, tmp: str, seed: int = 0) -> dict:
-    codec, bits, server_adapter = ROWS[name]
+    codec, bits, server_adapter, anneal_uniform = ROWS[name]
     config = RunConfig()
     config.seed = seed
     config.federation.rounds = args.rounds
@@ -65,6 +76,7 @@ def run(name: str, args, tmp: str, seed: int = 0) -> dict:
     config.split.act_codec = config.split.grad_codec = codec
     config.split.act_bits = config.split.grad_bits = bits
     config.split.server_adapter = server_adapter
+    config.split.anneal_uniform = anneal_uniform
     config.run_dir = str(Path(tmp) / f"{name}-seed{seed}")
     started = time.monotonic()
     result = run_simulation(config.validate())
@@ -141,9 +153,20 @@ def load_tables(paths: list[Path]) -> tuple[list[dict], list[int]]:
     return rows, seeds or []
 
 
+def uniform_partners(name: str) -> list[str]:
+    """The uniform rows an AMAQ row is compared with (uniform at its whole bits, plain and on
+    AMAQ's schedule), and the plain uniform row a scheduled one is compared with."""
+    codec, bits, _, anneal_uniform = ROWS.get(name, ("", 0, "", False))
+    if codec == "amaq":
+        return [f"uniform{int(bits)}", f"uniform{int(bits)}-anneal"]
+    if codec == "uniform" and anneal_uniform:
+        return [f"uniform{int(bits)}"]
+    return []
+
+
 def report(rows: list[dict], markdown: bool = False) -> list[dict]:
     """Print the table (and, with ``markdown``, a RESULTS.md table) and the paired comparisons:
-    each row against fp32, each AMAQ row against uniform at its bits. ``run bits``: payload bits
+    each row against fp32, each AMAQ row against uniform at its bits (``uniform_partners``). ``run bits``: payload bits
     per element over the whole run (annealing included), from the bytes against fp32's."""
     base = next((r for r in rows if r["name"] == "fp32"), None)
 
@@ -169,8 +192,7 @@ def report(rows: list[dict], markdown: bool = False) -> list[dict]:
     comparisons = []
     for r in rows:  # paired by seed: each row against fp32, each AMAQ row against uniform at its bits
         others = ["fp32"] if r["name"] != "fp32" else []
-        if r["name"].startswith("amaq") and r["name"].replace("amaq", "uniform").split("-")[0] in {x["name"] for x in rows}:
-            others.append(r["name"].replace("amaq", "uniform").split("-")[0])
+        others += [o for o in uniform_partners(r["name"]) if o in {x["name"] for x in rows}]
         for other in others:
             o = next((x for x in rows if x["name"] == other), None)
             if o is not None:

@@ -8,13 +8,15 @@ the far side puts them back in place.
 
 Codecs per direction (``DirectionCodec``): ``fp32`` (lossless), ``fp16``, ``bf16``, ``uniform``
 (``bits`` per element, a min and step per channel) and ``amaq`` (mixed widths learned by gates,
-mean width annealed from ``start_bits`` to ``bits``; fedtune.compression.amaq). Lossy codecs
+mean width annealed from ``start_bits`` to ``bits``; fedtune.compression.amaq; uniform follows the
+same schedule with ``anneal_uniform``, in whole bits). Lossy codecs
 are straight-through: the sender backpropagates the gradient of the decoded tensor as if it
 were the gradient of the original.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -29,6 +31,14 @@ from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.tensors import DEFAULT_CHUNK_BYTES, EncodedTensor, ProtocolError, TensorReceiver, decoded_bytes, encode_tensor, encoded_tensor
 
 
+def uniform_width(spec: DirectionCodec, step: int) -> int:
+    """Uniform's width at ``step`` on AMAQ's schedule (``anneal_uniform``): the widest whole
+    number of bits within the budget of that step, never below ``bits`` (codes only, as uniform's
+    ``bits`` always are)."""
+    budget = BitBudget(spec.start_bits, spec.bits, spec.anneal_steps).at(step)
+    return max(int(spec.bits), min(8, math.floor(budget + 1e-9)))
+
+
 class Sender:
     """Encodes one direction's tensor each step; for AMAQ it owns the gates."""
 
@@ -36,6 +46,7 @@ class Sender:
         self.spec = spec
         self.quantizer: MixedBitQuantizer | None = None
         self.codec = None if spec.codec in ("fp32", "amaq") else make_codec(spec.codec, {"bits": int(spec.bits)} if spec.codec == "uniform" else {})
+        self._widths: dict[int, object] = {}  # uniform on AMAQ's schedule: a codec per width
         self.encode_seconds = 0.0
         self.last_bits = 32.0  # payload bits per element of the last frame, scales and map included
 
@@ -52,7 +63,11 @@ class Sender:
             wire = encoded_tensor(name, x, make_codec("amaq"), encoded)
         else:
             x_hat = x
-            wire = encode_tensor(name, x.detach().float(), self.codec)
+            codec = self.codec
+            if spec.anneal_uniform:
+                width = uniform_width(spec, step)
+                codec = self._widths.setdefault(width, make_codec("uniform", {"bits": width}))
+            wire = encode_tensor(name, x.detach().float(), codec)
         self.last_bits = 8 * len(wire.payload) / max(x.numel(), 1)
         self.encode_seconds += time.perf_counter() - started
         return x_hat, wire

@@ -27,6 +27,7 @@ class DirectionCodec:
     reg_weight: float = 0.01       # AMAQ: weight of the mean width in the bit regularization
     layer_weight: float = 1.0      # AMAQ: layer-wise importance of this cut
     gate_lr: float = 0.05
+    anneal_uniform: bool = False   # uniform: follow the same schedule, start_bits down to bits
 
     def __post_init__(self) -> None:
         if self.codec not in SPLIT_CODECS:
@@ -66,6 +67,9 @@ class SplitStream(MethodOptions):
     anneal_steps: int = 0
     reg_weight: float = 0.01
     gate_lr: float = 0.05
+    # Uniform follows AMAQ's schedule too (its width the widest whole number of bits within the
+    # budget at each step): the control that tells AMAQ's schedule from its mixed widths.
+    anneal_uniform: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,8 +99,9 @@ class SplitOptions(LocalOptions, SplitStream):
     def direction(self, prefix: str) -> DirectionCodec:
         """The codec settings of activations (``act``) or gradients (``grad``)."""
         codec, bits = getattr(self, f"{prefix}_codec"), getattr(self, f"{prefix}_bits")
-        start = max(self.start_bits, bits) if codec == "amaq" else self.start_bits
-        return DirectionCodec(codec, bits, start, self.anneal_steps, self.b_min, self.b_max, self.reg_weight, 1.0, self.gate_lr)
+        start = max(self.start_bits, bits) if codec in ("amaq", "uniform") else self.start_bits
+        return DirectionCodec(codec, bits, start, self.anneal_steps, self.b_min, self.b_max, self.reg_weight, 1.0, self.gate_lr,
+                              self.anneal_uniform and codec == "uniform")
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,13 @@ import torch
 
 from fedtune.adapters import AdapterPlan, adapter_state, inject_lora
 from fedtune.client.recipes import TrainSettings, make_recipe
-from fedtune.methods.split.options import SplitOptions
+from fedtune.methods.split.options import DirectionCodec, SplitOptions
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.tensors import ProtocolError, encode_tensor
 from fedtune.split.link import LocalLink
 from fedtune.split.segments import SplitError, anatomy, check_cut, client_side, keep_bottom
 from fedtune.split.server import ServerHalf
+from fedtune.split.wire import Sender, uniform_width
 from fedtune.tasks import get_task
 from fedtune.tasks.base import EncodedExample
 
@@ -127,6 +128,23 @@ def test_amaq_split_learns_and_anneals_the_mean_width_to_its_budget():
     assert abs(mean(split.step_losses) - mean(local.step_losses)) < 0.01
     assert metrics["split_bits_up"] <= 4.0
     assert 2.0 <= metrics["split_bits_down"] <= 8.0
+
+
+def test_uniform_on_amaqs_schedule_steps_down_in_whole_bits_within_the_budget():
+    spec = DirectionCodec("uniform", 3, 8.0, 10, anneal_uniform=True)
+    # the budget falls 8 -> 3 over 10 steps (0.5 bit a step); uniform takes the whole bits under it
+    assert [uniform_width(spec, s) for s in range(12)] == [8, 7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 3]
+    sender, x = Sender(spec), torch.randn(64, 16)
+    _, first = sender.send("hidden", x, 0)
+    _, last = sender.send("hidden", x, 11)
+    scales = 8 * 16  # a float32 minimum and step per channel
+    assert (len(first.payload) - scales, len(last.payload) - scales) == (64 * 16 * 8 // 8, 64 * 16 * 3 // 8)
+    # and through the options a split task carries, end to end
+    settings = TrainSettings(local_steps=12, batch_size=8, learning_rate=1e-2, seed=3)
+    _, split, _, _, _, metrics = run_both(llama, {"cut": "1", "head": "client", "act_codec": "uniform", "act_bits": "3", "grad_codec": "uniform",
+                                                  "grad_bits": "3", "start_bits": "8", "anneal_steps": "10", "anneal_uniform": "true"}, settings)
+    assert 3.0 < metrics["split_bits_up"] < 4.0  # 3-bit codes and their scales at the end
+    assert len(split.step_losses) == 12
 
 
 def test_cut_must_leave_a_block_on_each_side_and_options_are_checked():
