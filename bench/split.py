@@ -12,9 +12,11 @@ codec on both directions. The clients' data is split IID by default (``--partiti
 three Dirichlet(0.5) clients FedAvg itself collapses to the majority class (bench/skew.py), and
 a codec's effect on the loss cannot be read off a run that does not learn. ``amaqB`` anneals the budget from 8 bits per
 element to B (scales and bit map included) over the first half of the run's steps;
-``uniformB-anneal`` is uniform on that schedule, in whole bits (the control that separates
-AMAQ's schedule from its mixed widths); ``amaq3.13`` is AMAQ at uniform3's measured bits per
-element (codes plus scales), so the two send the same bytes in the last round.
+AMAQ rows use its default allocation (``exact``: the bit regularizer's minimizer at the budget);
+``-gates`` rows the paper's trainable gates. ``uniformB-anneal`` is uniform on that schedule, in
+whole bits (the control that separates AMAQ's schedule from its mixed widths); ``amaq3.13`` and
+``amaq2.13`` are AMAQ at uniform's measured bits per element (codes plus scales), so the two send
+the same bytes in the last round.
 ``amaq4-shared`` is ``amaq4`` with one server-side adapter per round stepped by one client at a
 time (``split.server_adapter = "shared"``) instead of a copy per client session.
 Columns: ``eval_loss`` (final), ``eval_accuracy``, ``bytes_up_per_step`` and
@@ -48,23 +50,29 @@ from fedtune.simulation.runner import run_simulation
 
 from seeds import add_arguments, format_mean, paired_difference, seeds_of, summarize
 
-ROWS = {  # name: (codec, bits, server adapter, uniform on AMAQ's schedule)
-    "fp32": ("fp32", 32, "copies", False), "fp16": ("fp16", 16, "copies", False), "uniform8": ("uniform", 8, "copies", False),
-    "uniform4": ("uniform", 4, "copies", False), "uniform3": ("uniform", 3, "copies", False), "uniform2": ("uniform", 2, "copies", False),
-    "amaq4": ("amaq", 4, "copies", False), "amaq3": ("amaq", 3, "copies", False), "amaq2": ("amaq", 2, "copies", False),
-    # AMAQ at uniform3's measured bits per element (3-bit codes plus a float32 minimum and step
-    # per channel: 3.13 on this task), so the two spend the same bytes in the last round
-    "amaq3.13": ("amaq", 3.13, "copies", False),
+def _row(codec: str, bits: float, server_adapter: str = "copies", anneal_uniform: bool = False, allocation: str = "exact") -> tuple:
+    return codec, bits, server_adapter, anneal_uniform, allocation
+
+
+ROWS = {  # name: (codec, bits, server adapter, uniform on AMAQ's schedule, AMAQ's allocation)
+    "fp32": _row("fp32", 32), "fp16": _row("fp16", 16), "uniform8": _row("uniform", 8),
+    "uniform4": _row("uniform", 4), "uniform3": _row("uniform", 3), "uniform2": _row("uniform", 2),
+    "amaq4": _row("amaq", 4), "amaq3": _row("amaq", 3), "amaq2": _row("amaq", 2),
+    # AMAQ at uniform's measured bits per element (B-bit codes plus a float32 minimum and step per
+    # channel: B + 0.13 on this task), so the two send the same bytes in the last round
+    "amaq3.13": _row("amaq", 3.13), "amaq2.13": _row("amaq", 2.13),
+    # the same with the paper's trainable gates instead of the exact allocation
+    "amaq3.13-gates": _row("amaq", 3.13, allocation="gates"), "amaq2.13-gates": _row("amaq", 2.13, allocation="gates"),
     # uniform on AMAQ's schedule (8 bits down to B over the first half, in whole bits): what
     # AMAQ's schedule alone buys, apart from its mixed widths
-    "uniform4-anneal": ("uniform", 4, "copies", True), "uniform3-anneal": ("uniform", 3, "copies", True),
-    "uniform2-anneal": ("uniform", 2, "copies", True),
-    "amaq4-shared": ("amaq", 4, "shared", False),
+    "uniform4-anneal": _row("uniform", 4, anneal_uniform=True), "uniform3-anneal": _row("uniform", 3, anneal_uniform=True),
+    "uniform2-anneal": _row("uniform", 2, anneal_uniform=True),
+    "amaq4-shared": _row("amaq", 4, "shared"),
 }
 
 
 def run(name: str, args, tmp: str, seed: int = 0) -> dict:
-    codec, bits, server_adapter, anneal_uniform = ROWS[name]
+    codec, bits, server_adapter, anneal_uniform, allocation = ROWS[name]
     config = RunConfig()
     config.seed = seed
     config.federation.rounds = args.rounds
@@ -77,6 +85,7 @@ def run(name: str, args, tmp: str, seed: int = 0) -> dict:
     config.split.act_bits = config.split.grad_bits = bits
     config.split.server_adapter = server_adapter
     config.split.anneal_uniform = anneal_uniform
+    config.split.amaq_allocation = allocation
     config.run_dir = str(Path(tmp) / f"{name}-seed{seed}")
     started = time.monotonic()
     result = run_simulation(config.validate())
@@ -154,11 +163,13 @@ def load_tables(paths: list[Path]) -> tuple[list[dict], list[int]]:
 
 
 def uniform_partners(name: str) -> list[str]:
-    """The uniform rows an AMAQ row is compared with (uniform at its whole bits, plain and on
-    AMAQ's schedule), and the plain uniform row a scheduled one is compared with."""
-    codec, bits, _, anneal_uniform = ROWS.get(name, ("", 0, "", False))
+    """The rows a row is compared with besides fp32: an AMAQ row with uniform at its whole bits
+    (plain and on AMAQ's schedule) and a gates row also with the exact allocation at its budget;
+    a scheduled uniform row with the plain one."""
+    codec, bits, _, anneal_uniform, allocation = ROWS.get(name, _row("", 0))
     if codec == "amaq":
-        return [f"uniform{int(bits)}", f"uniform{int(bits)}-anneal"]
+        exact = [name.removesuffix("-gates")] if allocation == "gates" else []  # the gates against the exact allocation
+        return [f"uniform{int(bits)}", f"uniform{int(bits)}-anneal", *exact]
     if codec == "uniform" and anneal_uniform:
         return [f"uniform{int(bits)}"]
     return []

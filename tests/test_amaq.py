@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from fedtune.compression import CodecError, make_codec
-from fedtune.compression.amaq import AMAQ, BitBudget, BitGates, MixedBitQuantizer, fake_quantize
+import itertools
+
+from fedtune.compression.amaq import ALLOCATIONS, AMAQ, BitBudget, BitGates, MixedBitQuantizer, fake_quantize, water_fill
+from fedtune.methods.split.options import AMAQ_ALLOCATIONS, DirectionCodec
 
 
 def heavy_tailed(n=256, c=128, seed=0):
@@ -129,11 +132,13 @@ def test_gates_give_bits_between_min_and_max_and_the_cap_holds_the_mean():
     assert (after.diff() >= 0).all()  # one common shift: the order of the channels is kept
 
 
-def test_the_budget_caps_everything_sent_scales_and_map_included():
+@pytest.mark.parametrize("allocation", ALLOCATIONS)
+def test_the_budget_caps_everything_sent_scales_and_map_included(allocation):
     # a 4-bit budget must cost at most 1/8 of float32 on the wire, whatever the gates learned
-    quantizer = MixedBitQuantizer(96, BitBudget(4, 4, 0))
+    quantizer = MixedBitQuantizer(96, BitBudget(4, 4, 0), allocation=allocation)
     with torch.no_grad():
         quantizer.gates.gate.copy_(torch.randn(96, generator=torch.Generator().manual_seed(0)))
+        quantizer.gates.importance.copy_(torch.rand(96, generator=torch.Generator().manual_seed(1)) * 10)
     for rows in (40, 300):
         x = torch.randn(rows, 96) * torch.logspace(-2, 1, 96)
         _, encoded, widths = quantizer.quantize(x, step=0)
@@ -164,3 +169,62 @@ def test_amaq_at_4_bits_reconstructs_heavy_tailed_activations_better_than_unifor
     span = x.max(0).values - x.min(0).values
     wide, narrow = span > span.median(), span <= span.median()
     assert widths[wide].float().mean() > widths[narrow].float().mean()
+
+
+def _error(cost, widths):
+    return float((cost / (2.0 ** widths.double() - 1) ** 2).sum())
+
+
+def test_water_fill_is_the_exact_optimum_of_the_regularizers_error():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        cost = torch.rand(5, generator=g).double() ** 3 * 100  # channels of very different cost
+        mean = 2 + 3 * float(torch.rand(1, generator=g))
+        widths = water_fill(cost, mean, b_min=2, b_max=6)
+        assert widths.dtype == torch.int64 and int(widths.min()) >= 2 and int(widths.max()) <= 6
+        assert float(widths.double().mean()) <= mean + 1e-9
+        feasible = [w for w in itertools.product(range(2, 7), repeat=5) if sum(w) <= mean * 5 + 1e-9]
+        best = min(_error(cost, torch.tensor(w)) for w in feasible)
+        assert _error(cost, widths) == pytest.approx(best, rel=1e-12), (trial, widths.tolist())
+
+
+def test_water_fill_spends_every_whole_bit_and_stays_in_range():
+    cost = torch.tensor([4.0, 1.0, 0.0, 9.0])
+    assert water_fill(cost, 3.0).sum() == 12  # all 12 bits given out
+    assert water_fill(cost, 1.0).tolist() == [2, 2, 2, 2]  # below b_min: b_min
+    assert water_fill(cost, 20.0).tolist() == [8, 8, 8, 8]  # above b_max: b_max
+    assert water_fill(torch.ones(3), 4.0).tolist() == [4, 4, 4]  # equal costs: equal widths
+    w = water_fill(cost, 3.0)
+    assert w[3] >= w[0] >= w[1] >= w[2]  # more cost, more bits
+
+
+def test_exact_allocation_beats_one_width_for_all_on_importance_weighted_error():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g) * torch.logspace(-1, 1, 64)  # spans over two decades
+    importance = torch.rand(64, generator=g) * 4
+    q = MixedBitQuantizer(64, BitBudget(3, 3, 0))
+    q.gates.importance.copy_(importance)
+    x_hat, encoded, widths = q.quantize(x, step=0)
+    assert float(widths.float().mean()) <= 3 - 67 / 256  # the frame's overhead comes out of the codes
+    decoded = AMAQ.decode(encoded.payload, x.shape, encoded.params)
+    assert torch.allclose(decoded, x_hat.detach(), atol=1e-6)  # what the sender trains through is what arrives
+    weighted = lambda y: float((importance * ((y - x) ** 2).sum(0)).sum())  # noqa: E731
+    _, uniform = make_codec("uniform", {"bits": 3}).roundtrip(x)
+    assert weighted(decoded) < 0.6 * weighted(uniform), (weighted(decoded), weighted(uniform))
+    # the importance is learned from the returning gradient; the gates are not stepped
+    before = q.gates.gate.detach().clone()
+    grad = torch.zeros(256, 64)
+    grad[:, 40] = 1.0
+    for step in range(1, 6):
+        q.quantize(x, step)
+        q.learn(x, grad)
+    assert torch.equal(q.gates.gate.detach(), before)
+    assert int(q.quantize(x, step=6)[2][40]) > int(widths[40])  # the channel the gradient reached gains bits
+
+
+def test_allocations_are_checked_where_they_are_named():
+    assert AMAQ_ALLOCATIONS == ALLOCATIONS  # the options' list (layer 1) is the quantizer's
+    with pytest.raises(ValueError, match="unknown AMAQ allocation 'gate'"):
+        MixedBitQuantizer(8, BitBudget(4, 4, 0), allocation="gate")
+    with pytest.raises(ValueError, match="unknown AMAQ allocation 'exat'.*exact, gates"):
+        DirectionCodec("amaq", 4, allocation="exat")

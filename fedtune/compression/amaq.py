@@ -23,6 +23,11 @@ What the paper leaves open, and what fedtune chose:
   direction, where no loss measures the error, it is 1 (plain relative error). Layer-wise
   importance is ``layer_weight``, a factor on the whole term for this cut. Minimizing it at a
   fixed mean width is reverse water-filling: wide or important channels get more bits.
+- The allocation (``MixedBitQuantizer(allocation=)``): by default each frame's widths are the
+  exact minimizer of the regularizer's error term at the budget (``water_fill``), with the
+  importance learned from the returning gradients. The paper's gates (``"gates"``), trained by
+  the task loss and the regularizer, are kept as an option: measured, they allocate worse than
+  one width for all (see ``MixedBitQuantizer``).
 - The budget is a hard cap on everything sent, per element: before every frame the gates are
   shifted by one common offset so that the mean code width plus the frame's overhead (scales
   and bit map, ``overhead_bits``) is as large as it can be without exceeding the scheduled budget (``BitBudget``: linear from
@@ -285,6 +290,26 @@ class BitGates(torch.nn.Module):
         self.gate.copy_(base + lo)
 
 
+def water_fill(cost: torch.Tensor, mean_bits: float, b_min: int = 2, b_max: int = MAX_WIDTH) -> torch.Tensor:
+    """Integer widths in [b_min, b_max], averaging at most ``mean_bits``, that minimize
+    ``sum_c cost_c / (2**w_c - 1)**2`` (the bit regularizer's error term, ``cost = I * span**2``).
+
+    Each channel's cost falls convexly with its width, so the bits above ``b_min`` go to the
+    largest marginal gains over all channels and widths at once: a channel's gains shrink with
+    every bit it already has, so the chosen ones form a prefix of each channel's, and the result
+    is the exact optimum (reverse water-filling in whole bits)."""
+    channels = cost.numel()
+    widths = torch.full((channels,), b_min, dtype=torch.int64)
+    spare = min(int(math.floor(mean_bits * channels + 1e-6)) - b_min * channels, (b_max - b_min) * channels)
+    if spare <= 0 or channels == 0:
+        return widths
+    w = torch.arange(b_min, b_max, dtype=torch.float64)
+    error = lambda bits: 1.0 / (2.0**bits - 1) ** 2  # noqa: E731
+    gains = cost.detach().double().reshape(-1, 1) * (error(w) - error(w + 1))  # C x (b_max - b_min), falling along each row
+    chosen = torch.topk(gains.reshape(-1), spare).indices // (b_max - b_min)
+    return widths + torch.bincount(chosen, minlength=channels).cpu()
+
+
 @dataclass(frozen=True)
 class BitBudget:
     """The mean-width budget at a training step: ``start_bits`` falling linearly to
@@ -300,16 +325,34 @@ class BitBudget:
         return self.start_bits + (self.target_bits - self.start_bits) * step / self.anneal_steps
 
 
+ALLOCATIONS = ("exact", "gates")
+
+
 class MixedBitQuantizer:
-    """One direction of one split stream: gates, their optimizer and the budget schedule.
+    """One direction of one split stream: how its widths are chosen and the budget schedule.
 
     ``quantize(x, step)`` gives the differentiable ``x_hat`` (for the sender's own backward) and
-    the wire encoding; ``learn(x)`` steps the gates once the gradient of ``x_hat`` is known
+    the wire encoding; ``learn(x)`` updates the allocation once the gradient of ``x_hat`` is known
     (for activations) or on the reconstruction objective alone (for gradients).
+
+    ``allocation``:
+
+    - ``"exact"`` (the default): each frame's widths are the exact minimizer of the bit
+      regularizer's error term at the budget (``water_fill`` of ``importance * span**2``), the
+      importance learned from the gradients that come back. No learning rate, no gate drift.
+    - ``"gates"``: the paper's trainable gates, stepped by Adam on the task loss (through the
+      quantizer's step) plus the bit regularization, then shifted to the budget. Measured on
+      MiniLM (bench/amaq_allocation.py), their allocation ends with about twice uniform's
+      importance-weighted error: the task loss reaches the widths only through a first-order
+      term whose sign is random, and Adam's per-gate normalization turns that noise into a
+      random walk of every gate at the full step size.
     """
 
     def __init__(self, channels: int, budget: BitBudget, *, b_min: int = 2, b_max: int = 8, lr: float = 0.05,
-                 weight: float = 0.01, layer_weight: float = 1.0) -> None:
+                 weight: float = 0.01, layer_weight: float = 1.0, allocation: str = "exact") -> None:
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown AMAQ allocation {allocation!r} (valid: {', '.join(ALLOCATIONS)})")
+        self.allocation = allocation
         self.gates = BitGates(channels, b_min, b_max, init_bits=min(budget.start_bits, b_max - 0.25))
         self.budget = budget
         self.weight, self.layer_weight = weight, layer_weight
@@ -320,12 +363,19 @@ class MixedBitQuantizer:
     def quantize(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, Encoded, torch.Tensor]:
         """(x_hat with gradients to x and the gates, the wire encoding, the widths used)."""
         n, c = as_channels(tuple(x.shape))
-        self.gates.cap(self.budget.at(step) - overhead_bits(n))
-        widths = self.gates.widths()
         flat = x.reshape(n, c)
         low, high = torch.aminmax(flat.detach(), dim=0)
         self._span = high - low  # for learn(): the same frame's ranges
-        x_hat, codes, grid_low, grid_step = _fake_quantize(flat, self.gates.bits(), low, high)
+        budget = self.budget.at(step) - overhead_bits(n)
+        if self.allocation == "exact":
+            cost = self.gates.importance.to(self._span.device) * self._span.float().pow(2)
+            widths = water_fill(cost, budget, self.gates.b_min, self.gates.b_max).to(x.device)
+            bits = widths.to(flat.dtype)
+        else:
+            self.gates.cap(budget)
+            widths = self.gates.widths()
+            bits = self.gates.bits()
+        x_hat, codes, grid_low, grid_step = _fake_quantize(flat, bits, low, high)
         send_map = self._sent is None or not torch.equal(widths, self._sent)
         self._sent = widths
         payload = AMAQ._payload(codes.to("cpu", torch.int64), grid_low.cpu(), grid_step.cpu(), widths.cpu(), send_map)
@@ -338,6 +388,9 @@ class MixedBitQuantizer:
         n, c = as_channels(tuple(x.shape))
         if grad is not None:
             self.gates.observe(grad.reshape(n, c))
+        if self.allocation == "exact":  # the importance is all it learns
+            self._span = None
+            return
         span = self._span if self._span is not None and self._span.shape == (c,) else None
         if span is None:
             low, high = torch.aminmax(x.detach().reshape(n, c).float(), dim=0)

@@ -58,7 +58,7 @@ class Sender:
             if self.quantizer is None:
                 budget = BitBudget(spec.start_bits, spec.bits, spec.anneal_steps)
                 self.quantizer = MixedBitQuantizer(x.shape[-1], budget, b_min=spec.b_min, b_max=spec.b_max, lr=spec.gate_lr,
-                                                   weight=spec.reg_weight, layer_weight=spec.layer_weight)
+                                                   weight=spec.reg_weight, layer_weight=spec.layer_weight, allocation=spec.allocation)
             x_hat, encoded, widths = self.quantizer.quantize(x.float(), step)
             wire = encoded_tensor(name, x, make_codec("amaq"), encoded)
         else:

@@ -12,6 +12,9 @@ from fedtune.contract.local_options import LocalOptions
 from fedtune.options import MethodOptions
 
 SPLIT_CODECS = ("fp32", "fp16", "bf16", "uniform", "amaq")
+# How AMAQ chooses each channel's width (fedtune.compression.amaq.MixedBitQuantizer): the exact
+# minimizer of its bit regularizer at the budget, or the paper's trainable gates.
+AMAQ_ALLOCATIONS = ("exact", "gates")
 
 
 @dataclass(frozen=True)
@@ -28,12 +31,15 @@ class DirectionCodec:
     layer_weight: float = 1.0      # AMAQ: layer-wise importance of this cut
     gate_lr: float = 0.05
     anneal_uniform: bool = False   # uniform: follow the same schedule, start_bits down to bits
+    allocation: str = "exact"      # AMAQ: how widths are chosen, "exact" or the paper's "gates"
 
     def __post_init__(self) -> None:
         if self.codec not in SPLIT_CODECS:
             raise ValueError(f"unknown split codec {self.codec!r} (valid: {', '.join(SPLIT_CODECS)})")
         if self.codec == "uniform" and (self.bits != int(self.bits) or not 1 <= self.bits <= 8):
             raise ValueError(f"uniform needs whole bits in 1..8, got {self.bits}")
+        if self.allocation not in AMAQ_ALLOCATIONS:
+            raise ValueError(f"unknown AMAQ allocation {self.allocation!r} (valid: {', '.join(AMAQ_ALLOCATIONS)})")
         if self.codec == "amaq" and not self.b_min <= self.bits <= self.start_bits <= self.b_max:
             raise ValueError(f"amaq needs b_min <= bits <= start_bits <= b_max, got {self.b_min}, {self.bits}, {self.start_bits}, {self.b_max}")
 
@@ -70,6 +76,9 @@ class SplitStream(MethodOptions):
     # Uniform follows AMAQ's schedule too (its width the widest whole number of bits within the
     # budget at each step): the control that tells AMAQ's schedule from its mixed widths.
     anneal_uniform: bool = False
+    # AMAQ's widths: "exact" (the bit regularizer's minimizer at the budget, each frame) or
+    # "gates" (the paper's gates, trained by the task loss and the regularizer).
+    amaq_allocation: str = "exact"
 
 
 @dataclass(frozen=True)
@@ -101,7 +110,7 @@ class SplitOptions(LocalOptions, SplitStream):
         codec, bits = getattr(self, f"{prefix}_codec"), getattr(self, f"{prefix}_bits")
         start = max(self.start_bits, bits) if codec in ("amaq", "uniform") else self.start_bits
         return DirectionCodec(codec, bits, start, self.anneal_steps, self.b_min, self.b_max, self.reg_weight, 1.0, self.gate_lr,
-                              self.anneal_uniform and codec == "uniform")
+                              self.anneal_uniform and codec == "uniform", self.amaq_allocation)
 
 
 @dataclass(frozen=True)
