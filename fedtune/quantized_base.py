@@ -203,22 +203,45 @@ def _embedding(module: torch.nn.Embedding, precision: str) -> torch.nn.Module:
     return table
 
 
+def kept_in_fp32(model: torch.nn.Module):
+    """A test of a module's qualified name: whether the model's own code needs it in fp32.
+
+    transformers models name such modules in ``_keep_in_fp32_modules`` (and ``..._strict``), and
+    their code relies on it: T5's feed-forward casts its input to ``wo.weight.dtype``, which for
+    a quantized ``wo`` is an integer type (silently wrong in evaluation, an error in training).
+    A name matches an entry when the entry (less a trailing ``.weight``) is the whole name or its
+    last components, as transformers' own quantizers skip them."""
+    entries = set()
+    for attribute in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
+        for entry in getattr(model, attribute, None) or ():
+            entries.add(entry.removesuffix(".weight").removesuffix(".bias"))
+
+    def keep(name: str) -> bool:
+        return any(name == entry or name.endswith("." + entry) for entry in entries)
+
+    return keep
+
+
 def quantize_base(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     """Hold ``model``'s frozen weights at ``precision`` (in place; returns ``model``). Matrix
     layers and embedding tables of at least ``MIN_EMBEDDING_ELEMENTS`` are replaced; the trained
-    heads (``TRAINED_HEADS``), norms and biases stay in fp32. A tied output layer gets its own
-    quantized copy of the embedding table, so the fp32 table is not kept alive through it."""
+    heads (``TRAINED_HEADS``), norms and biases stay in fp32, and so do the modules the model's
+    code needs in fp32 (``kept_in_fp32``). A tied output layer gets its own quantized copy of
+    the embedding table, so the fp32 table is not kept alive through it."""
     check_precision(precision)
     if precision == "fp32":
         return model
     from transformers.pytorch_utils import Conv1D  # GPT-2's matrix layer, its weight stored in x out
 
+    keep = kept_in_fp32(model)
     replaced = 0
     for parent_name, parent in list(model.named_modules()):
         if parent_name.split(".")[0] in TRAINED_HEADS or parent_name in TRAINED_HEADS:
             continue
         for name, child in list(parent.named_children()):
             if not parent_name and name in TRAINED_HEADS:
+                continue
+            if keep(f"{parent_name}.{name}" if parent_name else name):
                 continue
             if type(child) is torch.nn.Linear:
                 new = _matrix_layer(child, child.weight, child.bias, precision)

@@ -259,3 +259,35 @@ def test_training_keeps_no_dequantized_weight_for_the_backward_pass(store, batch
     loss.backward()
     assert saved and not weight_shapes & set(saved), weight_shapes & set(saved)
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
+
+
+def test_modules_a_model_needs_in_fp32_are_left_in_fp32():
+    """T5 casts its feed-forward input to ``wo.weight.dtype``: quantized, that is an integer type,
+    silently wrong in evaluation and an error in training. Its ``_keep_in_fp32_modules`` stay fp32."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from fedtune.quantized_base import kept_in_fp32, quantize_base
+
+    config = T5Config(vocab_size=64, d_model=64, d_kv=32, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=2,
+                      decoder_start_token_id=0, dropout_rate=0.1)
+    torch.manual_seed(0)
+    reference = T5ForConditionalGeneration(config).eval()
+    model = T5ForConditionalGeneration(config).eval()
+    model.load_state_dict(reference.state_dict())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    quantize_base(model, "4bit")
+    wo = [m for n, m in model.named_modules() if n.endswith(".wo")]
+    assert wo and all(type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 for m in wo)
+    assert is_quantized(model.encoder.block[0].layer[1].DenseReluDense.wi)
+    ids = torch.randint(1, 64, (3, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = reference(input_ids=ids, labels=ids).loss, model(input_ids=ids, labels=ids).loss
+    assert abs(float(got) - float(want)) < 0.05 * float(want)  # 4-bit rounding, not an integer cast
+    lora = inject_lora(model, AdapterPlan(rank=2, alpha=4, target_modules=("q", "v")), "seq2seq").train()
+    lora(input_ids=ids, labels=ids).loss.backward()  # trains (dropout on) without a dtype error
+    # the names match as transformers' own quantizers match them: whole trailing components
+    keep = kept_in_fp32(type("M", (torch.nn.Module,), {"_keep_in_fp32_modules": ["wo", "indexer.weights_proj"],
+                                                      "_keep_in_fp32_modules_strict": ["gate.weight"]})())
+    assert keep("encoder.block.0.layer.1.DenseReluDense.wo") and keep("layers.3.indexer.weights_proj") and keep("mlp.gate")
+    assert not keep("encoder.block.0.layer.1.DenseReluDense.wi") and not keep("wo_proj") and not keep("weights_proj")

@@ -204,6 +204,24 @@ def test_a_federated_round_trains_and_its_export_reloads_exactly(tmp_path, model
     assert task.evaluate(model, items, tokenizer.pad_token_id)["eval_loss"] == pytest.approx(row["eval_loss"], abs=1e-5)
 
 
+@pytest.mark.parametrize("name,precision", [("t5", "4bit"), ("bart", "int8")])
+def test_an_encoder_decoder_trains_on_a_quantized_base_and_its_export_reproduces_the_evaluation(tmp_path, model_folder, name, precision):
+    """Both stacks (and their cross-attention) held at 8 or 4 bits; the adapter, loaded on a base
+    held as the run held it, gives the run's last evaluation."""
+    folder = model_folder(name)
+    config = _config(tmp_path, folder, rounds=2, steps=4, lr=3e-2)
+    config.model.base_precision = precision
+    result = run_simulation(config)
+    assert not result.client_errors, result.client_errors
+    first, last = result.history[0], result.history[-1]
+    assert math.isfinite(last["eval_loss"]) and last["train_loss"] < first["train_loss"]
+    source = resolve_source(folder, precision)
+    model = load_exported_adapter(load_base_model(source, "seq2seq"), result.run_dir / "adapter").eval()
+    tokenizer, task = load_tokenizer(source), get_task("seq2seq")
+    items = task.encode(load_examples(config.eval.data, task="seq2seq"), tokenizer, 16)
+    assert task.evaluate(model, items, tokenizer.pad_token_id)["eval_loss"] == pytest.approx(last["eval_loss"], rel=1e-5)
+
+
 def test_training_learns_to_copy_a_source_word(tmp_path, model_folder):
     config = _config(tmp_path, model_folder("t5"), rounds=2, steps=8, lr=3e-2)
     result = run_simulation(config)
