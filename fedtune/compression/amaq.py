@@ -25,9 +25,8 @@ What the paper leaves open, and what fedtune chose:
   fixed mean width is reverse water-filling: wide or important channels get more bits.
 - The allocation (``MixedBitQuantizer(allocation=)``): by default each frame's widths are the
   exact minimizer of the regularizer's error term at the budget (``water_fill``), with the
-  importance learned from the returning gradients. The paper's gates (``"gates"``), trained by
-  the task loss and the regularizer, are kept as an option: measured, they allocate worse than
-  one width for all (see ``MixedBitQuantizer``).
+  importance learned from the returning gradients; the paper's gates (``"gates"``), trained by
+  the task loss and the regularizer, are the other choice (see ``MixedBitQuantizer``).
 - The budget is a hard cap on everything sent, per element: before every frame the gates are
   shifted by one common offset so that the mean code width plus the frame's overhead (scales
   and bit map, ``overhead_bits``) is as large as it can be without exceeding the scheduled budget (``BitBudget``: linear from
@@ -341,11 +340,13 @@ class MixedBitQuantizer:
       regularizer's error term at the budget (``water_fill`` of ``importance * span**2``), the
       importance learned from the gradients that come back. No learning rate, no gate drift.
     - ``"gates"``: the paper's trainable gates, stepped by Adam on the task loss (through the
-      quantizer's step) plus the bit regularization, then shifted to the budget. Measured on
-      MiniLM (bench/amaq_allocation.py), their allocation ends with about twice uniform's
-      importance-weighted error: the task loss reaches the widths only through a first-order
-      term whose sign is random, and Adam's per-gate normalization turns that noise into a
-      random walk of every gate at the full step size.
+      quantizer's step) plus the bit regularization, then shifted to the budget.
+
+    The two optimize different things (bench/amaq_allocation.py measures both on a model's own
+    activations): the exact allocation the regularizer's second-order error, which on MiniLM it
+    cuts below uniform's; the gates mostly the task loss's first-order response to the rounding,
+    which they learn to make negative while their second-order error grows to about twice
+    uniform's. Which trains the better model is bench/split.py's question.
     """
 
     def __init__(self, channels: int, budget: BitBudget, *, b_min: int = 2, b_max: int = 8, lr: float = 0.05,
