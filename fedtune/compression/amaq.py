@@ -27,12 +27,14 @@ What the paper leaves open, and what fedtune chose:
   exact minimizer of the regularizer's error term at the budget (``water_fill``), with the
   importance learned from the returning gradients; the paper's gates (``"gates"``), trained by
   the task loss and the regularizer, are the other choice (see ``MixedBitQuantizer``).
-- The budget is a hard cap on everything sent, per element: before every frame the gates are
-  shifted by one common offset so that the mean code width plus the frame's overhead (scales
-  and bit map, ``overhead_bits``) is as large as it can be without exceeding the scheduled budget (``BitBudget``: linear from
-  ``start_bits`` down to ``target_bits`` over ``anneal_steps`` steps). A 4-bit budget thus
-  costs at most 1/8 of float32, and the traffic of a run is known in advance, whatever the
-  gates learn.
+- The budget is a hard cap on everything sent, per element: before every frame the widths
+  (shifted gates, or the exact allocation) take the largest mean code width that, with the
+  frame's overhead (scales and bit map, ``overhead_bits``), stays within the scheduled budget
+  (``BitBudget``: linear from ``start_bits`` down to ``target_bits`` over ``anneal_steps``
+  steps). A 4-bit budget thus costs at most 1/8 of float32, and the traffic of a run is known
+  in advance, whatever the allocation learns. The one exception is the floor: no channel goes
+  below ``b_min``, so a budget under ``b_min`` plus a frame's overhead (2.13 bits on a frame of
+  fewer than 515 tokens, with ``b_min = 2``) sends that frame at ``b_min`` plus its overhead.
 
 Wire format (``ENCODING_AMAQ``), for N x C codes with widths summing to ``code_bits``:
 ``[bit map: C widths minus one, 3 bits each, when params map = "1"]``, then C minima and C steps
