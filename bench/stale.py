@@ -7,8 +7,9 @@ line of this form (the stamp), anywhere between the table and the heading or tab
 
     Measured on commit `c497243`: `python bench/split.py --rows fp32,amaq3 --seeds 5`
 
-A table is **stale** when a file its script exercises changed between that commit and the
-working tree (committed or not), and **unstamped** when its section has no stamp; both make
+A table is **stale** when the code of a file its script exercises changed between that commit
+and the working tree (committed or not; an edit of comments and docstrings alone is no change),
+and **unstamped** when its section has no stamp; both make
 the exit status 1, so a stale table is visible at a glance (and a CI step can refuse one).
 
 What a script exercises is read from the source, not guessed: the script, the bench modules it
@@ -166,7 +167,35 @@ def changed_since(commit: str, files: list[str], root: Path = ROOT) -> list[str]
         return None
     diff = _git("diff", "--name-only", commit, "--", *files, root=root)
     untracked = _git("ls-files", "--others", "--exclude-standard", "--", *files, root=root)
-    return sorted(set(diff.stdout.split()) | set(untracked.stdout.split()))
+    edited = [f for f in diff.stdout.split() if not _same_code(commit, f, root)]
+    return sorted(set(edited) | set(untracked.stdout.split()))
+
+
+def _code(source: str) -> str | None:
+    """A Python module's code without its comments and docstrings (its syntax tree, each
+    docstring removed), or None when it does not parse."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+def _same_code(commit: str, path: str, root: Path) -> bool:
+    """Whether a Python file's edit since ``commit`` touched only comments and docstrings (a
+    table measured on the code is still a measurement of it)."""
+    if not path.endswith(".py") or not (root / path).is_file():
+        return False
+    before = _git("show", f"{commit}:{path}", root=root)
+    if before.returncode != 0:
+        return False
+    old, new = _code(before.stdout), _code((root / path).read_text())
+    return old is not None and old == new
 
 
 def check(results: Path, root: Path = ROOT) -> list[Table]:

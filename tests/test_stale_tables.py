@@ -56,6 +56,9 @@ def test_a_table_is_stale_exactly_when_a_module_its_script_reaches_changed(tmp_p
     assert tables["Unstamped"].status == "unstamped"
     (tmp_path / "fedtune" / "unrelated.py").write_text("Y = 4\n")  # not reached by the script
     assert stale.check(results, tmp_path)[0].status == "fresh"
+    # comments and docstrings are not code: a table measured on the code still describes it
+    (tmp_path / "fedtune" / "inner" / "helper.py").write_text('"""What X is."""\n\n# a comment\nX = 2  # two\n')
+    assert stale.check(results, tmp_path)[0].status == "fresh"
     (tmp_path / "fedtune" / "inner" / "helper.py").write_text("X = 5\n")  # reached through used.py, uncommitted
     found = stale.check(results, tmp_path)[0]
     assert found.status == "stale" and found.changed == ["fedtune/inner/helper.py"]
