@@ -58,8 +58,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from fedtune.compression.amaq import BitBudget, MixedBitQuantizer, overhead_bits, water_fill  # noqa: E402
-from fedtune.compression.grid import zero_grid  # noqa: E402
+from fedtune.compression.amaq import BitBudget, MixedBitQuantizer, dequantize_channels, overhead_bits, quantize_channels, water_fill  # noqa: E402
 from fedtune.data import TWEETS_LABELS, embedded_tweets  # noqa: E402
 from fedtune.models import load_base_model, load_tokenizer, resolve_source  # noqa: E402
 from fedtune.split.segments import bottom_forward, top_forward  # noqa: E402
@@ -75,13 +74,8 @@ FIGURES = ("weighted_error", "loss_increase", "grad_error", "code_bits")
 
 
 def quantize(x: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
-    """``x`` (N x C) as the receiver decodes it at ``widths`` per channel (the grid of
-    fedtune.compression.amaq and of uniform quantization per channel)."""
-    levels = 2.0 ** widths.to(x.dtype) - 1
-    low, step = zero_grid(x.min(0).values, x.max(0).values, levels)
-    safe = torch.where(step > 0, step, torch.ones_like(step))
-    codes = torch.minimum(torch.round((x - low) / safe).clamp(min=0), levels)
-    return torch.where(step > 0, low + codes * step, x)
+    """``x`` (N x C) as the receiver decodes it at ``widths`` per channel."""
+    return dequantize_channels(*quantize_channels(x, widths))
 
 
 def batches(model_name: str, tokenizer, task: str, batch_size: int, max_length: int, seed: int):
