@@ -76,6 +76,24 @@ def test_wrong_choices_are_refused_in_one_line_naming_the_setting(settings, mess
     assert message in text and "\n" not in text
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"act_codec": "int3"}, "split: act_codec int3: unknown split codec 'int3' (valid: fp32, fp16, bf16, uniform, amaq)"),
+    ({"grad_codec": "uniform", "grad_bits": 2.5}, "split: grad_codec uniform: uniform needs whole bits in 1..8, got 2.5"),
+    ({"amaq_allocation": "gate"}, "split: act_codec amaq: unknown AMAQ allocation 'gate' (valid: exact, gates)"),
+    ({"b_min": 4, "act_bits": 3.0}, "split: act_codec amaq: amaq needs b_min <= bits <= start_bits <= b_max"),
+    ({"head": "cloud"}, "split.head: must be client or server, got 'cloud'"),
+])
+def test_a_wrong_split_setting_is_refused_at_start_in_one_line(settings, message):
+    config = RunConfig()
+    config.split.mode = "split"
+    for key, value in settings.items():
+        setattr(config.split, key, value)
+    with pytest.raises(ConfigError) as info:
+        checked(config)
+    text = str(info.value)
+    assert message in text and "\n" not in text
+
+
 @pytest.mark.parametrize("change, both, prop", [
     (lambda c: setattr(c.lora, "variant", "ffa") or setattr(c.federation, "strategy", "flexlora"), ("lora.variant ffa", "federation.strategy flexlora"), "a-frozen"),
     (lambda c: setattr(c.split, "mode", "split") or setattr(c.compression, "uplink", "int8"), ("split.mode split", "compression.uplink int8"), "update-codec"),

@@ -79,6 +79,25 @@ class SplitStream(MethodOptions):
     # AMAQ's widths: "exact" (the bit regularizer's minimizer at the budget, each frame) or
     # "gates" (the paper's gates, trained by the task loss and the regularizer).
     amaq_allocation: str = "exact"
+    # AMAQ: the narrowest and the widest width a channel may get.
+    b_min: int = 2
+    b_max: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.head not in HEAD_PLACES:
+            raise ValueError(f"head must be one of {HEAD_PLACES}, got {self.head!r}")
+        self.direction("act"), self.direction("grad")  # each checks its codec and widths
+
+    def direction(self, prefix: str) -> DirectionCodec:
+        """The codec settings of activations (``act``) or gradients (``grad``)."""
+        codec, bits = getattr(self, f"{prefix}_codec"), getattr(self, f"{prefix}_bits")
+        start = max(self.start_bits, bits) if codec in ("amaq", "uniform") else self.start_bits
+        try:
+            return DirectionCodec(codec, bits, start, self.anneal_steps, self.b_min, self.b_max, self.reg_weight, 1.0,
+                                  self.gate_lr, self.anneal_uniform and codec == "uniform", self.amaq_allocation)
+        except ValueError as exc:
+            raise ValueError(f"{prefix}_codec {codec}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -88,29 +107,17 @@ class SplitOptions(LocalOptions, SplitStream):
     cut: int = 0
     # The first step of this round in the whole run (AMAQ's budget schedule counts from it).
     step0: int = 0
-    b_min: int = 2
-    b_max: int = 8
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.cut < 1:
             raise ValueError(f"cut must be a block index of at least 1, got {self.cut}")
-        if self.head not in HEAD_PLACES:
-            raise ValueError(f"head must be one of {HEAD_PLACES}, got {self.head!r}")
         if self.keep or self.dp_clip:
             raise ValueError("split training does not combine with keep (FedSA) or sample-level DP")
-        self.direction("act"), self.direction("grad")  # validates both codecs
 
     @property
     def head_on_client(self) -> bool:
         return self.head == "client"
-
-    def direction(self, prefix: str) -> DirectionCodec:
-        """The codec settings of activations (``act``) or gradients (``grad``)."""
-        codec, bits = getattr(self, f"{prefix}_codec"), getattr(self, f"{prefix}_bits")
-        start = max(self.start_bits, bits) if codec in ("amaq", "uniform") else self.start_bits
-        return DirectionCodec(codec, bits, start, self.anneal_steps, self.b_min, self.b_max, self.reg_weight, 1.0, self.gate_lr,
-                              self.anneal_uniform and codec == "uniform", self.amaq_allocation)
 
 
 @dataclass(frozen=True)
