@@ -1,10 +1,11 @@
 """What holding the frozen base in 8 or 4 bits saves a device, and what it costs the model.
 
-    python bench/quantized_base.py [--models minilm,smollm2] [--precisions fp32,int8,4bit]
-                                   [--rounds 4] [--clients 3] [--local-steps 20] [--out FILE]
+    python bench/quantized_base.py [--models minilm,smollm2] [--precisions fp32,int8,4bit,gguf]
+                                   [--rounds 4] [--clients 3] [--local-steps 20] [--seeds 5] [--out FILE]
 
 One row per ``<model>-<precision>``, each in a child process of its own (so its peak memory is
-its own), through fedtune's own code paths (``fedtune.quantized_base`` via ``--base-precision``):
+its own), through fedtune's own code paths (``fedtune.quantized_base`` via ``--base-precision``).
+``gguf`` (the file's own blocks) applies to models shipped as GGUF files only (SmolLM2 here):
 
 - ``minilm``: the demo task (the embedded MiniLM encoder, 3-class tweet sentiment);
 - ``smollm2``: the embedded SmolLM2-135M-Instruct (a Llama decoder, shipped as a Q4_1 GGUF file)
@@ -27,7 +28,11 @@ Columns:
   same seed, data split and schedule for every precision of a model), evaluated centrally with
   the coordinator's base held at the same precision as the clients'.
 
-``base_ratio`` and ``loss_vs_fp32`` compare each row with its model's fp32 row of the same run.
+With ``--seeds N`` every row runs once per seed (``RunConfig.seed``: the partition, the adapter's
+initialization and the dropout masks; the data drawn from the corpus stays the same) and reports
+means with 95% intervals (``bench/seeds.py``). ``base_ratio`` and ``loss_vs_fp32`` compare each
+row with its model's fp32 row; ``eval_loss_vs_fp32`` is the paired difference seed by seed,
+printed as "no difference measured" when its interval contains zero.
 Goal: the 4-bit base at most 1/4 of the fp32 base's bytes, its eval loss within 1% of fp32's.
 """
 
@@ -44,14 +49,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from seeds import add_arguments, combine, format_mean, paired_difference, seeds_of
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MODELS = {
     # model -> (task, max_length, batch size, learning rate, eval examples)
     "minilm": ("seq-cls", 64, 16, 3e-3, 400),   # fedtune's defaults for the demo task
-    "smollm2": ("causal-lm", 64, 8, 1e-3, 150),
+    # 128 tokens: the chat template's system prompt and markers take about 45 of them (at 64, seven
+    # tweets in eight no longer fit with their answer)
+    "smollm2": ("causal-lm", 128, 8, 1e-3, 150),
 }
-PRECISIONS = ("fp32", "int8", "4bit")
+GGUF_MODELS = {"smollm2"}  # shipped as a .gguf file: the gguf precision applies
+PRECISIONS = ("fp32", "int8", "4bit", "gguf")
 ANSWERS = ["negative", "neutral", "positive"]
 
 
@@ -178,12 +188,12 @@ def run_row(model: str, precision: str, args, tmp: Path) -> dict:
     return row
 
 
-def _row_in_child(model: str, precision: str, args) -> dict:
+def _row_in_child(model: str, precision: str, args, seed: int) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"fedtune-qbase-{model}-{precision}-") as tmp:
         out = Path(tmp) / "row.json"
         command = [sys.executable, __file__, "--worker", f"{model}:{precision}", "--worker-out", str(out),
                    "--rounds", str(args.rounds), "--clients", str(args.clients), "--local-steps", str(args.local_steps),
-                   "--train-examples", str(args.train_examples), "--seed", str(args.seed)]
+                   "--train-examples", str(args.train_examples), "--seed", str(seed)]
         try:
             proc = subprocess.run(command, timeout=args.timeout, capture_output=True, text=True)
         except subprocess.TimeoutExpired:
@@ -195,7 +205,8 @@ def _row_in_child(model: str, precision: str, args) -> dict:
 
 
 def compare(rows: list[dict]) -> None:
-    """Each row against its model's fp32 row: base bytes ratio and relative eval loss."""
+    """Each row against its model's fp32 row: base bytes ratio, relative eval loss and the paired
+    difference of eval loss over the seeds (``eval_loss_vs_fp32``, with its interval and verdict)."""
     fp32 = {r["name"].rsplit("-", 1)[0]: r for r in rows if r["name"].endswith("-fp32") and "error" not in r}
     for r in rows:
         ref = fp32.get(r["name"].rsplit("-", 1)[0])
@@ -203,6 +214,11 @@ def compare(rows: list[dict]) -> None:
             continue
         r["base_ratio"] = round(r["base_mib"] / ref["base_mib"], 4)
         r["loss_vs_fp32_pct"] = round(100 * (r["eval_loss"] - ref["eval_loss"]) / ref["eval_loss"], 2)
+        if r is not ref:
+            d = paired_difference(r["eval_loss_per_seed"], ref["eval_loss_per_seed"])
+            r["eval_loss_vs_fp32"] = d.mean
+            r["eval_loss_vs_fp32_ci95"] = None if d.ci95 != d.ci95 else d.ci95
+            r["verdict"] = d.verdict(r["name"], ref["name"])
 
 
 def table(rows: list[dict]) -> str:
@@ -212,13 +228,27 @@ def table(rows: list[dict]) -> str:
         if "error" in r:
             lines.append([r["name"], f"failed: {r['error']}"])
             continue
-        acc = "-" if r.get("eval_accuracy") is None else f"{r['eval_accuracy']:.4f}"
+        acc = "-" if r.get("eval_accuracy") is None else format_mean(r["eval_accuracy"], r.get("eval_accuracy_ci95"), ".3f")
         lines.append([r["name"], f"{r['base_mib']:.1f}", f"{r.get('base_ratio', 1.0):.3f}", f"{r['peak_mib']:.0f}", f"{r['load_peak_mib']:.0f}", f"{r['step_ms']:.0f}",
-                      f"{r['eval_loss']:.4f}", f"{r.get('loss_vs_fp32_pct', 0.0):+.2f}%", acc])
+                      format_mean(r["eval_loss"], r.get("eval_loss_ci95")), f"{r.get('loss_vs_fp32_pct', 0.0):+.2f}%", acc])
     widths = [max(len(head[i]), *(len(l[i]) for l in lines if len(l) == len(head))) for i in range(len(head))]
     out = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
     out += ["  ".join(c.ljust(w) for c, w in zip(l, widths)) if len(l) == len(head) else "  ".join(l) for l in lines]
+    out += [r["verdict"] for r in rows if "verdict" in r]
     return "\n".join(out)
+
+
+def _measure(model: str, precision: str, args, seeds: list[int]) -> dict:
+    """One row: the run of every seed in a child process, combined (means, intervals, per seed);
+    the first failure ends the row."""
+    runs = []
+    for seed in seeds:
+        run = _row_in_child(model, precision, args, seed)
+        print(f"{model}-{precision} seed {seed}: {json.dumps({k: v for k, v in run.items() if k != 'name'})}", file=sys.stderr, flush=True)
+        if "error" in run:
+            return {"name": f"{model}-{precision}", "error": f"seed {seed}: {run['error']}"}
+        runs.append(run)
+    return combine(f"{model}-{precision}", runs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=20)
     parser.add_argument("--train-examples", type=int, default=600, help="training examples shared among the clients")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # a worker's seed
+    add_arguments(parser)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds one row may take")
     parser.add_argument("--out", default="", help="write the rows and settings as JSON here")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -246,17 +277,19 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in models if m not in MODELS] + [p for p in precisions if p not in PRECISIONS]
     if unknown:
         parser.error(f"unknown model or precision: {', '.join(unknown)}")
+    seeds = seeds_of(args)
     rows, started = [], time.monotonic()
     for model in models:
         for precision in precisions:
-            row = _row_in_child(model, precision, args)
-            rows.append(row)
-            print(f"{row['name']}: {json.dumps({k: v for k, v in row.items() if k != 'name'})}", file=sys.stderr, flush=True)
+            if precision == "gguf" and model not in GGUF_MODELS:
+                print(f"{model}-gguf: skipped, {model} is not shipped as a GGUF file", file=sys.stderr, flush=True)
+                continue
+            rows.append(_measure(model, precision, args, seeds))
     compare(rows)
     print(table(rows))
     if args.out:
         settings = {"rounds": args.rounds, "clients": args.clients, "local_steps": args.local_steps, "train_examples": args.train_examples,
-                    "seed": args.seed, "rank": 8, "seconds": round(time.monotonic() - started, 1),
+                    "seeds": seeds, "rank": 8, "seconds": round(time.monotonic() - started, 1),
                     "models": {m: dict(zip(("task", "max_length", "batch_size", "learning_rate", "eval_examples"), MODELS[m])) for m in models}}
         Path(args.out).write_text(json.dumps({"rows": rows, **settings}, indent=2) + "\n")
     return 1 if any("error" in r for r in rows) else 0

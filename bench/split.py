@@ -2,7 +2,8 @@
 bytes per step and step time.
 
     python bench/split.py [--rows fp32,uniform3,amaq3,uniform3-anneal,amaq3.13,...] [--rounds 4]
-                          [--clients 3] [--cut 3] [--head client|server] [--partition iid|dirichlet]
+                          [--model minilm|smollm2] [--clients 3] [--cut 3] [--local-steps N]
+                          [--head client|server] [--partition iid|dirichlet]
                           [--seeds N | --seed-list S ...] [--out FILE] [--markdown]
     python bench/split.py --table a.json b.json [--markdown]
 
@@ -10,7 +11,13 @@ Every row is one split run over loopback gRPC of the demo task (MiniLM, 6 blocks
 query/value + head, 3-class tweets, 1000 held-out tweets, FedAvg of both halves), with the same
 codec on both directions. The clients' data is split IID by default (``--partition``): with
 three Dirichlet(0.5) clients FedAvg itself collapses to the majority class (bench/skew.py), and
-a codec's effect on the loss cannot be read off a run that does not learn. ``amaqB`` anneals the budget from 8 bits per
+a codec's effect on the loss cannot be read off a run that does not learn.
+With ``--model smollm2`` the split is a causal LM's: SmolLM2-135M-Instruct (a Llama decoder, 30
+blocks) fine-tuned on the same tweets as instructions ("Tweet: ... Is the sentiment of this tweet
+negative, neutral or positive?" -> the word; bench/quantized_base.py's data), LoRA on q/v, the
+embeddings, the blocks below the cut and the LM head on the device; ``eval_loss`` is the loss on
+150 held-out answers and ``eval_accuracy`` the three-way multiple-choice accuracy by
+log-likelihood. A decoder's activations are where the AMAQ paper reports its gains. ``amaqB`` anneals the budget from 8 bits per
 element to B (scales and bit map included) over the first half of the run's steps;
 AMAQ rows use its default allocation (``exact``: the bit regularizer's minimizer at the budget);
 ``-gates`` rows the paper's trainable gates. ``uniformB-anneal`` is uniform on that schedule, in
@@ -60,7 +67,7 @@ ROWS = {  # name: (codec, bits, server adapter, uniform on AMAQ's schedule, AMAQ
     "amaq4": _row("amaq", 4), "amaq3": _row("amaq", 3), "amaq2": _row("amaq", 2),
     # AMAQ at uniform's measured bits per element (B-bit codes plus a float32 minimum and step per
     # channel: B + 0.13 on this task), so the two send the same bytes in the last round
-    "amaq3.13": _row("amaq", 3.13), "amaq2.13": _row("amaq", 2.13),
+    "amaq4.13": _row("amaq", 4.13), "amaq3.13": _row("amaq", 3.13), "amaq2.13": _row("amaq", 2.13),
     # the same with the paper's trainable gates instead of the exact allocation
     "amaq3.13-gates": _row("amaq", 3.13, allocation="gates"), "amaq2.13-gates": _row("amaq", 2.13, allocation="gates"),
     # uniform on AMAQ's schedule (8 bits down to B over the first half, in whole bits): what
@@ -71,6 +78,10 @@ ROWS = {  # name: (codec, bits, server adapter, uniform on AMAQ's schedule, AMAQ
 }
 
 
+# model -> (task, max_length, batch size, learning rate, local steps) for --model
+MODELS = {"minilm": ("seq-cls", 64, 16, 3e-3, 20), "smollm2": ("causal-lm", 128, 8, 1e-3, 20)}  # smollm2: see bench/quantized_base.py
+
+
 def run(name: str, args, tmp: str, seed: int = 0) -> dict:
     codec, bits, server_adapter, anneal_uniform, allocation = ROWS[name]
     config = RunConfig()
@@ -78,6 +89,15 @@ def run(name: str, args, tmp: str, seed: int = 0) -> dict:
     config.federation.rounds = args.rounds
     config.simulation.clients = args.clients
     config.simulation.eval_examples = 1000
+    if args.model != "minilm":  # the demo task is RunConfig's default
+        from quantized_base import write_data  # the tweets as instructions, held out as choices
+
+        task, max_length, batch_size, lr, _ = MODELS[args.model]
+        train, held = write_data(args.model, Path(tmp), 600, 150)
+        config.model.source, config.model.task, config.model.max_length = args.model, task, max_length
+        config.simulation.data, config.eval.data = train, held
+        config.training.batch_size, config.training.learning_rate = batch_size, lr
+    config.training.local_steps = args.local_steps or MODELS[args.model][4]
     config.simulation.partition = args.partition
     config.split.mode, config.split.cut, config.split.head = "split", args.cut, args.head
     config.federation.client_correction = "none"  # FedAvg of both halves: the codec alone differs between rows
@@ -95,7 +115,7 @@ def run(name: str, args, tmp: str, seed: int = 0) -> dict:
     step_ms = last["split_client_ms"] + last["split_wire_ms"] + last["split_server_ms"]
     down_bits = last.get("split_bits_down", last["split_bits_up"])
     return {
-        "name": name, "eval_loss": last["eval_loss"], "eval_accuracy": last.get("eval_accuracy"),
+        "name": name, "eval_loss": last["eval_loss"], "eval_accuracy": last.get("eval_accuracy", last.get("eval_choice_accuracy")),
         "bytes_up_per_step": last["split_bytes_up_per_step"], "bytes_down_per_step": last["split_bytes_down_per_step"],
         "run_bytes_up_per_step": mean("split_bytes_up_per_step"), "run_bytes_down_per_step": mean("split_bytes_down_per_step"),
         "mean_bits": (last["split_bits_up"] + down_bits) / 2,
@@ -109,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--model", default="minilm", choices=sorted(MODELS), help="minilm: the demo task; smollm2: a causal-LM split")
+    parser.add_argument("--local-steps", type=int, default=0, help="steps per client per round (default: 20)")
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--cut", type=int, default=3)
     parser.add_argument("--head", default="client", choices=["client", "server"])
@@ -140,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     comparisons = report(rows, markdown=args.markdown)
     if args.out:
         args.out.write_text(json.dumps({"rows": rows, "comparisons": comparisons, "seeds": seeds, "rounds": args.rounds, "clients": args.clients, "cut": args.cut, "head": args.head, "partition": args.partition,
-                                        "model": "minilm", "task": "demo tweets (3 classes)"}, indent=2) + "\n")
+                                        "local_steps": args.local_steps or MODELS[args.model][4], "model": args.model,
+                                        "task": "demo tweets (3 classes)" if args.model == "minilm" else "tweets as instructions (causal LM)"}, indent=2) + "\n")
     return 0
 
 
@@ -154,7 +177,7 @@ def load_tables(paths: list[Path]) -> tuple[list[dict], list[int]]:
             found = data["rows"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise SystemExit(f"{path}: not a bench/split.py --out file ({exc})") from None
-        these = {k: data.get(k) for k in ("rounds", "clients", "cut", "head", "partition")}
+        these = {k: data.get(k) for k in ("rounds", "clients", "cut", "head", "partition", "model", "local_steps")}
         if seeds is not None and (data.get("seeds") != seeds or these != settings):
             raise SystemExit(f"{path}: other seeds or settings than {paths[0]} ({data.get('seeds')} {these} against {seeds} {settings})")
         seeds, settings = data.get("seeds"), these

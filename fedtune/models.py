@@ -36,7 +36,7 @@ class ModelSource:
     name: str                   # what the user asked for, for logs and reports
     path: Path                  # a folder with config/tokenizer files
     gguf_file: str | None = None
-    # How the frozen base weights are held once loaded: fp32, int8 or 4bit (fedtune.quantized_base).
+    # How the frozen base weights are held once loaded: fp32, int8, 4bit or gguf (fedtune.quantized_base).
     precision: str = "fp32"
 
     def held_at(self, precision: str) -> "ModelSource":
@@ -75,8 +75,14 @@ def resolve_source(spec: str, precision: str = "fp32") -> ModelSource:
         root = _package_dir(package)
         if root is None:
             raise ModelError(f"embedded model {spec!r} needs its package: {hint}")
+        if precision == "gguf" and gguf is None:
+            raise ModelError(f"base precision gguf keeps the blocks of a .gguf file, and embedded model {spec!r} is not one: "
+                             "choose int8 or 4bit for it")
         return ModelSource(spec, (root / sub).resolve(), gguf, precision)
     path = Path(spec).expanduser()
+    if precision == "gguf" and not (path.is_file() and path.suffix == ".gguf"):
+        raise ModelError(f"base precision gguf keeps the blocks of a .gguf file, and model {spec!r} is not one: "
+                         "choose int8 or 4bit for it")
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(spec, path.parent.resolve(), path.name, precision)
     if path.is_dir():

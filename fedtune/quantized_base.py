@@ -1,4 +1,5 @@
-"""Frozen base weights held in fewer bits: 8-bit or 4-bit (NF4), for devices short of memory.
+"""Frozen base weights held in fewer bits: 8-bit, 4-bit (NF4) or a GGUF file's own blocks, for
+devices short of memory.
 
 LoRA trains only the adapter; the base model is frozen and only read, so it can be held
 quantized, as QLoRA does: a device then needs a quarter (int8) or an eighth (4-bit) of the fp32
@@ -16,6 +17,11 @@ small models edge devices run they are the largest tensors (MiniLM: 45 of its 87
 file arrives already dequantized from transformers' GGUF loader; and GPT-2's ``Conv1D`` layers
 are turned into plain matrix layers here, in the layout bitsandbytes expects.
 
+A model that arrives as a GGUF file (already 4- to 8-bit) is better held in its file's blocks,
+``gguf`` precision (``fedtune.ggml_blocks``): quantizing the file's weights again to NF4 adds
+a second rounding to the first, while the file's blocks reproduce its weights exactly, so a
+device computes with the very model the fp32 rows load, for about 5 bits a weight.
+
 Everything that reads or writes a base weight goes through ``dense_weight`` / ``set_dense_weight``
 (the weight as an out x in float matrix; a new weight quantized from one), so a method that
 folds a dense update into the base (FLoRA, the frozen remainder of a smaller plan) works on a
@@ -26,11 +32,14 @@ rounding does not accumulate over rounds.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import itertools
 import logging
 from typing import Iterator
 
 import torch
+
+from fedtune import ggml_blocks
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +48,8 @@ PRECISIONS = {
     "fp32": "every weight in 32-bit floats, as loaded",
     "int8": "matrix layers and embedding tables in 8-bit integers with a scale per row (LLM.int8 storage)",
     "4bit": "matrix layers and embedding tables in 4-bit NF4 with a scale per block of 64 (QLoRA storage)",
+    "gguf": "matrix layers and embedding tables kept in the GGUF blocks they were stored in (Q4_0, Q4_1, Q5_0, Q5_1 "
+            "or Q8_0: 4.5 to 8.5 bits a weight), reproducing the file's weights exactly; for models loaded from a .gguf file",
 }
 # Modules a task trains in full (peft's modules_to_save for classification): never quantized.
 TRAINED_HEADS = frozenset({"classifier", "score"})
@@ -59,7 +70,10 @@ def check_precision(name: str, where: str = "model.base_precision") -> str:
     ``where``, the choices and what to install."""
     if name not in PRECISIONS:
         raise PrecisionError(f"{where}: unknown base precision {name!r}; choose one of {', '.join(PRECISIONS)}")
-    if name != "fp32":
+    if name == "gguf":
+        if importlib.util.find_spec("gguf") is None:  # fedtune.ggml_blocks encodes with it
+            raise PrecisionError(f"{where} gguf: needs the gguf package (pip install gguf)")
+    elif name != "fp32":
         try:
             _bnb()
         except ImportError:
@@ -82,6 +96,8 @@ def is_quantized(module: torch.nn.Module) -> bool:
 
 
 def _kind(module: torch.nn.Module) -> str | None:
+    if isinstance(module, (GGUFLinear, GGUFEmbedding)):
+        return "gguf"
     try:
         bnb = _bnb()
     except ImportError:
@@ -91,6 +107,41 @@ def _kind(module: torch.nn.Module) -> str | None:
     if isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Embedding8bit)):
         return "int8"
     return None
+
+
+class GGUFLinear(torch.nn.Linear):
+    """A matrix layer whose weight is held as GGUF blocks (``weight``: uint8, out x blocks,
+    its format in ``weight.ggml_format``) and decoded for each product, on any device. A
+    subclass of ``nn.Linear`` so that peft wraps it as it wraps any linear layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _DequantizedLinear.apply(x, self, self.bias)
+
+
+class GGUFEmbedding(torch.nn.Embedding):
+    """An embedding table held as GGUF blocks, one row of blocks a token: a lookup decodes only
+    the rows it reads."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return ggml_blocks.decode(self.weight[ids], self.weight.ggml_format)
+
+
+def _blocks_weight(blocks: torch.Tensor, fmt: str) -> torch.nn.Parameter:
+    weight = torch.nn.Parameter(blocks, requires_grad=False)
+    weight.ggml_format = fmt
+    return weight
+
+
+def _gguf_layer(module: torch.nn.Module, dense: torch.Tensor, bias: torch.Tensor | None, weight: torch.nn.Parameter) -> torch.nn.Module:
+    if isinstance(module, torch.nn.Embedding):
+        layer = GGUFEmbedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx, device="meta")
+    else:
+        out_features, in_features = dense.shape
+        layer = GGUFLinear(in_features, out_features, bias=bias is not None, device="meta")
+        if bias is not None:
+            layer.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
+    layer.weight = weight
+    return layer
 
 
 def _int8_weight(dense: torch.Tensor) -> torch.nn.Parameter:
@@ -235,6 +286,19 @@ def quantize_base(model: torch.nn.Module, precision: str) -> torch.nn.Module:
 
     keep = kept_in_fp32(model)
     replaced = 0
+    as_stored: dict[int, torch.nn.Parameter | None] = {}  # gguf: each tensor's blocks, found once
+
+    def replacement(child: torch.nn.Module, dense: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module | None:
+        if precision != "gguf":
+            if isinstance(child, torch.nn.Embedding):
+                return _embedding(child, precision)
+            return _matrix_layer(child, dense, bias, precision)
+        if id(child.weight) not in as_stored:  # a tied output layer shares the table's blocks
+            held = ggml_blocks.hold_exactly(dense)
+            as_stored[id(child.weight)] = None if held is None else _blocks_weight(held[1], held[0])
+        weight = as_stored[id(child.weight)]
+        return None if weight is None else _gguf_layer(child, dense, bias, weight)
+
     for parent_name, parent in list(model.named_modules()):
         if parent_name.split(".")[0] in TRAINED_HEADS or parent_name in TRAINED_HEADS:
             continue
@@ -244,15 +308,25 @@ def quantize_base(model: torch.nn.Module, precision: str) -> torch.nn.Module:
             if keep(f"{parent_name}.{name}" if parent_name else name):
                 continue
             if type(child) is torch.nn.Linear:
-                new = _matrix_layer(child, child.weight, child.bias, precision)
+                new = replacement(child, child.weight, child.bias)
             elif isinstance(child, Conv1D):
-                new = _matrix_layer(child, child.weight.T, child.bias, precision)
+                new = replacement(child, child.weight.T, child.bias)
             elif type(child) is torch.nn.Embedding and child.weight.numel() >= MIN_EMBEDDING_ELEMENTS and child.embedding_dim % NF4_BLOCK == 0:
-                new = _embedding(child, precision)
+                new = replacement(child, child.weight, None)
             else:
+                continue
+            if new is None:
                 continue
             setattr(parent, name, new)
             replaced += 1
+    if precision == "gguf":
+        left = sum(held is None for held in as_stored.values())
+        if not replaced:
+            raise PrecisionError("base precision gguf: no weight of this model is stored in a GGUF block format fedtune "
+                                 f"decodes ({', '.join(ggml_blocks.FORMATS)}); hold it at int8 or 4bit instead")
+        if left:
+            log.warning("base precision gguf: %d weight matrices are in no format fedtune decodes (a K-quant, or fp16) "
+                        "and stay in fp32", left)
     if hasattr(model, "config"):
         # the model no longer ties its output layer to its input embeddings: each is its own table
         model.config.tie_word_embeddings = False
@@ -267,6 +341,8 @@ def dense_weight(module: torch.nn.Module, weight: torch.nn.Parameter | None = No
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
     w = base.weight if weight is None else weight
     kind = _kind(base)
+    if kind == "gguf":
+        return ggml_blocks.decode(w.data, w.ggml_format)
     if kind == "4bit":
         return _bnb().functional.dequantize_4bit(w.data, w.quant_state).to(torch.float32)
     if kind == "int8":
@@ -281,7 +357,9 @@ def set_dense_weight(module: torch.nn.Module, dense: torch.Tensor) -> None:
     written in place: base weights are shared between module trees (``fedtune.models.share_base``)."""
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
     kind = _kind(base)
-    if kind == "4bit":
+    if kind == "gguf":
+        base.weight = _blocks_weight(ggml_blocks.encode(dense, base.weight.ggml_format), base.weight.ggml_format)
+    elif kind == "4bit":
         base.weight = _nf4_weight(dense, base, double_quant=bool(base.weight.compress_statistics))
     elif kind == "int8":
         base.state = type(base.state)()
@@ -329,7 +407,11 @@ def held_bytes(model: torch.nn.Module) -> int:
 
 
 def logical_numel(param: torch.Tensor) -> int:
-    """The number of weights ``param`` stands for (a 4-bit parameter packs two per byte)."""
+    """The number of weights ``param`` stands for (a 4-bit parameter packs two per byte, GGUF
+    blocks 32 in 18 to 34 bytes)."""
+    fmt = getattr(param, "ggml_format", None)
+    if fmt is not None:
+        return param.numel() // ggml_blocks.FORMATS[fmt] * ggml_blocks.BLOCK
     state = getattr(param, "quant_state", None)
     if state is not None and getattr(state, "shape", None) is not None:
         return int(torch.Size(state.shape).numel())

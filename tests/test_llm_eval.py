@@ -76,6 +76,21 @@ def test_without_a_template_auto_is_the_old_encoding(tiny_llama):
     assert [(list(i.input_ids), list(i.target)) for i in items] == [_old_encoding(ex, tokenizer, 9) for ex in EXAMPLES]
 
 
+def test_examples_a_short_window_drops_or_cuts_are_counted_in_a_warning(chat_llama, caplog):
+    tokenizer = load_tokenizer(resolve_source(chat_llama))
+    task = get_task("causal-lm")
+    head = len(prompt_ids(tokenizer, EXAMPLES[0].prompt, "auto"))
+    with caplog.at_level("WARNING", logger="fedtune.tasks.causal_lm"):
+        assert len(task.encode(EXAMPLES[:1], tokenizer, 256)) == 1
+        assert not caplog.records  # everything fits: no warning
+        assert task.encode(EXAMPLES[:1], tokenizer, head) == []  # the templated prompt alone fills the window
+        assert task.encode(EXAMPLES[:1], tokenizer, head + 1)  # one response token fits: kept, cut short
+    assert [r.getMessage() for r in caplog.records] == [
+        f"max_length {head}: 1 of 1 examples dropped (the prompt fills the window) and 0 cut short; raise --max-length to train on them whole",
+        f"max_length {head + 1}: 0 of 1 examples dropped (the prompt fills the window) and 1 cut short; raise --max-length to train on them whole",
+    ]
+
+
 def test_exact_match_compares_normalized_text():
     assert normalize_answer("  The  Answer\n is 4 ") == "the answer is 4"
     assert exact_match(["  Four\n", "five", "4 2"], ["four", "four", "4  2"]) == pytest.approx(2 / 3)

