@@ -99,7 +99,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> Difference:
 
 def format_mean(mean: float, half: float | None, spec: str = ".4f") -> str:
     """``0.7444 ± 0.0123`` (or the mean alone for one seed)."""
-    return format(mean, spec) if half is None or math.isnan(half) else f"{format(mean, spec)} ± {format(half, spec)}"
+    return format(mean, spec) if half is None or math.isnan(half) else f"{format(mean, spec)} ± {format(half, spec.lstrip('+'))}"
 
 
 def measure(names: Sequence[str], seeds: Sequence[int], run: Callable[[str, int], Mapping[str, Any]]) -> list[dict]:

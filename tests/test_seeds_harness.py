@@ -24,6 +24,7 @@ def test_the_interval_matches_a_hand_computation():
     mean1, half1 = ci95([0.7])
     assert mean1 == 0.7 and math.isnan(half1)  # one run says nothing about its spread
     assert format_mean(mean1, half1) == "0.7000" and format_mean(2.5, 0.25) == "2.5000 ± 0.2500"
+    assert format_mean(-0.0015, 0.0022, "+.4f") == "-0.0015 ± 0.0022"  # a sign on the mean, never on the half-width
 
 
 def test_paired_differences_use_the_spread_of_the_differences():
