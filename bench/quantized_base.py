@@ -163,6 +163,7 @@ def _federated(model: str, precision: str, train: str, held: str, args, run_dir:
     config.federation.client_correction = "none"  # the plain objective: what differs is the base
     config.simulation.clients, config.simulation.partition, config.simulation.data = args.clients, "iid", train
     config.eval.data = held
+    config.eval.every = args.rounds  # the table reads the last round's evaluation only
     config.training.local_steps, config.training.batch_size, config.training.learning_rate = args.local_steps, batch_size, lr
     config.run_dir, config.seed = str(run_dir), args.seed
     result = run_simulation(config)

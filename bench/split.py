@@ -98,6 +98,7 @@ def run(name: str, args, tmp: str, seed: int = 0) -> dict:
         config.simulation.data, config.eval.data = train, held
         config.training.batch_size, config.training.learning_rate = batch_size, lr
     config.training.local_steps = args.local_steps or MODELS[args.model][4]
+    config.eval.every = args.rounds  # the table reads the last round's evaluation only
     config.simulation.partition = args.partition
     config.split.mode, config.split.cut, config.split.head = "split", args.cut, args.head
     config.federation.client_correction = "none"  # FedAvg of both halves: the codec alone differs between rows

@@ -46,6 +46,7 @@ COMMON_KEYS = {
     "base_precision": "model.base_precision",
     "eval_generate": "eval.generate",
     "eval_max_new_tokens": "eval.max_new_tokens",
+    "eval_every": "eval.every",
     "run_dir": "run_dir",
     "seed": "seed",
     "lora_variant": "lora.variant",
@@ -156,6 +157,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    "4- to 8-bit blocks, exactly the file's weights); LoRA trains on top in fp32")
     p.add_argument("--eval-generate", type=int, metavar="N", help="causal-lm and seq2seq: answer the first N held-out prompts by greedy generation and report "
                    "the exact-match rate against their responses (0: off, the default)")
+    p.add_argument("--eval-every", type=int, metavar="N", help="evaluate after every N-th round and after the last (default 1: every round)")
     p.add_argument("--eval-max-new-tokens", type=int, metavar="N", help="causal-lm: new tokens each --eval-generate answer may take (default 32)")
     p.add_argument("--run-dir", help="output folder (default: a new folder under runs/)")
     p.add_argument("--seed", type=int, help="seed of every random choice")

@@ -172,6 +172,10 @@ class EvalSection:
     # answer at most `max_new_tokens` tokens long.
     generate: int = 0
     max_new_tokens: int = 32
+    # Evaluate after every `every`-th round and after the last one (1: after every round): an
+    # LLM's held-out questions can cost more than a round of training. Rows of the rounds in
+    # between have no eval figures.
+    every: int = 1
 
 
 @dataclass
@@ -431,6 +435,7 @@ class RunConfig:
         _check(self.simulation.deadline_s >= 0, "simulation.deadline_s", "must be >= 0")
         _check(self.eval.batch_size >= 1, "eval.batch_size", "must be at least 1")
         _check(self.eval.max_examples >= 0, "eval.max_examples", "must be >= 0")
+        _check(self.eval.every >= 1, "eval.every", "must be at least 1 (1: evaluate after every round)")
         _check(self.model.chat_template in ("auto", "none"), "model.chat_template", f"must be auto or none, got {self.model.chat_template!r}")
         from fedtune.quantized_base import PrecisionError, check_precision
 

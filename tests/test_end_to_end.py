@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedtune.adapters import load_exported_adapter
-from fedtune.config import RunConfig, load_config
+from fedtune.config import ConfigError, RunConfig, load_config
 from fedtune.coordinator.app import Coordinator
 from fedtune.data import Example
 from fedtune.models import load_base_model, load_tokenizer, resolve_source
@@ -102,6 +102,24 @@ def test_simulation_is_reproducible(tmp_path, tiny_llama):
         histories.append(run_simulation(config).history)
     assert histories[0][0]["eval_loss"] == histories[1][0]["eval_loss"]
     assert histories[0][0]["train_loss"] == histories[1][0]["train_loss"]
+
+
+def test_eval_every_evaluates_every_nth_round_and_the_last_with_the_same_figures(tmp_path, tiny_llama):
+    rows = {}
+    for every in (1, 2):
+        config = _config(tmp_path / f"every{every}", tiny_llama, "seq-cls", rounds=3)
+        config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(120, seed=1))
+        config.simulation.eval_examples = 30
+        config.training.local_steps = 2
+        config.eval.every = every
+        rows[every] = run_simulation(config).history
+    assert [r["eval_loss"] is not None for r in rows[2]] == [False, True, True]  # round 2, and 3 as the last
+    assert "eval_accuracy" not in rows[2][0] and rows[2][0]["train_loss"] == rows[1][0]["train_loss"]
+    assert [r["eval_loss"] for r in rows[2][1:]] == [r["eval_loss"] for r in rows[1][1:]]  # skipping changes no figure
+    config = RunConfig()
+    config.eval.every = 0
+    with pytest.raises(ConfigError, match="eval.every: must be at least 1"):
+        config.validate()
 
 
 def test_a_simulation_is_the_same_at_any_parallel(tmp_path, tiny_bert):

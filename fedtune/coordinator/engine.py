@@ -695,8 +695,10 @@ class RoundEngine:
         else:
             log.warning("round %d: no updates arrived; the global adapter is unchanged", rnd.number, extra={"round": rnd.number})
         eval_started = time.monotonic()
-        adapter, deltas = exported if exported is not None else self._heavy(self.global_model_tensors)
-        eval_metrics = self._heavy(self.global_model.evaluate, adapter, deltas)
+        eval_metrics: dict = {}
+        if rnd.number % self.config.eval.every == 0 or rnd.number >= self.fed.rounds:  # eval.every
+            adapter, deltas = exported if exported is not None else self._heavy(self.global_model_tensors)
+            eval_metrics = self._heavy(self.global_model.evaluate, adapter, deltas)
         eval_seconds = time.monotonic() - eval_started
         row = round_row(rnd.number, len(rnd.instructions), updates, strategy_metrics, eval_metrics, traffic, time.monotonic() - rnd.started, eval_seconds)
         for hook in self.hooks[:1]:  # device times come right after the common fields
