@@ -365,7 +365,7 @@ def _round_table(task: str):
 
 
 # Evaluation metrics some runs have (causal LM: --eval-generate, questions with choices):
-# (row key, column title, format); a column appears when the first row holds its metric.
+# (row key, column title, format); a column appears when the first evaluated row holds its metric.
 OPTIONAL_COLUMNS = (
     ("eval_generate_exact_match", "gen EM", ".3f"),
     ("eval_choice_accuracy", "choice acc", ".3f"),
@@ -439,12 +439,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     started = time.monotonic()
     with Live(table, console=console, refresh_per_second=2, transient=False) as live:
         optional: list[tuple[str, str, str]] = []
+        shown: list[dict] = []
 
         def on_round(row: dict) -> None:
-            if not table.rows:  # the first row says which optional metrics this run reports
+            nonlocal table
+            shown.append(row)
+            if row.get("eval_loss") is not None and not optional and _optional_columns(row):
+                # the first evaluated row (eval.every may skip rounds) says which optional metrics
+                # this run reports: the table is drawn again with their columns
                 optional.extend(_optional_columns(row))
+                table = _round_table(task)
                 for _, title, _ in optional:
                     table.add_column(title, justify="right", no_wrap=True)
+                for earlier in shown[:-1]:
+                    table.add_row(*_row_cells(earlier, task, optional))
+                live.update(table)
             table.add_row(*_row_cells(row, task, optional))
             live.refresh()
 

@@ -62,26 +62,28 @@ def decode(blocks: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float32) -
     size = FORMATS[fmt]
     rows = blocks.shape[:-1]
     b = blocks.reshape(*rows, blocks.shape[-1] // size, size)
-    d = _half(b, 0)
+    # In place after the first float tensor: decoding runs for every product, and a device short
+    # of memory should hold one layer's float weight at a time, not three.
+    d = _half(b, 0).to(dtype)
     if fmt == "Q8_0":
-        q = b[..., 2:].view(torch.int8).to(dtype)
-        return (q * d.to(dtype)).reshape(*rows, -1)
+        return b[..., 2:].view(torch.int8).to(dtype).mul_(d).reshape(*rows, -1)
     offset = 4 if fmt.endswith("_1") else 2
     high = None
     if fmt.startswith("Q5"):
-        fifth = b[..., offset:offset + 4].to(torch.int64)
-        word = fifth[..., 0] | (fifth[..., 1] << 8) | (fifth[..., 2] << 16) | (fifth[..., 3] << 24)
-        high = ((word[..., None] >> torch.arange(BLOCK, device=b.device)) & 1).to(torch.uint8) << 4
+        # weight j's fifth bit is bit j % 8 of byte j // 8 of the little-endian fifth-bit word
+        fifth = b[..., offset:offset + 4]
+        shifts = torch.arange(8, device=b.device, dtype=torch.uint8)
+        high = ((fifth[..., :, None] >> shifts) & 1).reshape(*fifth.shape[:-1], BLOCK) << 4
         offset += 4
     nibbles = b[..., offset:offset + 16]
     q = torch.cat((nibbles & 0x0F, nibbles >> 4), dim=-1)
     if high is not None:
-        q = q | high
-    q = q.to(dtype)
+        q |= high
+    out = q.to(dtype)
     if fmt.endswith("_1"):
-        out = q * d.to(dtype) + _half(b, 2).to(dtype)
+        out.mul_(d).add_(_half(b, 2).to(dtype))
     else:
-        out = (q - (8 if fmt == "Q4_0" else 16)) * d.to(dtype)
+        out.sub_(8 if fmt == "Q4_0" else 16).mul_(d)
     return out.reshape(*rows, -1)
 
 

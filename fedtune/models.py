@@ -40,8 +40,11 @@ class ModelSource:
     precision: str = "fp32"
 
     def held_at(self, precision: str) -> "ModelSource":
-        """The same model, its base held at ``precision``."""
-        return replace(self, precision=check_precision(precision))
+        """The same model, its base held at ``precision`` (``gguf`` only for a .gguf file)."""
+        if check_precision(precision) == "gguf" and not self.gguf_file:
+            raise PrecisionError(f"base precision gguf keeps the blocks of a .gguf file, and model {self.name!r} is not one: "
+                                 "choose int8 or 4bit for it")
+        return replace(self, precision=precision)
 
 
 def _package_dir(package: str) -> Path | None:

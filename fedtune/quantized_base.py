@@ -126,10 +126,27 @@ class GGUFEmbedding(torch.nn.Embedding):
         return ggml_blocks.decode(self.weight[ids], self.weight.ggml_format)
 
 
-def _blocks_weight(blocks: torch.Tensor, fmt: str) -> torch.nn.Parameter:
-    weight = torch.nn.Parameter(blocks, requires_grad=False)
-    weight.ggml_format = fmt
-    return weight
+class GGUFBlocks(torch.nn.Parameter):
+    """A frozen weight held as GGUF blocks (uint8, rows x blocks), its format in
+    ``ggml_format``. A Parameter subclass so that the format travels with the tensor through
+    ``copy.deepcopy`` (a plain attribute would be lost, and the blocks read as weights)."""
+
+    def __new__(cls, blocks: torch.Tensor, ggml_format: str) -> "GGUFBlocks":
+        weight = super().__new__(cls, blocks, requires_grad=False)
+        weight.ggml_format = ggml_format
+        return weight
+
+    def __deepcopy__(self, memo: dict) -> "GGUFBlocks":
+        if id(self) not in memo:
+            memo[id(self)] = type(self)(self.data.clone(), self.ggml_format)
+        return memo[id(self)]
+
+    def __reduce_ex__(self, protocol: int):
+        return type(self), (self.data, self.ggml_format)
+
+
+def _blocks_weight(blocks: torch.Tensor, fmt: str) -> GGUFBlocks:
+    return GGUFBlocks(blocks, fmt)
 
 
 def _gguf_layer(module: torch.nn.Module, dense: torch.Tensor, bias: torch.Tensor | None, weight: torch.nn.Parameter) -> torch.nn.Module:
@@ -358,7 +375,8 @@ def set_dense_weight(module: torch.nn.Module, dense: torch.Tensor) -> None:
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
     kind = _kind(base)
     if kind == "gguf":
-        base.weight = _blocks_weight(ggml_blocks.encode(dense, base.weight.ggml_format), base.weight.ggml_format)
+        blocks = ggml_blocks.encode(dense, base.weight.ggml_format).to(base.weight.device)  # encoded on the CPU
+        base.weight = _blocks_weight(blocks, base.weight.ggml_format)
     elif kind == "4bit":
         base.weight = _nf4_weight(dense, base, double_quant=bool(base.weight.compress_statistics))
     elif kind == "int8":

@@ -175,3 +175,23 @@ def test_smollm2_held_in_its_gguf_blocks_gives_the_fp32_loss_in_a_fifth_of_the_b
         del model
     assert losses["gguf"] == losses["fp32"]
     assert sizes["gguf"] < sizes["fp32"] / 5
+
+
+def test_the_format_travels_with_a_copy_and_the_split_planner_counts_weights_not_bytes():
+    import copy
+
+    from fedtune.split.planning import SplitGeometry
+
+    model = quantize_base(_gguf_llama(tied=False), "gguf")
+    clone = copy.deepcopy(model)  # no memo: every tensor copied
+    layer = clone.model.layers[0].self_attn.q_proj
+    assert layer.weight is not model.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(dense_weight(layer), dense_weight(model.model.layers[0].self_attn.q_proj))
+    plan = AdapterPlan(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
+    held, dense = SplitGeometry.from_model(model, plan), SplitGeometry.from_model(_gguf_llama(tied=False), plan)
+    assert held.embed_params == dense.embed_params == 1024 * 64
+
+
+def test_a_client_told_gguf_for_a_model_that_is_not_a_gguf_file_gets_the_reason():
+    with pytest.raises(PrecisionError, match="base precision gguf keeps the blocks of a .gguf file, and model 'minilm' is not one"):
+        resolve_source("minilm").held_at("gguf")

@@ -237,3 +237,21 @@ def test_a_run_reports_generation_and_choice_accuracy(tmp_path, chat_llama, monk
     assert [title for _, title, _ in optional] == ["gen EM", "choice acc", "choice acc norm"]
     assert _row_cells(rows[0], "causal-lm", optional)[-3:] == [format(rows[0][k], ".3f") for k, _, _ in optional]
     assert _optional_columns({"eval_loss": 1.0}) == []
+
+
+def test_the_round_table_shows_the_optional_columns_when_the_first_evaluated_round_comes(tmp_path, chat_llama, capsys):
+    """With --eval-every the first rows have no eval figures: the columns of the metrics the run
+    reports come with the first evaluated row, and the earlier rows show '-'."""
+    from fedtune.cli import main
+
+    records = [{"prompt": f"the {w} car", "response": f"drives {w}"} for w in ("red", "blue", "green", "old")] * 6
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    evals = [{"prompt": f"color of {w}?", "choices": ["grey", w], "answer": 1} for w in ("red", "fast")]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+    code = main(["simulate", "--model", chat_llama, "--task", "causal-lm", "--data", str(tmp_path / "train.jsonl"),
+                 "--eval-data", str(tmp_path / "eval.jsonl"), "--clients", "2", "--rounds", "3", "--eval-every", "2",
+                 "--local-steps", "1", "--max-length", "32", "--run-dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert code == 0 and "choice acc" in out
+    first = next(line for line in out.splitlines() if line.strip("│ ").startswith("1 "))
+    assert first.count(" - ") >= 3  # round 1: eval loss, perplexity and choice accuracy not measured

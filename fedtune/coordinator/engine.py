@@ -557,6 +557,7 @@ class RoundEngine:
         if reason:
             log.warning("round %d not run: %s", number, reason, extra={"round": number})
             self.stopped_because = reason
+            self._evaluate_last_round()
             return False
         ctx, cov = self._context(number, selected, rate, population)
         instructions = self.strategy.configure(ctx, self.state)
@@ -722,6 +723,24 @@ class RoundEngine:
         if self.on_round_end is not None:
             self.on_round_end(row)
         return row
+
+    def _evaluate_last_round(self) -> None:
+        """The run ends early (a privacy budget spent) after a round ``eval.every`` did not
+        evaluate: the final model is evaluated now and that round's row completed, in
+        ``history`` and in metrics.jsonl, so a run always ends on an evaluated model."""
+        if not self.history or self.history[-1].get("eval_loss") is not None:
+            return
+        row = self.history[-1]
+        started = time.monotonic()
+        adapter, deltas = self._heavy(self.global_model_tensors)
+        eval_metrics = self._heavy(self.global_model.evaluate, adapter, deltas)
+        if not eval_metrics:
+            return  # the run has no held-out data
+        row.update(eval_metrics)
+        row["eval_seconds"] = round(time.monotonic() - started, 3)
+        self.metrics.keep_until(row["round"] - 1)
+        self.metrics.append(row)
+        log.info("round %d: the run stops here, its model evaluated: eval loss %s", row["round"], row.get("eval_loss"), extra={"round": row["round"]})
 
     def _verdict(self, rnd: _Round, new_state: Mapping[str, torch.Tensor]) -> tuple[str, tuple[dict, dict] | None]:
         """(why ``new_state`` must not replace the state, empty when it may; the global model it

@@ -38,6 +38,7 @@ import torch
 from fedtune.contract.cost import CostModel, activation_bytes_per_block, model_geometry, plan_ranks
 from fedtune.contract.plans import AdapterPlan
 from fedtune.devices import Capabilities
+from fedtune.quantized_base import logical_numel
 from fedtune.split.segments import anatomy
 
 
@@ -62,7 +63,7 @@ class SplitGeometry:
         per_block = [sum(ranks[b] * (i + o) for b, _, i, o in g.modules if b == block and b in ranks) for block in range(g.num_blocks)]
         embed = _embedding_stage(model, parts.embed, parts.blocks)
         first = min(b for b, _, _, _ in g.modules)  # hybrid stacks (Nemotron-H): not every block has attention
-        return cls(g.num_blocks, g.hidden, g.heads, sum(p.numel() for p in embed.parameters()), g.block_params, max(per_block), g.head_params,
+        return cls(g.num_blocks, g.hidden, g.heads, sum(logical_numel(p) for p in embed.parameters()), g.block_params, max(per_block), g.head_params,
                    first_lora_block=first)
 
 

@@ -310,3 +310,27 @@ def test_a_target_epsilon_picks_sigma_once_and_ends_the_run_there():
     assert len(sigmas) == 1 and sigmas.pop() > 0
     assert 3.8 < metrics["dp_epsilon"] <= 4.0  # never above the target (Opacus' search stops below it)
     assert "one more round" in strategy.stop_reason(state, 0.5)
+
+
+def test_a_run_its_budget_ends_early_still_ends_on_an_evaluated_model(tmp_path, tiny_llama):
+    """eval.every skips rounds; when the privacy budget ends the run before its last round,
+    the round it ends on is evaluated all the same, in history and in metrics.jsonl."""
+    import json
+
+    from fedtune.simulation.runner import run_simulation
+
+    from conftest import sentiment_examples
+    from test_end_to_end import _config, _write_jsonl
+
+    config = _config(tmp_path, tiny_llama, "seq-cls", rounds=10)
+    config.federation.strategy = "fedavg"
+    config.privacy.dp, config.privacy.noise_multiplier, config.privacy.epsilon_budget = "client", 2.0, 3.0
+    config.training.local_steps = 2
+    config.eval.every = 10
+    config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(120, seed=1))
+    result = run_simulation(checked(config))
+    assert "privacy budget" in result.stopped_because and len(result.history) < 10
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [r["round"] for r in result.history]
+    assert [r["eval_loss"] is not None for r in rows] == [False] * (len(rows) - 1) + [True]
+    assert result.history[-1]["eval_loss"] == rows[-1]["eval_loss"] and "eval_accuracy" in rows[-1]
