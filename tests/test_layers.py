@@ -54,6 +54,7 @@ PLACES = {
     "fedtune.logs": 1,
     "fedtune.transport": 1,
     "fedtune.quantized_base": 1,
+    "fedtune.ggml_blocks": 1,
     "fedtune.protocol": 1,
     "fedtune.protocol.tensors": 2,
     "fedtune.protocol.stubs": 2,
