@@ -4,7 +4,9 @@ grpcio stream and a raw socket moving the same bytes, all measured in the same r
     python bench/transport.py [--sizes 1 16 128] [--repeats 5] [--chunk-mib 3] [--out FILE]
 
 Each push is a real PushUpdate through the coordinator's service: framing, chunking, header
-checks against the plan, reassembly, NaN/Inf scan; each fetch a real FetchTask. The bare
+checks against the plan, reassembly, NaN/Inf scan, and the trust rules' measure of the change
+(its float64 norm and largest element) before the update is accepted; each fetch a real
+FetchTask. The bare
 stream is what any Python gRPC program pays to move the bytes: a client-streaming call of raw
 byte chunks of the same size (no protobuf, no checks) into a preallocated buffer, and a
 server-streaming call of the same chunks back; fedtune's path is compared with it best against

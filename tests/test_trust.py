@@ -12,7 +12,7 @@ import torch
 
 from fedtune.adapters import split_task_tensors
 from fedtune.protocol import fedtune_pb2 as pb
-from fedtune.coordinator.trust import capped_examples, clip_update, nonfinite, update_norm
+from fedtune.coordinator.trust import absurd, capped_examples, clip_update, measure, nonfinite, update_norm
 
 from conftest import fetch_task, live_coordinator, push_update, sentiment_examples
 from test_bad_input import _config
@@ -31,6 +31,26 @@ def test_update_norm_is_measured_from_what_the_client_was_sent_without_overflow(
     # (3, 4, 12): the 'extra' tensor was not sent, so it counts from zero; integers do not count
     assert update_norm(update, start) == pytest.approx(13.0)
     assert update_norm({"a": torch.full((4,), 3e38)}, {}) == pytest.approx(6e38)  # float64: no overflow
+
+
+def test_a_change_larger_than_a_measuring_slice_is_measured_exactly_in_float64():
+    # Changes are measured slice by slice (to read each tensor once): the figures must be those
+    # of the whole change in float64, wherever the largest element and a non-finite one sit.
+    g = torch.Generator().manual_seed(3)
+    start = torch.randn(3, 100_003, generator=g)
+    update = start + torch.randn(3, 100_003, generator=g) * 1e-2
+    update[2, 99_999] = start[2, 99_999] - 7.5  # the largest change, a negative one, in the last slice
+    whole = update.double() - start.double()
+    fresh = torch.full((5,), 2e38)  # not sent: counts from zero; its squares overflow float32
+    got = measure({"w": update, "fresh": fresh}, {"w": start})
+    expected_norm = (float(whole.square().sum()) + 5 * float(fresh[0]) ** 2) ** 0.5
+    assert got.norm == pytest.approx(expected_norm, rel=1e-12)
+    assert got.peak == float(fresh[0]) and got.ceiling == pytest.approx(1e4 * float(start.abs().max()))
+    assert int(whole.abs().argmax()) == 2 * 100_003 + 99_999
+    assert measure({"w": update}, {"w": start}).peak == float(whole.abs().max())
+    poisoned = update.clone()
+    poisoned[1, 50_000] = float("nan")
+    assert absurd(measure({"w": poisoned}, {"w": start})) == "its change is not finite in float64"
 
 
 def test_clipping_scales_the_delta_to_the_bound_and_keeps_a_small_update_as_is():
