@@ -145,10 +145,6 @@ class GGUFBlocks(torch.nn.Parameter):
         return type(self), (self.data, self.ggml_format)
 
 
-def _blocks_weight(blocks: torch.Tensor, fmt: str) -> GGUFBlocks:
-    return GGUFBlocks(blocks, fmt)
-
-
 def _gguf_layer(module: torch.nn.Module, dense: torch.Tensor, bias: torch.Tensor | None, weight: torch.nn.Parameter) -> torch.nn.Module:
     if isinstance(module, torch.nn.Embedding):
         layer = GGUFEmbedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx, device="meta")
@@ -312,7 +308,7 @@ def quantize_base(model: torch.nn.Module, precision: str) -> torch.nn.Module:
             return _matrix_layer(child, dense, bias, precision)
         if id(child.weight) not in as_stored:  # a tied output layer shares the table's blocks
             held = ggml_blocks.hold_exactly(dense)
-            as_stored[id(child.weight)] = None if held is None else _blocks_weight(held[1], held[0])
+            as_stored[id(child.weight)] = None if held is None else GGUFBlocks(held[1], held[0])
         weight = as_stored[id(child.weight)]
         return None if weight is None else _gguf_layer(child, dense, bias, weight)
 
@@ -376,7 +372,7 @@ def set_dense_weight(module: torch.nn.Module, dense: torch.Tensor) -> None:
     kind = _kind(base)
     if kind == "gguf":
         blocks = ggml_blocks.encode(dense, base.weight.ggml_format).to(base.weight.device)  # encoded on the CPU
-        base.weight = _blocks_weight(blocks, base.weight.ggml_format)
+        base.weight = GGUFBlocks(blocks, base.weight.ggml_format)
     elif kind == "4bit":
         base.weight = _nf4_weight(dense, base, double_quant=bool(base.weight.compress_statistics))
     elif kind == "int8":

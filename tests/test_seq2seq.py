@@ -114,7 +114,7 @@ def test_data_reads_source_target_pairs_and_names_the_line_of_a_missing_source(t
 
 
 @pytest.mark.parametrize("name", ["t5", "bart"])
-def test_encoding_pads_labels_with_ignore_and_the_loss_is_the_targets_own(model_folder, name):
+def test_encoding_pads_labels_with_ignore_and_the_loss_is_the_targets_own(model_folder, name, caplog):
     source = resolve_source(model_folder(name))
     tokenizer, task = load_tokenizer(source), get_task("seq2seq")
     model = load_base_model(source, "seq2seq")
@@ -125,6 +125,14 @@ def test_encoding_pads_labels_with_ignore_and_the_loss_is_the_targets_own(model_
     assert [list(it.input_ids) for it in items] == [[ids[w] for w in ex.prompt.split()] for ex in examples]
     assert [list(it.target) for it in items] == [[ids["great"], EOS], [ids["bad"], ids["sad"], EOS]]  # the EOS ends each target
     assert [list(it.target) for it in task.encode(examples, tokenizer, 2)] == [[ids["great"], EOS], [ids["bad"], EOS]]  # cut, EOS kept
+    caplog.clear()  # (the window of 2 above warned already)
+    with caplog.at_level("WARNING", logger="fedtune.tasks.seq2seq"):
+        task.encode(examples, tokenizer, 16)
+        assert not caplog.records  # everything fits: no warning
+        task.encode(examples, tokenizer, 2)
+    assert [r.getMessage() for r in caplog.records] == [
+        "max_length 2: 0 of 2 examples dropped (no source or target tokens) and 2 fill the window "
+        "(their source or target may be cut); raise --max-length to train on them whole"]
 
     pad_id = tokenizer.pad_token_id
     batch = task.collate(items, pad_id)

@@ -16,6 +16,7 @@ take them: the task refuses ``split-model`` and the composer says so at start.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -26,6 +27,8 @@ from fedtune.contract.properties import declare
 from fedtune.data import Example
 from fedtune.tasks.base import TASKS, EncodedExample, EvalOptions, Task, attention_mask, pad, safe_exp, token_array
 from fedtune.tasks.causal_lm import IGNORE, _generation_eos, exact_match
+
+log = logging.getLogger(__name__)
 
 # Examples per tokenizer call when encoding a dataset (as classification does).
 ENCODE_SLICE = 1024
@@ -71,15 +74,23 @@ class Seq2Seq(Task):
     def encode(self, examples: Sequence[Example], tokenizer, max_length: int, labels: Sequence[str] = (), chat_template: str = "auto") -> list[EncodedExample]:
         """Source tokens (the encoder's input) and target tokens (the labels), each at most
         ``max_length``; no chat template (an encoder-decoder reads the source as it is).
-        Examples whose target has no tokens are dropped."""
-        out = []
+        Examples whose source or target has no tokens are dropped; a warning says how many were
+        dropped and how many fill the window (their source or target may have been cut)."""
+        out, full = [], 0
         # In slices: the tokenizer's Python output for a whole device's data at once would cost
         # several times the compact result.
         for start in range(0, len(examples), ENCODE_SLICE):
             chunk = examples[start : start + ENCODE_SLICE]
             sources = source_ids(tokenizer, [ex.prompt for ex in chunk], max_length)
             targets = target_ids(tokenizer, [ex.text for ex in chunk], max_length)
-            out.extend(EncodedExample(token_array(s), token_array(t)) for s, t in zip(sources, targets) if s and t)
+            kept = [(s, t) for s, t in zip(sources, targets) if s and t]
+            full += sum(len(s) >= max_length or len(t) >= max_length for s, t in kept)
+            out.extend(EncodedExample(token_array(s), token_array(t)) for s, t in kept)
+        dropped = len(examples) - len(out)
+        if dropped or full:
+            log.warning("max_length %d: %d of %d examples dropped (no source or target tokens) and %d fill the window "
+                        "(their source or target may be cut); raise --max-length to train on them whole",
+                        max_length, dropped, len(examples), full)
         return out
 
     def collate(self, items: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
