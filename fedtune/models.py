@@ -161,6 +161,12 @@ def load_base_model(source: ModelSource, task: str, labels: Sequence[str] = (), 
         raise
     except Exception as exc:
         raise ModelError(f"cannot load model {source.name!r} for {task}: {exc}") from exc
+    quantizer = getattr(model, "hf_quantizer", None)
+    if source.gguf_file and quantizer is not None:
+        # transformers decoded the file's weights to fp32 yet marks the model quantized (its GGUF
+        # quantizer): the mark would stop save_pretrained (a merged export) and tell peft the
+        # weights are something they are not. Its own remover clears it.
+        quantizer.remove_quantization_config(model)
     if getattr(model.config, "pad_token_id", None) is None:
         tokenizer_pad = getattr(model.config, "eos_token_id", None)
         if isinstance(tokenizer_pad, list):

@@ -195,3 +195,134 @@ def test_the_format_travels_with_a_copy_and_the_split_planner_counts_weights_not
 def test_a_client_told_gguf_for_a_model_that_is_not_a_gguf_file_gets_the_reason():
     with pytest.raises(PrecisionError, match="base precision gguf keeps the blocks of a .gguf file, and model 'minilm' is not one"):
         resolve_source("minilm").held_at("gguf")
+
+
+# ------------------------------------------------------------------ whole runs on a real .gguf file
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 characters a byte-level BPE vocabulary (GPT-2's, SmolLM2's) spells the bytes with."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = {b: 256 + i for i, b in enumerate(b for b in range(256) if b not in printable)}
+    return [chr(b if b in printable else shifted[b]) for b in range(256)]
+
+
+def write_tiny_gguf(path, *, hidden: int = 64, blocks: int = 2, ffn: int = 128, heads: int = 4, kv_heads: int = 2) -> str:
+    """A tiny random Llama written as llama.cpp writes one (through the gguf package): Q4_1
+    matrices, a Q8_0 token table tied to the output, fp32 norms, and a byte-level BPE tokenizer
+    (the 256 byte symbols, four merges, an end-of-text token) in the file's metadata."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quantize
+
+    merges = ["h e", "l l", "o r", "Ġ t"]
+    tokens = [*_byte_symbols(), *(m.replace(" ", "") for m in merges), "<|endoftext|>"]
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_context_length(128)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(blocks)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * (len(tokens) - 1) + [3])  # the last is a control token
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(len(tokens) - 1)
+    writer.add_eos_token_id(len(tokens) - 1)
+    rng = np.random.default_rng(0)
+
+    def matrix(name: str, rows: int, cols: int, fmt=GGMLQuantizationType.Q4_1) -> None:
+        writer.add_tensor(name, quantize((rng.standard_normal((rows, cols)) * 0.05).astype(np.float32), fmt), raw_dtype=fmt)
+
+    matrix("token_embd.weight", len(tokens), hidden, GGMLQuantizationType.Q8_0)
+    kv = kv_heads * hidden // heads
+    for i in range(blocks):
+        for name, rows, cols in (("attn_q", hidden, hidden), ("attn_k", kv, hidden), ("attn_v", kv, hidden), ("attn_output", hidden, hidden),
+                                 ("ffn_gate", ffn, hidden), ("ffn_up", ffn, hidden), ("ffn_down", hidden, ffn)):
+            matrix(f"blk.{i}.{name}.weight", rows, cols)
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def gguf_model(tmp_path_factory) -> str:
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.Q4_1.gguf")
+
+
+def _run_config(tmp_path, model: str, precision: str, **settings):
+    from fedtune.config import RunConfig
+
+    config = RunConfig()
+    config.model.source, config.model.task, config.model.max_length = model, "causal-lm", 32
+    config.model.base_precision = precision
+    config.federation.rounds, config.simulation.clients, config.simulation.partition = 2, 2, "iid"
+    lines = [f"the {w} car drives on the road today" for w in ("red", "blue", "green", "old", "new", "fast")]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "train.txt").write_text("\n".join(lines * 8) + "\n")
+    (tmp_path / "eval.txt").write_text("\n".join(lines * 2) + "\n")
+    config.simulation.data, config.eval.data = str(tmp_path / "train.txt"), str(tmp_path / "eval.txt")
+    config.training.local_steps, config.training.batch_size, config.training.learning_rate = 3, 8, 2e-2
+    config.run_dir, config.seed = str(tmp_path / "run"), 0
+    for key, value in settings.items():
+        section, name = key.split("__")
+        setattr(getattr(config, section), name, value)
+    return config
+
+
+def test_a_run_on_a_gguf_file_held_in_its_blocks_trains_as_its_fp32_twin_and_its_export_reproduces_it(tmp_path, gguf_model):
+    """The blocks decode to exactly the weights transformers' loader makes of the file: a run
+    held in them learns exactly what the fp32 run learns, and its adapter, loaded on a base held
+    the same way, gives the run's last evaluation."""
+    import json
+
+    from fedtune.adapters import load_exported_adapter
+    from fedtune.data import load_examples
+    from fedtune.models import load_base_model, load_tokenizer
+    from fedtune.simulation.runner import run_simulation
+    from fedtune.tasks import get_task
+
+    histories = {}
+    for precision in ("fp32", "gguf"):
+        config = _run_config(tmp_path / precision, gguf_model, precision)
+        config.export.merged = True
+        result = run_simulation(config)
+        assert not result.client_errors, result.client_errors
+        histories[precision] = [r["eval_loss"] for r in result.history]
+    assert histories["gguf"] == pytest.approx(histories["fp32"], rel=1e-6)
+    assert histories["gguf"][-1] < histories["gguf"][0]  # it learns
+    assert json.loads((result.run_dir / "adapter" / "fedtune.json").read_text())["base_precision"] == "gguf"
+    source = resolve_source(gguf_model, "gguf")
+    model = load_exported_adapter(load_base_model(source, "causal-lm"), result.run_dir / "adapter").eval()
+    assert is_quantized(model.base_model.model.model.layers[0].mlp.up_proj)
+    task, tokenizer = get_task("causal-lm"), load_tokenizer(source)
+    items = task.encode(load_examples(str(tmp_path / "gguf" / "eval.txt"), task="causal-lm"), tokenizer, 32)
+    assert task.evaluate(model, items, tokenizer.pad_token_id)["eval_loss"] == pytest.approx(histories["gguf"][-1], rel=1e-5)
+    # merged into the weights the file decodes to: a plain fp32 transformers folder, the same model
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(str(result.run_dir / "merged")).eval()
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    assert task.evaluate(merged, items, tokenizer.pad_token_id)["eval_loss"] == pytest.approx(histories["gguf"][-1], rel=1e-4)
+
+
+@pytest.mark.parametrize("settings", [
+    {"privacy__dp": "sample"},                  # Opacus' per-example gradients over the blocks
+    {"split__mode": "split"},                   # both halves of the model held in blocks
+    {"federation__aggregation": "flora"},       # dense updates folded into the blocks every round
+    {"lora__variant": "fedsb"},                 # the adapter built from an SVD of the decoded weight
+], ids=["dp-sample", "split", "flora", "fedsb"])
+def test_methods_that_read_or_write_base_weights_run_on_a_gguf_file_held_in_its_blocks(tmp_path, gguf_model, settings):
+    from fedtune.simulation.runner import run_simulation
+
+    result = run_simulation(_run_config(tmp_path, gguf_model, "gguf", **settings))
+    assert not result.client_errors, result.client_errors
+    assert len(result.history) == 2 and all(np.isfinite(r["eval_loss"]) for r in result.history)
