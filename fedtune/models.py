@@ -118,6 +118,16 @@ def load_tokenizer(source: ModelSource):
     return tokenizer
 
 
+def _dense_gguf_config():
+    """transformers' GGUF settings that decode every weight at load (None where this version of
+    transformers has no such settings: it always decoded)."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return None
+    return GgufConfig(dequantize=True)
+
+
 def load_base_model(source: ModelSource, task: str, labels: Sequence[str] = (), seed: int = 0, blocks: int = 0) -> torch.nn.Module:
     """Load a base model for ``task`` on the CPU, in eval mode, its frozen weights held at the
     source's precision (fp32, or quantized by ``fedtune.quantized_base``).
@@ -155,6 +165,11 @@ def load_base_model(source: ModelSource, task: str, labels: Sequence[str] = (), 
             # GGUF weights are dequantized to fp32 on load; the stale quantization entry would
             # make transformers look for a quantizer backend.
             del config.quantization_config
+        if source.gguf_file:
+            # Dense weights, always: fedtune holds a .gguf model's blocks itself (precision gguf,
+            # fedtune.quantized_base) and every other precision starts from fp32. Left to choose,
+            # transformers keeps some families' weights packed in its own layers.
+            kwargs["quantization_config"] = _dense_gguf_config()
         with seeded(seed):  # a new head's weights are drawn here
             model = factory.from_pretrained(str(source.path), config=config, dtype=torch.float32, **kwargs)
     except ModelError:
@@ -163,9 +178,9 @@ def load_base_model(source: ModelSource, task: str, labels: Sequence[str] = (), 
         raise ModelError(f"cannot load model {source.name!r} for {task}: {exc}") from exc
     quantizer = getattr(model, "hf_quantizer", None)
     if source.gguf_file and quantizer is not None:
-        # transformers decoded the file's weights to fp32 yet marks the model quantized (its GGUF
-        # quantizer): the mark would stop save_pretrained (a merged export) and tell peft the
-        # weights are something they are not. Its own remover clears it.
+        # The file's weights were decoded to fp32 (``_dense_gguf_config``), yet transformers marks
+        # the model quantized (its GGUF quantizer): the mark would stop save_pretrained (a merged
+        # export) and tell peft the weights are something they are not. Its own remover clears it.
         quantizer.remove_quantization_config(model)
     if getattr(model.config, "pad_token_id", None) is None:
         tokenizer_pad = getattr(model.config, "eos_token_id", None)

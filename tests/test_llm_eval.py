@@ -91,6 +91,21 @@ def test_examples_a_short_window_drops_or_cuts_are_counted_in_a_warning(chat_lla
     ]
 
 
+def test_a_devices_timing_sample_at_its_own_window_does_not_warn_about_max_length(chat_llama, caplog):
+    """Calibration encodes a sample at a fixed window that is not the run's --max-length: no
+    warning that would send the user to raise it; encoding elsewhere still warns."""
+    from fedtune.client.calibrate import calibrate
+
+    source = resolve_source(chat_llama)
+    tokenizer = load_tokenizer(source)
+    head = len(prompt_ids(tokenizer, EXAMPLES[0].prompt, "auto"))
+    with caplog.at_level("WARNING", logger="fedtune.tasks.causal_lm"):
+        calibrate(ModelStore(), source, "causal-lm", (), EXAMPLES[:1] * 4, batch_size=2, seq_len=head + 1, steps=1)
+        assert not caplog.records
+        get_task("causal-lm").encode(EXAMPLES[:1], tokenizer, head + 1)
+    assert [r.getMessage().split(";")[0] for r in caplog.records] == [f"max_length {head + 1}: 0 of 1 examples dropped (the prompt fills the window) and 1 cut short"]
+
+
 def test_exact_match_compares_normalized_text():
     assert normalize_answer("  The  Answer\n is 4 ") == "the answer is 4"
     assert exact_match(["  Four\n", "five", "4 2"], ["four", "four", "4  2"]) == pytest.approx(2 / 3)

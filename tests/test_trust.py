@@ -33,9 +33,12 @@ def test_update_norm_is_measured_from_what_the_client_was_sent_without_overflow(
     assert update_norm({"a": torch.full((4,), 3e38)}, {}) == pytest.approx(6e38)  # float64: no overflow
 
 
-def test_a_change_larger_than_a_measuring_slice_is_measured_exactly_in_float64():
+def test_a_change_larger_than_a_measuring_slice_is_measured_exactly_in_float64(monkeypatch):
     # Changes are measured slice by slice (to read each tensor once): the figures must be those
     # of the whole change in float64, wherever the largest element and a non-finite one sit.
+    import fedtune.coordinator.trust as trust
+
+    monkeypatch.setattr(trust, "_SLICE", 4096)  # many slices, and a short last one
     g = torch.Generator().manual_seed(3)
     start = torch.randn(3, 100_003, generator=g)
     update = start + torch.randn(3, 100_003, generator=g) * 1e-2
@@ -50,6 +53,9 @@ def test_a_change_larger_than_a_measuring_slice_is_measured_exactly_in_float64()
     assert measure({"w": update}, {"w": start}).peak == float(whole.abs().max())
     poisoned = update.clone()
     poisoned[1, 50_000] = float("nan")
+    assert absurd(measure({"w": poisoned}, {"w": start})) == "its change is not finite in float64"
+    poisoned[1, 50_000] = float("-inf")
+    assert measure({"w": poisoned}, {"w": start}).peak == float("inf")
     assert absurd(measure({"w": poisoned}, {"w": start})) == "its change is not finite in float64"
 
 

@@ -24,6 +24,7 @@ from fedtune.contract.cost import CostModel, model_geometry
 from fedtune.data import Example
 from fedtune.models import ModelSource, ModelStore
 from fedtune.tasks import EncodedExample, Task, get_task
+from fedtune.tasks.base import without_window_warnings
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ def calibrate(
     geometry, plan = model_geometry(base, AdapterPlan(rank=8, alpha=16.0))
     top_plan = replace(plan, layers=(geometry.num_blocks - 1,))
     pad = store.pad_id(source)
-    encoded = store.encode(source, task, list(examples)[: max(batch_size * (steps + 1), 1)], seq_len, labels)
+    with without_window_warnings():  # a timing sample at seq_len, not the run's --max-length
+        encoded = store.encode(source, task, list(examples)[: max(batch_size * (steps + 1), 1)], seq_len, labels)
     if not encoded:
         raise ValueError("no usable examples to calibrate with")
     items = fixed_length(encoded, seq_len, pad)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from array import array
 from dataclasses import dataclass
@@ -24,6 +26,27 @@ class EncodedExample:
 
     input_ids: Sequence[int]
     target: int | Sequence[int]
+
+
+# Whether an encoding warns of the examples its window drops or cuts. Off while a device times
+# its steps on a sample at a fixed window (fedtune.client.calibrate): the warning would blame
+# --max-length, which that window is not. A context variable, so other threads still warn.
+_WINDOW_WARNINGS = contextvars.ContextVar("fedtune_window_warnings", default=True)
+
+
+def window_warnings() -> bool:
+    """True unless inside ``without_window_warnings``."""
+    return _WINDOW_WARNINGS.get()
+
+
+@contextlib.contextmanager
+def without_window_warnings() -> Iterator[None]:
+    """Encode without warnings about the window (in this thread and context only)."""
+    token = _WINDOW_WARNINGS.set(False)
+    try:
+        yield
+    finally:
+        _WINDOW_WARNINGS.reset(token)
 
 
 def token_array(ids: Iterable[int]) -> array:

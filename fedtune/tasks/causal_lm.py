@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from fedtune.data import Example
 from fedtune.tasks.base import (
-    CHAT_TEMPLATE_MODES, TASKS, EncodedExample, EvalOptions, Task, attention_mask, pad, safe_exp, token_array,
+    CHAT_TEMPLATE_MODES, TASKS, EncodedExample, EvalOptions, Task, attention_mask, pad, safe_exp, token_array, window_warnings,
 )
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class CausalLM(Task):
             cut += len(prompt) + len(text) > max_length
             out.append(EncodedExample(token_array(ids), token_array(target)))
         dropped = len(examples) - len(out)
-        if dropped or cut:
+        if (dropped or cut) and window_warnings():
             log.warning("max_length %d: %d of %d examples dropped (the prompt fills the window) and %d cut short; "
                         "raise --max-length to train on them whole", max_length, dropped, len(examples), cut)
         return out

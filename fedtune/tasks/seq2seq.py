@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from fedtune.contract.properties import declare
 from fedtune.data import Example
-from fedtune.tasks.base import TASKS, EncodedExample, EvalOptions, Task, attention_mask, pad, safe_exp, token_array
+from fedtune.tasks.base import TASKS, EncodedExample, EvalOptions, Task, attention_mask, pad, safe_exp, token_array, window_warnings
 from fedtune.tasks.causal_lm import IGNORE, _generation_eos, exact_match
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class Seq2Seq(Task):
             full += sum(len(s) >= max_length or len(t) >= max_length for s, t in kept)
             out.extend(EncodedExample(token_array(s), token_array(t)) for s, t in kept)
         dropped = len(examples) - len(out)
-        if dropped or full:
+        if (dropped or full) and window_warnings():
             log.warning("max_length %d: %d of %d examples dropped (no source or target tokens) and %d fill the window "
                         "(their source or target may be cut); raise --max-length to train on them whole",
                         max_length, dropped, len(examples), full)
