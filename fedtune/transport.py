@@ -35,21 +35,27 @@ class TransportError(ValueError):
 
 
 class CallWatchdog(grpc.UnaryStreamClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Cancels a streaming call still unfinished ``grace_s`` seconds after its deadline.
+    """Ends a streaming call whose reader still waits ``grace_s`` seconds after its deadline.
 
-    gRPC enforces deadlines itself, yet a response stream begun while its server was being
-    stopped (a coordinator killed and restarted on the same port) was seen waiting past its
-    deadline with nothing to end it: a device would then wait for ever for a coordinator that
-    had come back. The cancelled call raises ``CANCELLED`` in the waiting thread, which the
-    caller's retry path handles like any lost connection. One thread watches every call of the
-    process; a call that ends on time is forgotten when it ends."""
+    gRPC enforces deadlines itself, yet two ways of overrunning them were seen with a coordinator
+    killed and restarted on the same port: a response stream begun while the server was stopping
+    ran on past its deadline; and gRPC gave a call its final status ("failed to connect")
+    while its reader, already waiting for the next message, was never woken (gRPC Python's
+    iterator has no timeout of its own: grpc/grpc#20562). Either way a device would wait for
+    ever for a coordinator that had come back. So a call is watched until its *reader* is done
+    with it, not until gRPC calls it done, and when its time is up the watchdog cancels it (a
+    call still running) or wakes its reader (a call gRPC already ended); the reader then gets
+    the call's error (``CANCELLED``, or the status gRPC gave it), which the caller's retry path
+    handles like any lost connection. A reader still waiting ``ended_grace_s`` after gRPC ended
+    its call is woken then, without waiting for the deadline (a device's task download has a
+    deadline of minutes). One thread watches every call of the process."""
 
-    def __init__(self, grace_s: float = 5.0) -> None:
-        self.grace_s = grace_s
-        self.cancelled = 0  # calls this watchdog had to cancel
+    def __init__(self, grace_s: float = 5.0, ended_grace_s: float = 1.0) -> None:
+        self.grace_s, self.ended_grace_s = grace_s, ended_grace_s
+        self.cancelled = 0  # calls this watchdog had to end
         self._cond = threading.Condition()
         self._heap: list[tuple[float, int]] = []
-        self._calls: dict[int, grpc.Future] = {}
+        self._calls: dict[int, _WatchedStream] = {}
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
 
@@ -63,19 +69,26 @@ class CallWatchdog(grpc.UnaryStreamClientInterceptor, grpc.StreamStreamClientInt
         if details.timeout is None or not hasattr(call, "add_done_callback"):
             return call
         key = next(self._ids)
+        stream = _WatchedStream(call, lambda: self._forget(key), lambda: self._expedite(key))
         with self._cond:
-            self._calls[key] = call
+            self._calls[key] = stream
             heapq.heappush(self._heap, (time.monotonic() + details.timeout + self.grace_s, key))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="fedtune-call-watchdog", daemon=True)
                 self._thread.start()
             self._cond.notify()
-        call.add_done_callback(lambda _: self._forget(key))
-        return call
+        call.add_done_callback(lambda _: stream.ended_by_grpc())
+        return stream
 
     def _forget(self, key: int) -> None:
         with self._cond:
             self._calls.pop(key, None)
+
+    def _expedite(self, key: int) -> None:
+        """gRPC ended the call while its reader waits: look again in ``ended_grace_s``."""
+        with self._cond:
+            heapq.heappush(self._heap, (time.monotonic() + self.ended_grace_s, key))
+            self._cond.notify()
 
     def _run(self) -> None:
         while True:
@@ -83,17 +96,104 @@ class CallWatchdog(grpc.UnaryStreamClientInterceptor, grpc.StreamStreamClientInt
                 while not self._heap:
                     self._cond.wait()
                 due, key = self._heap[0]
-                if key not in self._calls:  # ended on time
+                if key not in self._calls:  # its reader is done with it
                     heapq.heappop(self._heap)
                     continue
                 if due > time.monotonic():
                     self._cond.wait(due - time.monotonic())
                     continue
                 heapq.heappop(self._heap)
-                call = self._calls.pop(key)
-                self.cancelled += 1
-            log.warning("a call ran %.0f s past its deadline with no answer; cancelled it", self.grace_s)
-            call.cancel()
+                stream = self._calls.pop(key)
+            if stream.end():
+                with self._cond:
+                    self.cancelled += 1
+                log.warning("a streaming call's reader was still waiting when its time was up (deadline passed, or the call "
+                            "already ended); ended it so the caller can retry")
+
+
+class _WatchedStream:
+    """A streaming call as its caller sees it (an iterator of responses that is also the gRPC
+    call), which tells the watchdog when its reader is done with it."""
+
+    def __init__(self, call, forget, expedite) -> None:
+        self._call, self._forget, self._expedite = call, forget, expedite
+        self._lock = threading.Lock()
+        self._reading = False  # the reader waits in __next__ now
+        self._grpc_done = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        with self._lock:
+            self._reading = True
+        try:
+            return next(self._call)
+        except BaseException:
+            self._forget()  # the stream ended (StopIteration) or failed: nothing left to watch
+            raise
+        finally:
+            with self._lock:
+                self._reading = False
+                done = self._grpc_done
+            if done:
+                self._forget()  # a reader that comes back to a call gRPC ended is answered at once
+
+    def __getattr__(self, name):
+        return getattr(self._call, name)  # the call's methods: cancel, code, details, metadata ...
+
+    def ended_by_grpc(self) -> None:
+        with self._lock:
+            self._grpc_done = True
+            reading = self._reading
+        if reading:
+            self._expedite()  # gRPC normally wakes the reader itself at once
+        else:
+            self._forget()
+
+    def end(self) -> bool:
+        """Cancel the call, or wake a reader gRPC left waiting on an ended call; True when either
+        was needed."""
+        if self._call.cancel():
+            return True
+        return _wake_reader(self._call)
+
+
+class _PendingOperations(set):
+    """gRPC's set of a call's pending operations, in which the receives the watchdog gave up on
+    no longer count as awaited by the reader (``in``), yet still count for gRPC's own
+    bookkeeping (the set's size, ``remove`` when they complete late): gRPC decides that a call
+    is finished when the set is empty, and must go on deciding that itself."""
+
+    def __init__(self, pending, given_up) -> None:
+        super().__init__(pending)
+        self.given_up = frozenset(given_up)
+
+    def __contains__(self, operation) -> bool:
+        return operation not in self.given_up and super().__contains__(operation)
+
+
+def _wake_reader(call) -> bool:
+    """Wake the reader of a call gRPC ended while its receive operations stayed pending.
+
+    This reads gRPC Python's private call state (``_state``: its condition, status code and
+    pending operations), because there is no public way to end a wait gRPC itself should have
+    ended; tests/test_transport.py checks it against the installed gRPC. With the pending
+    receives no longer awaited, the reader raises the status gRPC gave the call. Returns False,
+    and changes nothing, where the call is not in that state or its state looks different."""
+    state = getattr(call, "_state", None)
+    condition, due = getattr(state, "condition", None), getattr(state, "due", None)
+    if condition is None or not isinstance(due, set):
+        return False
+    with condition:
+        if getattr(state, "code", None) is None:
+            return False
+        stale = {op for op in due if getattr(op, "name", "").startswith("receive_")}
+        if not stale:
+            return False
+        state.due = _PendingOperations(due, stale)
+        condition.notify_all()
+    return True
 
 
 # The watchdog of every channel ``make_channel`` makes.

@@ -160,7 +160,7 @@ def test_the_fast_path_refuses_what_the_protobuf_path_refuses(tmp_path):
 
 
 class _Call:
-    """A streaming call as the watchdog sees it: done callbacks and cancel()."""
+    """A streaming call as the watchdog sees it: an iterator with done callbacks and cancel()."""
 
     def __init__(self) -> None:
         self.cancelled = threading.Event()
@@ -178,6 +178,9 @@ class _Call:
         self.finish()
         return True
 
+    def __next__(self):
+        raise StopIteration
+
 
 class _Details:
     def __init__(self, timeout):
@@ -193,15 +196,93 @@ def test_the_watchdog_cancels_a_stream_left_running_past_its_deadline_and_only_t
     watchdog = CallWatchdog(grace_s=0.2)
     stuck, answered, unbounded = _Call(), _Call(), _Call()
     started = time.monotonic()
-    assert watchdog.intercept_unary_stream(lambda d, r: stuck, _Details(0.1), None) is stuck
+    watched = watchdog.intercept_unary_stream(lambda d, r: stuck, _Details(0.1), None)
+    assert watched.cancel == stuck.cancel  # the caller still holds the call's own methods
     watchdog.intercept_stream_stream(lambda d, r: answered, _Details(0.1), iter(()))
-    watchdog.intercept_unary_stream(lambda d, r: unbounded, _Details(None), None)
-    answered.finish()  # ends on time: forgotten
+    assert watchdog.intercept_unary_stream(lambda d, r: unbounded, _Details(None), None) is unbounded
+    answered.finish()  # ends on time, nobody reading: forgotten
     assert stuck.cancelled.wait(5)
     assert time.monotonic() - started >= 0.3 - 0.02
     time.sleep(0.3)
     assert not answered.cancelled.is_set() and not unbounded.cancelled.is_set()
     assert watchdog.cancelled == 1
+
+
+def _blocking_stream_server(release: threading.Event):
+    """A gRPC server whose one unary-stream method sends nothing until ``release`` is set."""
+    def handler(request, context):
+        release.wait(30)
+        yield b"late"
+
+    method = grpc.unary_stream_rpc_method_handler(handler, request_deserializer=None, response_serializer=None)
+    server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("probe.Probe", {"Wait": method}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+def test_the_watchdog_wakes_a_reader_grpc_left_waiting_on_a_call_it_had_ended():
+    """Seen in bench/faults.py's restart scenario (about 1 run in 30 under load): gRPC gave a
+    FetchTask its final status ("failed to connect") while the device's thread, already inside
+    ``next()``, stayed waiting for a message with no deadline of its own, for ever. The
+    watchdog wakes such a reader ``ended_grace_s`` after gRPC ended the call (not at the
+    deadline: a device's task download has one of minutes), and the reader gets the call's
+    status as an RpcError. This drives gRPC's real call object
+    into that state, so it also checks the watchdog against the installed gRPC's internals."""
+    from fedtune.transport import CallWatchdog
+
+    release = threading.Event()
+    server, port = _blocking_stream_server(release)
+    # The call's deadline is 20 s away: before it, the receive is really pending in gRPC's core,
+    # as in the bug, where it never completed at all.
+    watchdog = CallWatchdog(grace_s=5.0, ended_grace_s=1.0)
+    channel = grpc.intercept_channel(grpc.insecure_channel(f"127.0.0.1:{port}"), watchdog)
+    try:
+        stream = channel.unary_stream("/probe.Probe/Wait")(b"", timeout=20.0)
+        outcome: list = []
+
+        def read():
+            try:
+                outcome.append(next(stream))
+            except grpc.RpcError as exc:
+                outcome.append(exc.code())
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        state = stream._call._state
+        deadline = time.monotonic() + 5
+        while not any(getattr(op, "name", "") == "receive_message" for op in state.due) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # what gRPC did: the final status set and the done callbacks run, the pending receive kept
+        with state.condition:
+            state.code, state.details = grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses"
+            callbacks, state.callbacks = list(state.callbacks), []
+        ended = time.monotonic()
+        for callback in callbacks:
+            callback()
+        time.sleep(0.5)
+        assert reader.is_alive() and not outcome  # gRPC alone leaves the reader waiting
+        reader.join(5)  # ended_grace_s after gRPC ended the call, not at its deadline
+        assert not reader.is_alive() and time.monotonic() - ended < 3.0
+        assert outcome == [grpc.StatusCode.UNAVAILABLE]
+        assert watchdog.cancelled == 1
+    finally:
+        release.set()
+        channel.close()
+        server.stop(None)
+
+
+def test_a_stream_read_to_its_end_is_forgotten_and_one_left_unread_ends_at_its_deadline():
+    from fedtune.transport import CallWatchdog
+
+    watchdog = CallWatchdog(grace_s=0.1)
+    read, unread = _Call(), _Call()
+    stream = watchdog.intercept_unary_stream(lambda d, r: read, _Details(0.1), None)
+    watchdog.intercept_unary_stream(lambda d, r: unread, _Details(0.1), None)
+    assert list(stream) == [] and len(watchdog._calls) == 1  # read to its end: forgotten
+    assert unread.cancelled.wait(5)  # never read, never done: cancelled at its deadline
+    assert not read.cancelled.is_set()
 
 
 def test_fedtune_channels_carry_the_watchdog(tmp_path):
