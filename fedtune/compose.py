@@ -152,12 +152,18 @@ def _build(config: RunConfig, picked: Mapping[str, Choice], scale: float, model_
         labels[id(link)] = label
         return link
 
-    # The adapter variant wraps the strategy first, so client-level DP (outside it) clips and
-    # noises only the tensors clients train (not FFA's frozen A, not Fed-SB's fixed factors).
+    # The adapter variant and FedSA wrap the strategy first: they narrow what clients send, and
+    # client-level DP (outside them) clips and noises only that, read from their server_params
+    # (not FFA's frozen A, not Fed-SB's fixed factors, not the B that FedSA keeps on devices).
     lora = config.lora
     variant = _variant(lora.variant)
     if variant is not None:
         strategy = wrap(variant(strategy, scale=scale, seed=seed), f"lora.variant {lora.variant}")
+    if config.federation.share_a:
+        from fedtune.methods.fedsa.options import FedSAOptions
+        from fedtune.methods.fedsa.strategy import FedSA
+
+        strategy = wrap(FedSA(strategy, FedSAOptions(config.federation.personal_eval), scale=scale, seed=seed), "federation.share_a")
     # Client-level DP sits inside sample-level DP: the latter reads each real update's
     # accountant figures before the former folds them into one noised mean.
     p = config.privacy
@@ -180,11 +186,6 @@ def _build(config: RunConfig, picked: Mapping[str, Choice], scale: float, model_
             "dp_repeatable": p.repeatable, "dp_allow_large_delta": p.allow_large_delta,
         }, "privacy (sample level)")
         strategy = wrap(SampleDP(strategy, dp_options, scale=scale, seed=seed), f"privacy.dp {p.dp} (sample level)")
-    if config.federation.share_a:
-        from fedtune.methods.fedsa.options import FedSAOptions
-        from fedtune.methods.fedsa.strategy import FedSA
-
-        strategy = wrap(FedSA(strategy, FedSAOptions(config.federation.personal_eval), scale=scale, seed=seed), "federation.share_a")
     if config.split.mode == "split":
         from fedtune.methods.split.options import SplitFedOptions
         from fedtune.methods.split.strategy import SplitFed

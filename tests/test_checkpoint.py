@@ -109,3 +109,29 @@ def test_resume_skips_a_damaged_newest_checkpoint(finished_run):
             resumed.stop()
     finally:
         newest.write_bytes(saved)
+
+
+def test_a_crash_between_the_checkpoint_and_its_row_loses_neither(finished_run):
+    """The checkpoint is written first and carries its round's row: a coordinator stopped
+    before the row reached metrics.jsonl resumes after that round (its noise, under DP, stays
+    counted, never drawn again) and writes the row from the checkpoint."""
+    import json
+
+    metrics = finished_run / "metrics.jsonl"
+    saved = metrics.read_text()
+    first = saved.splitlines(keepends=True)[0]
+    assert json.loads(first)["round"] == 1
+    row = load_checkpoint(finished_run).meta["metrics_row"]
+    assert row["round"] == 2 and row["eval_loss"] is not None
+    try:
+        metrics.write_text(first)  # round 2's row never written
+        resumed = Coordinator(load_config(finished_run / "config.toml"), resume=True)
+        try:
+            assert resumed.engine.start_round == 3
+            assert [r["round"] for r in resumed.engine.history] == [1, 2]
+            again = [json.loads(line) for line in metrics.read_text().splitlines()]
+            assert [r["round"] for r in again] == [1, 2] and again[1] == row
+        finally:
+            resumed.stop()
+    finally:
+        metrics.write_text(saved)

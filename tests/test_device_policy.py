@@ -86,6 +86,48 @@ def test_a_device_refuses_a_delta_too_large_for_its_data(tiny_llama):
     assert metrics["dp_sample_large_delta"] == 1.0
 
 
+def test_a_coordinator_cannot_waive_or_raise_the_delta_a_policy_is_measured_at(tiny_llama):
+    """Raising delta lowers the epsilon of the same noise: a coordinator must not be able to buy
+    a device's budget that way. A device with a policy refuses delta >= 1/n even when the task
+    allows it, and measures its cap at its own delta, or at the smaller of the task's and
+    1e-5 (never a larger one the coordinator chose)."""
+    model, items, task, pad = _model_and_items(tiny_llama, 40)
+    settings = TrainSettings(local_steps=1, batch_size=8)
+    policy = {"policy": PrivacyPolicy(max_epsilon=1e6).to_dict()}
+    with pytest.raises(PrivacyRefusal, match="does not let the coordinator waive it"):
+        make_recipe({**DP, "dp_delta": "0.05", "dp_allow_large_delta": "true"}, {}, policy).run(model, adapter_state(model), {}, task, items, settings, pad)
+    assert policy.get("history", []) == []   # refused before anything was drawn
+
+    round_ = (1.0, 0.2, 3)
+    at_default, at_task = epsilon([round_], 1e-5), epsilon([round_], 0.02)
+    assert at_task < at_default * 0.7      # the coordinator's larger delta would have hidden a third of it
+    capped = PrivacyPolicy(max_epsilon=(at_default + at_task) / 2)
+    assert capped.accounting_delta(0.02) == 1e-5 and capped.accounting_delta(1e-7) == 1e-7
+    with pytest.raises(BudgetSpent, match="at delta 1e-05"):
+        capped.check_round(*round_, task_delta=0.02, history=[])
+    PrivacyPolicy(max_epsilon=at_default * 1.01).check_round(*round_, task_delta=0.02, history=[])
+    with pytest.raises(BudgetSpent):  # a policy's own delta is what counts, whatever the task's
+        PrivacyPolicy(max_epsilon=at_default * 1.01, delta=1e-7).check_round(*round_, task_delta=1e-5, history=[])
+
+
+def test_a_policy_refuses_to_release_figures_computed_without_noise():
+    """Evaluation-only tasks and personalized evaluation send the loss and accuracy of a model
+    the coordinator chose, on the device's own examples, without noise: a coordinator could ask
+    as many such queries as it likes. A device with a policy refuses them and withholds its
+    training loss; a device without one sends everything."""
+    policy = PrivacyPolicy(max_epsilon=8.0)
+    with pytest.raises(PrivacyRefusal, match="an evaluation-only task"):
+        policy.check_task(1.0, 1e-5, False, evaluate_only=True, personal_eval=0.5)
+    with pytest.raises(PrivacyRefusal, match="personal_eval 0.2"):
+        policy.check_task(1.0, 1e-5, False, personal_eval=0.2)
+    PrivacyPolicy().check_task(0.0, 1e-5, False, evaluate_only=True, personal_eval=0.5)
+    metrics = {"train_loss": 0.7, "personal_eval_loss": 0.6, "steps": 3.0, "local_seconds": 1.5, "codec_error": 0.1,
+               "dp_sample_epsilon": 2.0, "dp_sample_prior_noise": 10.0, "some_recipe_figure": 4.0}
+    assert policy.released_metrics(metrics) == {"steps": 3.0, "local_seconds": 1.5, "codec_error": 0.1,
+                                                "dp_sample_epsilon": 2.0, "dp_sample_prior_noise": 10.0}
+    assert PrivacyPolicy().released_metrics(metrics) == metrics
+
+
 @pytest.mark.parametrize("demand, reason", [
     (PrivacyPolicy(min_noise_multiplier=1.0), "below this device's minimum"),
     (PrivacyPolicy(max_epsilon=0.5), "maximum 0.5"),
@@ -123,6 +165,36 @@ def test_a_coordinator_asking_for_less_gets_a_refusal_it_can_read(tmp_path, tiny
     assert row["clients"] == 1 and row["seconds"] < 60  # closed on the decline, not on the 120 s timeout
     registry = coordinator.engine.registry
     assert [r.client_id for r in registry.alive(1e9)] == [reports["easy"].client_id]  # not selected again
+
+
+@pytest.mark.parametrize("share_a", [False, True])
+def test_over_grpc_a_device_with_a_policy_sends_no_figure_computed_without_noise(tmp_path, tiny_llama, share_a):
+    """A device whose policy accepts the task trains, and the coordinator's row has no training
+    loss from it (a function of its examples without noise); asked for personalized evaluation
+    (FedSA's personal_eval), it declines and says why."""
+    config = _config(tmp_path, tiny_llama, rounds=1, min_clients=1)
+    config.privacy.dp, config.privacy.sample_noise_multiplier = "sample", 1.0
+    config.federation.strategy = "fedavg"
+    config.federation.share_a, config.federation.personal_eval = share_a, 0.2
+    store = ModelStore()
+    coordinator = Coordinator(config, store=store, eval_examples=sentiment_examples(40, seed=9))
+    port = coordinator.start()
+    agent = ClientAgent(AgentOptions(address=f"127.0.0.1:{port}", name="careful", poll_seconds=2, privacy_policy=PrivacyPolicy(max_epsilon=1e6)),
+                        sentiment_examples(60, seed=1), resolve_source(tiny_llama), store=store)
+    reports: dict = {}
+    thread = threading.Thread(target=lambda: reports.update(careful=agent.run()), daemon=True)
+    thread.start()
+    try:
+        coordinator.run(shutdown_grace_s=30)
+    finally:
+        coordinator.stop()
+    thread.join(timeout=60)
+    (row,) = [json.loads(line) for line in (coordinator.engine.run_dir / "metrics.jsonl").read_text().splitlines()]
+    if share_a:
+        assert "personal_eval 0.2" in reports["careful"].declined and row["clients"] == 0
+    else:
+        assert reports["careful"].rounds == [1] and row["clients"] == 1
+        assert row["train_loss"] is None and row["eval_loss"] is not None
 
 
 def test_a_simulation_refuses_a_delta_of_one_over_n_or_more_unless_allowed(tmp_path, tiny_llama):

@@ -19,6 +19,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from fedtune.adapters import AdapterPlan, adapter_parameters, adapter_state, inject_lora
+from fedtune.client.policy import PrivacyPolicy
 from fedtune.client.recipes import RECIPES, TrainSettings, make_recipe
 from fedtune.client.recipes.base import LocalOptions, Recipe
 from fedtune.client.state import DeviceState, state_from_bytes, state_to_bytes
@@ -28,7 +29,7 @@ from fedtune.options import OptionsError
 from fedtune.privacy import epsilon
 from fedtune.privacy import sample_level
 from fedtune.privacy.randomness import poisson_select
-from fedtune.privacy.sample_level import BudgetSpent, poisson_batches
+from fedtune.privacy.sample_level import BudgetSpent, PrivacyRefusal, poisson_batches
 from fedtune.tasks import get_task
 from fedtune.tasks.base import sample_batches
 
@@ -226,7 +227,7 @@ def test_each_examples_gradient_is_the_same_whatever_its_batchmates(task_name, r
     layouts = {"alone": ([x[0]], 0), "short mates": ([x[0], *short], 0), "long mates": ([long[0], long[1], x[0], long[2]], 2)}
 
     options = {"recipe": recipe_name, "dp_clip": "1.0", "dp_noise_multiplier": "1.0"}
-    privacy = {"label_prior": [3.5, 17.25]} if recipe_name == "fedlc" else {}  # a fixed prior: no draw
+    privacy = _kept_prior(LABELS, [3.5, 17.25]) if recipe_name == "fedlc" else {}  # a fixed prior: no draw
     recipe = make_recipe(options, {}, privacy)
     recipe.begin(model, {}, x, task)
     if recipe_name == "fedlc":
@@ -392,6 +393,17 @@ DP = {"recipe": "fedlc", "dp_clip": "1.0", "dp_noise_multiplier": "1.5"}
 PRIOR_NOISE = 10.0  # FedLCRecipeOptions' default
 
 
+def _kept_prior(labels, counts: list[float], noise: float = 10.0) -> dict:
+    """A device's privacy state holding a noised label prior for ``labels``."""
+    return {"label_priors": {"\n".join(labels): {"counts": counts, "noise": noise}}}
+
+
+def _prior(privacy: dict) -> list[float]:
+    """The one label prior a device's privacy state holds."""
+    (kept,) = privacy["label_priors"].values()
+    return kept["counts"]
+
+
 def _fedlc_round(sentiment, options: dict, privacy: dict, seed: int = 1, steps: int = 2, batch_size: int = 8):
     folder, task, items, pad, _ = sentiment
     model = _lora(folder, "seq-cls")
@@ -407,7 +419,7 @@ def test_fedlc_prior_is_noised_under_dp_and_exact_without(sentiment):
     assert torch.equal(recipe.counts.cpu(), counts) and privacy == {}
 
     recipe, metrics = _fedlc_round(sentiment, DP, privacy)
-    prior = privacy["label_prior"]
+    prior = _prior(privacy)
     assert len(prior) == 2 and all(isinstance(c, float) and c >= 0 for c in prior)
     assert prior != [float(c) for c in counts]
     assert recipe.counts.tolist() == prior
@@ -420,7 +432,7 @@ def test_fedlc_prior_is_noised_under_dp_and_exact_without(sentiment):
     for _ in range(600):
         fresh: dict = {}
         make_recipe(DP, {}, fresh).begin(model, {}, items, task)
-        draws.append(torch.tensor(fresh["label_prior"], dtype=torch.float64))
+        draws.append(torch.tensor(_prior(fresh), dtype=torch.float64))
     priors = torch.stack(draws)
     assert (priors > 0).all()  # no draw was clamped at 0 (counts ~60, noise std 10)
     assert_gaussian_std(priors - counts, PRIOR_NOISE, "label prior noise")
@@ -429,23 +441,34 @@ def test_fedlc_prior_is_noised_under_dp_and_exact_without(sentiment):
 def test_fedlc_prior_is_drawn_once_and_reused(sentiment):
     privacy: dict = {}
     first, m1 = _fedlc_round(sentiment, DP, privacy, seed=1)
-    prior = list(privacy["label_prior"])
+    prior = list(_prior(privacy))
     # as the agent keeps it between rounds (and across restarts)
     privacy = state_from_bytes(state_to_bytes(DeviceState("federation", privacy=privacy))).privacy
     second, m2 = _fedlc_round(sentiment, DP, privacy, seed=2)
-    assert privacy["label_prior"] == prior and second.counts.tolist() == prior
+    assert _prior(privacy) == prior and second.counts.tolist() == prior
     q = 8 / len(sentiment[2])
     assert privacy["history"] == [(PRIOR_NOISE, 1.0, 1), (1.5, q, 2), (1.5, q, 2)]
     assert m2["dp_sample_epsilon"] == pytest.approx(epsilon(privacy["history"], 1e-5), rel=1e-12)
+    assert m1["dp_sample_prior_noise"] == m2["dp_sample_prior_noise"] == PRIOR_NOISE
 
-    # A device whose task has another number of classes keeps its prior and refuses.
+    # A later task asking for another prior noise reuses the kept prior and reports the noise
+    # it was drawn with (what the report must count), not the task's.
+    third, m3 = _fedlc_round(sentiment, {**DP, "prior_noise": "3"}, privacy, seed=3)
+    assert third.counts.tolist() == prior and m3["dp_sample_prior_noise"] == PRIOR_NOISE
+
+    # Another label set, even of the same size, is another histogram: a new prior, drawn and
+    # accounted (reusing the old one would calibrate by the wrong classes).
     folder, task, items, _, _ = sentiment
-    with pytest.raises(ValueError, match="2 classes but the task has 3"):
-        make_recipe(DP, {}, {"label_prior": [1.0, 2.0]}).begin(_three_class_model(folder), {}, items, task)
+    for labels in (["a", "b", "c"], ["x", "y"]):
+        privacy = _kept_prior(LABELS, [1.0, 2.0])
+        recipe = make_recipe(DP, {}, privacy)
+        recipe.begin(_model_with_labels(folder, labels), {}, items, task)
+        assert len(recipe.counts) == len(labels) and privacy["history"] == [(PRIOR_NOISE, 1.0, 1)]
+        assert set(privacy["label_priors"]) == {"\n".join(LABELS), "\n".join(labels)}
 
 
-def _three_class_model(folder):
-    return inject_lora(STORE.instance(resolve_source(folder), "seq-cls", ["a", "b", "c"]), AdapterPlan(rank=4, alpha=8.0), "seq-cls", seed=0)
+def _model_with_labels(folder, labels):
+    return inject_lora(STORE.instance(resolve_source(folder), "seq-cls", labels), AdapterPlan(rank=4, alpha=8.0), "seq-cls", seed=0)
 
 
 def test_fedlc_prior_costs_epsilon_in_the_report_the_budget_and_the_target_noise(sentiment):
@@ -476,11 +499,27 @@ def test_fedlc_prior_costs_epsilon_in_the_report_the_budget_and_the_target_noise
     assert 3.0 - 0.05 <= m["dp_sample_epsilon"] <= 3.0
 
 
+@pytest.mark.parametrize("policy, options, error, reason", [
+    (PrivacyPolicy(min_noise_multiplier=1.0), {"prior_noise": "0.5"}, PrivacyRefusal, "label prior's noise multiplier 0.5 is below"),
+    (PrivacyPolicy(max_epsilon=5.0), {"prior_noise": "0.05"}, BudgetSpent, "label prior's noise multiplier 0.05 would take"),
+])
+def test_a_device_policy_judges_the_label_prior_before_it_is_drawn(sentiment, policy, options, error, reason):
+    """The noised label prior is a release of its own: a device's policy sees its noise and
+    epsilon before it is drawn, and a refused prior leaves nothing drawn or recorded (a
+    coordinator must not be able to burn a device's budget with a prior it never uses)."""
+    privacy = {"policy": policy.to_dict()}
+    with pytest.raises(error, match=reason):
+        _fedlc_round(sentiment, {**DP, **options}, privacy)
+    assert not privacy.get("label_priors") and privacy.get("history", []) == []
+    _fedlc_round(sentiment, DP, privacy)  # the default prior noise (10) passes both
+    assert privacy["history"][0] == (PRIOR_NOISE, 1.0, 1)
+
+
 def test_fedlc_prior_repeats_in_research_mode_only(sentiment):
     def prior(repeatable: bool, seed: int) -> list[float]:
         privacy: dict = {}
         _fedlc_round(sentiment, {**DP, "dp_repeatable": str(repeatable).lower()}, privacy, seed=seed, steps=1)
-        return privacy["label_prior"]
+        return _prior(privacy)
 
     assert prior(True, 5) == prior(True, 5) != prior(True, 6)
     assert prior(False, 5) != prior(False, 5)

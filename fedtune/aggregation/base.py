@@ -181,6 +181,12 @@ class Strategy:
         clips); the rest is bookkeeping. Default: every floating-point tensor."""
         return [n for n, t in state.items() if t.is_floating_point()]
 
+    def kept_when_refused(self, old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> State:
+        """The state after a round whose aggregate ``new`` the coordinator refused: by default
+        ``old``, as if the round had not run. A mechanism whose aggregate released something
+        even so (DP noise, read by the refusal and the round's row) keeps its accounting of it."""
+        return dict(old)
+
     def check_update(self, ctx: RoundContext, update: ClientUpdate) -> None:
         """Reject an update whose content makes no sense (ValueError with the reason); shapes
         and dtypes were already checked against the instruction."""
@@ -265,6 +271,9 @@ class Wrapper(Strategy):
 
     def server_params(self, state: Mapping[str, torch.Tensor]) -> list[str]:
         return self.inner.server_params(self.inner_state(state))
+
+    def kept_when_refused(self, old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> State:
+        return {**old, **self.inner.kept_when_refused(self.inner_state(old), self.inner_state(new))}
 
     def check_update(self, ctx: RoundContext, update: ClientUpdate) -> None:
         self.inner.check_update(ctx, update)

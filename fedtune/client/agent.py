@@ -380,9 +380,10 @@ class ClientAgent:
             recipe = make_recipe(options, self._memory.setdefault(options.get("recipe", "local"), {}), self._privacy)
         except ValueError as exc:  # unknown recipe or option, unusable plan
             raise AgentError(f"the coordinator sent a task this client cannot run: {exc}") from exc
-        if not recipe.options.evaluate_only:  # the device's own privacy terms, before any work
-            o = recipe.options
-            PrivacyPolicy.from_dict(self._privacy.get("policy")).check_task(o.dp_clip, o.dp_delta, o.dp_repeatable)
+        # the device's own privacy terms, before any work
+        o = recipe.options
+        policy = PrivacyPolicy.from_dict(self._privacy.get("policy"))
+        policy.check_task(o.dp_clip, o.dp_delta, o.dp_repeatable, evaluate_only=o.evaluate_only, personal_eval=o.personal_eval)
         key = (task_name, tuple(labels), settings.max_length, chat_template)
         if key not in self._encoded:
             self._encoded[key] = self.store.encode(self.source, task, self.examples, settings.max_length, labels, chat_template=chat_template)
@@ -449,8 +450,8 @@ class ClientAgent:
         if recipe.options.evaluate_only:
             log.info("%s: round %d evaluated its personalized model: %s", self._client_id, header.round, metrics)
             return encoded, max(1, len(eval_items)), metrics
-        log.info("%s: round %d trained (%s), loss %.4f", self._client_id, header.round, recipe.name, metrics["train_loss"])
-        return encoded, len(items), metrics
+        log.info("%s: round %d trained (%s), loss %.4f", self._client_id, header.round, recipe.name, metrics.get("train_loss", float("nan")))
+        return encoded, len(items), policy.released_metrics(metrics)
 
 
     def train(self, header: pb.TaskHeader, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:

@@ -7,10 +7,18 @@ wants a guarantee that holds against the coordinator sets a policy
 in the file given with ``fedtune client --config FILE``; flags override the file), and the device refuses any task that would:
 
 - train without sample-level DP-SGD;
-- use a noise multiplier below ``min_noise_multiplier``;
-- account at a delta above the device's ``delta``;
-- take the device's epsilon (its whole history, earlier federations included, at its delta)
-  past ``max_epsilon``;
+- use a noise multiplier below ``min_noise_multiplier`` (the DP-SGD noise and any other
+  mechanism a recipe runs on the device's data, such as FedLC's noised label prior);
+- account at a delta above the device's ``delta``, or at a delta of 1/n or more for the
+  device's n examples (the coordinator's ``allow_large_delta`` does not bind a device with a
+  policy);
+- take the device's epsilon (its whole history, earlier federations included) past
+  ``max_epsilon``, measured at the device's ``delta``, or, when it sets none, at the smaller of
+  the task's delta and ``DEFAULT_DELTA`` (a coordinator could otherwise lower the epsilon the
+  cap is checked against by raising delta);
+- release figures computed from the device's data without noise: evaluation-only tasks and
+  personalized evaluation (``personal_eval``) are refused, and the training loss is withheld
+  from the metrics the device sends (see ``released_metrics``);
 - draw its noise and batches from the coordinator's seed (research mode), unless
   ``allow_known_seed``.
 
@@ -28,6 +36,17 @@ from typing import Any, Mapping, Sequence
 
 from fedtune.privacy.accounting import epsilon
 from fedtune.privacy.sample_level import BudgetSpent, PrivacyRefusal
+
+# The delta a device's epsilon cap is measured at when its policy names none (fedtune's default
+# privacy.delta); a task may only lower it.
+DEFAULT_DELTA = 1e-5
+
+# Metrics a device with a policy sends: figures that are public (counts of steps, timings,
+# bytes) or computed from what DP-SGD released (the noised update, the accountant's own
+# figures). Anything else a recipe reports (its training loss, a personalized evaluation) is a
+# function of the private examples without noise, and is withheld.
+RELEASED_METRICS = ("steps", "local_seconds", "encode_seconds", "codec_error")
+RELEASED_PREFIXES = ("dp_sample_",)
 
 
 @dataclass(frozen=True)
@@ -89,26 +108,57 @@ class PrivacyPolicy:
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
 
-    def check_task(self, dp_clip: float, dp_delta: float, dp_repeatable: bool) -> None:
-        """Refuse a task that is weaker than the policy before anything is trained."""
+    def accounting_delta(self, task_delta: float) -> float:
+        """The delta the device's cap is measured at: its own, or the smaller of the task's and
+        ``DEFAULT_DELTA`` (never a larger one the coordinator chose: a larger delta gives a
+        smaller epsilon for the same noise)."""
+        return self.delta or min(task_delta, DEFAULT_DELTA)
+
+    def check_task(self, dp_clip: float, dp_delta: float, dp_repeatable: bool, *,
+                   evaluate_only: bool = False, personal_eval: float = 0.0) -> None:
+        """Refuse a task that is weaker than the policy before anything is computed."""
         if dp_repeatable and not self.allow_known_seed:
             raise PrivacyRefusal("the task asks for research-mode DP (noise and batches drawn from a seed the coordinator knows), "
                                  "which protects nothing from the coordinator; this device does not allow it")
         if not self.active:
             return
+        if evaluate_only or personal_eval > 0:
+            raise PrivacyRefusal(f"the task asks this device to evaluate a model on its own examples and send the figures without "
+                                 f"noise ({'an evaluation-only task' if evaluate_only else f'personal_eval {personal_eval:g}'}), which its "
+                                 f"privacy policy ({self.describe()}) does not allow")
         if dp_clip <= 0:
             raise PrivacyRefusal(f"this device trains only with sample-level DP ({self.describe()}); the task asks for none")
         if self.delta and dp_delta > self.delta:
             raise PrivacyRefusal(f"the task's delta {dp_delta:g} is above this device's {self.delta:g}")
 
-    def check_round(self, noise_multiplier: float, sample_rate: float, steps: int, task_delta: float, history: Sequence) -> None:
-        """Refuse a round whose noise is below the policy's or whose epsilon, added to what the
-        device has spent, would pass the device's own cap."""
+    def check_round(self, noise_multiplier: float, sample_rate: float, steps: int, task_delta: float, history: Sequence,
+                    what: str = "the task's noise multiplier") -> None:
+        """Refuse a mechanism (a round of DP-SGD, or another release such as a noised label
+        prior: ``what`` names it) whose noise is below the policy's or whose epsilon, added to
+        what the device has spent, would pass the device's own cap. Called before the
+        mechanism draws anything."""
         if self.min_noise_multiplier and noise_multiplier < self.min_noise_multiplier:
-            raise PrivacyRefusal(f"the task's noise multiplier {noise_multiplier:.4g} is below this device's minimum {self.min_noise_multiplier:g}")
+            raise PrivacyRefusal(f"{what} {noise_multiplier:.4g} is below this device's minimum {self.min_noise_multiplier:g}")
         if self.max_epsilon:
-            delta = self.delta or task_delta
+            delta = self.accounting_delta(task_delta)
             after = epsilon([*history, (noise_multiplier, sample_rate, steps)], delta)
             if after > self.max_epsilon:
-                raise BudgetSpent(f"this device's privacy policy: the round would take its epsilon to {after:.4g} > its maximum "
-                                  f"{self.max_epsilon:g} (spent {epsilon(history, delta):.4g} at delta {delta:g})")
+                raise BudgetSpent(f"this device's privacy policy: {what} {noise_multiplier:.4g} would take its epsilon to {after:.4g} > "
+                                  f"its maximum {self.max_epsilon:g} (spent {epsilon(history, delta):.4g} at delta {delta:g})")
+
+    def check_delta(self, task_delta: float, examples: int, allowed_by_task: bool) -> None:
+        """Refuse a delta of 1/n or more for the device's ``examples`` (such a delta lets
+        (epsilon, delta)-DP release an example outright). The task's ``allowed_by_task`` lifts
+        that only for a device without a policy: the coordinator cannot waive a device's terms."""
+        if task_delta < 1.0 / examples or (allowed_by_task and not self.active):
+            return
+        waived = " (the task allows it, but this device's privacy policy does not let the coordinator waive it)" if allowed_by_task else ""
+        raise PrivacyRefusal(f"delta {task_delta:g} is not below 1/n = {1.0 / examples:.3g} for this device's {examples} examples: "
+                             f"(epsilon, delta) would allow releasing one of them outright{waived}")
+
+    def released_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """The metrics the device may send: all of them without a policy; with one, only those
+        that are public or computed from DP-SGD's releases (``RELEASED_METRICS``)."""
+        if not self.active:
+            return dict(metrics)
+        return {k: v for k, v in metrics.items() if k in RELEASED_METRICS or k.startswith(RELEASED_PREFIXES)}

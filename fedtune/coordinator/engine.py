@@ -58,13 +58,16 @@ from fedtune.coordinator.device_times import DeviceTimes
 from fedtune.coordinator.dp_ledger import DPLedger
 from fedtune.coordinator.global_model import GlobalModel
 from fedtune.coordinator.hooks import RoundHook
-from fedtune.coordinator.metrics import MetricsLog, personalized, plan_fields, round_row
+from fedtune.coordinator.metrics import MetricsLog, personalized, plan_fields, round_row, row_json
 from fedtune.coordinator.planner import Planner, plan_round
 from fedtune.coordinator.trust_checks import TrustChecks
 from fedtune.devices import Capabilities
 from fedtune.privacy.randomness import poisson_select
 
 log = logging.getLogger(__name__)
+
+# The key of a checkpoint's metadata that holds its round's metrics row.
+ROW_KEY = "metrics_row"
 
 # How many times one round's task is handed to one client that sends no update (a device that
 # lost its work gets it again; see RoundEngine.next_task).
@@ -213,6 +216,12 @@ class RoundEngine:
         self.state = ckpt.state
         self.start_round = ckpt.round + 1
         self.history = self.metrics.keep_until(ckpt.round)
+        saved_row = ckpt.meta.get(ROW_KEY)
+        if isinstance(saved_row, dict) and saved_row.get("round") == ckpt.round and not any(r.get("round") == ckpt.round for r in self.history):
+            log.warning("round %d's row was not in metrics.jsonl (the coordinator stopped between its checkpoint and the row): "
+                        "written from the checkpoint", ckpt.round)
+            self.metrics.append(saved_row)
+            self.history.append(saved_row)
         self.resumed_from = ckpt
         if self.start_round <= self.fed.rounds:
             for hook in self.hooks:
@@ -689,6 +698,7 @@ class RoundEngine:
             if rnd.refused:
                 log.error("round %d refused: %s; the global adapter stays as it was", rnd.number, rnd.refused, extra={"round": rnd.number})
                 exported = None
+                self.state = self.strategy.kept_when_refused(self.state, new_state)  # DP accounting keeps the round
             else:
                 self.state = new_state
         elif arrived:
@@ -714,8 +724,12 @@ class RoundEngine:
             row["round_refused"] = rnd.refused
         if self.split is not None:  # the split streams' bytes, as the coordinator counted them
             row.update(self.split.traffic.pop(rnd.number, {}))
+        # The checkpoint first, carrying the row: a crash between the two leaves a round whose
+        # release (its noise, under DP) is in the accountant's history, and the resume writes the
+        # row from the checkpoint. The other order would let a crash publish a row whose round
+        # then runs again with fresh noise, the first release never counted.
+        save_checkpoint(self.run_dir, rnd.number, self.state, {**self._run_identity(), ROW_KEY: json.loads(row_json(row))})
         self.metrics.append(row)
-        save_checkpoint(self.run_dir, rnd.number, self.state, self._run_identity())
         self.history.append(row)
         log.info("round %d closed: %s", rnd.number, {k: row[k] for k in ("clients", "train_loss", "eval_loss", "seconds")}, extra={"round": rnd.number})
         for hook in self.hooks:

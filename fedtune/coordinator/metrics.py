@@ -168,6 +168,11 @@ class MetricsLog:
         return kept
 
 
+def row_json(row: Mapping) -> str:
+    """A row as strict JSON, as metrics.jsonl holds it (non-finite numbers as null, flagged)."""
+    return _line(row).decode().rstrip("\n")
+
+
 def _line(row: Mapping) -> bytes:
     """One row as a line of strict JSON, non-finite numbers as null and flagged."""
     nonfinite: list[str] = []

@@ -123,8 +123,22 @@ def sample_level_entries(rows: list[dict], delta: float) -> dict[str, dict[str, 
     return out
 
 
+# Keys of a round's row that need no epsilon: the round's number and settings, the evaluation
+# of the released (noised) model and the accountant's own figures (``eval_*``, ``dp_*``), and a
+# refusal read off the noised aggregate.
+_PUBLIC_KEYS = frozenset({"round", "codec_up", "codec_down", "round_refused", "evaluation_only"})
+_PUBLIC_PREFIXES = ("eval_", "dp_")
+# Keys that ``released_outside``'s named lines describe.
+_DESCRIBED_KEYS = frozenset({"train_loss", "clients", "selected", "client_ids", "seconds", "local_seconds", "encode_seconds",
+                             "bytes_up", "bytes_down", "bytes_up_per_client", "bytes_down_per_client",
+                             "personalized_after_round", "personal_eval_clients"})
+_DESCRIBED_PREFIXES = ("personal_eval_", "split_")
+
+
 def released_outside(config, rows: list[dict], participation_public: bool) -> list[str]:
-    """What the run released that no epsilon covers."""
+    """What the run released that no epsilon covers: the figures every run reports, by name,
+    then every other key of metrics.jsonl that is neither public nor an evaluation of the
+    released model, so a new figure is listed as soon as a row carries it."""
     out = ["training losses: each round's `train_loss` (the clients' reported losses, example-weighted)",
            "example counts: each client's reported number of examples (used as its aggregation weight) and the number of updates per round (`clients`)"]
     if any(k.startswith("personal_eval_") for row in rows for k in row):
@@ -132,6 +146,12 @@ def released_outside(config, rows: list[dict], participation_public: bool) -> li
     if participation_public:
         out.append("participation: which clients took part in each round (`client_ids` in metrics.jsonl)")
     out.append("timing and traffic: per-round seconds and bytes (means over clients)")
+    other = sorted({k for row in rows for k in row
+                    if k not in _PUBLIC_KEYS | _DESCRIBED_KEYS and not k.startswith(_PUBLIC_PREFIXES + _DESCRIBED_PREFIXES)})
+    if other:
+        out.append("other figures in metrics.jsonl, not covered by the epsilons above (computed by the coordinator or reported "
+                   "by clients; some may depend on the released model only, which this report does not assume): "
+                   + ", ".join(f"`{k}`" for k in other))
     return out
 
 

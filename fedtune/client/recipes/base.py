@@ -177,7 +177,7 @@ class Recipe:
         from fedtune.client.policy import PrivacyPolicy
         from fedtune.privacy.accounting import epsilon, noise_for_target
         from fedtune.privacy.randomness import dp_generator
-        from fedtune.privacy.sample_level import BudgetSpent, PrivacyRefusal, SampleDPSettings, check_budget, dp_train, poisson_batches
+        from fedtune.privacy.sample_level import BudgetSpent, SampleDPSettings, check_budget, dp_train, poisson_batches
 
         if type(self).penalty is not Recipe.penalty or type(self).after_backward is not Recipe.after_backward:
             raise ValueError(f"recipe {self.name!r} changes gradients or adds a penalty, which sample-level DP-SGD cannot clip per example")
@@ -185,9 +185,8 @@ class Recipe:
             raise ValueError(f"recipe {self.name!r} changes the loss but gives no per-example form of it, which DP-SGD needs")
         o = self.options
         history = self.privacy.setdefault("history", [])
-        if o.dp_delta >= 1.0 / len(items) and not o.dp_allow_large_delta:
-            raise PrivacyRefusal(f"delta {o.dp_delta:g} is not below 1/n = {1.0 / len(items):.3g} for this device's {len(items)} examples: "
-                                 "(epsilon, delta) would allow releasing one of them outright")
+        policy = PrivacyPolicy.from_dict(self.privacy.get("policy"))
+        policy.check_delta(o.dp_delta, len(items), o.dp_allow_large_delta)
         q = min(1.0, settings.batch_size / len(items))
         sigma = o.dp_noise_multiplier
         if o.dp_target_epsilon:  # fixed once for the device, from its own sample rate and what it already spent
@@ -199,7 +198,7 @@ class Recipe:
             sigma = self.privacy["sigma"]
         budget = o.dp_budget or o.dp_target_epsilon
         dp = SampleDPSettings(sigma, o.dp_clip, o.dp_delta, budget)
-        PrivacyPolicy.from_dict(self.privacy.get("policy")).check_round(sigma, q, settings.local_steps, o.dp_delta, history)
+        policy.check_round(sigma, q, settings.local_steps, o.dp_delta, history)
         check_budget(dp, history, q, settings.local_steps)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:

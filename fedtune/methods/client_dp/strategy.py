@@ -164,6 +164,10 @@ class ClientDP(Wrapper):
         total = {n: torch.zeros(inner_state[n].shape, dtype=torch.float64) for n in names}
         unclipped = 0   # clients whose update was within the clip (the adaptive clip's query)
         for u in updates:
+            missing = [n for n in names if n not in u.tensors]
+            if missing:  # noise on a tensor nobody sends would be the whole of its "update"
+                raise ValueError(f"client-level DP: {u.client_id} sent no {missing[0]}, which this mechanism noises; a part that "
+                                 "narrows what clients send must sit inside client-level DP and leave it out of its server_params")
             delta = {n: (t.double() - u.start[n].double()) for n, t in u.tensors.items() if n in total}
             clipped, norm = clip_update(delta, clip)
             unclipped += norm <= clip
@@ -199,6 +203,11 @@ class ClientDP(Wrapper):
         })
         out = {**new_state, HISTORY: history, CLIP: torch.tensor(next_clip, dtype=torch.float64), SIGMA: torch.tensor(total_sigma, dtype=torch.float64)}
         return out, {**{k: v for k, v in inner_metrics.items() if k != "train_loss"}, **metrics}
+
+    def kept_when_refused(self, old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> State:
+        """A refused round still drew its noise, and its row and the refusal itself read the
+        noised aggregate: the round stays in the accountant's history (and sigma fixed)."""
+        return {**super().kept_when_refused(old, new), HISTORY: new[HISTORY], SIGMA: new[SIGMA]}
 
     def describe(self) -> dict:
         return {**super().describe(), "mechanism": "DP-FedAvg (client level)"}

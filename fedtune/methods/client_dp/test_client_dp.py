@@ -334,3 +334,50 @@ def test_a_run_its_budget_ends_early_still_ends_on_an_evaluated_model(tmp_path, 
     assert [r["round"] for r in rows] == [r["round"] for r in result.history]
     assert [r["eval_loss"] is not None for r in rows] == [False] * (len(rows) - 1) + [True]
     assert result.history[-1]["eval_loss"] == rows[-1]["eval_loss"] and "eval_accuracy" in rows[-1]
+
+
+def test_with_fedsa_only_what_clients_send_is_noised():
+    """FedSA keeps B on the devices, so nobody sends it: the composed chain must leave the
+    global B exactly as it was (noise there would be the whole of B's "update") while A is
+    clipped and noised; a part outside client-level DP that narrows what clients send is
+    caught by the update it leaves out."""
+    from fedtune.compose import compose
+    from fedtune.methods.fedsa.strategy import FedSA
+
+    config = RunConfig()
+    config.federation.strategy, config.federation.share_a = "fedavg", True
+    config.privacy.dp, config.privacy.noise_multiplier = "client", 1.0
+    chain = compose(config.validate())
+    g = torch.Generator().manual_seed(3)
+    adapter = {"w.lora_A.weight": torch.randn(4, 16, generator=g), "w.lora_B.weight": torch.randn(16, 4, generator=g)}
+    state = chain.initial_state(adapter)
+    ctx = _ctx(q=0.5, population=8)
+    ctx = type(ctx)(**{**ctx.__dict__, "global_spec": {n: None for n in adapter}})
+    sent = [ClientUpdate(c, {"w.lora_A.weight": state["w.lora_A.weight"].clone()}, 10, {}, state) for c in sorted(CLIENTS)]
+    new, _ = chain.aggregate(ctx, state, sent)
+    assert torch.equal(new["w.lora_B.weight"], state["w.lora_B.weight"])
+    assert not torch.equal(new["w.lora_A.weight"], state["w.lora_A.weight"])  # echoed A: its change is the noise
+
+    outside = FedSA(_dp(noise_multiplier=1.0))  # the wrong order, built by hand
+    state = outside.initial_state(adapter)
+    with pytest.raises(ValueError, match="sent no w.lora_B.weight, which this mechanism noises"):
+        outside.aggregate(ctx, state, sent)
+
+
+def test_a_refused_round_keeps_its_noise_in_the_accountant_history():
+    """The coordinator may refuse a round's aggregate (a trust rule); the noise was drawn and the
+    row and the refusal read it, so the round stays counted while the model stays as it was,
+    through any wrapper around client-level DP."""
+    from fedtune.aggregation.base import Wrapper
+
+    for strategy in (_dp(noise_multiplier=1.0), Wrapper(_dp(noise_multiplier=1.0))):
+        g = torch.Generator().manual_seed(4)
+        state = strategy.initial_state(random_adapter(g))
+        new, metrics = strategy.aggregate(_ctx(), state, _moved(state, 0.1, g))
+        kept = strategy.kept_when_refused(state, new)
+        assert all(torch.equal(kept[n], state[n]) for n in state if not n.startswith("dp/"))
+        assert torch.equal(kept[HISTORY], new[HISTORY]) and len(kept[HISTORY]) == 1
+        assert epsilon([tuple(r) for r in kept[HISTORY].tolist()], 1e-5) == pytest.approx(metrics["dp_epsilon"])
+    plain = build_strategy("fedavg")
+    state = plain.initial_state(random_adapter(torch.Generator().manual_seed(5)))
+    assert plain.kept_when_refused(state, {n: t + 1 for n, t in state.items()}) == state

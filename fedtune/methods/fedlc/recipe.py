@@ -17,9 +17,10 @@ releases it without noise. The device then releases its histogram once through a
 mechanism of its own: each class count plus N(0, prior_noise^2) (count sensitivity 1 under
 adding or removing an example), clamped at 0, drawn from the device's secrets
 (``fedtune.privacy.randomness``; the round's seed in research mode). The noised prior is kept in
-the device's privacy state (``privacy["label_prior"]``) and reused by every later round, which
-is post-processing and costs nothing more; its one-time cost, ``(prior_noise, 1.0, 1)``, joins
-the device's accountant history before the round's budget check and target-noise search.
+the device's privacy state (``privacy["label_priors"]``, one per label set) and reused by every
+later round, which is post-processing and costs nothing more; its one-time cost,
+``(prior_noise, 1.0, 1)``, joins the device's accountant history before the round's budget check
+and target-noise search, once the device's policy has accepted it.
 """
 
 from __future__ import annotations
@@ -76,41 +77,56 @@ class FedLCRecipe(Recipe):
             raise ValueError("fedlc calibrates class logits: it needs a sequence-classification task")
         classes = int(model.config.num_labels)
         if self.options.dp_clip > 0:
-            counts = self.private_counts(items, classes)
+            id2label = getattr(model.config, "id2label", None) or {}
+            labels = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(classes)]
+            counts = self.private_counts(items, labels)
         else:
             counts = torch.bincount(torch.tensor([it.target for it in items], dtype=torch.long), minlength=classes)
         self.counts = counts.to(next(model.parameters()).device)
 
     def finish(self, model, state):
-        """Under DP-SGD, report the noised prior's noise multiplier with every update, so the
-        coordinator's privacy report counts its one-time cost in the device's history."""
+        """Under DP-SGD, report the noise multiplier the kept prior was drawn with, with every
+        update, so the coordinator's privacy report counts its one-time cost in the device's
+        history."""
         more, metrics = super().finish(model, state)
         if self.options.dp_clip > 0:
-            metrics = {**metrics, "dp_sample_prior_noise": float(self.options.prior_noise)}
+            metrics = {**metrics, "dp_sample_prior_noise": self.prior_noise_used}
         return more, metrics
 
-    def private_counts(self, items, classes: int) -> torch.Tensor:
-        """The device's noised label histogram: drawn (and its cost recorded) at the first DP
-        round, read back from the privacy state at every later one."""
-        prior = self.privacy.get("label_prior")
-        if prior is None:
+    # The noise multiplier of the prior this round used (set by private_counts).
+    prior_noise_used: float = 0.0
+
+    def private_counts(self, items, labels: list[str]) -> torch.Tensor:
+        """The device's noised label histogram over ``labels``: drawn (and its cost recorded)
+        at the first DP round for that label set, read back from the privacy state at every
+        later one. The device's policy sees the mechanism (its noise, its epsilon added to the
+        device's history, its delta) before anything is drawn."""
+        from fedtune.client.policy import PrivacyPolicy
+
+        priors = self.privacy.setdefault("label_priors", {})
+        key = "\n".join(labels)
+        kept = priors.get(key)
+        if kept is None:
             o = self.options
             if o.dp_repeatable and self.round_seed is None:
                 raise ValueError("fedlc in research mode draws its label prior from the round's seed: call run, not begin alone")
             from opacus.optimizers.optimizer import _generate_noise
 
-            true = torch.bincount(torch.tensor([it.target for it in items], dtype=torch.long), minlength=classes).to(torch.float64)
+            history = self.privacy.setdefault("history", [])
+            policy = PrivacyPolicy.from_dict(self.privacy.get("policy"))
+            policy.check_delta(o.dp_delta, len(items), o.dp_allow_large_delta)
+            policy.check_round(float(o.prior_noise), 1.0, 1, o.dp_delta, history, what="the label prior's noise multiplier")
+            index = {label: i for i, label in enumerate(labels)}
+            true = torch.bincount(torch.tensor([it.target for it in items], dtype=torch.long), minlength=len(index)).to(torch.float64)
             generator = dp_generator(o.dp_repeatable, self.round_seed or 0, "label-prior")
             # Opacus' secure sampling, as for the gradient noise (robust to floating-point attacks).
             noised = true + _generate_noise(float(o.prior_noise), true, generator, secure_mode=True)
-            prior = [float(c) for c in noised.clamp(min=0.0)]
+            kept = {"counts": [float(c) for c in noised.clamp(min=0.0)], "noise": float(o.prior_noise)}
             # Recorded with the prior, before the round's budget check (train runs after begin).
-            self.privacy["label_prior"] = prior
-            self.privacy.setdefault("history", []).append((float(o.prior_noise), 1.0, 1))
-        if len(prior) != classes:
-            raise ValueError(f"this device's noised label prior has {len(prior)} classes but the task has {classes}: "
-                             "a device keeps one prior (drawing another would spend privacy again)")
-        return torch.tensor(prior, dtype=torch.float64)
+            priors[key] = kept
+            history.append((float(o.prior_noise), 1.0, 1))
+        self.prior_noise_used = float(kept["noise"])
+        return torch.tensor(kept["counts"], dtype=torch.float64)
 
     def loss(self, model, inputs, task) -> torch.Tensor:
         labels = inputs["labels"]

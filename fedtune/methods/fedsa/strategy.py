@@ -42,6 +42,11 @@ class FedSA(Wrapper):
 
         return map_instructions(self.inner.configure(ctx, state), keep_b)
 
+    def server_params(self, state: Mapping[str, torch.Tensor]) -> list[str]:
+        """The inner strategy's, less B: clients keep it, so nobody sends it, client-level DP
+        must not noise it and a server optimizer has nothing to step."""
+        return [n for n in self.inner.server_params(state) if not n.endswith(B_SUFFIX)]
+
     def configure_evaluation(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
         """Each client evaluates the final global A with its own B; nothing is trained or sent
         back but the metrics. None when personalized evaluation is off."""
