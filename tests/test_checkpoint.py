@@ -135,3 +135,36 @@ def test_a_crash_between_the_checkpoint_and_its_row_loses_neither(finished_run):
             resumed.stop()
     finally:
         metrics.write_text(saved)
+
+
+def test_checkpoints_are_for_the_operator_only(tmp_path):
+    """A checkpoint's metadata carries its round's row, with who took part: under client-level
+    DP that stays out of what the run publishes, so the folder and its metadata are owner-only."""
+    import stat
+
+    folder = _three_rounds(tmp_path) / "round-0003"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE((folder / "state.json").stat().st_mode) == 0o600
+
+
+def test_under_client_level_dp_a_published_round_is_never_run_again(finished_run):
+    """The coordinator's privacy history lives in its checkpoint: when the newest whole
+    checkpoint is older than the last published row (a damaged newest one), a client-level DP
+    run refuses to resume rather than release those rounds' noise again uncounted."""
+    import json
+
+    metrics = finished_run / "metrics.jsonl"
+    saved_rows = metrics.read_text()
+    rows = [line for line in saved_rows.splitlines() if json.loads(line)["round"] < 2]
+    metrics.write_text("\n".join([*rows, json.dumps(load_checkpoint(finished_run).meta["metrics_row"])]) + "\n")  # round 2 published
+    newest = finished_run / "checkpoints" / "round-0002" / "state.safetensors"
+    saved = newest.read_bytes()
+    try:
+        newest.write_bytes(saved[:100])
+        config = load_config(finished_run / "config.toml")
+        config.privacy.dp = "client"
+        with pytest.raises(CoordinatorError, match="round 2's row is published but the newest whole checkpoint is of round 1"):
+            Coordinator(config, resume=True)
+    finally:
+        newest.write_bytes(saved)
+        metrics.write_text(saved_rows)

@@ -110,6 +110,25 @@ def test_a_coordinator_cannot_waive_or_raise_the_delta_a_policy_is_measured_at(t
         PrivacyPolicy(max_epsilon=at_default * 1.01, delta=1e-7).check_round(*round_, task_delta=1e-5, history=[])
 
 
+def test_any_policy_refuses_a_mechanism_without_noise_and_a_refused_target_leaves_nothing_behind(tiny_llama):
+    """A policy that names only a delta still demands noise; a coordinator's target epsilon that
+    the policy refuses (a tiny dp_total_steps, so a tiny sigma) is not kept for later tasks."""
+    with pytest.raises(PrivacyRefusal, match="no noise, no privacy"):
+        PrivacyPolicy(delta=1e-6).check_round(0.0, 0.1, 10, 1e-6, [])
+    PrivacyPolicy().check_round(0.0, 0.1, 10, 1e-6, [])  # no policy: the coordinator's choice
+
+    model, items, task, pad = _model_and_items(tiny_llama, 40)
+    settings = TrainSettings(local_steps=2, batch_size=8)
+    privacy = {"policy": PrivacyPolicy(max_epsilon=10.0).to_dict()}
+    greedy = {**DP, "dp_target_epsilon": "1000", "dp_total_steps": "1"}
+    with pytest.raises(BudgetSpent, match="maximum 10"):
+        make_recipe(greedy, {}, privacy).run(model, adapter_state(model), {}, task, items, settings, pad)
+    assert not privacy.get("sigmas") and privacy.get("history", []) == []
+    fair = {**DP, "dp_target_epsilon": "5", "dp_total_steps": "8"}
+    _, metrics = make_recipe(fair, {}, privacy).run(model, adapter_state(model), {}, task, items, settings, pad)
+    assert metrics["dp_sample_epsilon"] <= 5.0 and len(privacy["sigmas"]) == 1
+
+
 def test_a_policy_refuses_to_release_figures_computed_without_noise():
     """Evaluation-only tasks and personalized evaluation send the loss and accuracy of a model
     the coordinator chose, on the device's own examples, without noise: a coordinator could ask
@@ -123,8 +142,7 @@ def test_a_policy_refuses_to_release_figures_computed_without_noise():
     PrivacyPolicy().check_task(0.0, 1e-5, False, evaluate_only=True, personal_eval=0.5)
     metrics = {"train_loss": 0.7, "personal_eval_loss": 0.6, "steps": 3.0, "local_seconds": 1.5, "codec_error": 0.1,
                "dp_sample_epsilon": 2.0, "dp_sample_prior_noise": 10.0, "some_recipe_figure": 4.0}
-    assert policy.released_metrics(metrics) == {"steps": 3.0, "local_seconds": 1.5, "codec_error": 0.1,
-                                                "dp_sample_epsilon": 2.0, "dp_sample_prior_noise": 10.0}
+    assert policy.released_metrics(metrics) == {"steps": 3.0, "codec_error": 0.1, "dp_sample_epsilon": 2.0, "dp_sample_prior_noise": 10.0}
     assert PrivacyPolicy().released_metrics(metrics) == metrics
 
 

@@ -41,11 +41,12 @@ from fedtune.privacy.sample_level import BudgetSpent, PrivacyRefusal
 # privacy.delta); a task may only lower it.
 DEFAULT_DELTA = 1e-5
 
-# Metrics a device with a policy sends: figures that are public (counts of steps, timings,
-# bytes) or computed from what DP-SGD released (the noised update, the accountant's own
-# figures). Anything else a recipe reports (its training loss, a personalized evaluation) is a
-# function of the private examples without noise, and is withheld.
-RELEASED_METRICS = ("steps", "local_seconds", "encode_seconds", "codec_error")
+# Metrics a device with a policy sends: the number of steps the task asked for, and figures
+# computed from what DP-SGD released (the codec's error on the noised update, the accountant's
+# own figures). Anything else is withheld: a recipe's training loss or personalized evaluation
+# is a function of the private examples without noise, and even timings depend on the secret
+# batch sizes and the examples' lengths (the coordinator still sees a round's wall time).
+RELEASED_METRICS = ("steps", "codec_error")
 RELEASED_PREFIXES = ("dp_sample_",)
 
 
@@ -133,17 +134,28 @@ class PrivacyPolicy:
 
     def check_round(self, noise_multiplier: float, sample_rate: float, steps: int, task_delta: float, history: Sequence,
                     what: str = "the task's noise multiplier") -> None:
-        """Refuse a mechanism (a round of DP-SGD, or another release such as a noised label
-        prior: ``what`` names it) whose noise is below the policy's or whose epsilon, added to
-        what the device has spent, would pass the device's own cap. Called before the
-        mechanism draws anything."""
-        if self.min_noise_multiplier and noise_multiplier < self.min_noise_multiplier:
-            raise PrivacyRefusal(f"{what} {noise_multiplier:.4g} is below this device's minimum {self.min_noise_multiplier:g}")
+        """Refuse a round of DP-SGD (or another mechanism: ``what`` names it) that the policy does
+        not allow; see ``check_releases``."""
+        self.check_releases([(noise_multiplier, sample_rate, steps, what)], task_delta, history)
+
+    def check_releases(self, releases: Sequence[tuple[float, float, int, str]], task_delta: float, history: Sequence) -> None:
+        """Refuse mechanisms about to run together, each ``(noise multiplier, sample rate,
+        steps, what it is)`` (a noised label prior and the round that uses it), when one has
+        no noise or less than the policy's minimum, or when together, added to what the device
+        has spent, they would pass its cap. Called before any of them draws anything."""
+        if not self.active:
+            return
+        for noise, _, _, what in releases:
+            if noise <= 0:
+                raise PrivacyRefusal(f"{what} is {noise:g}: no noise, no privacy, which this device's policy ({self.describe()}) does not allow")
+            if self.min_noise_multiplier and noise < self.min_noise_multiplier:
+                raise PrivacyRefusal(f"{what} {noise:.4g} is below this device's minimum {self.min_noise_multiplier:g}")
         if self.max_epsilon:
             delta = self.accounting_delta(task_delta)
-            after = epsilon([*history, (noise_multiplier, sample_rate, steps)], delta)
+            after = epsilon([*history, *((n, q, k) for n, q, k, _ in releases)], delta)
             if after > self.max_epsilon:
-                raise BudgetSpent(f"this device's privacy policy: {what} {noise_multiplier:.4g} would take its epsilon to {after:.4g} > "
+                named = " with ".join(f"{what} {n:.4g}" for n, _, _, what in releases)
+                raise BudgetSpent(f"this device's privacy policy: {named} would take its epsilon to {after:.4g} > "
                                   f"its maximum {self.max_epsilon:g} (spent {epsilon(history, delta):.4g} at delta {delta:g})")
 
     def check_delta(self, task_delta: float, examples: int, allowed_by_task: bool) -> None:

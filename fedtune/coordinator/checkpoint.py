@@ -76,7 +76,10 @@ def save_checkpoint(run_dir: Path, round_number: int, state: dict[str, torch.Ten
     name = f"round-{round_number:04d}"
     final, tmp = root / name, root / f".{name}.tmp"
     remove_path(tmp)
-    tmp.mkdir()  # created afresh by this call: nothing in it can be a link planted beforehand
+    # Created afresh by this call (nothing in it can be a link planted beforehand) and for the
+    # operator only: its metadata carries the round's row with who took part, which a run under
+    # client-level DP keeps out of what it publishes.
+    tmp.mkdir(mode=0o700)
     tensors = tmp / "state.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(tensors))
     fd = os.open(tensors, os.O_RDONLY | O_NOFOLLOW)
@@ -85,7 +88,7 @@ def save_checkpoint(run_dir: Path, round_number: int, state: dict[str, torch.Ten
     finally:
         os.close(fd)
     record = {**meta, "round": round_number, "sha256": _sha256(tensors)}
-    write_file(tmp / "state.json", (json.dumps(record, indent=2) + "\n").encode(), exclusive=True)
+    write_file(tmp / "state.json", (json.dumps(record, indent=2) + "\n").encode(), mode=0o600, exclusive=True)
     fsync_dir(tmp)
     remove_path(final)  # a folder of an earlier attempt at this round, or a link (never followed)
     os.replace(tmp, final)

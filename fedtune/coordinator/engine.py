@@ -197,6 +197,13 @@ class RoundEngine:
             ckpt = load_checkpoint(self.run_dir)
         except CheckpointError as exc:
             raise CoordinatorError("FAILED_PRECONDITION", f"cannot resume: {exc}") from None
+        published = self.metrics.last_training_round()
+        if self.strategy.poisson_sampling and published > (ckpt.round if ckpt else 0):
+            # The coordinator's privacy history lives in the checkpoint: a round published after
+            # the newest whole one would run again with fresh noise that no history counts.
+            raise CoordinatorError("FAILED_PRECONDITION", f"cannot resume {self.run_dir}: round {published}'s row is published but the newest "
+                                   f"whole checkpoint is of round {ckpt.round if ckpt else 0}; under client-level DP running those rounds again "
+                                   "would release fresh noise that no privacy history counts (restore the checkpoint, or start a new run)")
         if ckpt is None:
             log.info("no checkpoint in %s: starting from round 1", self.run_dir)
             return
@@ -752,6 +759,7 @@ class RoundEngine:
             return  # the run has no held-out data
         row.update(eval_metrics)
         row["eval_seconds"] = round(time.monotonic() - started, 3)
+        save_checkpoint(self.run_dir, row["round"], self.state, {**self._run_identity(), ROW_KEY: json.loads(row_json(row))})  # first, as in close_round
         self.metrics.keep_until(row["round"] - 1)
         self.metrics.append(row)
         log.info("round %d: the run stops here, its model evaluated: eval loss %s", row["round"], row.get("eval_loss"), extra={"round": row["round"]})

@@ -158,6 +158,12 @@ class MetricsLog:
             _append(self.participation, {"round": row.get("round"), **private}, owner_only=True)
         _append(self.path, row)
 
+    def last_training_round(self) -> int:
+        """The newest training round with a row in metrics.jsonl (0 for none)."""
+        text = read_text_nofollow(self.path)
+        rows = _rows(text, self.path) if text is not None else []
+        return max((r["round"] for r in rows if isinstance(r.get("round"), int) and not r.get("evaluation_only")), default=0)
+
     def keep_until(self, last_round: int) -> list[dict]:
         """Drop rows after ``last_round`` (written after the checkpoint a resume starts from:
         their round runs again) and return the rows kept, participation merged back in."""

@@ -137,10 +137,11 @@ _DESCRIBED_PREFIXES = ("personal_eval_", "split_")
 
 def released_outside(config, rows: list[dict], participation_public: bool) -> list[str]:
     """What the run released that no epsilon covers: the figures every run reports, by name,
-    then every other key of metrics.jsonl that is neither public nor an evaluation of the
-    released model, so a new figure is listed as soon as a row carries it."""
+    then every other key of ``rows`` (metrics.jsonl as published, without the operator's
+    participation file) that is neither public nor an evaluation of the released model, so a
+    new figure is listed as soon as a row carries it."""
     out = ["training losses: each round's `train_loss` (the clients' reported losses, example-weighted)",
-           "example counts: each client's reported number of examples (used as its aggregation weight) and the number of updates per round (`clients`)"]
+           "example counts: each client's reported number of examples (used as its aggregation weight), the number of updates per round (`clients`) and of clients selected (`selected`)"]
     if any(k.startswith("personal_eval_") for row in rows for k in row):
         out.append("personal evaluation: the clients' evaluations of their personalized models (`personal_eval_*`)")
     if participation_public:
@@ -209,7 +210,8 @@ def build_report(run_dir: Path, delta: float | None = None) -> dict[str, Any]:
             entry["epsilon"] = max(entry["epsilon"], eps_public)
         report["client_level"] = entry
     if p.dp:
-        report["released_outside_the_guarantee"] = released_outside(config, rows, participation_public)
+        published = [r for r in _plain_rows(run_dir / "metrics.jsonl") if not r.get("evaluation_only")]
+        report["released_outside_the_guarantee"] = released_outside(config, published, participation_public)
     return report
 
 

@@ -16,6 +16,7 @@ whatever other clients train beside it in the process.
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
@@ -167,6 +168,51 @@ class Recipe:
         return {"train_loss": sum(losses) / len(losses), "steps": float(len(losses))}
 
 
+    def dp_round(self, items: Sequence[EncodedExample], settings: TrainSettings, first: Sequence[tuple[float, float, int]] = ()) -> tuple[float, float]:
+        """The noise multiplier and sample rate of this device's next round of DP-SGD: the
+        task's noise multiplier, or with a target epsilon the smallest one that ends the task's
+        ``dp_total_steps`` at it given what the device has spent (and the mechanisms ``first``,
+        about to run before the round), fixed once a round with that target is accepted
+        (``privacy["sigmas"]``). Stores nothing."""
+        from fedtune.privacy.accounting import noise_for_target
+        from fedtune.privacy.sample_level import BudgetSpent
+
+        o = self.options
+        q = min(1.0, settings.batch_size / len(items))
+        if not o.dp_target_epsilon:
+            return o.dp_noise_multiplier, q
+        cached = self.privacy.get("sigmas", {}).get(self._sigma_key(q))
+        if cached is not None:
+            return float(cached), q
+        try:
+            return noise_for_target(o.dp_target_epsilon, o.dp_delta, q, o.dp_total_steps, spent=[*self.privacy.get("history", []), *first]), q
+        except ValueError as exc:
+            raise BudgetSpent(f"target epsilon {o.dp_target_epsilon:g}: {exc}") from None
+
+    def _sigma_key(self, q: float) -> str:
+        o = self.options
+        return json.dumps([o.dp_target_epsilon, o.dp_delta, q, o.dp_total_steps])
+
+    def check_dp_round(self, items: Sequence[EncodedExample], settings: TrainSettings,
+                       first: Sequence[tuple[float, float, int, str]] = ()) -> tuple[float, float]:
+        """Check the next round of DP-SGD, with the mechanisms ``first`` that run on the same
+        examples before it (``(noise multiplier, sample rate, steps, what)``: FedLC's noised
+        label prior), against the device's policy and the task's budget, before anything is
+        drawn; returns the round's (noise multiplier, sample rate). PrivacyRefusal or
+        BudgetSpent say why not."""
+        from fedtune.client.policy import PrivacyPolicy
+        from fedtune.privacy.sample_level import SampleDPSettings, check_budget
+
+        o = self.options
+        history = self.privacy.get("history", [])
+        policy = PrivacyPolicy.from_dict(self.privacy.get("policy"))
+        policy.check_delta(o.dp_delta, len(items), o.dp_allow_large_delta)
+        before = [f[:3] for f in first]
+        sigma, q = self.dp_round(items, settings, before)
+        policy.check_releases([*first, (sigma, q, settings.local_steps, "the task's noise multiplier")], o.dp_delta, history)
+        check_budget(SampleDPSettings(sigma, o.dp_clip, o.dp_delta, o.dp_budget or o.dp_target_epsilon), [*history, *before], q, settings.local_steps)
+        return sigma, q
+
     def train_private(self, model: torch.nn.Module, task: Task, items: Sequence[EncodedExample], settings: TrainSettings, pad_id: int, device: torch.device) -> dict[str, float]:
         """DP-SGD (fedtune.privacy.sample_level): the same steps, with per-example clipping,
         noise and Poisson batches; the round is added to the device's privacy history.
@@ -174,32 +220,20 @@ class Recipe:
         The batch masks and the noise come from secrets of this device (never the round's seed,
         which the coordinator knows) unless the task asks for research mode
         (``dp_repeatable``), which the agent accepts only where the device's policy allows it."""
-        from fedtune.client.policy import PrivacyPolicy
-        from fedtune.privacy.accounting import epsilon, noise_for_target
+        from fedtune.privacy.accounting import epsilon
         from fedtune.privacy.randomness import dp_generator
-        from fedtune.privacy.sample_level import BudgetSpent, SampleDPSettings, check_budget, dp_train, poisson_batches
+        from fedtune.privacy.sample_level import SampleDPSettings, dp_train, poisson_batches
 
         if type(self).penalty is not Recipe.penalty or type(self).after_backward is not Recipe.after_backward:
             raise ValueError(f"recipe {self.name!r} changes gradients or adds a penalty, which sample-level DP-SGD cannot clip per example")
         if type(self).loss is not Recipe.loss and type(self).example_losses is Recipe.example_losses:
             raise ValueError(f"recipe {self.name!r} changes the loss but gives no per-example form of it, which DP-SGD needs")
         o = self.options
+        sigma, q = self.check_dp_round(items, settings)
+        if o.dp_target_epsilon:  # fixed for this target once a round with it is accepted
+            self.privacy.setdefault("sigmas", {})[self._sigma_key(q)] = sigma
         history = self.privacy.setdefault("history", [])
-        policy = PrivacyPolicy.from_dict(self.privacy.get("policy"))
-        policy.check_delta(o.dp_delta, len(items), o.dp_allow_large_delta)
-        q = min(1.0, settings.batch_size / len(items))
-        sigma = o.dp_noise_multiplier
-        if o.dp_target_epsilon:  # fixed once for the device, from its own sample rate and what it already spent
-            if "sigma" not in self.privacy:
-                try:
-                    self.privacy["sigma"] = noise_for_target(o.dp_target_epsilon, o.dp_delta, q, o.dp_total_steps, spent=history)
-                except ValueError as exc:
-                    raise BudgetSpent(f"target epsilon {o.dp_target_epsilon:g}: {exc}") from None
-            sigma = self.privacy["sigma"]
-        budget = o.dp_budget or o.dp_target_epsilon
-        dp = SampleDPSettings(sigma, o.dp_clip, o.dp_delta, budget)
-        policy.check_round(sigma, q, settings.local_steps, o.dp_delta, history)
-        check_budget(dp, history, q, settings.local_steps)
+        dp = SampleDPSettings(sigma, o.dp_clip, o.dp_delta, o.dp_budget or o.dp_target_epsilon)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")

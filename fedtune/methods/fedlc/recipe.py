@@ -25,6 +25,7 @@ and target-noise search, once the device's policy has accepted it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -64,11 +65,16 @@ class FedLCRecipe(Recipe):
     Options = FedLCRecipeOptions
     procedure = False
 
-    # The round's seed (research mode draws the noised prior from it); set by ``run``.
-    round_seed: int | None = None
+    # The round's settings (research mode draws the noised prior from its seed, and the
+    # prior is checked together with the round that will use it); set by ``run``.
+    round_settings: TrainSettings | None = None
+
+    @property
+    def round_seed(self) -> int | None:
+        return None if self.round_settings is None else self.round_settings.seed
 
     def run(self, model, start, extras, task, items, settings: TrainSettings, pad_id, device="cpu", eval_items=()):
-        self.round_seed = settings.seed
+        self.round_settings = settings
         return super().run(model, start, extras, task, items, settings, pad_id, device, eval_items)
 
     def begin(self, model, extras, items, task) -> None:
@@ -104,7 +110,7 @@ class FedLCRecipe(Recipe):
         from fedtune.client.policy import PrivacyPolicy
 
         priors = self.privacy.setdefault("label_priors", {})
-        key = "\n".join(labels)
+        key = json.dumps(labels)  # the coordinator names the labels: no separator can be trusted
         kept = priors.get(key)
         if kept is None:
             o = self.options
@@ -112,19 +118,25 @@ class FedLCRecipe(Recipe):
                 raise ValueError("fedlc in research mode draws its label prior from the round's seed: call run, not begin alone")
             from opacus.optimizers.optimizer import _generate_noise
 
+            release = (float(o.prior_noise), 1.0, 1, "the label prior's noise multiplier")
+            if self.round_settings is not None:  # with the round that will use it: never a prior spent in vain
+                self.check_dp_round(items, self.round_settings, first=[release])
+            else:
+                policy = PrivacyPolicy.from_dict(self.privacy.get("policy"))
+                policy.check_delta(o.dp_delta, len(items), o.dp_allow_large_delta)
+                policy.check_releases([release], o.dp_delta, self.privacy.get("history", []))
             history = self.privacy.setdefault("history", [])
-            policy = PrivacyPolicy.from_dict(self.privacy.get("policy"))
-            policy.check_delta(o.dp_delta, len(items), o.dp_allow_large_delta)
-            policy.check_round(float(o.prior_noise), 1.0, 1, o.dp_delta, history, what="the label prior's noise multiplier")
             index = {label: i for i, label in enumerate(labels)}
             true = torch.bincount(torch.tensor([it.target for it in items], dtype=torch.long), minlength=len(index)).to(torch.float64)
             generator = dp_generator(o.dp_repeatable, self.round_seed or 0, "label-prior")
             # Opacus' secure sampling, as for the gradient noise (robust to floating-point attacks).
             noised = true + _generate_noise(float(o.prior_noise), true, generator, secure_mode=True)
             kept = {"counts": [float(c) for c in noised.clamp(min=0.0)], "noise": float(o.prior_noise)}
-            # Recorded with the prior, before the round's budget check (train runs after begin).
+            # Recorded with the prior (judged above together with the round that will use it).
             priors[key] = kept
             history.append((float(o.prior_noise), 1.0, 1))
+        if len(kept["counts"]) != len(labels):
+            raise ValueError(f"this device's noised label prior for {len(labels)} labels has {len(kept['counts'])} counts: its privacy state is damaged")
         self.prior_noise_used = float(kept["noise"])
         return torch.tensor(kept["counts"], dtype=torch.float64)
 
