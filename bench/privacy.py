@@ -5,6 +5,7 @@ sample-level DP on the demo's clients and client-level DP with 100 simulated cli
                             [--epsilons 1,4,8,inf] [--rounds 4] [--partition iid]
                             [--batch-size B] [--local-steps S] [--sample-clip C]
                             [--seeds N | --seed-list S ...] [--out FILE]
+    python bench/privacy.py --table a.json b.json [--out FILE]
 
 Every row is one federated run over loopback gRPC of the demo task (MiniLM, LoRA r=8 on
 query/value + head, 3-class tweets, strategy fedavg, 1000 held-out tweets), split IID by default
@@ -45,7 +46,7 @@ from pathlib import Path
 from fedtune.config import RunConfig
 from fedtune.simulation.runner import run_simulation
 
-from seeds import add_arguments, combine, format_mean, paired_difference, seeds_of
+from seeds import add_arguments, combine, format_mean, merge_documents, paired_difference, seeds_of
 
 
 def run(level: str, variant: str, eps: float, args, tmp: str, seed: int = 0) -> dict:
@@ -129,8 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.0, help="local learning rate (default: fedtune's)")
     parser.add_argument("--local-steps", type=int, default=0, help="local steps per round (default: fedtune's)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--table", type=Path, nargs="+", metavar="JSON",
+                        help="print the table of earlier runs' --out files (other seeds or rows, same settings) instead of running")
     add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.table:
+        return table(args)
     seeds = seeds_of(args)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,17 +152,29 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(combine(runs[0]["name"], runs))
                     if args.out:  # after every row, so an interrupted run keeps what it measured
                         write_json(args, rows, seeds)
+    report(args, rows, seeds, args.levels.split(","))
+    return 0
+
+
+def paired_with_plain(rows: list[dict]) -> list[dict]:
+    """Each DP row's final accuracy against the same variant's run without DP, paired by seed."""
     comparisons = []
-    for r in rows:  # each DP row against the same variant without DP, paired by seed
+    for r in rows:
         plain = next((x for x in rows if x["level"] == r["level"] and x["variant"] == r["variant"] and x["target_epsilon"] is None), None)
         if plain is not None and r is not plain:
             d = paired_difference(r["eval_accuracy_per_seed"], plain["eval_accuracy_per_seed"])
             comparisons.append({"level": r["level"], "row": r["name"], "against": plain["name"], "eval_accuracy_difference": d.mean,
                                 "eval_accuracy_difference_ci95": None if d.ci95 != d.ci95 else d.ci95, "measured": d.measured,
                                 "verdict": f"{r['level']} level: " + d.verdict(r["name"], plain["name"], lower_is_better=False)})
+    return comparisons
+
+
+def report(args, rows: list[dict], seeds: list[int], levels: list[str]) -> None:
+    """The comparisons, the JSON (with ``--out``) and the printed table of ``rows``."""
+    comparisons = paired_with_plain(rows)
     if args.out:
         write_json(args, rows, seeds, comparisons)
-    for level in args.levels.split(","):
+    for level in levels:
         print(f"\n{level} level")
         print(f"{'row':<14}{'eval loss':>20}{'accuracy':>16}{'epsilon':>10}{'sigma':>8}{'up B/round':>12}")
         for r in (r for r in rows if r["level"] == level):
@@ -166,6 +183,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['name']:<14}{format_mean(r['eval_loss'], r['eval_loss_ci95']):>20}{format_mean(r['eval_accuracy'], r['eval_accuracy_ci95'], '.3f'):>16}{eps:>10}{sigma:>8}{r['bytes_up_per_client_round']:>12.0f}")
     for c in comparisons:
         print(c["verdict"])
+
+
+# The settings of an --out document that runs merged by --table must share.
+SETTINGS = ("rounds", "sample_clients", "partition", "variant_lr", "sample_clip", "client_clip", "delta", "batch_size", "lr", "local_steps")
+
+
+def table(args) -> int:
+    """``--table``: earlier runs' ``--out`` files (other seeds or rows of the same settings, run
+    on two cores at once, say) merged into one table, compared paired, written with ``--out``."""
+    try:
+        documents = [json.loads(path.read_text()) for path in args.table]
+        rows, seeds = merge_documents(documents, SETTINGS)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"--table: {exc}") from None
+    first = documents[0]  # the merged document's settings are its parts'
+    args.rounds, args.clients, args.partition = first["rounds"], first["sample_clients"], first["partition"]
+    args.variant_lr, args.sample_clip, args.client_clip = first["variant_lr"], first["sample_clip"], first["client_clip"]
+    args.batch_size, args.lr, args.local_steps = (0 if first[k] == "default" else first[k] for k in ("batch_size", "lr", "local_steps"))
+    levels = list(dict.fromkeys(r["level"] for r in rows))
+    report(args, rows, seeds, levels)
     return 0
 
 

@@ -154,3 +154,46 @@ def compare(rows: Sequence[Mapping], pairs: Sequence[tuple[str, str]], key: str 
             out.append({"row": a, "against": b, f"{key}_difference": d.mean, f"{key}_difference_ci95": None if math.isnan(d.ci95) else d.ci95,
                         "measured": d.measured, "verdict": d.verdict(a, b, lower_is_better)})
     return out
+
+
+def merge_documents(documents: Sequence[Mapping[str, Any]], settings: Sequence[str] = ()) -> tuple[list[dict], list[int]]:
+    """The rows of several ``--out`` documents of one benchmark, run with other seeds or other
+    rows (on two cores at once, say), as one table: each row's per-seed figures joined in seed
+    order and summarized again (``summarize``); its other fields come from its first document.
+    ValueError when two documents ran a row with the same seed, when the documents differ in
+    one of ``settings`` (keys of the document), or when the rows end up with different seeds
+    (they could not be compared paired)."""
+    by_row: dict[str, dict] = {}
+    for index, doc in enumerate(documents):
+        for key in settings:
+            if doc.get(key) != documents[0].get(key):
+                raise ValueError(f"document {index + 1} has {key} = {doc.get(key)!r}, document 1 {documents[0].get(key)!r}")
+        seeds = list(doc.get("seeds") or [])
+        for row in doc["rows"]:
+            entry = by_row.setdefault(row["name"], {"row": row, "values": {}})
+            for key in (k[: -len("_per_seed")] for k in row if k.endswith("_per_seed")):
+                values = row[f"{key}_per_seed"]
+                if len(values) != len(seeds):
+                    raise ValueError(f"row {row['name']}: {len(values)} values of {key} for {len(seeds)} seeds")
+                mine = entry["values"].setdefault(key, {})
+                for seed, value in zip(seeds, values):
+                    if seed in mine:
+                        raise ValueError(f"row {row['name']} ran seed {seed} in two documents")
+                    mine[seed] = value
+    rows, all_seeds = [], None
+    for name, entry in by_row.items():
+        row_seeds = sorted({seed for values in entry["values"].values() for seed in values})
+        if all_seeds is not None and row_seeds != all_seeds:
+            raise ValueError(f"row {name} ran seeds {row_seeds}, another row {all_seeds}: they cannot be compared paired")
+        all_seeds = row_seeds
+        row = {k: v for k, v in entry["row"].items() if not (k.endswith("_per_seed") or k.endswith("_ci95") or k in entry["values"])}
+        for key, values in entry["values"].items():
+            if sorted(values) != row_seeds:
+                raise ValueError(f"row {name}: {key} was measured for seeds {sorted(values)}, the row for {row_seeds}")
+            ordered = [values[s] for s in row_seeds]
+            if all(_number(v) for v in ordered):
+                row.update(summarize({key: ordered}))
+            else:  # a figure some seeds lack (None) keeps its per-seed list, as ``combine`` does
+                row.update({key: None, f"{key}_ci95": None, f"{key}_per_seed": ordered})
+        rows.append(row)
+    return rows, all_seeds or []

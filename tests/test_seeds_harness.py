@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from seeds import add_arguments, ci95, combine, compare, format_mean, measure, paired_difference, seeds_of, summarize  # noqa: E402
+from seeds import add_arguments, ci95, combine, compare, format_mean, measure, merge_documents, paired_difference, seeds_of, summarize  # noqa: E402
 
 
 def test_the_interval_matches_a_hand_computation():
@@ -82,6 +82,29 @@ def test_measure_runs_every_row_per_seed_and_compare_pairs_rows_by_seed():
     assert partial == {"name": "c", "rounds_to_target": None, "rounds_to_target_ci95": None, "rounds_to_target_per_seed": [3, None]}
     single = compare(measure(["a", "b"], [0], run), [("a", "b")])[0]
     assert single["eval_loss_difference_ci95"] is None and not single["measured"] and "no difference measured" in single["verdict"]
+
+
+def test_runs_of_other_seeds_merge_into_the_table_one_run_would_give():
+    """Two --out documents (seeds 0-2 and 3-4 of the same rows, run on two cores at once) merge
+    into the rows one run of seeds 0-4 gives, and refuse what cannot be paired."""
+    loss = {"a": [0.5, 0.7, 0.6, 0.9, 0.4], "b": [0.6, 0.7, 0.8, 1.0, 0.5]}
+    runs = {name: [{"name": name, "eval_loss": v, "label": name.upper()} for v in values] for name, values in loss.items()}
+    whole = [combine(name, rs) for name, rs in runs.items()]
+    first = {"seeds": [0, 1, 2], "rounds": 4, "rows": [combine(n, rs[:3]) for n, rs in runs.items()]}
+    second = {"seeds": [3, 4], "rounds": 4, "rows": [combine(n, rs[3:]) for n, rs in runs.items()]}
+    for docs in ([first, second], [second, first]):
+        rows, seeds = merge_documents(docs, settings=("rounds",))
+        assert seeds == [0, 1, 2, 3, 4]
+        for got, want in zip(rows, whole):
+            assert got["eval_loss_per_seed"] == want["eval_loss_per_seed"] and got["label"] == want["label"]
+            assert got["eval_loss"] == pytest.approx(want["eval_loss"]) and got["eval_loss_ci95"] == pytest.approx(want["eval_loss_ci95"])
+    with pytest.raises(ValueError, match="ran seed 0 in two documents"):
+        merge_documents([first, first])
+    with pytest.raises(ValueError, match="rounds"):
+        merge_documents([first, {**second, "rounds": 8}], settings=("rounds",))
+    only_a = {"seeds": [3, 4], "rounds": 4, "rows": [combine("a", runs["a"][3:])]}
+    with pytest.raises(ValueError, match="cannot be compared paired"):
+        merge_documents([first, only_a])
 
 
 def test_a_seed_changes_the_partition_the_initialization_and_the_dropout_and_repeats_bit_for_bit(tmp_path, tiny_llama):
