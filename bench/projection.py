@@ -15,8 +15,9 @@ round (``bytes_up_per_client_round``, ``bytes_down_per_client_round``: every byt
 messages, headers included, as the coordinator counted them), ``upload_ratio`` (fp32's upload
 over the row's), ``eval_loss_vs_fp32`` (relative difference of the final eval loss),
 ``mean_gap_vs_fp32`` (that difference averaged over every round), ``local_seconds`` (a client's
-training time per round) and ``encode_seconds``. ``--table a.json b.json`` prints the table of
-earlier runs' ``--out`` files again, each compared with its own fp32 row.
+training time per round) and ``encode_seconds``. ``--table a.json b.json [--out FILE]`` merges
+earlier runs' ``--out`` files into one table (run other rows on another core, with the same
+seeds and settings, and only one of them with ``fp32``), compared paired with its fp32 row.
 
 With ``--seeds N`` every row runs once per seed (``bench/seeds.py``): each figure is the mean,
 with ``<key>_ci95`` and ``<key>_per_seed`` in the JSON, and each row's final eval loss is
@@ -36,8 +37,9 @@ from pathlib import Path
 from fedtune.config import RunConfig
 from fedtune.simulation.runner import run_simulation
 
-from seeds import add_arguments, compare as compare_paired, format_mean, measure, seeds_of
+from seeds import add_arguments, compare as compare_paired, format_mean, measure, merge_documents, seeds_of
 
+SETTINGS = ("clients", "rounds", "strategy", "eval_examples", "fedkseed")  # what the documents of one --table must share
 DEFAULT_ROWS = "fp32,int8,int4,compeft-0.1,compeft-0.01,ferret-64,ferret-256,ferret-1024,fedkseed-256,fedkseed-4096"
 # Zeroth-order settings (fedtune's fedkseed defaults except these): steps per round, step size.
 FEDKSEED = {"steps": 200, "lr": 1e-3, "eps": 1e-3}
@@ -126,18 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--table", type=Path, nargs="+", metavar="JSON",
-                        help="print the table of earlier runs' --out files instead of running (each compared with its own fp32 row)")
+                        help="merge earlier runs' --out files (other rows, the same seeds) into one table instead of running")
     args = parser.parse_args(argv)
     if args.table:
-        for path in args.table:
-            try:
-                rows = json.loads(path.read_text())["rows"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise SystemExit(f"{path}: not a bench/projection.py --out file ({exc})") from None
-            compare(rows)
-            print(f"# {path}")
-            print_table(rows)
-        return 0
+        return merge_tables(args)
     seeds = seeds_of(args)
 
     def one(name: str, seed: int) -> dict:
@@ -147,14 +141,36 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         rows = measure([n for n in args.rows.split(",") if n], seeds, one)
+    settings = {"clients": args.clients, "rounds": args.rounds, "strategy": args.strategy or "demo default", "eval_examples": args.eval_examples, "fedkseed": FEDKSEED}
+    report(rows, seeds, settings, args.out)
+    return 0
+
+
+def report(rows: list[dict], seeds: list[int], settings: dict, out: Path | None) -> None:
+    """The table, each row's eval loss against fp32's paired by seed, and the ``--out`` document."""
     compare(rows)
     print_table(rows)
     comparisons = compare_paired(rows, [(r["name"], "fp32") for r in rows if r["name"] != "fp32"])
     for c in comparisons:
         print(c["verdict"])
-    if args.out:
-        settings = {"clients": args.clients, "rounds": args.rounds, "strategy": args.strategy or "demo default", "eval_examples": args.eval_examples, "fedkseed": FEDKSEED}
-        args.out.write_text(json.dumps({"rows": rows, "comparisons": comparisons, "seeds": seeds, **settings}, indent=2) + "\n")
+    if out:
+        out.write_text(json.dumps({"rows": rows, "comparisons": comparisons, "seeds": seeds, **settings}, indent=2) + "\n")
+
+
+def merge_tables(args) -> int:
+    """``--table``: the rows of several ``--out`` documents with the same seeds and settings as one
+    table. A row may come from one document only: its per-round losses (the mean gap) are means
+    over that document's seeds and could not be joined with another's."""
+    try:
+        documents = [json.loads(path.read_text()) for path in args.table]
+        names = [r["name"] for doc in documents for r in doc["rows"]]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"rows {twice} are in more than one document: split runs by rows, not by seeds")
+        rows, seeds = merge_documents(documents, SETTINGS)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"--table: {exc}") from None
+    report(rows, seeds, {key: documents[0].get(key) for key in SETTINGS}, args.out)
     return 0
 
 
