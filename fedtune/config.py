@@ -117,7 +117,8 @@ class FederationSection:
     # Refused at start by strategies that need B (flexlora, flora).
     share_a: bool = False
     # With share_a: the fraction of each client's data held out to evaluate its personalized
-    # model (shared A, its own B) at the start of every round (0: off).
+    # model (shared A, its own B) at the start of every round (0: off; must be 0 under
+    # sample-level DP, which does not cover these evaluations).
     personal_eval: float = 0.2
     # Trusted weights (fedtune.coordinator.trust). An update's claimed example count is capped
     # by what the client registered and by max_examples_per_client (a hard ceiling); both are
@@ -424,6 +425,12 @@ class RunConfig:
             _check(bool(getattr(self.compression, direction)) or not getattr(self.compression, direction + "_options"),
                    f"compression.{direction}_options", f"given without compression.{direction}")
         _check(0 <= self.federation.personal_eval < 1, "federation.personal_eval", "must be in [0, 1)")
+        # A personalized evaluation is computed from a device's data without noise: under DP-SGD it
+        # would be released outside the guarantee, and a device with a privacy policy declines it.
+        _check(not (self.federation.share_a and self.federation.personal_eval > 0 and self.privacy.dp in ("sample", "both")),
+               "federation.personal_eval", f"{self.federation.personal_eval:g} cannot be combined with privacy.dp {self.privacy.dp}: each device's evaluation of its "
+               "personalized model is not noised, so it would be released outside DP-SGD's guarantee (and devices with a privacy "
+               "policy decline such a task); set federation.personal_eval = 0")
         _check(self.export.rank >= 0, "export.rank", "must be >= 0")
         _check(1 <= self.planner.min_rank <= self.planner.max_rank, "planner.min_rank", "must be between 1 and planner.max_rank")
         _check(self.planner.round_budget_s > 0, "planner.round_budget_s", "must be positive")

@@ -7,6 +7,10 @@ by prefixing an adapter tensor's name with a namespace (``scaffold.c/<adapter te
 
 A client recognizes frozen-weight updates (``base_delta``, ``frozen_A``/``frozen_B``) by their
 suffix; every other non-adapter tensor it receives belongs to its recipe.
+
+A namespaced name is never the tensor its suffix names: ``server_opt.m/<module>.lora_A.weight``
+is a server optimizer's moment, not an A factor. Every suffix test goes through ``ends_with``,
+which says so, so that one part's bookkeeping is never taken for another part's factors.
 """
 
 from __future__ import annotations
@@ -34,13 +38,24 @@ DENSE_DELTA = ".lora_delta"
 INIT_A = ".lora_init_A"
 
 
+def is_namespaced(name: str) -> bool:
+    """True for a tensor that belongs to a strategy or recipe (``namespace/name``)."""
+    return "/" in name
+
+
+def ends_with(name: str, suffixes: str | tuple[str, ...]) -> bool:
+    """``name.endswith(suffixes)`` for a model tensor; False for a namespaced one, whatever it
+    ends with (its suffix names the tensor it keeps state for, not what it is)."""
+    return not is_namespaced(name) and name.endswith(suffixes)
+
+
 def is_lora(name: str) -> bool:
-    return name.endswith(A_SUFFIX) or name.endswith(B_SUFFIX) or name.endswith(CORE_SUFFIX)
+    return ends_with(name, (A_SUFFIX, B_SUFFIX, CORE_SUFFIX))
 
 
 def is_frozen_update(name: str) -> bool:
     """True for tensors a client folds into its frozen weights (never trained, never sent back)."""
-    return name.endswith(FROZEN_SUFFIXES)
+    return ends_with(name, FROZEN_SUFFIXES)
 
 
 def module_of(name: str, suffix: str) -> str:
@@ -53,7 +68,7 @@ def module_of(name: str, suffix: str) -> str:
 def lora_modules(names: Iterable[str]) -> list[str]:
     """Module prefixes that have both an A and a B tensor among ``names``."""
     names = set(names)
-    return sorted(n[: -len(A_SUFFIX)] for n in names if n.endswith(A_SUFFIX) and n[: -len(A_SUFFIX)] + B_SUFFIX in names)
+    return sorted(n[: -len(A_SUFFIX)] for n in names if ends_with(n, A_SUFFIX) and n[: -len(A_SUFFIX)] + B_SUFFIX in names)
 
 
 def namespaced(namespace: str, name: str) -> str:

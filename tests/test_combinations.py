@@ -5,9 +5,10 @@ bound, FedSA, and how the frozen base is held (fp32 or 4-bit). For every combina
 
 - the composer refuses it at start in one line naming both parts and the property, or
 - it keeps the echo invariant: clients that return what they got leave the global model's
-  function unchanged (to 1e-6), through the composed chain, the downlink and uplink codecs as
-  the wire carries them, the engine's trust checks and the split's server half, in process on a
-  tiny Llama;
+  function unchanged (to 1e-6), round after round (state a part carries between rounds, such as
+  a server optimizer's moments, must not move it either), through the composed chain, the
+  downlink and uplink codecs as the wire carries them, the engine's trust checks and the split's
+  server half, in process on a tiny Llama;
 - and a covering set, in which every allowed pair appears at least once, trains one round over
   loopback gRPC with real clients (``test_a_covering_set_trains_one_round_over_grpc``).
 """
@@ -43,7 +44,8 @@ DEFAULT = {name: levels[0] for name, levels in FACTORS.items()}
 TRIPLES = [
     {"strategy": "hetlora", "dp": "sample", "uplink": "int8"},
     {"strategy": "fedprox", "split": "split", "bound": 0.5},
-    {"strategy": "fedadam", "variant": "fedsvd", "uplink": "projection"},
+    {"strategy": "fedadam", "variant": "ffa", "uplink": "projection"},
+    {"strategy": "fedadam", "variant": "fedsvd", "uplink": "projection"},   # refused: moments across a change of basis
     {"strategy": "scaffold", "uplink": "int8", "downlink": "fp16"},
     {"variant": "fedsb", "dp": "client", "downlink": "fp16"},
     {"variant": "ffa", "dp": "both", "bound": 0.5},
@@ -51,12 +53,15 @@ TRIPLES = [
     {"share_a": True, "dp": "sample", "downlink": "fp16"},
     {"strategy": "fedkseed", "dp": "client", "downlink": "fp16"},
     {"split": "split", "downlink": "fp16", "strategy": "fedavg"},
-    {"base": "4bit", "strategy": "flora", "dp": "sample"},      # folds into a quantized base, per-example gradients over it
+    {"base": "4bit", "strategy": "flora", "dp": "sample"},      # refused: a folded update would be rounded away
+    {"base": "4bit", "strategy": "hetlora", "dp": "sample"},    # per-example gradients over a quantized base, per-device ranks
+    {"strategy": "flora", "uplink": "int8", "dp": "client"},     # refused: error feedback across fresh factors
     {"base": "4bit", "variant": "fedsb", "split": "split"},
 ]
 LABELS = ["negative", "neutral", "positive"]
 TIERS = ["phone", "laptop", "server"]
 SIGMA = 1.0
+ECHO_ROUNDS = 3  # a part's state carried between rounds (moments, control variates) acts from round 2
 
 
 def key(combo: dict) -> tuple:
@@ -88,7 +93,7 @@ def config_for(combo: dict, model: str, run_dir: str) -> RunConfig:
     config = RunConfig()
     config.model.source, config.model.task, config.model.max_length, config.model.labels = model, "seq-cls", 16, list(LABELS)
     config.run_dir = run_dir
-    config.federation.rounds, config.federation.min_clients = 1, 3
+    config.federation.rounds, config.federation.min_clients = ECHO_ROUNDS, 3
     config.federation.strategy = combo["strategy"]
     config.lora.variant = combo["variant"]
     config.lora.rank, config.lora.alpha = 4, 8.0
@@ -100,6 +105,7 @@ def config_for(combo: dict, model: str, run_dir: str) -> RunConfig:
     config.split.mode = combo["split"]
     config.federation.update_norm_bound = combo["bound"]
     config.federation.share_a = combo["share_a"]
+    config.federation.personal_eval = 0.0 if combo["dp"] in ("sample", "both") else 0.2  # not noised: refused under DP-SGD
     config.model.base_precision = combo["base"]
     config.training.local_steps, config.training.batch_size = 2, 4
     config.simulation.clients, config.simulation.tiers = 3, list(TIERS)
@@ -190,8 +196,9 @@ def echo_update(engine, client_id: str, round_number: int) -> tuple[dict, dict]:
 
 
 def run_echo_round(config: RunConfig) -> dict:
-    """One round of three echo clients (a phone, a laptop, a server) through a coordinator's
-    engine, without gRPC; returns the round's row after checking the function is unchanged."""
+    """``ECHO_ROUNDS`` rounds of three echo clients (a phone, a laptop, a server) through a
+    coordinator's engine, without gRPC; returns the last round's row after checking the function
+    is unchanged after every round."""
     from fedtune.coordinator.app import Coordinator
 
     coordinator = Coordinator(config, eval_examples=[])
@@ -199,14 +206,20 @@ def run_echo_round(config: RunConfig) -> dict:
     engine.run_dir.mkdir(parents=True, exist_ok=True)  # what engine.run does first
     for i, name in enumerate(TIERS):
         engine.register(f"c{i}", tier(name), 20)
+    # LoRA starts with B = 0, under which B·A hides any drift of A: start from a trained-looking B.
+    g = torch.Generator().manual_seed(0)
+    for name, t in list(engine.state.items()):
+        if name.endswith(B_SUFFIX) and "/" not in name:
+            engine.state[name] = (0.05 * torch.randn(t.shape, generator=g, dtype=torch.float64)).to(t.dtype)
     before = function(engine)
-    assert engine.open_round(1), engine.stopped_because
-    for cid in sorted(engine.open_tasks()):
-        tensors, metrics = echo_update(engine, cid, 1)
-        engine.submit(cid, 1, tensors, 20, metrics, 0)
-    row = engine.close_round()
-    assert "round_refused" not in row, row.get("round_refused")
-    assert_same_function(before, function(engine), "echo")
+    for number in range(1, ECHO_ROUNDS + 1):
+        assert engine.open_round(number), engine.stopped_because
+        for cid in sorted(engine.open_tasks()):
+            tensors, metrics = echo_update(engine, cid, number)
+            engine.submit(cid, number, tensors, 20, metrics, 0)
+        row = engine.close_round()
+        assert "round_refused" not in row, row.get("round_refused")
+        assert_same_function(before, function(engine), f"echo, round {number}")
     return row
 
 
@@ -297,6 +310,7 @@ def test_a_covering_set_trains_one_round_over_grpc(tiny_llama, tmp_path):
     for i, combo in enumerate(configs):
         config = config_for(combo, tiny_llama, str(tmp_path / f"grpc-{i}"))
         config.simulation.eval_examples, config.simulation.parallel = 24, 3
+        config.federation.rounds = 1
         try:
             result = run_simulation(config)
             row = result.history[-1]

@@ -102,6 +102,16 @@ def test_a_wrong_split_setting_is_refused_at_start_in_one_line(settings, message
      ("federation.client_correction fedlc", "split.mode split"), "server-side-loss"),
     (lambda c: setattr(c.privacy, "dp", "client") or setattr(c.federation, "strategy", "hetlora"), ("privacy.dp client (client level)", "federation.strategy hetlora"), "mixed-shapes"),
     (lambda c: setattr(c.model, "task", "causal-lm") or setattr(c.federation, "client_correction", "fedlc"), ("federation.client_correction fedlc",), "class-logits"),
+    # State kept per coordinate across rounds, against parts that change the coordinates every round.
+    (lambda c: setattr(c.lora, "variant", "fedsvd") or setattr(c.federation, "server_opt", "fedavgm"), ("lora.variant fedsvd", "federation.server_opt fedavgm"), "refactorized-state"),
+    (lambda c: setattr(c.federation, "aggregation", "flora") or setattr(c.compression, "uplink", "compeft"), ("federation.aggregation flora", "compression.uplink compeft"), "refactorized"),
+    (lambda c: setattr(c.federation, "aggregation", "flexlora") or setattr(c.compression, "uplink", "int4"), ("federation.aggregation flexlora", "compression.uplink int4"), "refactorized"),
+    (lambda c: setattr(c.lora, "variant", "fedsvd") or setattr(c.compression, "uplink", "randsign"), ("lora.variant fedsvd", "compression.uplink randsign"), "refactorized"),
+    # SCAFFOLD's control variates over a B that each device keeps; FedProx's penalty on half a split model.
+    (lambda c: setattr(c.federation, "client_correction", "scaffold") or setattr(c.federation, "share_a", True), ("federation.client_correction scaffold", "federation.share_a"), "b-kept-on-device"),
+    (lambda c: setattr(c.federation, "client_correction", "fedprox") or setattr(c.split, "mode", "split"), ("federation.client_correction fedprox", "split.mode split"), "penalty"),
+    # FLoRA folds every round into the base weights, which a quantized base would round away.
+    (lambda c: setattr(c.federation, "aggregation", "flora") or setattr(c.model, "base_precision", "int8"), ("federation.aggregation flora", "model.base_precision int8"), "writes-base"),
 ])
 def test_a_refusal_names_both_parts_and_the_property(change, both, prop):
     config = RunConfig()
@@ -186,3 +196,30 @@ def test_a_failed_run_stops_the_coordinator_once_telling_clients_to_wait(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         coordinator.run()
     assert calls == [False]  # before: stop(final=False), then stop() from a finally, telling clients it was over
+
+
+def test_what_refactorizing_parts_allow_still_composes():
+    """The refusals above are narrow: an unbiased codec (no residual) or error feedback turned off
+    goes with FLoRA, and a server optimizer with FlexLoRA (whose server state is the dense mean
+    product, in fixed coordinates)."""
+    for change in (lambda c: setattr(c.federation, "aggregation", "flora") or setattr(c.compression, "uplink", "projection"),
+                   lambda c: setattr(c.federation, "aggregation", "flora") or setattr(c.compression, "uplink", "compeft") or setattr(c.compression, "error_feedback", False),
+                   lambda c: setattr(c.federation, "aggregation", "flexlora") or setattr(c.federation, "server_opt", "fedadam"),
+                   lambda c: setattr(c.federation, "aggregation", "hetlora") or setattr(c.model, "base_precision", "4bit")):
+        config = RunConfig()
+        change(config)
+        compose(config)
+
+
+def test_personalized_evaluation_is_refused_under_dp_sgd_in_one_line():
+    config = RunConfig()
+    config.federation.share_a, config.privacy.dp = True, "sample"
+    with pytest.raises(ConfigError) as info:
+        checked(config)
+    text = str(info.value)
+    assert "\n" not in text and "federation.personal_eval" in text and "privacy.dp sample" in text and "personal_eval = 0" in text
+    config.federation.personal_eval = 0.0
+    checked(config)
+    config.privacy.dp = "client"  # client-level DP: the report lists personal evaluations as uncovered
+    config.federation.personal_eval = 0.2
+    checked(config)

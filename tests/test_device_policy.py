@@ -4,6 +4,8 @@ tells the coordinator why."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import threading
 
@@ -193,9 +195,12 @@ def test_over_grpc_a_device_with_a_policy_sends_no_figure_computed_without_noise
     config = _config(tmp_path, tiny_llama, rounds=1, min_clients=1)
     config.privacy.dp, config.privacy.sample_noise_multiplier = "sample", 1.0
     config.federation.strategy = "fedavg"
-    config.federation.share_a, config.federation.personal_eval = share_a, 0.2
+    config.federation.share_a, config.federation.personal_eval = share_a, 0.0
     store = ModelStore()
     coordinator = Coordinator(config, store=store, eval_examples=sentiment_examples(40, seed=9))
+    if share_a:  # a coordinator that asks anyway (its own start check refuses personal_eval under DP-SGD)
+        fedsa = next(link for link in coordinator.engine.strategy.chain() if link.name == "fedsa")
+        fedsa.options = dataclasses.replace(fedsa.options, personal_eval=0.2)
     port = coordinator.start()
     agent = ClientAgent(AgentOptions(address=f"127.0.0.1:{port}", name="careful", poll_seconds=2, privacy_policy=PrivacyPolicy(max_epsilon=1e6)),
                         sentiment_examples(60, seed=1), resolve_source(tiny_llama), store=store)

@@ -317,10 +317,9 @@ def test_a_run_on_a_gguf_file_held_in_its_blocks_trains_as_its_fp32_twin_and_its
 @pytest.mark.parametrize("settings", [
     {"privacy__dp": "sample"},                  # Opacus' per-example gradients over the blocks
     {"split__mode": "split"},                   # both halves of the model held in blocks
-    {"federation__aggregation": "flora"},       # dense updates folded into the blocks every round
     {"lora__variant": "fedsb"},                 # the adapter built from an SVD of the decoded weight
-], ids=["dp-sample", "split", "flora", "fedsb"])
-def test_methods_that_read_or_write_base_weights_run_on_a_gguf_file_held_in_its_blocks(tmp_path, gguf_model, settings):
+], ids=["dp-sample", "split", "fedsb"])
+def test_methods_that_read_base_weights_run_on_a_gguf_file_held_in_its_blocks(tmp_path, gguf_model, settings):
     from fedtune.simulation.runner import run_simulation
 
     result = run_simulation(_run_config(tmp_path, gguf_model, "gguf", **settings))

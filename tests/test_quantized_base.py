@@ -236,13 +236,42 @@ def test_a_run_on_a_4bit_base_exports_an_adapter_that_reproduces_its_evaluation(
 @pytest.mark.parametrize("settings", [
     {"privacy__dp": "sample"},                  # Opacus' per-example gradients over a quantized base
     {"split__mode": "split"},                   # both halves of the model quantized
-    {"federation__aggregation": "flora"},       # dense updates folded into the base every round
     {"lora__variant": "fedsb"},                 # the adapter built from an SVD of the base weight
-], ids=["dp-sample", "split", "flora", "fedsb"])
-def test_methods_that_read_or_write_base_weights_run_on_an_int8_base(tmp_path, settings):
+], ids=["dp-sample", "split", "fedsb"])
+def test_methods_that_read_base_weights_run_on_an_int8_base(tmp_path, settings):
     result = run_simulation(_config(tmp_path, "int8", **settings))
     assert not result.client_errors, result.client_errors
     assert len(result.history) == 2 and all(torch.isfinite(torch.tensor(r["eval_loss"])) for r in result.history)
+
+
+@pytest.mark.parametrize("precision", ["int8", "4bit", "gguf"])
+def test_flora_is_refused_at_start_on_a_quantized_base(tmp_path, precision):
+    """FLoRA folds each round's aggregate into the base weights; quantized again, most of a
+    round's update would be rounded away (and the coordinator would evaluate a model without it)."""
+    from fedtune.compose import checked
+    from fedtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"model.base_precision {precision} cannot be combined with federation.aggregation flora \(writes-base\)"):
+        checked(_config(tmp_path, precision, federation__aggregation="flora"))
+
+
+def test_requantizing_a_folded_update_rounds_most_of_it_away():
+    """Why FLoRA is refused on a quantized base: a LoRA-sized update added to a 4-bit weight and
+    quantized again keeps a small part of itself."""
+    from fedtune.adapters.lora import add_to_weight
+    from fedtune.quantized_base import dense_weight, quantize_base
+
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(256, 256, bias=False))
+    with torch.no_grad():
+        layer[0].weight.copy_(0.04 * torch.randn(256, 256, generator=g))
+    quantize_base(layer, "4bit")
+    before = dense_weight(layer[0]).clone()
+    delta = 1e-3 * torch.randn(256, 256, generator=g)
+    add_to_weight(layer[0], delta)
+    kept = dense_weight(layer[0]) - before
+    along = float((kept * delta).sum() / delta.square().sum())  # the share of the update the weight moved along it
+    assert along < 0.2 and float((kept - delta).norm() / delta.norm()) > 0.8  # measured: 0.02 kept, error 1.08
 
 
 @pytest.mark.parametrize("precision", ["int8", "4bit"])

@@ -33,7 +33,7 @@ def variants() -> list[tuple[str, dict, bool]]:
                     out.append((name, {"inner": inner}, False))
         else:
             out.append((name, {}, False))
-    out += [("fedavg", {}, True), ("hetlora", {}, True), ("fedadam", {"inner": "hetlora"}, True), ("scaffold", {}, True)]
+    out += [("fedavg", {}, True), ("hetlora", {}, True), ("fedadam", {"inner": "hetlora"}, True), ("fedlc", {}, True)]  # not scaffold: refused with FedSA
     return out
 
 

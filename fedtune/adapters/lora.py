@@ -24,7 +24,7 @@ from fedtune.contract.adapter_kinds import adapter_kind
 from fedtune.contract.cost import default_target_modules, is_conv1d
 from fedtune.contract.plans import AdapterError, AdapterPlan
 from fedtune.durable import fresh_folder, write_file
-from fedtune.names import A_SUFFIX, BASE_DELTA, CORE_SUFFIX, FROZEN_A, FROZEN_B, is_frozen_update
+from fedtune.names import A_SUFFIX, BASE_DELTA, CORE_SUFFIX, FROZEN_A, FROZEN_B, ends_with, is_frozen_update
 from fedtune.quantized_base import dense_weight, is_quantized, set_dense_weight
 from fedtune.rng import seeded
 
@@ -183,9 +183,9 @@ def add_to_weight(module: torch.nn.Module, delta: torch.Tensor, original: torch.
 def fold_cores(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A LoRA-SB adapter state as a plain LoRA state with the same function: each core R is
     folded into its A (``A <- R @ A``), so plain peft loads it."""
-    out = {n: t for n, t in state.items() if not n.endswith(CORE_SUFFIX)}
+    out = {n: t for n, t in state.items() if not ends_with(n, CORE_SUFFIX)}
     for name, r in state.items():
-        if name.endswith(CORE_SUFFIX):
+        if ends_with(name, CORE_SUFFIX):
             a_name = name[: -len(CORE_SUFFIX)] + A_SUFFIX
             if a_name not in state or state[a_name].shape[0] != r.shape[1]:
                 raise AdapterError(f"core {name!r} has no A of rank {r.shape[1]} to fold into")
@@ -219,10 +219,10 @@ def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> N
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise AdapterError(f"{name}: shape {list(tensor.shape)} does not fit {list(expected[name].shape)}")
-    set_peft_model_state_dict(model, {k: v for k, v in state.items() if not k.endswith(CORE_SUFFIX)})
+    set_peft_model_state_dict(model, {k: v for k, v in state.items() if not ends_with(k, CORE_SUFFIX)})
     with torch.no_grad():
         for name, tensor in state.items():
-            if name.endswith(CORE_SUFFIX):
+            if ends_with(name, CORE_SUFFIX):
                 expected[name].copy_(tensor)
 
 
@@ -266,9 +266,9 @@ def split_task_tensors(tensors: Mapping[str, torch.Tensor], scale: float = 1.0) 
     plan; recipe tensors have namespaced names (``scaffold.c/...``)."""
     adapter = {k: v for k, v in tensors.items() if not is_frozen_update(k) and "/" not in k}
     extras = {k: v for k, v in tensors.items() if "/" in k}
-    deltas = {k[: -len(BASE_DELTA)]: v.clone() for k, v in tensors.items() if k.endswith(BASE_DELTA)}
+    deltas = {k[: -len(BASE_DELTA)]: v.clone() for k, v in tensors.items() if ends_with(k, BASE_DELTA)}
     for name, a in tensors.items():
-        if name.endswith(FROZEN_A):
+        if ends_with(name, FROZEN_A):
             module = name[: -len(FROZEN_A)]
             b = tensors.get(module + FROZEN_B)
             if b is None or b.shape[1] != a.shape[0]:

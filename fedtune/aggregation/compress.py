@@ -71,9 +71,14 @@ class Compress(Wrapper):
 
     def __init__(self, inner: Strategy, uplink: Codec | None, downlink: Codec | None = None, *, error_feedback: bool = True) -> None:
         super().__init__(inner, None, scale=inner.scale, seed=inner.seed)
+        feedback = uplink is not None and error_feedback and uplink.biased
+        refuses = {"scalar-update": "these clients already upload only seed indices and scalars"} if uplink is not None else {}
+        if feedback:
+            refuses["refactorized"] = ("error feedback adds last round's codec loss to each tensor by name, and the factors change "
+                                       "coordinates every round; set compression.error_feedback = false")
         self.declares = declare(
             provides=[prop for prop, codec in (("update-codec", uplink), ("weight-codec", downlink)) if codec is not None],
-            refuses={"scalar-update": "these clients already upload only seed indices and scalars"} if uplink is not None else {},
+            refuses=refuses,
         )
         if downlink is not None and not downlink.carries_weights:
             raise OptionsError(

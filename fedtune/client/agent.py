@@ -32,6 +32,7 @@ from fedtune.data import Example
 from fedtune.devices import Capabilities
 from fedtune.methods.split.recipe import SplitRecipe
 from fedtune.models import ModelSource, ModelStore
+from fedtune.names import ends_with
 from fedtune.privacy.sample_level import PrivacyRefusal
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.messages import capabilities_to_proto, plan_from_proto
@@ -418,7 +419,7 @@ class ClientAgent:
 
         def encode_update(update: dict, metrics: dict[str, float]) -> tuple[list[EncodedTensor], dict[str, float]]:
             if plan.frozen_factors:  # FFA-LoRA's A, Fed-SB's B and A: frozen, so they go back to nobody
-                update = {k: v for k, v in update.items() if not k.endswith(plan.frozen_factors)}
+                update = {k: v for k, v in update.items() if not ends_with(k, plan.frozen_factors)}
             if uplink is None or recipe.options.evaluate_only:
                 return encode_tensors(update), metrics
             started = time.perf_counter()

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Iterable, Mapping
 import torch
 
 from fedtune.contract.plans import AdapterError, AdapterPlan
+from fedtune.names import ends_with
 from fedtune.registry import Registry, UnknownNameError
 
 
@@ -64,13 +65,13 @@ class AdapterKind:
 
     def is_factor(self, name: str) -> bool:
         """True for a tensor this kind trains on a module (not a head, not a recipe's tensor)."""
-        return name.endswith(tuple(self.factors))
+        return ends_with(name, tuple(self.factors))
 
     def modules(self, names: Iterable[str]) -> list[str]:
         """The modules that have every factor of this kind among ``names``."""
         names = set(names)
         first = next(iter(self.factors))
-        found = (n[: -len(first)] for n in names if n.endswith(first))
+        found = (n[: -len(first)] for n in names if ends_with(n, first))
         return sorted(m for m in found if all(m + s in names for s in self.factors))
 
 

@@ -31,11 +31,14 @@ PROPERTIES: dict[str, str] = {
     "b-kept-on-device": "each client keeps its B factors for itself; only A (and heads) are shared",
     "sliced-state": "each client's tensors are leading blocks of global tensors of the same names",
     "quantized-base": "the frozen base weights are held in 8 or 4 bits (bitsandbytes layers), not as dense float matrices",
+    "refactorized": "the LoRA factors clients receive are re-factorized or drawn afresh every round, so a factor's coordinates change from one round to the next",
+    "refactorized-state": "the coordinator re-factorizes the LoRA factors it keeps after every round (a change of basis), so a statistic it keeps per coordinate across rounds loses its meaning",
     "non-lora-adapter": "the adapter is not LoRA's B·A (another kind, such as LoHa's Hadamard product): no part may read, freeze or rebuild B and A",
     # what clients send and how it is aggregated
     "nonlinear-aggregate": "the aggregate is not a weighted sum of the clients' updates (SVD, stacking)",
     "extra-update-tensors": "clients send tensors besides their adapter (control variates, scalars)",
     "scalar-update": "clients send scalars and seed indices instead of tensors",
+    "writes-base": "each round's aggregate is folded into the clients' frozen base weights",
     "update-codec": "clients send their updates through a lossy uplink codec (as differences)",
     "weight-codec": "the coordinator sends the global weights through a lossy downlink codec",
     # how clients train

@@ -18,7 +18,7 @@ from fedtune.contract.specs import TensorSpec, specs_of
 from fedtune.data import Example
 from fedtune.durable import fresh_folder
 from fedtune.models import ModelSource, ModelStore
-from fedtune.names import A_SUFFIX, B_SUFFIX, lora_modules
+from fedtune.names import A_SUFFIX, B_SUFFIX, ends_with, lora_modules
 from fedtune.tasks import EvalOptions, get_task
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def fold_deltas(plan: AdapterPlan, adapter: dict[str, torch.Tensor], deltas: dic
         wholes[m] = whole
     factors = {m: low_rank(w, rank or None) for m, w in wholes.items()}
     k = max([f[1].shape[0] for f in factors.values()] + [1])
-    state = {n: t for n, t in adapter.items() if not (n.endswith(A_SUFFIX) or n.endswith(B_SUFFIX))}
+    state = {n: t for n, t in adapter.items() if not (ends_with(n, A_SUFFIX) or ends_with(n, B_SUFFIX))}
     for m, (b, a, _) in factors.items():
         dtype = adapter[m + A_SUFFIX].dtype
         a_k = torch.zeros(k, a.shape[1], dtype=torch.float64)

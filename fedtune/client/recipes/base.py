@@ -26,6 +26,7 @@ import torch
 from fedtune.adapters import adapter_state, load_adapter_state
 from fedtune.contract.local_options import LocalOptions
 from fedtune.methods import discover
+from fedtune.names import ends_with
 from fedtune.options import build_options
 from fedtune.registry import Registry
 from fedtune.rng import step_seed, thread_draws
@@ -136,8 +137,8 @@ class Recipe:
         more, extra_metrics = self.finish(model, state)
         send = {**state, **more}
         if kept:
-            self.memory["kept"] = {k: v for k, v in state.items() if k.endswith(kept)}
-            send = {k: v for k, v in send.items() if not k.endswith(kept)}
+            self.memory["kept"] = {k: v for k, v in state.items() if ends_with(k, kept)}
+            send = {k: v for k, v in send.items() if not ends_with(k, kept)}
         return send, {**metrics, **extra_metrics}
 
     def train(self, model: torch.nn.Module, task: Task, items: Sequence[EncodedExample], settings: TrainSettings, pad_id: int, device: torch.device) -> dict[str, float]:

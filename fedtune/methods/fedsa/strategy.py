@@ -17,7 +17,7 @@ import torch
 from fedtune.aggregation.base import Instruction, RoundContext, Wrapper, map_instructions
 from fedtune.contract.properties import declare
 from fedtune.methods.fedsa.options import FedSAOptions
-from fedtune.names import B_SUFFIX
+from fedtune.names import B_SUFFIX, ends_with
 
 
 class FedSA(Wrapper):
@@ -37,7 +37,7 @@ class FedSA(Wrapper):
 
     def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
         def keep_b(ins: Instruction) -> Instruction:
-            expect = {n: s for n, s in ins.expect.items() if not n.endswith(B_SUFFIX)}
+            expect = {n: s for n, s in ins.expect.items() if not ends_with(n, B_SUFFIX)}
             return dataclasses.replace(ins, expect=expect, options={**ins.options, "keep": B_SUFFIX, "personal_eval": str(self.options.personal_eval)})
 
         return map_instructions(self.inner.configure(ctx, state), keep_b)
@@ -45,7 +45,7 @@ class FedSA(Wrapper):
     def server_params(self, state: Mapping[str, torch.Tensor]) -> list[str]:
         """The inner strategy's, less B: clients keep it, so nobody sends it, client-level DP
         must not noise it and a server optimizer has nothing to step."""
-        return [n for n in self.inner.server_params(state) if not n.endswith(B_SUFFIX)]
+        return [n for n in self.inner.server_params(state) if not ends_with(n, B_SUFFIX)]
 
     def configure_evaluation(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
         """Each client evaluates the final global A with its own B; nothing is trained or sent

@@ -25,7 +25,7 @@ import torch
 
 from fedtune.aggregation.base import VARIANTS, Instruction, RoundContext, Variant, map_instructions
 from fedtune.contract.properties import declare
-from fedtune.names import A_SUFFIX, B_SUFFIX, CORE_SUFFIX
+from fedtune.names import A_SUFFIX, B_SUFFIX, CORE_SUFFIX, ends_with
 from fedtune.options import OptionsError
 
 
@@ -43,7 +43,7 @@ class FedSB(Variant):
     })
 
     def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if not any(n.endswith(CORE_SUFFIX) for n in adapter):
+        if not any(ends_with(n, CORE_SUFFIX) for n in adapter):
             raise OptionsError("lora.variant fedsb: the global adapter has no cores (its plan must have core = true)")
         return self.inner.initial_state(adapter)
 
@@ -51,7 +51,7 @@ class FedSB(Variant):
         def cores_only(ins: Instruction) -> Instruction:
             if not ins.plan.core:
                 raise ValueError("lora.variant fedsb: a client was planned an adapter without cores")
-            expect = {n: s for n, s in ins.expect.items() if not n.endswith((A_SUFFIX, B_SUFFIX))}
+            expect = {n: s for n, s in ins.expect.items() if not ends_with(n, (A_SUFFIX, B_SUFFIX))}
             return dataclasses.replace(ins, expect=expect)
 
         return map_instructions(self.inner.configure(ctx, state), cores_only)
@@ -59,4 +59,4 @@ class FedSB(Variant):
     def server_params(self, state: Mapping[str, torch.Tensor]) -> list[str]:
         """The inner strategy's, less the fixed factors: client-level DP noises only what
         clients train, and a server optimizer steps only that."""
-        return [n for n in self.inner.server_params(state) if not n.endswith((A_SUFFIX, B_SUFFIX))]
+        return [n for n in self.inner.server_params(state) if not ends_with(n, (A_SUFFIX, B_SUFFIX))]

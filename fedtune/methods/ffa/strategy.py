@@ -25,7 +25,7 @@ import torch
 
 from fedtune.aggregation.base import VARIANTS, Instruction, RoundContext, Variant, map_instructions
 from fedtune.contract.properties import declare
-from fedtune.names import A_SUFFIX, B_SUFFIX, lora_modules
+from fedtune.names import A_SUFFIX, B_SUFFIX, ends_with, lora_modules
 
 
 @VARIANTS.register("ffa")
@@ -39,7 +39,7 @@ class FFALoRA(Variant):
 
     def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
         def freeze_a(ins: Instruction) -> Instruction:
-            expect = {n: s for n, s in ins.expect.items() if not n.endswith(A_SUFFIX)}
+            expect = {n: s for n, s in ins.expect.items() if not ends_with(n, A_SUFFIX)}
             return dataclasses.replace(ins, plan=dataclasses.replace(ins.plan, freeze_a=True), expect=expect)
 
         return map_instructions(self.inner.configure(ctx, state), freeze_a)
@@ -47,7 +47,7 @@ class FFALoRA(Variant):
     def server_params(self, state: Mapping[str, torch.Tensor]) -> list[str]:
         """The inner strategy's, less A: nobody trains it, so client-level DP must not noise it
         and a server optimizer has nothing to step."""
-        return [n for n in self.inner.server_params(state) if not n.endswith(A_SUFFIX)]
+        return [n for n in self.inner.server_params(state) if not ends_with(n, A_SUFFIX)]
 
 
 @VARIANTS.register("fedsvd")
@@ -58,7 +58,7 @@ class FedSVD(FFALoRA):
 
     name = "fedsvd"
     weighted_mean = False  # its B and A are re-factorized from the mean product
-    declares = FFALoRA.declares | declare(refuses={"mixed-shapes": "fedsvd re-factorizes one global rank"})
+    declares = FFALoRA.declares | declare(provides={"refactorized", "refactorized-state"}, refuses={"mixed-shapes": "fedsvd re-factorizes one global rank"})
 
     def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates):
         new_state, metrics = self.inner.aggregate(ctx, state, updates)

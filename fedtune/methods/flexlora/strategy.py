@@ -26,7 +26,7 @@ from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Instruction, Roun
 from fedtune.aggregation.lora_math import low_rank, truncate, weighted_average
 from fedtune.contract.properties import declare
 from fedtune.methods.flexlora.options import FlexLoRAOptions
-from fedtune.names import A_SUFFIX, B_SUFFIX, DENSE_DELTA, FROZEN_A, FROZEN_B, INIT_A, is_lora, lora_modules
+from fedtune.names import A_SUFFIX, B_SUFFIX, DENSE_DELTA, FROZEN_A, FROZEN_B, INIT_A, ends_with, is_lora, lora_modules
 
 
 @STRATEGIES.register("flexlora")
@@ -36,7 +36,7 @@ class FlexLoRA(Strategy):
     name = "flexlora"
     Options = FlexLoRAOptions
     axis = "aggregation"
-    declares = declare(provides={"mixed-shapes", "nonlinear-aggregate"}, refuses={
+    declares = declare(provides={"mixed-shapes", "nonlinear-aggregate", "refactorized"}, refuses={
         "b-kept-on-device": "flexlora averages the products B·A of the clients, which needs every client's B",
         "a-frozen": "flexlora re-factorizes the mean product B·A every round, which gives every client a new A",
         "non-lora-adapter": "flexlora re-factorizes the mean update into LoRA's B·A by SVD",
@@ -51,7 +51,7 @@ class FlexLoRA(Strategy):
         return state
 
     def server_params(self, state: Mapping[str, torch.Tensor]) -> list[str]:
-        return [n for n in state if not n.endswith(INIT_A)]
+        return [n for n in state if not ends_with(n, INIT_A)]
 
     # ---------------------------------------------------------------- the rank-r view of a module
 
@@ -71,7 +71,7 @@ class FlexLoRA(Strategy):
 
     def _start(self, state: Mapping[str, torch.Tensor], spec, remainder: bool) -> dict[str, torch.Tensor]:
         out = {name: truncate(state[name], s.shape) for name, s in spec.items() if not is_lora(name)}
-        ranks = {name[: -len(A_SUFFIX)]: s.shape[0] for name, s in spec.items() if name.endswith(A_SUFFIX)}
+        ranks = {name[: -len(A_SUFFIX)]: s.shape[0] for name, s in spec.items() if ends_with(name, A_SUFFIX)}
         for module in self._modules(state):
             rank = ranks.get(module, 0)  # 0: the module is outside the client's plan, all of it is remainder
             a, b, rest = self.factors(state[module + DENSE_DELTA], state[module + INIT_A], rank)
@@ -83,7 +83,7 @@ class FlexLoRA(Strategy):
 
     @staticmethod
     def _modules(state: Mapping[str, torch.Tensor]) -> list[str]:
-        return [n[: -len(DENSE_DELTA)] for n in state if n.endswith(DENSE_DELTA)]
+        return [n[: -len(DENSE_DELTA)] for n in state if ends_with(n, DENSE_DELTA)]
 
     def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
         def build(info, plan) -> Instruction:
@@ -95,7 +95,7 @@ class FlexLoRA(Strategy):
 
     def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
         weights = weights_by_client(updates)
-        heads = [n for n in state if not (is_lora(n) or n.endswith((DENSE_DELTA, INIT_A)))]
+        heads = [n for n in state if not (is_lora(n) or ends_with(n, (DENSE_DELTA, INIT_A)))]
         new_state = {**state, **mean_over_senders(state, updates, heads, weights)}
         for module in self._modules(state):
             senders = [u for u in updates if module + A_SUFFIX in u.tensors]
@@ -120,7 +120,7 @@ class FlexLoRA(Strategy):
         base deltas (scaled back by the LoRA scale): together exactly the mean."""
         adapter = self._start(state, spec, remainder=True)
         deltas = {}
-        for module in [n[: -len(A_SUFFIX)] for n in spec if n.endswith(A_SUFFIX)]:
+        for module in [n[: -len(A_SUFFIX)] for n in spec if ends_with(n, A_SUFFIX)]:
             b_name, a_name = module + FROZEN_B, module + FROZEN_A
             if b_name in adapter:
                 deltas[module] = self.scale * (adapter[b_name].double() @ adapter[a_name].double())

@@ -19,7 +19,7 @@ import torch
 from fedtune.aggregation.base import STRATEGIES, ClientUpdate, Instruction, RoundContext, State, Strategy, mean_over_senders, share_by_plan, weighted_train_loss, weights_by_client
 from fedtune.aggregation.lora_math import kaiming_rows, stack, truncate
 from fedtune.contract.properties import declare
-from fedtune.names import A_SUFFIX, B_SUFFIX, BASE_DELTA, is_lora, lora_modules
+from fedtune.names import A_SUFFIX, BASE_DELTA, B_SUFFIX, ends_with, is_lora, lora_modules
 
 
 @STRATEGIES.register("flora")
@@ -28,7 +28,7 @@ class FLoRA(Strategy):
 
     name = "flora"
     axis = "aggregation"
-    declares = declare(provides={"mixed-shapes", "nonlinear-aggregate"}, refuses={
+    declares = declare(provides={"mixed-shapes", "nonlinear-aggregate", "refactorized", "writes-base"}, refuses={
         "b-kept-on-device": "flora stacks every client's B next to its A, so B must be sent",
         "a-frozen": "flora stacks the clients' A matrices into a fresh adapter every round",
         "non-lora-adapter": "flora stacks the clients' LoRA factors B and A",
@@ -48,19 +48,19 @@ class FLoRA(Strategy):
     def _fresh(self, state: Mapping[str, torch.Tensor], spec, round_number: int) -> dict[str, torch.Tensor]:
         out = {}
         for name, s in spec.items():
-            if name.endswith(A_SUFFIX):
+            if ends_with(name, A_SUFFIX):
                 # The same fresh A for every client of the round (a leading slice for smaller ranks).
                 full = state[name]
                 g = torch.Generator().manual_seed(_seed(self.seed, round_number, name))
                 out[name] = kaiming_rows(full.shape[0], full.shape[1], g, full.dtype)[: s.shape[0]].clone()
-            elif name.endswith(B_SUFFIX):
+            elif ends_with(name, B_SUFFIX):
                 out[name] = torch.zeros(s.shape, dtype=state[name].dtype)
             else:
                 out[name] = truncate(state[name], s.shape)
         return out
 
     def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
-        deltas = {n: t for n, t in state.items() if n.endswith(BASE_DELTA) and torch.count_nonzero(t)}
+        deltas = {n: t for n, t in state.items() if ends_with(n, BASE_DELTA) and torch.count_nonzero(t)}
         def build(info, plan) -> Instruction:
             return Instruction(plan, {**self._fresh(state, info.spec, ctx.number), **deltas}, dict(info.spec), self.recipe_options())
 
@@ -68,7 +68,7 @@ class FLoRA(Strategy):
 
     def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
         weights = weights_by_client(updates)
-        heads = [n for n in state if not (is_lora(n) or n.endswith(BASE_DELTA))]
+        heads = [n for n in state if not (is_lora(n) or ends_with(n, BASE_DELTA))]
         new_state = {**state, **mean_over_senders(state, updates, heads, weights)}
         for module in lora_modules(state):
             a_name, b_name, d_name = module + A_SUFFIX, module + B_SUFFIX, module + BASE_DELTA
@@ -82,7 +82,7 @@ class FLoRA(Strategy):
         """A zero-B adapter (its A does not matter) and the folded deltas: the global model is
         the base plus the deltas."""
         adapter = self._fresh(state, spec, 0)
-        deltas = {n[: -len(BASE_DELTA)]: t.clone() for n, t in state.items() if n.endswith(BASE_DELTA) and torch.count_nonzero(t)}
+        deltas = {n[: -len(BASE_DELTA)]: t.clone() for n, t in state.items() if ends_with(n, BASE_DELTA) and torch.count_nonzero(t)}
         return adapter, deltas
 
 

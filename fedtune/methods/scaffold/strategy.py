@@ -53,6 +53,7 @@ class Scaffold(RecipeWrapper):
             "split-model": "its control variates cover the whole adapter, and a split device trains the part below its cut",
             "a-frozen": "it keeps a control variate for every adapter tensor, and a frozen factor has no gradient to correct",
             "b-frozen": "it keeps a control variate for every adapter tensor, and a frozen factor has no gradient to correct",
+            "b-kept-on-device": "its control variates pull every trained tensor toward the clients' mean, and B is kept apart on each device",
         },
     )
 

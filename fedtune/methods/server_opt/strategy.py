@@ -21,6 +21,7 @@ from typing import Mapping, Sequence
 import torch
 
 from fedtune.aggregation.base import STRATEGIES, ClientUpdate, RoundContext, State, Wrapper
+from fedtune.contract.properties import declare
 from fedtune.methods.server_opt.options import AdaptiveOptions, MomentumOptions
 from fedtune.names import namespaced
 
@@ -33,6 +34,8 @@ class ServerOptimizer(Wrapper):
     second_moment = False
     namespaces = (M, V)
     axis = "server-opt"
+    declares = declare(refuses={
+        "refactorized-state": "its moments are kept per coordinate of each factor across rounds, and the factors are re-factorized after every round"})
 
     def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> State:
         state = self.inner.initial_state(adapter)

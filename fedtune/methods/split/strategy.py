@@ -44,6 +44,7 @@ class SplitFed(Wrapper):
         "update-codec": "split clients stream activations each step; their update codec is AMAQ on that stream (split.act_codec)",
         "weight-codec": "split clients stream activations each step; their codec is AMAQ on that stream (split.act_codec)",
         "client-noise": "client-level DP would clip the device's half only, while the coordinator's half learns from every batch",
+        "penalty": "the coordinator trains the blocks above the cut with the plain loss, so a penalty would hold for the device's half only",
     })
 
     def __init__(self, inner: Strategy, options: Any = None, *, scale: float = 1.0, seed: int = 0) -> None:
