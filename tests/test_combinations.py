@@ -1,7 +1,7 @@
 """The combination matrix: every pair (and chosen triples) of the features that meet in a run.
 
 Factors: strategy, LoRA variant, uplink codec, downlink codec, DP level, split mode, update norm
-bound, FedSA, and how the frozen base is held (fp32 or 4-bit). For every combination:
+bound, FedSA, and how the frozen base is held (fp32, 4-bit or int8). For every combination:
 
 - the composer refuses it at start in one line naming both parts and the property, or
 - it keeps the echo invariant: clients that return what they got leave the global model's
@@ -31,13 +31,13 @@ from fedtune.protocol.tensors import decode_tensors, encode_tensors
 FACTORS: dict[str, list] = {
     "strategy": ["fedavg", "hetlora", "flexlora", "flora", "fedkseed", "fedprox", "scaffold", "fedadam"],
     "variant": ["lora", *sorted(VARIANTS.available())],  # every variant, a new one included
-    "uplink": ["", "int8", "projection"],
+    "uplink": ["", "int8", "compeft", "projection"],   # biased with error feedback (two kinds), unbiased
     "downlink": ["", "fp16"],
     "dp": ["", "client", "sample", "both"],
     "split": ["federated", "split"],
     "bound": [0.0, 0.5],
     "share_a": [False, True],
-    "base": ["fp32", "4bit"],
+    "base": ["fp32", "4bit", "int8"],
 }
 DEFAULT = {name: levels[0] for name, levels in FACTORS.items()}
 # Triples where three features meet in one place (the aggregate, the client's update, the clip).
