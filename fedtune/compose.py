@@ -111,8 +111,7 @@ def compose(config: RunConfig, scale: float | None = None) -> Strategy:
     # through bitsandbytes' layers, which not every adapter kind can wrap).
     model_parts = [Part(f"model.task {config.model.task}", task.declares)]
     if config.model.base_precision != "fp32":
-        model_parts.append(Part(f"model.base_precision {config.model.base_precision}", declare(provides={"quantized-base"}, refuses={
-            "writes-base": "the base is held in 8 or 4 bits, and quantizing it again with a round's folded update would round most of that update away"})))
+        model_parts.append(Part(f"model.base_precision {config.model.base_precision}", declare(provides={"quantized-base"})))
     default = DEFAULT_CORRECTION.get(config.model.task, "")
     if "client-correction" not in picked and default:
         try:

@@ -53,7 +53,7 @@ TRIPLES = [
     {"share_a": True, "dp": "sample", "downlink": "fp16"},
     {"strategy": "fedkseed", "dp": "client", "downlink": "fp16"},
     {"split": "split", "downlink": "fp16", "strategy": "fedavg"},
-    {"base": "4bit", "strategy": "flora", "dp": "sample"},      # refused: a folded update would be rounded away
+    {"base": "4bit", "strategy": "flora", "dp": "sample"},      # folds into a quantized base (held beside it), per-example gradients over it
     {"base": "4bit", "strategy": "hetlora", "dp": "sample"},    # per-example gradients over a quantized base, per-device ranks
     {"strategy": "flora", "uplink": "int8", "dp": "client"},     # refused: error feedback across fresh factors
     {"base": "4bit", "variant": "fedsb", "split": "split"},

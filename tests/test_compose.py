@@ -110,8 +110,6 @@ def test_a_wrong_split_setting_is_refused_at_start_in_one_line(settings, message
     # SCAFFOLD's control variates over a B that each device keeps; FedProx's penalty on half a split model.
     (lambda c: setattr(c.federation, "client_correction", "scaffold") or setattr(c.federation, "share_a", True), ("federation.client_correction scaffold", "federation.share_a"), "b-kept-on-device"),
     (lambda c: setattr(c.federation, "client_correction", "fedprox") or setattr(c.split, "mode", "split"), ("federation.client_correction fedprox", "split.mode split"), "penalty"),
-    # FLoRA folds every round into the base weights, which a quantized base would round away.
-    (lambda c: setattr(c.federation, "aggregation", "flora") or setattr(c.model, "base_precision", "int8"), ("federation.aggregation flora", "model.base_precision int8"), "writes-base"),
 ])
 def test_a_refusal_names_both_parts_and_the_property(change, both, prop):
     config = RunConfig()

@@ -102,6 +102,23 @@ def test_receiver_checks_size_before_allocating():
         receiver.feed(pb.Frame(tensor=header))
 
 
+@pytest.mark.parametrize("expected", [None, {"w": TensorSpec((4, 4), torch.float32)}], ids=["any", "expected"])
+@pytest.mark.parametrize("shape, message", [
+    ([2] * 1_000_000, "1000000 dimensions, at most 8"),                 # 1 MB of header: the product took hours
+    ([2**64 - 1] * 300, "300 dimensions, at most 8"),                   # a size with thousands of digits in a message
+    ([2**64 - 1, 2**64 - 1], "a dimension over 1099511627776"),
+])
+def test_a_header_shape_is_bounded_before_anything_is_computed_from_it(expected, shape, message):
+    """Before: a selected client's header of a million dimensions cost the coordinator hours of
+    CPU with the GIL held (every heartbeat stalled), and one of 300 huge dimensions ended the call
+    with a ValueError instead of a protocol error."""
+    header = make_header("w", torch.zeros(4, 4))
+    header.shape[:] = shape
+    header.payload_bytes = 64
+    with pytest.raises(ProtocolError, match=message):  # refused by the bound, not by a size computed first
+        TensorReceiver(expected).feed(pb.Frame(tensor=header))
+
+
 def test_receiver_rejects_inconsistent_or_truncated_streams():
     header = make_header("w", torch.zeros(4))
     lying = pb.TensorHeader()

@@ -25,7 +25,7 @@ from fedtune.contract.cost import default_target_modules, is_conv1d
 from fedtune.contract.plans import AdapterError, AdapterPlan
 from fedtune.durable import fresh_folder, write_file
 from fedtune.names import A_SUFFIX, BASE_DELTA, CORE_SUFFIX, FROZEN_A, FROZEN_B, ends_with, is_frozen_update
-from fedtune.quantized_base import dense_weight, is_quantized, set_dense_weight
+from fedtune.quantized_base import dense_weight, frozen_delta, is_quantized, set_frozen_delta
 from fedtune.rng import seeded
 
 PEFT_TASK_TYPES = {"seq-cls": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM, "seq2seq": TaskType.SEQ_2_SEQ_LM}
@@ -163,15 +163,18 @@ def out_in_weight(module: torch.nn.Module) -> torch.Tensor:
 
 def add_to_weight(module: torch.nn.Module, delta: torch.Tensor, original: torch.Tensor | None = None) -> None:
     """Replace the base weight of ``module`` by ``original`` (default: its weight) plus the out x
-    in ``delta``, stored in the layer's own layout (transposed for a Conv1D; quantized again
-    for a quantized layer, from ``original``, so rounding does not accumulate). Replaced, not
+    in ``delta``, stored in the layer's own layout (transposed for a Conv1D). A quantized layer
+    keeps its quantized weight and holds the update beside it in float32 (``frozen_delta``):
+    quantized again, most of an update of LoRA's size would be rounded away. Replaced, not
     modified in place: base weights may be shared with other models in this process."""
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
     if is_quantized(base):
-        start = dense_weight(base, original)
-        if tuple(delta.shape) != tuple(start.shape):
-            raise AdapterError(f"a {list(delta.shape)} update does not fit a weight of shape {list(start.shape)} (out x in)")
-        set_dense_weight(base, start + delta.to(start.dtype))
+        carried = frozen_delta(base) if original is None else None  # from ``original``: this delta alone
+        total = delta.detach().to(torch.float32) if carried is None else carried + delta.detach().to(carried.device, torch.float32)
+        try:
+            set_frozen_delta(base, total)
+        except ValueError as exc:
+            raise AdapterError(str(exc)) from None
         return
     start = base.weight if original is None else original
     step = delta.T if is_transposed(module) else delta

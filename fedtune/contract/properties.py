@@ -38,7 +38,6 @@ PROPERTIES: dict[str, str] = {
     "nonlinear-aggregate": "the aggregate is not a weighted sum of the clients' updates (SVD, stacking)",
     "extra-update-tensors": "clients send tensors besides their adapter (control variates, scalars)",
     "scalar-update": "clients send scalars and seed indices instead of tensors",
-    "writes-base": "each round's aggregate is folded into the clients' frozen base weights",
     "update-codec": "clients send their updates through a lossy uplink codec (as differences)",
     "weight-codec": "the coordinator sends the global weights through a lossy downlink codec",
     # how clients train

@@ -30,6 +30,10 @@ from fedtune.protocol import fedtune_pb2 as pb
 # Default chunk size: measured on loopback (bench/transport.py), gRPC moves 1-4 MiB chunks fastest;
 # 3 MiB stays under the 4 MiB default message cap with room for framing.
 DEFAULT_CHUNK_BYTES = 3 * 1024 * 1024
+# Bounds on a header's shape, checked before anything is computed from it: a peer's header costs
+# a few bytes per dimension, and the product of a million of them takes hours to compute.
+MAX_DIMS = 8
+MAX_DIM = 2**40
 
 
 class ProtocolError(ValueError):
@@ -132,6 +136,7 @@ def check_header(header: pb.TensorHeader) -> None:
     each other."""
     if not header.name:
         raise ProtocolError("tensor header without a name")
+    check_shape(header)
     if header.dtype not in _FROM_WIRE:
         raise ProtocolError(f"tensor {shown(header.name)}: unknown dtype {header.dtype}")
     if header.encoding == pb.ENCODING_RAW:
@@ -152,9 +157,25 @@ def check_header(header: pb.TensorHeader) -> None:
         )
 
 
+def check_shape(header: pb.TensorHeader) -> None:
+    """Reject a shape with more than ``MAX_DIMS`` dimensions or a dimension over ``MAX_DIM``,
+    before any size is computed from it."""
+    if len(header.shape) > MAX_DIMS:
+        raise ProtocolError(f"tensor {shown(header.name)}: {len(header.shape)} dimensions, at most {MAX_DIMS}")
+    if any(d > MAX_DIM for d in header.shape):
+        raise ProtocolError(f"tensor {shown(header.name)}: a dimension over {MAX_DIM} in shape {_dims(header.shape)}")
+
+
 def decoded_bytes(header: pb.TensorHeader) -> int:
     """Memory the decoded tensor takes (a compressed payload can be far smaller)."""
     return math.prod(header.shape) * element_size(header.dtype)
+
+
+def _dtype_name(dtype: int) -> str:
+    try:
+        return str(torch_dtype(dtype))
+    except (KeyError, ValueError, ProtocolError):
+        return f"dtype {dtype}"
 
 
 def _encoding_name(encoding: int) -> str:
@@ -406,8 +427,11 @@ class TensorReceiver:
             )
         if header.slot:
             header = self._by_name(header)
-        check_header(header)
+        if not header.name:
+            raise ProtocolError("tensor header without a name")
+        check_shape(header)
         name = header.name
+        # What this stream accepts is checked first, by comparison only; then the header's sizes.
         if self.encodings is not None and header.encoding not in self.encodings:
             accepted = ", ".join(sorted(_encoding_name(e) for e in self.encodings))
             raise ProtocolError(f"tensor {shown(name)}: encoding {_encoding_name(header.encoding)} is not accepted here (accepted: {accepted})")
@@ -417,11 +441,12 @@ class TensorReceiver:
             spec = self.expected.get(name)
             if spec is None:
                 raise ProtocolError(f"unexpected tensor {shown(name)}")
-            shape, dtype = tuple(header.shape), torch_dtype(header.dtype)
+            shape = tuple(header.shape)
             if shape != spec.shape:
                 raise ProtocolError(f"tensor {shown(name)} has shape {_dims(shape)}, expected {list(spec.shape)}")
-            if dtype != spec.dtype:
-                raise ProtocolError(f"tensor {shown(name)} has dtype {dtype}, expected {spec.dtype}")
+            if header.dtype not in _FROM_WIRE or torch_dtype(header.dtype) != spec.dtype:
+                raise ProtocolError(f"tensor {shown(name)} has dtype {_dtype_name(header.dtype)}, expected {spec.dtype}")
+        check_header(header)
         size = max(header.payload_bytes, decoded_bytes(header))
         if size > self.max_tensor_bytes:
             raise ProtocolError(
