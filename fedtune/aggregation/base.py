@@ -191,6 +191,13 @@ class Strategy:
         """Reject an update whose content makes no sense (ValueError with the reason); shapes
         and dtypes were already checked against the instruction."""
 
+    def update_change(self, update: ClientUpdate) -> dict[str, torch.Tensor] | None:
+        """The change ``update`` makes to the model tensors, where it is not the tensors sent
+        less those received (FedKSeed's scalars stand for steps along seeded directions). The
+        trust rules measure, bound and compare this, never the bytes alone: a client must not
+        be able to send small numbers that stand for a large change. None: the tensors as sent."""
+        return None
+
     def stop_reason(self, state: Mapping[str, torch.Tensor], sampling_rate: float) -> str:
         """Why the next round must not run (e.g. it would exceed a privacy budget); empty to
         go on. Asked before each round with the rate its clients are sampled at."""
@@ -277,6 +284,9 @@ class Wrapper(Strategy):
 
     def check_update(self, ctx: RoundContext, update: ClientUpdate) -> None:
         self.inner.check_update(ctx, update)
+
+    def update_change(self, update: ClientUpdate) -> dict[str, torch.Tensor] | None:
+        return self.inner.update_change(update)
 
     def stop_reason(self, state: Mapping[str, torch.Tensor], sampling_rate: float) -> str:
         return self.inner.stop_reason(self.inner_state(state), sampling_rate)

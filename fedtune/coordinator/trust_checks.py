@@ -28,6 +28,7 @@ from fedtune.coordinator.trust import (
     round_weights,
     weighted_mean_chain,
 )
+from fedtune.names import is_namespaced
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,18 @@ class TrustChecks(RoundHook):
         return {} if self.sends_differences else update.start
 
     def measure(self, rnd, update: ClientUpdate) -> Measure:
-        """``update``'s change (norm, largest element, value ceiling)."""
+        """``update``'s change (norm, largest element, value ceiling): the change it makes to the
+        model where the strategy says what that is (``Strategy.update_change``), else the change
+        of what it sent. The ceiling scales with the model tensors it was sent, never with a
+        part's own state (SCAFFOLD's control variates), which earlier updates could have grown:
+        a ceiling that grows with what it guards lets an attacker grow it geometrically."""
         sent = self._of(rnd).sent_magnitude
         key = id(update.start)
         if key not in sent:  # clients sharing an instruction share its magnitude
-            sent[key] = magnitude(update.start.values())
+            sent[key] = magnitude(t for n, t in update.start.items() if not is_namespaced(n))
+        change = self.strategy.update_change(update)
+        if change is not None:
+            return measure(change, {}, sent[key])
         return measure(update.tensors, self.origin(update), sent[key])
 
     # ---------------------------------------------------------------- hook points

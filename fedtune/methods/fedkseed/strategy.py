@@ -87,6 +87,14 @@ class FedKSeed(Strategy):
         if not torch.isfinite(grads).all():
             raise ValueError("fedkseed: a scalar gradient is not finite")
 
+    def update_change(self, update: ClientUpdate) -> dict[str, torch.Tensor]:
+        """The client's steps replayed from what it was sent: the change its scalars stand for
+        (a scalar of 1 on one seed repeated every step moves far more than its bytes say)."""
+        names = [n for n in update.start if n != PROBS and update.start[n].is_floating_point()]
+        start = {n: update.start[n] for n in names}
+        moved = replay(start, update.tensors[SEEDS].long().tolist(), update.tensors[GRADS].tolist(), self.pool, self.options.lr)
+        return {n: moved[n] - start[n].to(moved[n].dtype) for n in names}
+
     def aggregate(self, ctx: RoundContext, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
         names = list(ctx.global_spec)
         start = {n: state[n] for n in names}
