@@ -4,6 +4,8 @@ clipped, and a ceiling never scales with state that earlier updates could have g
 
 from __future__ import annotations
 
+import inspect
+import re
 import types
 
 import torch
@@ -75,3 +77,23 @@ def test_the_value_ceiling_scales_with_the_model_sent_not_with_a_parts_own_state
     update = ClientUpdate("a", {"m.lora_A.weight": torch.full((2, 2), 0.1), "scaffold.dc/m.lora_A.weight": torch.full((2, 2), 1e7)}, 10, start=start)
     assert checks.measure(rnd, update).ceiling == 1e4  # 1e4 x max(1, 0.1): the poisoned 1e6 does not count
     assert checks.screen(rnd, [update]) == []  # an element changing by 1e7 is absurd
+
+
+def test_a_clients_metrics_never_replace_or_add_keys_of_the_round_row():
+    """Before: a client's ``personal_eval_loss_std`` overwrote the spread the coordinator computed,
+    and any ``split_*`` name a client sent became a key of metrics.jsonl."""
+    from fedtune.coordinator.metrics import CLIENT_SPLIT_METRICS, personalized
+
+    honest = ClientUpdate("h", {}, 10, metrics={"personal_eval_loss": 1.0})
+    liar = ClientUpdate("l", {}, 10, metrics={"personal_eval_loss": 3.0, "personal_eval_loss_std": 0.0, "personal_eval_clients": 99.0})
+    out = personalized(2, [honest, liar])
+    assert out["personal_eval_loss"] == 2.0 and out["personal_eval_loss_std"] == 1.0 and out["personal_eval_clients"] == 2
+    assert "split_bytes_up" not in CLIENT_SPLIT_METRICS and "split_client_ms" in CLIENT_SPLIT_METRICS
+
+
+def test_every_figure_the_split_recipe_reports_reaches_the_row():
+    from fedtune.coordinator.metrics import CLIENT_SPLIT_METRICS
+    from fedtune.methods.split import recipe
+
+    sent = set(re.findall(r'"(split_[a-z_]+)"', inspect.getsource(recipe)))
+    assert sent and sent <= CLIENT_SPLIT_METRICS, sent - CLIENT_SPLIT_METRICS

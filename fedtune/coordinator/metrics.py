@@ -65,7 +65,7 @@ def round_row(
     row.setdefault("codec_up", "raw")
     row.setdefault("codec_down", "raw")
     row.update(personalized(number, updates))
-    split_keys = sorted({k for u in updates for k in u.metrics if k.startswith("split_")})
+    split_keys = sorted({k for u in updates for k in u.metrics if k in CLIENT_SPLIT_METRICS})
     for key in ("local_seconds", "encode_seconds", *split_keys):  # clients' own figures, mean over clients
         values = [u.metrics[key] for u in updates if key in u.metrics]
         if values:
@@ -73,10 +73,22 @@ def round_row(
     return row
 
 
+# The split recipe's per-step figures (``fedtune.methods.split.recipe``), averaged over clients
+# into the row. Only these: a client's metric never becomes a key of its own in the row, nor
+# replaces one the coordinator computed (``split_bytes_up``, which it counts itself).
+CLIENT_SPLIT_METRICS = frozenset({
+    "split_client_ms", "split_server_ms", "split_wire_ms", "split_codec_ms", "split_bytes_up_per_step",
+    "split_bytes_down_per_step", "split_bits_up", "split_bits_down", "split_cut",
+})
+
+
 def personalized(number: int, updates: Sequence[ClientUpdate]) -> dict:
     """Clients' evaluations of their personalized models (FedSA-LoRA) at the start of round
-    ``number``, i.e. of the models after round ``number - 1``: mean and spread over clients."""
-    keys = sorted({k for u in updates for k in u.metrics if k.startswith("personal_eval_")})
+    ``number``, i.e. of the models after round ``number - 1``: mean and spread over clients.
+    The spreads and the count are the coordinator's: a client's ``personal_eval_*_std`` or
+    ``personal_eval_clients`` is ignored, never copied over them."""
+    keys = sorted({k for u in updates for k in u.metrics
+                   if k.startswith("personal_eval_") and not k.endswith("_std") and k != "personal_eval_clients"})
     if not keys:
         return {}
     out: dict = {"personalized_after_round": number - 1}
