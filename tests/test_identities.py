@@ -204,3 +204,26 @@ def test_mutual_tls_with_bind_names_registers_only_the_certificate_name(tmp_path
         finally:
             ca.close()
             cm.close()
+
+
+def test_one_party_cannot_drain_the_registrations_the_fleet_shares():
+    """Before: every attempt took a token of one shared bucket, refused ones too, so one enrolled
+    party at its record limit, retrying 500 times a second, let 7 of 300 honest devices in."""
+    now = [0.0]
+    registry = ClientRegistry(rate=20.0, burst=100, clock=lambda: now[0])
+    caps = Capabilities()
+    admitted = 0
+    for second in range(15):
+        now[0] = float(second)
+        for i in range(500):  # the attacker: its own names, over and over
+            try:
+                registry.register(f"m{i % 8}", caps, 1, credential="mallory", limit=4, live_s=120.0)
+            except CoordinatorError:
+                pass
+        for i in range(20):  # the fleet after a restart: 20 new devices a second, each its own credential
+            try:
+                registry.register(f"d{second}-{i}", caps, 1, credential=f"device-{second}-{i}", limit=4, live_s=120.0)
+                admitted += 1
+            except CoordinatorError:
+                pass
+    assert admitted >= 0.8 * 15 * 20, admitted

@@ -88,8 +88,15 @@ class ClientRegistry:
     so simulated runs with named clients are reproducible; tokens are random secrets.
 
     Registrations are rate-limited (a token bucket: ``rate`` per second, bursts of ``burst``);
-    when the registry is full, records silent for ``evict_after_s`` make room (an evicted
-    client that comes back is told to register again)."""
+    a registering party with a credential first spends from its own bucket (a tenth of the
+    rate, bursts of ``CREDENTIAL_BURST``), so that one party's attempts, refused or not, cannot
+    drain the bucket the rest of the fleet registers from. When the registry is full, records
+    silent for ``evict_after_s`` make room (an evicted client that comes back is told to
+    register again)."""
+
+    CREDENTIAL_BURST = 16
+    CREDENTIAL_SHARE = 0.1  # of ``rate``
+    _MAX_BUCKETS = 10_000   # credentials' buckets kept; full (idle) ones are dropped beyond it
 
     def __init__(self, max_clients: int = 100_000, *, rate: float = 20.0, burst: int = 100, evict_after_s: float = 86_400.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -100,6 +107,7 @@ class ClientRegistry:
         self._allowance, self._refilled = float(burst), clock()
         self._suffix: dict[str, int] = {}  # name -> last suffix given, so a taken name costs O(1)
         self._by_credential: dict[str, set[str]] = {}  # credential -> ids of its records
+        self._buckets: dict[str, tuple[float, float]] = {}  # credential -> (allowance, refilled at)
 
     def register(self, name: str, capabilities: Capabilities, num_examples: int, *, credential: str | None = None, limit: int = 0,
                  live_s: float = math.inf) -> ClientRecord:
@@ -121,6 +129,8 @@ class ClientRegistry:
             raise CoordinatorError("INVALID_ARGUMENT", f"client name {name[:80]!r} must be 1-64 characters of letters, digits, '_', '.', '-'")
         with self._lock:
             now = self.clock()
+            if credential is not None:
+                self._spend_credential(credential, now, limit)
             self._allowance = min(float(self.burst), self._allowance + (now - self._refilled) * self.rate)
             self._refilled = now
             if self._allowance < 1.0:
@@ -152,6 +162,21 @@ class ClientRegistry:
             else:
                 self._make_room(now)
             return self._add(ClientRecord(name, secrets.token_urlsafe(24), name, capabilities, num_examples, now, now, credential=credential))
+
+    def _spend_credential(self, credential: str, now: float, limit: int) -> None:
+        """One attempt from ``credential``'s own bucket; RESOURCE_EXHAUSTED when it is empty.
+        Lock held."""
+        burst = float(max(self.CREDENTIAL_BURST, 2 * limit))
+        rate = self.rate * self.CREDENTIAL_SHARE
+        allowance, refilled = self._buckets.get(credential, (burst, now))
+        allowance = min(burst, allowance + (now - refilled) * rate)
+        if allowance < 1.0:
+            self._buckets[credential] = (allowance, now)
+            raise CoordinatorError("RESOURCE_EXHAUSTED", f"too many registrations with this credential; retry in {(1.0 - allowance) / rate:.1f} s")
+        self._buckets[credential] = (allowance - 1.0, now)
+        if len(self._buckets) > self._MAX_BUCKETS:  # forget idle parties: a full bucket is what a new one gets
+            for key in [k for k, (a, t) in self._buckets.items() if min(burst, a + (now - t) * rate) >= burst]:
+                del self._buckets[key]
 
     def _make_room(self, now: float) -> None:
         """Evict stale records when full; RESOURCE_EXHAUSTED when still full. Lock held."""
