@@ -14,6 +14,8 @@ narrows its plan from then on.
 
 from __future__ import annotations
 
+import statistics
+
 from dataclasses import replace
 from typing import Mapping, Sequence
 
@@ -103,7 +105,7 @@ class HetLoRA(FedAvg):
                 senders = [u for u in updates if all(module + s in u.tensors for s in kind.factors)]
                 if not senders:
                     continue
-                weights = [float(torch.linalg.matrix_norm(kind.delta(u.tensors, module))) for u in senders]
+                weights = capped_norm_weights([float(torch.linalg.matrix_norm(kind.delta(u.tensors, module))) for u in senders])
                 if sum(weights) == 0:
                     weights = [by_examples[u.client_id] for u in senders]
                 for suffix in kind.factors:
@@ -118,3 +120,17 @@ class HetLoRA(FedAvg):
         if caps:
             metrics["rank_caps"] = dict(sorted(caps.items()))
         return new_state, metrics
+
+
+# A norm weight is the client's own number: scaling its B scales its weight. Each is capped at
+# this many times the lower median of the module's weights, as the trust rules cap claimed counts.
+NORM_WEIGHT_CAP = 3.0
+
+
+def capped_norm_weights(weights: list[float]) -> list[float]:
+    """HetLoRA's norm weights with none above ``NORM_WEIGHT_CAP`` times their lower median."""
+    if len(weights) < 2:
+        return weights
+    cap = NORM_WEIGHT_CAP * statistics.median_low(weights)
+    return [min(w, cap) for w in weights] if cap > 0 else weights
+

@@ -109,3 +109,15 @@ def test_the_clients_read_the_pruning_options_under_the_names_the_coordinator_is
     assert (recipe.options.rank_pruning, recipe.options.rank_pruning_keep) == (0.3, 0.25)
     with pytest.raises(OptionsError, match=r"rank_pruning_keep must be in \(0, 1\)"):
         make_recipe({**options, "rank_pruning_keep": "1.5"}, {})
+
+
+def test_a_norm_weight_a_client_inflates_is_capped_by_the_others():
+    """With ``weighting = "norm"`` a client's weight is the norm of its own update: scaling B by
+    100 must not make it outweigh the round (it weighs at most 3x the lower median)."""
+    from fedtune.methods.hetlora.strategy import NORM_WEIGHT_CAP, capped_norm_weights
+
+    assert capped_norm_weights([1.0, 1.2, 100.0]) == [1.0, 1.2, NORM_WEIGHT_CAP * 1.2]  # the lower median is 1.2
+    assert capped_norm_weights([2.0, 500.0]) == [2.0, 6.0]
+    assert capped_norm_weights([0.0, 0.0]) == [0.0, 0.0] and capped_norm_weights([5.0]) == [5.0]
+    honest = [1.0, 1.1, 0.9]
+    assert capped_norm_weights(honest) == honest  # an honest round is weighed as before
