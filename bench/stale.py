@@ -7,8 +7,15 @@ line of this form (the stamp), anywhere between the table and the heading or tab
 
     Measured on commit `c497243`: `python bench/split.py --rows fp32,amaq3 --seeds 5`
 
+A stamp may be followed by a re-check on a later commit, for a table whose runs are repeatable
+(a seed repeats a run bit for bit): the same script, run again on that commit for one seed of
+every row, gave the table's figures for that seed to the last digit, so the code change since
+the stamp did not reach what the table measures. The table is then judged from the re-check::
+
+    Re-checked on commit `9f1e2d3`: `python bench/split.py --rows fp32,amaq3 --seed-list 0` (seed 0 of every row: the same to the last digit)
+
 A table is **stale** when the code of a file its script exercises changed between that commit
-and the working tree (committed or not; an edit of comments and docstrings alone is no change),
+(the re-check's, where there is one) and the working tree (committed or not; an edit of comments and docstrings alone is no change),
 and **unstamped** when its section has no stamp; both make
 the exit status 1, so a stale table is visible at a glance (and a CI step can refuse one).
 
@@ -33,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STAMP = re.compile(r"Measured on commit `([0-9a-f]{7,40})`[^`\n]*`(python (bench/[\w/]+\.py)[^`]*)`")
+RECHECK = re.compile(r"Re-checked on commit `([0-9a-f]{7,40})`[^`\n]*`(python (bench/[\w/]+\.py)[^`]*)`")
 HEADING = re.compile(r"^(#{2,3}) (.+)$")
 
 
@@ -47,6 +55,12 @@ class Table:
     script: str = ""
     status: str = "unstamped"       # fresh, stale, unstamped or unknown-commit
     changed: list[str] = field(default_factory=list)
+    rechecked: str = ""             # the commit of a re-check of the same script, if any
+
+    @property
+    def judged_from(self) -> str:
+        """The commit the table's freshness is judged from: its re-check's, else its stamp's."""
+        return self.rechecked or self.commit
 
 
 def sections(text: str) -> list[Table]:
@@ -54,21 +68,25 @@ def sections(text: str) -> list[Table]:
     between it and the heading or table before it (a section may hold tables of several runs,
     each after its own stamp; a table without one is unstamped)."""
     out: list[Table] = []
-    heading, stamp, in_table = "", None, False
+    heading, stamp, recheck, in_table = "", None, None, False
     for number, line in enumerate(text.splitlines(), 1):
         found = HEADING.match(line)
         if found:
-            heading, stamp, in_table = found.group(2).strip(), None, False
+            heading, stamp, recheck, in_table = found.group(2).strip(), None, None, False
             continue
-        stamp = STAMP.search(line) or stamp
+        if STAMP.search(line):
+            stamp, recheck = STAMP.search(line), None
+        recheck = RECHECK.search(line) or recheck
         is_row = line.startswith("|") and line.rstrip().endswith("|")
         if is_row and not in_table and heading:
             table = Table(heading, number)
             if stamp:
                 table.commit, table.command, table.script = stamp.group(1), stamp.group(2), stamp.group(3)
+                if recheck and recheck.group(3) == table.script:  # a re-check of another script is no re-check
+                    table.rechecked = recheck.group(1)
             out.append(table)
         if in_table and not is_row:
-            stamp = None  # a stamp heads the next table only
+            stamp = recheck = None  # a stamp heads the next table only
         in_table = is_row
     return out
 
@@ -208,7 +226,7 @@ def check(results: Path, root: Path = ROOT) -> list[Table]:
         if not script.is_file():
             table.status, table.changed = "stale", [f"{table.script} (no longer exists)"]
             continue
-        changed = changed_since(table.commit, exercised(script, root), root)
+        changed = changed_since(table.judged_from, exercised(script, root), root)
         if changed is None:
             table.status = "unknown-commit"
         else:
@@ -230,13 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for t in tables:
             where = f"line {t.line}: {t.heading}"
+            again = f", re-checked on {t.rechecked}" if t.rechecked else ""
             if t.status == "fresh":
-                print(f"fresh      {where} (commit {t.commit})")
+                print(f"fresh      {where} (commit {t.commit}{again})")
             elif t.status == "stale":
                 more = f" and {len(t.changed) - 3} more" if len(t.changed) > 3 else ""
-                print(f"STALE      {where} (commit {t.commit}): {', '.join(t.changed[:3])}{more} changed since")
+                print(f"STALE      {where} (commit {t.commit}{again}): {', '.join(t.changed[:3])}{more} changed since")
             elif t.status == "unknown-commit":
-                print(f"STALE      {where}: commit {t.commit} is not in this repository")
+                print(f"STALE      {where}: commit {t.judged_from} is not in this repository")
             else:
                 print(f"UNSTAMPED  {where}: no 'Measured on commit `...`: `python bench/...`' line")
         bad = sum(t.status != "fresh" for t in tables)

@@ -77,3 +77,23 @@ def test_the_exit_status_says_whether_every_table_is_fresh(tmp_path, capsys):
     results.write_text(fresh.replace(f"`{commit}`", "`abcdef0`"))
     assert stale.main(["--results", str(results)]) == 1  # a commit git does not know is not fresh
     assert "is not in this repository" in capsys.readouterr().out
+
+
+def test_a_recheck_on_a_later_commit_judges_the_table_from_there(tmp_path):
+    commit = make_repo(tmp_path)
+    results = tmp_path / "bench" / "RESULTS.md"
+    (tmp_path / "fedtune" / "inner" / "helper.py").write_text("X = 5\n")
+    git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "second")
+    later = git(tmp_path, "rev-parse", "--short", "HEAD")
+    assert stale.check(results, tmp_path)[0].status == "stale"
+    text = results.read_text()
+    stamp = f"Measured on commit `{commit}`: `python bench/table.py --seeds 5`\n"
+    results.write_text(text.replace(stamp, stamp + f"\nRe-checked on commit `{later}`: `python bench/table.py --seed-list 0` (the same to the last digit)\n"))
+    found = stale.check(results, tmp_path)
+    assert found[0].status == "fresh" and found[0].rechecked == later and found[0].commit == commit
+    assert found[1].status == "unstamped"  # the re-check, like the stamp, heads the next table only
+    results.write_text(text.replace(stamp, stamp + f"\nRe-checked on commit `{later}`: `python bench/other.py --seed-list 0`\n"))
+    assert stale.check(results, tmp_path)[0].status == "stale"  # a re-check of another script is none
+    (tmp_path / "fedtune" / "inner" / "helper.py").write_text("X = 6\n")  # changed after the re-check
+    results.write_text(text.replace(stamp, stamp + f"Re-checked on commit `{later}`: `python bench/table.py --seed-list 0`\n"))
+    assert stale.check(results, tmp_path)[0].status == "stale"
