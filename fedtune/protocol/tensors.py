@@ -432,6 +432,8 @@ class TensorReceiver:
         check_shape(header)
         name = header.name
         # What this stream accepts is checked first, by comparison only; then the header's sizes.
+        if header.encoding not in pb.Encoding.values():
+            raise ProtocolError(f"tensor {shown(name)}: unknown encoding {header.encoding}")
         if self.encodings is not None and header.encoding not in self.encodings:
             accepted = ", ".join(sorted(_encoding_name(e) for e in self.encodings))
             raise ProtocolError(f"tensor {shown(name)}: encoding {_encoding_name(header.encoding)} is not accepted here (accepted: {accepted})")
