@@ -46,6 +46,17 @@ Rules (``held``):
   streams admitted, the rest RESOURCE_EXHAUSTED; erin's task fetch and update are accepted and
   her round closes meanwhile; her id is "erin", again when she registers anew, and the registry
   holds erin and mallory's 4 names only.
+- control-variate-growth: SCAFFOLD, 4 rounds, outlier rule off; an attacker's control change
+  each round is 0.9 x 10^4 times the largest value it was sent (the server's control variate
+  included), two honest clients' are ~0.01. Held: every round closes with a finite eval and the
+  server's control variate never exceeds 10^4 times the model's largest value.
+- huge-header-dims: a selected client's update whose tensor header declares 1,000,000
+  dimensions; refused INVALID_ARGUMENT naming the dimensions in < 2 s (the honest probe < 2 s,
+  details < 1000 characters), and the same update with an honest header accepted.
+- registration-drain: per-device secrets; one enrolled party re-registers its name as fast as one
+  connection allows for 1 s, then on while a fleet of 120 devices (quick: 60), each with its own
+  secret, arrives at the shared rate (20 a second, the default). Held: at least 80% of the fleet
+  registered while the attacker made more than 10 attempts per device.
 - resumed-stall: bench/faults.py's all-faults scenario once (20 devices, 6 rounds; quick: 8
   devices, 4 rounds): 20 % dropouts, 10 % bad updates, the coordinator killed mid-round 3 and
   resumed from its run folder. Held: every configured round completed within faults.py's time
@@ -94,8 +105,8 @@ FMAX = torch.finfo(torch.float32).max
 REGISTER = "/fedtune.v1.Coordinator/Register"
 HEARTBEAT = "/fedtune.v1.Coordinator/Heartbeat"
 ATTACKS = ["stalled-unary-calls", "short-call-memory", "weight-takeover", "one-update-destroys", "colluding-overflow",
-           "run-folder-reuse", "split-unchecked-allocation", "failed-auth-invisible", "huge-tensor-name", "one-byte-frames",
-           "stolen-token-other-cert", "identities", "resumed-stall"]
+           "control-variate-growth", "run-folder-reuse", "split-unchecked-allocation", "failed-auth-invisible", "huge-tensor-name", "one-byte-frames",
+           "stolen-token-other-cert", "identities", "huge-header-dims", "registration-drain", "resumed-stall"]
 
 
 # ---------------------------------------------------------------------------------- measuring
@@ -315,11 +326,12 @@ def _cosine(a, b) -> float:
     return float(a @ b / (a.norm() * b.norm()))
 
 
-def network_round(tmp: Path, clients: dict[str, tuple[int, object]], **federation):
-    """One round over loopback: each client (name -> (claimed examples, start -> tensors))
-    registers with its claim, fetches its task and pushes; returns (metrics row, state before,
-    state after, push answers by name, round seconds, peak, run folder)."""
-    config = _config(tmp, min_clients=len(clients))
+def network_rounds(tmp: Path, clients: dict[str, tuple[int, object]], rounds: int = 1, **federation):
+    """``rounds`` rounds over loopback: each client (name -> (claimed examples, start -> tensors))
+    registers with its claim, then fetches its task and pushes, round after round; returns (the
+    rows of metrics.jsonl, state before, state after, push answers by name (the
+    last round's), seconds, peak, run folder)."""
+    config = _config(tmp, min_clients=len(clients), rounds=rounds)
     config.federation.round_timeout_s = 60.0
     for key, value in federation.items():
         setattr(config.federation, key, value)
@@ -330,23 +342,34 @@ def network_round(tmp: Path, clients: dict[str, tuple[int, object]], **federatio
         started = time.monotonic()
 
         def client(name):
-            reply = ids[name]
-            header, state = fetch_task(stub, reply.client_id, reply.token)
-            claim, make = clients[name]
-            try:
-                got = push_update(stub, reply.client_id, reply.token, header.round, make(state), num_examples=claim)
-                answers[name] = "accepted" if got.accepted else "refused"
-            except grpc.RpcError as exc:
-                answers[name] = f"refused {exc.code().name}"
+            reply, (claim, make), done = ids[name], clients[name], 0
+            while done < rounds:
+                header, state = fetch_task(stub, reply.client_id, reply.token)
+                if header.status == pb.TASK_STATUS_DONE:
+                    return
+                if header.status != pb.TASK_STATUS_TRAIN:
+                    continue
+                try:
+                    got = push_update(stub, reply.client_id, reply.token, header.round, make(state), num_examples=claim)
+                    answers[name] = "accepted" if got.accepted else "refused"
+                except grpc.RpcError as exc:
+                    answers[name] = f"refused {exc.code().name}"
+                done += 1
 
         threads = [threading.Thread(target=client, args=(name,), daemon=True) for name in clients]
         [t.start() for t in threads]
-        [t.join(60) for t in threads]
+        [t.join(60 * rounds) for t in threads]
         engine.join(60)
         seconds = round(time.monotonic() - started, 3)
         after = {n: t.clone() for n, t in coordinator.engine.state.items()}
         run_dir = Path(coordinator.engine.run_dir)
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return rows, before, after, answers, seconds, peak, run_dir
+
+
+def network_round(tmp: Path, clients: dict[str, tuple[int, object]], **federation):
+    """One round of ``network_rounds``; its metrics row ({} when none was written)."""
+    rows, before, after, answers, seconds, peak, run_dir = network_rounds(tmp, clients, 1, **federation)
     train = [r for r in rows if r.get("round") == 1]
     return (train[-1] if train else {}), before, after, answers, seconds, peak, run_dir
 
@@ -404,6 +427,38 @@ def one_update_destroys(tmp: Path, quick: bool) -> dict:
 
 def colluding_overflow(tmp: Path, quick: bool) -> dict:
     return _outlier_round("colluding-overflow", tmp, {"plus": FMAX, "minus": -FMAX}, 2)
+
+
+def control_variate_growth(tmp: Path, quick: bool) -> dict:
+    """SCAFFOLD, 4 rounds: an attacker sends, every round, a control change 0.9 x 10^4 times the
+    largest value it was sent, the server's control variate included (what a ceiling scaled by
+    everything sent admits); two honest clients send small changes. The outlier rule is off
+    (outlier_factor 0), so the value ceiling alone is measured."""
+    rounds = 4
+    g = torch.Generator().manual_seed(7)
+
+    def honest(state):
+        out = {n: state[n] + 0.01 * torch.randn(state[n].shape, generator=g) for n in _start()}
+        out.update({f"scaffold.dc/{n}": 0.01 * torch.randn(state[n].shape, generator=g) for n in _start()})
+        return out
+
+    def attacker(state):
+        largest = max(1.0, max(float(t.abs().max()) for t in state.values()))
+        out = {n: state[n].clone() for n in _start()}
+        out.update({f"scaffold.dc/{n}": torch.full_like(state[n], 0.9e4 * largest) for n in _start()})
+        return out
+
+    clients = {"attacker": (10, attacker), "h0": (10, honest), "h1": (10, honest)}
+    rows, before, after, answers, seconds, peak, _ = network_rounds(tmp, clients, rounds, strategy="scaffold", outlier_factor=0.0)
+    trained = [r for r in rows if "clients" in r and not r.get("evaluation_only")]
+    control = max(float(t.abs().max()) for n, t in after.items() if n.startswith("scaffold.c/"))
+    ceiling = 1e4 * max(1.0, max(float(t.abs().max()) for n, t in before.items() if not n.startswith("scaffold.")))
+    left_out = sum(int(r.get("outlier_updates", 0)) for r in trained)
+    finite = all(math.isfinite(r.get("eval_loss", math.nan)) for r in trained) and all(bool(torch.isfinite(t).all()) for t in after.values())
+    held = len(trained) == rounds and control <= ceiling and finite
+    return _row("control-variate-growth", honest_s=round(seconds / rounds, 3), peak=peak, accepted=rounds - left_out, refused=left_out, held=held,
+                note=f"{rounds} rounds: the server's largest control value {control:.3g} (the model's ceiling {ceiling:.3g}); the attacker's "
+                     f"updates left out in {left_out} of {rounds} rounds; eval finite: {finite}")
 
 
 def _snapshot(folder: Path) -> dict:
@@ -578,6 +633,41 @@ def huge_tensor_name(tmp: Path, quick: bool) -> dict:
                      f"{max((len(m) for m in handler.messages), default=0)} chars")
 
 
+def huge_header_dims(tmp: Path, quick: bool) -> dict:
+    """A selected client's update whose one tensor header declares a million dimensions (1 MB of
+    varints): refused on the header, before any size is computed from it."""
+    with _open_round(tmp, {"w": torch.zeros(4)}) as (coordinator, stub, _):
+        c = stub.Register(pb.RegisterRequest(name="c", num_examples=1), timeout=10)
+        header, state = fetch_task(stub, c.client_id, c.token)
+        probe = HonestProbe(coordinator.port, stub)
+        lying = make_header("w", state["w"])
+        lying.shape[:] = [2] * 1_000_000
+        lying.payload_bytes = 16
+
+        def frames():
+            yield pb.Frame(update=pb.UpdateHeader(client_id=c.client_id, token=c.token, round=header.round, num_examples=1, num_tensors=1))
+            yield pb.Frame(tensor=lying)
+            yield pb.Frame(chunk=state["w"].numpy().tobytes())
+
+        with PeakRss() as peak, probe:
+            started = time.monotonic()
+            try:
+                stub.PushUpdate(frames(), timeout=30, metadata=credentials(c.client_id, c.token))
+                code, details = "OK", ""
+            except grpc.RpcError as exc:
+                code, details = exc.code().name, exc.details() or ""
+            took = time.monotonic() - started
+            probe.once()
+        try:
+            ordinary = push_update(stub, c.client_id, c.token, header.round, state).accepted
+        except grpc.RpcError:
+            ordinary = False
+        coordinator.engine.stop()
+    held = code == "INVALID_ARGUMENT" and "dimensions" in details and took < 2.0 and probe.max_s < 2.0 and len(details) < 1000 and ordinary
+    return _row("huge-header-dims", honest_s=probe.max_s, peak=peak, accepted=int(code == "OK"), refused=int(code != "OK"), held=held,
+                note=f"{code} after {took:.3f} s: {details[:120]!r}; the same update with an honest header accepted: {ordinary}")
+
+
 def one_byte_frames(tmp: Path, quick: bool) -> dict:
     tensor = torch.zeros(16384)  # 64 KiB
     with _open_round(tmp, {"w": tensor}) as (coordinator, stub, _):
@@ -724,6 +814,48 @@ def identities(tmp: Path, quick: bool) -> dict:
                      f"{admitted} of {len(stream_calls)} admitted (per party {guard.per_party}, pool {guard.max_streams}; {still_admitted} still "
                      f"open when erin's task arrived), {refused_streams} RESOURCE_EXHAUSTED; erin's fetch and push {erin_codes}, her id "
                      f"{erin.client_id!r} (again after re-registering: {again}); registry {ids}")
+
+
+def registration_drain(tmp: Path, quick: bool) -> dict:
+    """One enrolled party (its own per-device secret) re-registering as fast as one connection
+    allows while a fleet of devices, each with its own secret, arrives at the shared rate."""
+    seconds, per_second = (3, 20) if quick else (6, 20)
+    fleet = [f"d{i}" for i in range(seconds * per_second)]
+    table = tmp / "devices.secrets"
+    table.write_text("".join(f"{name} {name}-secret-0123456789abcdef\n" for name in ["mallory", *fleet]))
+    config = _config(tmp, enrollment_secrets_file=str(table))  # registrations_per_second 20, burst 100: the defaults
+    stop = threading.Event()
+    mallory_codes: dict[str, int] = {}
+    with live_coordinator(config, global_model=FixedTensors({"w": torch.zeros(2)})) as (coordinator, stub, _):
+        attacker = pb_grpc.CoordinatorStub(grpc.insecure_channel(f"127.0.0.1:{coordinator.port}"))
+        ask = pb.RegisterRequest(name="mallory", num_examples=1, enrollment_secret="mallory-secret-0123456789abcdef")
+
+        def hammer():
+            while not stop.is_set():
+                code = _code(lambda: attacker.Register(ask, timeout=10))
+                mallory_codes[code] = mallory_codes.get(code, 0) + 1
+
+        thread = threading.Thread(target=hammer, daemon=True)
+        admitted, slowest = 0, 0.0
+        with PeakRss() as peak:
+            thread.start()
+            time.sleep(1.0)  # the attacker has had a second to drain whatever it can
+            started = time.monotonic()
+            for second in range(seconds):
+                for name in fleet[second * per_second:(second + 1) * per_second]:
+                    t0 = time.monotonic()
+                    code = _code(lambda: stub.Register(pb.RegisterRequest(name=name, num_examples=1, enrollment_secret=f"{name}-secret-0123456789abcdef"), timeout=10))
+                    slowest = max(slowest, time.monotonic() - t0)
+                    admitted += code == "OK"
+                _wait_for(lambda: False, max(0.0, started + second + 1 - time.monotonic()))  # the next second's arrivals
+            stop.set()
+            thread.join(15)
+        coordinator.engine.stop()
+    attempts = sum(mallory_codes.values())
+    held = admitted >= 0.8 * len(fleet) and attempts > 10 * seconds * per_second
+    return _row("registration-drain", honest_s=round(slowest, 3), peak=peak, accepted=mallory_codes.get("OK", 0), refused=attempts - mallory_codes.get("OK", 0),
+                held=held, note=f"the attacker's {attempts} attempts in {seconds + 1} s: {dict(sorted(mallory_codes.items()))}; the fleet: {admitted} of "
+                                f"{len(fleet)} devices registered ({per_second} a second, the shared rate)")
 
 
 def resumed_stall(tmp: Path, quick: bool) -> dict:

@@ -46,6 +46,11 @@ def test_the_quick_attacks_bench_runs_every_row_and_every_defence_holds(tmp_path
     assert all(r["held"] for r in rows.values())
     # identities: one certificate gets max_clients_per_credential names of the 8 it asks for, not
     # the honest device's, and no more than a party's share of the stream slots
+    # the rows of the 2026-12-07 fixes: a header's dimensions, a party's own registration bucket,
+    # a ceiling that ignores the control variate the attacker itself grew
+    assert rows["huge-header-dims"]["refused"] == 1 and "1000000 dimensions, at most 8" in rows["huge-header-dims"]["note"]
+    assert "the fleet: 60 of 60 devices registered" in rows["registration-drain"]["note"], rows["registration-drain"]["note"]
+    assert rows["control-variate-growth"]["refused"] == 3, rows["control-variate-growth"]["note"]  # rounds 2-4: only round 1 fits the ceiling
     identities = rows["identities"]["note"]
     assert "4 accepted (max_clients_per_credential 4), 'erin' FAILED_PRECONDITION" in identities
     assert "6 of 12 admitted (per party 6, pool 24" in identities and "her id 'erin'" in identities
