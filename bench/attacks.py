@@ -633,21 +633,18 @@ def huge_tensor_name(tmp: Path, quick: bool) -> dict:
                      f"{max((len(m) for m in handler.messages), default=0)} chars")
 
 
-def huge_header_dims(tmp: Path, quick: bool) -> dict:
-    """A selected client's update whose one tensor header declares a million dimensions (1 MB of
-    varints): refused on the header, before any size is computed from it."""
-    with _open_round(tmp, {"w": torch.zeros(4)}) as (coordinator, stub, _):
+def _hand_push(tmp: Path, tensor: torch.Tensor, body) -> tuple:
+    """One selected client's PushUpdate built by hand: its update header, then the frames
+    ``body(state)`` yields for the task's tensor ``w``; then the same update sent the ordinary
+    way. Returns (code, details, seconds, ordinary accepted, probe, peak)."""
+    with _open_round(tmp, {"w": tensor}) as (coordinator, stub, _):
         c = stub.Register(pb.RegisterRequest(name="c", num_examples=1), timeout=10)
         header, state = fetch_task(stub, c.client_id, c.token)
         probe = HonestProbe(coordinator.port, stub)
-        lying = make_header("w", state["w"])
-        lying.shape[:] = [2] * 1_000_000
-        lying.payload_bytes = 16
 
         def frames():
             yield pb.Frame(update=pb.UpdateHeader(client_id=c.client_id, token=c.token, round=header.round, num_examples=1, num_tensors=1))
-            yield pb.Frame(tensor=lying)
-            yield pb.Frame(chunk=state["w"].numpy().tobytes())
+            yield from body(state)
 
         with PeakRss() as peak, probe:
             started = time.monotonic()
@@ -663,40 +660,35 @@ def huge_header_dims(tmp: Path, quick: bool) -> dict:
         except grpc.RpcError:
             ordinary = False
         coordinator.engine.stop()
+    return code, details, took, ordinary, probe, peak
+
+
+def huge_header_dims(tmp: Path, quick: bool) -> dict:
+    """A selected client's update whose one tensor header declares a million dimensions (1 MB of
+    varints): refused on the header, before any size is computed from it."""
+    def body(state):
+        lying = make_header("w", state["w"])
+        lying.shape[:] = [2] * 1_000_000
+        lying.payload_bytes = 16
+        yield pb.Frame(tensor=lying)
+        yield pb.Frame(chunk=state["w"].numpy().tobytes())
+
+    code, details, took, ordinary, probe, peak = _hand_push(tmp, torch.zeros(4), body)
     held = code == "INVALID_ARGUMENT" and "dimensions" in details and took < 2.0 and probe.max_s < 2.0 and len(details) < 1000 and ordinary
     return _row("huge-header-dims", honest_s=probe.max_s, peak=peak, accepted=int(code == "OK"), refused=int(code != "OK"), held=held,
                 note=f"{code} after {took:.3f} s: {details[:120]!r}; the same update with an honest header accepted: {ordinary}")
 
 
 def one_byte_frames(tmp: Path, quick: bool) -> dict:
-    tensor = torch.zeros(16384)  # 64 KiB
-    with _open_round(tmp, {"w": tensor}) as (coordinator, stub, _):
-        c = stub.Register(pb.RegisterRequest(name="c", num_examples=1), timeout=10)
-        header, state = fetch_task(stub, c.client_id, c.token)
-        probe = HonestProbe(coordinator.port, stub)
-        sent = [0]
+    sent = [0]
 
-        def frames():
-            yield pb.Frame(update=pb.UpdateHeader(client_id=c.client_id, token=c.token, round=header.round, num_examples=1, num_tensors=1))
-            yield pb.Frame(tensor=make_header("w", state["w"]))
-            for byte in state["w"].numpy().tobytes():
-                sent[0] += 1
-                yield pb.Frame(chunk=bytes([byte]))
+    def body(state):
+        yield pb.Frame(tensor=make_header("w", state["w"]))
+        for byte in state["w"].numpy().tobytes():
+            sent[0] += 1
+            yield pb.Frame(chunk=bytes([byte]))
 
-        with PeakRss() as peak, probe:
-            started = time.monotonic()
-            try:
-                stub.PushUpdate(frames(), timeout=30, metadata=credentials(c.client_id, c.token))
-                code, details = "OK", ""
-            except grpc.RpcError as exc:
-                code, details = exc.code().name, exc.details() or ""
-            took = time.monotonic() - started
-            probe.once()
-        try:
-            ordinary = push_update(stub, c.client_id, c.token, header.round, state).accepted
-        except grpc.RpcError:
-            ordinary = False
-        coordinator.engine.stop()
+    code, details, took, ordinary, probe, peak = _hand_push(tmp, torch.zeros(16384), body)  # 64 KiB
     held = code == "INVALID_ARGUMENT" and "payload frames" in details and took < 2.0 and sent[0] < 16384 * 4 and ordinary
     return _row("one-byte-frames", honest_s=probe.max_s, peak=peak, accepted=int(code == "OK"), refused=int(code != "OK"), held=held,
                 note=f"{code} after {took:.2f} s and {sent[0]} one-byte frames; ordinary chunks accepted: {ordinary}")
