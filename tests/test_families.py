@@ -203,6 +203,35 @@ def test_split_finds_the_block_stack_and_its_halves_compute_the_whole_model(fami
         assert torch.allclose(head.logits, whole.logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["distilbert", "bert"])  # heads with a dropout of their own
+def test_the_head_alone_draws_the_same_dropout_masks_whether_or_not_it_is_the_first_call(family, name):
+    """The first empty slice of a block class runs one real block to learn its output's form.
+    That probe must draw no random numbers: which client's step runs it first depends on
+    thread timing, and a draw there would shift the head's dropout masks for that one step,
+    so the same seed would not repeat a run bit for bit."""
+    from fedtune.rng import thread_draws
+    from fedtune.split import segments
+
+    model = _base(family(name), name)
+    model.train()
+    count = segments.anatomy(model).num_blocks
+    ids = torch.tensor([[2, 21, 22, 23, 7, 3], [2, 24, 25, 13, 3, 0]])
+    mask = (ids != 0).long()
+    labels = torch.tensor([0, 1]) if FAMILIES[name][0] == "seq-cls" else ids.masked_fill(mask == 0, -100)
+    hidden = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(3))
+    last = segments.anatomy(model).blocks[count - 1]
+    segments._TUPLE_OUTPUT.pop(type(last), None)  # the next call is the first: it probes
+    with thread_draws(7):
+        first = segments.top_forward(model, hidden, mask, labels, count, 0).logits
+    assert type(last) in segments._TUPLE_OUTPUT and last.training  # learned, and put back in training mode
+    with thread_draws(7):
+        later = segments.top_forward(model, hidden, mask, labels, count, 0).logits
+    with thread_draws(8):
+        other_seed = segments.top_forward(model, hidden, mask, labels, count, 0).logits
+    assert torch.equal(first, later)
+    assert not torch.equal(first, other_seed)  # the head does draw masks: the check above could fail
+
+
 def test_refusals_name_the_family_and_the_setting(tmp_path, family):
     from fedtune.split.segments import SplitError, anatomy
 

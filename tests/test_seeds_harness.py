@@ -162,3 +162,39 @@ def test_a_seed_changes_the_partition_the_initialization_and_the_dropout_and_rep
     assert adapters["a"].keys() == adapters["b"].keys() and all(torch.equal(adapters["a"][n], adapters["b"][n]) for n in adapters["a"])
     assert runs["a"].history[0]["eval_loss"] != runs["c"].history[0]["eval_loss"]
     assert any(not torch.equal(adapters["a"][n], adapters["c"][n]) for n in adapters["a"])
+
+
+def test_a_split_run_repeats_bit_for_bit_whether_or_not_it_is_the_first_in_the_process(tmp_path, tiny_bert):
+    """The U-shaped split's head part learns its blocks' output form on the first call in the
+    process; a run that makes that call must train exactly as one that finds it learned (BERT's
+    classifier has a dropout of its own, so a draw made by the probe would show)."""
+    import torch
+
+    from fedtune.config import RunConfig
+    from fedtune.coordinator.checkpoint import load_checkpoint
+    from fedtune.simulation.runner import run_simulation
+    from fedtune.split import segments
+
+    from conftest import sentiment_examples
+    from test_end_to_end import _write_jsonl
+
+    data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(120, seed=1))
+
+    def run(name: str):
+        c = RunConfig()
+        c.model.source, c.model.max_length, c.seed = tiny_bert, 32, 0
+        c.federation.rounds, c.simulation.clients, c.simulation.partition = 1, 2, "iid"
+        c.simulation.data, c.simulation.eval_examples = data, 24
+        c.training.local_steps, c.training.batch_size, c.lora.dropout = 2, 8, 0.1
+        c.split.mode, c.split.cut, c.split.head = "split", 1, "client"
+        c.federation.client_correction = "none"
+        c.run_dir = str(tmp_path / name)
+        result = run_simulation(c.validate())
+        return result.history[0]["eval_loss"], load_checkpoint(result.run_dir).state
+
+    segments._TUPLE_OUTPUT.clear()  # the first run in the process: a client's first step probes
+    loss_a, state_a = run("a")
+    assert segments._TUPLE_OUTPUT
+    loss_b, state_b = run("b")
+    assert loss_a == loss_b
+    assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[n], state_b[n]) for n in state_a)

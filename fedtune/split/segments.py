@@ -126,14 +126,21 @@ def _slice(model: nn.Module, start: int, stop: int, hidden: torch.Tensor | None,
     blocks = parts.blocks
     part = nn.ModuleList(list(blocks)[start:stop])
     hooks = []
+    restore: list = []  # undo steps for the finally block
     last = blocks[len(blocks) - 1]
     if not len(part) and hidden is not None and type(last) in _TUPLE_OUTPUT:
         part = nn.ModuleList([_Emit(hidden, last, _TUPLE_OUTPUT[type(last)])])
         hidden = None
     elif not len(part) and hidden is not None:
         # First empty slice of this block class: run one real block, replace its output by
-        # the received hidden states, and remember the output's form.
+        # the received hidden states, and remember the output's form. The block runs in eval
+        # mode: a probe must draw no random numbers (dropout...), or the step that happens to
+        # run it first (which depends on thread timing) would get different masks downstream
+        # from the same seed than every later step.
         part, arrived = nn.ModuleList([last]), hidden
+        was_training = last.training
+        last.eval()
+        restore.append(lambda: last.train(was_training))
 
         def emit(module, args, output):
             _TUPLE_OUTPUT[type(module)] = len(output) if isinstance(output, tuple) else 0
@@ -160,6 +167,8 @@ def _slice(model: nn.Module, start: int, stop: int, hidden: torch.Tensor | None,
     finally:
         for hook in hooks:
             hook.remove()
+        for undo in restore:
+            undo()
         setattr(parts.blocks_owner, parts.blocks_attr, blocks)
 
 
