@@ -25,7 +25,9 @@ whole bits (the control that separates AMAQ's schedule from its mixed widths); `
 ``amaq2.13`` are AMAQ at uniform's measured bits per element (codes plus scales), so the two send
 the same bytes in the last round.
 ``amaq4-shared`` is ``amaq4`` with one server-side adapter per round stepped by one client at a
-time (``split.server_adapter = "shared"``) instead of a copy per client session.
+time (``split.server_adapter = "shared"``) instead of a copy per client session: its clients'
+steps take turns in the order they arrive, so unlike every other row a seed does not repeat it
+bit for bit.
 Columns: ``eval_loss`` (final), ``eval_accuracy``, ``bytes_up_per_step`` and
 ``bytes_down_per_step`` (last round, when AMAQ runs at its target budget; mean over clients, as
 the clients' links framed them), ``run_bytes_up_per_step`` / ``run_bytes_down_per_step`` (the

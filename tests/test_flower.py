@@ -473,3 +473,18 @@ def test_a_nan_or_malformed_metric_in_a_reply_costs_the_metric_not_the_round(tmp
                 {"num-examples": 5, "dp_sample_epsilon": float("nan")}):
         with pytest.raises(CoordinatorError):
             reply_metrics(bad)
+
+
+def test_a_new_run_in_the_same_process_starts_its_nodes_with_no_memory(tmp_path, tiny_bert):
+    """A node's memory (control variates, error-feedback residuals, privacy spent) lives in
+    Flower's context.state, which a new run starts empty: the process-wide agent cache must not
+    hand a node the memory of an earlier run with the same configuration."""
+    from fedtune.flower import apps
+
+    config = _config(tmp_path, tiny_bert)
+    first = apps._agent(config, 0, 3, run_id=1)
+    first._memory["scaffold"] = {"c": torch.ones(3)}   # what a run leaves on a node
+    assert apps._agent(config, 0, 3, run_id=1) is first  # the same run: the tokenized data is kept
+    fresh = apps._agent(config, 0, 3, run_id=2)
+    assert fresh is not first and fresh._memory == {}
+    assert all(key[0] == 2 for key in apps._AGENTS)     # the earlier run's agents are let go

@@ -173,6 +173,68 @@ def test_the_planner_counts_the_bytes_a_device_holds(store):
     assert cost.memory_bytes(dense, plan) - cost.memory_bytes(small, plan) == dense.base_bytes - small.base_bytes
 
 
+def test_the_planner_counts_the_updates_of_frozen_weights_a_quantized_base_holds(store):
+    """On a quantized base, an update of a frozen weight (FLoRA's folded aggregate, the rest of
+    a wider global adapter) is held beside the layer as a dense float32 matrix: the cost model
+    counts those bytes where the strategy sends such updates, and the planner sizes by them."""
+    from fedtune.coordinator.planner import Planner
+    from fedtune.devices import Capabilities
+
+    template = AdapterPlan(rank=8, alpha=16.0)
+    small, template = model_geometry(_base(store, "4bit"), template)
+    dense, _ = model_geometry(_base(store, "fp32"), template)
+    assert small.quantized and not dense.quantized
+    # what a device really holds: 4 bytes per element of each update, beside the weight
+    model = store.instance(resolve_source("minilm", "4bit"), "seq-cls", LABELS)
+    top = [(name, i, o) for b, name, i, o in small.modules if b == 5]
+    before = held_bytes(model)
+    for name, i, o in top:
+        add_to_weight(model.get_submodule(name), torch.full((o, i), 0.01))
+    assert top and held_bytes(model) - before == 4 * sum(i * o for _, i, o in top)
+
+    def cost(frozen_updates: str) -> CostModel:
+        return CostModel(batch_size=8, seq_len=64, local_steps=4, frozen_updates=frozen_updates)
+
+    everything = AdapterPlan(rank=8, alpha=16.0, target_modules=template.target_modules, layers=tuple(range(6)))
+    upper = AdapterPlan(rank=8, alpha=16.0, target_modules=template.target_modules, layers=(5,))
+    narrow = AdapterPlan(rank=4, alpha=8.0, target_modules=template.target_modules, layers=(4, 5))
+    per_block = {b: sum(i * o for bb, _, i, o in small.modules if bb == b) for b in range(6)}
+    extra = lambda fu, g, plan: cost(fu).memory_bytes(g, plan, everything) - cost("none").memory_bytes(g, plan, everything)  # noqa: E731
+    # FLoRA: an update of every module of the global adapter, whatever the client's plan
+    assert extra("all", small, upper) == extra("all", small, narrow) == 4 * sum(per_block.values())
+    # the remainder: the modules where the client's rank is below the global adapter's
+    assert extra("remainder", small, everything) == 0
+    assert extra("remainder", small, upper) == 4 * sum(per_block[b] for b in range(5))
+    assert extra("remainder", small, narrow) == 4 * sum(per_block.values())  # rank 4 < 8 on blocks 4 and 5 too
+    # a float base adds the update into its weight: nothing lasting to hold
+    assert extra("all", dense, upper) == extra("remainder", dense, upper) == 0
+    with pytest.raises(ValueError, match="frozen_updates must be one of none, remainder, all, got 'some'"):
+        cost("some")
+    # the planner: a device that holds a rung's adapter but not the updates gets a lower rung
+    planners = {fu: Planner(small, cost(fu), template, min_rank=2, max_rank=8) for fu in ("none", "all")}
+    rung = len(planners["none"].ladder) // 2
+    budget = planners["none"].memory_bytes(planners["none"].ladder[rung])
+    device = Capabilities(memory_bytes=budget, flops_per_second=1e15)
+    assert planners["none"].assign(device).rung == rung
+    held = planners["all"].assign(device)
+    assert held.rung < rung and held.memory_bytes <= budget and planners["all"].ladder == planners["none"].ladder
+
+
+def test_strategies_that_send_updates_of_frozen_weights_say_so():
+    """The planner reads what the run's strategy declares, never its name."""
+    from fedtune.compose import compose
+    from fedtune.coordinator.planner import frozen_updates_of
+
+    def held(aggregation: str, **options) -> str:
+        config = RunConfig()
+        config.federation.aggregation, config.federation.options = aggregation, options
+        return frozen_updates_of(compose(config))
+
+    assert held("flora") == "all"
+    assert held("hetlora") == held("flexlora") == held("hetlora", rank_pruning=0.1) == "remainder"
+    assert held("hetlora", freeze_remainder=False) == held("flexlora", freeze_remainder=False) == "none"
+
+
 def test_an_unknown_precision_is_refused_with_one_line_naming_the_setting():
     config = RunConfig()
     config.model.base_precision = "fp16"

@@ -11,7 +11,12 @@ recommends: layers near the output matter most and need no backward pass below t
 - LoRA parameters: ``P = sum over LoRA modules of r_l * (in + out)`` (times the adapter kind's
   ``params_per_rank``: 2 for LoHa's two products).
 - Memory (bytes, fp32):
-    frozen weights ``4 * N_base``
+    frozen weights ``4 * N_base`` (or the bytes a quantized base really holds)
+  + on a quantized base, the updates of frozen weights a strategy sends (``frozen_updates``:
+    FLoRA's folded aggregate on every module of the global adapter, or the rest of a wider
+    global adapter on the modules where the plan's rank is lower): each is a dense float32
+    ``in * out`` matrix held beside the layer's quantized weight, ``4 * in * out`` bytes; on a
+    float base the update is added into the weight and costs nothing lasting
   + adapter, its gradient and AdamW's two moments ``16 * P``
   + activations: ``A = 4 * T * (34 * hidden + 5 * heads * seq_len)`` per block, the figure of
     Korthikanti et al. (2022) for 16-bit training doubled for fp32, kept for each block the
@@ -42,7 +47,7 @@ import torch
 from fedtune.contract.adapter_kinds import adapter_kind
 from fedtune.contract.plans import AdapterPlan
 from fedtune.devices import Capabilities
-from fedtune.quantized_base import held_bytes, logical_numel
+from fedtune.quantized_base import held_bytes, is_quantized, logical_numel
 
 _BLOCK = re.compile(r"\.(\d+)\.")
 
@@ -160,6 +165,7 @@ class ModelGeometry:
     modules: tuple[tuple[int, str, int, int], ...]    # (block, name, in, out) of each LoRA target
     head_params: int = 0                              # trained head (modules_to_save)
     base_bytes: int = 0                               # bytes the frozen base occupies as held (0: fp32)
+    quantized: bool = False                           # LoRA targets are quantized layers (8/4-bit, GGUF)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, target_modules: Sequence[str], head_params: int = 0) -> "ModelGeometry":
@@ -190,12 +196,19 @@ class ModelGeometry:
             modules=tuple(modules),
             head_params=head_params,
             base_bytes=held_bytes(model),  # what the device holds: fewer bytes when quantized
+            quantized=any(is_quantized(model.get_submodule(name)) for _, name, _, _ in modules),
         )
 
 
 def activation_bytes_per_block(batch_size: int, seq_len: int, hidden: int, heads: int) -> int:
     """A: Korthikanti et al.'s activation bytes of one transformer block, doubled for fp32."""
     return 4 * batch_size * seq_len * (34 * hidden + 5 * heads * seq_len)
+
+
+# Which dense updates of the frozen weights a client is sent (``CostModel.frozen_updates``):
+# none; the rest of the global adapter outside its plan; or an update of every module of the
+# global adapter. Read from what the run's strategy declares (``frozen_updates_of``).
+FROZEN_UPDATES = ("none", "remainder", "all")
 
 
 @dataclass(frozen=True)
@@ -206,6 +219,11 @@ class CostModel:
     backward_factor: float = 0.6             # backward FLOPs of a crossed frozen block / its forward
     activation_scale: float = 0.9            # activations kept per crossed block, in units of A
     activation_overhead_blocks: float = 1.7  # activations independent of depth, in units of A
+    frozen_updates: str = "none"             # one of FROZEN_UPDATES
+
+    def __post_init__(self) -> None:
+        if self.frozen_updates not in FROZEN_UPDATES:
+            raise ValueError(f"frozen_updates must be one of {', '.join(FROZEN_UPDATES)}, got {self.frozen_updates!r}")
 
     def activations_per_block(self, g: ModelGeometry) -> int:
         return activation_bytes_per_block(self.batch_size, self.seq_len, g.hidden, g.heads)
@@ -233,13 +251,30 @@ class CostModel:
         ranks = plan_ranks(plan, g.num_blocks)
         return g.num_blocks - min(ranks) if ranks else 0
 
-    def memory_bytes(self, g: ModelGeometry, plan: AdapterPlan) -> int:
+    def frozen_update_elements(self, g: ModelGeometry, plan: AdapterPlan, global_plan: AdapterPlan | None = None) -> int:
+        """Elements of the dense updates of frozen weights a client on ``plan`` is sent, with
+        ``global_plan`` the global adapter's (default: ``plan``): every module of the global
+        adapter ("all"), those where ``plan`` has a lower rank than the global adapter
+        ("remainder"), or none."""
+        if self.frozen_updates == "none":
+            return 0
+        everywhere = plan_ranks(global_plan or plan, g.num_blocks)
+        if self.frozen_updates == "all":
+            return sum(i * o for b, _, i, o in g.modules if b in everywhere)
+        own = plan_ranks(plan, g.num_blocks)
+        return sum(i * o for b, _, i, o in g.modules if own.get(b, 0) < everywhere.get(b, 0))
+
+    def memory_bytes(self, g: ModelGeometry, plan: AdapterPlan, global_plan: AdapterPlan | None = None) -> int:
+        """Peak bytes of a device training ``plan`` (``global_plan``: the global adapter it is a
+        part of, for the updates of frozen weights it may be sent)."""
         activations = self.activations_per_block(g) * (self.activation_scale * self.depth(g, plan) + self.activation_overhead_blocks)
         # trained parameters: weight, gradient and two AdamW moments; frozen adapter factors: weight
         trained = self.trained_params(g, plan) + g.head_params
         frozen = self.lora_params(g, plan) - self.trained_params(g, plan)
         base = g.base_bytes or 4 * g.base_params  # the base as held (int8, 4-bit) or in fp32
-        return int(base + 16 * trained + 4 * frozen + activations)
+        # a float base adds such an update into its weight; a quantized one holds it beside
+        held_updates = 4 * self.frozen_update_elements(g, plan, global_plan) if g.quantized else 0
+        return int(base + held_updates + 16 * trained + 4 * frozen + activations)
 
     def flops_per_step(self, g: ModelGeometry, plan: AdapterPlan, backward_factor: float | None = None) -> float:
         tokens = self.batch_size * self.seq_len

@@ -30,6 +30,8 @@ PROPERTIES: dict[str, str] = {
     "b-frozen": "the B factors stay fixed; clients train and send only what lies between the factors",
     "b-kept-on-device": "each client keeps its B factors for itself; only A (and heads) are shared",
     "sliced-state": "each client's tensors are leading blocks of global tensors of the same names",
+    "frozen-weight-updates": "every client receives the aggregate folded into its frozen weights (FLoRA's base delta): on a quantized base each is held beside the layer's weight as a dense float32 out x in matrix",
+    "frozen-remainder": "a client whose plan is narrower than the global adapter receives the rest of it to fold into its frozen weights: on a quantized base each is held beside the layer's weight as a dense float32 out x in matrix",
     "quantized-base": "the frozen base weights are held in 8 or 4 bits (bitsandbytes layers), not as dense float matrices",
     "refactorized": "the LoRA factors clients receive are re-factorized or drawn afresh every round, so a factor's coordinates change from one round to the next",
     "refactorized-state": "the coordinator re-factorizes the LoRA factors it keeps after every round (a change of basis), so a statistic it keeps per coordinate across rounds loses its meaning",

@@ -27,7 +27,7 @@ from fedtune.coordinator.engine import RoundEngine, _difference
 from fedtune.coordinator.errors import CoordinatorError
 from fedtune.coordinator.global_model import FixedTensors, GlobalModel
 from fedtune.coordinator.guard import CallGuard
-from fedtune.coordinator.planner import Planner
+from fedtune.coordinator.planner import Planner, frozen_updates_of
 from fedtune.coordinator.service import CoordinatorService
 from fedtune.credentials import SecretError, read_secret
 from fedtune.data import Example, load_examples
@@ -169,7 +169,8 @@ class Coordinator:
                 raise ConfigError(str(exc) if str(exc).startswith("lora.") else f"lora.target_modules: {exc}") from None
             # Only the planner (with a heterogeneous strategy) needs the geometry; the delay
             # model uses it when it has it.
-            plans_per_client = config.planner.enabled and compose(config).heterogeneous
+            composed = compose(config)
+            plans_per_client = config.planner.enabled and composed.heterogeneous
             try:
                 geometry, plan = model_geometry(base, plan)
             except ValueError as exc:
@@ -187,7 +188,7 @@ class Coordinator:
                                       "set planner.enabled = false (--no-planner)")
                 self.planner = Planner(
                     geometry,
-                    CostModel(config.training.batch_size, config.model.max_length, config.training.local_steps),
+                    CostModel(config.training.batch_size, config.model.max_length, config.training.local_steps, frozen_updates=frozen_updates_of(composed)),
                     plan,
                     min_rank=config.planner.min_rank,
                     max_rank=config.planner.max_rank,

@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Mapping
 
+from fedtune.aggregation.base import Strategy
 from fedtune.contract.cost import CostModel, ModelGeometry, plan_ranks
 from fedtune.contract.plans import AdapterPlan
 from fedtune.devices import Capabilities
@@ -69,7 +70,15 @@ class Planner:
         min_rank = min(min_rank, max_rank)
         self.geometry, self.cost, self.template = geometry, cost, template
         self.min_rank, self.max_rank, self.round_budget_s = min_rank, max_rank, round_budget_s
+        # The ladder's last rung, known before it is built: a device's memory counts the part of
+        # this global adapter it may be sent as updates of its frozen weights.
+        self._top = legend_plan(template, geometry.num_blocks, geometry.num_blocks, max_rank, min_rank)
         self.ladder = self._build_ladder()
+        assert self.ladder[-1] == self._top
+
+    def memory_bytes(self, plan: AdapterPlan) -> int:
+        """What a device training ``plan`` holds at its peak (``CostModel.memory_bytes``)."""
+        return self.cost.memory_bytes(self.geometry, plan, self._top)
 
     def _build_ladder(self) -> list[AdapterPlan]:
         g, L = self.geometry, self.geometry.num_blocks
@@ -82,7 +91,7 @@ class Planner:
             if rank < self.max_rank:
                 options.append((depth, min(self.max_rank, rank * 2)))
             plans = [(legend_plan(self.template, L, d, r, self.min_rank), d, r) for d, r in options]
-            plan, depth, rank = min(plans, key=lambda x: (self.cost.flops_per_step(g, x[0]), self.cost.memory_bytes(g, x[0])))
+            plan, depth, rank = min(plans, key=lambda x: (self.cost.flops_per_step(g, x[0]), self.memory_bytes(x[0])))
             ladder.append(plan)
         return ladder
 
@@ -94,13 +103,22 @@ class Planner:
     def assign(self, caps: Capabilities) -> Assignment:
         g, best = self.geometry, 0
         for i, plan in enumerate(self.ladder):
-            if self.cost.memory_bytes(g, plan) <= caps.memory_bytes and self.cost.round_seconds(g, plan, caps) <= self.round_budget_s:
+            if self.memory_bytes(plan) <= caps.memory_bytes and self.cost.round_seconds(g, plan, caps) <= self.round_budget_s:
                 best = i
             else:
                 break  # cost only grows along the ladder
         plan = self.ladder[best]
-        fits = self.cost.memory_bytes(g, plan) <= caps.memory_bytes and self.cost.round_seconds(g, plan, caps) <= self.round_budget_s
-        return Assignment(plan, best, fits, self.cost.memory_bytes(g, plan), self.cost.round_seconds(g, plan, caps))
+        memory = self.memory_bytes(plan)
+        fits = memory <= caps.memory_bytes and self.cost.round_seconds(g, plan, caps) <= self.round_budget_s
+        return Assignment(plan, best, fits, memory, self.cost.round_seconds(g, plan, caps))
+
+
+def frozen_updates_of(strategy: Strategy) -> str:
+    """The ``CostModel.frozen_updates`` of a run whose strategy chain is ``strategy``, read from
+    what its parts declare (``fedtune.contract.properties``)."""
+    if strategy.chain_provides("frozen-weight-updates"):
+        return "all"
+    return "remainder" if strategy.chain_provides("frozen-remainder") else "none"
 
 
 def coverage(plans: Mapping[str, AdapterPlan], global_plan: AdapterPlan, num_blocks: int) -> dict:

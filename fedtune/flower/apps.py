@@ -50,7 +50,9 @@ _OVERRIDES = {
 }
 
 # One per process: Flower's simulation runs many nodes' messages in each worker process, and the
-# frozen base model and each node's tokenized data are worth keeping between them.
+# frozen base model and each node's tokenized data are worth keeping between them. Agents are
+# kept per run: a node's memory (control variates, residuals, privacy spent) lives in its
+# context.state, and a new run starts with none, so an agent of an earlier run must not be reused.
 _STORE = ModelStore()
 _AGENTS: dict[tuple, ClientAgent] = {}
 
@@ -132,7 +134,7 @@ def train(msg: Message, context: Context, config: RunConfig | None = None) -> Me
     cfg = resolve_config(context.run_config, config)
     part = int(context.node_config.get("partition-id", 0))
     parts = int(context.node_config.get("num-partitions", 1))
-    agent = _agent(cfg, part, parts)
+    agent = _agent(cfg, part, parts, context.run_id)
     if STATE_KEY in context.state.config_records:
         agent.restore(state_from_bytes(context.state[STATE_KEY]["blob"]))
     header = pb.TaskHeader.FromString(msg.content["config"][TASK_KEY])
@@ -153,7 +155,7 @@ def hello(msg: Message, context: Context, config: RunConfig | None = None) -> Me
     cfg = resolve_config(context.run_config, config)
     part = int(context.node_config.get("partition-id", 0))
     parts = int(context.node_config.get("num-partitions", 1))
-    agent = _agent(cfg, part, parts)
+    agent = _agent(cfg, part, parts, context.run_id)
     devices = fleet(cfg)
     caps = devices[part % len(devices)] if devices else Capabilities(tier="flower")
     record = ConfigRecord({"name": agent.options.name, "num-examples": len(agent.examples),
@@ -176,10 +178,12 @@ def client_app(config: RunConfig | None = None) -> ClientApp:
     return app
 
 
-def _agent(config: RunConfig, part: int, parts: int) -> ClientAgent:
-    key = (config_to_toml(config), part, parts)
+def _agent(config: RunConfig, part: int, parts: int, run_id: int) -> ClientAgent:
+    key = (run_id, config_to_toml(config), part, parts)
     agent = _AGENTS.get(key)
     if agent is None:
+        for old in [k for k in _AGENTS if k[0] != run_id]:  # an earlier run's: its data and memory go
+            del _AGENTS[old]
         train_examples, _, labels = prepare_data(config)
         share = client_shares(config, train_examples, labels, parts)[part]
         source = resolve_source(config.model.source)

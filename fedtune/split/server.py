@@ -185,6 +185,13 @@ class ServerHalf:
         self._unlock_step()
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The server-side part of the client's adapter, as trained in this session."""
+        """The server-side part of the client's adapter, as trained in this session (with a
+        shared server adapter: as it stands between two steps, copied under the step lock so
+        that another client's optimizer step is never read half done)."""
         o = self.options
-        return {k: v for k, v in adapter_state(self.model).items() if not client_side(k, o.cut, o.head_on_client)}
+        self._lock_step()
+        try:
+            state = adapter_state(self.model)
+        finally:
+            self._unlock_step()
+        return {k: v for k, v in state.items() if not client_side(k, o.cut, o.head_on_client)}

@@ -48,6 +48,11 @@ class FedAvg(Strategy):
     axis = "aggregation"
     declares = declare(provides={"sliced-state"})
 
+    def __init__(self, options=None, *, scale: float = 1.0, seed: int = 0) -> None:
+        super().__init__(options, scale=scale, seed=seed)
+        if self.options.freeze_remainder:  # the planner counts what a quantized base then holds
+            self.declares = self.declares | declare(provides={"frozen-remainder"})
+
     def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:
         adapter = {n: state[n] for n in ctx.global_spec}
 

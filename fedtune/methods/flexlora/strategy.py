@@ -42,6 +42,11 @@ class FlexLoRA(Strategy):
         "non-lora-adapter": "flexlora re-factorizes the mean update into LoRA's B·A by SVD",
     })
 
+    def __init__(self, options=None, *, scale: float = 1.0, seed: int = 0) -> None:
+        super().__init__(options, scale=scale, seed=seed)
+        if self.options.freeze_remainder:  # the planner counts what a quantized base then holds
+            self.declares = self.declares | declare(provides={"frozen-remainder"})
+
     def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> State:
         state = {k: v.clone() for k, v in adapter.items() if not is_lora(k)}
         for module in lora_modules(adapter):

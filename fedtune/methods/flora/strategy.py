@@ -28,7 +28,7 @@ class FLoRA(Strategy):
 
     name = "flora"
     axis = "aggregation"
-    declares = declare(provides={"mixed-shapes", "nonlinear-aggregate", "refactorized"}, refuses={
+    declares = declare(provides={"mixed-shapes", "nonlinear-aggregate", "refactorized", "frozen-weight-updates"}, refuses={
         "b-kept-on-device": "flora stacks every client's B next to its A, so B must be sent",
         "a-frozen": "flora stacks the clients' A matrices into a fresh adapter every round",
         "non-lora-adapter": "flora stacks the clients' LoRA factors B and A",

@@ -58,7 +58,7 @@ class HetLoRA(FedAvg):
     def __init__(self, options=None, *, scale: float = 1.0, seed: int = 0) -> None:
         super().__init__(options, scale=scale, seed=seed)
         if self.options.rank_pruning > 0:  # the clients' tail penalty is outside the per-example losses
-            self.declares = declare(provides={"sliced-state", "mixed-shapes", "penalty"}, refuses={
+            self.declares = self.declares | declare(provides={"penalty"}, refuses={
                 "non-lora-adapter": "hetlora's rank pruning penalizes the tail ranks of LoRA's B·A"})
 
     # ---------------------------------------------------------------- configure

@@ -195,3 +195,29 @@ def test_u_shaped_half_refuses_a_gradient_for_activations_it_never_sent():
     with pytest.raises(ProtocolError, match="waits for its gradient"):
         server.handle(pb.SplitHeader(step=1, kind=pb.SPLIT_KIND_ACTIVATIONS), {"hidden": torch.randn(10, 32), "mask": mask})
     assert encode_tensor("x", torch.zeros(1)).header.name == "x"
+
+
+def test_a_shared_server_adapter_is_copied_between_two_steps_never_during_one():
+    """SplitFed-V2: every client steps one server-side adapter in turn. A client's push copies it
+    under the step lock, so another client's optimizer step is never read half done."""
+    import threading
+
+    model, _ = adapted(bert, AdapterPlan(rank=2, alpha=4, target_modules=("query", "value"), modules_to_save=("classifier",)))
+    lock = threading.Lock()
+    halves = [ServerHalf(model, SplitOptions(cut=2, head="server", act_codec="fp32", grad_codec="fp32"), 1e-3, 0.0, PAD, step_lock=lock)
+              for _ in range(2)]
+    trained = next(p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n)
+    taken: list[dict] = []
+    lock.acquire()  # the other client's step is under way ...
+    with torch.no_grad():
+        trained.add_(1.0)  # ... half of its update written
+    reader = threading.Thread(target=lambda: taken.append(halves[0].tensors()))
+    reader.start()
+    reader.join(timeout=0.5)
+    assert reader.is_alive() and not taken  # the copy waits for the step to end
+    with torch.no_grad():
+        trained.add_(1.0)  # the rest of the update
+    lock.release()
+    reader.join(timeout=10)
+    assert taken and all(torch.equal(taken[0][n], t) for n, t in halves[1].tensors().items())
+    assert not lock.locked()  # the copy gave the lock back
