@@ -69,7 +69,9 @@ class GlobalModel:
             if key == self.plan.key():
                 self._specs[key] = specs_of(adapter_state(self.model))
             else:
-                probe = inject_lora(self.store.instance(self.source, self.task_name, self.labels), plan, self.task_name)
+                # seeded: an unseeded draw here, from a client thread, could land inside another
+                # thread's seeded block and change the values that block draws
+                probe = inject_lora(self.store.instance(self.source, self.task_name, self.labels), plan, self.task_name, seed=0)
                 self._specs[key] = specs_of(adapter_state(probe))
         return self._specs[key]
 
@@ -122,7 +124,7 @@ class GlobalModel:
                     "base_precision": self.source.precision}
         if base_delta:
             plan, state, errors = fold_deltas(self.plan, state, base_delta, rank)
-            model = inject_lora(self.store.instance(self.source, self.task_name, self.labels), plan, self.task_name)
+            model = inject_lora(self.store.instance(self.source, self.task_name, self.labels), plan, self.task_name, seed=0)
             load_adapter_state(model, state)
             metadata.update(plan=plan.to_json(), folded_base_delta=True, export_rank=plan.rank, relative_error=max(errors.values(), default=0.0), relative_error_per_module=errors)
             log.info("folded the base deltas into a rank-%d adapter (largest relative error %.2e)", plan.rank, metadata["relative_error"])
@@ -130,7 +132,7 @@ class GlobalModel:
             # Fed-SB: fold each core into its A (A <- R @ A), a plain LoRA adapter with the
             # same function, since peft has no LoRA-SB tuner to load cores with.
             plan = replace(self.plan, core=False)
-            model = inject_lora(self.store.instance(self.source, self.task_name, self.labels), plan, self.task_name)
+            model = inject_lora(self.store.instance(self.source, self.task_name, self.labels), plan, self.task_name, seed=0)
             load_adapter_state(model, fold_cores(state))
             metadata.update(plan=plan.to_json(), folded_cores=True)
         else:
