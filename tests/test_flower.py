@@ -488,3 +488,34 @@ def test_a_new_run_in_the_same_process_starts_its_nodes_with_no_memory(tmp_path,
     fresh = apps._agent(config, 0, 3, run_id=2)
     assert fresh is not first and fresh._memory == {}
     assert all(key[0] == 2 for key in apps._AGENTS)     # the earlier run's agents are let go
+
+
+def test_a_node_holds_the_updates_of_its_frozen_weights_only_in_its_model(tmp_path, tiny_bert, task_identity):
+    """A narrower plan's remainder arrives as frozen factors; once folded into the model the
+    received copies are let go (from the caller's dict too), so the device holds each update
+    once, as the planner's memory model counts it."""
+    from fedtune.flower import apps
+    from fedtune.flower.strategy import TASK_KEY
+    from fedtune.names import is_frozen_update
+    from fedtune.protocol import fedtune_pb2 as pb
+
+    config = _config(tmp_path, tiny_bert, "hetlora")
+    devices = _three_tiers(tiny_bert, config)
+    config.planner.enabled, config.planner.min_rank, config.planner.max_rank = True, 2, 8
+    flower = FedtuneStrategy(config, eval_examples=[], capabilities=lambda i: devices[i])
+    grid = FakeGrid([1, 2, 3])
+    replies = []
+    for msg in flower.configure_train(1, flower.initial_arrays(), None, grid):  # round 1: B is zero, no remainder yet
+        node = msg.metadata.dst_node_id
+        update = _fake_update(record_to_tensors(msg.content["arrays"]), flower.engine.expected_update(flower.client_of[node], 1), node)
+        replies.append(_reply(msg, RecordDict({"arrays": tensors_to_record(update), "metrics": MetricRecord({"num-examples": 10})})))
+    record, _ = flower.aggregate_train(1, replies)
+    messages = list(flower.configure_train(2, record, None, grid))
+    narrow = [m for m in messages if any(is_frozen_update(n) for n in m.content["arrays"])]
+    assert narrow, "no client got a remainder: the test needs a narrower plan"
+    msg = narrow[0]
+    tensors = record_to_tensors(msg.content["arrays"])
+    agent = apps._agent(config, 0, 3, run_id=1)
+    update, _, metrics = agent.train(pb.TaskHeader.FromString(msg.content["config"][TASK_KEY]), tensors)
+    assert update and metrics["train_loss"] > 0
+    assert not any(is_frozen_update(n) for n in tensors)

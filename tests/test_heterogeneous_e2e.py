@@ -12,7 +12,8 @@ import torch
 from fedtune.adapters import AdapterPlan
 from fedtune.config import RunConfig
 from fedtune.coordinator.app import Coordinator, model_geometry
-from fedtune.coordinator.planner import CostModel, Planner
+from fedtune.compose import compose
+from fedtune.coordinator.planner import CostModel, Planner, frozen_updates_of
 from fedtune.devices import Capabilities
 from fedtune.models import ModelStore, resolve_source
 from fedtune.protocol import fedtune_pb2 as pb
@@ -41,10 +42,11 @@ def _three_tiers(model: str, config: RunConfig) -> list[Capabilities]:
     """Devices whose memory affords the smallest, a middle and the largest plan of the ladder."""
     store = ModelStore()
     geometry, plan = model_geometry(store.base(resolve_source(model), "seq-cls", LABELS), AdapterPlan(rank=4, alpha=8.0))
-    cost = CostModel(config.training.batch_size, config.model.max_length, config.training.local_steps)
+    # priced as the run's planner prices them: with the updates of frozen weights its strategy sends
+    cost = CostModel(config.training.batch_size, config.model.max_length, config.training.local_steps, frozen_updates=frozen_updates_of(compose(config)))
     planner = Planner(geometry, cost, plan, min_rank=2, max_rank=8)
     rungs = [0, len(planner.ladder) // 2, len(planner.ladder) - 1]
-    return [Capabilities(cost.memory_bytes(geometry, planner.ladder[r]), 1e12, 1e8, 1e8, tier=name) for r, name in zip(rungs, ("phone", "laptop", "server"))]
+    return [Capabilities(planner.memory_bytes(planner.ladder[r]), 1e12, 1e8, 1e8, tier=name) for r, name in zip(rungs, ("phone", "laptop", "server"))]
 
 
 @pytest.mark.parametrize("strategy", ["hetlora", "flexlora", "flora"])

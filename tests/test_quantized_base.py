@@ -173,24 +173,27 @@ def test_the_planner_counts_the_bytes_a_device_holds(store):
     assert cost.memory_bytes(dense, plan) - cost.memory_bytes(small, plan) == dense.base_bytes - small.base_bytes
 
 
-def test_the_planner_counts_the_updates_of_frozen_weights_a_quantized_base_holds(store):
-    """On a quantized base, an update of a frozen weight (FLoRA's folded aggregate, the rest of
-    a wider global adapter) is held beside the layer as a dense float32 matrix: the cost model
-    counts those bytes where the strategy sends such updates, and the planner sizes by them."""
+def test_the_planner_counts_the_updates_of_frozen_weights_a_device_holds(store):
+    """An update of a frozen weight (FLoRA's folded aggregate, the rest of a wider global
+    adapter) costs a device 4 bytes per element: beside a quantized layer in float32, or as a
+    new float weight while the process's frozen base keeps the original. The cost model counts
+    them where the strategy sends such updates, and the planner sizes by them."""
     from fedtune.coordinator.planner import Planner
     from fedtune.devices import Capabilities
 
     template = AdapterPlan(rank=8, alpha=16.0)
     small, template = model_geometry(_base(store, "4bit"), template)
     dense, _ = model_geometry(_base(store, "fp32"), template)
-    assert small.quantized and not dense.quantized
-    # what a device really holds: 4 bytes per element of each update, beside the weight
-    model = store.instance(resolve_source("minilm", "4bit"), "seq-cls", LABELS)
     top = [(name, i, o) for b, name, i, o in small.modules if b == 5]
-    before = held_bytes(model)
-    for name, i, o in top:
-        add_to_weight(model.get_submodule(name), torch.full((o, i), 0.01))
-    assert top and held_bytes(model) - before == 4 * sum(i * o for _, i, o in top)
+    assert top
+    # what a device really holds, on both kinds of base: the base it shares and its own tree
+    for precision in ("4bit", "fp32"):
+        source = resolve_source("minilm", precision)
+        both = torch.nn.ModuleList([store.base(source, "seq-cls", LABELS), store.instance(source, "seq-cls", LABELS)])
+        before = held_bytes(both)
+        for name, i, o in top:
+            add_to_weight(both[1].get_submodule(name), torch.full((o, i), 0.01))
+        assert held_bytes(both) - before == 4 * sum(i * o for _, i, o in top), precision
 
     def cost(frozen_updates: str) -> CostModel:
         return CostModel(batch_size=8, seq_len=64, local_steps=4, frozen_updates=frozen_updates)
@@ -200,24 +203,29 @@ def test_the_planner_counts_the_updates_of_frozen_weights_a_quantized_base_holds
     narrow = AdapterPlan(rank=4, alpha=8.0, target_modules=template.target_modules, layers=(4, 5))
     per_block = {b: sum(i * o for bb, _, i, o in small.modules if bb == b) for b in range(6)}
     extra = lambda fu, g, plan: cost(fu).memory_bytes(g, plan, everything) - cost("none").memory_bytes(g, plan, everything)  # noqa: E731
-    # FLoRA: an update of every module of the global adapter, whatever the client's plan
-    assert extra("all", small, upper) == extra("all", small, narrow) == 4 * sum(per_block.values())
+    # every module of the global adapter, whatever the client's plan (FLoRA, FlexLoRA)
+    assert extra("all", small, everything) == extra("all", small, narrow) == 4 * sum(per_block.values())
     # the remainder: the modules where the client's rank is below the global adapter's
     assert extra("remainder", small, everything) == 0
     assert extra("remainder", small, upper) == 4 * sum(per_block[b] for b in range(5))
     assert extra("remainder", small, narrow) == 4 * sum(per_block.values())  # rank 4 < 8 on blocks 4 and 5 too
-    # a float base adds the update into its weight: nothing lasting to hold
-    assert extra("all", dense, upper) == extra("remainder", dense, upper) == 0
+    assert extra("all", dense, upper) == extra("all", small, upper)  # the same bytes on a float base
     with pytest.raises(ValueError, match="frozen_updates must be one of none, remainder, all, got 'some'"):
         cost("some")
     # the planner: a device that holds a rung's adapter but not the updates gets a lower rung
-    planners = {fu: Planner(small, cost(fu), template, min_rank=2, max_rank=8) for fu in ("none", "all")}
+    planners = {fu: Planner(small, cost(fu), template, min_rank=2, max_rank=8) for fu in ("none", "all", "remainder")}
     rung = len(planners["none"].ladder) // 2
     budget = planners["none"].memory_bytes(planners["none"].ladder[rung])
     device = Capabilities(memory_bytes=budget, flops_per_second=1e15)
     assert planners["none"].assign(device).rung == rung
     held = planners["all"].assign(device)
     assert held.rung < rung and held.memory_bytes <= budget and planners["all"].ladder == planners["none"].ladder
+    # with a remainder a larger rung can need less memory than a smaller one: the device gets
+    # the largest rung that fits, not the last before the first that does not
+    remainder = planners["remainder"]
+    for device_budget in sorted({remainder.memory_bytes(p) for p in remainder.ladder}):
+        got = remainder.assign(Capabilities(memory_bytes=device_budget, flops_per_second=1e15))
+        assert got.rung == max(i for i, p in enumerate(remainder.ladder) if remainder.memory_bytes(p) <= device_budget)
 
 
 def test_strategies_that_send_updates_of_frozen_weights_say_so():
@@ -230,8 +238,10 @@ def test_strategies_that_send_updates_of_frozen_weights_say_so():
         config.federation.aggregation, config.federation.options = aggregation, options
         return frozen_updates_of(compose(config))
 
-    assert held("flora") == "all"
-    assert held("hetlora") == held("flexlora") == held("hetlora", rank_pruning=0.1) == "remainder"
+    # FLoRA folds the aggregate; FlexLoRA's re-factorized mean has a rank above any client's,
+    # and a pruned HetLoRA rank cap narrows even the largest plan: every module, any client
+    assert held("flora") == held("flexlora") == held("hetlora", rank_pruning=0.1) == "all"
+    assert held("hetlora") == "remainder"
     assert held("hetlora", freeze_remainder=False) == held("flexlora", freeze_remainder=False) == "none"
 
 

@@ -32,7 +32,7 @@ from fedtune.data import Example
 from fedtune.devices import Capabilities
 from fedtune.methods.split.recipe import SplitRecipe
 from fedtune.models import ModelSource, ModelStore
-from fedtune.names import ends_with
+from fedtune.names import ends_with, is_frozen_update
 from fedtune.privacy.sample_level import PrivacyRefusal
 from fedtune.protocol import fedtune_pb2 as pb
 from fedtune.protocol.messages import capabilities_to_proto, plan_from_proto
@@ -263,6 +263,8 @@ class ClientAgent:
                 self.stop_event.wait(min(header.retry_after_seconds, 5.0))
             return False
         self.report.bytes_down += nbytes
+        # the push names tensors by their slot in the task: taken before training consumes some
+        slots = slot_table(tensors) if header.update_by_slot else None  # else: an older coordinator, which reads names
         try:
             encoded, num_examples, metrics = self._train(header, tensors)
         except RoundClosed:  # the round closed while this device waited for a compute slot
@@ -282,7 +284,6 @@ class ClientAgent:
             self.report.rejected.append(f"round {header.round}: {exc.code().name}: {exc.details()}")
             return False
         self._save()  # before anything leaves the device: the privacy spent this round is on disk
-        slots = slot_table(tensors) if header.update_by_slot else None  # else: an older coordinator, which reads names
         self._push(header.round, encoded, num_examples, metrics, evaluation=header.options.get("evaluate_only") == "true", slots=slots)
         return False
 
@@ -363,7 +364,8 @@ class ClientAgent:
 
     def _train(self, header: pb.TaskHeader, tensors: dict) -> tuple[list[EncodedTensor], int, dict[str, float]]:
         """Train as the task's recipe says; returns (the update encoded for the wire, example
-        count, metrics)."""
+        count, metrics). Consumes the updates of frozen weights in ``tensors`` (from then on
+        the model holds them), so the device holds each once."""
         task_name = header.model.task
         task = get_task(task_name)
         labels = list(header.model.labels)
@@ -393,6 +395,10 @@ class ClientAgent:
         items, eval_items = self._split(key, recipe.options.personal_eval)
         train_settings = TrainSettings(settings.local_steps, settings.batch_size, settings.learning_rate, settings.weight_decay, settings.seed)
         adapter, frozen, extras = split_task_tensors(tensors, plan.scale)
+        # The updates of frozen weights live on in the model alone (the planner counts one copy):
+        # the received ones go, from the caller's dict too.
+        for name in [n for n in tensors if is_frozen_update(n)]:
+            del tensors[name]
         blocks, model_plan = 0, plan
         if isinstance(recipe, SplitRecipe):  # the device holds the blocks below its cut, no more
             blocks, model_plan = recipe.bottom_plan(plan)
@@ -407,6 +413,7 @@ class ClientAgent:
             model = inject_lora(self.store.instance(held, task_name, labels, blocks), model_plan, task_name, seed=settings.seed)
             try:
                 apply_base_delta(model, frozen)
+                frozen.clear()  # the model holds them now
                 update, metrics = recipe.run(model, adapter, extras, task, items, train_settings, self.store.pad_id(self.source), self.options.device, eval_items)
                 del model
                 release_free_memory()

@@ -12,11 +12,12 @@ recommends: layers near the output matter most and need no backward pass below t
   ``params_per_rank``: 2 for LoHa's two products).
 - Memory (bytes, fp32):
     frozen weights ``4 * N_base`` (or the bytes a quantized base really holds)
-  + on a quantized base, the updates of frozen weights a strategy sends (``frozen_updates``:
-    FLoRA's folded aggregate on every module of the global adapter, or the rest of a wider
-    global adapter on the modules where the plan's rank is lower): each is a dense float32
-    ``in * out`` matrix held beside the layer's quantized weight, ``4 * in * out`` bytes; on a
-    float base the update is added into the weight and costs nothing lasting
+  + the updates of frozen weights a strategy sends (``frozen_updates``: on every module of the
+    global adapter, as FLoRA's folded aggregate, or on the modules where the plan's rank is
+    below the global adapter's, as the rest of a wider adapter), ``4 * in * out`` bytes each: a
+    quantized layer holds it beside its weight in float32; a float layer gets a new weight
+    while the process's frozen base keeps the original (an upper bound: an update that is
+    zero, as in the first round, is not sent)
   + adapter, its gradient and AdamW's two moments ``16 * P``
   + activations: ``A = 4 * T * (34 * hidden + 5 * heads * seq_len)`` per block, the figure of
     Korthikanti et al. (2022) for 16-bit training doubled for fp32, kept for each block the
@@ -47,7 +48,7 @@ import torch
 from fedtune.contract.adapter_kinds import adapter_kind
 from fedtune.contract.plans import AdapterPlan
 from fedtune.devices import Capabilities
-from fedtune.quantized_base import held_bytes, is_quantized, logical_numel
+from fedtune.quantized_base import held_bytes, logical_numel
 
 _BLOCK = re.compile(r"\.(\d+)\.")
 
@@ -165,7 +166,6 @@ class ModelGeometry:
     modules: tuple[tuple[int, str, int, int], ...]    # (block, name, in, out) of each LoRA target
     head_params: int = 0                              # trained head (modules_to_save)
     base_bytes: int = 0                               # bytes the frozen base occupies as held (0: fp32)
-    quantized: bool = False                           # LoRA targets are quantized layers (8/4-bit, GGUF)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, target_modules: Sequence[str], head_params: int = 0) -> "ModelGeometry":
@@ -196,7 +196,6 @@ class ModelGeometry:
             modules=tuple(modules),
             head_params=head_params,
             base_bytes=held_bytes(model),  # what the device holds: fewer bytes when quantized
-            quantized=any(is_quantized(model.get_submodule(name)) for _, name, _, _ in modules),
         )
 
 
@@ -252,10 +251,10 @@ class CostModel:
         return g.num_blocks - min(ranks) if ranks else 0
 
     def frozen_update_elements(self, g: ModelGeometry, plan: AdapterPlan, global_plan: AdapterPlan | None = None) -> int:
-        """Elements of the dense updates of frozen weights a client on ``plan`` is sent, with
-        ``global_plan`` the global adapter's (default: ``plan``): every module of the global
-        adapter ("all"), those where ``plan`` has a lower rank than the global adapter
-        ("remainder"), or none."""
+        """Elements of the dense updates of frozen weights a client on ``plan`` may be sent, with
+        ``global_plan`` the global adapter's (default: ``plan``): on every module of the global
+        adapter ("all"), on those where ``plan`` has a lower rank than the global adapter
+        ("remainder"), or none. A bound: an update that is zero is not sent."""
         if self.frozen_updates == "none":
             return 0
         everywhere = plan_ranks(global_plan or plan, g.num_blocks)
@@ -272,8 +271,9 @@ class CostModel:
         trained = self.trained_params(g, plan) + g.head_params
         frozen = self.lora_params(g, plan) - self.trained_params(g, plan)
         base = g.base_bytes or 4 * g.base_params  # the base as held (int8, 4-bit) or in fp32
-        # a float base adds such an update into its weight; a quantized one holds it beside
-        held_updates = 4 * self.frozen_update_elements(g, plan, global_plan) if g.quantized else 0
+        # an update of a frozen weight: float32 beside a quantized weight, or a new float weight
+        # (the shared frozen base keeps the original)
+        held_updates = 4 * self.frozen_update_elements(g, plan, global_plan)
         return int(base + held_updates + 16 * trained + 4 * frozen + activations)
 
     def flops_per_step(self, g: ModelGeometry, plan: AdapterPlan, backward_factor: float | None = None) -> float:

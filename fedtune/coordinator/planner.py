@@ -8,8 +8,10 @@ The ladder
 Candidate plans form a chain, each dominating the one before (every layer of the smaller plan is
 in the larger one with at least the same rank): it grows one step at a time by adding the next
 block below (depth + 1) or doubling the rank, whichever costs less. A device gets the largest
-plan of the chain within its memory and the round-time budget. Cost only grows along the chain,
-so a device at least as capable as another in every resource never gets a smaller plan.
+plan of the chain within its memory and the round-time budget, so a device at least as capable
+as another in every resource never gets a smaller plan. (Memory need not grow along the chain:
+where the strategy sends the rest of the global adapter as an update of the frozen weights, a
+higher rank leaves less of it to hold.)
 Within a plan, the upper half of its blocks get rank r and the lower half r/2: higher ranks
 near the output, as LEGEND found most efficient.
 """
@@ -101,12 +103,10 @@ class Planner:
         return self.ladder[-1]
 
     def assign(self, caps: Capabilities) -> Assignment:
-        g, best = self.geometry, 0
-        for i, plan in enumerate(self.ladder):
-            if self.memory_bytes(plan) <= caps.memory_bytes and self.cost.round_seconds(g, plan, caps) <= self.round_budget_s:
-                best = i
-            else:
-                break  # cost only grows along the ladder
+        g = self.geometry
+        fitting = [i for i, plan in enumerate(self.ladder)
+                   if self.memory_bytes(plan) <= caps.memory_bytes and self.cost.round_seconds(g, plan, caps) <= self.round_budget_s]
+        best = max(fitting, default=0)
         plan = self.ladder[best]
         memory = self.memory_bytes(plan)
         fits = memory <= caps.memory_bytes and self.cost.round_seconds(g, plan, caps) <= self.round_budget_s

@@ -50,7 +50,7 @@ class FedAvg(Strategy):
 
     def __init__(self, options=None, *, scale: float = 1.0, seed: int = 0) -> None:
         super().__init__(options, scale=scale, seed=seed)
-        if self.options.freeze_remainder:  # the planner counts what a quantized base then holds
+        if self.options.freeze_remainder:  # the planner counts what a device then holds
             self.declares = self.declares | declare(provides={"frozen-remainder"})
 
     def configure(self, ctx: RoundContext, state: Mapping[str, torch.Tensor]) -> dict[str, Instruction]:

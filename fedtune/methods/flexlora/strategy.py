@@ -44,8 +44,8 @@ class FlexLoRA(Strategy):
 
     def __init__(self, options=None, *, scale: float = 1.0, seed: int = 0) -> None:
         super().__init__(options, scale=scale, seed=seed)
-        if self.options.freeze_remainder:  # the planner counts what a quantized base then holds
-            self.declares = self.declares | declare(provides={"frozen-remainder"})
+        if self.options.freeze_remainder:  # the mean's rank exceeds any client's: every client gets a rest
+            self.declares = self.declares | declare(provides={"frozen-weight-updates"})
 
     def initial_state(self, adapter: Mapping[str, torch.Tensor]) -> State:
         state = {k: v.clone() for k, v in adapter.items() if not is_lora(k)}

@@ -60,6 +60,8 @@ class HetLoRA(FedAvg):
         if self.options.rank_pruning > 0:  # the clients' tail penalty is outside the per-example losses
             self.declares = self.declares | declare(provides={"penalty"}, refuses={
                 "non-lora-adapter": "hetlora's rank pruning penalizes the tail ranks of LoRA's B·A"})
+            if self.options.freeze_remainder:  # a pruned rank cap narrows any plan, the largest too
+                self.declares = self.declares | declare(provides={"frozen-weight-updates"})
 
     # ---------------------------------------------------------------- configure
 
