@@ -1,6 +1,7 @@
 """Heterogeneous devices on the demo task: one uniform adapter for all versus a plan per device.
 
     python bench/heterogeneity.py [--rounds 3] [--clients-per-tier 2] [--seeds N | --seed-list S ...] [--out FILE]
+    python bench/heterogeneity.py --table a.json b.json [--out FILE]
 
 The demo task (MiniLM + LoRA on the 3-class tweet corpus, Dirichlet(0.5) split) on a fleet of
 phones, laptops and servers (``fedtune.devices.TIERS``). Rows:
@@ -44,7 +45,7 @@ from fedtune.devices import TIERS
 from fedtune.models import ModelStore, resolve_source
 from fedtune.simulation.runner import run_simulation
 
-from seeds import add_arguments, combine, compare, format_mean, seeds_of
+from seeds import add_arguments, combine, compare, format_mean, merge_documents, seeds_of
 
 TIER_ORDER = ("phone", "laptop", "server")
 
@@ -151,8 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", help="run only these settings")
     parser.add_argument("--no-freeze-rows", action="store_true", help="also run hetlora and flexlora without the frozen remainder")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--table", type=Path, nargs="+", metavar="JSON",
+                        help="print the table of earlier runs' --out files (other seeds of the same settings) instead of running")
     add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.table:
+        return table(args)
     seeds = seeds_of(args)
     by_name: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,7 +171,12 @@ def main(argv: list[str] | None = None) -> int:
             add_targets(runs)
             for r in runs:
                 by_name.setdefault(r["name"], []).append(r)
-    results = [combine(name, runs) for name, runs in by_name.items()]
+    report(args, [combine(name, runs) for name, runs in by_name.items()], seeds)
+    return 0
+
+
+def report(args: argparse.Namespace, results: list[dict], seeds: list[int]) -> None:
+    """The comparisons, the printed table and (with ``--out``) the JSON of ``results``."""
     target = next((r["final_eval_accuracy"] for r in results if r["name"] == "uniform-largest-no-deadline"), None)
     comparisons = compare(results, [(r["name"], "uniform-largest-no-deadline") for r in results if r["name"] != "uniform-largest-no-deadline"],
                           key="final_eval_accuracy", lower_is_better=False)
@@ -187,6 +197,27 @@ def main(argv: list[str] | None = None) -> int:
     out = {"target_eval_accuracy": target, "seeds": seeds, "comparisons": comparisons, "rounds": args.rounds, "clients_per_tier": args.clients_per_tier, "lr": args.lr, "tiers": {k: vars(v) for k, v in TIERS.items()}, "rows": results}
     if args.out:
         args.out.write_text(json.dumps(out, indent=2) + "\n")
+
+
+# The settings of an --out document that runs merged by --table must share.
+SETTINGS = ("rounds", "clients_per_tier", "lr", "tiers")
+
+
+def table(args: argparse.Namespace) -> int:
+    """``--table``: earlier runs' ``--out`` files (other seeds of the same rows, run on two cores
+    at once, say) merged into one table, compared paired, written with ``--out``. Targets and
+    times to reach them were taken within each seed when it ran, so merging keeps them."""
+    try:
+        documents = [json.loads(path.read_text()) for path in args.table]
+        rows, seeds = merge_documents(documents, SETTINGS)
+        for row in rows:  # a per-round figure is the mean over every seed, not the first document's
+            for key in ("eval_loss_by_round", "eval_accuracy_by_round", "sim_seconds_by_round"):
+                parts = [(r[key], len(doc["seeds"])) for doc in documents for r in doc["rows"] if r["name"] == row["name"]]
+                row[key] = [sum(v[i] * n for v, n in parts) / sum(n for _, n in parts) for i in range(len(parts[0][0]))]
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise SystemExit(f"--table: {exc}") from None
+    args.rounds, args.clients_per_tier, args.lr = (documents[0][k] for k in ("rounds", "clients_per_tier", "lr"))
+    report(args, rows, seeds)
     return 0
 
 

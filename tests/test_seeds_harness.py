@@ -107,6 +107,50 @@ def test_runs_of_other_seeds_merge_into_the_table_one_run_would_give():
         merge_documents([first, only_a])
 
 
+def test_the_heterogeneity_table_of_two_runs_is_the_table_of_one(tmp_path, capsys):
+    """bench/heterogeneity.py --table: seeds 0-2 and 3-4 run apart merge into one run's figures:
+    per-seed accuracies in seed order, the per-round curve averaged over all five seeds (not the
+    first document's), the paired comparison against uniform-largest-no-deadline by hand; runs
+    of other settings are refused, naming the setting."""
+    import json
+
+    import heterogeneity
+
+    acc = {"uniform-largest-no-deadline": [0.55, 0.60, 0.52, 0.58, 0.50], "hetlora": [0.57, 0.62, 0.50, 0.61, 0.53]}
+
+    def run(name, seed):
+        a = acc[name][seed]
+        return {"name": name, "final_eval_loss": 1.0 - a, "final_eval_accuracy": a, "mb_up_per_round": 1.0, "mb_down_per_round": 2.0,
+                "sim_seconds_per_round": 24.0, "wall_seconds": 60.0, "clients_per_round": 6.0, "rounds_to_target": None if seed == 2 else 3,
+                "sim_seconds_to_target": None if seed == 2 else 72.0, "speedup_vs_uniform_largest": None, "eval_loss_by_round": [1.0, 1.0 - a],
+                "eval_accuracy_by_round": [0.4, a], "sim_seconds_by_round": [24.0, 24.0]}
+
+    settings = {"rounds": 2, "clients_per_tier": 2, "lr": 1e-3, "tiers": {"phone": {"memory_mib": 256}}}
+    paths = []
+    for part, seeds in (("a", [0, 1, 2]), ("b", [3, 4])):
+        doc = {**settings, "seeds": seeds, "rows": [heterogeneity.combine(n, [run(n, s) for s in seeds]) for n in acc]}
+        paths.append(tmp_path / f"{part}.json")
+        paths[-1].write_text(json.dumps(doc))
+    assert heterogeneity.main(["--table", *map(str, paths), "--out", str(tmp_path / "all.json")]) == 0
+    merged = json.loads((tmp_path / "all.json").read_text())
+    assert merged["seeds"] == [0, 1, 2, 3, 4]
+    rows = {r["name"]: r for r in merged["rows"]}
+    assert rows["hetlora"]["final_eval_accuracy_per_seed"] == acc["hetlora"]
+    assert rows["hetlora"]["final_eval_accuracy"] == pytest.approx(sum(acc["hetlora"]) / 5)
+    assert rows["hetlora"]["eval_accuracy_by_round"] == pytest.approx([0.4, sum(acc["hetlora"]) / 5])
+    assert rows["hetlora"]["rounds_to_target_per_seed"] == [3, 3, None, 3, 3] and rows["hetlora"]["rounds_to_target"] is None
+    diffs = [h - u for h, u in zip(acc["hetlora"], acc["uniform-largest-no-deadline"])]
+    (found,) = merged["comparisons"]
+    assert found["final_eval_accuracy_difference"] == pytest.approx(sum(diffs) / 5)
+    assert found["final_eval_accuracy_difference_ci95"] == pytest.approx(ci95(diffs)[1])
+    assert "no difference measured" in found["verdict"]  # +0.016 +- 0.031 holds zero
+    assert "no difference measured" in capsys.readouterr().out
+    other = json.loads(paths[1].read_text())
+    paths[1].write_text(json.dumps({**other, "lr": 3e-3}))
+    with pytest.raises(SystemExit, match="lr"):
+        heterogeneity.main(["--table", *map(str, paths)])
+
+
 def test_a_seed_changes_the_partition_the_initialization_and_the_dropout_and_repeats_bit_for_bit(tmp_path, tiny_llama):
     """What ``--seeds`` relies on: RunConfig.seed alone decides the data partition, the initial
     adapter and every dropout mask, so one seed repeats a run exactly and another seed is
