@@ -1,7 +1,7 @@
 """Heterogeneous devices on the demo task: one uniform adapter for all versus a plan per device.
 
     python bench/heterogeneity.py [--rounds 3] [--clients-per-tier 2] [--seeds N | --seed-list S ...] [--out FILE]
-    python bench/heterogeneity.py --table a.json b.json [--out FILE]
+    python bench/heterogeneity.py --table a.json b.json [--only ROW ...] [--out FILE]
 
 The demo task (MiniLM + LoRA on the 3-class tweet corpus, Dirichlet(0.5) split) on a fleet of
 phones, laptops and servers (``fedtune.devices.TIERS``). Rows:
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients-per-tier", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3, help="local learning rate (3e-3 destabilizes the deeper adapters)")
-    parser.add_argument("--only", nargs="+", help="run only these settings")
+    parser.add_argument("--only", nargs="+", help="run (or, with --table, print) only these settings")
     parser.add_argument("--no-freeze-rows", action="store_true", help="also run hetlora and flexlora without the frozen remainder")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--table", type=Path, nargs="+", metavar="JSON",
@@ -209,6 +209,8 @@ def table(args: argparse.Namespace) -> int:
     times to reach them were taken within each seed when it ran, so merging keeps them."""
     try:
         documents = [json.loads(path.read_text()) for path in args.table]
+        if args.only:  # rows some documents ran with fewer seeds are left out of the merge
+            documents = [{**doc, "rows": [r for r in doc["rows"] if r["name"] in args.only]} for doc in documents]
         rows, seeds = merge_documents(documents, SETTINGS)
         for row in rows:  # a per-round figure is the mean over every seed, not the first document's
             for key in ("eval_loss_by_round", "eval_accuracy_by_round", "sim_seconds_by_round"):

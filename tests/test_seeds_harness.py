@@ -145,6 +145,12 @@ def test_the_heterogeneity_table_of_two_runs_is_the_table_of_one(tmp_path, capsy
     assert found["final_eval_accuracy_difference_ci95"] == pytest.approx(ci95(diffs)[1])
     assert "no difference measured" in found["verdict"]  # +0.016 +- 0.031 holds zero
     assert "no difference measured" in capsys.readouterr().out
+    extra = tmp_path / "extra.json"  # a row only seed 0 ran: merged only when --only leaves it out
+    extra.write_text(json.dumps({**settings, "seeds": [0], "rows": [heterogeneity.combine("flora", [{**run("hetlora", 0), "name": "flora"}])]}))
+    with pytest.raises(SystemExit, match="cannot be compared paired"):
+        heterogeneity.main(["--table", *map(str, paths), str(extra)])
+    assert heterogeneity.main(["--table", *map(str, paths), str(extra), "--only", *acc, "--out", str(tmp_path / "two.json")]) == 0
+    assert [r["name"] for r in json.loads((tmp_path / "two.json").read_text())["rows"]] == list(acc)
     other = json.loads(paths[1].read_text())
     paths[1].write_text(json.dumps({**other, "lr": 3e-3}))
     with pytest.raises(SystemExit, match="lr"):
