@@ -199,6 +199,19 @@ def report(args: argparse.Namespace, results: list[dict], seeds: list[int]) -> N
         args.out.write_text(json.dumps(out, indent=2) + "\n")
 
 
+# Figures a row lacks in a seed that never reached the target (None).
+TARGET_FIGURES = ("rounds_to_target", "sim_seconds_to_target", "mb_to_target", "speedup_vs_uniform_largest")
+
+
+def _missed_every_seed(row: dict, seeds: int) -> dict:
+    """``row`` with a per-seed list of None for each target figure that every one of its document's
+    seeds missed: ``combine`` keeps no per-seed list for a figure no seed has, and merging needs
+    one per seed."""
+    missing = {f"{key}_per_seed": [None] * seeds for key in TARGET_FIGURES
+               if key in row and row[key] is None and f"{key}_per_seed" not in row}
+    return {**row, **missing}
+
+
 # The settings of an --out document that runs merged by --table must share.
 SETTINGS = ("rounds", "clients_per_tier", "lr", "tiers")
 
@@ -211,6 +224,7 @@ def table(args: argparse.Namespace) -> int:
         documents = [json.loads(path.read_text()) for path in args.table]
         if args.only:  # rows some documents ran with fewer seeds are left out of the merge
             documents = [{**doc, "rows": [r for r in doc["rows"] if r["name"] in args.only]} for doc in documents]
+        documents = [{**doc, "rows": [_missed_every_seed(r, len(doc["seeds"])) for r in doc["rows"]]} for doc in documents]
         rows, seeds = merge_documents(documents, SETTINGS)
         for row in rows:  # a per-round figure is the mean over every seed, not the first document's
             for key in ("eval_loss_by_round", "eval_accuracy_by_round", "sim_seconds_by_round"):
