@@ -20,11 +20,16 @@ and **unstamped** when its section has no stamp; both make
 the exit status 1, so a stale table is visible at a glance (and a CI step can refuse one).
 
 What a script exercises is read from the source, not guessed: the script, the bench modules it
-imports, and every ``fedtune`` module reachable from it through import statements, module level
-or inside functions (fedtune imports many modules lazily), with the method folders that
-fedtune's registries import by discovery (``fedtune/methods/<method>/``) counted whenever the
-registries are. Tests (``test_*.py``, ``conftest.py``) are never counted. This over-counts a
-little (a lazily imported module the run never reaches), never under-counts an import.
+imports, and every ``fedtune`` module reachable from it through
+- import statements, module level or inside functions (fedtune imports many modules lazily);
+- module names written as strings (``importlib.import_module("fedtune.x")``, a table of lazy
+  exports such as ``fedtune/__init__.py``'s): any string constant that names a fedtune module;
+- discovery: a package that lists its own folder (``pkgutil.iter_modules`` or
+  ``walk_packages``), as the codec package and the method folders do to register what they
+  hold, counts every module under it, at any depth.
+Tests (``test_*.py``, ``conftest.py``) are never counted. This over-counts a little (a lazily
+imported module the run never reaches, a logger named like a module), never under-counts an
+import that fedtune's own source names.
 """
 
 from __future__ import annotations
@@ -103,13 +108,24 @@ def _module_file(module: str, root: Path) -> Path | None:
     return None
 
 
+DISCOVERS = ".*"  # what _imports adds to a package that imports everything in its folder
+_DISCOVERY = {"iter_modules", "walk_packages"}
+_DOTTED = re.compile(r"^fedtune(\.[A-Za-z_]\w*)+$")  # a fedtune module named as a string
+
+
 def _imports(path: Path, module: str) -> set[str]:
-    """Every module named by an import statement in ``path`` (relative imports resolved), at any
-    depth of the file, plus the modules ``importlib.import_module("...")`` names literally."""
+    """Every module ``path`` may import: those named by its import statements (relative imports
+    resolved), at any depth of the file; every dotted string constant (a module imported by
+    name; callers keep those that are modules); and ``<package>.*`` when the file lists its
+    package's folder to import what is there (see the module docstring)."""
     tree = ast.parse(path.read_text(), str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and _DOTTED.match(node.value):
+            found.add(node.value)
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in _DISCOVERY:
+            found.add(package + DISCOVERS)
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -121,19 +137,15 @@ def _imports(path: Path, module: str) -> set[str]:
                 target = node.module or ""
             found.add(target)
             found.update(f"{target}.{alias.name}" for alias in node.names)  # "from pkg import module"
-        elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module" and node.args:
-            if isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
-                found.add(node.args[0].value)
     return found
 
 
-def _method_modules(root: Path) -> set[str]:
-    """Every module of every method folder (what the registries' discovery imports), tests aside."""
-    out = set()
-    for path in sorted((root / "fedtune" / "methods").glob("*/*.py")):
-        if not _is_test(path):
-            out.add(".".join(path.relative_to(root).with_suffix("").parts))
-    return out
+def _package_modules(package: str, root: Path) -> list[str]:
+    """Every module under a package's folder, at any depth, tests aside (what its discovery may
+    import)."""
+    folder = root.joinpath(*package.split("."))
+    return sorted(".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+                  for path in folder.rglob("*.py") if not _is_test(path))
 
 
 def _is_test(path: Path) -> bool:
@@ -151,12 +163,12 @@ def exercised(script: Path, root: Path = ROOT) -> list[str]:
         path, module = queue.pop()
         for name in sorted(_imports(path, module)):
             candidates = []
-            if name.split(".")[0] == "fedtune":
+            if name.split(".")[0] == "fedtune" and name.endswith(DISCOVERS):
+                candidates, where = _package_modules(name.removesuffix(DISCOVERS), root), root
+            elif name.split(".")[0] == "fedtune":
                 # the module and each package above it (importing a.b.c runs a and a.b too)
                 parts = name.split(".")
                 candidates = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-                if name.startswith("fedtune.methods") or name == "fedtune.registry":
-                    candidates += sorted(_method_modules(root))
                 where = root
             elif (bench / f"{name.split('.')[0]}.py").is_file():
                 candidates, where = [name.split(".")[0]], bench

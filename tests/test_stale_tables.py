@@ -97,3 +97,32 @@ def test_a_recheck_on_a_later_commit_judges_the_table_from_there(tmp_path):
     (tmp_path / "fedtune" / "inner" / "helper.py").write_text("X = 6\n")  # changed after the re-check
     results.write_text(text.replace(stamp, stamp + f"Re-checked on commit `{later}`: `python bench/table.py --seed-list 0`\n"))
     assert stale.check(results, tmp_path)[0].status == "stale"
+
+
+def test_modules_imported_by_name_or_by_discovery_are_reached(tmp_path):
+    """fedtune registers codecs and methods by importing whatever their package folder holds, and
+    exports names lazily from a table of module names: a table whose script reaches such a package
+    goes stale when any module in it changes, though no import statement names that module."""
+    (tmp_path / "fedtune" / "plugins" / "deep").mkdir(parents=True)
+    (tmp_path / "fedtune" / "lazy").mkdir()
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "fedtune" / "__init__.py").write_text(
+        'EXPORTS = {"thing": "fedtune.lazy.thing"}\nSTATE_KEY = "fedtune.not_a_module"\n')
+    (tmp_path / "fedtune" / "lazy" / "__init__.py").write_text("")
+    (tmp_path / "fedtune" / "lazy" / "thing.py").write_text("THING = 1\n")
+    (tmp_path / "fedtune" / "plugins" / "__init__.py").write_text(
+        "import importlib\nimport pkgutil\n\nfor m in pkgutil.iter_modules(__path__):\n"
+        "    importlib.import_module(f'{__name__}.{m.name}')\n")
+    (tmp_path / "fedtune" / "plugins" / "codec.py").write_text("C = 1\n")
+    (tmp_path / "fedtune" / "plugins" / "deep" / "__init__.py").write_text("")
+    (tmp_path / "fedtune" / "plugins" / "deep" / "more.py").write_text("D = 1\n")
+    (tmp_path / "fedtune" / "plugins" / "test_codec.py").write_text("")
+    (tmp_path / "fedtune" / "other.py").write_text("O = 1\n")
+    (tmp_path / "bench" / "table.py").write_text("import fedtune\nimport fedtune.plugins\n")
+    assert stale.exercised(tmp_path / "bench" / "table.py", tmp_path) == [
+        "bench/table.py", "fedtune/__init__.py", "fedtune/lazy/__init__.py", "fedtune/lazy/thing.py",
+        "fedtune/plugins/__init__.py", "fedtune/plugins/codec.py", "fedtune/plugins/deep/__init__.py",
+        "fedtune/plugins/deep/more.py"]  # the test module and fedtune/other.py are not reached
+    # a script that does not reach the discovering package does not count what it holds
+    (tmp_path / "bench" / "table.py").write_text("from fedtune.lazy import thing\n")
+    assert "fedtune/plugins/codec.py" not in stale.exercised(tmp_path / "bench" / "table.py", tmp_path)
