@@ -5,7 +5,7 @@ sample-level DP on the demo's clients and client-level DP with 100 simulated cli
                             [--epsilons 1,4,8,inf] [--rounds 4] [--partition iid]
                             [--batch-size B] [--local-steps S] [--sample-clip C]
                             [--seeds N | --seed-list S ...] [--out FILE]
-    python bench/privacy.py --table a.json b.json [--out FILE]
+    python bench/privacy.py --table a.json b.json [--out FILE] [--markdown]
 
 Every row is one federated run over loopback gRPC of the demo task (MiniLM, LoRA r=8 on
 query/value + head, 3-class tweets, strategy fedavg, 1000 held-out tweets), split IID by default
@@ -29,8 +29,10 @@ larger step; the others fedtune's default, 3e-3).
 
 With ``--seeds N`` every row runs once per seed (``bench/seeds.py``; the DP noise itself comes
 from secret randomness, as in production, so its spread is part of each interval): each figure is the mean with ``<key>_ci95`` and
-``<key>_per_seed``, and each DP row's final accuracy is compared with the same variant's run
-without DP, paired by seed.
+``<key>_per_seed``. Comparisons of final accuracy, paired by seed: each DP row against the same
+variant's run without DP (what DP costs that variant), and at each level and epsilon every
+variant against every other (which adapter to pick under that guarantee; the same seed gives
+the variants the same partition and initial adapter).
 """
 
 from __future__ import annotations
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--table", type=Path, nargs="+", metavar="JSON",
                         help="print the table of earlier runs' --out files (other seeds or rows, same settings) instead of running")
+    parser.add_argument("--markdown", action="store_true", help="also print the table and the comparisons as markdown")
     add_arguments(parser)
     args = parser.parse_args(argv)
     if args.table:
@@ -169,9 +172,42 @@ def paired_with_plain(rows: list[dict]) -> list[dict]:
     return comparisons
 
 
+def paired_across_variants(rows: list[dict]) -> list[dict]:
+    """At each level and epsilon, each variant's final accuracy against every later row's of
+    another variant, paired by seed."""
+    comparisons = []
+    for i, r in enumerate(rows):
+        for other in rows[i + 1:]:
+            if other["level"] != r["level"] or other["target_epsilon"] != r["target_epsilon"] or other["variant"] == r["variant"]:
+                continue
+            d = paired_difference(r["eval_accuracy_per_seed"], other["eval_accuracy_per_seed"])
+            comparisons.append({"level": r["level"], "row": r["name"], "against": other["name"], "eval_accuracy_difference": d.mean,
+                                "eval_accuracy_difference_ci95": None if d.ci95 != d.ci95 else d.ci95, "measured": d.measured,
+                                "verdict": f"{r['level']} level: " + d.verdict(r["name"], other["name"], lower_is_better=False)})
+    return comparisons
+
+
+def markdown(rows: list[dict], comparisons: list[dict]) -> None:
+    """The rows and comparisons as RESULTS.md tables (one level's rows at a time reads best)."""
+    def mean(r: dict, key: str, spec: str) -> str:
+        return "-" if r[key] is None else format_mean(r[key], r.get(f"{key}_ci95"), spec)
+
+    print("\n| row | lr | eval loss | accuracy | epsilon | sigma | up B/round | wall s |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        eps = "inf" if r["epsilon"] is None else f"{r['epsilon']:.4g}"
+        sigma = "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3g}"
+        print(f"| {r['name']} | {r['learning_rate']:g} | {mean(r, 'eval_loss', '.4f')} | {mean(r, 'eval_accuracy', '.3f')} | {eps} | {sigma} "
+              f"| {r['bytes_up_per_client_round']:.0f} | {r['wall_seconds']:.0f} |")
+    print("\n| level | comparison (accuracy, paired by seed) | difference | 95% interval | verdict |\n|---|---|---|---|---|")
+    for c in comparisons:
+        half = c["eval_accuracy_difference_ci95"]
+        verdict = c["verdict"].split(": ", 2)[2]
+        print(f"| {c['level']} | {c['row']} - {c['against']} | {c['eval_accuracy_difference']:+.4f} | {'-' if half is None else f'± {half:.4f}'} | {verdict} |")
+
+
 def report(args, rows: list[dict], seeds: list[int], levels: list[str]) -> None:
     """The comparisons, the JSON (with ``--out``) and the printed table of ``rows``."""
-    comparisons = paired_with_plain(rows)
+    comparisons = paired_with_plain(rows) + paired_across_variants(rows)
     if args.out:
         write_json(args, rows, seeds, comparisons)
     for level in levels:
@@ -183,6 +219,8 @@ def report(args, rows: list[dict], seeds: list[int], levels: list[str]) -> None:
             print(f"{r['name']:<14}{format_mean(r['eval_loss'], r['eval_loss_ci95']):>20}{format_mean(r['eval_accuracy'], r['eval_accuracy_ci95'], '.3f'):>16}{eps:>10}{sigma:>8}{r['bytes_up_per_client_round']:>12.0f}")
     for c in comparisons:
         print(c["verdict"])
+    if getattr(args, "markdown", False):
+        markdown(rows, comparisons)
 
 
 # The settings of an --out document that runs merged by --table must share.
