@@ -188,7 +188,8 @@ def paired_across_variants(rows: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict], comparisons: list[dict]) -> None:
-    """The rows and comparisons as RESULTS.md tables (one level's rows at a time reads best)."""
+    """The rows as a RESULTS.md table (one level's rows at a time reads best), the comparisons as
+    a list under it."""
     def mean(r: dict, key: str, spec: str) -> str:
         return "-" if r[key] is None else format_mean(r[key], r.get(f"{key}_ci95"), spec)
 
@@ -198,11 +199,11 @@ def markdown(rows: list[dict], comparisons: list[dict]) -> None:
         sigma = "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3g}"
         print(f"| {r['name']} | {r['learning_rate']:g} | {mean(r, 'eval_loss', '.4f')} | {mean(r, 'eval_accuracy', '.3f')} | {eps} | {sigma} "
               f"| {r['bytes_up_per_client_round']:.0f} | {r['wall_seconds']:.0f} |")
-    print("\n| level | comparison (accuracy, paired by seed) | difference | 95% interval | verdict |\n|---|---|---|---|---|")
+    print("\nAccuracy, paired by seed (difference ± its 95% interval):")
     for c in comparisons:
         half = c["eval_accuracy_difference_ci95"]
         verdict = c["verdict"].split(": ", 2)[2]
-        print(f"| {c['level']} | {c['row']} - {c['against']} | {c['eval_accuracy_difference']:+.4f} | {'-' if half is None else f'± {half:.4f}'} | {verdict} |")
+        print(f"- {c['level']} level, {c['row']} − {c['against']} = {c['eval_accuracy_difference']:+.4f}{'' if half is None else f' ± {half:.4f}'}: {verdict};")
 
 
 def report(args, rows: list[dict], seeds: list[int], levels: list[str]) -> None:

@@ -56,4 +56,4 @@ def test_variants_are_compared_at_the_same_epsilon_paired_by_seed(tmp_path, caps
     assert not plain["measured"] and "no difference measured" in plain["verdict"]
     printed = capsys.readouterr().out
     assert "| fedsb-eps8 | 0.02 | 0.3600 ± " in printed  # the markdown row: lr, then eval loss with its interval
-    assert "| sample | fedsb-eps8 - lora-eps8 | +0.0800 | ± 0.0248 | fedsb-eps8 better by 0.08" in printed
+    assert "- sample level, fedsb-eps8 − lora-eps8 = +0.0800 ± 0.0248: fedsb-eps8 better by 0.08" in printed
