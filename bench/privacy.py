@@ -159,32 +159,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def accuracy_comparison(row: dict, other: dict) -> dict:
+    """``row``'s final accuracy against ``other``'s, paired by seed (one entry of ``comparisons``)."""
+    d = paired_difference(row["eval_accuracy_per_seed"], other["eval_accuracy_per_seed"])
+    return {"level": row["level"], "row": row["name"], "against": other["name"], "eval_accuracy_difference": d.mean,
+            "eval_accuracy_difference_ci95": None if math.isnan(d.ci95) else d.ci95, "measured": d.measured,
+            "verdict": f"{row['level']} level: " + d.verdict(row["name"], other["name"], lower_is_better=False)}
+
+
 def paired_with_plain(rows: list[dict]) -> list[dict]:
     """Each DP row's final accuracy against the same variant's run without DP, paired by seed."""
     comparisons = []
     for r in rows:
         plain = next((x for x in rows if x["level"] == r["level"] and x["variant"] == r["variant"] and x["target_epsilon"] is None), None)
         if plain is not None and r is not plain:
-            d = paired_difference(r["eval_accuracy_per_seed"], plain["eval_accuracy_per_seed"])
-            comparisons.append({"level": r["level"], "row": r["name"], "against": plain["name"], "eval_accuracy_difference": d.mean,
-                                "eval_accuracy_difference_ci95": None if d.ci95 != d.ci95 else d.ci95, "measured": d.measured,
-                                "verdict": f"{r['level']} level: " + d.verdict(r["name"], plain["name"], lower_is_better=False)})
+            comparisons.append(accuracy_comparison(r, plain))
     return comparisons
 
 
 def paired_across_variants(rows: list[dict]) -> list[dict]:
     """At each level and epsilon, each variant's final accuracy against every later row's of
     another variant, paired by seed."""
-    comparisons = []
-    for i, r in enumerate(rows):
-        for other in rows[i + 1:]:
-            if other["level"] != r["level"] or other["target_epsilon"] != r["target_epsilon"] or other["variant"] == r["variant"]:
-                continue
-            d = paired_difference(r["eval_accuracy_per_seed"], other["eval_accuracy_per_seed"])
-            comparisons.append({"level": r["level"], "row": r["name"], "against": other["name"], "eval_accuracy_difference": d.mean,
-                                "eval_accuracy_difference_ci95": None if d.ci95 != d.ci95 else d.ci95, "measured": d.measured,
-                                "verdict": f"{r['level']} level: " + d.verdict(r["name"], other["name"], lower_is_better=False)})
-    return comparisons
+    return [accuracy_comparison(r, other) for i, r in enumerate(rows) for other in rows[i + 1:]
+            if other["level"] == r["level"] and other["target_epsilon"] == r["target_epsilon"] and other["variant"] != r["variant"]]
 
 
 def markdown(rows: list[dict], comparisons: list[dict]) -> None:
