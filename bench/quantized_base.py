@@ -2,6 +2,7 @@
 
     python bench/quantized_base.py [--models minilm,smollm2] [--precisions fp32,int8,4bit,gguf]
                                    [--rounds 4] [--clients 3] [--local-steps 20] [--seeds 5] [--out FILE]
+    python bench/quantized_base.py --table a.json b.json [--out FILE]
 
 One row per ``<model>-<precision>``, each in a child process of its own (so its peak memory is
 its own), through fedtune's own code paths (``fedtune.quantized_base`` via ``--base-precision``).
@@ -34,6 +35,9 @@ means with 95% intervals (``bench/seeds.py``). ``base_ratio`` and ``loss_vs_fp32
 row with its model's fp32 row; ``eval_loss_vs_fp32`` is the paired difference seed by seed,
 printed as "no difference measured" when its interval contains zero.
 Goal: the 4-bit base at most 1/4 of the fp32 base's bytes, its eval loss within 1% of fp32's.
+
+``--table`` merges earlier runs' ``--out`` files (other rows of the same settings and seeds, run
+on two cores at once, say) into one table, compared as if run together.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from seeds import add_arguments, combine, format_mean, paired_difference, seeds_of
+from seeds import add_arguments, combine, format_mean, merge_documents, paired_difference, seeds_of
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -60,6 +64,8 @@ MODELS = {
     # tweets in eight no longer fit with their answer)
     "smollm2": ("causal-lm", 128, 8, 1e-3, 150),
 }
+# The settings of an --out document that runs merged by --table must share.
+SETTINGS = ("rounds", "clients", "local_steps", "train_examples", "rank")
 GGUF_MODELS = {"smollm2"}  # shipped as a .gguf file: the gguf precision applies
 PRECISIONS = ("fp32", "int8", "4bit", "gguf")
 ANSWERS = ["negative", "neutral", "positive"]
@@ -264,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds one row may take")
     parser.add_argument("--out", default="", help="write the rows and settings as JSON here")
+    parser.add_argument("--table", type=Path, nargs="+", metavar="JSON",
+                        help="print the table of earlier runs' --out files (other rows, same settings and seeds) instead of running")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -273,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             row = run_row(model, precision, args, Path(tmp))
         Path(args.worker_out).write_text(json.dumps(row))
         return 0
+    if args.table:
+        return merged_table(args)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     unknown = [m for m in models if m not in MODELS] + [p for p in precisions if p not in PRECISIONS]
@@ -294,6 +304,26 @@ def main(argv: list[str] | None = None) -> int:
                     "models": {m: dict(zip(("task", "max_length", "batch_size", "learning_rate", "eval_examples"), MODELS[m])) for m in models}}
         Path(args.out).write_text(json.dumps({"rows": rows, **settings}, indent=2) + "\n")
     return 1 if any("error" in r for r in rows) else 0
+
+
+def merged_table(args) -> int:
+    """``--table``: earlier runs' ``--out`` files merged into one table (``merge_documents``),
+    each row compared with its model's fp32 row, written with ``--out``."""
+    try:
+        documents = [json.loads(path.read_text()) for path in args.table]
+        rows, seeds = merge_documents(documents, SETTINGS)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"--table: {exc}") from None
+    order = {f"{m}-{p}": i for i, (m, p) in enumerate((m, p) for m in MODELS for p in PRECISIONS)}
+    rows.sort(key=lambda r: order.get(r["name"], len(order)))
+    compare(rows)
+    print(table(rows))
+    if args.out:
+        settings = {k: documents[0][k] for k in SETTINGS}
+        models = {k: v for doc in documents for k, v in doc.get("models", {}).items()}
+        merged = {"rows": rows, **settings, "seeds": seeds, "models": models, "merged_from": [str(p) for p in args.table]}
+        Path(args.out).write_text(json.dumps(merged, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":

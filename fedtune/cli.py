@@ -153,7 +153,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", choices=["auto", "none"], help="causal-lm: format prompt/response examples with the tokenizer's chat template "
                    "when it has one (auto, the default) or never (none)")
     p.add_argument("--base-precision", choices=["fp32", "int8", "4bit", "gguf"], help="how devices and the coordinator hold the frozen base weights: "
-                   "fp32 (the default), int8 or 4bit (NF4, through bitsandbytes), or gguf (a .gguf model kept in its file's own "
+                   "fp32 (the default), int8 (through bitsandbytes), 4bit (NF4 through bitsandbytes; a .gguf model's 4-bit blocks "
+                   "kept as they are; a language model's output layer in 8 bits), or gguf (a .gguf model kept in its file's own "
                    "4- to 8-bit blocks, exactly the file's weights); LoRA trains on top in fp32")
     p.add_argument("--eval-generate", type=int, metavar="N", help="causal-lm and seq2seq: answer the first N held-out prompts by greedy generation and report "
                    "the exact-match rate against their responses (0: off, the default)")

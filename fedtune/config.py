@@ -44,8 +44,8 @@ class ModelConfig:
     # examples are never templated.
     chat_template: str = "auto"
     # How every device (and the coordinator) holds the frozen base weights: "fp32", "int8" or
-    # "4bit" (NF4, through bitsandbytes), or "gguf" (a .gguf model in its file's own blocks; see
-    # fedtune.quantized_base). LoRA trains on top in fp32.
+    # "4bit" (NF4, through bitsandbytes; a .gguf model's 4-bit blocks kept as they are), or "gguf"
+    # (a .gguf model in its file's own blocks; see fedtune.quantized_base). LoRA trains on top in fp32.
     base_precision: str = "fp32"
 
 

@@ -39,6 +39,8 @@ import torch
 BLOCK = 32
 # Format name -> bytes per block of 32 weights; in order of size, the order hold_exactly tries.
 FORMATS = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34}
+# The formats of 4-bit codes: what a base held in 4 bits may keep of a GGUF file's blocks.
+FOUR_BIT = ("Q4_0", "Q4_1")
 
 
 def bits_per_weight(fmt: str) -> float:
@@ -92,14 +94,17 @@ def _half(blocks: torch.Tensor, at: int) -> torch.Tensor:
     return blocks[..., at:at + 2].contiguous().view(torch.float16).to(torch.float32)
 
 
-def hold_exactly(dense: torch.Tensor) -> tuple[str, torch.Tensor] | None:
-    """``(format, blocks)`` for the smallest format whose blocks decode to ``dense`` bit for
-    bit, or None when no format does (a matrix that did not come from one of them)."""
+def hold_exactly(dense: torch.Tensor, formats: tuple[str, ...] = tuple(FORMATS)) -> tuple[str, torch.Tensor] | None:
+    """``(format, blocks)`` for the smallest of ``formats`` whose blocks decode to ``dense`` bit
+    for bit, or None when none does (a matrix that did not come from one of them)."""
+    unknown = [fmt for fmt in formats if fmt not in FORMATS]
+    if unknown:
+        raise ValueError(f"unknown GGUF block format(s) {unknown}; fedtune decodes {', '.join(FORMATS)}")
     if dense.dim() != 2 or dense.shape[1] % BLOCK or not dense.dtype.is_floating_point:
         return None
     dense = dense.detach().to("cpu", torch.float32)
     probe = dense[: min(8, dense.shape[0])]  # a few rows rule most formats out cheaply
-    for fmt in FORMATS:
+    for fmt in sorted(formats, key=FORMATS.__getitem__):
         if not torch.equal(decode(encode(probe, fmt), fmt), probe):
             continue
         blocks = encode(dense, fmt)

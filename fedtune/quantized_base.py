@@ -20,7 +20,11 @@ are turned into plain matrix layers here, in the layout bitsandbytes expects.
 A model that arrives as a GGUF file (already 4- to 8-bit) is better held in its file's blocks,
 ``gguf`` precision (``fedtune.ggml_blocks``): quantizing the file's weights again to NF4 adds
 a second rounding to the first, while the file's blocks reproduce its weights exactly, so a
-device computes with the very model the fp32 rows load, for about 5 bits a weight.
+device computes with the very model the fp32 rows load, for about 5 bits a weight. For the same
+reason ``4bit`` keeps every weight the file stored in 4-bit blocks (Q4_0, Q4_1) as those blocks
+and rounds to NF4 only the others (a model not loaded from GGUF). A language model's output layer
+is the exception (``OUTPUT_PRECISION``): held in 8 bits, or in its file's blocks (Q8_0 in most
+4-bit GGUF files), as llama.cpp's 4-bit files hold it.
 
 Everything that reads a base weight goes through ``dense_weight`` (the weight as an out x in
 float matrix). A method that folds a dense update into the base (FLoRA, the frozen remainder of a
@@ -46,10 +50,19 @@ log = logging.getLogger(__name__)
 PRECISIONS = {
     "fp32": "every weight in 32-bit floats, as loaded",
     "int8": "matrix layers and embedding tables in 8-bit integers with a scale per row (LLM.int8 storage)",
-    "4bit": "matrix layers and embedding tables in 4-bit NF4 with a scale per block of 64 (QLoRA storage)",
+    "4bit": "matrix layers and embedding tables in 4 bits: a weight a GGUF file stored in 4-bit blocks (Q4_0, Q4_1) keeps "
+            "them, exactly; any other is rounded to NF4 with a scale per block of 64 (QLoRA storage); a language model's "
+            "output layer (and the embedding table tied to it) in 8 bits, or in the file's blocks",
     "gguf": "matrix layers and embedding tables kept in the GGUF blocks they were stored in (Q4_0, Q4_1, Q5_0, Q5_1 "
             "or Q8_0: 4.5 to 8.5 bits a weight), reproducing the file's weights exactly; for models loaded from a .gguf file",
 }
+# The output layer of a language model (``get_output_embeddings``), and the embedding table tied
+# to it, held at this precision when the rest is at the key: the logits are the model's most
+# rounding-sensitive product (SmolLM2's, with 4-bit matrices exact, rise 5.7% in loss when its
+# output table alone is rounded to NF4), which is why llama.cpp's 4-bit files store it in 6 to 8
+# bits and transformers' bitsandbytes integration leaves it unquantized. A GGUF file's own blocks
+# for it are kept, whatever their format.
+OUTPUT_PRECISION = {"4bit": "int8"}
 # Modules a task trains in full (peft's modules_to_save for classification): never quantized.
 TRAINED_HEADS = frozenset({"classifier", "score"})
 # Embedding tables smaller than this stay in fp32 (token types, a few positions): the saving is
@@ -70,7 +83,7 @@ def check_precision(name: str, where: str = "model.base_precision") -> str:
     if name not in PRECISIONS:
         raise PrecisionError(f"{where}: unknown base precision {name!r}; choose one of {', '.join(PRECISIONS)}")
     if name == "gguf":
-        if importlib.util.find_spec("gguf") is None:  # fedtune.ggml_blocks encodes with it
+        if not _has_gguf():
             raise PrecisionError(f"{where} gguf: needs the gguf package (pip install gguf)")
     elif name != "fp32":
         try:
@@ -78,6 +91,11 @@ def check_precision(name: str, where: str = "model.base_precision") -> str:
         except ImportError:
             raise PrecisionError(f"{where} {name}: needs bitsandbytes (pip install bitsandbytes)") from None
     return name
+
+
+def _has_gguf() -> bool:
+    """Whether the gguf package is installed (fedtune.ggml_blocks encodes blocks with it)."""
+    return importlib.util.find_spec("gguf") is not None
 
 
 def _bnb():
@@ -305,16 +323,27 @@ def quantize_base(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     replaced = 0
     as_stored: dict[int, torch.nn.Parameter | None] = {}  # gguf: each tensor's blocks, found once
 
+    # 4bit keeps a GGUF file's 4-bit blocks (encoding them back needs the gguf package)
+    block_formats = {"gguf": tuple(ggml_blocks.FORMATS), "4bit": ggml_blocks.FOUR_BIT if _has_gguf() else ()}.get(precision, ())
+    # 4bit holds the output layer, and the table tied to it, in 8 bits (OUTPUT_PRECISION)
+    output = model.get_output_embeddings() if precision == "4bit" and hasattr(model, "get_output_embeddings") else None
+    output_weight = id(output.weight) if isinstance(getattr(output, "weight", None), torch.Tensor) else None
+
     def replacement(child: torch.nn.Module, dense: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module | None:
-        if precision != "gguf":
-            if isinstance(child, torch.nn.Embedding):
-                return _embedding(child, precision)
-            return _matrix_layer(child, dense, bias, precision)
-        if id(child.weight) not in as_stored:  # a tied output layer shares the table's blocks
-            held = ggml_blocks.hold_exactly(dense)
+        is_output = id(child.weight) == output_weight
+        formats = tuple(ggml_blocks.FORMATS) if is_output and _has_gguf() else block_formats
+        if formats and id(child.weight) not in as_stored:  # a tied output layer shares the table's blocks
+            held = ggml_blocks.hold_exactly(dense, formats)
             as_stored[id(child.weight)] = None if held is None else GGUFBlocks(held[1], held[0])
-        weight = as_stored[id(child.weight)]
-        return None if weight is None else _gguf_layer(child, dense, bias, weight)
+        weight = as_stored.get(id(child.weight))
+        if weight is not None:
+            return _gguf_layer(child, dense, bias, weight)
+        if precision == "gguf":
+            return None
+        held_at = OUTPUT_PRECISION[precision] if is_output else precision
+        if isinstance(child, torch.nn.Embedding):
+            return _embedding(child, held_at)
+        return _matrix_layer(child, dense, bias, held_at)
 
     for parent_name, parent in list(model.named_modules()):
         if parent_name.split(".")[0] in TRAINED_HEADS or parent_name in TRAINED_HEADS:
@@ -336,6 +365,9 @@ def quantize_base(model: torch.nn.Module, precision: str) -> torch.nn.Module:
                 continue
             setattr(parent, name, new)
             replaced += 1
+    kept = sum(held is not None for held in as_stored.values())
+    if precision == "4bit" and kept:
+        log.info("base precision 4bit: %d weight matrices kept in their GGUF file's 4-bit blocks, exactly", kept)
     if precision == "gguf":
         left = sum(held is None for held in as_stored.values())
         if not replaced:

@@ -327,3 +327,38 @@ def test_methods_that_read_or_write_base_weights_run_on_a_gguf_file_held_in_its_
     result = run_simulation(_run_config(tmp_path, gguf_model, "gguf", **settings))
     assert not result.client_errors, result.client_errors
     assert len(result.history) == 2 and all(np.isfinite(r["eval_loss"]) for r in result.history)
+
+
+def test_4bit_keeps_a_files_4bit_blocks_and_its_8bit_output_table_exactly():
+    """A 4-bit GGUF model at ``4bit``: its Q4 matrices are not rounded a second time (to NF4) and its
+    output table keeps its Q8_0 blocks, so the model computes what it computed in fp32."""
+    model = _gguf_llama(fmt="Q4_0")
+    ids = torch.randint(0, 1024, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids, labels=ids)
+    fp32_bytes = held_bytes(model)
+    quantize_base(model, "4bit")
+    q_proj, table = model.model.layers[1].self_attn.q_proj, model.model.embed_tokens
+    assert q_proj.weight.ggml_format == "Q4_0" and table.weight.ggml_format == "Q8_0"
+    assert model.lm_head.weight is table.weight
+    with torch.no_grad():
+        got = model(ids, labels=ids)
+    assert torch.equal(got.logits, want.logits)
+    assert held_bytes(model) < fp32_bytes * 0.25
+
+
+def test_4bit_rounds_to_nf4_only_what_no_4bit_block_reproduces():
+    """Q8_0 matrices are 8-bit: ``4bit`` rounds them to NF4 rather than keep 8.5 bits a weight."""
+    bnb = pytest.importorskip("bitsandbytes")
+    model = quantize_base(_gguf_llama(fmt="Q8_0", tied=False), "4bit")
+    assert isinstance(model.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
+    assert isinstance(model.model.embed_tokens, bnb.nn.Embedding4bit)
+    assert model.lm_head.weight.ggml_format == "Q8_0"  # the output layer keeps its file's blocks
+
+
+def test_hold_exactly_tries_only_the_formats_it_is_given():
+    stored = ggml_blocks.decode(ggml_blocks.encode(_matrix(seed=4), "Q8_0"), "Q8_0")
+    assert ggml_blocks.hold_exactly(stored, ggml_blocks.FOUR_BIT) is None
+    assert ggml_blocks.hold_exactly(stored, ("Q8_0",))[0] == "Q8_0"
+    with pytest.raises(ValueError, match="unknown GGUF block format.*'Q4_K'"):
+        ggml_blocks.hold_exactly(stored, ("Q4_K",))

@@ -163,6 +163,30 @@ def test_gpt2s_transposed_conv1d_layers_are_held_as_out_x_in_matrices_and_take_l
     assert grads and all("lora_" in n for n in grads)
 
 
+def test_4bit_holds_a_language_models_output_layer_and_its_tied_table_in_8_bits():
+    """The logits are the most rounding-sensitive product: at ``4bit`` the output layer and the
+    embedding table tied to it are held in 8 bits, the block matrices in NF4."""
+    import bitsandbytes as bnb
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedtune.quantized_base import quantize_base
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=32, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    fp32_bytes = held_bytes(model)
+    quantize_base(model, "4bit")
+    assert isinstance(model.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
+    assert isinstance(model.lm_head, bnb.nn.Linear8bitLt) and isinstance(model.model.embed_tokens, bnb.nn.Embedding8bit)
+    with torch.no_grad():
+        assert (model(ids).logits - want).norm() / want.norm() < 0.3
+    assert held_bytes(model) < fp32_bytes * 0.5  # the tied table now held twice, in 8 bits each
+
+
 def test_the_planner_counts_the_bytes_a_device_holds(store):
     plan = AdapterPlan(rank=8, alpha=16.0)
     dense, _ = model_geometry(_base(store, "fp32"), plan)
