@@ -284,7 +284,9 @@ def test_a_huge_tensor_name_is_clipped_in_the_log_and_the_status(tmp_path, caplo
 def test_an_update_in_one_byte_frames_is_refused_after_a_few_frames(tmp_path):
     """Defect 9: a valid update sent as 49k one-byte frames cost 3.9 s of coordinator CPU."""
     tensor = torch.zeros(16384)  # 64 KiB
-    with _open_round(tmp_path, {"w": tensor}) as (coordinator, stub, _):
+    config = _config(tmp_path, min_clients=1)
+    config.federation.rounds = 2
+    with live_coordinator(config, global_model=FixedTensors({"w": tensor})) as (coordinator, stub, _):
         c = stub.Register(pb.RegisterRequest(name="c", num_examples=1), timeout=10)
         header, state = fetch_task(stub, c.client_id, c.token)
         sent = [0]
@@ -302,9 +304,12 @@ def test_an_update_in_one_byte_frames_is_refused_after_a_few_frames(tmp_path):
         cpu = time.monotonic() - started
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "payload frames" in err.value.details()
         assert cpu < 2.0 and sent[0] < 16384 * 4
-        # the same update in ordinary chunks is accepted
-        reply = push_update(stub, c.client_id, c.token, header.round, state)
-        assert reply.accepted
+        # the refusal was final for round 1 (its only client answered: it closed); the same update
+        # in ordinary chunks is accepted in round 2
+        header, state = fetch_task(stub, c.client_id, c.token)
+        assert header.round == 2
+        assert push_update(stub, c.client_id, c.token, header.round, state).accepted
+        assert "payload frames" in coordinator.engine.history[0]["rejected_by"][c.client_id]
         coordinator.engine.stop()
 
 
@@ -343,3 +348,28 @@ def test_a_stolen_token_does_not_work_from_another_clients_certificate(tmp_path,
         for channel in channels.values():
             channel.close()
         coordinator.stop()
+
+
+def test_a_refused_update_ends_the_wait_for_its_client_and_its_task(tmp_path):
+    """An update refused for what it holds (NaN) is a verdict on the round: the round closes once
+    the others have answered, not at its deadline, and does not hand the refused client its task
+    again (retraining would send the same update, and spend the device's time and privacy)."""
+    config = _config(tmp_path, min_clients=2)
+    config.federation.round_timeout_s, config.federation.client_timeout_s = 300.0, 300.0
+    with live_coordinator(config, global_model=FixedTensors({"w": torch.zeros(2)})) as (coordinator, stub, engine):
+        bad, good = (stub.Register(pb.RegisterRequest(name=n, num_examples=1), timeout=10) for n in ("bad", "good"))
+        for c in (bad, good):
+            header, _ = fetch_task(stub, c.client_id, c.token)
+            assert header.status == pb.TASK_STATUS_TRAIN and header.round == 1
+        with pytest.raises(grpc.RpcError) as err:
+            push_update(stub, bad.client_id, bad.token, 1, {"w": torch.tensor([float("nan"), 0.0])})
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        from fedtune.coordinator.engine import Wait
+
+        assert isinstance(coordinator.engine.next_task(bad.client_id, 0), Wait)  # no second delivery of round 1
+        push_update(stub, good.client_id, good.token, 1, {"w": torch.ones(2)})
+        engine.join(timeout=60)
+        assert not engine.is_alive(), "the round waited for a client whose update it had refused"
+        row = coordinator.engine.history[0]
+        assert row["client_ids"] == [good.client_id] and set(row["rejected_by"]) == {bad.client_id}
+        assert "not finite" in row["rejected_by"][bad.client_id] or "nan" in row["rejected_by"][bad.client_id].lower()

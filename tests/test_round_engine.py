@@ -171,11 +171,11 @@ def test_a_rounds_deadline_grows_with_the_waves_of_a_simulation(tmp_path, slots,
     assert rnd.deadline - rnd.started == pytest.approx(100.0 * waves, abs=0.5)
 
 
-def _deadline_round(tmp_path, n: int = 3) -> tuple[RoundEngine, list[str], threading.Thread]:
+def _deadline_round(tmp_path, n: int = 3, client_timeout_s: float = 2.0) -> tuple[RoundEngine, list[str], threading.Thread]:
     """A round of ``n`` clients with quorum 1, a long deadline and a short liveness window: it
     closes early only once no missing client is owed a wait."""
     config = _config(tmp_path)
-    config.federation.round_timeout_s, config.federation.client_timeout_s = 120.0, 2.0
+    config.federation.round_timeout_s, config.federation.client_timeout_s = 120.0, client_timeout_s
     engine = RoundEngine(config, FixedTensors({"w": torch.zeros(4)}), compose(config), tmp_path)
     ids = [engine.register(f"c{i}", Capabilities(), 1).client_id for i in range(n)]
     config.federation.min_clients = n
@@ -202,22 +202,50 @@ def test_a_client_that_keeps_asking_and_never_delivers_is_given_up_not_waited_fo
     assert row["clients"] == 2 and row["seconds"] < 20
 
 
-def test_a_client_whose_updates_are_refused_gets_its_task_again_until_it_is_given_up(tmp_path):
-    """The bench's bad devices: each update refused, then asking again; the round stops
-    waiting for them after MAX_DELIVERIES deliveries (not at its deadline)."""
-    from fedtune.coordinator.engine import MAX_DELIVERIES, Wait
+def test_a_client_whose_update_is_refused_is_not_waited_for_nor_given_its_task_again(tmp_path):
+    """The bench's bad devices: an update refused for what it holds (NaN, say) is a verdict. The
+    round stops waiting for the client at once (not at its deadline, not after MAX_DELIVERIES
+    retrainings that would send the same update) and its row says why."""
+    from fedtune.coordinator.engine import Wait
 
-    engine, (good, bad, late), driver = _deadline_round(tmp_path)
+    engine, (good, bad, late), driver = _deadline_round(tmp_path, client_timeout_s=100.0)  # never silent in this test
     task = engine.next_task(good, 30)
     engine.submit(good, task.round, {"w": torch.ones(4)}, 1, {}, 16)
     engine.next_task(late, 30)
     engine.submit(late, task.round, {"w": torch.ones(4)}, 1, {}, 16)
-    for _ in range(MAX_DELIVERIES):
-        assert isinstance(engine.next_task(bad, 30), TrainTask)
-        engine.note_rejected(task.round, 100)  # the service refused its update (NaN, say)
+    assert isinstance(engine.next_task(bad, 30), TrainTask)
+    engine.note_rejected(task.round, 100, bad, "tensor 'w' holds\nNaN")  # the service refused its update
     assert isinstance(engine.next_task(bad, 0), Wait)
     driver.join(timeout=20)
     assert not driver.is_alive() and engine.history[0]["clients"] == 2
+    assert engine.history[0]["rejected_by"] == {bad: "tensor 'w' holds NaN"} and engine.history[0]["rejected_updates"] == 1
+
+
+def test_a_refusal_that_is_no_verdict_leaves_the_client_its_task(tmp_path):
+    """A push the coordinator could not take for now (busy) names no client: the client keeps its
+    task and the round waits for its retry, whose valid update counts."""
+    engine, (a, b, c), driver = _deadline_round(tmp_path)
+    task = engine.next_task(a, 30)
+    engine.note_rejected(task.round, 100)
+    assert isinstance(engine.next_task(a, 30), TrainTask)
+    for cid in (a, b, c):
+        if cid != a:
+            engine.next_task(cid, 30)
+        engine.submit(cid, task.round, {"w": torch.ones(4)}, 1, {}, 16)
+    driver.join(timeout=20)
+    assert engine.history[0]["clients"] == 3 and "rejected_by" not in engine.history[0]
+
+
+def test_a_refused_client_may_still_send_a_valid_update(tmp_path):
+    engine, (a, b, c), driver = _deadline_round(tmp_path)
+    task = engine.next_task(a, 30)
+    engine.note_rejected(task.round, 100, a, "not finite")
+    engine.submit(a, task.round, {"w": torch.ones(4)}, 1, {}, 16)
+    for cid in (b, c):
+        engine.next_task(cid, 30)
+        engine.submit(cid, task.round, {"w": torch.ones(4)}, 1, {}, 16)
+    driver.join(timeout=20)
+    assert engine.history[0]["clients"] == 3 and "rejected_by" not in engine.history[0]
 
 
 def test_a_given_up_client_may_still_send_a_valid_update(tmp_path):

@@ -331,7 +331,8 @@ def test_a_client_cannot_open_new_sessions_for_more_steps_in_a_round(monkeypatch
     # a session that ended cleanly and whose update was taken counts as well
     sessions.open("d", 1).started = 3
     sessions.finish("d", 1)
-    sessions.take("d", 1)
+    sessions.server_half("d", 1)
+    sessions.settle("d", 1, accepted=True)
     with pytest.raises(CoordinatorError, match="'d' already started all 3"):
         sessions.open("d", 1)
     # the next round starts from zero, and the counts of the closed round are dropped
@@ -589,3 +590,38 @@ def test_a_client_past_its_local_steps_is_refused_while_an_honest_one_completes_
         assert [(r["round"], r["clients"]) for r in rows] == [(1, 1)]
         assert rows[0]["split_steps"] == 3 and computed["top"] == 6
         assert not coordinator.service.split._open and not coordinator.service.split._opening
+
+
+def test_a_finished_session_survives_a_push_the_coordinator_could_not_take_and_is_used_up_by_a_verdict(monkeypatch):
+    """Reading the server half can fail for a moment (the shared server adapter busy:
+    UNAVAILABLE); the client's retry must find its session. An accepted push uses it up and counts
+    its steps; a refused one uses it up without counting them."""
+    instruction = SimpleNamespace(recipe="split", procedure="split", options={})
+    engine = SimpleNamespace(instruction_for=lambda client_id, round_number: instruction)
+    sessions = SplitSessions(engine, SimpleNamespace(pad_id=0), SimpleNamespace(training=SimpleNamespace(local_steps=3)))
+    busy = [True]
+
+    def tensors():
+        if busy.pop() if busy else False:
+            raise CoordinatorError("UNAVAILABLE", "the shared server adapter stayed busy")
+        return {"server.w": torch.ones(2)}
+
+    def build(self, instruction, round_number, steps_started=0):
+        return SimpleNamespace(options=SimpleNamespace(cut=1, head="server"), close=lambda: None, started=steps_started, steps=3, tensors=tensors)
+
+    monkeypatch.setattr(SplitSessions, "_build", build)
+    for client in ("a", "b"):
+        sessions.open(client, 1)
+        sessions.finish(client, 1)
+    with pytest.raises(CoordinatorError, match="busy"):
+        sessions.server_half("a", 1)
+    assert set(sessions.server_half("a", 1)) == {"server.w"}  # the retry finds it
+    sessions.settle("a", 1, accepted=True)
+    assert sessions.traffic[1]["split_steps"] == 3
+    with pytest.raises(CoordinatorError, match="without a finished split session"):
+        sessions.server_half("a", 1)  # used up
+    sessions.server_half("b", 1)
+    sessions.settle("b", 1, accepted=False)  # refused: gone, its steps not counted
+    assert sessions.traffic[1]["split_steps"] == 3
+    with pytest.raises(CoordinatorError, match="without a finished split session"):
+        sessions.server_half("b", 1)

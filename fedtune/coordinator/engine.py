@@ -113,6 +113,11 @@ class _Round:
     # their task was handed out MAX_DELIVERIES times with no update (see next_task). A later
     # valid update from them is still accepted; the round just does not hold its close for them.
     given_up: dict[str, str] = field(default_factory=dict)
+    # Selected clients whose update was refused (malformed, over a limit, or failed a trust rule),
+    # with why: a verdict on what they sent, so the round stops waiting for them and does not hand
+    # them the task again (retraining would send the same update). As for ``given_up``, a later
+    # valid update is still accepted, and takes the client off this list.
+    rejected_by: dict[str, str] = field(default_factory=dict)
     delivered: dict[str, int] = field(default_factory=dict)  # client id -> times its task was handed out
     refused: str = ""    # why the round's aggregate was refused (set at close)
     open: bool = True
@@ -304,7 +309,8 @@ class RoundEngine:
                     self._cond.notify_all()
                     return Done()
                 rnd = self._round
-                if rnd is not None and rnd.open and client_id in rnd.instructions and client_id not in rnd.updates:
+                if (rnd is not None and rnd.open and client_id in rnd.instructions and client_id not in rnd.updates
+                        and client_id not in rnd.rejected_by):
                     given = rnd.delivered.get(client_id, 0)
                     if given < MAX_DELIVERIES:
                         rnd.delivered[client_id] = given + 1
@@ -373,6 +379,7 @@ class RoundEngine:
             if self._open_round_for(client_id, round_number) is not rnd:
                 raise CoordinatorError("FAILED_PRECONDITION", f"round {round_number} is not the round this update was checked for")
             rnd.updates[client_id] = update
+            rnd.rejected_by.pop(client_id, None)
             for hook in self.hooks:
                 hook.accepted(rnd, update, num_examples)
             rnd.bytes_up += bytes_up
@@ -391,14 +398,19 @@ class RoundEngine:
             self._cond.notify_all()
         log.warning("round %d: %s declined its task: %s", round_number, client_id, reason, extra={"round": round_number, "client_id": client_id})
 
-    def note_rejected(self, round_number: int, bytes_up: int) -> None:
-        """An update refused for round ``round_number`` (its client may ask for the task again:
-        see ``next_task``)."""
+    def note_rejected(self, round_number: int, bytes_up: int, client_id: str = "", reason: str = "") -> None:
+        """An update refused for round ``round_number``. With ``client_id`` the refusal is a
+        verdict on what the client sent (not a busy coordinator, not a caller that went away):
+        the round records why, stops waiting for the client and takes nothing more from it."""
+        reason = " ".join(reason.split())[:300]
         with self._cond:
             rnd = self._round
             if rnd is not None and rnd.number == round_number:
                 rnd.rejected += 1
                 rnd.bytes_up += bytes_up
+                if client_id in rnd.instructions and client_id not in rnd.updates and rnd.open:
+                    rnd.rejected_by[client_id] = reason or "refused"
+                    self._cond.notify_all()
 
     def note_sent(self, round_number: int, nbytes: int, client_id: str = "") -> None:
         with self._cond:
@@ -415,7 +427,7 @@ class RoundEngine:
         with self._cond:
             rnd = self._round
             waiting = (rnd is not None and rnd.open and rnd.number == round_number
-                       and client_id in rnd.instructions and client_id not in rnd.updates)
+                       and client_id in rnd.instructions and client_id not in rnd.updates and client_id not in rnd.rejected_by)
             return (rnd.number if rnd else 0), self._done, waiting
 
     def wait_for_round(self, after: int, timeout_s: float) -> tuple[int, list[str]] | None:
@@ -658,9 +670,10 @@ class RoundEngine:
                 if now >= rnd.deadline:
                     log.warning("round %d: deadline passed with %d of %d updates", rnd.number, len(rnd.updates), len(selected), extra={"round": rnd.number})
                     break
-                missing = [c for c in selected if c not in rnd.updates and c not in rnd.declined and c not in rnd.given_up]
+                missing = [c for c in selected if c not in rnd.updates and c not in rnd.declined and c not in rnd.given_up
+                           and c not in rnd.rejected_by]
                 if not missing:
-                    break  # every selected client answered, declined or was given up
+                    break  # every selected client answered, declined, had its update refused or was given up
                 if missing and not any(self.registry.is_alive(c, self.fed.client_timeout_s) for c in missing):
                     log.warning("round %d: closing early, %s went silent", rnd.number, ", ".join(missing), extra={"round": rnd.number})
                     break
@@ -674,7 +687,7 @@ class RoundEngine:
             rnd = self._round
             if rnd is None or not rnd.open:
                 return {}
-            return {cid: self._task(rnd, cid) for cid in rnd.instructions if cid not in rnd.updates}
+            return {cid: self._task(rnd, cid) for cid in rnd.instructions if cid not in rnd.updates and cid not in rnd.rejected_by}
 
     def _task(self, rnd: _Round, client_id: str) -> TrainTask:
         return TrainTask(rnd.number, rnd.instructions[client_id], _client_seed(self.config.seed, rnd.number, client_id), rnd.deadline_unix)
@@ -725,6 +738,8 @@ class RoundEngine:
         row["client_ids"] = contributors  # whose updates this round aggregated (an audit trail)
         if rnd.declined:
             row["declined"] = dict(rnd.declined)
+        if rnd.rejected_by:
+            row["rejected_by"] = dict(rnd.rejected_by)
         for hook in self.hooks[1:]:
             row.update(hook.row(rnd, contributors))
         if rnd.refused:

@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 MIN_CHUNK_BYTES = 1024
 
 
+# Refusals that say the coordinator cannot take a call now (busy, a limit that refills), not
+# that what the caller sent is wrong: a client retries them.
+TRANSIENT_CODES = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "ABORTED"})
+
+
 def _abort(context: grpc.ServicerContext, code: str, message: str) -> None:
     context.abort(getattr(grpc.StatusCode, code), message)
 
@@ -193,27 +198,40 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             encodings=self._uplink_encodings,
             min_chunk_bytes=MIN_CHUNK_BYTES,
         )
+        split_push = self.split is not None and instruction.procedure == "split"
         try:
             if header.num_tensors != len(expected):
                 raise ProtocolError(f"update announces {header.num_tensors} tensors, the plan has {len(expected)}")
             for frame in request_iterator:
                 receiver.feed(frame)
             tensors = receiver.finish()
-            if self.split is not None and self.engine.instruction_for(header.client_id, header.round).procedure == "split":
-                tensors.update(self.split.take(header.client_id, header.round))
+            if split_push:
+                tensors.update(self.split.server_half(header.client_id, header.round))
             self.engine.submit(
                 header.client_id, header.round, tensors, header.num_examples, dict(header.metrics),
                 received + receiver.bytes_received,
             )
         except ProtocolError as exc:
-            self.engine.note_rejected(header.round, received + receiver.bytes_received)
-            log.warning("round %d: rejected update from %s: %s", header.round, header.client_id, clip(exc, 500), extra={"round": header.round, "client_id": header.client_id})
-            _abort(context, "INVALID_ARGUMENT", str(exc))
+            self._push_refused(context, header, received + receiver.bytes_received, "INVALID_ARGUMENT", str(exc), split_push)
         except CoordinatorError as exc:
-            self.engine.note_rejected(header.round, received + receiver.bytes_received)
-            log.warning("round %d: rejected update from %s: %s", header.round, header.client_id, clip(exc.message, 500), extra={"round": header.round, "client_id": header.client_id})
-            _abort(context, exc.code, exc.message)
+            self._push_refused(context, header, received + receiver.bytes_received, exc.code, exc.message, split_push)
+        if split_push:
+            self.split.settle(header.client_id, header.round, accepted=True)
         return pb.PushReply(accepted=True, message=f"update for round {header.round} accepted")
+
+    def _push_refused(self, context: grpc.ServicerContext, header: pb.UpdateHeader, nbytes: int, code: str, message: str,
+                      split_push: bool) -> None:
+        """End a refused push. A refusal of what the client sent is final for the round (the
+        round stops waiting for it); a busy coordinator (``TRANSIENT_CODES``) or a caller that
+        went away mid-stream is not: the client's retry finds its round, and its split session,
+        as they were."""
+        verdict = code not in TRANSIENT_CODES and context.is_active()
+        self.engine.note_rejected(header.round, nbytes, header.client_id if verdict else "", message)
+        if split_push and verdict:
+            self.split.settle(header.client_id, header.round, accepted=False)
+        log.warning("round %d: %s update from %s: %s", header.round, "rejected" if verdict else "could not take the",
+                    header.client_id, clip(message, 500), extra={"round": header.round, "client_id": header.client_id})
+        _abort(context, code, message)
 
     def SplitStep(self, request_iterator: Iterator[pb.SplitFrame], context: grpc.ServicerContext) -> Iterator[pb.SplitFrame]:
         """One client's split session for one round: answer each message (activations, or the

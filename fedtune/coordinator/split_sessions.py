@@ -138,16 +138,25 @@ class SplitSessions:
         if half is not None:
             half.close()
 
-    def take(self, client_id: str, round_number: int) -> dict[str, torch.Tensor]:
-        """The server-side tensors of a finished session (consumed), or a refusal."""
+    def server_half(self, client_id: str, round_number: int) -> dict[str, torch.Tensor]:
+        """The server-side tensors of a finished session, for the client's push, or a refusal.
+        The session is kept until ``settle`` says what became of the push: reading the tensors
+        may fail for a moment (a shared server adapter busy: UNAVAILABLE), and the client's
+        retry must find them still there."""
         with self._lock:
-            half = self._done.pop((client_id, round_number), None)
             for key in [k for k in self._done if k[1] < round_number]:  # sessions of closed rounds
                 del self._done[key]
-            if half is not None:
-                # Steps count once the client's push claims them: a stream that ended because its
-                # caller vanished can look like a clean end to the server, and is never claimed.
-                self._traffic(round_number)["split_steps"] += half.steps
+            half = self._done.get((client_id, round_number))
         if half is None:
             raise CoordinatorError("FAILED_PRECONDITION", f"{client_id!r} pushed a split update for round {round_number} without a finished split session")
         return half.tensors()
+
+    def settle(self, client_id: str, round_number: int, accepted: bool) -> None:
+        """The push that carried a finished session's tensors was accepted, or refused for good:
+        the session is used up. Its steps count in the round's traffic once an accepted push
+        claims them (a stream that ended because its caller vanished can look like a clean end
+        to the server, and is never claimed)."""
+        with self._lock:
+            half = self._done.pop((client_id, round_number), None)
+            if half is not None and accepted:
+                self._traffic(round_number)["split_steps"] += half.steps

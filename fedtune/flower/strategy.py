@@ -291,7 +291,7 @@ class FedtuneStrategy(FlowerStrategy):
             check_update(tensors, expected)
             self.engine.submit(client_id, server_round, tensors, num_examples, metrics, nbytes)
         except CoordinatorError as exc:
-            self.engine.note_rejected(server_round, nbytes)
+            self.engine.note_rejected(server_round, nbytes, client_id, exc.message)  # a node's reply is final
             log.warning("round %d: rejected update from %s: %s", server_round, client_id, exc.message)
 
 
