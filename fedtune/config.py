@@ -140,7 +140,10 @@ class FederationSection:
     # the lower median change norm of the round is left out of the aggregate alone (0: off). An
     # update with an element changed by more than 1e4 times the largest magnitude it was sent
     # (at least 1) is always left out. Under client-level DP (privacy.dp) the outlier rule and
-    # the weight ratio of the norm bound are off: its clip bounds every client already.
+    # the weight ratio of the norm bound are off: its clip bounds every client already. The
+    # change is the model's: a strategy's own tensors sent beside it (SCAFFOLD's control-variate
+    # change) are not clipped with it; they are compared among clients by the same outlier rule
+    # and held to the same ceiling.
     outlier_factor: float = 20.0
 
 

@@ -97,7 +97,7 @@ def _with(item, payload=None, **fields):
 def test_bad_compressed_updates_get_invalid_argument_and_the_round_goes_on(tmp_path, tiny_llama, method):
     config = _config(tmp_path, tiny_llama, "seq-cls", rounds=1)
     config.model.labels = ["negative", "positive"]
-    config.federation.min_clients = 1
+    config.federation.min_clients = 2  # a rogue, and an honest client the round waits for
     if method == "fedkseed":
         config.federation.strategy, config.federation.options = "fedkseed", {"steps": 4, "pool": 8}
     else:
@@ -105,8 +105,10 @@ def test_bad_compressed_updates_get_invalid_argument_and_the_round_goes_on(tmp_p
         config.compression.uplink, config.compression.uplink_options = "projection", {"k": 4, "block": 64}
     with live_coordinator(checked(config), eval_examples=[]) as (coordinator, stub, engine):
         reply = stub.Register(pb.RegisterRequest(name="rogue", num_examples=10), timeout=10)
+        honest = stub.Register(pb.RegisterRequest(name="honest", num_examples=10), timeout=10)
         cid, token = reply.client_id, reply.token
         header, received = fetch_task(stub, cid, token)
+        fetch_task(stub, honest.client_id, honest.token)
         if method == "fedkseed":
             good = [encode_tensor("fedkseed/seeds", torch.tensor([0, 1, 2, 3], dtype=torch.int32)), encode_tensor("fedkseed/grads", torch.tensor([0.1, -0.2, 0.0, 0.3]))]
             bad = [
@@ -129,7 +131,9 @@ def test_bad_compressed_updates_get_invalid_argument_and_the_round_goes_on(tmp_p
             with pytest.raises(grpc.RpcError) as info:
                 _push_encoded(stub, cid, token, 1, encoded)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in info.value.details(), info.value.details()
-        assert _push_encoded(stub, cid, token, 1, good).accepted  # the round is still open
+        # the round waits for the honest client still, and takes the rogue's valid update
+        assert _push_encoded(stub, cid, token, 1, good).accepted
+        assert _push_encoded(stub, honest.client_id, honest.token, 1, good).accepted
         engine.join(timeout=60)
     rows = [json.loads(line) for line in (coordinator.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["clients"] == 1 and rows[0]["rejected_updates"] == len(bad)
+    assert rows[0]["clients"] == 2 and rows[0]["rejected_updates"] == len(bad) and "rejected_by" not in rows[0]

@@ -27,6 +27,7 @@ def _state() -> DeviceState:
                 "scaffold": {"c_i": {"w": torch.arange(6.0).reshape(2, 3)}}},
         residuals={"l0.lora_A.weight": torch.randn(4, 8, dtype=torch.float16)},
         privacy={"history": [[1.1, 0.05, 10], [1.1, 0.05, 10]], "sigma": 1.1},
+        pending={"round": 3, "memory": {"scaffold": {"c_i": {"w": torch.ones(2, 3)}}}, "residuals": {}},
     )
 
 
@@ -39,6 +40,7 @@ def test_state_round_trips_tensors_tuples_and_the_privacy_history(tmp_path):
     torch.testing.assert_close(loaded.memory["scaffold"]["c_i"]["w"], saved.memory["scaffold"]["c_i"]["w"], rtol=0, atol=0)
     assert loaded.memory["hetlora"]["tail"] == (4, 0.25)
     assert loaded.residuals["l0.lora_A.weight"].dtype == torch.float16
+    assert loaded.pending["round"] == 3 and torch.equal(loaded.pending["memory"]["scaffold"]["c_i"]["w"], torch.ones(2, 3))
     assert oct((tmp_path / "state.json").stat().st_mode & 0o777) == "0o600"  # it holds the token
     # saving again replaces the tensor file; no stale copies pile up
     saved.memory["local"]["kept"]["l0.lora_B.weight"] += 1
@@ -89,21 +91,24 @@ def test_a_restarted_client_rejoins_as_itself_with_its_b_and_its_privacy_spent(t
         push = first._push
 
         def push_then_die(*args, **kwargs):  # the device goes away right after its first update
-            push(*args, **kwargs)
+            accepted = push(*args, **kwargs)
             first.stop_event.set()
+            return accepted
 
         first._push = push_then_die
         assert first.run().rounds == [1]
         saved = json.loads((state_dir / "state.json").read_text())
         assert saved["client_id"] == first.report.client_id and saved["privacy"]["rounds_trained"] == 1
-        (recipe,) = first._memory  # the strategy's client recipe (fedlc by default for seq-cls)
-        kept = first._memory[recipe]["kept"]
+        # round 1's memory waits for round 2's task to say that round 1 aggregated the update
+        assert first._memory == {} and first._pending["round"] == 1
+        (recipe,) = first._pending["memory"]  # the strategy's client recipe (fedlc by default for seq-cls)
+        kept = first._pending["memory"][recipe]["kept"]
         assert kept and all(k.endswith("lora_B.weight") for k in kept)
 
         second = ClientAgent(options, examples, source)  # a new process would build exactly this
         assert second._client_id == first.report.client_id
         for name, tensor in kept.items():
-            torch.testing.assert_close(second._memory[recipe]["kept"][name], tensor, rtol=0, atol=0)
+            torch.testing.assert_close(second._pending["memory"][recipe]["kept"][name], tensor, rtol=0, atol=0)
         report = second.run()
         engine.join(timeout=120)
     finally:
@@ -113,3 +118,25 @@ def test_a_restarted_client_rejoins_as_itself_with_its_b_and_its_privacy_spent(t
     history = coordinator.engine.history
     assert [row["clients"] for row in history] == [1, 1]
     assert load_state(state_dir, f"127.0.0.1:{port} {source.name}").privacy["rounds_trained"] == 2  # both rounds counted
+
+
+def test_a_rounds_memory_is_taken_up_only_if_that_round_aggregated_the_update(tiny_llama):
+    """What a round leaves on the device (here SCAFFOLD's control variate and a codec residual)
+    waits beside the device's memory until the next task names the last round that aggregated
+    this device's update: that round, it is taken up; another (refused, screened out), dropped
+    and the device goes on from what it had."""
+    agent = ClientAgent(AgentOptions(address="", name="phone"), sentiment_examples(4, seed=0), resolve_source(tiny_llama))
+    before = {"scaffold": {"c_i": {"w": torch.zeros(2)}}}
+    agent._memory, agent._residuals = before, {"w": torch.zeros(2)}
+    moved = {"round": 3, "memory": {"scaffold": {"c_i": {"w": torch.ones(2)}}}, "residuals": {"w": torch.ones(2)}}
+    agent._pending = dict(moved)
+    agent._settle(2)  # round 3 was not aggregated
+    assert agent._memory is before and torch.equal(agent._residuals["w"], torch.zeros(2)) and agent._pending == {}
+    agent._pending = dict(moved)
+    agent._settle(3)
+    assert torch.equal(agent._memory["scaffold"]["c_i"]["w"], torch.ones(2)) and torch.equal(agent._residuals["w"], torch.ones(2))
+    state = agent.device_state()
+    assert state.pending == {}
+    agent._pending = dict(moved)
+    agent._settle(None)  # a coordinator that does not say: taken up, as before this rule
+    assert agent._pending == {}

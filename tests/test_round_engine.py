@@ -312,3 +312,26 @@ def test_a_round_hook_is_called_at_each_point_outside_the_lock_and_can_refuse_th
                               ("verdict", False), ("row", False), ("closed", False)]
     assert row["recorded"] == 1 and row["round_refused"] == "the recorder refuses it"
     assert torch.equal(engine.state["w"], torch.zeros(4))  # refused: the state stays
+
+
+def test_each_task_tells_the_last_round_that_aggregated_the_clients_update(tmp_path):
+    """A device takes up the memory a round left (SCAFFOLD's control variate, error-feedback
+    residuals) only once that round aggregated its update: the next task tells it which round
+    last did. A refused update is not aggregated."""
+    config = _config(tmp_path, rounds=2)
+    config.federation.min_clients = 2
+    engine = RoundEngine(config, FixedTensors({"w": torch.zeros(4)}), compose(config), tmp_path)
+    a, b = (engine.register(n, Capabilities(), 1).client_id for n in ("a", "b"))
+    driver = threading.Thread(target=engine.run)
+    driver.start()
+    first = {cid: engine.next_task(cid, 30) for cid in (a, b)}
+    assert {t.aggregated_round for t in first.values()} == {0}
+    engine.submit(a, 1, {"w": torch.ones(4)}, 1, {}, 16)
+    engine.note_rejected(1, 16, b, "not finite")
+    second = {cid: engine.next_task(cid, 30) for cid in (a, b)}
+    assert second[a].round == second[b].round == 2
+    assert second[a].aggregated_round == 1 and second[b].aggregated_round == 0
+    for cid in (a, b):
+        engine.submit(cid, 2, {"w": torch.ones(4)}, 1, {}, 16)
+    driver.join(timeout=30)
+    assert engine.aggregated == {a: 2, b: 2}

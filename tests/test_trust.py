@@ -132,17 +132,19 @@ def test_an_oversized_update_is_clipped_to_the_norm_bound_and_the_aggregate_stay
 def test_refuse_mode_turns_an_oversized_update_away_with_its_norm(tmp_path, tiny_llama):
     import grpc
 
-    config = _config(tmp_path, tiny_llama, rounds=1, min_clients=1)
+    config = _config(tmp_path, tiny_llama, rounds=1, min_clients=2)
     config.federation.update_norm_bound, config.federation.update_norm_action = 2.0, "refuse"
     with live_coordinator(config, eval_examples=sentiment_examples(20, seed=9)) as (coordinator, stub, engine):
-        (client,), tasks = _round_one(stub, [("c", 10)])
+        (client, other), tasks = _round_one(stub, [("c", 10), ("d", 10)])
         start = _adapter(tasks[client.client_id])
         with pytest.raises(grpc.RpcError) as err:
             push_update(stub, client.client_id, client.token, 1, {k: v + 1.0 for k, v in start.items()})
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "exceeds the bound 2" in err.value.details()
-        push_update(stub, client.client_id, client.token, 1, start)  # a fitting update is still taken
+        push_update(stub, client.client_id, client.token, 1, start)  # a fitting update is still taken while the round is open
+        push_update(stub, other.client_id, other.token, 1, _adapter(tasks[other.client_id]))
         engine.join(60)
         assert not engine.is_alive()
+    assert _rows(coordinator.run_dir)[0]["clients"] == 2
 
 
 def test_an_update_that_would_overflow_the_aggregate_is_left_out_and_the_global_adapter_kept(tmp_path, tiny_llama):

@@ -97,3 +97,30 @@ def test_every_figure_the_split_recipe_reports_reaches_the_row():
 
     sent = set(re.findall(r'"(split_[a-z_]+)"', inspect.getsource(recipe)))
     assert sent and sent <= CLIENT_SPLIT_METRICS, sent - CLIENT_SPLIT_METRICS
+
+
+def test_a_strategys_own_tensors_are_not_part_of_the_change_that_is_bounded_but_are_compared():
+    """SCAFFOLD's control-variate change is tens of times the adapter's change for an honest
+    client. Before, it counted in the update's norm: with a norm bound, honest clients were
+    clipped for their control variate and the clip scaled it too. Now the bound and the clip act
+    on the model's change alone; the control-variate changes are compared among clients by the
+    outlier rule (an attacker's large one is left out) and held to the value ceiling."""
+    strategy = build_strategy("fedavg", {})
+    checks = TrustChecks(FederationSection(update_norm_bound=0.5, outlier_factor=5.0), strategy)
+    rnd = types.SimpleNamespace(number=1, evaluation=False)
+    start = {"m.lora_A.weight": torch.zeros(2, 2), "scaffold.c/m.lora_A.weight": torch.zeros(2, 2)}
+
+    def update(cid: str, change: float, dc: float) -> ClientUpdate:
+        return ClientUpdate(cid, {"m.lora_A.weight": torch.full((2, 2), change), "scaffold.dc/m.lora_A.weight": torch.full((2, 2), dc)}, 10, start=start)
+
+    honest = [update(f"h{i}", 0.1, 3.0 + i) for i in range(3)]
+    size = checks.measure(rnd, honest[0])
+    assert abs(size.norm - 0.2) < 1e-6 and size.state_norm == 6.0  # 4 elements of 0.1; of 3.0
+    big = update("big", 0.4, 3.0)  # a model change over the bound (0.8 > 0.5): clipped, its control variate as sent
+    attacker = update("a", 0.1, 1000.0)  # a control-variate change 250 x the others'
+    kept = {u.client_id: u for u in checks.screen(rnd, [*honest, big, attacker])}
+    assert set(kept) == {"h0", "h1", "h2", "big"}
+    for u in honest:
+        assert torch.equal(kept[u.client_id].tensors["m.lora_A.weight"], u.tensors["m.lora_A.weight"])  # not clipped for their dc
+    assert torch.equal(kept["big"].tensors["scaffold.dc/m.lora_A.weight"], big.tensors["scaffold.dc/m.lora_A.weight"])
+    assert abs(update_norm({"m.lora_A.weight": kept["big"].tensors["m.lora_A.weight"]}, start) - 0.5) < 1e-6  # clipped from 0.8

@@ -8,6 +8,7 @@ coordinator refuses is logged and the agent goes on with the next round.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
@@ -28,6 +29,7 @@ from fedtune.client.recipes import TrainSettings, make_recipe
 from fedtune.client.state import DeviceState, load_state, save_state
 from fedtune.client.uplink import Uplink
 from fedtune.contract.credentials import credentials
+from fedtune.contract.option_keys import AGGREGATED_ROUND_KEY
 from fedtune.data import Example
 from fedtune.devices import Capabilities
 from fedtune.methods.split.recipe import SplitRecipe
@@ -149,6 +151,9 @@ class ClientAgent:
         self._residuals: dict[str, torch.Tensor] = {}
         # The device's sample-level DP accounting (fedtune.privacy.sample_level), every recipe.
         self._privacy: dict = {}
+        # The last round's memory and residuals, {"round", "memory", "residuals"}: the device's
+        # own once the coordinator says (with the next task) that the round aggregated its update.
+        self._pending: dict = {}
         # No address: a trainer without a coordinator of its own, handed tasks by a host (the
         # Flower ClientApp, fedtune.flower.client) through ``train``.
         self._own_channel = channel is None
@@ -235,6 +240,7 @@ class ClientAgent:
         """Take over ``state``: from the state folder, or kept by a host such as the Flower
         ClientApp between rounds."""
         self._memory, self._residuals, self._privacy = state.memory, state.residuals, state.privacy
+        self._pending = state.pending
         if state.client_id:
             self._client_id, self._token = state.client_id, state.token
             self._metadata = credentials(state.client_id, state.token)
@@ -243,7 +249,7 @@ class ClientAgent:
 
     def device_state(self) -> DeviceState:
         """What this device must not forget between rounds (recipe memory, residuals, privacy)."""
-        return DeviceState(self._federation, self._client_id, self._token, self._memory, self._residuals, self._privacy)
+        return DeviceState(self._federation, self._client_id, self._token, self._memory, self._residuals, self._privacy, self._pending)
 
     def _save(self) -> None:
         """Persist what the device must not forget (after registering and after each round)."""
@@ -266,7 +272,7 @@ class ClientAgent:
         # the push names tensors by their slot in the task: taken before training consumes some
         slots = slot_table(tensors) if header.update_by_slot else None  # else: an older coordinator, which reads names
         try:
-            encoded, num_examples, metrics = self._train(header, tensors)
+            encoded, num_examples, metrics, staged = self._train(header, tensors)
         except RoundClosed:  # the round closed while this device waited for a compute slot
             log.info("%s: round %d closed before its training started; skipped", self._client_id, header.round)
             self.report.skipped.append(header.round)
@@ -284,8 +290,27 @@ class ClientAgent:
             self.report.rejected.append(f"round {header.round}: {exc.code().name}: {exc.details()}")
             return False
         self._save()  # before anything leaves the device: the privacy spent this round is on disk
-        self._push(header.round, encoded, num_examples, metrics, evaluation=header.options.get("evaluate_only") == "true", slots=slots)
+        if self._push(header.round, encoded, num_examples, metrics, evaluation=header.options.get("evaluate_only") == "true", slots=slots):
+            self._pending = staged  # accepted; the next task says whether the round aggregated it
+            self._save()
         return False
+
+    def _settle(self, aggregated_round: int | None) -> None:
+        """Take up or drop the pending round's memory and residuals, by the last round that
+        aggregated this device's update (None: a coordinator that does not say; taken up).
+
+        Until then they are a copy (``_train``), so a round whose update was refused, screened
+        out or whose aggregate was refused leaves the device as it was, but for the privacy it
+        spent: SCAFFOLD's control variate does not move ahead of the coordinator's, and error
+        feedback does not forget an update that never arrived."""
+        pending, self._pending = self._pending, {}
+        if not pending:
+            return
+        if aggregated_round is None or aggregated_round == pending["round"]:
+            self._memory, self._residuals = pending["memory"], pending["residuals"]
+        else:
+            log.warning("%s: round %d did not aggregate this device's update (the last that did: %s); the memory it left is dropped",
+                        self.options.name, pending["round"], aggregated_round or "none")
 
     # ------------------------------------------------------------------ calls
 
@@ -305,7 +330,8 @@ class ClientAgent:
         return header, tensors, first.ByteSize() + receiver.bytes_received
 
     def _push(self, round_number: int, encoded: list[EncodedTensor], num_examples: int, metrics: dict[str, float], evaluation: bool = False,
-              slots: Mapping[str, tuple[int, TensorSpec]] | None = None) -> None:
+              slots: Mapping[str, tuple[int, TensorSpec]] | None = None) -> bool:
+        """Send the update; whether the coordinator accepted it (a refusal is logged and reported)."""
         first = pb.Frame(
             update=pb.UpdateHeader(
                 client_id=self._client_id,
@@ -318,15 +344,16 @@ class ClientAgent:
         )
         frames = CountedFrames(encoded, self.options.chunk_bytes, head=first, slots=slots)  # made as they are sent
         try:
-            self._call(lambda: self._stub.PushUpdate(iter(frames), timeout=600, metadata=self._metadata))
+            reply = self._call(lambda: self._stub.PushUpdate(iter(frames), timeout=600, metadata=self._metadata))
         except grpc.RpcError as exc:
             if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
                 log.warning("%s: round %d update refused: %s", self._client_id, round_number, exc.details())
                 self.report.rejected.append(f"round {round_number}: {exc.code().name}: {exc.details()}")
-                return
+                return False
             raise
         self.report.bytes_up += frames.bytes
         (self.report.evaluated if evaluation else self.report.rounds).append(round_number)
+        return bool(getattr(reply, "accepted", True))
 
     def _decline(self, round_number: int, reason: str) -> None:
         """Tell the coordinator why this device will not train (an update header with
@@ -362,10 +389,11 @@ class ClientAgent:
 
     # ------------------------------------------------------------------ training
 
-    def _train(self, header: pb.TaskHeader, tensors: dict) -> tuple[list[EncodedTensor], int, dict[str, float]]:
+    def _train(self, header: pb.TaskHeader, tensors: dict) -> tuple[list[EncodedTensor], int, dict[str, float], dict]:
         """Train as the task's recipe says; returns (the update encoded for the wire, example
-        count, metrics). Consumes the updates of frozen weights in ``tensors`` (from then on
-        the model holds them), so the device holds each once."""
+        count, metrics, the device state the round leaves: ``{"round", "memory", "residuals"}``,
+        for ``_commit`` once the update is accepted). Consumes the updates of frozen weights in
+        ``tensors`` (from then on the model holds them), so the device holds each once."""
         task_name = header.model.task
         task = get_task(task_name)
         labels = list(header.model.labels)
@@ -373,6 +401,9 @@ class ClientAgent:
         try:
             plan = plan_from_proto(header.plan)
             sent = dict(header.options)
+            # what became of the last round's update: its memory taken up or dropped, before this round copies it
+            aggregated = sent.pop(AGGREGATED_ROUND_KEY, None)
+            self._settle(None if aggregated is None else int(aggregated[:20]))
             chat_template = sent.pop(CHAT_TEMPLATE_OPTION, "auto")  # how prompts are encoded, not a recipe option
             if chat_template not in CHAT_TEMPLATE_MODES:
                 raise ValueError(f"unknown chat template mode {chat_template[:40]!r}")
@@ -380,7 +411,10 @@ class ClientAgent:
             held = self.source.held_at(sent.pop(BASE_PRECISION_OPTION, "fp32")[:40])
             uplink, options = Uplink.from_options(sent, settings.seed)
             options = options or {"recipe": "local"}
-            recipe = make_recipe(options, self._memory.setdefault(options.get("recipe", "local"), {}), self._privacy)
+            # The round works on copies of what the device keeps (adapter-sized); the privacy
+            # accounting is the device's own, never a copy: what is spent is spent.
+            staged = {"round": header.round, "memory": copy.deepcopy(self._memory), "residuals": copy.deepcopy(self._residuals)}
+            recipe = make_recipe(options, staged["memory"].setdefault(options.get("recipe", "local"), {}), self._privacy)
         except ValueError as exc:  # unknown recipe or option, unusable plan
             raise AgentError(f"the coordinator sent a task this client cannot run: {exc}") from exc
         # the device's own privacy terms, before any work
@@ -430,7 +464,7 @@ class ClientAgent:
             if uplink is None or recipe.options.evaluate_only:
                 return encode_tensors(update), metrics
             started = time.perf_counter()
-            encoded, codec_metrics = uplink.encode(update, tensors, self._residuals)
+            encoded, codec_metrics = uplink.encode(update, tensors, staged["residuals"])
             codec_metrics["encode_seconds"] = time.perf_counter() - started
             return encoded, {**metrics, **codec_metrics}
 
@@ -457,16 +491,18 @@ class ClientAgent:
                 heartbeat.stop()
         if recipe.options.evaluate_only:
             log.info("%s: round %d evaluated its personalized model: %s", self._client_id, header.round, metrics)
-            return encoded, max(1, len(eval_items)), metrics
+            return encoded, max(1, len(eval_items)), metrics, staged
         log.info("%s: round %d trained (%s), loss %.4f", self._client_id, header.round, recipe.name, metrics.get("train_loss", float("nan")))
-        return encoded, len(items), policy.released_metrics(metrics)
+        return encoded, len(items), policy.released_metrics(metrics), staged
 
 
     def train(self, header: pb.TaskHeader, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
         """Train one task handed over by a host rather than fetched (the Flower ClientApp):
         returns the update as the coordinator would decode it from the wire (after the uplink
-        codec, when the task names one), the example count and the metrics."""
-        encoded, num_examples, metrics = self._train(header, tensors)
+        codec, when the task names one), the example count and the metrics. The round's memory
+        and residuals wait in ``device_state`` for the next task (``_settle``)."""
+        encoded, num_examples, metrics, staged = self._train(header, tensors)
+        self._pending = staged
         return decode_tensors(encoded), num_examples, metrics
 
     def _still_wanted(self, round_number: int) -> bool:

@@ -55,6 +55,9 @@ class DeviceState:
     memory: dict[str, dict] = field(default_factory=dict)
     residuals: dict[str, torch.Tensor] = field(default_factory=dict)
     privacy: dict = field(default_factory=dict)
+    # A round whose update a host (Flower) sent with no answer yet: {"round", "memory",
+    # "residuals"}, the state to take up once the update is known to be accepted.
+    pending: dict = field(default_factory=dict)
 
 
 def _split(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -97,6 +100,7 @@ def _body(state: DeviceState, tensors: dict[str, torch.Tensor]) -> dict:
         "memory": _split(state.memory, "memory", tensors),
         "residuals": _split(state.residuals, "residuals", tensors),
         "privacy": _split(state.privacy, "privacy", tensors),
+        "pending": _split(state.pending, "pending", tensors),
     }
 
 
@@ -119,7 +123,8 @@ def state_from_bytes(blob: bytes) -> DeviceState:
             raise ValueError("unknown state version")
         tensors = load_tensors(rest) if rest else {}
         return DeviceState(federation=str(body["federation"]), memory=_join(body["memory"], tensors),
-                           residuals=_join(body["residuals"], tensors), privacy=_join(body["privacy"], tensors))
+                           residuals=_join(body["residuals"], tensors), privacy=_join(body["privacy"], tensors),
+                           pending=_join(body.get("pending", {}), tensors))
     except (ValueError, KeyError, TypeError) as exc:
         raise StateError(f"device state blob is damaged ({exc})") from None
 
@@ -165,11 +170,12 @@ def load_state(folder: str | Path, federation: str) -> DeviceState:
         state = DeviceState(
             federation=str(body["federation"]), client_id=str(body["client_id"]), token=str(body["token"]),
             memory=_join(body["memory"], tensors), residuals=_join(body["residuals"], tensors), privacy=_join(body["privacy"], tensors),
+            pending=_join(body.get("pending", {}), tensors),
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise StateError(f"device state in {folder} is damaged ({exc}); {advice}") from None
     if state.federation != federation:
-        if state.memory or state.residuals or state.client_id:
+        if state.memory or state.residuals or state.pending or state.client_id:
             log.warning("device state in %s belongs to %s, not %s: its training memory and identity are dropped, its privacy accounting kept",
                         folder, state.federation or "another federation", federation)
         return DeviceState(federation=federation, privacy=state.privacy)

@@ -81,6 +81,7 @@ class TrainTask:
     instruction: Instruction
     seed: int
     deadline_unix: float
+    aggregated_round: int = 0  # the last round whose aggregate took this client's update (0: none)
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,8 @@ class RoundEngine:
         self._stopping = False
         self._told_done: set[str] = set()
         self.history: list[dict] = []
+        # client id -> the last round whose aggregate took its update (told with each task)
+        self.aggregated: dict[str, int] = {}
         self.evaluation: dict | None = None  # the row of the evaluation-only round, if one ran
         self._suspended = False  # stopped to be resumed: clients are told to wait, not that it is over
         self.stopped_because = ""  # why the run ended before its last round (a privacy budget)
@@ -234,6 +237,9 @@ class RoundEngine:
                         "written from the checkpoint", ckpt.round)
             self.metrics.append(saved_row)
             self.history.append(saved_row)
+        for row in self.history:  # under client-level DP the rows name nobody: devices then start afresh
+            if not row.get("round_refused"):
+                self.aggregated.update(dict.fromkeys(row.get("client_ids") or (), row["round"]))
         self.resumed_from = ckpt
         if self.start_round <= self.fed.rounds:
             for hook in self.hooks:
@@ -690,7 +696,8 @@ class RoundEngine:
             return {cid: self._task(rnd, cid) for cid in rnd.instructions if cid not in rnd.updates and cid not in rnd.rejected_by}
 
     def _task(self, rnd: _Round, client_id: str) -> TrainTask:
-        return TrainTask(rnd.number, rnd.instructions[client_id], _client_seed(self.config.seed, rnd.number, client_id), rnd.deadline_unix)
+        return TrainTask(rnd.number, rnd.instructions[client_id], _client_seed(self.config.seed, rnd.number, client_id), rnd.deadline_unix,
+                         self.aggregated.get(client_id, 0))
 
     def close_round(self) -> dict:
         """Close the open round (no update is accepted after this), aggregate what arrived,
@@ -721,6 +728,7 @@ class RoundEngine:
                 self.state = self.strategy.kept_when_refused(self.state, new_state)  # DP accounting keeps the round
             else:
                 self.state = new_state
+                self.aggregated.update(dict.fromkeys(contributors, rnd.number))
         elif arrived:
             log.warning("round %d: no update is left to aggregate; the global adapter is unchanged", rnd.number, extra={"round": rnd.number})
         else:

@@ -15,6 +15,7 @@ import grpc
 
 from fedtune.compression import CODECS
 from fedtune.config import RunConfig
+from fedtune.contract.option_keys import AGGREGATED_ROUND_KEY
 from fedtune.coordinator.engine import Done, RoundEngine, TrainTask
 from fedtune.coordinator.errors import CoordinatorError
 from fedtune.coordinator.guard import CallGuard, caller, certificate_fingerprint, peer_host
@@ -170,7 +171,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             ),
             num_tensors=num_tensors,
             deadline_unix=task.deadline_unix,
-            options={**dict(instruction.options), **self._task_options},
+            options={**dict(instruction.options), **self._task_options, AGGREGATED_ROUND_KEY: str(task.aggregated_round)},
         )
 
     def PushUpdate(self, request_iterator: Iterator[AnyFrame], context: grpc.ServicerContext) -> pb.PushReply:

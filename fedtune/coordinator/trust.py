@@ -112,6 +112,11 @@ class Measure:
     norm: float     # L2 norm of the change, float64
     peak: float     # largest magnitude of an element of the change
     ceiling: float  # VALUE_CEILING * max(1, largest magnitude of the tensors the client was sent)
+    # The L2 norm and largest magnitude of the strategy's own tensors the update carries beside
+    # the model's (SCAFFOLD's control-variate change): no part of the model's change, so outside
+    # ``norm``, but held to the same ceiling and compared with the other clients' (``outliers``).
+    state_norm: float = 0.0
+    state_peak: float = 0.0
 
 
 def magnitude(tensors: Iterable[torch.Tensor]) -> float:
@@ -160,23 +165,26 @@ def clip_update(tensors: Mapping[str, torch.Tensor], start: Mapping[str, torch.T
 
 def absurd(m: Measure) -> str:
     """Why a change is absurd on its own (empty when it is not)."""
-    if not math.isfinite(m.norm) or not math.isfinite(m.peak):
+    if not math.isfinite(m.norm) or not math.isfinite(m.peak) or not math.isfinite(m.state_peak):
         return "its change is not finite in float64"
     if m.peak > m.ceiling:
         return f"an element changes by {m.peak:.4g}, beyond the sanity ceiling {m.ceiling:.4g} ({VALUE_CEILING:g} x the largest magnitude it was sent, at least 1)"
+    if m.state_peak > m.ceiling:
+        return (f"a strategy tensor it sent holds {m.state_peak:.4g}, beyond the sanity ceiling {m.ceiling:.4g} "
+                f"({VALUE_CEILING:g} x the largest magnitude it was sent, at least 1)")
     return ""
 
 
-def outliers(norms: Mapping[str, float], factor: float) -> dict[str, str]:
+def outliers(norms: Mapping[str, float], factor: float, what: str = "change norm") -> dict[str, str]:
     """The updates (by client) whose change norm exceeds ``factor`` times the lower median of
     ``norms``, with why; none when ``factor`` is 0, for fewer than 3 updates, or when the
-    median change is zero (nothing to compare with)."""
+    median change is zero (nothing to compare with). ``what``: the figure compared, for the why."""
     if factor <= 0 or len(norms) < 3:
         return {}
     median = statistics.median_low(norms.values())
     if median <= 0:
         return {}
-    return {c: f"its change norm {n:.4g} exceeds {factor:g} x the round's median change norm {median:.4g} (federation.outlier_factor)"
+    return {c: f"its {what} {n:.4g} exceeds {factor:g} x the round's median {what} {median:.4g} (federation.outlier_factor)"
             for c, n in norms.items() if n > factor * median}
 
 

@@ -81,7 +81,16 @@ class TrustChecks(RoundHook):
         change = self.strategy.update_change(update)
         if change is not None:
             return measure(change, {}, sent[key])
-        return measure(update.tensors, self.origin(update), sent[key])
+        # The model's change alone: a strategy's own tensors (SCAFFOLD's control-variate change,
+        # tens of times the adapter's change) would otherwise set the norm that is bounded,
+        # clipped and compared, and an honest client would be clipped for its control variate.
+        model = {n: t for n, t in update.tensors.items() if not is_namespaced(n)}
+        size = measure(model, self.origin(update), sent[key])
+        own = {n: t for n, t in update.tensors.items() if is_namespaced(n)}
+        if not own:
+            return size
+        state = measure(own, {}, sent[key])
+        return dataclasses.replace(size, state_norm=state.norm, state_peak=state.peak)
 
     # ---------------------------------------------------------------- hook points
 
@@ -120,6 +129,10 @@ class TrustChecks(RoundHook):
         kept = [u for u in updates if u.client_id not in left_out]
         if not self.private:
             left_out.update(outliers({u.client_id: sizes[u.client_id].norm for u in kept}, fed.outlier_factor))
+            # a strategy's own tensors, compared among the clients that sent them
+            carried = {u.client_id: sizes[u.client_id].state_norm for u in kept if sizes[u.client_id].state_norm > 0}
+            for cid, why in outliers(carried, fed.outlier_factor, "strategy-tensor norm").items():
+                left_out.setdefault(cid, why)
         for cid, why in left_out.items():
             log.warning("round %d: the update of %s (change norm %.4g) is left out of the aggregate: %s", rnd.number, cid, sizes[cid].norm, why,
                         extra={"round": rnd.number, "client_id": cid})
@@ -143,8 +156,7 @@ class TrustChecks(RoundHook):
             bound = bounds.get(cid, math.inf)
             peak = sizes[cid].peak
             if norm > bound:
-                tensors, _ = clip_update(u.tensors, self.origin(u), bound, norm)
-                u = dataclasses.replace(u, tensors=tensors)
+                u = dataclasses.replace(u, tensors=self._clipped(u, bound, norm))
                 clipped += 1
                 log.warning("round %d: update of %s clipped from norm %.4g to %.4g (federation.update_norm_bound %g on weight x update, weight %d)",
                             rnd.number, cid, norm, bound, fed.update_norm_bound, weight, extra={"round": rnd.number, "client_id": cid})
@@ -153,6 +165,16 @@ class TrustChecks(RoundHook):
             changes.append((norm, peak))
         kept_round.capped, kept_round.clipped, kept_round.outliers, kept_round.changes = capped, clipped, len(left_out), changes
         return out
+
+    def _clipped(self, update: ClientUpdate, bound: float, norm: float) -> dict[str, Any]:
+        """``update``'s tensors with its change scaled to ``bound``: the model's tensors, the
+        strategy's own passed through as sent; an update whose change the strategy computes
+        from its own tensors (``Strategy.update_change``: FedKSeed's scalars) is scaled whole."""
+        model = {n: t for n, t in update.tensors.items() if not is_namespaced(n)}
+        if not model:
+            return clip_update(update.tensors, self.origin(update), bound, norm)[0]
+        clipped, _ = clip_update(model, self.origin(update), bound, norm)
+        return {n: clipped.get(n, t) for n, t in update.tensors.items()}
 
     def verdict(self, rnd, before, after, exported) -> str:
         """The aggregate's sanity (``trust.aggregate_refusal``): finite, within the value ceiling,
