@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 
+import grpc
 import pytest
 import torch
 
@@ -140,3 +141,33 @@ def test_a_rounds_memory_is_taken_up_only_if_that_round_aggregated_the_update(ti
     agent._pending = dict(moved)
     agent._settle(None)  # a coordinator that does not say: taken up, as before this rule
     assert agent._pending == {}
+
+
+class _Refusal(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return "the shared server adapter stayed busy" if self._code == grpc.StatusCode.UNAVAILABLE else "step refused"
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION])
+def test_a_split_session_the_coordinator_ends_costs_the_round_not_the_agent(tiny_llama, code):
+    """Busy (UNAVAILABLE): the agent asks for work again, its task if the round still waits.
+    Ended for what it sent: recorded as refused, and the agent goes on with the next round.
+    Either way the agent lives on (before, a busy coordinator mid-session ended the agent)."""
+    from fedtune.protocol import fedtune_pb2 as pb
+
+    agent = ClientAgent(AgentOptions(address="127.0.0.1:9", name="phone"), sentiment_examples(4, seed=0), resolve_source(tiny_llama))
+    agent._client_id, agent._token = "phone-1", "t"
+    agent._fetch = lambda request: (pb.TaskHeader(status=pb.TASK_STATUS_TRAIN, round=3), {}, 10)
+
+    def train(header, tensors):
+        raise _Refusal(code)
+
+    agent._train = train
+    assert agent.work_once(idle_wait=False) is False
+    assert agent.report.rejected == ([] if code == grpc.StatusCode.UNAVAILABLE else ["round 3: FAILED_PRECONDITION: step refused"])

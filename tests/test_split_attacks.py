@@ -589,6 +589,8 @@ def test_a_client_past_its_local_steps_is_refused_while_an_honest_one_completes_
         rows = [json.loads(line) for line in (coordinator.engine.run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [(r["round"], r["clients"]) for r in rows] == [(1, 1)]
         assert rows[0]["split_steps"] == 3 and computed["top"] == 6
+        # the sessions the coordinator ended for what a sent are a's round, recorded with why
+        assert "over the split step limit" in rows[0]["rejected_by"][a[0]] and rows[0]["rejected_by"][a[0]].startswith("split session: ")
         assert not coordinator.service.split._open and not coordinator.service.split._opening
 
 

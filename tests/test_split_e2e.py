@@ -93,17 +93,17 @@ def _open_session(stub, coordinator, name):
 
 def test_bad_frames_end_only_their_own_session(tmp_path, three_block_llama):
     config = _split_config(tmp_path, three_block_llama, rounds=1)
-    config.federation.min_clients = 2
+    config.federation.min_clients = 3  # c, which sends nothing here, keeps the round open
     config.split.act_codec = config.split.grad_codec = "fp32"
     config.model.labels = ["negative", "positive"]
     with live_coordinator(config) as (coordinator, stub, _):
-        a, b = _open_session(stub, coordinator, "a"), _open_session(stub, coordinator, "b")
+        a, b, c = (_open_session(stub, coordinator, n) for n in ("a", "b", "c"))
         tasks = {}
 
         def fetch(who):
             tasks[who] = fetch_task(stub, *who)
 
-        threads = [threading.Thread(target=fetch, args=(who,)) for who in (a, b)]
+        threads = [threading.Thread(target=fetch, args=(who,)) for who in (a, b, c)]
         [t.start() for t in threads]
         [t.join(30) for t in threads]
         header = tasks[a][0]
@@ -130,8 +130,11 @@ def test_bad_frames_end_only_their_own_session(tmp_path, three_block_llama):
         with pytest.raises(grpc.RpcError) as err:
             stream((a[0], "nope"), {"hidden": torch.randn(8, HIDDEN), "mask": mask})
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        # the sessions of a and b were ended, so each gets one more try; a well-formed step of b
-        # works although a's and b's earlier streams failed
+        # the sessions of a and b were ended for what they sent: a verdict on their round, which
+        # stops waiting for them (but not for c) ...
+        assert set(coordinator.engine._round.rejected_by) == {a[0], b[0]}
+        # ... while a new session of theirs is still served: a well-formed step of b works
+        # although a's and b's earlier streams failed
         coordinator.service.split._done.clear()
         replies = stream(b, {"hidden": torch.randn(8, HIDDEN), "mask": mask})
         assert replies[0].header.kind == pb.SPLIT_KIND_ACTIVATIONS and list(replies[1].tensor.shape) == [8, HIDDEN]

@@ -283,9 +283,15 @@ class ClientAgent:
             self._save()
             self._decline(header.round, str(exc))
             return True
-        except grpc.RpcError as exc:  # a split session the coordinator ended: skip this round
-            if retryable(exc) or exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED):
-                raise
+        except grpc.RpcError as exc:  # a split session the coordinator ended, or lost
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED):
+                raise  # the coordinator does not know this device: ``work_once`` registers again
+            if retryable(exc):  # busy or restarting: ask for work again (the task, if its round still waits)
+                log.warning("%s: round %d split session interrupted (%s: %s); asking for work again", self._client_id, header.round,
+                            exc.code().name, exc.details())
+                self.stop_event.wait(self._jitter.uniform(0.5, 2.0) if idle_wait else 0.0)
+                return False
+            # ended for what this device sent: the coordinator recorded it, the round does not wait
             log.warning("%s: round %d split session ended: %s: %s", self._client_id, header.round, exc.code().name, exc.details())
             self.report.rejected.append(f"round {header.round}: {exc.code().name}: {exc.details()}")
             return False

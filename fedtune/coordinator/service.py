@@ -220,6 +220,15 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self.split.settle(header.client_id, header.round, accepted=True)
         return pb.PushReply(accepted=True, message=f"update for round {header.round} accepted")
 
+    def _split_refused(self, key: tuple[str, int], code: str, message: str) -> None:
+        """A split session the coordinator ended: its half-done step is dropped. Ended for what
+        the client sent (a bad frame, a step past the limit), it is a verdict on the client's
+        round, which stops waiting for its update; ended because the coordinator was busy, the
+        client may open a new session and go on."""
+        self.split.discard(*key)
+        if code not in TRANSIENT_CODES:
+            self.engine.note_rejected(key[1], 0, key[0], f"split session: {message}")
+
     def _push_refused(self, context: grpc.ServicerContext, header: pb.UpdateHeader, nbytes: int, code: str, message: str,
                       split_push: bool) -> None:
         """End a refused push. A refusal of what the client sent is final for the round (the
@@ -288,12 +297,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 self.split.discard(*key)
         except ProtocolError as exc:
             if key is not None:
-                self.split.discard(*key)
+                self._split_refused(key, "INVALID_ARGUMENT", str(exc))
             log.warning("split session %s ended: %s", key, clip(exc, 500))
             _abort(context, "INVALID_ARGUMENT", str(exc))
         except CoordinatorError as exc:
             if key is not None:
-                self.split.discard(*key)
+                self._split_refused(key, exc.code, exc.message)
             self._refuse(context, exc)
         except BaseException:
             if key is not None:  # the client went away mid-session: only its session ends
