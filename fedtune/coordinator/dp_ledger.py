@@ -24,14 +24,24 @@ def dp_spent_entry(metrics: Mapping[str, float]) -> dict:
 class DPLedger(RoundHook):
     def __init__(self, strategy: Strategy) -> None:
         self.strategy = strategy
-        self._spent: dict[int, dict[str, dict]] = {}  # round -> client -> what it reported
+        # round -> client -> every push it made: (the update's metrics object, what it reported).
+        # A client may spend more than once in a round (a refused update, then one retrained):
+        # each spending is a release of its data, and each is counted.
+        self._spent: dict[int, dict[str, list[tuple[int, dict]]]] = {}
 
     def arrived(self, rnd, update: ClientUpdate) -> None:
         if "dp_sample_noise_multiplier" in update.metrics:
-            self._spent.setdefault(rnd.number, {})[update.client_id] = dp_spent_entry(update.metrics)
+            self._spent.setdefault(rnd.number, {}).setdefault(update.client_id, []).append((id(update.metrics), dp_spent_entry(update.metrics)))
 
     def row(self, rnd, contributors: Sequence[str]) -> dict:
-        unaggregated = {c: v for c, v in self._spent.get(rnd.number, {}).items() if c not in contributors}
+        """``dp_sample_unaggregated``: client -> the spendings of its pushes the aggregate did not
+        take (the aggregated one is in the strategy's ``dp_sample``)."""
+        aggregated = {c: id(rnd.updates[c].metrics) for c in contributors if c in rnd.updates}
+        unaggregated = {}
+        for cid, pushes in self._spent.get(rnd.number, {}).items():
+            left = [entry for key, entry in pushes if key != aggregated.get(cid)]
+            if left:
+                unaggregated[cid] = left
         return {"dp_sample_unaggregated": unaggregated} if unaggregated else {}
 
     def closed(self, rnd) -> None:

@@ -91,8 +91,13 @@ def sample_level_entries(rows: list[dict], delta: float) -> dict[str, dict[str, 
     trained: dict[str, int] = {}
     secret: dict[str, bool] = {}
     for row in rows:
-        seen = {**(row.get("dp_sample_unaggregated") or {}), **(row.get("dp_sample") or {})}
-        for cid, entry in seen.items():
+        # a client's spendings in the round: those the aggregate did not take (a list each; one
+        # entry in runs written before a client could spend twice a round), then the aggregated one
+        seen: list[tuple[str, dict]] = []
+        for cid, entries in (row.get("dp_sample_unaggregated") or {}).items():
+            seen += [(cid, e) for e in (entries if isinstance(entries, list) else [entries])]
+        seen += list((row.get("dp_sample") or {}).items())
+        for cid, entry in seen:
             if entry.get("prior_noise") is not None and cid not in priors:
                 priors[cid] = [(float(entry["prior_noise"]), 1.0, 1)]
             histories.setdefault(cid, []).append((float(entry["noise_multiplier"]), float(entry["sample_rate"]), int(entry["steps"])))

@@ -254,3 +254,30 @@ def test_the_devices_read_the_wrappers_options_under_the_same_names():
         assert getattr(device, f.name) == getattr(o, f.name), f.name
     with pytest.raises(ValueError, match="dp_clip must be positive"):
         SampleDPOptions(dp_clip=0.0)
+
+
+def test_a_client_that_spends_twice_in_a_round_is_counted_twice():
+    """A refused update, then a retrained one that is aggregated: two releases of the device's
+    data in one round. Before, the ledger kept one entry per (round, client) and the report's
+    recomputed epsilon counted one of them."""
+    import types
+
+    from fedtune.aggregation import ClientUpdate
+    from fedtune.coordinator.dp_ledger import DPLedger
+    from fedtune.privacy.report import sample_level_entries
+
+    ledger = DPLedger(build_strategy("fedavg"))
+    spent = {"dp_sample_noise_multiplier": 1.0, "dp_sample_rate": 0.1, "dp_sample_steps": 20}
+    refused = ClientUpdate("a", {}, 10, dict(spent))
+    taken = ClientUpdate("a", {}, 10, {**spent, "dp_sample_steps": 30})
+    screened_out = ClientUpdate("b", {}, 10, dict(spent))
+    rnd = types.SimpleNamespace(number=1, updates={"a": taken, "b": screened_out})
+    for u in (refused, taken, screened_out):
+        ledger.arrived(rnd, u)
+    row = ledger.row(rnd, ["a"])
+    step = {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 20}
+    assert row == {"dp_sample_unaggregated": {"a": [step], "b": [step]}}  # a's aggregated push is the strategy's to report
+    row.update({"round": 1, "dp_sample": {"a": {**step, "steps": 30}}})
+    a = sample_level_entries([row], 1e-5)["a"]
+    assert a["epsilon_recomputed"] == pytest.approx(epsilon([(1.0, 0.1, 20), (1.0, 0.1, 30)], 1e-5), rel=1e-12)
+    assert a["rounds"] == [1, 1] and a["epsilon_by_round"]["1"] == pytest.approx(a["epsilon_recomputed"], rel=1e-12)
