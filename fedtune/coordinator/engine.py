@@ -318,6 +318,8 @@ class RoundEngine:
                 if (rnd is not None and rnd.open and client_id in rnd.instructions and client_id not in rnd.updates
                         and client_id not in rnd.rejected_by):
                     given = rnd.delivered.get(client_id, 0)
+                    # Counted when handed out, not when the stream has reached the device: a
+                    # client that cancels every fetch must not keep its round waiting.
                     if given < MAX_DELIVERIES:
                         rnd.delivered[client_id] = given + 1
                         return self._task(rnd, client_id)

@@ -11,6 +11,9 @@ so the clients' steps serialize and the result depends on their arrival order; e
 update then carries the shared copy as it stood when the client pushed. Copies cost one
 adapter per session (the frozen base weights are shared, fedtune.models.ModelStore) and let
 sessions run in parallel; bench/split.py measures both (rows ``amaq4`` and ``amaq4-shared``).
+With a shared copy, the steps of a session that ends early (a bad frame, a client gone) stay in
+it: they were applied to the copy every client steps, and cannot be taken out of it; the round's
+``split_steps`` counts only the steps of sessions whose update was accepted.
 
 Steps are bounded: an honest device runs exactly ``training.local_steps`` steps a round (the split
 recipe's loop; its evaluation runs on the device and never crosses the link), each opened by one
