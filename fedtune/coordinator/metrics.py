@@ -8,7 +8,9 @@ accepted updates) and ``bytes_down_per_client`` (mean over the clients sent a ta
 ``codec_up`` and ``codec_down`` (``raw`` without compression), ``local_seconds`` (mean over
 clients of their training time) and, with an uplink codec, ``encode_seconds`` and
 ``codec_error``,
-``rejected_updates``, ``seconds``, ``eval_seconds``; with modeled devices ``sim_seconds`` and
+``rejected_updates``, ``seconds``, ``eval_seconds``; ``declined`` and ``rejected_by`` (client
+id -> why: a device that declined its task, one whose update or split session was refused);
+with modeled devices ``sim_seconds`` and
 ``late_updates``; with a planner ``plans`` and coverage figures; and whatever the strategy
 reports (``pseudo_gradient_norm``, ``rank_caps``, ...).
 
@@ -142,7 +144,7 @@ def _json_safe(value, nonfinite: list[str] | None = None, key: str = ""):
 
 
 # Row keys that name the clients of a round: who took part, per-client figures.
-PARTICIPATION_KEYS = ("client_ids", "dp_sample", "dp_sample_unaggregated", "plans", "declined")
+PARTICIPATION_KEYS = ("client_ids", "dp_sample", "dp_sample_unaggregated", "plans", "declined", "rejected_by")
 PARTICIPATION_FILE = "participation.jsonl"
 
 
