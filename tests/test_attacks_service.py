@@ -304,8 +304,8 @@ def test_an_update_in_one_byte_frames_is_refused_after_a_few_frames(tmp_path):
         cpu = time.monotonic() - started
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "payload frames" in err.value.details()
         assert cpu < 2.0 and sent[0] < 16384 * 4
-        # the refusal was final for round 1 (its only client answered: it closed); the same update
-        # in ordinary chunks is accepted in round 2
+        # asking for work after the refusal, the client is given up for round 1 (not handed the same
+        # task again), which closes; the same update in ordinary chunks is accepted in round 2
         header, state = fetch_task(stub, c.client_id, c.token)
         assert header.round == 2
         assert push_update(stub, c.client_id, c.token, header.round, state).accepted
@@ -351,9 +351,10 @@ def test_a_stolen_token_does_not_work_from_another_clients_certificate(tmp_path,
 
 
 def test_a_refused_update_ends_the_wait_for_its_client_and_its_task(tmp_path):
-    """An update refused for what it holds (NaN) is a verdict on the round: the round closes once
-    the others have answered, not at its deadline, and does not hand the refused client its task
-    again (retraining would send the same update, and spend the device's time and privacy)."""
+    """An update refused for what it holds (NaN) is a verdict on the round: when the refused client
+    asks for work again (as fedtune's agent does) it is given up, not handed its task again
+    (retraining would send the same update, and spend the device's time and privacy), and the
+    round closes with the others, not at its deadline."""
     config = _config(tmp_path, min_clients=2)
     config.federation.round_timeout_s, config.federation.client_timeout_s = 300.0, 300.0
     with live_coordinator(config, global_model=FixedTensors({"w": torch.zeros(2)})) as (coordinator, stub, engine):

@@ -203,9 +203,9 @@ def test_a_client_that_keeps_asking_and_never_delivers_is_given_up_not_waited_fo
 
 
 def test_a_client_whose_update_is_refused_is_not_waited_for_nor_given_its_task_again(tmp_path):
-    """The bench's bad devices: an update refused for what it holds (NaN, say) is a verdict. The
-    round stops waiting for the client at once (not at its deadline, not after MAX_DELIVERIES
-    retrainings that would send the same update) and its row says why."""
+    """The bench's bad devices: an update refused for what it holds (NaN, say) is a verdict. When
+    the client asks for work again the round gives it up at once (not at its deadline, not after
+    MAX_DELIVERIES retrainings that would send the same update) and its row says why."""
     from fedtune.coordinator.engine import Wait
 
     engine, (good, bad, late), driver = _deadline_round(tmp_path, client_timeout_s=100.0)  # never silent in this test
@@ -328,6 +328,7 @@ def test_each_task_tells_the_last_round_that_aggregated_the_clients_update(tmp_p
     assert {t.aggregated_round for t in first.values()} == {0}
     engine.submit(a, 1, {"w": torch.ones(4)}, 1, {}, 16)
     engine.note_rejected(1, 16, b, "not finite")
+    engine.next_task(b, 0)  # b asks for work again: given up for round 1, which then closes
     second = {cid: engine.next_task(cid, 30) for cid in (a, b)}
     assert second[a].round == second[b].round == 2
     assert second[a].aggregated_round == 1 and second[b].aggregated_round == 0

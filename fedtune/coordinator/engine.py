@@ -114,10 +114,10 @@ class _Round:
     # their task was handed out MAX_DELIVERIES times with no update (see next_task). A later
     # valid update from them is still accepted; the round just does not hold its close for them.
     given_up: dict[str, str] = field(default_factory=dict)
-    # Selected clients whose update was refused (malformed, over a limit, or failed a trust rule),
-    # with why: a verdict on what they sent, so the round stops waiting for them and does not hand
-    # them the task again (retraining would send the same update). As for ``given_up``, a later
-    # valid update is still accepted, and takes the client off this list.
+    # Selected clients whose update (or split session) was refused for what they sent, with why.
+    # The round does not hand them the task again (retraining would send the same update, and
+    # spend the device's privacy): asking for work again, they are given up at once. A valid
+    # update they send first is accepted, and takes them off this list.
     rejected_by: dict[str, str] = field(default_factory=dict)
     delivered: dict[str, int] = field(default_factory=dict)  # client id -> times its task was handed out
     refused: str = ""    # why the round's aggregate was refused (set at close)
@@ -315,16 +315,19 @@ class RoundEngine:
                     self._cond.notify_all()
                     return Done()
                 rnd = self._round
-                if (rnd is not None and rnd.open and client_id in rnd.instructions and client_id not in rnd.updates
-                        and client_id not in rnd.rejected_by):
+                if rnd is not None and rnd.open and client_id in rnd.instructions and client_id not in rnd.updates:
                     given = rnd.delivered.get(client_id, 0)
+                    if client_id in rnd.rejected_by:  # it asks again after a refusal: it has nothing more to send
+                        given = MAX_DELIVERIES
                     # Counted when handed out, not when the stream has reached the device: a
                     # client that cancels every fetch must not keep its round waiting.
                     if given < MAX_DELIVERIES:
                         rnd.delivered[client_id] = given + 1
                         return self._task(rnd, client_id)
                     if client_id not in rnd.given_up:
-                        rnd.given_up[client_id] = f"asked for work again after {given} deliveries of its task, with no update"
+                        rnd.given_up[client_id] = (f"asked for work again after its update was refused: {rnd.rejected_by[client_id]}"
+                                                   if client_id in rnd.rejected_by else
+                                                   f"asked for work again after {given} deliveries of its task, with no update")
                         log.warning("round %d: %s given up: %s", rnd.number, client_id, rnd.given_up[client_id], extra={"round": rnd.number, "client_id": client_id})
                         self._cond.notify_all()
                 remaining = deadline - time.monotonic()
@@ -409,7 +412,8 @@ class RoundEngine:
     def note_rejected(self, round_number: int, bytes_up: int, client_id: str = "", reason: str = "") -> None:
         """An update refused for round ``round_number``. With ``client_id`` the refusal is a
         verdict on what the client sent (not a busy coordinator, not a caller that went away):
-        the round records why, stops waiting for the client and takes nothing more from it."""
+        the round records why, and the client's next request for work gives it up for the
+        round instead of handing it the same task again (see ``next_task``)."""
         reason = " ".join(reason.split())[:300]
         with self._cond:
             rnd = self._round
@@ -418,7 +422,6 @@ class RoundEngine:
                 rnd.bytes_up += bytes_up
                 if client_id in rnd.instructions and client_id not in rnd.updates and rnd.open:
                     rnd.rejected_by[client_id] = reason or "refused"
-                    self._cond.notify_all()
 
     def note_sent(self, round_number: int, nbytes: int, client_id: str = "") -> None:
         with self._cond:
@@ -435,7 +438,7 @@ class RoundEngine:
         with self._cond:
             rnd = self._round
             waiting = (rnd is not None and rnd.open and rnd.number == round_number
-                       and client_id in rnd.instructions and client_id not in rnd.updates and client_id not in rnd.rejected_by)
+                       and client_id in rnd.instructions and client_id not in rnd.updates)
             return (rnd.number if rnd else 0), self._done, waiting
 
     def wait_for_round(self, after: int, timeout_s: float) -> tuple[int, list[str]] | None:
@@ -678,10 +681,9 @@ class RoundEngine:
                 if now >= rnd.deadline:
                     log.warning("round %d: deadline passed with %d of %d updates", rnd.number, len(rnd.updates), len(selected), extra={"round": rnd.number})
                     break
-                missing = [c for c in selected if c not in rnd.updates and c not in rnd.declined and c not in rnd.given_up
-                           and c not in rnd.rejected_by]
+                missing = [c for c in selected if c not in rnd.updates and c not in rnd.declined and c not in rnd.given_up]
                 if not missing:
-                    break  # every selected client answered, declined, had its update refused or was given up
+                    break  # every selected client answered, declined or was given up
                 if missing and not any(self.registry.is_alive(c, self.fed.client_timeout_s) for c in missing):
                     log.warning("round %d: closing early, %s went silent", rnd.number, ", ".join(missing), extra={"round": rnd.number})
                     break
