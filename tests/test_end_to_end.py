@@ -179,3 +179,24 @@ def test_cli_simulate_prints_rounds_and_writes_the_run_dir(tmp_path, tiny_llama,
     assert [r["round"] for r in rows] == [1, 2]
     config = (tmp_path / "cli-run" / "config.toml").read_text()
     assert "alpha = 1.0" in config and 'partition = "dirichlet"' in config
+
+
+def test_a_simulated_device_whose_update_is_refused_does_not_hold_its_round_until_the_deadline(tmp_path, tiny_llama):
+    """A parked simulated device stays alive through the fleet's heartbeats: before, one whose
+    update was refused was never asked again and its round waited for it until the deadline. Now
+    it asks for work again, as a real device does, and is given up with the reason."""
+    config = _config(tmp_path, tiny_llama, "seq-cls", rounds=2)
+    config.model.labels = ["negative", "positive"]
+    config.simulation.clients = 2
+    config.simulation.data = _write_jsonl(tmp_path / "train.jsonl", sentiment_examples(120, seed=1))
+    config.simulation.eval_examples = 20
+    config.training.local_steps = 2
+    config.federation.round_timeout_s = 600.0  # per wave: far beyond what two small rounds take
+    config.federation.update_norm_bound, config.federation.update_norm_action = 1e-9, "refuse"  # every update refused
+    result = run_simulation(config)
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["clients"] == 0 and len(row["rejected_by"]) == 2
+        assert all("exceeds the bound 1e-09" in why for why in row["rejected_by"].values())
+        assert row["seconds"] < 300  # closed once both devices were given up, long before the deadline

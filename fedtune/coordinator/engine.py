@@ -441,6 +441,14 @@ class RoundEngine:
                        and client_id in rnd.instructions and client_id not in rnd.updates)
             return (rnd.number if rnd else 0), self._done, waiting
 
+    def awaits(self, client_id: str) -> bool:
+        """Whether the open round still waits for ``client_id``: selected, and it has neither sent
+        an update, declined, nor been given up."""
+        with self._cond:
+            rnd = self._round
+            return (rnd is not None and rnd.open and client_id in rnd.instructions and client_id not in rnd.updates
+                    and client_id not in rnd.declined and client_id not in rnd.given_up)
+
     def wait_for_round(self, after: int, timeout_s: float) -> tuple[int, list[str]] | None:
         """For a fleet in this process (the simulation): wait up to ``timeout_s`` for an open
         round numbered above ``after``; returns (its number, the clients it selected), or

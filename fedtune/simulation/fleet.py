@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import grpc
 
 from fedtune.client.agent import ClientAgent
-from fedtune.coordinator.engine import RoundEngine
+from fedtune.coordinator.engine import MAX_DELIVERIES, RoundEngine
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +114,15 @@ class Fleet:
         future.add_done_callback(lambda _: self._idle(agent))
 
     def _serve(self, agent: ClientAgent) -> None:
+        """One woken device's round. A device whose task ended without an update the round took
+        (its update or split session refused, the session interrupted) asks for work again, as
+        a real device's loop does: the coordinator then hands the task again or gives the device
+        up for the round, instead of waiting for it (kept alive by heartbeats) until the deadline."""
         try:
-            agent.work_once(idle_wait=False)
+            for _ in range(MAX_DELIVERIES + 1):
+                agent.work_once(idle_wait=False)
+                if self.stop.is_set() or not self.engine.awaits(agent.client_id):
+                    break
         except Exception as exc:  # a failing device must not take the simulation down
             self._fail(agent, exc)
 
