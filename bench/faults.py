@@ -13,7 +13,8 @@ set of tensors, so a scenario takes seconds, not hours.
 - dropout: each round, a share of the selected devices goes silent instead of pushing and comes
   back a few seconds later;
 - bad updates: a share pushes an update with NaN, Inf, 1e38 values (over the update-norm bound),
-  a wrong shape or an unknown tensor instead of a good one, then goes silent for the round;
+  a wrong shape or an unknown tensor instead of a good one, then asks for work again at once, as
+  fedtune's agent does (the coordinator gives it up for the round rather than hand it the task again);
 - restart: in round 3, once half of the updates are in, the coordinator process state is
   dropped without any shutdown (server stopped at once, nothing flushed) and a new coordinator
   resumes from the run directory on the same port; the devices find it again by themselves.
@@ -197,8 +198,7 @@ class Device:
                     self.ledger.bad_sent += 1
                     self.ledger.bad_refused += 1
                 self.note(f"bad update refused ({exc.code().name})")
-                self.stop.wait(CLIENT_TIMEOUT_S + 1.0)
-                return False
+                return False  # asks for work again at once, as fedtune's agent does: given up for the round
             raise
         with self.ledger.lock:
             if what != "ok":
