@@ -58,10 +58,9 @@ PRECISIONS = {
 }
 # The output layer of a language model (``get_output_embeddings``), and the embedding table tied
 # to it, held at this precision when the rest is at the key: the logits are the model's most
-# rounding-sensitive product (SmolLM2's, with 4-bit matrices exact, rise 5.7% in loss when its
-# output table alone is rounded to NF4), which is why llama.cpp's 4-bit files store it in 6 to 8
-# bits and transformers' bitsandbytes integration leaves it unquantized. A GGUF file's own blocks
-# for it are kept, whatever their format.
+# rounding-sensitive product (every error in the table reaches every token's scores), which is
+# why llama.cpp's 4-bit files store it in 6 to 8 bits and transformers' bitsandbytes integration
+# leaves it unquantized. A GGUF file's own blocks for it are kept, whatever their format.
 OUTPUT_PRECISION = {"4bit": "int8"}
 # Modules a task trains in full (peft's modules_to_save for classification): never quantized.
 TRAINED_HEADS = frozenset({"classifier", "score"})
