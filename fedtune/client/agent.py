@@ -398,7 +398,7 @@ class ClientAgent:
     def _train(self, header: pb.TaskHeader, tensors: dict) -> tuple[list[EncodedTensor], int, dict[str, float], dict]:
         """Train as the task's recipe says; returns (the update encoded for the wire, example
         count, metrics, the device state the round leaves: ``{"round", "memory", "residuals"}``,
-        for ``_commit`` once the update is accepted). Consumes the updates of frozen weights in
+        taken up by ``_settle`` once a later task says the round aggregated it). Consumes the updates of frozen weights in
         ``tensors`` (from then on the model holds them), so the device holds each once."""
         task_name = header.model.task
         task = get_task(task_name)
